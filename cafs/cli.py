@@ -1,0 +1,361 @@
+"""The ``cafs`` command: parse arguments, call the library, map errors to exit codes.
+
+Exit codes (one place, ``main``): 0 success; 1 an error, reported as one line naming the
+thing; 2 bad usage; 3 an import committed its snapshot but skipped paths (listed on
+stderr); 130 interrupted. Long work shows progress on a terminal only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import stat
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from cafs.errors import CafsError, UsageError
+from cafs.extract import Extractor
+from cafs.format.config import ChunkerParams, RepoConfig
+from cafs.format.journal import Snapshot, check_ref_name
+from cafs.format.nodes import Entry
+from cafs.importer import ImportAborted, ImportResult, run_import
+from cafs.metacache import MetaCache, NodeReader, default_cache_dir
+from cafs.naming import find_snapshot, parse_spec
+from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
+from cafs.repository import Repository
+from cafs.snapinfo import diff_trees, repo_space, snapshot_space
+from cafs.stores import open_store
+from cafs.tree import file_spans, list_dir, resolve, walk
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 4096, 256K, 64M, 1G)")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+def show_path(path: bytes) -> str:
+    """A path for display: UTF-8 where it decodes, escapes for other bytes and controls."""
+    text = path.decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text) or "."
+
+
+# -- context shared by the commands ----------------------------------------------------
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.cache_dir = Path(args.cache) if getattr(args, "cache", None) else default_cache_dir(dict(os.environ))
+        self._meta: dict[str, MetaCache] = {}
+
+    def repo(self, location: str) -> Repository:
+        return Repository.open(open_store(location))
+
+    def meta(self, repo: Repository) -> MetaCache:
+        if repo.config.repo_id not in self._meta:
+            self._meta[repo.config.repo_id] = MetaCache(self.cache_dir / repo.config.repo_id)
+        return self._meta[repo.config.repo_id]
+
+    def reader(self, repo: Repository) -> NodeReader:
+        return NodeReader(repo, self.meta(repo))
+
+    def close(self) -> None:
+        for m in self._meta.values():
+            m.close()
+
+    def snapshot(self, text: str) -> tuple[Repository, Snapshot, bytes]:
+        spec = parse_spec(text)
+        repo = self.repo(spec.repo)
+        return repo, find_snapshot(repo, spec.selector), spec.path
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
+    defaults = ChunkerParams()
+    chunker = ChunkerParams(args.chunk_min or defaults.min_size, args.chunk_avg or defaults.avg_size,
+                            args.chunk_max or defaults.max_size)
+    repo = Repository.init(open_store(args.repo), chunker, args.pack_size or RepoConfig("0" * 64).pack_size)
+    c = repo.config
+    print(f"created cafs repository {repo.url} (id {c.repo_id[:12]}, chunks "
+          f"{human_bytes(c.chunker.min_size)}/{human_bytes(c.chunker.avg_size)}/{human_bytes(c.chunker.max_size)}, "
+          f"packs {human_bytes(c.pack_size)})")
+    return EXIT_OK
+
+
+def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
+    check_ref_name(args.name)
+    src = Path(args.dir)
+    repo = ctx.repo(args.repo)
+    counters: list[Any] = []
+    show = sys.stderr.isatty() and not args.no_progress
+    totals = TreeTotals().start(str(src)) if show else None
+
+    def render(elapsed: float) -> str:
+        if not counters:
+            return "reading the repository index..."
+        c = counters[0]
+        rate = c.read_bytes / elapsed if elapsed > 0 else 0
+        line = f"{c.files} files, {human_bytes(c.bytes)}, {human_bytes(rate)}/s"
+        if totals is not None and totals.done and totals.bytes:
+            left = max(0, totals.bytes - c.bytes)
+            eta = left / rate if rate > 0 else 0
+            line += f", {100 * min(c.bytes, totals.bytes) / totals.bytes:.0f}% of {human_bytes(totals.bytes)}, ETA {human_duration(eta)}"
+        return line + f"  {show_path(c.current)}"
+
+    def warn(msg: str) -> None:
+        print(f"cafs: warning: {msg}", file=sys.stderr)
+
+    with Progress(render, enabled=show):
+        result = run_import(repo, ctx.meta(repo), src, args.name, strict=args.strict,
+                            counters_out=counters, on_problem=warn)
+    _print_import_summary(result)
+    if result.skipped:
+        print(f"cafs: {len(result.skipped)} path(s) skipped:", file=sys.stderr)
+        for s in result.skipped:
+            print(f"  {s.describe()}", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _print_import_summary(r: ImportResult) -> None:
+    c = r.counters
+    snap = r.snapshot
+    assert snap is not None
+    rate = c.read_bytes / r.seconds if r.seconds > 0 else 0.0
+    # of the bytes actually read, how many were new: unchanged files do not inflate it
+    dedup = c.read_bytes / c.new_bytes if c.new_bytes else 1.0
+    print(f"snapshot {snap.ref}@{snap.jid} root {snap.root_id.hex()[:16]}")
+    print(f"  files {c.files} ({c.reused_files} unchanged), directories {c.dirs}, skipped {len(r.skipped)}")
+    print(f"  logical {human_bytes(c.bytes)}, read {human_bytes(c.read_bytes)}, new {human_bytes(c.new_bytes)}, "
+          f"stored {human_bytes(r.stored_bytes)} in {r.packs} pack(s)")
+    print(f"  dedup ratio {dedup:.2f}x, time {r.seconds:.2f} s ({human_bytes(rate)}/s read)")
+
+
+def cmd_snapshots(ctx: Context, args: argparse.Namespace) -> int:
+    repo = ctx.repo(args.repo)
+    snaps = repo.snapshots(check_ref_name(args.name) if args.name else None)
+    if args.json:
+        print(json.dumps([{"ref": s.ref, "jid": s.jid, "time_ns": s.time_ns, "root": s.root_id.hex(),
+                           "host": s.host, "source": os.fsdecode(s.source), "stats": s.stats} for s in snaps], indent=2))
+        return EXIT_OK
+    if not snaps:
+        print("no snapshots", file=sys.stderr)
+        return EXIT_OK
+    print(f"{'ref':<20} {'jid':>5}  {'time':<19}  {'root':<16}  {'files':>8}  {'size':>10}")
+    for s in snaps:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time_ns / 1e9))
+        print(f"{s.ref:<20} {s.jid:>5}  {when}  {s.root_id.hex()[:16]}  {s.stats.get('files', 0):>8}  "
+              f"{human_bytes(s.stats.get('bytes', 0)):>10}")
+    return EXIT_OK
+
+
+def _ls_line(e: Entry, path: bytes) -> str:
+    kind = {1: stat.S_IFDIR, 2: stat.S_IFREG, 3: stat.S_IFLNK}[e.kind]
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime_ns // 1_000_000_000))
+    line = f"{stat.filemode(kind | e.mode)} {e.uid:>5} {e.gid:>5} {e.size:>12} {when}  {show_path(path)}"
+    if e.is_symlink:
+        assert e.target is not None
+        line += f" -> {show_path(e.target)}"
+    return line
+
+
+def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
+    repo, snap, path = ctx.snapshot(args.snapshot)
+    reader = ctx.reader(repo)
+    entry = resolve(reader, snap.root, path)
+    if args.recursive:
+        for p, e in walk(reader, entry, path):
+            if p != path or not e.is_dir:
+                print(_ls_line(e, p))
+    elif entry.is_dir:
+        for e in list_dir(reader, entry):
+            print(_ls_line(e, e.name))
+    else:
+        print(_ls_line(entry, path))
+    return EXIT_OK
+
+
+def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
+    repo, snap, path = ctx.snapshot(args.snapshot)
+    reader = ctx.reader(repo)
+    entry = resolve(reader, snap.root, path)
+    if not entry.is_file:
+        raise UsageError(f"{args.snapshot}: not a regular file")
+    out = sys.stdout.buffer
+    for span in file_spans(reader, entry):
+        out.write(repo.read_object(span))
+    out.flush()
+    return EXIT_OK
+
+
+def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
+    repo, snap, path = ctx.snapshot(args.snapshot)
+    reader = ctx.reader(repo)
+    entry = resolve(reader, snap.root, path)
+    extractor = Extractor(repo, reader)
+    c = extractor.counters
+    started = time.monotonic()
+
+    def render(elapsed: float) -> str:
+        return (f"{c.files} files, {human_bytes(c.bytes_written)} written, "
+                f"{human_bytes(c.bytes_kept)} already there, {human_bytes(c.bytes_written / max(elapsed, 1e-9))}/s")
+
+    with Progress(render):
+        extractor.extract(entry, Path(args.dest))
+    print(f"{c.files} files, {c.dirs} directories, {c.symlinks} symlinks; "
+          f"{human_bytes(c.bytes_written)} written, {human_bytes(c.bytes_kept)} already correct; "
+          f"{time.monotonic() - started:.2f} s", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
+    spec = parse_spec(args.target, need_snapshot=False)
+    repo = ctx.repo(spec.repo)
+    if spec.selector:
+        snap = find_snapshot(repo, spec.selector)
+        reader = ctx.reader(repo)
+        s = snapshot_space(reader, resolve(reader, snap.root, spec.path))
+        doc = {"snapshot": f"{snap.ref}@{snap.jid}", "root": snap.root_id.hex(), "files": s.files,
+               "dirs": s.dirs, "symlinks": s.symlinks, "logical_bytes": s.logical_bytes,
+               "unique_bytes": s.unique_bytes, "stored_bytes": s.stored_bytes, "chunks": s.chunks,
+               "packs": s.packs, "dedup_ratio": round(s.dedup_ratio, 3)}
+    else:
+        r = repo_space(repo)
+        doc = {"repository": repo.url, "snapshots": r.snapshots, "logical_bytes": r.logical_bytes,
+               "unique_bytes": r.unique_bytes, "stored_bytes": r.stored_bytes, "chunks": r.data_chunks,
+               "packs": r.packs, "dedup_ratio": round(r.dedup_ratio, 3)}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for key, value in doc.items():
+            shown = human_bytes(value) + f" ({value})" if key.endswith("_bytes") else value
+            print(f"{key.replace('_', ' '):<14} {shown}")
+    return EXIT_OK
+
+
+def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
+    repo_a, snap_a, path_a = ctx.snapshot(args.a)
+    repo_b, snap_b, path_b = ctx.snapshot(args.b)
+    if repo_a.config.repo_id != repo_b.config.repo_id:
+        raise UsageError("diff compares two snapshots of the same repository")
+    reader = ctx.reader(repo_a)
+    a = resolve(reader, snap_a.root, path_a)
+    b = resolve(reader, snap_b.root, path_b)
+    if not (a.is_dir and b.is_dir):
+        raise UsageError("diff compares two directories")
+    for mark, path in diff_trees(reader, a, b):
+        print(f"{mark} {show_path(path)}")
+    return EXIT_OK
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cafs", description="content-addressed dataset filesystem")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--cache", metavar="DIR", help="local metadata cache directory")
+        return sp
+
+    sp = command("init", "create a repository")
+    sp.add_argument("repo")
+    sp.add_argument("--chunk-min", type=parse_size, metavar="SIZE")
+    sp.add_argument("--chunk-avg", type=parse_size, metavar="SIZE")
+    sp.add_argument("--chunk-max", type=parse_size, metavar="SIZE")
+    sp.add_argument("--pack-size", type=parse_size, metavar="SIZE")
+    sp.set_defaults(func=cmd_init)
+
+    sp = command("import", "import a directory tree as a new snapshot")
+    sp.add_argument("dir")
+    sp.add_argument("repo")
+    sp.add_argument("--name", required=True, help="the ref to record the snapshot under")
+    sp.add_argument("--strict", action="store_true", help="abort without committing if any path is skipped")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_import)
+
+    sp = command("snapshots", "list the journal of every ref, or of one")
+    sp.add_argument("repo")
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_snapshots)
+
+    sp = command("ls", "list entries of a snapshot")
+    sp.add_argument("snapshot", metavar="REPO#NAME[:PATH]")
+    sp.add_argument("-R", "--recursive", action="store_true")
+    sp.set_defaults(func=cmd_ls)
+
+    sp = command("cat", "write a file of a snapshot to stdout")
+    sp.add_argument("snapshot", metavar="REPO#NAME:PATH")
+    sp.set_defaults(func=cmd_cat)
+
+    sp = command("get", "extract a file or tree, verified and resumable")
+    sp.add_argument("snapshot", metavar="REPO#NAME[:PATH]")
+    sp.add_argument("dest")
+    sp.set_defaults(func=cmd_get)
+
+    sp = command("stats", "space used by a repository or a snapshot")
+    sp.add_argument("target", metavar="REPO[#NAME]")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_stats)
+
+    sp = command("diff", "paths added, removed and changed between two snapshots")
+    sp.add_argument("a", metavar="REPO#A")
+    sp.add_argument("b", metavar="REPO#B")
+    sp.set_defaults(func=cmd_diff)
+    return p
+
+
+@contextmanager
+def _context(args: argparse.Namespace) -> Iterator[Context]:
+    ctx = Context(args)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with _context(args) as ctx:
+            return int(args.func(ctx, args))
+    except ImportAborted as exc:
+        print(f"cafs: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except UsageError as exc:
+        print(f"cafs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CafsError as exc:
+        print(f"cafs: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # the reader went away (cafs cat | head): not our error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("cafs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

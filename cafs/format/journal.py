@@ -1,0 +1,89 @@
+"""Ref journals: the snapshots of a ref, one immutable object per snapshot.
+
+A ref NAME's journal is the set of objects ``refs/NAME/<jid as 20 decimal digits>``;
+jids grow (a new snapshot takes the largest jid + 1) and the newest is the largest.
+Writing a journal entry is the single commit point of an import. Each object is
+
+    msgpack {"v": 1, "jid": int, "time_ns": int, "root": <root entry>,
+             "host": str, "source": bytes, "stats": {str: int}}
+
+where ``root`` is a directory entry (see nodes) with an empty name; its location names
+the snapshot's root node, whose id is the snapshot's root id.
+
+Ref names are 1-100 characters of ``[A-Za-z0-9._-]``, not starting with ``.`` or ``-``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from cafs.errors import RefError
+from cafs.format.nodes import Entry, decode_entry
+from cafs.format.strict import expect_bytes, expect_int, expect_map, expect_str, pack, unpack
+
+JOURNAL_VERSION = 1
+JID_DIGITS = 20
+MAX_JOURNAL_BYTES = 1 << 20
+_REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def check_ref_name(name: str) -> str:
+    if not _REF_NAME.fullmatch(name):
+        raise RefError(
+            f"invalid ref name {name!r}: use 1-100 letters, digits, '.', '_' or '-' "
+            "(no '/'), not starting with '.' or '-'"
+        )
+    return name
+
+
+def journal_key(name: str, jid: int) -> str:
+    return f"refs/{name}/{jid:0{JID_DIGITS}d}"
+
+
+def parse_jid(key_tail: str) -> int | None:
+    if len(key_tail) == JID_DIGITS and key_tail.isdigit():
+        return int(key_tail)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    ref: str
+    jid: int
+    time_ns: int
+    root: Entry
+    host: str = ""
+    source: bytes = b""
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def root_id(self) -> bytes:
+        assert self.root.ref is not None
+        return self.root.ref.id
+
+
+def encode_snapshot(s: Snapshot) -> bytes:
+    return pack({"v": JOURNAL_VERSION, "jid": s.jid, "time_ns": s.time_ns, "root": s.root.encode(),
+                 "host": s.host, "source": s.source, "stats": s.stats})
+
+
+def decode_snapshot(data: bytes, ref: str, jid: int) -> Snapshot:
+    what = f"journal entry {ref}@{jid}"
+    m = expect_map(unpack(data, what, max_bytes=MAX_JOURNAL_BYTES), what,
+                   required={"v", "jid", "time_ns", "root", "host", "source", "stats"})
+    expect_int(m["v"], what + " version", lo=JOURNAL_VERSION, hi=JOURNAL_VERSION)
+    if expect_int(m["jid"], what + " jid") != jid:
+        raise RefError(f"{what}: records jid {m['jid']}, its name says {jid}")
+    stats = m["stats"]
+    if not isinstance(stats, dict) or len(stats) > 64:
+        raise RefError(f"{what}: stats is not a small map")
+    return Snapshot(
+        ref=ref,
+        jid=jid,
+        time_ns=expect_int(m["time_ns"], what + " time", lo=-(1 << 63)),
+        root=decode_entry(m["root"], what + " root", root=True),
+        host=expect_str(m["host"], what + " host", max_len=255),
+        source=expect_bytes(m["source"], what + " source", max_len=4096),
+        stats={expect_str(k, what + " stats", max_len=64): expect_int(v, what + " stats", lo=-(1 << 63)) for k, v in stats.items()},
+    )

@@ -1,0 +1,216 @@
+"""Metadata nodes: directories (or pages of one), large files' span lists, and entries.
+
+A node is one msgpack array ``[tag, payload]``; its id is the BLAKE3-256 of those bytes.
+Nodes are stored like chunks (in metadata packs, raw or zstd) and referenced by a
+``Location``, so the nodes form a Merkle DAG whose root is a snapshot.
+
+``TAG_TREE`` (1): payload is a list of entries sorted by name (bytewise, strictly
+ascending, so names are unique). A directory of at most ``PAGE_ENTRIES`` entries is one
+tree node.
+
+``TAG_DIR_INDEX`` (2): a larger directory: payload is a list of pages
+``[first_name, count, location]`` in name order; each page is a tree node of at most
+``PAGE_ENTRIES`` entries, so a lookup reads the index and one page.
+
+``TAG_FILE`` (3): payload is the list of a file's spans (locations), used when a file has
+more than ``INLINE_SPANS`` chunks; smaller files keep their spans inline in the entry.
+
+An entry is ``[name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content]``:
+
+- ``name``: 1-255 bytes, no ``/`` or NUL, not ``.`` or ``..`` (the root's name is empty);
+- ``kind``: 1 directory, 2 regular file, 3 symlink;
+- ``mode``: permission bits (``st_mode & 0o7777``); ``uid``, ``gid``: numeric owners;
+- ``mtime_ns``: modification time in nanoseconds since the epoch (may be negative);
+- ``size``: a file's length in bytes, a symlink's target length, a directory's entry count;
+- ``nlink``: the number of names of the inode inside the imported tree (directories:
+  2 + subdirectories);
+- ``ino``: the inode number the entry had on the importing host (used only to skip
+  unchanged files on the next import of the same ref);
+- ``content``: directory: the location of its node; file: ``[0, [spans]]`` inline or
+  ``[1, location]`` of a file node; symlink: the target bytes (1-4096, no NUL, verbatim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from cafs.format.location import Location, decode_location
+from cafs.format.strict import expect_bytes, expect_int, expect_list, fail, pack, unpack
+
+TAG_TREE = 1
+TAG_DIR_INDEX = 2
+TAG_FILE = 3
+
+KIND_DIR = 1
+KIND_FILE = 2
+KIND_SYMLINK = 3
+KINDS = (KIND_DIR, KIND_FILE, KIND_SYMLINK)
+
+PAGE_ENTRIES = 1024
+MAX_PAGES = 1 << 16
+INLINE_SPANS = 16
+MAX_SPANS = 1 << 20
+MAX_NAME = 255
+MAX_TARGET = 4096
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+CONTENT_INLINE = 0
+CONTENT_NODE = 1
+
+
+def check_name(name: bytes, what: str = "name") -> bytes:
+    """Return ``name`` if it is a valid single path component, else raise FormatError."""
+    if not 1 <= len(name) <= MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
+        fail(what, f"invalid file name {name[:300]!r}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: bytes
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int
+    nlink: int
+    ino: int
+    spans: tuple[Location, ...] | None = None  # a file's spans, when inline
+    ref: Location | None = None  # a directory's node, or a large file's file node
+    target: bytes | None = None  # a symlink's target
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == KIND_DIR
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == KIND_FILE
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.kind == KIND_SYMLINK
+
+    def encode(self) -> list[Any]:
+        if self.kind == KIND_DIR:
+            assert self.ref is not None
+            content: Any = self.ref.encode()
+        elif self.kind == KIND_FILE:
+            if self.spans is not None:
+                content = [CONTENT_INLINE, [s.encode() for s in self.spans]]
+            else:
+                assert self.ref is not None
+                content = [CONTENT_NODE, self.ref.encode()]
+        else:
+            content = self.target
+        return [self.name, self.kind, self.mode, self.uid, self.gid, self.mtime_ns,
+                self.size, self.nlink, self.ino, content]
+
+
+def decode_entry(value: Any, what: str, *, root: bool = False) -> Entry:
+    f = expect_list(value, what, length=10)
+    name = expect_bytes(f[0], what + " name", max_len=MAX_NAME)
+    if root:
+        if name:
+            fail(what, "the root entry must have an empty name")
+    else:
+        check_name(name, what)
+    where = f"{what} {name[:80]!r}"
+    kind = expect_int(f[1], where + " kind", lo=KIND_DIR, hi=KIND_DIR if root else KIND_SYMLINK)
+    mode = expect_int(f[2], where + " mode", hi=0o7777)
+    uid = expect_int(f[3], where + " uid", hi=(1 << 32) - 1)
+    gid = expect_int(f[4], where + " gid", hi=(1 << 32) - 1)
+    mtime = expect_int(f[5], where + " mtime", lo=INT64[0], hi=INT64[1])
+    size = expect_int(f[6], where + " size")
+    nlink = expect_int(f[7], where + " nlink", lo=1, hi=(1 << 32) - 1)
+    ino = expect_int(f[8], where + " ino", hi=(1 << 64) - 1)
+    content = f[9]
+    spans = ref = target = None
+    if kind == KIND_DIR:
+        ref = decode_location(content, where + " node")
+    elif kind == KIND_FILE:
+        c = expect_list(content, where + " content", length=2)
+        how = expect_int(c[0], where + " content kind", hi=CONTENT_NODE)
+        if how == CONTENT_INLINE:
+            items = expect_list(c[1], where + " spans", max_len=INLINE_SPANS)
+            spans = tuple(decode_location(s, where + " span") for s in items)
+            if sum(s.length for s in spans) != size:
+                fail(where, f"spans add up to {sum(s.length for s in spans)} bytes, size says {size}")
+        else:
+            ref = decode_location(c[1], where + " file node")
+    else:
+        target = expect_bytes(content, where + " target", min_len=1, max_len=MAX_TARGET)
+        if b"\0" in target:
+            fail(where, "symlink target contains NUL")
+        if size != len(target):
+            fail(where, f"symlink size {size} != target length {len(target)}")
+    return Entry(name, kind, mode, uid, gid, mtime, size, nlink, ino, spans, ref, target)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeNode:
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PageRef:
+    first_name: bytes
+    count: int
+    ref: Location
+
+
+@dataclass(frozen=True, slots=True)
+class DirIndexNode:
+    pages: tuple[PageRef, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(p.count for p in self.pages)
+
+
+@dataclass(frozen=True, slots=True)
+class FileNode:
+    spans: tuple[Location, ...]
+
+
+Node = Union[TreeNode, DirIndexNode, FileNode]
+
+
+def encode_node(node: Node) -> bytes:
+    if isinstance(node, TreeNode):
+        payload: Any = [e.encode() for e in node.entries]
+        return pack([TAG_TREE, payload])
+    if isinstance(node, DirIndexNode):
+        payload = [[p.first_name, p.count, p.ref.encode()] for p in node.pages]
+        return pack([TAG_DIR_INDEX, payload])
+    return pack([TAG_FILE, [s.encode() for s in node.spans]])
+
+
+def decode_node(data: bytes | memoryview, what: str = "node") -> Node:
+    top = expect_list(unpack(data, what), what, length=2)
+    tag = expect_int(top[0], what + " tag", lo=TAG_TREE, hi=TAG_FILE)
+    if tag == TAG_TREE:
+        items = expect_list(top[1], what + " entries", max_len=PAGE_ENTRIES)
+        entries = tuple(decode_entry(e, what + " entry") for e in items)
+        for a, b in zip(entries, entries[1:]):
+            if not a.name < b.name:
+                fail(what, f"entries not in strictly ascending name order at {b.name[:80]!r}")
+        return TreeNode(entries)
+    if tag == TAG_DIR_INDEX:
+        items = expect_list(top[1], what + " pages", max_len=MAX_PAGES)
+        pages = []
+        for p in items:
+            f = expect_list(p, what + " page", length=3)
+            first = check_name(expect_bytes(f[0], what + " page name", max_len=MAX_NAME), what + " page")
+            count = expect_int(f[1], what + " page count", lo=1, hi=PAGE_ENTRIES)
+            pages.append(PageRef(first, count, decode_location(f[2], what + " page")))
+        if not pages:
+            fail(what, "a directory index has no pages")
+        for a, b in zip(pages, pages[1:]):
+            if not a.first_name < b.first_name:
+                fail(what, "directory pages not in ascending name order")
+        return DirIndexNode(tuple(pages))
+    items = expect_list(top[1], what + " spans", max_len=MAX_SPANS)
+    return FileNode(tuple(decode_location(s, what + " span") for s in items))

@@ -1,0 +1,419 @@
+"""Importing a directory tree into a repository as a new snapshot of a ref.
+
+Contract:
+
+- The tree is walked through directory file descriptors (``openat``-style, ``O_NOFOLLOW``),
+  so no symlink is ever followed and path length is not limited by PATH_MAX. The
+  directory given on the command line may itself be a symlink to a directory.
+- Each directory's entries are processed in bytewise name order, so the files of a
+  directory land in packs in name order (reading a directory in order is a sequential
+  pass over its packs).
+- Files are cut with FastCDC; each chunk's BLAKE3 id is looked up in the repository's
+  index and only new chunks are stored (zstd where it saves space). A file whose size,
+  mtime_ns and inode equal those recorded in the previous snapshot of the ref is not
+  read again: its spans are reused.
+- A file that cannot be read, changes while being read (size or mtime differ before and
+  after, or the bytes read differ from the size), or is not a regular file, directory or
+  symlink is reported in ``ImportResult.skipped`` with its path and left out of the
+  snapshot. With ``strict`` the import raises ``ImportAborted`` before committing.
+- Crash safety: packs are immutable and written before the index object, which is
+  written before the journal entry that commits the ref. An import killed at any point
+  leaves the ref as it was; packs it stored are found again (by their trailers) and
+  reused by the next import, so nothing is uploaded twice beyond the pack being written.
+
+Caveats: extended attributes, ACLs, atimes and ctimes are not recorded. A hard-linked
+file is stored once; each of its names becomes an entry with the same content and the
+link count seen on the source.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyfastcdc import FastCDC
+
+from cafs.codec import Compressor
+from cafs.errors import CafsError, NoSpaceError, UsageError
+from cafs.format.journal import Snapshot
+from cafs.format.location import Location
+from cafs.format.nodes import (
+    INLINE_SPANS, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
+    DirIndexNode, Entry, FileNode, Node, PageRef, TreeNode, encode_node,
+)
+from cafs.format.pack import KIND_DATA, KIND_META
+from cafs.ids import digest
+from cafs.metacache import MetaCache, NodeReader
+from cafs.packwriter import PackWriter, Uploader
+from cafs.repository import ObjectIndex, Repository
+from cafs.tree import list_dir
+
+READ_BLOCK = 8 << 20
+NODE_BATCH = 2000
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+class ImportAborted(CafsError):
+    """``--strict`` import found paths it could not import; nothing was committed."""
+
+
+@dataclass
+class Skipped:
+    path: bytes
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.path.decode('utf-8', 'backslashreplace')!r}: {self.reason}"
+
+
+@dataclass
+class Counters:
+    """Progress of a running import; written by the importer, read by a progress view."""
+
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0  # logical bytes of files done or in progress
+    read_bytes: int = 0  # bytes actually read from the source
+    new_bytes: int = 0  # plain bytes of chunks not yet in the repository
+    reused_files: int = 0
+    skipped: int = 0
+    current: bytes = b""
+
+
+@dataclass
+class ImportResult:
+    snapshot: Snapshot | None
+    counters: Counters
+    skipped: list[Skipped]
+    stored_bytes: int  # bytes of packs written by this import
+    packs: int
+    seconds: float
+
+
+@dataclass
+class _DirFrame:
+    fd: int
+    path: bytes
+    st: os.stat_result
+    names: list[bytes]
+    prev: dict[bytes, Entry]
+    pos: int = 0
+    entries: list[Entry] = field(default_factory=list)
+    subdirs: int = 0
+
+
+class Importer:
+    def __init__(self, repo: Repository, meta: MetaCache, index: ObjectIndex,
+                 uploader: Uploader, reader: NodeReader, prev: Snapshot | None) -> None:
+        self.repo = repo
+        self.meta = meta
+        self.index = index
+        self.reader = reader
+        self.prev = prev
+        self.counters = Counters()
+        self.skipped: list[Skipped] = []
+        p = repo.config.chunker
+        self.cdc = FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size)
+        self.compressor = Compressor()
+        self.data = PackWriter(uploader, KIND_DATA, repo.config.pack_size)
+        self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
+        self._node_batch: list[tuple[bytes, bytes]] = []
+        self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
+        self._buf = bytearray(READ_BLOCK)
+        self.stop = threading.Event()
+
+    # -- the walk -----------------------------------------------------------------
+
+    def import_tree(self, src: Path) -> Entry:
+        """Import ``src`` and return the root entry; packs may still be uploading."""
+        try:
+            root_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise UsageError(f"{src}: cannot open the directory to import: {exc.strerror}") from None
+        try:
+            root_st = os.fstat(root_fd)
+            prev_root = self.prev.root if self.prev else None
+            stack = [self._frame(root_fd, b"", root_st, prev_root)]
+        except BaseException:
+            os.close(root_fd)
+            raise
+        root: Entry | None = None
+        try:
+            while stack:
+                if self.stop.is_set():
+                    raise KeyboardInterrupt
+                top = stack[-1]
+                if top.pos == len(top.names):
+                    stack.pop()
+                    entry = self._finish_dir(top)
+                    if stack:
+                        stack[-1].entries.append(entry)
+                        stack[-1].subdirs += 1
+                    else:
+                        root = entry
+                    continue
+                name = top.names[top.pos]
+                top.pos += 1
+                child = self._import_entry(top, name)
+                if isinstance(child, _DirFrame):
+                    stack.append(child)
+                elif child is not None:
+                    top.entries.append(child)
+        finally:
+            for frame in stack:
+                os.close(frame.fd)
+        assert root is not None
+        self.data.seal()
+        self.meta_packs.seal()
+        self._flush_nodes()
+        return root
+
+    def _frame(self, fd: int, path: bytes, st: os.stat_result, prev: Entry | None) -> _DirFrame:
+        names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        prev_entries: dict[bytes, Entry] = {}
+        if prev is not None and prev.is_dir:
+            try:
+                prev_entries = {e.name: e for e in list_dir(self.reader, prev)}
+            except CafsError:
+                prev_entries = {}  # an unreadable previous snapshot only costs re-reading
+        self.counters.dirs += 1
+        return _DirFrame(fd, path, st, names, prev_entries)
+
+    def _skip(self, path: bytes, reason: str) -> None:
+        self.skipped.append(Skipped(path, reason))
+        self.counters.skipped += 1
+
+    def _import_entry(self, parent: _DirFrame, name: bytes) -> Entry | _DirFrame | None:
+        path = parent.path + b"/" + name if parent.path else name
+        if len(name) > MAX_NAME:
+            self._skip(path, "name longer than 255 bytes")
+            return None
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            self._skip(path, "vanished while importing")
+            return None
+        except OSError as exc:
+            self._skip(path, f"cannot stat: {exc.strerror}")
+            return None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            return self._open_dir(parent, name, path, st)
+        if stat.S_ISREG(mode):
+            return self._import_file(parent, name, path, st)
+        if stat.S_ISLNK(mode):
+            return self._import_symlink(parent, name, path, st)
+        kind = ("fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+        self._skip(path, f"{kind}: only files, directories and symlinks are imported")
+        return None
+
+    def _open_dir(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> _DirFrame | None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent.fd)
+        except OSError as exc:
+            self._skip(path, f"cannot open directory: {exc.strerror}")
+            return None
+        try:
+            return self._frame(fd, path, os.fstat(fd), parent.prev.get(name))
+        except OSError as exc:
+            os.close(fd)
+            self._skip(path, f"cannot list directory: {exc.strerror}")
+            return None
+
+    def _finish_dir(self, frame: _DirFrame) -> Entry:
+        entries = frame.entries
+        if len(entries) <= PAGE_ENTRIES:
+            ref = self._store_node(TreeNode(tuple(entries)))
+        else:
+            pages = []
+            for i in range(0, len(entries), PAGE_ENTRIES):
+                page = tuple(entries[i:i + PAGE_ENTRIES])
+                pages.append(PageRef(page[0].name, len(page), self._store_node(TreeNode(page))))
+            ref = self._store_node(DirIndexNode(tuple(pages)))
+        st = frame.st
+        name = frame.path.rsplit(b"/", 1)[-1]
+        return Entry(name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                     len(entries), 2 + frame.subdirs, st.st_ino, ref=ref)
+
+    def _import_symlink(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
+        try:
+            target = os.readlink(name, dir_fd=parent.fd)
+        except OSError as exc:
+            self._skip(path, f"cannot read symlink: {exc.strerror}")
+            return None
+        target_b = os.fsencode(target)
+        if not 1 <= len(target_b) <= MAX_TARGET:
+            self._skip(path, f"symlink target of {len(target_b)} bytes is outside 1-{MAX_TARGET}")
+            return None
+        self.counters.files += 1
+        return Entry(name, KIND_SYMLINK, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                     len(target_b), st.st_nlink, st.st_ino, target=target_b)
+
+    # -- files --------------------------------------------------------------------
+
+    def _file_entry(self, name: bytes, st: os.stat_result, spans: tuple[Location, ...] | None,
+                    ref: Location | None) -> Entry:
+        return Entry(name, KIND_FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                     st.st_size, st.st_nlink, st.st_ino, spans=spans, ref=ref)
+
+    def _import_file(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
+        c = self.counters
+        c.current = path
+        prev = parent.prev.get(name)
+        if (prev is not None and prev.is_file and prev.size == st.st_size
+                and prev.mtime_ns == st.st_mtime_ns and prev.ino == st.st_ino):
+            c.files += 1
+            c.reused_files += 1
+            c.bytes += st.st_size
+            return self._file_entry(name, st, prev.spans, prev.ref)
+        link_key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and link_key in self._links:
+            spans, ref, size = self._links[link_key]
+            if size == st.st_size:
+                c.files += 1
+                c.bytes += size
+                return self._file_entry(name, st, spans, ref)
+        try:
+            spans_list = self._read_file(parent.fd, name, st)
+        except _FileSkipped as why:
+            self._skip(path, str(why))
+            return None
+        if len(spans_list) <= INLINE_SPANS:
+            spans, ref = tuple(spans_list), None
+        else:
+            spans, ref = None, self._store_node(FileNode(tuple(spans_list)))
+        if st.st_nlink > 1:
+            self._links[link_key] = (spans, ref, st.st_size)
+        c.files += 1
+        return self._file_entry(name, st, spans, ref)
+
+    def _read_file(self, dir_fd: int, name: bytes, st: os.stat_result) -> list[Location]:
+        fd = _open_file(dir_fd, name)
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino:
+                raise _FileSkipped("replaced while importing")
+            spans = self._chunk_stream(fd)
+            after = os.fstat(fd)
+        except OSError as exc:
+            raise _FileSkipped(f"cannot read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        total = sum(s.length for s in spans)
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st.st_size:
+            raise _FileSkipped("changed while being read (size or mtime differ before and after)")
+        return spans
+
+    def _chunk_stream(self, fd: int) -> list[Location]:
+        c = self.counters
+        spans: list[Location] = []
+        objects = self.index.objects
+        reader = _FdReader(fd)
+        for chunk in self.cdc.cut_stream(reader):
+            data = chunk.data
+            cid = digest(data)
+            loc = objects.get(cid)
+            if loc is None:
+                codec, stored = self.compressor.encode(data)
+                loc = self.data.add(cid, stored, len(data), codec)
+                objects[cid] = loc
+                c.new_bytes += len(data)
+            spans.append(loc)
+            c.bytes += chunk.length
+            c.read_bytes += chunk.length
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+        return spans
+
+    # -- nodes --------------------------------------------------------------------
+
+    def _store_node(self, node: Node) -> Location:
+        data = encode_node(node)
+        nid = digest(data)
+        loc = self.index.objects.get(nid)
+        if loc is None:
+            codec, stored = self.compressor.encode(data)
+            loc = self.meta_packs.add(nid, stored, len(data), codec)
+            self.index.objects[nid] = loc
+        self._node_batch.append((nid, data))
+        if len(self._node_batch) >= NODE_BATCH:
+            self._flush_nodes()
+        return loc
+
+    def _flush_nodes(self) -> None:
+        batch, self._node_batch = self._node_batch, []
+        self.meta.put_many(batch)
+
+
+class _FileSkipped(Exception):
+    pass
+
+
+class _FdReader:
+    """A minimal reader over a file descriptor for FastCDC's ``cut_stream``."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def readinto(self, buf: memoryview) -> int:
+        return os.readv(self.fd, [buf])
+
+
+def _open_file(dir_fd: int, name: bytes) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        return os.open(name, flags | _NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        if not _NOATIME:
+            raise _FileSkipped("permission denied") from None
+    except OSError as exc:
+        raise _FileSkipped(f"cannot open: {exc.strerror}") from None
+    try:  # O_NOATIME needs ownership; retry without it
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _FileSkipped(f"cannot open: {exc.strerror}") from None
+
+
+def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict: bool = False,
+               counters_out: list[Counters] | None = None, on_problem=None) -> ImportResult:
+    """Import ``src`` as a new snapshot of ``ref``; see the module docstring."""
+    started = time.monotonic()
+    if not src.is_dir():
+        raise UsageError(f"{src}: not a directory" if src.exists() else f"{src}: no such directory")
+    try:
+        prev = repo.snapshot(ref)
+    except CafsError:
+        prev = None
+    index = repo.load_index(on_problem=on_problem)
+    reader = NodeReader(repo, meta)
+    uploader = Uploader(repo.store)
+    try:
+        importer = Importer(repo, meta, index, uploader, reader, prev)
+        if counters_out is not None:
+            counters_out.append(importer.counters)
+        root = importer.import_tree(src)
+        uploader.drain()
+        if strict and importer.skipped:
+            raise ImportAborted(
+                f"--strict: {len(importer.skipped)} path(s) could not be imported; nothing committed:\n  "
+                + "\n  ".join(s.describe() for s in importer.skipped[:50]))
+        repo.write_index(uploader.written)
+        c = importer.counters
+        stats = {"files": c.files, "dirs": c.dirs, "bytes": c.bytes, "new_bytes": c.new_bytes,
+                 "stored_bytes": uploader.bytes_written, "skipped": len(importer.skipped)}
+        snap = repo.commit(ref, root, source=os.fsencode(str(src.absolute())), stats=stats)
+    finally:
+        uploader.close()
+    return ImportResult(snap, importer.counters, importer.skipped, uploader.bytes_written,
+                        len(uploader.written), time.monotonic() - started)
+
+
+__all__ = ["run_import", "ImportResult", "ImportAborted", "Counters", "Skipped", "NoSpaceError", "errno"]

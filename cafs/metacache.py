@@ -1,0 +1,113 @@
+"""The local metadata cache: verified node bytes in LMDB, and decoded nodes in memory.
+
+One LMDB environment per repository per host, at ``<cache dir>/<repo id>/meta.lmdb``,
+database ``nodes``: node id (32 bytes) -> the node's plain msgpack bytes. Several
+processes may open it at once (LMDB's own locking). Bytes read back are verified
+against their id before use, so a damaged cache is detected and refetched, never
+trusted. Import writes every node it creates here; readers fill it on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import lmdb
+
+from cafs.errors import CafsError, IntegrityError, NoSpaceError
+from cafs.format.location import Location
+from cafs.format.nodes import Node, decode_node
+from cafs.ids import digest
+from cafs.repository import Repository
+
+MAP_SIZE = 1 << 40  # address space only; the file grows with use
+DECODED_NODES = 4096
+
+
+class MetaCacheError(CafsError):
+    """The local metadata cache cannot be opened or written."""
+
+
+def default_cache_dir(env: dict[str, str]) -> Path:
+    if env.get("CAFS_CACHE_DIR"):
+        return Path(env["CAFS_CACHE_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/cache/cafs")
+    base = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME", "/tmp"), ".cache")
+    return Path(base) / "cafs"
+
+
+class MetaCache:
+    def __init__(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self.env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=4,
+                                 subdir=True, readahead=False, metasync=False)
+        except (OSError, lmdb.Error) as exc:
+            raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}") from None
+        self.nodes_db = self.env.open_db(b"nodes")
+
+    def close(self) -> None:
+        self.env.close()
+
+    def get(self, node_id: bytes) -> bytes | None:
+        with self.env.begin(db=self.nodes_db) as txn:
+            data = txn.get(node_id)
+        return bytes(data) if data is not None else None
+
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        if not items:
+            return
+        try:
+            with self.env.begin(db=self.nodes_db, write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value, overwrite=False)
+        except lmdb.MapFullError:
+            raise NoSpaceError("the metadata cache is full") from None
+        except lmdb.Error as exc:
+            if "No space left" in str(exc):
+                raise NoSpaceError(f"no space left on device for the metadata cache: {exc}") from None
+            raise MetaCacheError(f"writing the metadata cache: {exc}") from None
+
+    def delete(self, node_id: bytes) -> None:
+        with self.env.begin(db=self.nodes_db, write=True) as txn:
+            txn.delete(node_id)
+
+
+class NodeReader:
+    """Reads nodes by location: memory, then LMDB, then the repository; always verified."""
+
+    def __init__(self, repo: Repository, cache: MetaCache | None) -> None:
+        self.repo = repo
+        self.cache = cache
+        self._decoded: OrderedDict[bytes, Node] = OrderedDict()
+
+    def node_bytes(self, loc: Location) -> bytes:
+        if self.cache is not None:
+            data = self.cache.get(loc.id)
+            if data is not None:
+                if digest(data) == loc.id:
+                    return data
+                self.cache.delete(loc.id)  # damaged behind our back: refetch
+        data = self.repo.read_object(loc)
+        if self.cache is not None:
+            try:
+                self.cache.put_many([(loc.id, data)])
+            except CafsError:
+                pass  # a cache that cannot be written only costs speed
+        return data
+
+    def node(self, loc: Location) -> Node:
+        hit = self._decoded.get(loc.id)
+        if hit is not None:
+            self._decoded.move_to_end(loc.id)
+            return hit
+        node = decode_node(self.node_bytes(loc), f"node {loc.id.hex()[:12]}")
+        self._decoded[loc.id] = node
+        if len(self._decoded) > DECODED_NODES:
+            self._decoded.popitem(last=False)
+        return node
+
+
+__all__ = ["MetaCache", "NodeReader", "default_cache_dir", "IntegrityError"]

@@ -1,0 +1,55 @@
+"""Parsing what a user types to name a snapshot: ``REPO#NAME``, ``REPO#NAME@JID``,
+``REPO#ROOTID`` (64 hex digits, or a unique prefix of at least 8), each optionally
+followed by ``:PATH`` inside the snapshot.
+
+The repository part is everything before the first ``#``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cafs.errors import RefError, UsageError
+from cafs.format.journal import Snapshot, check_ref_name
+from cafs.repository import Repository
+
+_HEX = re.compile(r"[0-9a-f]{8,64}")
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    repo: str
+    selector: str
+    path: bytes = b""
+
+
+def parse_spec(text: str, *, need_snapshot: bool = True) -> SnapshotSpec:
+    repo, sep, rest = text.partition("#")
+    if not repo:
+        raise UsageError(f"{text!r}: expected REPO#NAME[@JID][:PATH]")
+    if not sep:
+        if need_snapshot:
+            raise UsageError(f"{text!r}: name a snapshot as REPO#NAME, REPO#NAME@JID or REPO#ROOTID")
+        return SnapshotSpec(repo, "")
+    selector, _, path = rest.partition(":")
+    if not selector:
+        raise UsageError(f"{text!r}: empty snapshot name after '#'")
+    return SnapshotSpec(repo, selector, path.encode("utf-8", "surrogateescape").strip(b"/"))
+
+
+def find_snapshot(repo: Repository, selector: str) -> Snapshot:
+    name, at, jid_text = selector.partition("@")
+    if at:
+        if not jid_text.isdigit():
+            raise UsageError(f"{selector!r}: the journal id after '@' must be a number")
+        return repo.snapshot(check_ref_name(name), int(jid_text))
+    if _HEX.fullmatch(selector):
+        matches = {s.root_id: s for s in repo.snapshots() if s.root_id.hex().startswith(selector)}
+        if len(matches) == 1:
+            return next(iter(matches.values()))
+        if len(matches) > 1:
+            raise RefError(f"root id prefix {selector!r} is ambiguous in {repo.url}")
+        if selector not in repo.ref_names():
+            raise RefError(f"{repo.url}: no snapshot with root id {selector!r} and no ref of that name")
+    return repo.snapshot(check_ref_name(selector))

@@ -1,0 +1,200 @@
+"""A repository: a store plus its config, refs journals, index and object reads.
+
+Owns the repository layout (see docs/FORMAT.md):
+
+    config                   the config (JSON)
+    packs/XX/<pack id>       packs of chunks (data) and of nodes (metadata)
+    index/<digest>           index objects: which pack holds which object
+    refs/<name>/<jid>        one journal entry per snapshot of a ref
+
+It does not cache: callers that read nodes repeatedly go through ``cafs.metacache``.
+Every object read here is verified against its id before it is returned.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cafs.errors import FormatError, IntegrityError, ObjectNotFound, RefError, RepositoryError, StoreError
+from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_config, encode_config
+from cafs.format.index import PackSummary, decode_index, encode_index
+from cafs.format.journal import (
+    Snapshot, check_ref_name, decode_snapshot, encode_snapshot, journal_key, parse_jid,
+)
+from cafs.format.location import Location, decode_stored
+from cafs.format.nodes import Entry
+from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
+from cafs.ids import digest
+from cafs.stores import ObjectExists, Store
+
+CONFIG_KEY = "config"
+
+
+@dataclass
+class ObjectIndex:
+    """Where every stored object lives: id -> location, plus the packs seen."""
+
+    objects: dict[bytes, Location] = field(default_factory=dict)
+    packs: dict[bytes, PackSummary] = field(default_factory=dict)
+
+    def add(self, summary: PackSummary) -> None:
+        self.packs[summary.pack_id] = summary
+        for loc in summary.entries:
+            self.objects.setdefault(loc.id, loc)
+
+
+class Repository:
+    def __init__(self, store: Store, config: RepoConfig) -> None:
+        self.store = store
+        self.config = config
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    # -- life cycle ---------------------------------------------------------------
+
+    @classmethod
+    def init(cls, store: Store, chunker: ChunkerParams = ChunkerParams(),
+             pack_size: int = 64 << 20) -> "Repository":
+        config = check_config(RepoConfig(repo_id=os.urandom(32).hex(), chunker=chunker, pack_size=pack_size))
+        if _exists(store, CONFIG_KEY):
+            raise RepositoryError(f"{store.url}: a repository exists there already")
+        if any(True for _ in store.list("")):
+            raise RepositoryError(f"{store.url}: not empty and not a repository; refusing to init there")
+        try:
+            store.put(CONFIG_KEY, encode_config(config), exclusive=True)
+        except ObjectExists:
+            raise RepositoryError(f"{store.url}: a repository exists there already") from None
+        return cls(store, config)
+
+    @classmethod
+    def open(cls, store: Store) -> "Repository":
+        try:
+            data = store.get(CONFIG_KEY)
+        except ObjectNotFound:
+            raise RepositoryError(f"{store.url}: not a cafs repository (no config)") from None
+        return cls(store, decode_config(data, f"{store.url}/config"))
+
+    # -- objects ------------------------------------------------------------------
+
+    def read_stored(self, loc: Location) -> bytes:
+        return self.store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
+
+    def read_object(self, loc: Location) -> bytes:
+        """The plain bytes of a chunk or node, verified against its id."""
+        return decode_stored(loc, self.read_stored(loc))
+
+    def read_trailer(self, pack_id: bytes, length: int) -> PackSummary:
+        key = pack_key(pack_id)
+        what = f"pack {pack_id.hex()}"
+        if length < TAIL_LEN:
+            raise FormatError(f"{what}: {length} bytes is too short to be a pack")
+        n = trailer_length(self.store.get(key, length - TAIL_LEN, TAIL_LEN), what)
+        if n > length - TAIL_LEN:
+            raise FormatError(f"{what}: trailer length {n} exceeds the pack")
+        trailer = decode_trailer(self.store.get(key, length - TAIL_LEN - n, n), pack_id, length, what)
+        return PackSummary(pack_id, length, trailer.kind, trailer.entries)
+
+    def list_packs(self) -> dict[bytes, int]:
+        packs = {}
+        for key, size in self.store.list("packs/"):
+            name = key.rsplit("/", 1)[-1]
+            try:
+                packs[bytes.fromhex(name)] = size
+            except ValueError:
+                continue
+        return {k: v for k, v in packs.items() if len(k) == 32}
+
+    def load_index(self, *, on_problem: Callable[[str], None] | None = None) -> ObjectIndex:
+        """Every object the repository holds: from index objects, then from the
+        trailers of packs no index covers (left by an interrupted import)."""
+        index = ObjectIndex()
+        present = self.list_packs()
+        for key, _size in self.store.list("index/"):
+            try:
+                data = self.store.get(key)
+                if digest(data).hex() != key.rsplit("/", 1)[-1]:
+                    raise IntegrityError(f"index object {key} does not match its name")
+                for summary in decode_index(data, key):
+                    if summary.pack_id in present:
+                        index.add(summary)
+            except (FormatError, IntegrityError, StoreError) as exc:
+                if on_problem:
+                    on_problem(f"{exc}; reading pack trailers instead")
+        for pack_id, size in present.items():
+            if pack_id not in index.packs:
+                try:
+                    index.add(self.read_trailer(pack_id, size))
+                except (FormatError, StoreError) as exc:
+                    if on_problem:
+                        on_problem(f"skipping unreadable pack: {exc}")
+        return index
+
+    def write_index(self, packs: list[PackSummary]) -> None:
+        if packs:
+            data = encode_index(packs)
+            self.store.put(f"index/{digest(data).hex()}", data)
+
+    # -- refs ---------------------------------------------------------------------
+
+    def ref_names(self) -> list[str]:
+        names = set()
+        for key, _ in self.store.list("refs/"):
+            parts = key.split("/")
+            if len(parts) == 3 and parse_jid(parts[2]) is not None:
+                names.add(parts[1])
+        return sorted(names)
+
+    def jids(self, name: str) -> list[int]:
+        check_ref_name(name)
+        jids = []
+        for key, _ in self.store.list(f"refs/{name}/"):
+            jid = parse_jid(key.rsplit("/", 1)[-1])
+            if jid is not None:
+                jids.append(jid)
+        return sorted(jids)
+
+    def snapshot(self, name: str, jid: int | None = None) -> Snapshot:
+        check_ref_name(name)
+        if jid is None:
+            jids = self.jids(name)
+            if not jids:
+                raise RefError(f"{self.url}: no ref named {name!r}")
+            jid = jids[-1]
+        try:
+            data = self.store.get(journal_key(name, jid))
+        except ObjectNotFound:
+            raise RefError(f"{self.url}: ref {name!r} has no snapshot {jid}") from None
+        return decode_snapshot(data, name, jid)
+
+    def snapshots(self, name: str | None = None) -> list[Snapshot]:
+        names = [name] if name else self.ref_names()
+        return [self.snapshot(n, j) for n in names for j in self.jids(n)]
+
+    def commit(self, name: str, root: Entry, *, source: bytes, stats: dict[str, int]) -> Snapshot:
+        """Record a new snapshot of ``name``: the single commit point of an import."""
+        check_ref_name(name)
+        for _attempt in range(100):
+            jids = self.jids(name)
+            snap = Snapshot(ref=name, jid=(jids[-1] + 1) if jids else 1, time_ns=time.time_ns(),
+                            root=root, host=socket.gethostname()[:255], source=source[:4096], stats=stats)
+            try:
+                self.store.put(journal_key(name, snap.jid), encode_snapshot(snap), exclusive=True)
+                return snap
+            except ObjectExists:
+                continue  # a concurrent import took that jid; take the next
+        raise RefError(f"{self.url}: could not commit ref {name!r}: too many concurrent writers")
+
+
+def _exists(store: Store, key: str) -> bool:
+    try:
+        store.get(key, 0, 0)
+        return True
+    except ObjectNotFound:
+        return False
+

@@ -1,0 +1,121 @@
+"""Read-only questions about snapshots: differences between two, and space accounting.
+
+Pure functions over a ``NodeReader``; the command edge formats what they return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from cafs.format.nodes import Entry
+from cafs.metacache import NodeReader
+from cafs.repository import Repository
+from cafs.tree import file_spans, list_dir, walk
+
+
+def _join(prefix: bytes, name: bytes) -> bytes:
+    return prefix + b"/" + name if prefix else name
+
+
+def _content_key(reader: NodeReader, e: Entry) -> object:
+    if e.is_file:
+        return tuple(s.id for s in file_spans(reader, e))
+    if e.is_symlink:
+        return e.target
+    return None
+
+
+def diff_trees(reader: NodeReader, a: Entry, b: Entry, prefix: bytes = b"") -> Iterator[tuple[str, bytes]]:
+    """``(mark, path)`` for every difference: ``+`` added, ``-`` removed, ``M`` changed
+    (content, type, mode, owner, or a file's or symlink's mtime). Subtrees whose node ids
+    are equal are skipped without being read."""
+    if a.ref is not None and b.ref is not None and a.ref.id == b.ref.id:
+        return
+    old = {e.name: e for e in list_dir(reader, a)}
+    new = {e.name: e for e in list_dir(reader, b)}
+    for name in sorted(old.keys() | new.keys()):
+        path = _join(prefix, name)
+        ea, eb = old.get(name), new.get(name)
+        if eb is None:
+            assert ea is not None
+            yield from (("-", p) for p, _ in walk(reader, ea, path))
+        elif ea is None:
+            yield from (("+", p) for p, _ in walk(reader, eb, path))
+        elif ea.kind != eb.kind:
+            yield from (("-", p) for p, _ in walk(reader, ea, path))
+            yield from (("+", p) for p, _ in walk(reader, eb, path))
+        elif ea.is_dir:
+            if (ea.mode, ea.uid, ea.gid) != (eb.mode, eb.uid, eb.gid):
+                yield "M", path
+            yield from diff_trees(reader, ea, eb, path)
+        elif ((ea.mode, ea.uid, ea.gid, ea.mtime_ns, ea.size) != (eb.mode, eb.uid, eb.gid, eb.mtime_ns, eb.size)
+              or _content_key(reader, ea) != _content_key(reader, eb)):
+            yield "M", path
+
+
+@dataclass
+class SpaceStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    logical_bytes: int = 0  # sum of file sizes, each name counted
+    unique_bytes: int = 0  # plain bytes of distinct chunks
+    stored_bytes: int = 0  # stored bytes of distinct chunks (after compression)
+    chunks: int = 0
+    packs: int = 0
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+
+def snapshot_space(reader: NodeReader, root: Entry) -> SpaceStats:
+    s = SpaceStats()
+    seen: set[bytes] = set()
+    packs: set[bytes] = set()
+    for _path, e in walk(reader, root):
+        if e.is_dir:
+            s.dirs += 1
+        elif e.is_symlink:
+            s.symlinks += 1
+        else:
+            s.files += 1
+            s.logical_bytes += e.size
+            for span in file_spans(reader, e):
+                if span.id not in seen:
+                    seen.add(span.id)
+                    packs.add(span.pack)
+                    s.unique_bytes += span.length
+                    s.stored_bytes += span.stored_length
+    s.chunks = len(seen)
+    s.packs = len(packs)
+    return s
+
+
+@dataclass
+class RepoSpace:
+    snapshots: int
+    logical_bytes: int  # sum over snapshots of their logical bytes
+    data_chunks: int
+    unique_bytes: int
+    stored_bytes: int  # bytes of all packs, data and metadata
+    packs: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+
+def repo_space(repo: Repository) -> RepoSpace:
+    index = repo.load_index()
+    snaps = repo.snapshots()
+    chunks = {loc.id: loc for p in index.packs.values() if p.kind == 0 for loc in p.entries}
+    return RepoSpace(
+        snapshots=len(snaps),
+        logical_bytes=sum(s.stats.get("bytes", 0) for s in snaps),
+        data_chunks=len(chunks),
+        unique_bytes=sum(loc.length for loc in chunks.values()),
+        stored_bytes=sum(p.length for p in index.packs.values()),
+        packs=len(index.packs),
+    )

@@ -1,0 +1,28 @@
+"""Stores by URL. ``open_store`` is the one place that maps a URL to a store class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cafs.errors import UsageError
+from cafs.stores.base import ObjectExists, Store, check_key
+from cafs.stores.local import LocalStore
+
+__all__ = ["ObjectExists", "Store", "check_key", "LocalStore", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    if not url:
+        raise UsageError("empty repository location")
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme == "":
+        return LocalStore(Path(url).absolute())
+    if scheme == "file":
+        path = urlsplit(url).path
+        if not path:
+            raise UsageError(f"{url}: a file:// URL needs a path")
+        return LocalStore(Path(path))
+    if scheme in ("http", "https", "s3"):
+        raise UsageError(f"{url}: {scheme}:// repositories are not supported yet")
+    raise UsageError(f"{url}: unknown repository URL scheme {scheme!r}")

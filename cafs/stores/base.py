@@ -1,0 +1,51 @@
+"""The store contract: where repository objects live.
+
+A store moves opaque bytes by key; it never interprets them. Keys are relative,
+``/``-separated, made of ``[A-Za-z0-9._-]`` components (no ``.`` or ``..``); the
+repository layer chooses them. Behaviour such as retrying, rate limiting or counting is
+added by wrapping a store, not by flags.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Protocol
+
+from cafs.errors import StoreError
+
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+
+
+class ObjectExists(StoreError):
+    """An exclusive put found the key already present."""
+
+
+def check_key(key: str) -> str:
+    if not _KEY.fullmatch(key) or len(key) > 1024:
+        raise StoreError(f"invalid object key {key[:200]!r}")
+    return key
+
+
+class Store(Protocol):
+    url: str
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Return the object's bytes ``[offset, offset+length)`` (to the end if ``length``
+        is None). MUST return exactly that many bytes or raise: ``ObjectNotFound`` if the
+        key does not exist, ``StoreError`` if the range lies past the end or the store fails."""
+        ...
+
+    def put(self, key: str, data: bytes | memoryview, *, exclusive: bool = False) -> None:
+        """Store ``data`` under ``key`` atomically: readers see all of it or nothing.
+        With ``exclusive``, MUST raise ``ObjectExists`` instead of replacing an existing
+        object. MUST raise ``NoSpaceError`` when the storage is full."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Yield ``(key, size)`` of every object whose key starts with ``prefix`` (a
+        directory-like prefix ending in ``/``, or ``""`` for all), in no particular order."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing key is not an error."""
+        ...

@@ -1,0 +1,90 @@
+"""Reading a snapshot's tree: listing directories, looking up paths, a file's spans.
+
+Pure navigation over nodes obtained from a ``NodeReader``; no I/O of its own. Paths
+inside a snapshot are bytes, ``/``-separated, relative to the root (``b""`` is the root).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterator
+
+from cafs.errors import FormatError, PathNotFound
+from cafs.format.location import Location
+from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode
+from cafs.metacache import NodeReader
+
+
+def list_dir(reader: NodeReader, d: Entry) -> Iterator[Entry]:
+    """The entries of directory ``d`` in name order."""
+    assert d.ref is not None
+    node = reader.node(d.ref)
+    if isinstance(node, TreeNode):
+        yield from node.entries
+    elif isinstance(node, DirIndexNode):
+        for page in node.pages:
+            yield from _page(reader, page.ref, d).entries
+    else:
+        raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
+
+
+def _page(reader: NodeReader, loc: Location, d: Entry) -> TreeNode:
+    node = reader.node(loc)
+    if not isinstance(node, TreeNode):
+        raise FormatError(f"directory {d.name!r}: page {loc.id.hex()[:12]} is not a tree node")
+    return node
+
+
+def lookup(reader: NodeReader, d: Entry, name: bytes) -> Entry | None:
+    """The entry called ``name`` in directory ``d``, reading at most one page."""
+    assert d.ref is not None
+    node = reader.node(d.ref)
+    if isinstance(node, DirIndexNode):
+        firsts = [p.first_name for p in node.pages]
+        i = bisect.bisect_right(firsts, name) - 1
+        if i < 0:
+            return None
+        node = _page(reader, node.pages[i].ref, d)
+    if not isinstance(node, TreeNode):
+        raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
+    names = [e.name for e in node.entries]
+    i = bisect.bisect_left(names, name)
+    if i < len(names) and names[i] == name:
+        return node.entries[i]
+    return None
+
+
+def resolve(reader: NodeReader, root: Entry, path: bytes) -> Entry:
+    entry = root
+    for part in (p for p in path.split(b"/") if p):
+        if not entry.is_dir:
+            raise PathNotFound(f"{path.decode(errors='replace')}: {part.decode(errors='replace')!r} is under a non-directory")
+        found = lookup(reader, entry, part)
+        if found is None:
+            raise PathNotFound(f"{path.decode(errors='replace')}: no such file or directory in the snapshot")
+        entry = found
+    return entry
+
+
+def file_spans(reader: NodeReader, f: Entry) -> tuple[Location, ...]:
+    if f.spans is not None:
+        return f.spans
+    assert f.ref is not None
+    node = reader.node(f.ref)
+    if not isinstance(node, FileNode):
+        raise FormatError(f"file {f.name!r}: node {f.ref.id.hex()[:12]} is not a file node")
+    if sum(s.length for s in node.spans) != f.size:
+        raise FormatError(f"file {f.name!r}: spans add up to {sum(s.length for s in node.spans)}, size is {f.size}")
+    return node.spans
+
+
+def walk(reader: NodeReader, top: Entry, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
+    """``(path, entry)`` for ``top`` and everything below it, parents before children."""
+    stack = [(prefix, top)]
+    while stack:
+        path, entry = stack.pop()
+        yield path, entry
+        if entry.is_dir:
+            children = list(list_dir(reader, entry))
+            for child in reversed(children):
+                stack.append((path + b"/" + child.name if path else child.name, child))
