@@ -1,0 +1,220 @@
+"""Format objects: round trips of every object, and strict rejection of malformed bytes."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+import zstandard
+from hypothesis import given, settings, strategies as st
+
+from cafs.errors import FormatError, IntegrityError, RefError, RepositoryError
+from cafs.format.config import ChunkerParams, RepoConfig, decode_config, encode_config
+from cafs.format.index import PackSummary, decode_index, encode_index
+from cafs.format.journal import Snapshot, check_ref_name, decode_snapshot, encode_snapshot
+from cafs.format.location import CODEC_RAW, CODEC_ZSTD, Location, decode_location, decode_stored
+from cafs.format.nodes import (
+    KIND_DIR, KIND_FILE, KIND_SYMLINK, PAGE_ENTRIES, DirIndexNode, Entry, FileNode, PageRef, TreeNode,
+    decode_entry, decode_node, encode_node,
+)
+from cafs.format.pack import TAIL_LEN, decode_trailer, encode_trailer, trailer_length
+from cafs.ids import digest
+
+ids = st.binary(min_size=32, max_size=32)
+names = st.binary(min_size=1, max_size=255).filter(lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b".."))
+u32 = st.integers(0, (1 << 32) - 1)
+
+
+@st.composite
+def locations(draw: st.DrawFn) -> Location:
+    codec = draw(st.sampled_from([CODEC_RAW, CODEC_ZSTD]))
+    length = draw(st.integers(0, 1 << 22))
+    stored = length if codec == CODEC_RAW else draw(st.integers(0, 1 << 22))
+    return Location(draw(ids), draw(ids), draw(st.integers(0, 1 << 40)), stored, length, codec)
+
+
+@st.composite
+def entries(draw: st.DrawFn, name: bytes | None = None) -> Entry:
+    kind = draw(st.sampled_from([KIND_DIR, KIND_FILE, KIND_SYMLINK]))
+    common = dict(name=name if name is not None else draw(names), kind=kind, mode=draw(st.integers(0, 0o7777)),
+                  uid=draw(u32), gid=draw(u32), mtime_ns=draw(st.integers(-(1 << 63), (1 << 63) - 1)),
+                  nlink=draw(st.integers(1, 1 << 20)), ino=draw(st.integers(0, (1 << 64) - 1)))
+    if kind == KIND_DIR:
+        return Entry(size=draw(st.integers(0, 1 << 20)), ref=draw(locations()), **common)
+    if kind == KIND_SYMLINK:
+        target = draw(st.binary(min_size=1, max_size=4096).filter(lambda t: b"\0" not in t))
+        return Entry(size=len(target), target=target, **common)
+    if draw(st.booleans()):
+        spans = tuple(draw(st.lists(locations(), max_size=16)))
+        return Entry(size=sum(s.length for s in spans), spans=spans, **common)
+    return Entry(size=draw(st.integers(0, 1 << 50)), ref=draw(locations()), **common)
+
+
+@given(locations())
+def test_location_round_trip(loc: Location) -> None:
+    assert decode_location(msgpack.unpackb(msgpack.packb(loc.encode())), "t") == loc
+
+
+@given(entries())
+def test_entry_round_trip(e: Entry) -> None:
+    assert decode_entry(msgpack.unpackb(msgpack.packb(e.encode())), "t") == e
+
+
+@settings(max_examples=50)
+@given(st.lists(entries(), max_size=20))
+def test_tree_node_round_trip(items: list[Entry]) -> None:
+    unique = {e.name: e for e in items}
+    node = TreeNode(tuple(unique[n] for n in sorted(unique)))
+    assert decode_node(encode_node(node)) == node
+
+
+@given(st.lists(st.tuples(names, st.integers(1, PAGE_ENTRIES), locations()), min_size=1, max_size=20))
+def test_dir_index_round_trip(pages: list[tuple[bytes, int, Location]]) -> None:
+    unique = {p[0]: p for p in pages}
+    node = DirIndexNode(tuple(PageRef(*unique[n]) for n in sorted(unique)))
+    assert decode_node(encode_node(node)) == node
+
+
+@given(st.lists(locations(), max_size=50))
+def test_file_node_round_trip(spans: list[Location]) -> None:
+    node = FileNode(tuple(spans))
+    assert decode_node(encode_node(node)) == node
+
+
+@given(st.binary(max_size=2000))
+def test_garbage_never_decodes_to_anything_but_format_error(data: bytes) -> None:
+    for decode in (lambda d: decode_node(d), lambda d: decode_index(d), lambda d: decode_snapshot(d, "r", 1)):
+        try:
+            decode(data)
+        except (FormatError, RefError):
+            pass
+
+
+@given(st.data())
+def test_mutated_node_is_rejected_or_decodes_cleanly(data: st.DataObject) -> None:
+    node = TreeNode(tuple(sorted({e.name: e for e in data.draw(st.lists(entries(), min_size=1, max_size=5))}.values(),
+                                 key=lambda e: e.name)))
+    raw = bytearray(encode_node(node))
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    raw[pos] ^= data.draw(st.integers(1, 255))
+    try:
+        decode_node(bytes(raw))
+    except FormatError:
+        pass
+
+
+def _entry(**kw: object) -> list[object]:
+    base = dict(name=b"f", kind=KIND_FILE, mode=0o644, uid=0, gid=0, mtime_ns=0, size=0, nlink=1, ino=1,
+                spans=())
+    base.update(kw)
+    return Entry(**base).encode()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad_name", [b"", b".", b"..", b"a/b", b"a\0b", b"x" * 256])
+def test_entry_names_are_checked(bad_name: bytes) -> None:
+    with pytest.raises(FormatError):
+        decode_entry(_entry(name=bad_name), "t")
+
+
+def test_entry_rejects_spans_that_disagree_with_size() -> None:
+    loc = Location(b"a" * 32, b"p" * 32, 0, 10, 10, CODEC_RAW)
+    with pytest.raises(FormatError, match="add up"):
+        decode_entry(_entry(size=11, spans=(loc,)), "t")
+
+
+def test_entry_rejects_symlink_with_nul() -> None:
+    with pytest.raises(FormatError):
+        decode_entry(_entry(kind=KIND_SYMLINK, size=3, spans=None, target=b"a\0b"), "t")
+
+
+def test_tree_rejects_unsorted_or_duplicate_names() -> None:
+    a, b = _entry(name=b"a"), _entry(name=b"b")
+    for items in ([b, a], [a, a]):
+        with pytest.raises(FormatError, match="ascending"):
+            decode_node(msgpack.packb([1, items]))
+
+
+def test_raw_location_must_have_equal_lengths() -> None:
+    with pytest.raises(FormatError):
+        decode_location([b"a" * 32, b"p" * 32, 0, 10, 11, CODEC_RAW], "t")
+
+
+def test_decode_stored_verifies_content() -> None:
+    plain = b"hello world" * 100
+    packed = zstandard.ZstdCompressor().compress(plain)
+    good = Location(digest(plain), b"p" * 32, 0, len(packed), len(plain), CODEC_ZSTD)
+    assert decode_stored(good, packed) == plain
+    with pytest.raises(IntegrityError):
+        decode_stored(good._replace(id=b"x" * 32), packed)
+    raw = Location(digest(plain), b"p" * 32, 0, len(plain), len(plain), CODEC_RAW)
+    flipped = bytearray(plain)
+    flipped[5] ^= 1
+    with pytest.raises(IntegrityError):
+        decode_stored(raw, bytes(flipped))
+
+
+def test_decompression_bomb_is_refused() -> None:
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    loc = Location(digest(b"\0" * 100), b"p" * 32, 0, len(bomb), 100, CODEC_ZSTD)
+    with pytest.raises(IntegrityError, match="declares"):
+        decode_stored(loc, bomb)
+
+
+@given(st.lists(st.tuples(ids, st.binary(max_size=300)), max_size=20))
+def test_pack_trailer_round_trip(objects: list[tuple[bytes, bytes]]) -> None:
+    body = b"".join(o[1] for o in objects)
+    locs, pos = [], 0
+    pack_id = os.urandom(32)
+    for oid, data in objects:
+        locs.append(Location(oid, pack_id, pos, len(data), len(data), CODEC_RAW))
+        pos += len(data)
+    pack = body + encode_trailer(1, digest(body), locs)
+    n = trailer_length(pack[-TAIL_LEN:], "t")
+    trailer = decode_trailer(pack[-TAIL_LEN - n:-TAIL_LEN], pack_id, len(pack), "t")
+    assert trailer.entries == tuple(locs) and trailer.body_digest == digest(body) and trailer.kind == 1
+
+
+def test_truncated_pack_is_detected() -> None:
+    pack = b"abc" + encode_trailer(0, digest(b"abc"), [Location(b"i" * 32, b"p" * 32, 0, 3, 3, 0)])
+    with pytest.raises(FormatError, match="magic"):
+        trailer_length(pack[:-1][-TAIL_LEN:], "t")
+
+
+@settings(max_examples=30)
+@given(st.lists(st.tuples(ids, st.integers(0, 1 << 30), st.sampled_from([0, 1]), st.lists(locations(), max_size=5)),
+                max_size=5))
+def test_index_round_trip(rows: list[tuple[bytes, int, int, list[Location]]]) -> None:
+    packs = [PackSummary(pid, length, kind, tuple(loc._replace(pack=pid) for loc in locs))
+             for pid, length, kind, locs in rows]
+    assert decode_index(encode_index(packs)) == packs
+
+
+@given(entries(name=b""), st.integers(1, 1 << 40), st.text(max_size=50), st.binary(max_size=100))
+def test_snapshot_round_trip(root: Entry, jid: int, host: str, source: bytes) -> None:
+    if not root.is_dir:
+        return
+    snap = Snapshot("ds", jid, 123, root, host, source, {"files": 3})
+    assert decode_snapshot(encode_snapshot(snap), "ds", jid) == snap
+
+
+def test_snapshot_jid_must_match_its_key() -> None:
+    root = Entry(b"", KIND_DIR, 0o755, 0, 0, 0, 0, 2, 1, ref=Location(b"r" * 32, b"p" * 32, 0, 1, 1, 0))
+    data = encode_snapshot(Snapshot("ds", 2, 0, root))
+    with pytest.raises(RefError):
+        decode_snapshot(data, "ds", 3)
+
+
+@pytest.mark.parametrize("name", ["a/b", "", ".hidden", "-x", "a b", "x" * 101, "a#b", "a@b", "a:b"])
+def test_bad_ref_names(name: str) -> None:
+    with pytest.raises(RefError):
+        check_ref_name(name)
+
+
+def test_config_round_trip_and_rejects() -> None:
+    c = RepoConfig("ab" * 32, ChunkerParams(1024, 4096, 16384), 1 << 20)
+    assert decode_config(encode_config(c), "t") == c
+    for bad in (b"", b"{}", b"not json", b'{"format": "cafs", "version": 99}',
+                encode_config(c).replace(b'"pack_size": 1048576', b'"pack_size": 1')):
+        with pytest.raises(RepositoryError):
+            decode_config(bad, "t")
