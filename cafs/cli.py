@@ -224,7 +224,37 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mount(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.mount_helper import mount
+
+    return mount(args.source, args.mountpoint, ",".join(args.options), foreground=args.foreground)
+
+
+def cmd_umount(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.mount_helper import unmount
+
+    return unmount(args.mountpoint)
+
+
+def mount_stats(path: str) -> dict[str, Any] | None:
+    """The counters of the cafs mount at ``path``, or None if it is not one."""
+    try:
+        return dict(json.loads(os.getxattr(path, "user.cafs.stats")))
+    except OSError:
+        return None
+
+
 def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
+    if "#" not in args.target and os.path.isdir(args.target) and not os.path.exists(os.path.join(args.target, "config")):
+        counters = mount_stats(args.target)
+        if counters is None:
+            raise UsageError(f"{args.target}: neither a repository nor a cafs mount")
+        if args.json:
+            print(json.dumps(counters, indent=2))
+        else:
+            for key, value in counters.items():
+                print(f"{key.replace('_', ' '):<16} {value}")
+        return EXIT_OK
     spec = parse_spec(args.target, need_snapshot=False)
     repo = ctx.repo(spec.repo)
     if spec.selector:
@@ -312,10 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dest")
     sp.set_defaults(func=cmd_get)
 
-    sp = command("stats", "space used by a repository or a snapshot")
-    sp.add_argument("target", metavar="REPO[#NAME]")
+    sp = command("stats", "space used by a repository or a snapshot; counters of a mount")
+    sp.add_argument("target", metavar="REPO[#NAME]|MOUNTPOINT")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_stats)
+
+    sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")
+    sp.add_argument("source", metavar="SOURCE")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    sp.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    sp.set_defaults(func=cmd_mount)
+
+    sp = command("umount", "unmount a cafs mount")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.set_defaults(func=cmd_umount)
 
     sp = command("diff", "paths added, removed and changed between two snapshots")
     sp.add_argument("a", metavar="REPO#A")

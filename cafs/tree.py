@@ -37,21 +37,8 @@ def _page(reader: NodeReader, loc: Location, d: Entry) -> TreeNode:
 
 def lookup(reader: NodeReader, d: Entry, name: bytes) -> Entry | None:
     """The entry called ``name`` in directory ``d``, reading at most one page."""
-    assert d.ref is not None
-    node = reader.node(d.ref)
-    if isinstance(node, DirIndexNode):
-        firsts = [p.first_name for p in node.pages]
-        i = bisect.bisect_right(firsts, name) - 1
-        if i < 0:
-            return None
-        node = _page(reader, node.pages[i].ref, d)
-    if not isinstance(node, TreeNode):
-        raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
-    names = [e.name for e in node.entries]
-    i = bisect.bisect_left(names, name)
-    if i < len(names) and names[i] == name:
-        return node.entries[i]
-    return None
+    found = lookup_index(reader, d, name)
+    return found[1] if found else None
 
 
 def resolve(reader: NodeReader, root: Entry, path: bytes) -> Entry:
@@ -88,3 +75,41 @@ def walk(reader: NodeReader, top: Entry, prefix: bytes = b"") -> Iterator[tuple[
             children = list(list_dir(reader, entry))
             for child in reversed(children):
                 stack.append((path + b"/" + child.name if path else child.name, child))
+
+
+def entry_at(reader: NodeReader, d: Entry, index: int) -> Entry | None:
+    """The ``index``-th entry (in name order) of directory ``d``, reading one page."""
+    assert d.ref is not None
+    node = reader.node(d.ref)
+    if isinstance(node, DirIndexNode):
+        start = 0
+        for page in node.pages:
+            if index < start + page.count:
+                entries = _page(reader, page.ref, d).entries
+                return entries[index - start] if index - start < len(entries) else None
+            start += page.count
+        return None
+    if not isinstance(node, TreeNode):
+        raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
+    return node.entries[index] if 0 <= index < len(node.entries) else None
+
+
+def lookup_index(reader: NodeReader, d: Entry, name: bytes) -> tuple[int, Entry] | None:
+    """``(index, entry)`` of ``name`` in directory ``d``, reading at most one page."""
+    assert d.ref is not None
+    node = reader.node(d.ref)
+    start = 0
+    if isinstance(node, DirIndexNode):
+        firsts = [p.first_name for p in node.pages]
+        i = bisect.bisect_right(firsts, name) - 1
+        if i < 0:
+            return None
+        start = sum(p.count for p in node.pages[:i])
+        node = _page(reader, node.pages[i].ref, d)
+    if not isinstance(node, TreeNode):
+        raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
+    names = node.names
+    i = bisect.bisect_left(names, name)
+    if i < len(names) and names[i] == name:
+        return start + i, node.entries[i]
+    return None

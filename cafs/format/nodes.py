@@ -32,7 +32,7 @@ An entry is ``[name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content]`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from cafs.format.location import Location, decode_location
@@ -152,6 +152,11 @@ def decode_entry(value: Any, what: str, *, root: bool = False) -> Entry:
 @dataclass(frozen=True, slots=True)
 class TreeNode:
     entries: tuple[Entry, ...]
+    names: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # kept beside the entries so a lookup bisects without building a list
+        object.__setattr__(self, "names", tuple(e.name for e in self.entries))
 
 
 @dataclass(frozen=True, slots=True)

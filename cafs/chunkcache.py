@@ -1,0 +1,232 @@
+"""The per-host sparse chunk cache: stored chunk bytes in sparse files, extents in LMDB.
+
+Layout, under ``<cache dir>/<repo id>/`` (shared by every mount of that repository on
+the host, and kept across remounts):
+
+- ``data/<xx>/<pack id hex>``: a sparse file per pack; a cached chunk's stored bytes
+  (as in the pack, possibly zstd) sit at the same offset as in the pack, so neighbouring
+  chunks fetched together are written with one ``pwrite``.
+- LMDB database ``extents`` in ``meta.lmdb``: key ``pack id (32) + offset (8, big
+  endian)`` -> value ``stored length (4) + last use (8, seconds, big endian)``, both
+  unsigned. An extent is present only once its bytes are written.
+- LMDB database ``cachestat``: key ``b"size"`` -> total stored bytes of all extents (8).
+
+Invariants: the total never exceeds ``limit`` by more than the bytes of inserts in
+flight; eviction removes least-recently-used extents (punching holes in the sparse file)
+until the total is at most ``limit * EVICT_TO``. Nothing read from here is trusted: the
+caller verifies bytes against their id, and a damaged extent is dropped and refetched.
+All methods block (disk and LMDB): call them from worker threads, never hold a
+transaction across an ``await``.
+
+Caveats: last-use times are kept in memory and written in batches, so the order of
+eviction is approximate across processes. If the disk is full, ``insert`` raises
+``NoSpaceError`` and the caller serves without caching.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from cafs.errors import NoSpaceError
+
+EVICT_TO = 0.9
+_EXTENT = struct.Struct(">IQ")
+_SIZE = struct.Struct(">Q")
+_SIZE_KEY = b"size"
+_FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def extent_key(pack: bytes, offset: int) -> bytes:
+    return pack + offset.to_bytes(8, "big")
+
+
+@dataclass
+class CacheCounters:
+    evictions: int = 0
+    evicted_bytes: int = 0
+    insert_failures: int = 0
+
+
+class ChunkCache:
+    def __init__(self, root: Path, env: lmdb.Environment, limit: int) -> None:
+        self.root = root
+        self.env = env
+        self.limit = limit
+        self.extents = env.open_db(b"extents")
+        self.stat = env.open_db(b"cachestat")
+        self.counters = CacheCounters()
+        self._touched: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+        self._fds: dict[bytes, int] = {}
+
+    # -- files ----------------------------------------------------------------------
+
+    def _path(self, pack: bytes) -> Path:
+        h = pack.hex()
+        return self.root / "data" / h[:2] / h
+
+    def _fd(self, pack: bytes, create: bool) -> int | None:
+        with self._lock:
+            fd = self._fds.get(pack)
+            if fd is not None:
+                return fd
+            path = self._path(pack)
+            try:
+                if create:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                else:
+                    fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpaceError(f"cache {self.root}: no space left on device") from None
+                raise
+            if len(self._fds) > 256:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[pack] = fd
+            return fd
+
+    def close(self) -> None:
+        self.flush_touches()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    # -- reads ----------------------------------------------------------------------
+
+    def read(self, pack: bytes, offset: int, length: int) -> bytes | None:
+        """The stored bytes of the extent at ``(pack, offset)``, or None if not cached."""
+        key = extent_key(pack, offset)
+        with self.env.begin(db=self.extents) as txn:
+            value = txn.get(key)
+        if value is None or _EXTENT.unpack(value)[0] != length:
+            return None
+        fd = self._fd(pack, create=False)
+        if fd is None:
+            return None
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            return None
+        self._touched[key] = int(time.time())
+        return data
+
+    def contains(self, pack: bytes, offset: int) -> bool:
+        with self.env.begin(db=self.extents) as txn:
+            return txn.get(extent_key(pack, offset)) is not None
+
+    # -- writes ---------------------------------------------------------------------
+
+    def insert(self, pack: bytes, offset: int, stored: bytes | memoryview, pieces: list[tuple[int, int]]) -> None:
+        """Write ``stored`` (the pack bytes at ``offset``) and record ``pieces`` (extents
+        ``(offset, length)`` inside it) as cached. Raises NoSpaceError if the disk is full."""
+        fd = self._fd(pack, create=True)
+        assert fd is not None
+        try:
+            view = memoryview(stored)
+            pos = offset
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+        except OSError as exc:
+            self.counters.insert_failures += 1
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"cache {self.root}: no space left on device") from None
+            raise
+        now = int(time.time())
+        with self.env.begin(write=True) as txn:
+            added = 0
+            for off, length in pieces:
+                key = extent_key(pack, off)
+                if txn.get(key, db=self.extents) is None:
+                    added += length
+                txn.put(key, _EXTENT.pack(length, now), db=self.extents)
+            total = self._total(txn) + added
+            txn.put(_SIZE_KEY, _SIZE.pack(total), db=self.stat)
+        if total > self.limit:
+            self.evict(int(self.limit * EVICT_TO))
+
+    def drop(self, pack: bytes, offset: int) -> None:
+        """Forget one extent (its bytes were found damaged)."""
+        with self.env.begin(write=True) as txn:
+            value = txn.get(extent_key(pack, offset), db=self.extents)
+            if value is None:
+                return
+            txn.delete(extent_key(pack, offset), db=self.extents)
+            txn.put(_SIZE_KEY, _SIZE.pack(max(0, self._total(txn) - _EXTENT.unpack(value)[0])), db=self.stat)
+
+    def _total(self, txn: lmdb.Transaction) -> int:
+        value = txn.get(_SIZE_KEY, db=self.stat)
+        return _SIZE.unpack(value)[0] if value else 0
+
+    def size(self) -> int:
+        with self.env.begin() as txn:
+            return self._total(txn)
+
+    def flush_touches(self) -> None:
+        """Write batched last-use times of extents read since the last flush."""
+        touched, self._touched = self._touched, {}
+        if not touched:
+            return
+        with self.env.begin(write=True, db=self.extents) as txn:
+            for key, when in touched.items():
+                value = txn.get(key)
+                if value is not None:
+                    txn.put(key, _EXTENT.pack(_EXTENT.unpack(value)[0], when))
+
+    def evict(self, target: int) -> None:
+        """Remove least-recently-used extents until the total is at most ``target``."""
+        self.flush_touches()
+        with self.env.begin(db=self.extents) as txn:
+            items = [(_EXTENT.unpack(v)[1], bytes(k), _EXTENT.unpack(v)[0]) for k, v in txn.cursor()]
+        items.sort()
+        victims = []
+        with self.env.begin(write=True) as txn:
+            total = self._total(txn)
+            for _when, key, length in items:
+                if total <= target:
+                    break
+                txn.delete(key, db=self.extents)
+                total -= length
+                victims.append((key, length))
+            txn.put(_SIZE_KEY, _SIZE.pack(max(0, total)), db=self.stat)
+        for key, length in victims:
+            self._punch(key[:32], int.from_bytes(key[32:], "big"), length)
+        self.counters.evictions += len(victims)
+        self.counters.evicted_bytes += sum(v[1] for v in victims)
+
+    def _punch(self, pack: bytes, offset: int, length: int) -> None:
+        fd = self._fd(pack, create=False)
+        if fd is None:
+            return
+        try:
+            _fallocate(fd, _FALLOC_PUNCH, offset, length)
+        except OSError:
+            pass  # the extent is already forgotten; a later read refetches
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return libc
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    # os has no fallocate with flags; hole punching needs the libc call
+    if _libc().fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

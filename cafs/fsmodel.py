@@ -1,0 +1,234 @@
+"""A model of a mounted snapshot: inodes, attributes, directory listings, reads.
+
+No FUSE here: ``cafs.fuse_adapter`` translates kernel requests into calls on
+``SnapshotFS`` and its exceptions into errno, so this model is tested without a kernel.
+
+Inode numbers: the root is 1. The first time a directory is looked into, it is given a
+block of consecutive inode numbers, one per entry in name order (``base + index``).
+Numbers are therefore stable for the life of the mount, and the table's memory grows
+with the number of directories visited, not files; entries themselves are re-read from
+the (bounded) decoded-node cache when needed.
+
+Content ids (``user.cafs.id``): a directory's is its node id; a file's is the id of its
+single chunk (the BLAKE3 of its bytes) or, for a file of several chunks or none, the
+BLAKE3 of ``b"cafs-file-v1"`` followed by its chunk ids.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from cafs.errors import PathNotFound
+from cafs.fetch import Fetcher
+from cafs.format.journal import Snapshot
+from cafs.format.location import Location
+from cafs.format.nodes import Entry
+from cafs.ids import digest
+from cafs.metacache import NodeReader
+from cafs.tree import entry_at, file_spans, lookup_index
+
+ROOT_INO = 1
+BLOCK_SIZE = 1 << 20  # st_blksize: invites large reads from cp, Python's io and friends
+DIR_SIZE = 4096
+_KIND_BITS = {1: stat.S_IFDIR, 2: stat.S_IFREG, 3: stat.S_IFLNK}
+
+
+class NotADirectory(PathNotFound):
+    """An inode used as a directory is not one."""
+
+
+class IsADirectory(PathNotFound):
+    """A directory was opened as a file."""
+
+
+@dataclass
+class Attributes:
+    ino: int
+    mode: int  # with type bits
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    blocks: int
+    mtime_ns: int
+
+
+@dataclass
+class _DirBlock:
+    entry: Entry
+    base: int
+
+
+@dataclass
+class OpenFile:
+    ino: int
+    size: int
+    spans: tuple[Location, ...]
+    starts: list[int]  # plain offset of each span
+
+
+@dataclass
+class ReadCounters:
+    bytes_read: int = 0
+    reads: int = 0
+    opens: int = 0
+
+
+class SnapshotFS:
+    def __init__(self, snapshot: Snapshot, reader: NodeReader, fetcher: Fetcher) -> None:
+        self.snapshot = snapshot
+        self.reader = reader
+        self.fetcher = fetcher
+        self.counters = ReadCounters()
+        self._blocks: dict[int, _DirBlock] = {}  # directory inode -> its block
+        self._bases: list[int] = []  # block bases, ascending
+        self._owners: list[int] = []  # directory inode owning the block at the same index
+        self._next_ino = ROOT_INO + 1
+        self._files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+
+    # -- inodes -----------------------------------------------------------------------
+
+    def entry(self, ino: int) -> Entry:
+        if ino == ROOT_INO:
+            return self.snapshot.root
+        i = bisect.bisect_right(self._bases, ino) - 1
+        if i < 0:
+            raise PathNotFound(f"inode {ino} is unknown")
+        parent = self._blocks[self._owners[i]]
+        e = entry_at(self.reader, parent.entry, ino - parent.base)
+        if e is None:
+            raise PathNotFound(f"inode {ino} is unknown")
+        return e
+
+    def _block(self, ino: int) -> _DirBlock:
+        block = self._blocks.get(ino)
+        if block is None:
+            e = self.entry(ino)
+            if not e.is_dir:
+                raise NotADirectory(f"inode {ino} is not a directory")
+            block = _DirBlock(e, self._next_ino)
+            self._next_ino += max(e.size, 1)
+            self._blocks[ino] = block
+            self._bases.append(block.base)
+            self._owners.append(ino)
+        return block
+
+    def lookup(self, parent: int, name: bytes) -> tuple[int, Entry]:
+        block = self._block(parent)
+        found = lookup_index(self.reader, block.entry, name)
+        if found is None:
+            raise PathNotFound(f"no entry {name!r} in inode {parent}")
+        index, e = found
+        return block.base + index, e
+
+    def listdir(self, ino: int, start: int) -> Iterator[tuple[int, Entry, int]]:
+        """``(inode, entry, next offset)`` for the entries of ``ino`` from offset ``start``."""
+        block = self._block(ino)
+        index = start
+        while True:
+            e = entry_at(self.reader, block.entry, index)
+            if e is None:
+                return
+            yield block.base + index, e, index + 1
+            index += 1
+
+    def attributes(self, ino: int, e: Entry | None = None) -> Attributes:
+        e = e or self.entry(ino)
+        size = DIR_SIZE if e.is_dir else e.size
+        return Attributes(ino, _KIND_BITS[e.kind] | e.mode, e.nlink, e.uid, e.gid, size,
+                          (size + 511) // 512, e.mtime_ns)
+
+    def readlink(self, ino: int) -> bytes:
+        e = self.entry(ino)
+        if not e.is_symlink or e.target is None:
+            raise PathNotFound(f"inode {ino} is not a symlink")
+        return e.target
+
+    # -- files --------------------------------------------------------------------------
+
+    def open(self, ino: int) -> int:
+        e = self.entry(ino)
+        if e.is_dir:
+            raise IsADirectory(f"inode {ino} is a directory")
+        if not e.is_file:
+            raise PathNotFound(f"inode {ino} is not a regular file")
+        spans = file_spans(self.reader, e)
+        starts, pos = [], 0
+        for s in spans:
+            starts.append(pos)
+            pos += s.length
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = OpenFile(ino, e.size, spans, starts)
+        self.counters.opens += 1
+        return fh
+
+    def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        f = self._files[fh]
+        end = min(offset + size, f.size)
+        if offset >= end:
+            return b""
+        i = bisect.bisect_right(f.starts, offset) - 1
+        pieces = []
+        pos = offset
+        while pos < end:
+            span, start = f.spans[i], f.starts[i]
+            data = await self.fetcher.chunk(span)
+            pieces.append(data[pos - start:min(end, start + span.length) - start])
+            pos = start + span.length
+            i += 1
+        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self.counters.reads += 1
+        self.counters.bytes_read += len(out)
+        return out
+
+    # -- extended attributes -------------------------------------------------------------
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        e = self.entry(ino)
+        out = {b"user.cafs.id": self.content_id(e).hex().encode()}
+        if ino == ROOT_INO:
+            out[b"user.cafs.snapshot"] = f"{self.snapshot.ref}@{self.snapshot.jid}".encode()
+            out[b"user.cafs.stats"] = json.dumps(self.stats()).encode()
+            out[b"user.cafs.pid"] = str(os.getpid()).encode()
+        return out
+
+    def content_id(self, e: Entry) -> bytes:
+        if e.is_dir:
+            assert e.ref is not None
+            return e.ref.id
+        if e.is_symlink:
+            assert e.target is not None
+            return digest(e.target)
+        spans = file_spans(self.reader, e)
+        if len(spans) == 1:
+            return spans[0].id
+        return digest(b"cafs-file-v1" + b"".join(s.id for s in spans))
+
+    def stats(self) -> dict[str, int]:
+        f = self.fetcher.counters
+        out = {"bytes_read": self.counters.bytes_read, "reads": self.counters.reads,
+               "opens": self.counters.opens, "bytes_fetched": f.bytes_fetched,
+               "cache_hits": f.hits + f.memory_hits, "cache_misses": f.misses, "errors": f.errors,
+               "in_flight": f.in_flight, "cache_full": f.cache_full, "damaged_extents": f.damaged}
+        cache = self.fetcher.cache
+        if cache is not None:
+            out.update(evictions=cache.counters.evictions, cache_size=cache.size(), cache_limit=cache.limit)
+        return out
+
+    def statfs_totals(self) -> tuple[int, int]:
+        """(logical bytes, number of entries) of the snapshot, from its journal stats."""
+        s = self.snapshot.stats
+        return s.get("bytes", 0), s.get("files", 0) + s.get("dirs", 0)
+
+
+__all__ = ["SnapshotFS", "Attributes", "ROOT_INO", "field"]

@@ -1,0 +1,166 @@
+"""``mount.cafs SOURCE MOUNTPOINT [-o OPTIONS] [-f]``: mount(8)'s helper, and ``cafs mount``.
+
+It checks what it can before mounting (options, mountpoint, repository, snapshot), so
+each mistake gets one clear line and nothing is left half-made; then it starts the
+daemon (``cafs.mountd``) in a new session and returns only once the daemon reports
+that the filesystem answers. ``-f`` serves in the foreground instead.
+
+mount(8) also passes ``-n``, ``-s`` and ``-v``; they are accepted and ignored. Note that
+for mount(8) helpers ``-f`` usually means "fake"; for cafs it means foreground, as for
+other FUSE filesystems, so ``mount -f -t cafs`` is not supported.
+
+Exit codes follow mount(8): 0 mounted; 1 incorrect invocation; 32 mount failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cafs.errors import CafsError, UsageError
+from cafs.metacache import default_cache_dir
+from cafs.mountd import serve
+from cafs.mountopts import MountOptions, format_options, parse_options
+from cafs.naming import find_snapshot, parse_spec
+from cafs.repository import Repository
+from cafs.stores import open_store
+
+EXIT_USAGE = 1
+EXIT_FAILURE = 32
+READY_TIMEOUT = 60.0
+
+
+class MountError(CafsError):
+    """The mount could not be made."""
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"{mountpoint}: mountpoint does not exist") from None
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: cannot use as mountpoint ({exc.strerror}); "
+                         "if it is a dead mount, run: fusermount3 -u " + str(mountpoint)) from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint}: mountpoint is busy (something is mounted there already)")
+    del st
+
+
+def check_source(source: str, opts: MountOptions) -> None:
+    spec = parse_spec(source)
+    if spec.path:
+        raise UsageError(f"{source}: mount a snapshot (REPO#NAME), not a path inside one")
+    find_snapshot(Repository.open(open_store(spec.repo)), spec.selector)
+
+
+def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
+    read_fd, write_fd = os.pipe()
+    cache_dir = opts.cache or default_cache_dir(dict(os.environ))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / "mountd.stderr", "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), source, str(mountpoint),
+             "-o", format_options(opts)],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True, close_fds=True,
+        )
+    os.close(write_fd)
+    try:
+        message = _read_line(read_fd, READY_TIMEOUT)
+    finally:
+        os.close(read_fd)
+    if message == "ok":
+        return
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if message is None:
+        raise MountError(f"{mountpoint}: the mount daemon did not answer within {READY_TIMEOUT:.0f} s "
+                         f"(see {cache_dir / 'mountd.stderr'})")
+    if not message:
+        raise MountError(f"{mountpoint}: the mount daemon exited (status {proc.returncode}); "
+                         f"see {cache_dir / 'mountd.stderr'}")
+    raise MountError(message.removeprefix("error: "))
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The first line written to ``fd``; "" at end of file; None on timeout."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").split("\n", 1)[0]
+
+
+def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> int:
+    try:
+        opts = parse_options(options)
+        mnt = Path(mountpoint).absolute()
+        check_mountpoint(mnt)
+        check_source(source, opts)
+    except UsageError as exc:
+        print(f"mount.cafs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CafsError as exc:
+        print(f"mount.cafs: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if foreground:
+        def fail(msg: str) -> None:
+            print(f"mount.cafs: {msg}", file=sys.stderr)
+
+        return serve(source, str(mnt), opts, foreground=True, ready=lambda: None, fail=fail)
+    try:
+        spawn_daemon(source, mnt, opts)
+    except CafsError as exc:
+        print(f"mount.cafs: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def unmount(mountpoint: str) -> int:
+    """Unmount a cafs mount: fusermount3 -u, or umount(8) where that is missing."""
+    tool = shutil.which("fusermount3")
+    cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"cafs: cannot unmount {mountpoint}: {result.stderr.strip()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="mount a cafs snapshot read-only")
+    p.add_argument("source", metavar="SOURCE", help="REPO#NAME, REPO#NAME@JID or REPO#ROOTID")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-n", "-s", "-v", dest="ignored", action="count", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("mount.cafs")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else 0
+    return mount(args.source, args.mountpoint, ",".join(args.options), foreground=args.foreground)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

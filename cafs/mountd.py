@@ -1,0 +1,184 @@
+"""The mount daemon: one process serves one mounted snapshot.
+
+This is the only module that calls ``pyfuse3.init``, ``pyfuse3.main`` and
+``pyfuse3.close`` (pyfuse3 keeps one session per process in module globals). The
+process never touches its own mountpoint from the trio thread; setting the kernel
+readahead (which must stat the mountpoint) runs in a worker thread while the loop
+serves.
+
+``serve`` mounts, reports readiness through a callback once the filesystem answers,
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. ``auto_unmount`` makes
+libfuse's helper unmount if this process dies, even by ``kill -9``.
+
+Run as ``python -m cafs.mountd --ready-fd FD SOURCE MOUNTPOINT -o OPTIONS`` by
+``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from cafs.chunkcache import ChunkCache
+from cafs.errors import CafsError
+from cafs.fetch import Fetcher
+from cafs.fsmodel import SnapshotFS
+from cafs.fuse_adapter import CafsOperations
+from cafs.metacache import MetaCache, NodeReader, default_cache_dir
+from cafs.mountopts import MountOptions, parse_options
+from cafs.naming import find_snapshot, parse_spec
+from cafs.repository import Repository
+from cafs.stores import open_store
+
+log = logging.getLogger("cafs.mount")
+
+TOUCH_FLUSH_SECONDS = 5.0
+
+
+def display_source(source: str) -> str:
+    """The source as shown in /proc/mounts: no credentials, no option separators."""
+    shown = source
+    if "://" in shown:
+        scheme, rest = shown.split("://", 1)
+        host, slash, path = rest.partition("/")
+        shown = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
+    return shown.replace(",", "_").replace(" ", "_")
+
+
+def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None:
+    root = logging.getLogger("cafs")
+    root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
+    fmt = "%(asctime)s cafs[%(process)d] %(levelname)s %(name)s: %(message)s"
+    if foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    elif opts.log == "syslog" or (opts.log is None and os.path.exists("/dev/log")):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = "cafs[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    else:
+        path = Path(opts.log) if opts.log else cache_dir / "mount.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+
+
+def set_readahead(mountpoint: str, size: int) -> None:
+    """Raise the kernel readahead of the mount's bdi so sequential reads arrive large."""
+    st = os.stat(mountpoint)
+    path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(max(4, size // 1024)))
+    except OSError as exc:
+        log.warning("cannot set readahead via %s: %s", path, exc)
+
+
+def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
+    spec = parse_spec(source)
+    repo = Repository.open(open_store(spec.repo))
+    snapshot = find_snapshot(repo, spec.selector)
+    if spec.path:
+        raise CafsError(f"{source}: mounting a path inside a snapshot is not supported; mount the snapshot")
+    cache_root = (opts.cache or default_cache_dir(dict(os.environ))) / repo.config.repo_id
+    meta = MetaCache(cache_root)
+    stack.callback(meta.close)
+    cache = ChunkCache(cache_root, meta.env, opts.cache_size)
+    stack.callback(cache.close)
+    return SnapshotFS(snapshot, NodeReader(repo, meta), Fetcher(repo, cache))
+
+
+def fuse_options(source: str, opts: MountOptions) -> set[str]:
+    options = {f"fsname={display_source(source)}", "subtype=cafs", "ro", "auto_unmount",
+               "default_permissions", "noatime"}
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        async def fuse_loop() -> None:
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    log.info("signal %d: unmounting", signum)
+                    pyfuse3.terminate()
+
+        async def flush_touches() -> None:
+            cache = fs.fetcher.cache
+            while cache is not None:
+                await trio.sleep(TOUCH_FLUSH_SECONDS)
+                await trio.to_thread.run_sync(cache.flush_touches)
+
+        nursery.start_soon(fuse_loop)
+        nursery.start_soon(on_signals)
+        nursery.start_soon(flush_touches)
+        await trio.to_thread.run_sync(set_readahead, mountpoint, opts.readahead)
+        log.info("serving %s@%d on %s", fs.snapshot.ref, fs.snapshot.jid, mountpoint)
+        ready()
+
+
+def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
+          ready: Callable[[], None], fail: Callable[[str], None]) -> int:
+    """Mount and serve until unmounted. Returns an exit code; calls ``fail`` with a
+    message if the mount could not be made, ``ready`` once it answers."""
+    cache_dir = opts.cache or default_cache_dir(dict(os.environ))
+    with ExitStack() as stack:
+        try:
+            setup_logging(opts, cache_dir, foreground)
+            fs = build_fs(source, opts, stack)
+            pyfuse3.init(CafsOperations(fs), mountpoint, fuse_options(source, opts))
+        except (CafsError, OSError, RuntimeError) as exc:
+            fail(str(exc))
+            return 32
+        try:
+            trio.run(_serve, fs, mountpoint, opts, ready)
+        except BaseException:
+            log.exception("the mount loop failed")
+            pyfuse3.close(unmount=True)
+            raise
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cafs-mountd")
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("source")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", default="")
+    args = p.parse_args(argv)
+    ready_pipe = os.fdopen(args.ready_fd, "w")
+
+    def report(line: str) -> None:
+        try:
+            ready_pipe.write(line + "\n")
+            ready_pipe.close()
+        except OSError:
+            pass
+
+    try:
+        opts = parse_options(args.options)
+    except CafsError as exc:
+        report(f"error: {exc}")
+        return 1
+    return serve(args.source, args.mountpoint, opts, foreground=False,
+                 ready=lambda: report("ok"), fail=lambda msg: report(f"error: {msg}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Mount options: parsing ``-o a=b,c`` into a frozen ``MountOptions``, strictly.
+
+cafs options: ``cache=DIR``, ``cache_size=SIZE``, ``readahead=SIZE``, ``allow_other``,
+``debug``, ``log=PATH|syslog``. Generic mount(8) options that mean nothing to a
+read-only FUSE filesystem of ours are accepted and ignored: ``ro``, ``rw`` (the mount is
+read-only whatever is asked), ``defaults``, ``auto``, ``noauto``, ``user``, ``nouser``,
+``users``, ``nofail``, ``_netdev``, ``exec``, ``noexec``, ``suid``, ``nosuid``, ``dev``,
+``nodev``, ``atime``, ``noatime``, ``relatime``, ``x-*`` and ``comment=*``. Anything else
+is an error naming the option.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cafs.errors import UsageError
+
+DEFAULT_CACHE_SIZE = 10 << 30
+DEFAULT_READAHEAD = 4 << 20
+MIN_CACHE_SIZE = 1 << 20
+MAX_READAHEAD = 256 << 20
+
+_IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
+            "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
+            "strictatime", "lazytime", "async", "sync"}
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    cache: Path | None = None
+    cache_size: int = DEFAULT_CACHE_SIZE
+    readahead: int = DEFAULT_READAHEAD
+    allow_other: bool = False
+    debug: bool = False
+    log: str | None = None
+
+
+def parse_size(text: str, option: str) -> int:
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise UsageError(f"mount option {option}={text!r}: not a size (examples: 512M, 20G)")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+def parse_options(text: str) -> MountOptions:
+    values: dict[str, object] = {}
+    for item in (i for i in text.split(",") if i):
+        key, eq, value = item.partition("=")
+        if key in _IGNORED or key.startswith("x-") or key == "comment":
+            continue
+        if key in ("allow_other", "debug"):
+            if eq:
+                raise UsageError(f"mount option {key} takes no value")
+            values[key] = True
+        elif key in ("cache", "cache_size", "readahead", "log"):
+            if not value:
+                raise UsageError(f"mount option {key} needs a value ({key}=...)")
+            values[key] = value
+        else:
+            raise UsageError(f"unknown mount option {key!r}")
+    opts = MountOptions(
+        cache=Path(str(values["cache"])) if "cache" in values else None,
+        cache_size=parse_size(str(values["cache_size"]), "cache_size") if "cache_size" in values else DEFAULT_CACHE_SIZE,
+        readahead=parse_size(str(values["readahead"]), "readahead") if "readahead" in values else DEFAULT_READAHEAD,
+        allow_other=bool(values.get("allow_other", False)),
+        debug=bool(values.get("debug", False)),
+        log=str(values["log"]) if "log" in values else None,
+    )
+    if opts.cache_size < MIN_CACHE_SIZE:
+        raise UsageError(f"mount option cache_size={opts.cache_size}: at least {MIN_CACHE_SIZE} bytes")
+    if not 4096 <= opts.readahead <= MAX_READAHEAD:
+        raise UsageError(f"mount option readahead={opts.readahead}: between 4K and {MAX_READAHEAD >> 20}M")
+    return opts
+
+
+def format_options(opts: MountOptions) -> str:
+    """The inverse of ``parse_options``, to hand options to the daemon process."""
+    items = [f"cache_size={opts.cache_size}", f"readahead={opts.readahead}"]
+    if opts.cache is not None:
+        items.append(f"cache={opts.cache}")
+    if opts.allow_other:
+        items.append("allow_other")
+    if opts.debug:
+        items.append("debug")
+    if opts.log:
+        items.append(f"log={opts.log}")
+    return ",".join(items)
