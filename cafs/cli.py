@@ -236,6 +236,25 @@ def cmd_umount(ctx: Context, args: argparse.Namespace) -> int:
     return unmount(args.mountpoint)
 
 
+HELPER_TEMPLATE = """#!/bin/sh
+# mount(8) helper for cafs, written by `cafs install-mount-helper`.
+exec {python} -m cafs.mount_helper "$@"
+"""
+
+
+def cmd_install_mount_helper(ctx: Context, args: argparse.Namespace) -> int:
+    dest = Path(args.dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        tmp.write_text(HELPER_TEMPLATE.format(python=sys.executable))
+        tmp.chmod(0o755)
+        tmp.replace(dest)
+    except OSError as exc:
+        raise UsageError(f"{dest}: cannot install the mount helper: {exc.strerror}") from None
+    print(f"installed {dest} (runs {sys.executable} -m cafs.mount_helper)")
+    return EXIT_OK
+
+
 def mount_stats(path: str) -> dict[str, Any] | None:
     """The counters of the cafs mount at ``path``, or None if it is not one."""
     try:
@@ -353,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     sp.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     sp.set_defaults(func=cmd_mount)
+
+    sp = command("install-mount-helper", "install /sbin/mount.cafs so mount -t cafs and fstab work")
+    sp.add_argument("--dest", default="/sbin/mount.cafs")
+    sp.set_defaults(func=cmd_install_mount_helper)
 
     sp = command("umount", "unmount a cafs mount")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
