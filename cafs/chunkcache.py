@@ -38,13 +38,17 @@ from pathlib import Path
 
 import lmdb
 
-from cafs.errors import NoSpaceError
+from cafs.errors import CafsError, NoSpaceError
 
 EVICT_TO = 0.9
 _EXTENT = struct.Struct(">IQ")
 _SIZE = struct.Struct(">Q")
 _SIZE_KEY = b"size"
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+class CacheError(CafsError):
+    """The chunk cache could not be read or written (never fatal to a read)."""
 
 
 def extent_key(pack: bytes, offset: int) -> bytes:
@@ -147,15 +151,21 @@ class ChunkCache:
                 raise NoSpaceError(f"cache {self.root}: no space left on device") from None
             raise
         now = int(time.time())
-        with self.env.begin(write=True) as txn:
-            added = 0
-            for off, length in pieces:
-                key = extent_key(pack, off)
-                if txn.get(key, db=self.extents) is None:
-                    added += length
-                txn.put(key, _EXTENT.pack(length, now), db=self.extents)
-            total = self._total(txn) + added
-            txn.put(_SIZE_KEY, _SIZE.pack(total), db=self.stat)
+        try:
+            with self.env.begin(write=True) as txn:
+                added = 0
+                for off, length in pieces:
+                    key = extent_key(pack, off)
+                    if txn.get(key, db=self.extents) is None:
+                        added += length
+                    txn.put(key, _EXTENT.pack(length, now), db=self.extents)
+                total = self._total(txn) + added
+                txn.put(_SIZE_KEY, _SIZE.pack(total), db=self.stat)
+        except lmdb.Error as exc:
+            self.counters.insert_failures += 1
+            if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
+                raise NoSpaceError(f"cache {self.root}: no space left for the extent index") from None
+            raise CacheError(f"cache {self.root}: cannot record an extent: {exc}") from None
         if total > self.limit:
             self.evict(int(self.limit * EVICT_TO))
 

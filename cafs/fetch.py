@@ -23,10 +23,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import lmdb
 import trio
 
 from cafs.chunkcache import ChunkCache
-from cafs.errors import IntegrityError, NoSpaceError
+from cafs.errors import CafsError, IntegrityError, NoSpaceError
 from cafs.format.location import Location, decode_stored
 from cafs.repository import Repository
 
@@ -113,7 +114,11 @@ class Fetcher:
         """Runs in a worker thread."""
         cache = self.cache
         if cache is not None:
-            stored = cache.read(loc.pack, loc.offset, loc.stored_length)
+            try:
+                stored = cache.read(loc.pack, loc.offset, loc.stored_length)
+            except (CafsError, OSError, lmdb.Error) as exc:
+                log.warning("cache read failed, going to the store: %s", exc)
+                stored = None
             if stored is not None:
                 try:
                     data = decode_stored(loc, stored)
@@ -130,8 +135,10 @@ class Fetcher:
         if cache is not None and time.monotonic() >= self._cache_off_until:
             try:
                 cache.insert(loc.pack, loc.offset, stored, [(loc.offset, loc.stored_length)])
-            except NoSpaceError as exc:
-                self.counters.cache_full += 1
+            except (CafsError, OSError) as exc:
+                # a cache that cannot be written costs speed, never a read
+                if isinstance(exc, NoSpaceError):
+                    self.counters.cache_full += 1
                 self._cache_off_until = time.monotonic() + CACHE_RETRY_SECONDS
                 log.warning("%s; serving without caching for %.0f s", exc, CACHE_RETRY_SECONDS)
         return data

@@ -38,7 +38,7 @@ from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
 from cafs.naming import find_snapshot, parse_spec
 from cafs.repository import Repository
-from cafs.stores import open_store
+from cafs.stores import LocalStore, open_store
 
 log = logging.getLogger("cafs.mount")
 
@@ -92,8 +92,14 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     cache_root = (opts.cache or default_cache_dir(dict(os.environ))) / repo.config.repo_id
     meta = MetaCache(cache_root)
     stack.callback(meta.close)
-    cache = ChunkCache(cache_root, meta.env, opts.cache_size)
-    stack.callback(cache.close)
+    mode = opts.cache_mode
+    if mode == "auto":
+        mode = "meta" if isinstance(repo.store, LocalStore) else "full"
+    cache = None
+    if mode == "full":
+        cache = ChunkCache(cache_root, meta.env, opts.cache_size)
+        stack.callback(cache.close)
+    log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")
     return SnapshotFS(snapshot, NodeReader(repo, meta), Fetcher(repo, cache))
 
 

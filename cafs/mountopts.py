@@ -1,7 +1,14 @@
 """Mount options: parsing ``-o a=b,c`` into a frozen ``MountOptions``, strictly.
 
-cafs options: ``cache=DIR``, ``cache_size=SIZE``, ``readahead=SIZE``, ``allow_other``,
-``debug``, ``log=PATH|syslog``. Generic mount(8) options that mean nothing to a
+cafs options: ``cache=DIR``, ``cache_size=SIZE``, ``cache_mode=auto|full|meta``,
+``readahead=SIZE``, ``allow_other``, ``debug``, ``log=PATH|syslog``.
+
+``cache_mode``: ``full`` writes every fetched chunk through to the sparse chunk cache;
+``meta`` caches metadata only and reads chunks from the store each time the kernel asks;
+``auto`` (the default) is ``meta`` for a repository on a local path (it is on local disk
+already: copying would double the disk space and the I/O of a cold read for nothing) and
+``full`` for remote ones. A repository on a slow network filesystem mounted at a local
+path wants ``cache_mode=full``. Generic mount(8) options that mean nothing to a
 read-only FUSE filesystem of ours are accepted and ignored: ``ro``, ``rw`` (the mount is
 read-only whatever is asked), ``defaults``, ``auto``, ``noauto``, ``user``, ``nouser``,
 ``users``, ``nofail``, ``_netdev``, ``exec``, ``noexec``, ``suid``, ``nosuid``, ``dev``,
@@ -20,6 +27,7 @@ from cafs.errors import UsageError
 DEFAULT_CACHE_SIZE = 10 << 30
 DEFAULT_READAHEAD = 4 << 20
 MIN_CACHE_SIZE = 1 << 20
+CACHE_MODES = ("auto", "full", "meta")
 MAX_READAHEAD = 256 << 20
 
 _IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
@@ -36,6 +44,7 @@ class MountOptions:
     allow_other: bool = False
     debug: bool = False
     log: str | None = None
+    cache_mode: str = "auto"
 
 
 def parse_size(text: str, option: str) -> int:
@@ -55,7 +64,7 @@ def parse_options(text: str) -> MountOptions:
             if eq:
                 raise UsageError(f"mount option {key} takes no value")
             values[key] = True
-        elif key in ("cache", "cache_size", "readahead", "log"):
+        elif key in ("cache", "cache_size", "readahead", "log", "cache_mode"):
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")
             values[key] = value
@@ -68,7 +77,10 @@ def parse_options(text: str) -> MountOptions:
         allow_other=bool(values.get("allow_other", False)),
         debug=bool(values.get("debug", False)),
         log=str(values["log"]) if "log" in values else None,
+        cache_mode=str(values.get("cache_mode", "auto")),
     )
+    if opts.cache_mode not in CACHE_MODES:
+        raise UsageError(f"mount option cache_mode={opts.cache_mode!r}: one of {', '.join(CACHE_MODES)}")
     if opts.cache_size < MIN_CACHE_SIZE:
         raise UsageError(f"mount option cache_size={opts.cache_size}: at least {MIN_CACHE_SIZE} bytes")
     if not 4096 <= opts.readahead <= MAX_READAHEAD:
@@ -78,7 +90,7 @@ def parse_options(text: str) -> MountOptions:
 
 def format_options(opts: MountOptions) -> str:
     """The inverse of ``parse_options``, to hand options to the daemon process."""
-    items = [f"cache_size={opts.cache_size}", f"readahead={opts.readahead}"]
+    items = [f"cache_size={opts.cache_size}", f"readahead={opts.readahead}", f"cache_mode={opts.cache_mode}"]
     if opts.cache is not None:
         items.append(f"cache={opts.cache}")
     if opts.allow_other:
