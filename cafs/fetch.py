@@ -12,6 +12,11 @@ wrong bytes) and ``StoreError`` when the store fails. A damaged cache extent is 
 and refetched. If the cache disk is full, chunks are served without caching and caching
 is retried after ``CACHE_RETRY_SECONDS``.
 
+``prefetch(locs)`` starts loads in the background (readahead) while ``running()`` is
+active; the loads land in the in-memory LRU and the cache, and a reader asking for one of
+them waits on that same load. At most ``MAX_PREFETCH`` background loads run at once;
+beyond that, prefetch requests are dropped (they are hints).
+
 Concurrency invariant: ``_inflight`` maps a chunk key to the event of the one load in
 progress; it is only changed between awaits on the trio thread.
 """
@@ -21,7 +26,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import AsyncIterator, Iterable
 
 import lmdb
 import trio
@@ -34,6 +41,7 @@ from cafs.repository import Repository
 log = logging.getLogger("cafs.fetch")
 
 CACHE_RETRY_SECONDS = 30.0
+MAX_PREFETCH = 8
 MEMORY_CHUNKS_BYTES = 64 << 20
 
 
@@ -70,6 +78,40 @@ class Fetcher:
         self._memory_bytes = 0
         self._memory_limit = memory_bytes
         self._cache_off_until = 0.0
+        self._nursery: trio.Nursery | None = None
+        self._prefetching = 0
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator["Fetcher"]:
+        """Run background prefetching for the duration of the block."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield self
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    def prefetch(self, locs: Iterable[Location]) -> None:
+        """Start loading ``locs`` in the background, if not loaded or loading already."""
+        if self._nursery is None:
+            return
+        for loc in locs:
+            if self._prefetching >= MAX_PREFETCH:
+                return
+            key = (loc.pack, loc.offset)
+            if key in self._memory or key in self._inflight:
+                continue
+            self._prefetching += 1
+            self._nursery.start_soon(self._prefetch_one, loc)
+
+    async def _prefetch_one(self, loc: Location) -> None:
+        try:
+            await self.chunk(loc)
+        except Exception as exc:  # a hint that failed; the reader will see the error itself
+            log.debug("prefetch of %s failed: %s", loc.describe(), exc)
+        finally:
+            self._prefetching -= 1
 
     async def chunk(self, loc: Location) -> bytes:
         key = (loc.pack, loc.offset)

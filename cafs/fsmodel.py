@@ -70,6 +70,7 @@ class OpenFile:
     size: int
     spans: tuple[Location, ...]
     starts: list[int]  # plain offset of each span
+    next_offset: int = 0  # where a sequential reader reads next
 
 
 @dataclass
@@ -80,8 +81,10 @@ class ReadCounters:
 
 
 class SnapshotFS:
-    def __init__(self, snapshot: Snapshot, reader: NodeReader, fetcher: Fetcher) -> None:
+    def __init__(self, snapshot: Snapshot, reader: NodeReader, fetcher: Fetcher, *,
+                 readahead: int = 8 << 20) -> None:
         self.snapshot = snapshot
+        self.readahead = readahead
         self.reader = reader
         self.fetcher = fetcher
         self.counters = ReadCounters()
@@ -172,21 +175,28 @@ class SnapshotFS:
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        """Bytes ``[offset, offset+size)`` of the open file, short at its end. A read that
+        continues where the last one ended also starts loading the next ``readahead``
+        bytes' chunks in the background."""
         f = self._files[fh]
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
-        i = bisect.bisect_right(f.starts, offset) - 1
+        first = i = bisect.bisect_right(f.starts, offset) - 1
+        if offset == f.next_offset and self.readahead:
+            last = bisect.bisect_left(f.starts, end + self.readahead)
+            self.fetcher.prefetch(f.spans[i + 1:last])
         pieces = []
         pos = offset
         while pos < end:
             span, start = f.spans[i], f.starts[i]
             data = await self.fetcher.chunk(span)
-            pieces.append(data[pos - start:min(end, start + span.length) - start])
+            pieces.append(memoryview(data)[pos - start:min(end, start + span.length) - start])
             pos = start + span.length
             i += 1
-        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        f.next_offset = end
+        out = pieces[0] if i - first == 1 else b"".join(pieces)
         self.counters.reads += 1
         self.counters.bytes_read += len(out)
         return out

@@ -100,7 +100,7 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
         cache = ChunkCache(cache_root, meta.env, opts.cache_size)
         stack.callback(cache.close)
     log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")
-    return SnapshotFS(snapshot, NodeReader(repo, meta), Fetcher(repo, cache))
+    return SnapshotFS(snapshot, NodeReader(repo, meta), Fetcher(repo, cache), readahead=opts.readahead)
 
 
 def fuse_options(source: str, opts: MountOptions) -> set[str]:
@@ -112,7 +112,7 @@ def fuse_options(source: str, opts: MountOptions) -> set[str]:
 
 
 async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
-    async with trio.open_nursery() as nursery:
+    async with fs.fetcher.running(), trio.open_nursery() as nursery:
         async def fuse_loop() -> None:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()

@@ -25,7 +25,7 @@ from pathlib import Path
 from cafs.errors import UsageError
 
 DEFAULT_CACHE_SIZE = 10 << 30
-DEFAULT_READAHEAD = 4 << 20
+DEFAULT_READAHEAD = 8 << 20
 MIN_CACHE_SIZE = 1 << 20
 CACHE_MODES = ("auto", "full", "meta")
 MAX_READAHEAD = 256 << 20
