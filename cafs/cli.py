@@ -16,7 +16,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from cafs.errors import CafsError, UsageError
 from cafs.extract import Extractor
@@ -111,11 +112,11 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
             return "reading the repository index..."
         c = counters[0]
         rate = c.read_bytes / elapsed if elapsed > 0 else 0
-        line = f"{c.files} files, {human_bytes(c.bytes)}, {human_bytes(rate)}/s"
+        line = f"{c.files} files, {human_bytes(c.logical)}, {human_bytes(rate)}/s"
         if totals is not None and totals.done and totals.bytes:
-            left = max(0, totals.bytes - c.bytes)
+            left = max(0, totals.bytes - c.logical)
             eta = left / rate if rate > 0 else 0
-            line += f", {100 * min(c.bytes, totals.bytes) / totals.bytes:.0f}% of {human_bytes(totals.bytes)}, ETA {human_duration(eta)}"
+            line += f", {100 * min(c.logical, totals.bytes) / totals.bytes:.0f}% of {human_bytes(totals.bytes)}, ETA {human_duration(eta)}"
         return line + f"  {show_path(c.current)}"
 
     def warn(msg: str) -> None:
@@ -141,8 +142,9 @@ def _print_import_summary(r: ImportResult) -> None:
     # of the bytes actually read, how many were new: unchanged files do not inflate it
     dedup = c.read_bytes / c.new_bytes if c.new_bytes else 1.0
     print(f"snapshot {snap.ref}@{snap.jid} root {snap.root_id.hex()[:16]}")
-    print(f"  files {c.files} ({c.reused_files} unchanged), directories {c.dirs}, skipped {len(r.skipped)}")
-    print(f"  logical {human_bytes(c.bytes)}, read {human_bytes(c.read_bytes)}, new {human_bytes(c.new_bytes)}, "
+    print(f"  files {c.files} ({c.reused_files} unchanged), directories {c.dirs}, symlinks {c.symlinks}, "
+          f"skipped {len(r.skipped)}")
+    print(f"  logical {human_bytes(c.logical)}, read {human_bytes(c.read_bytes)}, new {human_bytes(c.new_bytes)}, "
           f"stored {human_bytes(r.stored_bytes)} in {r.packs} pack(s)")
     print(f"  dedup ratio {dedup:.2f}x, time {r.seconds:.2f} s ({human_bytes(rate)}/s read)")
 
@@ -293,7 +295,7 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         for key, value in doc.items():
-            shown = human_bytes(value) + f" ({value})" if key.endswith("_bytes") else value
+            shown = f"{human_bytes(value)} ({value})" if key.endswith("_bytes") and isinstance(value, int) else value
             print(f"{key.replace('_', ' '):<14} {shown}")
     return EXIT_OK
 

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cafs.errors import ExtractError, NoSpaceError
+from cafs.errors import CafsError, ExtractError, NoSpaceError
 from cafs.format.nodes import Entry
 from cafs.ids import digest
 from cafs.metacache import NodeReader
@@ -60,7 +60,7 @@ class Extractor:
                 fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     self._fill_dir(fd, entry, dest)
-                    self._set_attrs(fd, None, entry, dest)
+                    self._set_attrs(fd, entry)
                 finally:
                     os.close(fd)
                 return
@@ -85,7 +85,7 @@ class Extractor:
                 fd = self._make_dir(dir_fd, name)
                 try:
                     self._fill_dir(fd, entry, path)
-                    self._set_attrs(fd, None, entry, path)
+                    self._set_attrs(fd, entry)
                 finally:
                     os.close(fd)
             elif entry.is_file:
@@ -136,7 +136,7 @@ class Extractor:
                     self.counters.bytes_written += span.length
                 pos += span.length
             os.ftruncate(fd, entry.size)
-            self._set_attrs(fd, None, entry, path)
+            self._set_attrs(fd, entry)
         finally:
             os.close(fd)
         self.counters.files += 1
@@ -160,7 +160,7 @@ class Extractor:
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         self.counters.symlinks += 1
 
-    def _set_attrs(self, fd: int, _unused: None, entry: Entry, path: Path) -> None:
+    def _set_attrs(self, fd: int, entry: Entry) -> None:
         if self.as_root:
             os.chown(fd, entry.uid, entry.gid)
         os.chmod(fd, entry.mode)
@@ -182,7 +182,7 @@ def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
         pos += n
 
 
-def _os_error(exc: OSError, path: Path) -> ExtractError:
+def _os_error(exc: OSError, path: Path) -> CafsError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpaceError(f"{path}: no space left on device")  # type: ignore[return-value]
+        return NoSpaceError(f"{path}: no space left on device")
     return ExtractError(f"{path}: {exc.strerror or exc}")

@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import lmdb
 import trio
@@ -82,7 +82,7 @@ class Fetcher:
         self._prefetching = 0
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator["Fetcher"]:
+    async def running(self) -> AsyncIterator[Fetcher]:
         """Run background prefetching for the duration of the block."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

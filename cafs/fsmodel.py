@@ -21,7 +21,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 
 from cafs.errors import PathNotFound
 from cafs.fetch import Fetcher
@@ -238,7 +238,7 @@ class SnapshotFS:
     def statfs_totals(self) -> tuple[int, int]:
         """(logical bytes, number of entries) of the snapshot, from its journal stats."""
         s = self.snapshot.stats
-        return s.get("bytes", 0), s.get("files", 0) + s.get("dirs", 0)
+        return s.get("bytes", 0), s.get("files", 0) + s.get("dirs", 0) + s.get("symlinks", 0)
 
 
 __all__ = ["SnapshotFS", "Attributes", "ROOT_INO", "field"]

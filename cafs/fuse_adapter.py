@@ -17,7 +17,8 @@ import errno
 import functools
 import logging
 import os
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
 import pyfuse3
 
@@ -83,7 +84,7 @@ def entry_attributes(a: Attributes) -> pyfuse3.EntryAttributes:
     return out
 
 
-class CafsOperations(pyfuse3.Operations):  # type: ignore[misc]
+class CafsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
@@ -122,7 +123,7 @@ class CafsOperations(pyfuse3.Operations):  # type: ignore[misc]
         return pyfuse3.FileInfo(fh=self.fs.open(inode), keep_cache=True)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         return await self.fs.read(fh, off, size)
 
     async def release(self, fh: int) -> None:

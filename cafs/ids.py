@@ -21,13 +21,13 @@ class ObjectId(bytes):
 
     __slots__ = ()
 
-    def __new__(cls, raw: bytes) -> "ObjectId":
+    def __new__(cls, raw: bytes) -> ObjectId:
         if len(raw) != ID_LEN:
             raise ValueError(f"an object id is {ID_LEN} bytes, got {len(raw)}")
         return super().__new__(cls, raw)
 
     @classmethod
-    def from_hex(cls, text: str) -> "ObjectId":
+    def from_hex(cls, text: str) -> ObjectId:
         if len(text) != 2 * ID_LEN:
             raise ValueError(f"an object id is {2 * ID_LEN} hex digits, got {text!r}")
         return cls(bytes.fromhex(text))
@@ -51,7 +51,7 @@ class ChunkId(ObjectId):
     __slots__ = ()
 
     @classmethod
-    def of(cls, data: bytes | memoryview) -> "ChunkId":
+    def of(cls, data: bytes | memoryview) -> ChunkId:
         return cls(blake3.blake3(data).digest())
 
 
@@ -59,7 +59,7 @@ class NodeId(ObjectId):
     __slots__ = ()
 
     @classmethod
-    def of(cls, data: bytes | memoryview) -> "NodeId":
+    def of(cls, data: bytes | memoryview) -> NodeId:
         return cls(blake3.blake3(data).digest())
 
 
@@ -67,7 +67,7 @@ class PackId(ObjectId):
     __slots__ = ()
 
     @classmethod
-    def random(cls) -> "PackId":
+    def random(cls) -> PackId:
         return cls(os.urandom(ID_LEN))
 
 

@@ -28,18 +28,18 @@ link count seen on the source.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 
 from pyfastcdc import FastCDC
 
 from cafs.codec import Compressor
-from cafs.errors import CafsError, NoSpaceError, UsageError
+from cafs.errors import CafsError, UsageError
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location
 from cafs.format.nodes import (
@@ -53,7 +53,6 @@ from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import ObjectIndex, Repository
 from cafs.tree import list_dir
 
-READ_BLOCK = 8 << 20
 NODE_BATCH = 2000
 _NOATIME = getattr(os, "O_NOATIME", 0)
 
@@ -77,7 +76,8 @@ class Counters:
 
     files: int = 0
     dirs: int = 0
-    bytes: int = 0  # logical bytes of files done or in progress
+    symlinks: int = 0
+    logical: int = 0  # logical bytes of files done or in progress
     read_bytes: int = 0  # bytes actually read from the source
     new_bytes: int = 0  # plain bytes of chunks not yet in the repository
     reused_files: int = 0
@@ -124,7 +124,6 @@ class Importer:
         self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
         self._node_batch: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
-        self._buf = bytearray(READ_BLOCK)
         self.stop = threading.Event()
 
     # -- the walk -----------------------------------------------------------------
@@ -251,7 +250,7 @@ class Importer:
         if not 1 <= len(target_b) <= MAX_TARGET:
             self._skip(path, f"symlink target of {len(target_b)} bytes is outside 1-{MAX_TARGET}")
             return None
-        self.counters.files += 1
+        self.counters.symlinks += 1
         return Entry(name, KIND_SYMLINK, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
                      len(target_b), st.st_nlink, st.st_ino, target=target_b)
 
@@ -270,14 +269,14 @@ class Importer:
                 and prev.mtime_ns == st.st_mtime_ns and prev.ino == st.st_ino):
             c.files += 1
             c.reused_files += 1
-            c.bytes += st.st_size
+            c.logical += st.st_size
             return self._file_entry(name, st, prev.spans, prev.ref)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
             spans, ref, size = self._links[link_key]
             if size == st.st_size:
                 c.files += 1
-                c.bytes += size
+                c.logical += size
                 return self._file_entry(name, st, spans, ref)
         try:
             spans_list = self._read_file(parent.fd, name, st)
@@ -325,7 +324,7 @@ class Importer:
                 objects[cid] = loc
                 c.new_bytes += len(data)
             spans.append(loc)
-            c.bytes += chunk.length
+            c.logical += chunk.length
             c.read_bytes += chunk.length
             if self.stop.is_set():
                 raise KeyboardInterrupt
@@ -383,7 +382,8 @@ def _open_file(dir_fd: int, name: bytes) -> int:
 
 
 def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict: bool = False,
-               counters_out: list[Counters] | None = None, on_problem=None) -> ImportResult:
+               counters_out: list[Counters] | None = None,
+               on_problem: Callable[[str], None] | None = None) -> ImportResult:
     """Import ``src`` as a new snapshot of ``ref``; see the module docstring."""
     started = time.monotonic()
     if not src.is_dir():
@@ -407,7 +407,7 @@ def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict
                 + "\n  ".join(s.describe() for s in importer.skipped[:50]))
         repo.write_index(uploader.written)
         c = importer.counters
-        stats = {"files": c.files, "dirs": c.dirs, "bytes": c.bytes, "new_bytes": c.new_bytes,
+        stats = {"files": c.files, "dirs": c.dirs, "symlinks": c.symlinks, "bytes": c.logical, "new_bytes": c.new_bytes,
                  "stored_bytes": uploader.bytes_written, "skipped": len(importer.skipped)}
         snap = repo.commit(ref, root, source=os.fsencode(str(src.absolute())), stats=stats)
     finally:
@@ -415,5 +415,3 @@ def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict
     return ImportResult(snap, importer.counters, importer.skipped, uploader.bytes_written,
                         len(uploader.written), time.monotonic() - started)
 
-
-__all__ = ["run_import", "ImportResult", "ImportAborted", "Counters", "Skipped", "NoSpaceError", "errno"]

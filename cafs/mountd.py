@@ -24,7 +24,7 @@ import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 import trio

@@ -32,7 +32,7 @@ class Uploader:
         self.written: list[PackSummary] = []
         self.bytes_written = 0
 
-    def submit(self, data: bytes | bytearray, summary: PackSummary) -> None:
+    def submit(self, data: bytearray, summary: PackSummary) -> None:
         self._raise_failures()
         self._slots.acquire()
         try:
@@ -41,7 +41,7 @@ class Uploader:
             self._slots.release()
             raise
 
-    def _put(self, data: bytes | bytearray, summary: PackSummary) -> None:
+    def _put(self, data: bytearray, summary: PackSummary) -> None:
         try:
             self.store.put(pack_key(summary.pack_id), data)
             with self._lock:

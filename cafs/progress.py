@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import Callable, TextIO
+from typing import TextIO
+from collections.abc import Callable
 
 
 def human_bytes(n: float) -> str:
@@ -44,7 +45,7 @@ class Progress:
         self._thread: threading.Thread | None = None
         self.started = time.monotonic()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.enabled:
             self._thread = threading.Thread(target=self._run, name="cafs-progress", daemon=True)
             self._thread.start()
@@ -73,7 +74,7 @@ class TreeTotals:
         self.bytes = 0
         self.done = False
 
-    def start(self, root: str) -> "TreeTotals":
+    def start(self, root: str) -> TreeTotals:
         threading.Thread(target=self._scan, args=(root,), name="cafs-scan", daemon=True).start()
         return self
 

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from cafs.errors import FormatError, IntegrityError, ObjectNotFound, RefError, RepositoryError, StoreError
 from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_config, encode_config
@@ -60,7 +60,7 @@ class Repository:
 
     @classmethod
     def init(cls, store: Store, chunker: ChunkerParams = ChunkerParams(),
-             pack_size: int = 64 << 20) -> "Repository":
+             pack_size: int = 64 << 20) -> Repository:
         config = check_config(RepoConfig(repo_id=os.urandom(32).hex(), chunker=chunker, pack_size=pack_size))
         if _exists(store, CONFIG_KEY):
             raise RepositoryError(f"{store.url}: a repository exists there already")
@@ -73,7 +73,7 @@ class Repository:
         return cls(store, config)
 
     @classmethod
-    def open(cls, store: Store) -> "Repository":
+    def open(cls, store: Store) -> Repository:
         try:
             data = store.get(CONFIG_KEY)
         except ObjectNotFound:

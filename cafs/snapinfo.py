@@ -6,7 +6,7 @@ Pure functions over a ``NodeReader``; the command edge formats what they return.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from cafs.format.nodes import Entry
 from cafs.metacache import NodeReader

@@ -7,7 +7,7 @@ inside a snapshot are bytes, ``/``-separated, relative to the root (``b""`` is t
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+from collections.abc import Iterator
 
 from cafs.errors import FormatError, PathNotFound
 from cafs.format.location import Location

@@ -199,13 +199,13 @@ def decode_node(data: bytes | memoryview, what: str = "node") -> Node:
     if tag == TAG_TREE:
         items = expect_list(top[1], what + " entries", max_len=PAGE_ENTRIES)
         entries = tuple(decode_entry(e, what + " entry") for e in items)
-        for a, b in zip(entries, entries[1:]):
+        for a, b in zip(entries, entries[1:], strict=False):
             if not a.name < b.name:
                 fail(what, f"entries not in strictly ascending name order at {b.name[:80]!r}")
         return TreeNode(entries)
     if tag == TAG_DIR_INDEX:
         items = expect_list(top[1], what + " pages", max_len=MAX_PAGES)
-        pages = []
+        pages: list[PageRef] = []
         for p in items:
             f = expect_list(p, what + " page", length=3)
             first = check_name(expect_bytes(f[0], what + " page name", max_len=MAX_NAME), what + " page")
@@ -213,8 +213,8 @@ def decode_node(data: bytes | memoryview, what: str = "node") -> Node:
             pages.append(PageRef(first, count, decode_location(f[2], what + " page")))
         if not pages:
             fail(what, "a directory index has no pages")
-        for a, b in zip(pages, pages[1:]):
-            if not a.first_name < b.first_name:
+        for left, right in zip(pages, pages[1:], strict=False):
+            if not left.first_name < right.first_name:
                 fail(what, "directory pages not in ascending name order")
         return DirIndexNode(tuple(pages))
     items = expect_list(top[1], what + " spans", max_len=MAX_SPANS)

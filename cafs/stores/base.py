@@ -9,7 +9,8 @@ added by wrapping a store, not by flags.
 from __future__ import annotations
 
 import re
-from typing import Iterator, Protocol
+from typing import Protocol
+from collections.abc import Iterator
 
 from cafs.errors import StoreError
 
@@ -35,7 +36,7 @@ class Store(Protocol):
         key does not exist, ``StoreError`` if the range lies past the end or the store fails."""
         ...
 
-    def put(self, key: str, data: bytes | memoryview, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         """Store ``data`` under ``key`` atomically: readers see all of it or nothing.
         With ``exclusive``, MUST raise ``ObjectExists`` instead of replacing an existing
         object. MUST raise ``NoSpaceError`` when the storage is full."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError
 from cafs.stores.base import ObjectExists, check_key
@@ -46,7 +46,7 @@ class LocalStore:
                 f"(wanted {length} bytes at {offset}, got {len(data)}): truncated?")
         return data
 
-    def put(self, key: str, data: bytes | memoryview, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         path = self._path(key)
         tmp = path.parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
         try:
@@ -87,7 +87,7 @@ class LocalStore:
         if prefix and not prefix.endswith("/"):
             raise StoreError(f"list prefix {prefix!r} must end with '/'")
         try:
-            for dirpath, dirnames, filenames in os.walk(base):
+            for dirpath, _dirnames, filenames in os.walk(base):
                 rel = os.path.relpath(dirpath, self.root)
                 for name in filenames:
                     if name.startswith(TMP_PREFIX):
