@@ -226,6 +226,68 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+FSCK_CLEAN, FSCK_CORRECTED, FSCK_UNCORRECTED, FSCK_OPERATIONAL = 0, 1, 4, 8
+
+
+def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
+    """Exit codes follow fsck(8): 0 clean, 1 corrected, 4 left uncorrected, 8 operational."""
+    from cafs.check import Checker
+    from cafs.repair import repair
+
+    try:
+        repo = ctx.repo(args.repo)
+    except CafsError as exc:
+        print(f"cafs fsck: {exc}", file=sys.stderr)
+        return FSCK_OPERATIONAL
+    status = [""]
+    with Progress(lambda _t: status[0]):
+        report = Checker(repo, progress=lambda m: status.__setitem__(0, m)).run(args.read_data)
+    repaired: list[str] = []
+    failed: list[str] = []
+    if report.problems and args.repair:
+        mirrors = [Repository.open(open_store(url)) for url in args.mirror]
+        result = repair(repo, report, mirrors)
+        repaired, failed = result.repaired, result.failed
+        with Progress(lambda _t: status[0]):
+            after = Checker(repo, progress=lambda m: status.__setitem__(0, m)).run(args.read_data)
+    else:
+        after = report
+    code = FSCK_CLEAN if report.clean else FSCK_CORRECTED if after.clean else FSCK_UNCORRECTED
+    if args.json:
+        print(json.dumps({
+            "repository": repo.url, "exit": code, "snapshots": report.snapshots, "packs": report.packs,
+            "nodes": report.nodes, "chunks": report.chunks, "bytes_read": report.bytes_read,
+            "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail, "affects": p.affects}
+                         for p in report.problems],
+            "repaired": repaired, "unrepaired": failed,
+            "remaining": [p.describe() for p in after.problems] if args.repair else None,
+            "unreferenced_packs": report.unreferenced_packs}, indent=2))
+        return code
+    print(f"checked {repo.url}: {report.snapshots} snapshots, {report.packs} packs, {report.nodes} nodes, "
+          f"{report.chunks} chunk references" + (f", {human_bytes(report.bytes_read)} of data read" if args.read_data else ""))
+    for p in report.problems:
+        print(f"error: {p.describe()}")
+    for line in repaired:
+        print(f"repaired: {line}")
+    for line in failed:
+        print(f"not repaired: {line}")
+    if report.unreferenced_packs:
+        print(f"{len(report.unreferenced_packs)} pack(s) no snapshot references (cafs gc reclaims them)")
+    print({FSCK_CLEAN: "no errors", FSCK_CORRECTED: "all errors corrected",
+           FSCK_UNCORRECTED: f"{len(after.problems)} error(s) left uncorrected"}[code])
+    return code
+
+
+def parse_fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (0.1, 10%)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the fraction must be in (0, 1]")
+    return value
+
+
 def cmd_mount(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.mount_helper import mount
 
@@ -367,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", metavar="REPO[#NAME]|MOUNTPOINT")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_stats)
+
+    sp = command("fsck", "check a repository; exit 0 clean, 1 corrected, 4 errors left, 8 operational error")
+    sp.add_argument("repo")
+    sp.add_argument("--read-data", nargs="?", type=parse_fraction, const=1.0, default=0.0, metavar="FRACTION",
+                    help="also read and verify chunk bytes (all, or a random fraction of packs)")
+    sp.add_argument("--repair", action="store_true", help="replace damaged packs by verified copies from mirrors")
+    sp.add_argument("--mirror", action="append", default=[], metavar="URL", help="a repository holding good copies")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_fsck)
 
     sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")
     sp.add_argument("source", metavar="SOURCE")

@@ -1,0 +1,272 @@
+"""Checking a repository (``cafs fsck``): find every fault and say what it affects.
+
+What is checked, in order:
+
+1. the config (by opening the repository) and every ref's journal entries;
+2. every pack's trailer (one ranged read of its tail), and that index objects agree with
+   the packs (a pack an index names but the store lacks, or of another length);
+3. every node reachable from every snapshot: it exists where its location says (the
+   pack exists, the range lies inside it, the trailer lists that object there), it
+   decodes, and it matches its id; every file span likewise, without reading its bytes;
+4. with ``read_fraction`` > 0: the bytes of every chunk (or a random fraction of packs),
+   read pack by pack in one pass each, decoded and matched against their ids, and each
+   pack's body digest;
+5. packs that no snapshot references (reported, not an error).
+
+A problem names the object and what it affects: the snapshots and paths (the first few)
+that lose bytes. Repair (``repair.py``) works from this report. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
+from cafs.format.index import decode_index
+from cafs.format.journal import Snapshot, decode_snapshot, journal_key, parse_jid
+from cafs.format.location import Location, decode_stored
+from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
+from cafs.format.pack import TAIL_LEN, PackTrailer, decode_trailer, pack_key, trailer_length
+from cafs.ids import digest
+from cafs.repository import Repository
+
+MAX_PATHS_PER_PROBLEM = 5
+
+
+@dataclass
+class Problem:
+    kind: str  # missing-pack, truncated-pack, corrupt-pack, corrupt-chunk, missing-object, corrupt-node, bad-journal, bad-index
+    subject: str  # the object: a pack id, a chunk id, a journal key
+    detail: str
+    pack: bytes | None = None  # the pack to fetch again to repair it, if any
+    affects: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> paths
+
+    def describe(self) -> str:
+        line = f"{self.kind} {self.subject}: {self.detail}"
+        for snap, paths in sorted(self.affects.items()):
+            shown = ", ".join(paths[:MAX_PATHS_PER_PROBLEM])
+            more = f" (+{len(paths) - MAX_PATHS_PER_PROBLEM} more)" if len(paths) > MAX_PATHS_PER_PROBLEM else ""
+            line += f"\n    affects {snap}: {shown}{more}"
+        return line
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    snapshots: int = 0
+    packs: int = 0
+    nodes: int = 0
+    chunks: int = 0
+    bytes_read: int = 0
+    unreferenced_packs: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+def _show(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace") or "/"
+
+
+class Checker:
+    def __init__(self, repo: Repository, *, progress: Callable[[str], None] | None = None) -> None:
+        self.repo = repo
+        self.report = Report()
+        self.progress = progress or (lambda _msg: None)
+        self.sizes: dict[bytes, int] = {}
+        self.trailers: dict[bytes, PackTrailer] = {}
+        self._by_pack_offset: dict[bytes, dict[int, Location]] = {}
+        self._pack_problem: dict[bytes, Problem] = {}
+        self._object_problem: dict[bytes, Problem] = {}
+        self._nodes_ok: dict[bytes, TreeNode | DirIndexNode | FileNode] = {}
+        self._referenced_packs: set[bytes] = set()
+        # chunk id -> (snapshot label, path) of the first few users, for --read-data reports
+        self._chunk_users: dict[bytes, list[tuple[str, str]]] = defaultdict(list)
+
+    def run(self, read_fraction: float = 0.0, seed: int | None = None) -> Report:
+        self._check_packs()
+        self._check_indexes()
+        for snap in self._journals():
+            self._check_snapshot(snap)
+        if read_fraction > 0:
+            self._read_data(read_fraction, random.Random(seed))
+        self.report.unreferenced_packs = sorted(p.hex() for p in self.sizes if p not in self._referenced_packs)
+        return self.report
+
+    # -- packs and indexes ---------------------------------------------------------------
+
+    def _problem(self, p: Problem) -> Problem:
+        self.report.problems.append(p)
+        return p
+
+    def _check_packs(self) -> None:
+        self.sizes = self.repo.list_packs()
+        self.report.packs = len(self.sizes)
+        for n, (pack_id, size) in enumerate(sorted(self.sizes.items())):
+            self.progress(f"pack trailers {n + 1}/{len(self.sizes)}")
+            try:
+                summary = self.repo.read_trailer(pack_id, size)
+            except (FormatError, StoreError) as exc:
+                kind = "truncated-pack" if "magic" in str(exc) or "exceeds" in str(exc) else "corrupt-pack"
+                self._pack_problem[pack_id] = self._problem(
+                    Problem(kind, pack_id.hex(), str(exc), pack=pack_id))
+                continue
+            trailer = PackTrailer(summary.kind, b"", summary.entries)
+            self.trailers[pack_id] = trailer
+            self._by_pack_offset[pack_id] = {loc.offset: loc for loc in summary.entries}
+
+    def _check_indexes(self) -> None:
+        for key, _size in self.repo.store.list("index/"):
+            try:
+                data = self.repo.store.get(key)
+                if digest(data).hex() != key.rsplit("/", 1)[-1]:
+                    raise IntegrityError("content does not match its name")
+                packs = decode_index(data, key)
+            except (FormatError, IntegrityError, StoreError) as exc:
+                self._problem(Problem("bad-index", key, f"{exc} (an index is a cache of pack trailers; "
+                                      "repair rewrites it)"))
+                continue
+            for p in packs:
+                size = self.sizes.get(p.pack_id)
+                if size is None and p.pack_id not in self._pack_problem:
+                    self._pack_problem[p.pack_id] = self._problem(Problem(
+                        "missing-pack", p.pack_id.hex(), f"listed by {key} but not in the store", pack=p.pack_id))
+                elif size is not None and size != p.length and p.pack_id not in self._pack_problem:
+                    self._pack_problem[p.pack_id] = self._problem(Problem(
+                        "truncated-pack", p.pack_id.hex(), f"is {size} bytes, {key} says {p.length}", pack=p.pack_id))
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def _journals(self) -> list[Snapshot]:
+        snaps = []
+        for key, _size in self.repo.store.list("refs/"):
+            parts = key.split("/")
+            jid = parse_jid(parts[-1]) if len(parts) == 3 else None
+            if jid is None:
+                continue
+            try:
+                snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
+            except (CafsError, StoreError) as exc:
+                self._problem(Problem("bad-journal", key, str(exc)))
+        self.report.snapshots = len(snaps)
+        return sorted(snaps, key=lambda s: (s.ref, s.jid))
+
+    def _locate(self, loc: Location) -> Problem | None:
+        """None if ``loc`` names an object that the pack holds there; else its problem."""
+        self._referenced_packs.add(loc.pack)
+        if loc.pack in self._pack_problem:
+            return self._pack_problem[loc.pack]
+        if loc.pack not in self.sizes:
+            p = self._problem(Problem("missing-pack", loc.pack.hex(), "referenced but not in the store", pack=loc.pack))
+            self._pack_problem[loc.pack] = p
+            return p
+        listed = self._by_pack_offset.get(loc.pack, {}).get(loc.offset)
+        if listed is None or listed.id != loc.id or listed.stored_length != loc.stored_length:
+            if loc.id not in self._object_problem:
+                self._object_problem[loc.id] = self._problem(Problem(
+                    "missing-object", loc.id.hex(), f"not in pack {loc.pack.hex()[:16]} at offset {loc.offset}",
+                    pack=loc.pack))
+            return self._object_problem[loc.id]
+        return None
+
+    def _check_snapshot(self, snap: Snapshot) -> None:
+        label = f"{snap.ref}@{snap.jid}"
+        self.progress(f"snapshot {label}")
+        stack: list[tuple[bytes, Entry]] = [(b"", snap.root)]
+        while stack:
+            path, entry = stack.pop()
+            if entry.is_dir:
+                assert entry.ref is not None
+                for child in self._dir_entries(entry.ref, label, path):
+                    stack.append((path + b"/" + child.name if path else child.name, child))
+            elif entry.is_file:
+                for span in self._file_spans(entry, label, path):
+                    self.report.chunks += 1
+                    problem = self._locate(span)
+                    if problem is not None:
+                        problem.affects.setdefault(label, []).append(_show(path))
+                    elif len(self._chunk_users[span.id]) < MAX_PATHS_PER_PROBLEM:
+                        self._chunk_users[span.id].append((label, _show(path)))
+
+    def _node(self, loc: Location, label: str, path: bytes) -> TreeNode | DirIndexNode | FileNode | None:
+        # Snapshots of one ref share most of their nodes: each is read and verified once,
+        # but walked again for every snapshot so problems name every snapshot they affect.
+        problem = self._locate(loc)
+        if problem is None and loc.id in self._nodes_ok:
+            return self._nodes_ok[loc.id]
+        if problem is None:
+            try:
+                node = decode_node(self.repo.read_object(loc), f"node {loc.id.hex()[:16]}")
+                self._nodes_ok[loc.id] = node
+                self.report.nodes += 1
+                return node
+            except (FormatError, IntegrityError, StoreError) as exc:
+                problem = self._object_problem.get(loc.id) or self._problem(
+                    Problem("corrupt-node", loc.id.hex(), str(exc), pack=loc.pack))
+                self._object_problem[loc.id] = problem
+        assert problem is not None
+        problem.affects.setdefault(label, []).append(_show(path) + " (and everything below)")
+        return None
+
+    def _dir_entries(self, loc: Location, label: str, path: bytes) -> list[Entry]:
+        node = self._node(loc, label, path)
+        if isinstance(node, TreeNode):
+            return list(node.entries)
+        if isinstance(node, DirIndexNode):
+            out: list[Entry] = []
+            for page in node.pages:
+                sub = self._node(page.ref, label, path)
+                if isinstance(sub, TreeNode):
+                    out.extend(sub.entries)
+            return out
+        return []
+
+    def _file_spans(self, entry: Entry, label: str, path: bytes) -> tuple[Location, ...]:
+        if entry.spans is not None:
+            return entry.spans
+        assert entry.ref is not None
+        node = self._node(entry.ref, label, path)
+        return node.spans if isinstance(node, FileNode) else ()
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _read_data(self, fraction: float, rng: random.Random) -> None:
+        packs = sorted(self.trailers)
+        if fraction < 1:
+            packs = [p for p in packs if rng.random() < fraction]
+        for n, pack_id in enumerate(packs):
+            self.progress(f"reading pack {n + 1}/{len(packs)}")
+            self._read_pack(pack_id)
+
+    def _read_pack(self, pack_id: bytes) -> None:
+        size = self.sizes[pack_id]
+        try:
+            data = self.repo.store.get(pack_key(pack_id))
+        except StoreError as exc:
+            self._problem(Problem("corrupt-pack", pack_id.hex(), f"cannot read: {exc}", pack=pack_id))
+            return
+        self.report.bytes_read += len(data)
+        n = trailer_length(data[-TAIL_LEN:], f"pack {pack_id.hex()}")
+        trailer = decode_trailer(data[len(data) - TAIL_LEN - n:len(data) - TAIL_LEN], pack_id, size, "pack")
+        bad = []
+        for loc in trailer.entries:
+            try:
+                decode_stored(loc, memoryview(data)[loc.offset:loc.end])
+            except IntegrityError:
+                bad.append(loc)
+        body_ok = digest(memoryview(data)[:trailer.body_length]) == trailer.body_digest
+        if not bad and body_ok:
+            return
+        problem = self._problem(Problem(
+            "corrupt-pack", pack_id.hex(),
+            f"{len(bad)} of {len(trailer.entries)} objects do not match their ids"
+            + ("" if body_ok else "; body digest differs"), pack=pack_id))
+        for loc in bad:
+            for label, path in self._chunk_users.get(loc.id, []):
+                problem.affects.setdefault(label, []).append(path)
+            if loc.id in self._nodes_ok:
+                problem.affects.setdefault("(metadata)", []).append(f"node {loc.id.hex()[:16]}")

@@ -1,0 +1,82 @@
+"""Repairing what ``cafs.check`` found, without ever deleting the only copy of anything.
+
+- A missing, truncated or corrupt pack is replaced by the mirror's copy of the same pack
+  id, and only after that copy has been read whole and verified (trailer decodes, body
+  digest matches, every object matches its id). Without a good copy, nothing changes.
+- A damaged index object is removed and a fresh one written from the pack trailers it
+  covered (an index is a cache of trailers; the packs are the data).
+
+Returns what was repaired and what could not be; the caller re-checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cafs.check import Problem, Report
+from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
+from cafs.format.location import decode_stored
+from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
+from cafs.ids import digest
+from cafs.repository import Repository
+
+
+@dataclass
+class RepairResult:
+    repaired: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def verified_pack(repo: Repository, pack_id: bytes) -> bytes:
+    """The whole pack ``pack_id`` from ``repo``, raising unless every byte checks out."""
+    data = repo.store.get(pack_key(pack_id))
+    what = f"pack {pack_id.hex()} in {repo.url}"
+    n = trailer_length(data[-TAIL_LEN:], what)
+    if n > len(data) - TAIL_LEN:
+        raise FormatError(f"{what}: trailer length exceeds the pack")
+    trailer = decode_trailer(data[len(data) - TAIL_LEN - n:len(data) - TAIL_LEN], pack_id, len(data), what)
+    if digest(memoryview(data)[:trailer.body_length]) != trailer.body_digest:
+        raise IntegrityError(f"{what}: body digest differs")
+    for loc in trailer.entries:
+        decode_stored(loc, memoryview(data)[loc.offset:loc.end])
+    return data
+
+
+def repair(repo: Repository, report: Report, mirrors: list[Repository]) -> RepairResult:
+    result = RepairResult()
+    done: set[bytes] = set()
+    for problem in report.problems:
+        if problem.kind == "bad-index":
+            _rewrite_index(repo, problem, result)
+        elif problem.pack is not None and problem.pack not in done:
+            done.add(problem.pack)
+            _replace_pack(repo, problem, mirrors, result)
+        elif problem.pack is None:
+            result.failed.append(f"{problem.kind} {problem.subject}: no repair known")
+    return result
+
+
+def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository], result: RepairResult) -> None:
+    assert problem.pack is not None
+    reasons = []
+    for mirror in mirrors:
+        try:
+            data = verified_pack(mirror, problem.pack)
+        except (CafsError, StoreError) as exc:
+            reasons.append(f"{mirror.url}: {exc}")
+            continue
+        repo.store.put(pack_key(problem.pack), data)
+        result.repaired.append(f"pack {problem.pack.hex()}: replaced by the verified copy from {mirror.url}")
+        return
+    why = "; ".join(reasons) if reasons else "no mirror given (--mirror URL)"
+    result.failed.append(f"pack {problem.pack.hex()}: no good copy ({why})")
+
+
+def _rewrite_index(repo: Repository, problem: Problem, result: RepairResult) -> None:
+    try:
+        summaries = [repo.read_trailer(pack_id, size) for pack_id, size in repo.list_packs().items()]
+        repo.write_index(summaries)
+        repo.store.delete(problem.subject)
+        result.repaired.append(f"{problem.subject}: removed; a fresh index of every pack was written")
+    except (CafsError, StoreError) as exc:
+        result.failed.append(f"{problem.subject}: {exc}")
