@@ -278,6 +278,31 @@ def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_forget(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.gc import forget
+
+    repo = ctx.repo(args.repo)
+    if (args.keep_last is None) == (not args.jid):
+        raise UsageError("forget needs exactly one of --keep-last N or --jid J")
+    removed = forget(repo, check_ref_name(args.name), keep_last=args.keep_last, jids=args.jid)
+    print(f"forgot {len(removed)} snapshot(s) of {args.name}: {', '.join(map(str, removed)) or 'none'}"
+          + ("; run cafs gc to reclaim space" if removed else ""))
+    return EXIT_OK
+
+
+def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.gc import collect
+
+    repo = ctx.repo(args.repo)
+    r = collect(repo, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{r.snapshots} snapshot(s), {r.packs_total} pack(s): {verb} {len(r.deleted_packs)} unreferenced "
+          f"pack(s), {human_bytes(r.reclaimed_bytes)} reclaimed; {human_bytes(r.kept_bytes)} kept")
+    if r.partly_garbage:
+        print(f"{len(r.partly_garbage)} pack(s) are mostly garbage but still referenced (not repacked in this version)")
+    return EXIT_OK
+
+
 def parse_fraction(text: str) -> float:
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
@@ -438,6 +463,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mirror", action="append", default=[], metavar="URL", help="a repository holding good copies")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_fsck)
+
+    sp = command("forget", "remove snapshots from a ref's journal (the newest is always kept)")
+    sp.add_argument("repo")
+    sp.add_argument("name")
+    sp.add_argument("--keep-last", type=int, metavar="N")
+    sp.add_argument("--jid", type=int, action="append", default=[], metavar="J")
+    sp.set_defaults(func=cmd_forget)
+
+    sp = command("gc", "delete packs no snapshot references")
+    sp.add_argument("repo")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.set_defaults(func=cmd_gc)
 
     sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")
     sp.add_argument("source", metavar="SOURCE")

@@ -48,6 +48,7 @@ from cafs.format.nodes import (
 )
 from cafs.format.pack import KIND_DATA, KIND_META
 from cafs.ids import digest
+from cafs.locks import locked
 from cafs.metacache import MetaCache, NodeReader
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import ObjectIndex, Repository
@@ -388,6 +389,13 @@ def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict
     started = time.monotonic()
     if not src.is_dir():
         raise UsageError(f"{src}: not a directory" if src.exists() else f"{src}: no such directory")
+    with locked(repo.store, "shared"):
+        return _import_locked(repo, meta, src, ref, strict, counters_out, on_problem, started)
+
+
+def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, strict: bool,
+                   counters_out: list[Counters] | None, on_problem: Callable[[str], None] | None,
+                   started: float) -> ImportResult:
     try:
         prev = repo.snapshot(ref)
     except CafsError:

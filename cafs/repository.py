@@ -135,10 +135,17 @@ class Repository:
                         on_problem(f"skipping unreadable pack: {exc}")
         return index
 
-    def write_index(self, packs: list[PackSummary]) -> None:
-        if packs:
-            data = encode_index(packs)
-            self.store.put(f"index/{digest(data).hex()}", data)
+    def write_index(self, packs: list[PackSummary]) -> str | None:
+        """Write an index object covering ``packs``; returns its key (None if no packs)."""
+        if not packs:
+            return None
+        data = encode_index(packs)
+        key = f"index/{digest(data).hex()}"
+        self.store.put(key, data)
+        return key
+
+    def delete_pack(self, pack_id: bytes) -> None:
+        self.store.delete(pack_key(pack_id))
 
     # -- refs ---------------------------------------------------------------------
 
