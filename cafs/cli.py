@@ -252,13 +252,29 @@ def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
             after = Checker(repo, progress=lambda m: status.__setitem__(0, m)).run(args.read_data)
     else:
         after = report
-    code = FSCK_CLEAN if report.clean else FSCK_CORRECTED if after.clean else FSCK_UNCORRECTED
+    cache_problems, cache_repaired, cache_left = [], [], 0
+    if args.cache is not None:
+        from cafs.cachecheck import check_cache
+
+        cache_dir = ctx.cache_dir
+        ctx.close()  # the check opens the cache's LMDB itself
+        cr = check_cache(repo, cache_dir, repair=args.repair)
+        cache_problems, cache_repaired = cr.problems, cr.repaired
+        if cache_problems and args.repair:
+            cache_left = len(check_cache(repo, cache_dir, repair=False).problems)
+        else:
+            cache_left = len(cache_problems)
+        repaired += cache_repaired
+    all_clean = report.clean and not cache_problems
+    left = len(after.problems) + cache_left
+    code = FSCK_CLEAN if all_clean else FSCK_CORRECTED if left == 0 else FSCK_UNCORRECTED
     if args.json:
         print(json.dumps({
             "repository": repo.url, "exit": code, "snapshots": report.snapshots, "packs": report.packs,
             "nodes": report.nodes, "chunks": report.chunks, "bytes_read": report.bytes_read,
             "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail, "affects": p.affects}
                          for p in report.problems],
+            "cache_problems": cache_problems,
             "repaired": repaired, "unrepaired": failed,
             "remaining": [p.describe() for p in after.problems] if args.repair else None,
             "unreferenced_packs": report.unreferenced_packs}, indent=2))
@@ -267,6 +283,8 @@ def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
           f"{report.chunks} chunk references" + (f", {human_bytes(report.bytes_read)} of data read" if args.read_data else ""))
     for p in report.problems:
         print(f"error: {p.describe()}")
+    for line in cache_problems:
+        print(f"error: cache: {line}")
     for line in repaired:
         print(f"repaired: {line}")
     for line in failed:
@@ -274,7 +292,7 @@ def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
     if report.unreferenced_packs:
         print(f"{len(report.unreferenced_packs)} pack(s) no snapshot references (cafs gc reclaims them)")
     print({FSCK_CLEAN: "no errors", FSCK_CORRECTED: "all errors corrected",
-           FSCK_UNCORRECTED: f"{len(after.problems)} error(s) left uncorrected"}[code])
+           FSCK_UNCORRECTED: f"{left} error(s) left uncorrected"}[code])
     return code
 
 
@@ -300,6 +318,40 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
           f"pack(s), {human_bytes(r.reclaimed_bytes)} reclaimed; {human_bytes(r.kept_bytes)} kept")
     if r.partly_garbage:
         print(f"{len(r.partly_garbage)} pack(s) are mostly garbage but still referenced (not repacked in this version)")
+    return EXIT_OK
+
+
+def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
+    """cache status | gc [--size S] | clear [REPO]: the host's cache directory."""
+    from cafs.chunkcache import ChunkCache
+
+    roots = sorted(p for p in ctx.cache_dir.glob("*") if (p / "meta.lmdb").exists()) if ctx.cache_dir.exists() else []
+    if args.repo:
+        repo = ctx.repo(args.repo)
+        roots = [r for r in roots if r.name == repo.config.repo_id]
+    if args.action == "clear":
+        import shutil
+
+        for root in roots:
+            shutil.rmtree(root)
+        print(f"cleared {len(roots)} repository cache(s) in {ctx.cache_dir}")
+        return EXIT_OK
+    for root in roots:
+        meta = MetaCache(root)
+        try:
+            cache = ChunkCache(root, meta.env, 1 << 62)
+            if args.action == "gc":
+                cache.evict(args.size)
+            with meta.env.begin() as txn:
+                nodes = txn.stat(meta.nodes_db)["entries"]
+                extents = txn.stat(cache.extents)["entries"]
+            print(f"{root.name[:16]}: {human_bytes(cache.size())} of chunks in {extents} extent(s), "
+                  f"{nodes} node(s)" + (f"; evicted {cache.counters.evictions}" if args.action == "gc" else ""))
+            cache.close()
+        finally:
+            meta.close()
+    if not roots:
+        print(f"no caches in {ctx.cache_dir}")
     return EXIT_OK
 
 
@@ -409,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cafs", description="content-addressed dataset filesystem")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_: str) -> argparse.ArgumentParser:
+    def command(name: str, help_: str, *, cache_option: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--cache", metavar="DIR", help="local metadata cache directory")
+        if cache_option:
+            sp.add_argument("--cache", metavar="DIR", help="local cache directory")
         return sp
 
     sp = command("init", "create a repository")
@@ -455,12 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_stats)
 
-    sp = command("fsck", "check a repository; exit 0 clean, 1 corrected, 4 errors left, 8 operational error")
+    sp = command("fsck", "check a repository; exit 0 clean, 1 corrected, 4 errors left, 8 operational error",
+                 cache_option=False)
     sp.add_argument("repo")
     sp.add_argument("--read-data", nargs="?", type=parse_fraction, const=1.0, default=0.0, metavar="FRACTION",
                     help="also read and verify chunk bytes (all, or a random fraction of packs)")
     sp.add_argument("--repair", action="store_true", help="replace damaged packs by verified copies from mirrors")
     sp.add_argument("--mirror", action="append", default=[], metavar="URL", help="a repository holding good copies")
+    sp.add_argument("--cache", nargs="?", const="", default=None, metavar="DIR",
+                    help="also check this host's cache for the repository (default cache dir if no DIR)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_fsck)
 
@@ -470,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-last", type=int, metavar="N")
     sp.add_argument("--jid", type=int, action="append", default=[], metavar="J")
     sp.set_defaults(func=cmd_forget)
+
+    sp = command("cache", "this host's cache: status, gc (evict down to --size), clear")
+    sp.add_argument("action", choices=["status", "gc", "clear"])
+    sp.add_argument("repo", nargs="?", help="only the cache of this repository")
+    sp.add_argument("--size", type=parse_size, default=0, metavar="SIZE", help="gc: evict down to this size")
+    sp.set_defaults(func=cmd_cache)
 
     sp = command("gc", "delete packs no snapshot references")
     sp.add_argument("repo")

@@ -22,6 +22,7 @@ import logging.handlers
 import os
 import signal
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from cafs.errors import CafsError
 from cafs.fetch import Fetcher
 from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
-from cafs.metacache import MetaCache, NodeReader, default_cache_dir
+from cafs.metacache import MetaCache, MetaCacheError, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
 from cafs.naming import find_snapshot, parse_spec
 from cafs.repository import Repository
@@ -90,7 +91,14 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     if spec.path:
         raise CafsError(f"{source}: mounting a path inside a snapshot is not supported; mount the snapshot")
     cache_root = (opts.cache or default_cache_dir(dict(os.environ))) / repo.config.repo_id
-    meta = MetaCache(cache_root)
+    try:
+        meta = MetaCache(cache_root)
+    except MetaCacheError as exc:
+        # everything in the cache can be fetched again: a damaged one must not stop a mount
+        aside = cache_root / f"meta.lmdb.damaged-{int(time.time())}"
+        log.warning("%s; moving it to %s and starting an empty cache", exc, aside)
+        os.replace(cache_root / "meta.lmdb", aside)
+        meta = MetaCache(cache_root)
     stack.callback(meta.close)
     mode = opts.cache_mode
     if mode == "auto":

@@ -1,0 +1,157 @@
+"""Checking and repairing a host's local cache for one repository (``cafs fsck --cache``).
+
+Checks that the LMDB environment opens and reads; that every cached node matches its
+id; that every chunk extent lies in its sparse file and its bytes match the chunk the
+pack's trailer names at that offset; and that the recorded cache size is the sum of the
+extents. Repair drops what does not verify and fixes the size; an LMDB file that does
+not open or read is moved aside (``meta.lmdb.damaged-<time>``) and rebuilt from what can
+be verified: the sparse files are scanned against the packs' trailers. The cache is never
+the only copy of anything: everything in it can be fetched again from the repository.
+
+LMDB does not checksum its pages; a damaged file is detected when LMDB itself refuses it
+or a read fails, and by the verification of every value read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from cafs.chunkcache import _EXTENT, ChunkCache, extent_key
+from cafs.errors import CafsError, IntegrityError, StoreError
+from cafs.format.location import Location, decode_stored
+from cafs.ids import digest
+from cafs.metacache import MetaCache
+from cafs.repository import Repository
+
+
+@dataclass
+class CacheReport:
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    nodes: int = 0
+    extents: int = 0
+
+
+class _Trailers:
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.sizes = repo.list_packs()
+        self._by_pack: dict[bytes, dict[int, Location]] = {}
+
+    def at(self, pack: bytes, offset: int) -> Location | None:
+        if pack not in self._by_pack:
+            try:
+                summary = self.repo.read_trailer(pack, self.sizes[pack])
+                self._by_pack[pack] = {loc.offset: loc for loc in summary.entries}
+            except (KeyError, CafsError, StoreError):
+                self._by_pack[pack] = {}
+        return self._by_pack[pack].get(offset)
+
+
+def check_cache(repo: Repository, cache_dir: Path, *, repair: bool) -> CacheReport:
+    root = cache_dir / repo.config.repo_id
+    report = CacheReport(root)
+    if not (root / "meta.lmdb").exists():
+        return report
+    trailers = _Trailers(repo)
+    try:
+        meta = MetaCache(root)
+        try:
+            _check_contents(meta, ChunkCache(root, meta.env, 1 << 62), trailers, report, repair)
+        finally:
+            meta.close()
+    except (CafsError, lmdb.Error) as exc:
+        report.problems.append(f"{root / 'meta.lmdb'}: damaged ({exc})")
+        if repair:
+            _rebuild(root, trailers, report)
+    return report
+
+
+def _check_contents(meta: MetaCache, cache: ChunkCache, trailers: _Trailers, report: CacheReport,
+                    repair: bool) -> None:
+    bad_nodes = []
+    with meta.env.begin(db=meta.nodes_db) as txn:
+        for key, value in txn.cursor():
+            report.nodes += 1
+            if digest(value) != key:
+                bad_nodes.append(bytes(key))
+    for key in bad_nodes:
+        report.problems.append(f"cached node {key.hex()[:16]} does not match its id")
+        if repair:
+            meta.delete(key)
+            report.repaired.append(f"dropped cached node {key.hex()[:16]}")
+    with meta.env.begin(db=cache.extents) as txn:
+        extents = [(bytes(k), _EXTENT.unpack(v)[0]) for k, v in txn.cursor()]
+    total = 0
+    for key, length in extents:
+        report.extents += 1
+        pack, offset = key[:32], int.from_bytes(key[32:], "big")
+        total += length
+        why = _verify_extent(cache, trailers, pack, offset, length)
+        if why is None:
+            continue
+        report.problems.append(f"cache extent {pack.hex()[:16]}@{offset}: {why}")
+        if repair:
+            cache.drop(pack, offset)
+            report.repaired.append(f"dropped cache extent {pack.hex()[:16]}@{offset}")
+    recorded = cache.size()
+    if recorded != total:
+        report.problems.append(f"recorded cache size {recorded} differs from the extents' {total}")
+        if repair:
+            with meta.env.begin(write=True) as txn:
+                txn.put(b"size", total.to_bytes(8, "big"), db=cache.stat)
+            report.repaired.append(f"cache size set to {total}")
+    cache.close()
+
+
+def _verify_extent(cache: ChunkCache, trailers: _Trailers, pack: bytes, offset: int, length: int) -> str | None:
+    loc = trailers.at(pack, offset)
+    if loc is None or loc.stored_length != length:
+        return "no such chunk in the repository"
+    stored = cache.read(pack, offset, length)
+    if stored is None:
+        return "bytes missing from the sparse file"
+    try:
+        decode_stored(loc, stored)
+    except IntegrityError:
+        return "bytes do not match the chunk id"
+    return None
+
+
+def _rebuild(root: Path, trailers: _Trailers, report: CacheReport) -> None:
+    damaged = root / f"meta.lmdb.damaged-{int(time.time())}"
+    shutil.move(root / "meta.lmdb", damaged)
+    meta = MetaCache(root)
+    cache = ChunkCache(root, meta.env, 1 << 62)
+    kept = 0
+    try:
+        data = root / "data"
+        for path in sorted(data.glob("*/*")) if data.exists() else []:
+            try:
+                pack = bytes.fromhex(path.name)
+            except ValueError:
+                continue
+            trailers.at(pack, 0)
+            for loc in trailers._by_pack.get(pack, {}).values():
+                with open(path, "rb") as f:
+                    stored = os.pread(f.fileno(), loc.stored_length, loc.offset)
+                try:
+                    decode_stored(loc, stored)
+                except IntegrityError:
+                    continue
+                cache.insert(pack, loc.offset, stored, [(loc.offset, loc.stored_length)])
+                kept += 1
+    finally:
+        cache.close()
+        meta.close()
+    report.repaired.append(f"moved the damaged LMDB to {damaged.name} and rebuilt it: {kept} verified extent(s) kept")
+
+
+__all__ = ["check_cache", "CacheReport", "extent_key"]
