@@ -6,8 +6,9 @@ What is checked, in order:
 2. every pack's trailer (one ranged read of its tail), and that index objects agree with
    the packs (a pack an index names but the store lacks, or of another length);
 3. every node reachable from every snapshot: it exists where its location says (the
-   pack exists, the range lies inside it, the trailer lists that object there), it
-   decodes, and it matches its id; every file span likewise, without reading its bytes;
+   pack exists, the range lies inside it, the trailer lists that object there) or, if
+   gc repacked that pack, in another pack with the same stored bytes; it decodes, and it
+   matches its id; every file span likewise, without reading its bytes;
 4. with ``read_fraction`` > 0: the bytes of every chunk (or a random fraction of packs),
    read pack by pack in one pass each, decoded and matched against their ids, and each
    pack's body digest;
@@ -80,6 +81,7 @@ class Checker:
         self.sizes: dict[bytes, int] = {}
         self.trailers: dict[bytes, PackTrailer] = {}
         self._by_pack_offset: dict[bytes, dict[int, Location]] = {}
+        self._by_id: dict[bytes, Location] = {}
         self._pack_problem: dict[bytes, Problem] = {}
         self._object_problem: dict[bytes, Problem] = {}
         self._nodes_ok: dict[bytes, TreeNode | DirIndexNode | FileNode] = {}
@@ -118,6 +120,8 @@ class Checker:
             trailer = PackTrailer(summary.kind, b"", summary.entries)
             self.trailers[pack_id] = trailer
             self._by_pack_offset[pack_id] = {loc.offset: loc for loc in summary.entries}
+            for loc in summary.entries:
+                self._by_id.setdefault(loc.id, loc)
 
     def _check_indexes(self) -> None:
         for key, _size in self.repo.store.list("index/"):
@@ -160,6 +164,11 @@ class Checker:
         self._referenced_packs.add(loc.pack)
         if loc.pack in self._pack_problem:
             return self._pack_problem[loc.pack]
+        moved = self._by_id.get(loc.id)
+        if (loc.pack not in self.sizes and moved is not None
+                and (moved.stored_length, moved.length, moved.codec) == (loc.stored_length, loc.length, loc.codec)):
+            self._referenced_packs.add(moved.pack)  # repacked by gc: found by id (see repository.py)
+            return None
         if loc.pack not in self.sizes:
             p = self._problem(Problem("missing-pack", loc.pack.hex(), "referenced but not in the store", pack=loc.pack))
             self._pack_problem[loc.pack] = p

@@ -312,12 +312,12 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.gc import collect
 
     repo = ctx.repo(args.repo)
-    r = collect(repo, dry_run=args.dry_run)
-    verb = "would delete" if args.dry_run else "deleted"
-    print(f"{r.snapshots} snapshot(s), {r.packs_total} pack(s): {verb} {len(r.deleted_packs)} unreferenced "
-          f"pack(s), {human_bytes(r.reclaimed_bytes)} reclaimed; {human_bytes(r.kept_bytes)} kept")
-    if r.partly_garbage:
-        print(f"{len(r.partly_garbage)} pack(s) are mostly garbage but still referenced (not repacked in this version)")
+    r = collect(repo, dry_run=args.dry_run, repack_below=args.repack_below)
+    unreferenced = len(r.deleted_packs) - r.repacked
+    print(f"{r.snapshots} snapshot(s), {r.packs_total} pack(s): "
+          f"{'would delete' if args.dry_run else 'deleted'} {unreferenced} unreferenced pack(s), "
+          f"{'would repack' if args.dry_run else 'repacked'} {r.repacked}; "
+          f"{human_bytes(r.reclaimed_bytes)} {'reclaimable' if args.dry_run else 'reclaimed'}")
     return EXIT_OK
 
 
@@ -533,9 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", type=parse_size, default=0, metavar="SIZE", help="gc: evict down to this size")
     sp.set_defaults(func=cmd_cache)
 
-    sp = command("gc", "delete packs no snapshot references")
+    sp = command("gc", "delete packs no snapshot references; repack mostly-garbage packs")
     sp.add_argument("repo")
     sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--repack-below", type=parse_fraction, default=0.5, metavar="FRACTION",
+                    help="repack packs whose live bytes are below this share (default 0.5)")
     sp.set_defaults(func=cmd_gc)
 
     sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")

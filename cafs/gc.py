@@ -5,16 +5,19 @@ ref's jids only grow. ``collect`` runs under the repository's exclusive lock (se
 ``cafs.locks``): imports hold a shared lock for their whole run, so no import can be
 deduplicating against a pack while gc decides it is garbage.
 
-The order of ``collect``'s writes keeps a repository that ``cafs fsck`` passes whenever
-it is interrupted (even by ``kill -9``): (1) a new index object covering exactly the
-packs that stay; (2) the old index objects are deleted; (3) the unreferenced packs are
-deleted. At every point, every index names only packs that exist, and every snapshot's
-objects exist.
+Liveness is by object id: every node and chunk reachable from a remaining snapshot.
+A pack with no live object is deleted; a pack whose live objects hold less than
+``repack_below`` of its bytes is repacked: its live objects are copied verbatim (same
+stored bytes, codec and lengths) into new packs, and the old pack is deleted. Spans that
+still name the old pack are then resolved by id through the index (see
+``Repository.read_stored``), so no node or snapshot is rewritten and root ids stay.
 
-Caveat: packs that are partly garbage are reported, not rewritten. A span names its pack
-and offset, so moving live chunks to a new pack means rewriting every node above them
-and the snapshots' roots; that needs a format change (a relocation map or rewritten
-snapshots) and is left for a later version.
+The order of writes keeps a repository that ``cafs fsck`` passes whenever gc is
+interrupted, even by ``kill -9``: (1) new packs (self-describing, found by their
+trailers even before an index names them); (2) a new index object covering exactly the
+packs that stay and the new ones; (3) the old index objects are deleted; (4) the
+unreferenced and repacked packs are deleted. At every point every live object exists
+in some pack, and every index names only packs that exist.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from dataclasses import dataclass, field
 
 from cafs.errors import CafsError
 from cafs.format.journal import journal_key
-from cafs.format.location import Location
+from cafs.format.index import PackSummary
+from cafs.format.location import Location, decode_stored
 from cafs.format.nodes import DirIndexNode, FileNode, TreeNode, decode_node
+from cafs.format.pack import KIND_DATA, KIND_META, pack_key
 from cafs.locks import locked
+from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import Repository
 
 
@@ -39,8 +45,7 @@ class GcResult:
     packs_total: int = 0
     deleted_packs: list[str] = field(default_factory=list)
     reclaimed_bytes: int = 0
-    kept_bytes: int = 0
-    partly_garbage: list[tuple[str, float]] = field(default_factory=list)  # pack, live fraction
+    repacked: int = 0
 
 
 def forget(repo: Repository, name: str, *, keep_last: int | None = None, jids: list[int] | None = None) -> list[int]:
@@ -65,23 +70,17 @@ def forget(repo: Repository, name: str, *, keep_last: int | None = None, jids: l
     return doomed
 
 
-def referenced(repo: Repository) -> tuple[int, dict[bytes, int]]:
-    """(number of snapshots, pack id -> live stored bytes) over every snapshot."""
-    live: dict[bytes, dict[int, int]] = {}
-    seen_nodes: set[bytes] = set()
-
-    def use(loc: Location) -> None:
-        live.setdefault(loc.pack, {})[loc.offset] = loc.stored_length
-
+def live_objects(repo: Repository) -> tuple[int, set[bytes]]:
+    """(number of snapshots, ids of every node and chunk some snapshot references)."""
+    live: set[bytes] = set()
     snaps = repo.snapshots()
     for snap in snaps:
         stack: list[Location] = [snap.root.ref] if snap.root.ref else []
         while stack:
             loc = stack.pop()
-            use(loc)
-            if loc.id in seen_nodes:
+            if loc.id in live:
                 continue
-            seen_nodes.add(loc.id)
+            live.add(loc.id)
             try:
                 node = decode_node(repo.read_object(loc))
             except CafsError as exc:
@@ -91,38 +90,66 @@ def referenced(repo: Repository) -> tuple[int, dict[bytes, int]]:
                 for e in node.entries:
                     if e.ref is not None:
                         stack.append(e.ref)
-                    for span in e.spans or ():
-                        use(span)
+                    live.update(span.id for span in e.spans or ())
             elif isinstance(node, DirIndexNode):
                 stack.extend(p.ref for p in node.pages)
             elif isinstance(node, FileNode):
-                for span in node.spans:
-                    use(span)
-    return len(snaps), {pack: sum(offsets.values()) for pack, offsets in live.items()}
+                live.update(span.id for span in node.spans)
+    return len(snaps), live
 
 
-def collect(repo: Repository, *, dry_run: bool = False, report_below: float = 0.5) -> GcResult:
-    """Delete every pack no snapshot references; see the module docstring."""
+def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.5) -> GcResult:
+    """Delete packs no snapshot references; repack those whose live share of bytes is
+    below ``repack_below``. See the module docstring for the order of writes."""
     with locked(repo.store, "exclusive"):
-        sizes = repo.list_packs()
-        result = GcResult(packs_total=len(sizes))
-        result.snapshots, live = referenced(repo)
-        doomed = [p for p in sizes if p not in live]
-        for pack, size in sizes.items():
-            if pack in live:
-                result.kept_bytes += size
-                if live[pack] < report_below * size:
-                    result.partly_garbage.append((pack.hex(), live[pack] / size))
-        result.deleted_packs = sorted(p.hex() for p in doomed)
-        result.reclaimed_bytes = sum(sizes[p] for p in doomed)
-        if dry_run or not doomed:
-            return result
-        old_indexes = [key for key, _ in repo.store.list("index/")]
         index = repo.load_index()
-        new_key = repo.write_index([s for p, s in index.packs.items() if p in live])
+        result = GcResult(packs_total=len(index.packs))
+        result.snapshots, live = live_objects(repo)
+        doomed, repack, kept = [], [], []
+        for summary in index.packs.values():
+            live_bytes = sum(e.stored_length for e in summary.entries if e.id in live)
+            if live_bytes == 0:
+                doomed.append(summary)
+            elif live_bytes < repack_below * summary.length:
+                repack.append(summary)
+            else:
+                kept.append(summary)
+        result.deleted_packs = sorted(p.pack_id.hex() for p in doomed + repack)
+        result.repacked = len(repack)
+        gone = sum(p.length for p in doomed + repack)
+        if dry_run or not (doomed or repack):
+            result.reclaimed_bytes = gone - sum(
+                e.stored_length for p in repack for e in p.entries if e.id in live)
+            return result
+        written = _repack(repo, repack, live, {e.id for p in kept for e in p.entries})
+        result.reclaimed_bytes = gone - sum(p.length for p in written)
+        old_indexes = [key for key, _ in repo.store.list("index/")]
+        new_key = repo.write_index(kept + written)
         for key in old_indexes:
             if key != new_key:
                 repo.store.delete(key)
-        for pack in doomed:
-            repo.delete_pack(pack)
+        for summary in doomed + repack:
+            repo.delete_pack(summary.pack_id)
         return result
+
+
+def _repack(repo: Repository, packs: list[PackSummary], live: set[bytes], elsewhere: set[bytes]) -> list[PackSummary]:
+    """Copy the live objects of ``packs`` verbatim into new packs; returns the new packs."""
+    uploader = Uploader(repo.store)
+    try:
+        writers = {kind: PackWriter(uploader, kind, repo.config.pack_size) for kind in (KIND_DATA, KIND_META)}
+        copied: set[bytes] = set()
+        for summary in packs:
+            for loc in summary.entries:
+                if loc.id not in live or loc.id in elsewhere or loc.id in copied:
+                    continue
+                stored = repo.store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
+                decode_stored(loc, stored)  # never copy a damaged object over a good one
+                writers[summary.kind].add(loc.id, stored, loc.length, loc.codec)
+                copied.add(loc.id)
+        for writer in writers.values():
+            writer.seal()
+        uploader.drain()
+        return list(uploader.written)
+    finally:
+        uploader.close()

@@ -9,12 +9,18 @@ Owns the repository layout (see docs/FORMAT.md):
 
 It does not cache: callers that read nodes repeatedly go through ``cafs.metacache``.
 Every object read here is verified against its id before it is returned.
+
+A location is a hint. Objects are named by their content, so when ``cafs gc`` repacks a
+pack, the live objects move, verbatim (same stored bytes, codec and lengths), to new
+packs, and the old pack is deleted. A read whose pack is gone finds the object by id in
+the repository index (reloaded at most every ``RELOCATION_RELOAD`` seconds).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from cafs.ids import digest
 from cafs.stores import ObjectExists, Store
 
 CONFIG_KEY = "config"
+RELOCATION_RELOAD = 10.0
 
 
 @dataclass
@@ -51,6 +58,9 @@ class Repository:
     def __init__(self, store: Store, config: RepoConfig) -> None:
         self.store = store
         self.config = config
+        self._relocations: ObjectIndex | None = None
+        self._relocations_loaded = 0.0
+        self._relocations_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -83,7 +93,29 @@ class Repository:
     # -- objects ------------------------------------------------------------------
 
     def read_stored(self, loc: Location) -> bytes:
-        return self.store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
+        """The stored bytes of ``loc``, from its pack or, if gc moved it, from where the
+        index says the object lives now."""
+        try:
+            return self.store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
+        except ObjectNotFound:
+            moved = self.relocated(loc)
+            if moved is None:
+                raise
+            return self.store.get(pack_key(moved.pack), moved.offset, moved.stored_length)
+
+    def relocated(self, loc: Location) -> Location | None:
+        """Where the object of ``loc`` lives now, if its pack is gone; else None."""
+        with self._relocations_lock:
+            now = time.monotonic()
+            if self._relocations is None or now - self._relocations_loaded > RELOCATION_RELOAD:
+                self._relocations = self.load_index()
+                self._relocations_loaded = now
+            moved = self._relocations.objects.get(loc.id)
+        if moved is None or moved.pack == loc.pack:
+            return None
+        if (moved.stored_length, moved.length, moved.codec) != (loc.stored_length, loc.length, loc.codec):
+            return None  # not the same stored bytes: gc never does this, so do not trust it
+        return moved
 
     def read_object(self, loc: Location) -> bytes:
         """The plain bytes of a chunk or node, verified against its id."""
