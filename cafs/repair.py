@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from cafs.check import Problem, Report
 from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
-from cafs.format.location import decode_stored
+from cafs.format.location import verify_stored
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
 from cafs.repository import Repository
@@ -38,7 +38,7 @@ def verified_pack(repo: Repository, pack_id: bytes) -> bytes:
     if digest(memoryview(data)[:trailer.body_length]) != trailer.body_digest:
         raise IntegrityError(f"{what}: body digest differs")
     for loc in trailer.entries:
-        decode_stored(loc, memoryview(data)[loc.offset:loc.end])
+        verify_stored(loc, memoryview(data)[loc.offset:loc.end])
     return data
 
 

@@ -86,6 +86,16 @@ def decode_stored(loc: Location, stored: bytes | memoryview) -> bytes:
     return plain
 
 
+def verify_stored(loc: Location, stored: bytes | memoryview) -> None:
+    """Raise IntegrityError unless ``stored`` decodes to the object ``loc`` names; a raw
+    object is hashed in place, without a copy."""
+    if loc.codec == CODEC_RAW:
+        if len(stored) != loc.length or digest(stored) != loc.id:
+            raise IntegrityError(f"object {loc.describe()}: content does not match its id")
+    else:
+        decode_stored(loc, stored)
+
+
 def chunk_id(loc: Location) -> ChunkId:
     return ChunkId(loc.id)
 
