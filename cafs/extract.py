@@ -121,7 +121,7 @@ class Extractor:
 
     def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path) -> None:
         self._clear_non_file(dir_fd, name)
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+        fd = self._open_for_writing(dir_fd, name)
         try:
             on_disk = os.fstat(fd).st_size
             pos = 0
@@ -140,6 +140,22 @@ class Extractor:
         finally:
             os.close(fd)
         self.counters.files += 1
+
+    def _open_for_writing(self, dir_fd: int, name: bytes) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+        try:
+            return os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except PermissionError:
+            if self.as_root:
+                raise
+        # not root, and a read-only file (an earlier run gave it its mode) is in the way:
+        # make it writable to check and repair it; its mode is set again when it is done
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRUSR | stat.S_IWUSR)
+        finally:
+            os.close(fd)
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
     def _make_symlink(self, dir_fd: int, name: bytes, entry: Entry) -> None:
         assert entry.target is not None

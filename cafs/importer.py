@@ -23,7 +23,8 @@ Contract:
 
 Caveats: extended attributes, ACLs, atimes and ctimes are not recorded. A hard-linked
 file is stored once; each of its names becomes an entry with the same content and the
-link count seen on the source.
+link count seen on the source. An mtime outside int64 nanoseconds (after 2262 or before
+1677) is recorded clamped to that range.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from cafs.errors import CafsError, UsageError
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location
 from cafs.format.nodes import (
-    INLINE_SPANS, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
+    INLINE_SPANS, INT64, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
     DirIndexNode, Entry, FileNode, Node, PageRef, TreeNode, encode_node,
 )
 from cafs.format.pack import KIND_DATA, KIND_META
@@ -238,7 +239,7 @@ class Importer:
             ref = self._store_node(DirIndexNode(tuple(pages)))
         st = frame.st
         name = frame.path.rsplit(b"/", 1)[-1]
-        return Entry(name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+        return Entry(name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
                      len(entries), 2 + frame.subdirs, st.st_ino, ref=ref)
 
     def _import_symlink(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
@@ -252,14 +253,14 @@ class Importer:
             self._skip(path, f"symlink target of {len(target_b)} bytes is outside 1-{MAX_TARGET}")
             return None
         self.counters.symlinks += 1
-        return Entry(name, KIND_SYMLINK, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+        return Entry(name, KIND_SYMLINK, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
                      len(target_b), st.st_nlink, st.st_ino, target=target_b)
 
     # -- files --------------------------------------------------------------------
 
     def _file_entry(self, name: bytes, st: os.stat_result, spans: tuple[Location, ...] | None,
                     ref: Location | None) -> Entry:
-        return Entry(name, KIND_FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+        return Entry(name, KIND_FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
                      st.st_size, st.st_nlink, st.st_ino, spans=spans, ref=ref)
 
     def _import_file(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
@@ -267,7 +268,7 @@ class Importer:
         c.current = path
         prev = parent.prev.get(name)
         if (prev is not None and prev.is_file and prev.size == st.st_size
-                and prev.mtime_ns == st.st_mtime_ns and prev.ino == st.st_ino):
+                and prev.mtime_ns == _mtime_ns(st) and prev.ino == st.st_ino):
             c.files += 1
             c.reused_files += 1
             c.logical += st.st_size
@@ -349,6 +350,13 @@ class Importer:
     def _flush_nodes(self) -> None:
         batch, self._node_batch = self._node_batch, []
         self.meta.put_many(batch)
+
+
+def _mtime_ns(st: os.stat_result) -> int:
+    """The mtime an entry records: clamped to int64 nanoseconds (years 1677-2262), as the
+    kernel clamps a time a filesystem cannot hold. Unclamped, a file dated later (ext4
+    holds up to 2446) would make its directory node, and so the snapshot, undecodable."""
+    return min(max(st.st_mtime_ns, INT64[0]), INT64[1])
 
 
 class _FileSkipped(Exception):

@@ -1,0 +1,375 @@
+"""What import and get do when the world is not as they would like it.
+
+Paths that cannot be imported (unreadable, special, changing) are skipped and named,
+with exit 3; wrong arguments and wrong places are one clear line and exit 1 (or 2);
+a full disk is a clear line, never a traceback, and leaves the repository usable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from treegen import assert_same_tree, diff_manifests, make_tree, manifest
+
+NOBODY = 65534
+SRC_ROOT = str(Path(__file__).resolve().parents[1])
+SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def assert_clean_error(r, code: int, *needles: str) -> None:
+    """Exit ``code``, no traceback, and every needle on stderr."""
+    assert r.code == code, (r.code, r.out, r.err)
+    assert "Traceback" not in r.err, r.err
+    for needle in needles:
+        assert needle in r.err, (needle, r.err)
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def journal_entries(repo: Path) -> list[Path]:
+    refs = repo / "refs"
+    return sorted(p for p in refs.rglob("*") if p.is_file()) if refs.exists() else []
+
+
+# -- running as another user ------------------------------------------------------------
+
+
+@cache
+def nobody_python() -> tuple[str, str] | None:
+    """An interpreter and PYTHONPATH with which user ``nobody`` can run cafs, or None.
+
+    The test interpreter may live where nobody cannot reach it (a venv over a Python
+    under /root); then the system Python of the same version with this environment's
+    site-packages will do, since compiled extensions match the version."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    import site
+
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [(sys.executable, SRC_ROOT),
+                  (f"/usr/bin/python{ver}", os.pathsep.join([SRC_ROOT, *site.getsitepackages()]))]
+    for python, pythonpath in candidates:
+        probe = subprocess.run([*SETPRIV, python, "-c", "import cafs.cli"], capture_output=True,
+                               env={"PYTHONPATH": pythonpath, "PATH": os.environ.get("PATH", "")}, timeout=60)
+        if probe.returncode == 0:
+            return python, pythonpath
+    return None
+
+
+class NobodyRun:
+    def __init__(self, base: Path) -> None:
+        found = nobody_python()
+        if found is None:
+            pytest.skip("needs root, setpriv and a Python that user nobody can run")
+        self.python, self.pythonpath = found
+        self.cache = base / "cache"
+        self.cache.mkdir()
+        os.chown(self.cache, NOBODY, NOBODY)
+
+    def __call__(self, *args: str | os.PathLike[str]):
+        env = {"PYTHONPATH": self.pythonpath, "PATH": os.environ.get("PATH", ""),
+               "CAFS_CACHE_DIR": str(self.cache), "HOME": "/nonexistent"}
+        p = subprocess.run([*SETPRIV, self.python, "-m", "cafs.cli", *map(os.fspath, args)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        return _Result(p.returncode, p.stdout, p.stderr)
+
+
+class _Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def nobody_base() -> Iterator[tuple[NobodyRun, Path]]:
+    """(run-as-nobody, a directory outside pytest's root-only temporary directory)."""
+    base = Path(tempfile.mkdtemp(prefix="cafs-nobody-"))
+    try:
+        base.chmod(0o755)
+        yield NobodyRun(base), base
+    finally:
+        shutil.rmtree(base)
+
+
+def chown_tree(top: Path, uid: int) -> None:
+    for dirpath, _dirs, files in os.walk(top):
+        os.chown(dirpath, uid, uid)
+        for f in files:
+            os.chown(os.path.join(dirpath, f), uid, uid)
+
+
+@pytest.fixture
+def nobody_setup(cafs, nobody_base) -> tuple[NobodyRun, Path, Path]:
+    """(run-as-nobody, source tree with one unreadable file ``secret``, repository owned
+    by nobody)."""
+    run, base = nobody_base
+    src = base / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"readable\n")
+    (src / "sub" / "b").write_bytes(os.urandom(100_000))
+    (src / "secret").write_bytes(b"nobody may read this\n")
+    (src / "secret").chmod(0)
+    repo = base / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    chown_tree(repo, NOBODY)
+    return run, src, repo
+
+
+def test_unreadable_file_is_skipped_and_named(nobody_setup, cafs, tmp_path: Path) -> None:
+    run, src, repo = nobody_setup
+    r = run("import", src, repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 3, "'secret'")
+    assert "ermission denied" in r.err
+    assert len(journal_entries(repo)) == 1
+    r = cafs("get", f"{repo}#ds", tmp_path / "out")
+    assert r.code == 0, r.err
+    expected = {p: item for p, item in manifest(src).items() if p != b"secret"}
+    got = manifest(tmp_path / "out")
+    # the root's mtime is the source's; only the unreadable file is missing
+    assert diff_manifests(expected, got) == []
+
+
+def test_strict_import_of_unreadable_file_commits_nothing(nobody_setup) -> None:
+    run, src, repo = nobody_setup
+    r = run("import", src, repo, "--name", "ds", "--strict", "--no-progress")
+    assert r.code != 0
+    assert_clean_error(r, r.code, "'secret'", "nothing committed")
+    assert journal_entries(repo) == []
+
+
+def test_get_as_non_root_resumes_over_read_only_files(nobody_base, cafs) -> None:
+    run, base = nobody_base
+    src = base / "src"
+    (src / "rodir").mkdir(parents=True)
+    (src / "rodir" / "inner").write_bytes(os.urandom(30_000))
+    (src / "rodir").chmod(0o555)
+    (src / "readonly").write_bytes(os.urandom(70_000))
+    (src / "readonly").chmod(0o444)
+    repo = base / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    out = base / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    r = run("get", f"{repo}#ds", out / "tree")
+    assert r.code == 0, r.err
+    with open(out / "tree" / "readonly", "r+b") as f:  # damage it (as root)
+        f.write(b"damaged")
+    os.truncate(out / "tree" / "rodir" / "inner", 10)
+    r = run("get", f"{repo}#ds", out / "tree")
+    assert_clean_error(r, 0)
+    assert_same_tree(src, out / "tree")
+
+
+# -- special and changing files -----------------------------------------------------------
+
+
+def test_fifo_and_socket_are_skipped_and_named(cafs, repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "regular").write_bytes(b"kept\n")
+    os.mkfifo(src / "fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(os.fspath(src / "sock"))
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 3, "'fifo': fifo", "'sock': socket")
+    r = cafs("ls", f"{repo}#ds")
+    assert r.code == 0, r.err
+    assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["regular"]
+
+
+WRITER = """
+import os, sys, time
+path, base, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + seconds
+fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+block = b"x" * 4096
+while time.monotonic() < deadline:
+    os.write(fd, block)
+    if os.fstat(fd).st_size > base + (8 << 20):
+        os.ftruncate(fd, base)
+"""
+
+
+def test_file_changing_during_import_is_reported(cafs, repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "steady").write_bytes(b"does not change\n")
+    growing = src / "growing"
+    size = 64 << 20
+    growing.write_bytes(os.urandom(1 << 20) * (size >> 20))
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, growing, str(size), "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while growing.stat().st_size == size:  # wait until the writer is writing
+            assert time.monotonic() < deadline, "the writer did not start"
+            time.sleep(0.01)
+        r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert_clean_error(r, 3, "'growing'", "changed while being read")
+    r = cafs("ls", f"{repo}#ds")
+    assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["steady"]
+
+
+# -- wrong places and names ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["empty directory", "missing"])
+def test_import_into_a_non_repository(cafs, tmp_path: Path, kind: str) -> None:
+    src = make_small_tree(tmp_path / "src")
+    target = tmp_path / "notarepo"
+    if kind == "empty directory":
+        target.mkdir()
+    r = cafs("import", src, target, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 1, str(target), "not a cafs repository")
+    assert len(r.err.splitlines()) == 1
+    assert (os.listdir(target) == []) if kind == "empty directory" else not target.exists()
+
+
+def test_init_on_an_existing_repository_fails(cafs, repo: Path) -> None:
+    before = all_files(repo)
+    r = cafs("init", repo)
+    assert_clean_error(r, 1, "already")
+    assert all_files(repo) == before
+
+
+def test_init_on_a_non_empty_directory_fails(cafs, tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "precious").write_bytes(b"keep me\n")
+    r = cafs("init", tmp_path / "busy")
+    assert_clean_error(r, 1, "not empty")
+    assert os.listdir(tmp_path / "busy") == ["precious"]
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", "-rf", "", "x" * 101, "sp ace"])
+def test_bad_ref_name_is_rejected_and_writes_nothing(cafs, repo: Path, tmp_path: Path, name: str) -> None:
+    src = make_small_tree(tmp_path / "src")
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    r = cafs("import", src, repo, f"--name={name}", "--no-progress")
+    assert r.code != 0
+    assert_clean_error(r, r.code, "invalid ref name")
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+
+
+@pytest.fixture
+def ds(cafs, repo: Path, tmp_path: Path) -> str:
+    src = make_small_tree(tmp_path / "src")
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    return f"{repo}#ds"
+
+
+def make_small_tree(root: Path) -> Path:
+    (root / "dir").mkdir(parents=True)
+    (root / "file").write_bytes(b"a file\n")
+    (root / "dir" / "inner").write_bytes(os.urandom(50_000))
+    return root
+
+
+def test_get_tree_onto_a_regular_file_fails(cafs, ds: str, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"in the way\n")
+    r = cafs("get", ds, dest)
+    assert_clean_error(r, 1, str(dest))
+    assert len(r.err.splitlines()) == 1
+    assert dest.read_bytes() == b"in the way\n"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("ls", "{repo}#nosuch"), "nosuch"),
+    (("get", "{repo}#nosuch", "{tmp}/out"), "nosuch"),
+    (("ls", "{repo}#ds@7"), "ds"),
+    (("ls", "{repo}#0123456789ab"), "0123456789ab"),
+    (("ls", "{repo}#ds:no/such/path"), "no/such/path"),
+    (("cat", "{repo}#ds:missing"), "missing"),
+    (("get", "{repo}#ds:dir/missing", "{tmp}/out"), "dir/missing"),
+    (("cat", "{repo}#ds:dir"), "not a regular file"),
+])
+def test_unknown_snapshot_or_path_is_a_clear_error(cafs, ds: str, repo: Path, tmp_path: Path,
+                                                   args: tuple[str, ...], needle: str) -> None:
+    r = cafs(*(a.format(repo=repo, tmp=tmp_path) for a in args))
+    assert r.code in (1, 2)
+    assert_clean_error(r, r.code, needle)
+    assert len(r.err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+# -- full disks ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs, unmounted whatever happens."""
+    path = tmp_path / "small"
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", path], check=True)  # busy: detach it anyway
+
+
+def grow(mountpoint: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,size=64m", mountpoint], check=True)
+
+
+@pytest.fixture
+def big_src(tmp_path: Path) -> Path:
+    """A tree of about 5.5 MB: more than the small tmpfs holds."""
+    return make_tree(tmp_path / "src", seed=11, big_file_size=4 << 20)
+
+
+def test_import_into_a_full_disk_fails_cleanly(cafs, small_tmpfs: Path, big_src: Path) -> None:
+    repo = small_tmpfs / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    r = cafs("import", big_src, repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 1, "no space left")
+    assert len(r.err.splitlines()) == 1
+    assert journal_entries(repo) == []
+
+
+def test_import_works_again_once_the_disk_has_room(cafs, small_tmpfs: Path, big_src: Path,
+                                                   tmp_path: Path) -> None:
+    repo = small_tmpfs / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    assert cafs("import", big_src, repo, "--name", "ds", "--no-progress").code == 1
+    grow(small_tmpfs)
+    r = cafs("import", big_src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    assert cafs("get", f"{repo}#ds", tmp_path / "out").code == 0
+    assert_same_tree(big_src, tmp_path / "out")
+    r = cafs("fsck", repo)
+    assert r.code == 0, r.out + r.err
+
+
+def test_get_into_a_full_disk_fails_cleanly(cafs, repo: Path, small_tmpfs: Path, big_src: Path) -> None:
+    assert cafs("import", big_src, repo, "--name", "ds", "--no-progress").code == 0
+    r = cafs("get", f"{repo}#ds", small_tmpfs / "out")
+    assert_clean_error(r, 1, "no space left", str(small_tmpfs / "out"))
+    assert len(r.err.splitlines()) == 1
+
+
+def test_get_completes_once_the_disk_has_room(cafs, repo: Path, small_tmpfs: Path, big_src: Path) -> None:
+    assert cafs("import", big_src, repo, "--name", "ds", "--no-progress").code == 0
+    assert cafs("get", f"{repo}#ds", small_tmpfs / "out").code == 1
+    grow(small_tmpfs)
+    r = cafs("get", f"{repo}#ds", small_tmpfs / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(big_src, small_tmpfs / "out")

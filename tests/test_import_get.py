@@ -1,0 +1,389 @@
+"""Import a tree, then read it back with ``cafs get``, ``cat``, ``ls``, ``stats``, ``diff``.
+
+The oracle is the source tree itself: what comes back must equal it in names, types,
+sizes, modes, mtimes (directories too), symlink targets and every byte. Space is checked
+against the bytes on disk under ``packs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cafs.cli import show_path
+from treegen import assert_same_tree, make_tree, manifest, mutate_tree
+
+PACK_SIZE = 512 << 10
+CHUNK_MAX = 256 << 10
+META_SLACK = 64 << 10
+BIG_FILE = 3 << 20  # several packs' worth in one file
+INT64_MAX = (1 << 63) - 1
+SRC_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def packs_bytes(repo: Path) -> int:
+    """Bytes of complete packs (temporary files of interrupted writes excluded)."""
+    return sum(p.stat().st_size for p in (repo / "packs").rglob("*")
+               if p.is_file() and not p.name.startswith(".tmp-"))
+
+
+def file_bytes(tree: Path) -> int:
+    return sum(item.size for item in manifest(tree).values() if item.kind == "file")
+
+
+def parse_human(text: str) -> float:
+    """Bytes from cafs's human form (``12 B``, ``3.5 MiB``)."""
+    number, unit = text.split()
+    return float(number) * 1024 ** ("B", "KiB", "MiB", "GiB", "TiB").index(unit)
+
+
+def get_counts(stderr: str) -> tuple[float, float]:
+    """(bytes written, bytes already correct) from the summary of ``cafs get``."""
+    m = re.search(r"([\d.]+ \w+) written, ([\d.]+ \w+) already correct", stderr)
+    assert m, stderr
+    return parse_human(m.group(1)), parse_human(m.group(2))
+
+
+_LS_LINE = re.compile(r"\S{10} +\d+ +\d+ +\d+ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  (.*)")
+
+
+def ls_name(line: str) -> str:
+    """The name column of a ``cafs ls`` line (with `` -> target`` for a symlink)."""
+    m = _LS_LINE.fullmatch(line)
+    assert m, line
+    return m.group(1)
+
+
+def cafs_bytes(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
+    """``cafs ARGS`` as a subprocess with binary stdout (for ``cat``)."""
+    env = dict(os.environ, PYTHONPATH=SRC_ROOT)
+    return subprocess.run([sys.executable, "-m", "cafs.cli", *map(os.fspath, args)],
+                          capture_output=True, env=env, timeout=120)
+
+
+def snapshot_doc(cafs, repo: Path, name: str) -> list[dict]:
+    r = cafs("snapshots", repo, name, "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+@pytest.fixture
+def fast_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a fresh tmpfs when we may mount one (a hundred thousand small files
+    on a journaling disk cost more in writeback than in cafs), else a plain directory."""
+    path = tmp_path / "fast"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", path],
+                             capture_output=True).returncode == 0
+    try:
+        yield path
+    finally:
+        if mounted and subprocess.run(["umount", path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", path], check=True)  # busy: detach it anyway
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "src", seed=7, big_file_size=BIG_FILE)
+
+
+@pytest.fixture
+def ds(cafs, repo: Path, src: Path) -> str:
+    """``src`` imported as ref ``ds``; returns ``REPO#ds``."""
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    return f"{repo}#ds"
+
+
+def test_get_tree_equals_source(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    r = cafs("get", ds, tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_import_passes_fsck(cafs, ds: str, repo: Path) -> None:
+    r = cafs("fsck", repo, "--read-data")
+    assert r.code == 0, r.out + r.err
+
+
+def test_get_single_file(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    r = cafs("get", f"{ds}:data/big", tmp_path / "big.copy")
+    assert r.code == 0, r.err
+    assert_same_tree(src / "data" / "big", tmp_path / "big.copy")
+
+
+def test_get_single_file_into_existing_directory(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    (tmp_path / "into").mkdir()
+    r = cafs("get", f"{ds}:data/script.sh", tmp_path / "into")
+    assert r.code == 0, r.err
+    assert os.listdir(tmp_path / "into") == ["script.sh"]
+    assert_same_tree(src / "data" / "script.sh", tmp_path / "into" / "script.sh")
+
+
+def test_get_subdirectory(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    r = cafs("get", f"{ds}:data", tmp_path / "data.copy")
+    assert r.code == 0, r.err
+    assert_same_tree(src / "data", tmp_path / "data.copy")
+
+
+def test_cat_writes_exact_bytes(ds: str, src: Path) -> None:
+    for rel in ("data/big", "data/f0000000", "dups/copy2", "odd/\udcff\udcfenot-utf8"):
+        r = cafs_bytes("cat", f"{ds}:{rel}")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == (src / rel).read_bytes(), rel
+
+
+def test_ls_shows_odd_names_escaped(cafs, ds: str) -> None:
+    r = cafs("ls", f"{ds}:odd")
+    assert r.code == 0, r.err
+    names = [ls_name(line) for line in r.out.splitlines()]
+    assert len(names) == 9
+    for shown in ("with space", r"new\nline", r"tab\there", r"\xff\xfenot-utf8", "-dash",
+                  "ünïcødé-名前", "x" * 255):
+        assert shown in names
+    assert all(ch.isprintable() for name in names for ch in name)
+
+
+def test_ls_recursive_lists_every_path(cafs, ds: str, src: Path) -> None:
+    r = cafs("ls", "-R", ds)
+    assert r.code == 0, r.err
+    shown = set()
+    for line in r.out.splitlines():
+        path = ls_name(line)
+        if line.startswith("l"):
+            path = path.rsplit(" -> ", 1)[0]
+        shown.add(path)
+    expected = {show_path(p) for p in manifest(src) if p}
+    assert shown == expected
+    assert len(r.out.splitlines()) == len(expected)
+
+
+def test_ls_line_shows_type_mode_and_size(cafs, ds: str, src: Path) -> None:
+    r = cafs("ls", f"{ds}:data/readonly")
+    assert r.code == 0, r.err
+    fields = r.out.split()
+    assert fields[0] == "-r--r--r--"
+    assert int(fields[3]) == (src / "data" / "readonly").stat().st_size
+
+
+@pytest.mark.parametrize("form", ["name", "name@jid", "root id", "root id prefix"])
+def test_snapshot_selectors(cafs, repo: Path, src: Path, ds: str, form: str) -> None:
+    (src / "data" / "extra").write_bytes(b"second snapshot\n")
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    first, second = snapshot_doc(cafs, repo, "ds")
+    assert first["root"] != second["root"]
+    selector = {"name": "ds", "name@jid": "ds@1", "root id": first["root"],
+                "root id prefix": first["root"][:12]}[form]
+    want = second if form == "name" else first
+    r = cafs("stats", f"{repo}#{selector}", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["root"] == want["root"]
+
+
+def test_diff_after_mutation(cafs, repo: Path, src: Path, ds: str) -> None:
+    m = mutate_tree(src, seed=3)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("diff", f"{repo}#ds@1", f"{repo}#ds@2")
+    assert r.code == 0, r.err
+    expected = ({f"+ {p.decode()}" for p in m.added} | {f"- {p.decode()}" for p in m.removed}
+                | {f"M {p.decode()}" for p in m.modified})
+    assert set(r.out.splitlines()) == expected
+    assert len(r.out.splitlines()) == len(expected)
+
+
+def test_diff_of_identical_snapshots_is_empty(cafs, repo: Path, src: Path, ds: str) -> None:
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("diff", f"{repo}#ds@1", f"{repo}#ds@2")
+    assert r.code == 0, r.err
+    assert r.out == ""
+
+
+def test_stats_of_snapshot(cafs, ds: str, src: Path) -> None:
+    r = cafs("stats", ds, "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    items = manifest(src).values()
+    assert doc["files"] == sum(i.kind == "file" for i in items)
+    assert doc["dirs"] == sum(i.kind == "dir" for i in items)
+    assert doc["symlinks"] == sum(i.kind == "symlink" for i in items)
+    assert doc["logical_bytes"] == file_bytes(src)
+    assert doc["unique_bytes"] < doc["logical_bytes"]  # dups/ holds four copies and a hard link
+    assert doc["dedup_ratio"] > 1
+    assert doc["stored_bytes"] <= doc["unique_bytes"]
+
+
+def test_stats_of_repository(cafs, repo: Path, ds: str, src: Path) -> None:
+    r = cafs("stats", repo, "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["snapshots"] == 1
+    assert doc["logical_bytes"] == file_bytes(src)
+    assert doc["dedup_ratio"] > 1
+    assert doc["stored_bytes"] == packs_bytes(repo)
+    assert doc["packs"] == sum(1 for p in (repo / "packs").rglob("*") if p.is_file())
+    assert doc["packs"] > BIG_FILE // PACK_SIZE
+
+
+def test_identical_copy_adds_no_data(cafs, repo: Path, src: Path, ds: str, tmp_path: Path) -> None:
+    before = json.loads(cafs("stats", repo, "--json").out)
+    stored_before = packs_bytes(repo)
+    shutil.copytree(src, tmp_path / "copy", symlinks=True)
+    r = cafs("import", tmp_path / "copy", repo, "--name", "copy", "--no-progress")
+    assert r.code == 0, r.err
+    assert ", new 0 B," in r.out
+    after = json.loads(cafs("stats", repo, "--json").out)
+    assert (after["chunks"], after["unique_bytes"]) == (before["chunks"], before["unique_bytes"])
+    # only metadata may be new: the copy's directories have other mtimes and inodes
+    assert packs_bytes(repo) - stored_before < META_SLACK
+
+
+def test_reimport_unchanged_reads_nothing(cafs, repo: Path, src: Path, ds: str) -> None:
+    stored_before = packs_bytes(repo)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    assert ", read 0 B," in r.out
+    first, second = snapshot_doc(cafs, repo, "ds")
+    assert (first["jid"], second["jid"]) == (1, 2)
+    assert first["root"] == second["root"]
+    assert packs_bytes(repo) == stored_before
+
+
+def test_incremental_import_stores_about_the_new_bytes(cafs, repo: Path, src: Path, ds: str,
+                                                        tmp_path: Path) -> None:
+    stored_before = packs_bytes(repo)
+    m = mutate_tree(src, seed=5)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    growth = packs_bytes(repo) - stored_before
+    # new files are new bytes; a modified file adds at most its changed chunks
+    assert growth <= m.new_bytes + len(m.modified) * CHUNK_MAX + META_SLACK
+    r = cafs("get", f"{repo}#ds", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(src, tmp_path / "out")
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_get_resumes_and_repairs(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert cafs("get", ds, out).code == 0
+    _flip_byte(out / "data" / "big", BIG_FILE // 2)
+    (out / "data" / "f0016384").unlink()
+    os.truncate(out / "data" / "text.txt", 1000)
+    (out / "odd" / "with space").chmod(0o600)
+    shutil.rmtree(out / "data" / "sub")
+    (out / "data" / "sub").write_bytes(b"a file where a directory was\n")
+    r = cafs("get", ds, out)
+    assert r.code == 0, r.err
+    assert_same_tree(src, out)
+    written, kept = get_counts(r.err)
+    assert written < file_bytes(src) / 5
+    assert kept > file_bytes(src) / 2
+
+
+def test_get_rerun_writes_nothing(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    assert cafs("get", ds, tmp_path / "out").code == 0
+    r = cafs("get", ds, tmp_path / "out")
+    assert r.code == 0, r.err
+    assert get_counts(r.err)[0] == 0
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_get_never_follows_a_symlink_out_of_dest(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "data").symlink_to(outside)
+    (dest / "dups").symlink_to("../outside")
+    r = cafs("get", ds, dest)
+    assert r.code == 0, r.err
+    assert os.listdir(outside) == []
+    assert stat.S_ISDIR(os.lstat(dest / "data").st_mode)
+    assert stat.S_ISDIR(os.lstat(dest / "dups").st_mode)
+    assert_same_tree(src, dest)
+
+
+def test_get_refuses_a_symlink_as_dest(cafs, ds: str, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "link").symlink_to(outside)
+    r = cafs("get", ds, tmp_path / "link")
+    assert r.code != 0
+    assert str(tmp_path / "link") in r.err
+    assert os.listdir(outside) == []
+
+
+def test_mtimes_before_1970_round_trip(cafs, repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "old").write_bytes(b"from 1960\n")
+    os.utime(src / "dir" / "old", ns=(-315_619_200_123_456_789,) * 2)
+    os.utime(src / "dir", ns=(-1,) * 2)
+    assert cafs("import", src, repo, "--name", "old", "--no-progress").code == 0
+    r = cafs("get", f"{repo}#old", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_mtimes_after_2262_are_clamped(cafs, repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "future").write_bytes(b"from 2446\n")
+    (src / "present").write_bytes(b"from now\n")
+    far = 15_032_385_535 * 10**9  # the latest time ext4 holds, past int64 nanoseconds
+    os.utime(src / "future", ns=(far, far))
+    if (src / "future").stat().st_mtime_ns <= INT64_MAX:
+        pytest.skip("this filesystem cannot hold times past 2262")
+    r = cafs("import", src, repo, "--name", "future", "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("get", f"{repo}#future", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert (tmp_path / "out" / "future").read_bytes() == b"from 2446\n"
+    assert (tmp_path / "out" / "future").stat().st_mtime_ns == INT64_MAX
+    assert (tmp_path / "out" / "present").read_bytes() == b"from now\n"
+
+
+@pytest.mark.slow
+def test_hundred_thousand_files(cafs, repo: Path, fast_dir: Path) -> None:
+    src = fast_dir / "many"
+    src.mkdir()
+    n = 100_000
+    dfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(n):
+            fd = os.open(f"f{i:06d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
+            os.write(fd, b"%d\n" % i)
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    r = cafs("import", src, repo, "--name", "many", "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("ls", f"{repo}#many")
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert len(lines) == n
+    assert lines[0].endswith("  f000000") and lines[-1].endswith(f"  f{n - 1:06d}")
+    r = cafs("cat", f"{repo}#many:f054321")
+    assert (r.code, r.out) == (0, "54321\n")
+    r = cafs("get", f"{repo}#many", fast_dir / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(src, fast_dir / "out")
