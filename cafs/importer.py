@@ -35,9 +35,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from pyfastcdc import FastCDC
+from pyfastcdc import Chunk, FastCDC
 
 from cafs.codec import Compressor
 from cafs.errors import CafsError, UsageError
@@ -56,6 +56,7 @@ from cafs.repository import ObjectIndex, Repository
 from cafs.tree import list_dir
 
 NODE_BATCH = 2000
+WHOLE_READ_MAX = 16 << 20  # files up to this size are read in one go and cut in memory
 _NOATIME = getattr(os, "O_NOATIME", 0)
 
 
@@ -300,7 +301,7 @@ class Importer:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino:
                 raise _FileSkipped("replaced while importing")
-            spans = self._chunk_stream(fd)
+            spans = self._chunk_file(fd, st.st_size)
             after = os.fstat(fd)
         except OSError as exc:
             raise _FileSkipped(f"cannot read: {exc.strerror}") from None
@@ -311,12 +312,20 @@ class Importer:
             raise _FileSkipped("changed while being read (size or mtime differ before and after)")
         return spans
 
-    def _chunk_stream(self, fd: int) -> list[Location]:
+    def _chunk_file(self, fd: int, size: int) -> list[Location]:
+        # cut_buf over the whole file gives the same cut points as cut_stream, and costs a
+        # few microseconds instead of ~100 (cut_stream sets up a max-chunk-sized buffer per
+        # call), which is most of the time of a small file.
+        if size <= WHOLE_READ_MAX:
+            data = _read_up_to(fd, size + 1)  # one byte more: a file that grew is seen
+            return self._store_chunks(self.cdc.cut_buf(data))
+        return self._store_chunks(self.cdc.cut_stream(_FdReader(fd)))
+
+    def _store_chunks(self, chunks: Iterable[Chunk]) -> list[Location]:
         c = self.counters
         spans: list[Location] = []
         objects = self.index.objects
-        reader = _FdReader(fd)
-        for chunk in self.cdc.cut_stream(reader):
+        for chunk in chunks:
             data = chunk.data
             cid = digest(data)
             loc = objects.get(cid)
@@ -361,6 +370,18 @@ def _mtime_ns(st: os.stat_result) -> int:
 
 class _FileSkipped(Exception):
     pass
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from ``fd``'s current position, fewer only at end of file."""
+    parts = []
+    while n > 0:
+        part = os.read(fd, n)
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _FdReader:
