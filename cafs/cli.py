@@ -50,9 +50,20 @@ def parse_size(text: str) -> int:
 
 
 def show_path(path: bytes) -> str:
-    """A path for display: UTF-8 where it decodes, escapes for other bytes and controls."""
-    text = path.decode("utf-8", "backslashreplace")
-    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text) or "."
+    """A path for display, one line, unambiguous: UTF-8 where it decodes; a backslash,
+    other bytes (``\\xff``) and control characters (``\\n``) escaped."""
+    text = path.decode("utf-8", "surrogateescape")
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out) or "."
 
 
 # -- context shared by the commands ----------------------------------------------------
