@@ -93,8 +93,9 @@ def _check_contents(meta: MetaCache, cache: ChunkCache, trailers: _Trailers, rep
     for key, length in extents:
         report.extents += 1
         pack, offset = key[:32], int.from_bytes(key[32:], "big")
-        total += length
         why = _verify_extent(cache, trailers, pack, offset, length)
+        if why is None or not repair:
+            total += length  # what stays recorded
         if why is None:
             continue
         report.problems.append(f"cache extent {pack.hex()[:16]}@{offset}: {why}")

@@ -157,7 +157,8 @@ class Checker:
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
             except (CafsError, StoreError) as exc:
-                self._problem(Problem("bad-journal", key, str(exc)))
+                self._problem(Problem("bad-journal", key, str(exc),
+                                      affects={f"{parts[1]}@{jid}": ["/ (the whole snapshot)"]}))
         self.report.snapshots = len(snaps)
         return sorted(snaps, key=lambda s: (s.ref, s.jid))
 

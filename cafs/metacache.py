@@ -79,12 +79,22 @@ class MetaCache:
 
 
 class NodeReader:
-    """Reads nodes by location: memory, then LMDB, then the repository; always verified."""
+    """Reads nodes by location: memory, then LMDB, then the repository; always verified.
 
-    def __init__(self, repo: Repository, cache: MetaCache | None) -> None:
+    With ``defer_writes`` (the mount), nodes fetched from the repository are not written
+    to LMDB at once: ``take_pending`` hands them over so the caller can write them from a
+    worker thread, keeping LMDB write transactions off its event loop."""
+
+    def __init__(self, repo: Repository, cache: MetaCache | None, *, defer_writes: bool = False) -> None:
         self.repo = repo
         self.cache = cache
+        self.defer_writes = defer_writes
+        self._pending: list[tuple[bytes, bytes]] = []
         self._decoded: OrderedDict[bytes, Node] = OrderedDict()
+
+    def take_pending(self) -> list[tuple[bytes, bytes]]:
+        pending, self._pending = self._pending, []
+        return pending
 
     def node_bytes(self, loc: Location) -> bytes:
         if self.cache is not None:
@@ -94,7 +104,9 @@ class NodeReader:
                     return data
                 self.cache.delete(loc.id)  # damaged behind our back: refetch
         data = self.repo.read_object(loc)
-        if self.cache is not None:
+        if self.cache is not None and self.defer_writes:
+            self._pending.append((loc.id, data))
+        elif self.cache is not None:
             try:
                 self.cache.put_many([(loc.id, data)])
             except CafsError:

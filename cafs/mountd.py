@@ -43,7 +43,7 @@ from cafs.stores import LocalStore, open_store
 
 log = logging.getLogger("cafs.mount")
 
-TOUCH_FLUSH_SECONDS = 5.0
+CACHE_FLUSH_SECONDS = 2.0
 
 
 def display_source(source: str) -> str:
@@ -108,7 +108,8 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
         cache = ChunkCache(cache_root, meta.env, opts.cache_size)
         stack.callback(cache.close)
     log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")
-    return SnapshotFS(snapshot, NodeReader(repo, meta), Fetcher(repo, cache), readahead=opts.readahead)
+    return SnapshotFS(snapshot, NodeReader(repo, meta, defer_writes=True), Fetcher(repo, cache),
+                      readahead=opts.readahead)
 
 
 def fuse_options(source: str, opts: MountOptions) -> set[str]:
@@ -131,18 +132,29 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
                     log.info("signal %d: unmounting", signum)
                     pyfuse3.terminate()
 
-        async def flush_touches() -> None:
-            cache = fs.fetcher.cache
-            while cache is not None:
-                await trio.sleep(TOUCH_FLUSH_SECONDS)
-                await trio.to_thread.run_sync(cache.flush_touches)
+        async def flush_caches() -> None:
+            while True:
+                await trio.sleep(CACHE_FLUSH_SECONDS)
+                # taken on the trio thread, which is the only one that appends to it
+                await trio.to_thread.run_sync(_flush, fs, fs.reader.take_pending())
 
         nursery.start_soon(fuse_loop)
         nursery.start_soon(on_signals)
-        nursery.start_soon(flush_touches)
+        nursery.start_soon(flush_caches)
         await trio.to_thread.run_sync(set_readahead, mountpoint, opts.readahead)
         log.info("serving %s@%d on %s", fs.snapshot.ref, fs.snapshot.jid, mountpoint)
         ready()
+
+
+def _flush(fs: SnapshotFS, pending: list[tuple[bytes, bytes]]) -> None:
+    """Write what the mount learnt to the host's cache (runs in a worker thread)."""
+    if pending and fs.reader.cache is not None:
+        try:
+            fs.reader.cache.put_many(pending)
+        except CafsError as exc:
+            log.warning("cannot write fetched nodes to the cache: %s", exc)
+    if fs.fetcher.cache is not None:
+        fs.fetcher.cache.flush_touches()
 
 
 def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
@@ -165,6 +177,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
             pyfuse3.close(unmount=True)
             raise
         pyfuse3.close(unmount=True)
+        _flush(fs, fs.reader.take_pending())
         log.info("unmounted %s", mountpoint)
     return 0
 

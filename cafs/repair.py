@@ -5,6 +5,10 @@
   digest matches, every object matches its id). Without a good copy, nothing changes.
 - A damaged index object is removed and a fresh one written from the pack trailers it
   covered (an index is a cache of trailers; the packs are the data).
+- A journal entry that does not decode is replaced by the mirror's copy under the same
+  key, only if the mirror is the same repository (same repo id) and its copy decodes as
+  that snapshot. A journal entry has no content id to check it against; being written
+  once and never changed, the same repository's copy is the same entry.
 
 Returns what was repaired and what could not be; the caller re-checks.
 """
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 from cafs.check import Problem, Report
 from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
+from cafs.format.journal import decode_snapshot, parse_jid
 from cafs.format.location import verify_stored
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
@@ -48,6 +53,8 @@ def repair(repo: Repository, report: Report, mirrors: list[Repository]) -> Repai
     for problem in report.problems:
         if problem.kind == "bad-index":
             _rewrite_index(repo, problem, result)
+        elif problem.kind == "bad-journal":
+            _replace_journal(repo, problem, mirrors, result)
         elif problem.pack is not None and problem.pack not in done:
             done.add(problem.pack)
             _replace_pack(repo, problem, mirrors, result)
@@ -70,6 +77,32 @@ def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository],
         return
     why = "; ".join(reasons) if reasons else "no mirror given (--mirror URL)"
     result.failed.append(f"pack {problem.pack.hex()}: no good copy ({why})")
+
+
+def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repository],
+                     result: RepairResult) -> None:
+    key = problem.subject
+    parts = key.split("/")
+    jid = parse_jid(parts[-1]) if len(parts) == 3 else None
+    if jid is None:
+        result.failed.append(f"{key}: not a journal key")
+        return
+    reasons = []
+    for mirror in mirrors:
+        if mirror.config.repo_id != repo.config.repo_id:
+            reasons.append(f"{mirror.url}: another repository (repo id {mirror.config.repo_id[:12]})")
+            continue
+        try:
+            data = mirror.store.get(key)
+            decode_snapshot(data, parts[1], jid)
+        except (CafsError, StoreError) as exc:
+            reasons.append(f"{mirror.url}: {exc}")
+            continue
+        repo.store.put(key, data)
+        result.repaired.append(f"{key}: replaced by the copy from {mirror.url}")
+        return
+    why = "; ".join(reasons) if reasons else "no mirror given (--mirror URL)"
+    result.failed.append(f"{key}: no good copy ({why})")
 
 
 def _rewrite_index(repo: Repository, problem: Problem, result: RepairResult) -> None:
