@@ -66,10 +66,10 @@ ODD_SYMLINK_TARGET = b"no such\ntarget \xff\xfe \xe2\x98\x83"
 class Item(NamedTuple):
     """One path of a manifest. A plain tuple, so manifests compare with ``==``."""
 
-    kind: str  # "d" directory, "f" regular file, "l" symlink, "s" anything else (fifo, socket, device)
+    kind: str  # "d" directory, "f" regular file, "l" symlink, "s" other (fifo, socket, device)
     mode: int  # st_mode & 0o7777
     size: int  # st_size for a file, else 0
-    mtime_ns: int | None  # None for a directory under ignore_dir_mtime, a symlink unless symlink_mtimes
+    mtime_ns: int | None  # None: a dir under ignore_dir_mtime, a symlink unless symlink_mtimes
     target: bytes | None  # a symlink's target, else None
     digest: str | None  # SHA-256 hex of a file's bytes, else None
 
@@ -323,7 +323,8 @@ def _item(path: bytes, st: os.stat_result, symlink_mtimes: bool, ignore_dir_mtim
     if stat.S_ISREG(st.st_mode):
         return Item("f", mode, st.st_size, st.st_mtime_ns, None, _digest(path))
     if stat.S_ISLNK(st.st_mode):
-        return Item("l", mode, 0, st.st_mtime_ns if symlink_mtimes else None, os.readlink(path), None)
+        mtime = st.st_mtime_ns if symlink_mtimes else None
+        return Item("l", mode, 0, mtime, os.readlink(path), None)
     return Item("s", mode, 0, st.st_mtime_ns, None, None)
 
 
@@ -374,7 +375,8 @@ def diff_manifests(a: Manifest, b: Manifest) -> list[str]:
         else:
             for field, va, vb in zip(Item._fields, x, y):
                 if va != vb:
-                    lines.append(f"{shown}: {field}: {_show_value(field, va)} != {_show_value(field, vb)}")
+                    shown_a, shown_b = _show_value(field, va), _show_value(field, vb)
+                    lines.append(f"{shown}: {field}: {shown_a} != {shown_b}")
     return lines
 
 
@@ -403,9 +405,9 @@ def mutate_tree(root: Path, *, seed: int, rewrite_fraction: float = 0.05,
     link would change the other too): ``rewrite_fraction`` (at least one) get new random
     bytes of the same size, written in place, and an mtime 1 s later; ``remove_fraction``
     are deleted. ``add_fraction`` of the regular-file count (at least one) are added as
-    new random files in random directories, plus a directory ``added-dir`` holding
-    ``inside``. Every directory that gained or lost an entry gets an mtime 1 s later.
-    Deterministic given the tree and ``seed``."""
+    new random files in directories that hold files already, plus a directory
+    ``added-dir`` holding ``inside``. Every directory that gained or lost an entry gets
+    an mtime 1 s later. Deterministic given the tree and ``seed``."""
     rnd = random.Random(seed)
     r = os.fsencode(root)
 
@@ -417,6 +419,7 @@ def mutate_tree(root: Path, *, seed: int, rewrite_fraction: float = 0.05,
     candidates = [rel for rel, st in entries
                   if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0]
     dirs = [b""] + [rel for rel, st in entries if stat.S_ISDIR(st.st_mode)]
+    file_dirs = sorted({rel.rpartition(b"/")[0] for rel in regular})  # where new files go
     n_rewrite = max(1, round(rewrite_fraction * len(candidates))) if rewrite_fraction > 0 else 0
     n_remove = round(remove_fraction * len(candidates))
     n_add = max(1, round(add_fraction * len(regular))) if add_fraction > 0 else 0
@@ -453,9 +456,10 @@ def mutate_tree(root: Path, *, seed: int, rewrite_fraction: float = 0.05,
     added: list[bytes] = []
     t = BASE_MTIME_NS + (7 << 40)  # after every mtime make_tree's counter gives out
     for i in range(n_add):
-        parent = rnd.choice(dirs)
+        parent = rnd.choice(file_dirs)
         rel = _join(parent, b"added-%03d" % i)
-        data = rnd.randbytes(rnd.choice((0, 1, rnd.randrange(2, 64 << 10), rnd.randrange(64 << 10, 300 << 10))))
+        size = rnd.choice((0, 1, rnd.randrange(2, 64 << 10), rnd.randrange(64 << 10, 300 << 10)))
+        data = rnd.randbytes(size)
         _write(p(rel), data)
         t += MTIME_STEP_NS
         os.utime(p(rel), ns=(t, t))
