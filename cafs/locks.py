@@ -94,7 +94,7 @@ def locked(store: Store, kind: str) -> Iterator[None]:
                     store.delete(other.key)
                 continue
             if kind == "exclusive" or other.kind == "exclusive":
-                pass  # raise RepositoryLocked(f"{store.url}: in use ({other.describe()}); try again later")
+                raise RepositoryLocked(f"{store.url}: in use ({other.describe()}); try again later")
         stop = threading.Event()
         refresher = threading.Thread(target=_refresh, args=(store, key, kind, stop), daemon=True,
                                      name="cafs-lock")

@@ -1,0 +1,517 @@
+"""``cafs fsck``: every fault is found, named by what it affects, and repaired from a mirror.
+
+Each test damages a copy of one real repository (made once per module with ``cafs init``
+and ``cafs import``, small chunks and packs so a small tree spans many packs) the way a
+disk or a person would: flipped bytes in a data pack, a truncated or missing pack, a
+corrupt node, a missing root, a damaged index object, garbage in a journal entry. The
+oracles are fsck(8)'s exit codes (0 clean, 1 corrected, 4 left uncorrected, 8
+operational), the affected snapshot and paths fsck names (computed independently here by
+walking the snapshot), and the source tree, which ``cafs get`` must reproduce exactly
+after a repair. The cache tests damage a host's chunk cache and its LMDB, under fsck and
+under a running mount (which must never serve a wrong byte).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cafs.cli import main as cafs_main
+from cafs.format.location import Location
+from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
+from cafs.format.pack import KIND_DATA, KIND_META, TAIL_LEN, decode_trailer, trailer_length
+from cafs.repository import Repository
+from cafs.stores import open_store
+from treegen import assert_same_tree, make_tree
+
+INIT_ARGS = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "512K")
+FSCK_CLEAN, FSCK_CORRECTED, FSCK_UNCORRECTED, FSCK_OPERATIONAL = 0, 1, 4, 8
+LABEL = "ds@1"
+MOUNT_TIMEOUT = 60.0
+
+
+# -- a repository's layout, computed independently of cafs.check ----------------------
+
+
+@dataclass
+class Layout:
+    """What the repository holds and which snapshot paths use what."""
+
+    repo_id: str
+    kinds: dict[bytes, int] = field(default_factory=dict)  # pack id -> KIND_DATA / KIND_META
+    entries: dict[bytes, tuple[Location, ...]] = field(default_factory=dict)  # pack id -> trailer
+    files: dict[bytes, tuple[Location, ...]] = field(default_factory=dict)  # file path -> spans
+    dirs: dict[bytes, Location] = field(default_factory=dict)  # directory path -> its node
+    root: Location | None = None
+
+    def pack_users(self, pack: bytes) -> set[bytes]:
+        return {path for path, spans in self.files.items() if any(s.pack == pack for s in spans)}
+
+    def chunk_users(self, chunk: bytes) -> set[bytes]:
+        return {path for path, spans in self.files.items() if any(s.id == chunk for s in spans)}
+
+
+def show(path: bytes) -> str:
+    """A snapshot path as fsck shows it."""
+    return path.decode("utf-8", "backslashreplace") or "/"
+
+
+def pack_path(repo: Path, pack: bytes) -> Path:
+    return repo / "packs" / pack.hex()[:2] / pack.hex()
+
+
+def read_layout(repo: Path, ref: str = "ds") -> Layout:
+    r = Repository.open(open_store(str(repo)))
+    out = Layout(r.config.repo_id)
+    for p in (repo / "packs").glob("*/*"):
+        if p.name.startswith(".tmp"):
+            continue
+        data = p.read_bytes()
+        n = trailer_length(data[-TAIL_LEN:], str(p))
+        t = decode_trailer(data[len(data) - TAIL_LEN - n:len(data) - TAIL_LEN], bytes.fromhex(p.name), len(data),
+                           str(p))
+        out.kinds[bytes.fromhex(p.name)] = t.kind
+        out.entries[bytes.fromhex(p.name)] = t.entries
+    snap = r.snapshot(ref)
+    out.root = snap.root.ref
+    stack: list[tuple[bytes, Entry]] = [(b"", snap.root)]
+    while stack:
+        path, e = stack.pop()
+        if e.is_dir:
+            assert e.ref is not None
+            out.dirs[path] = e.ref
+            node = decode_node(r.read_object(e.ref))
+            children: list[Entry] = []
+            if isinstance(node, TreeNode):
+                children = list(node.entries)
+            elif isinstance(node, DirIndexNode):
+                for page in node.pages:
+                    sub = decode_node(r.read_object(page.ref))
+                    assert isinstance(sub, TreeNode)
+                    children.extend(sub.entries)
+            stack.extend((path + b"/" + c.name if path else c.name, c) for c in children)
+        elif e.is_file:
+            if e.spans is not None:
+                out.files[path] = e.spans
+            else:
+                assert e.ref is not None
+                node = decode_node(r.read_object(e.ref))
+                assert isinstance(node, FileNode)
+                out.files[path] = node.spans
+    return out
+
+
+def flip(path: Path, offset: int, count: int = 1) -> None:
+    """Invert ``count`` bytes of ``path`` at ``offset``, in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(count)
+        assert len(old) == count
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def files_under(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+
+
+# -- the repository every fault test damages a copy of -------------------------------------
+
+
+@dataclass(frozen=True)
+class Pristine:
+    src: Path
+    repo: Path
+    layout: Layout
+
+
+def _run(*args: str | os.PathLike[str]) -> None:
+    assert cafs_main([os.fspath(a) for a in args]) == 0, args
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
+    base = tmp_path_factory.mktemp("pristine")
+    src = make_tree(base / "src", seed=5, big_file_size=3 << 20)
+    repo = base / "repo"
+    _run("init", repo, *INIT_ARGS)
+    _run("import", src, repo, "--name", "ds", "--cache", base / "cache", "--no-progress")
+    layout = read_layout(repo)
+    assert sum(k == KIND_DATA for k in layout.kinds.values()) >= 6, "too few data packs to be interesting"
+    return Pristine(src, repo, layout)
+
+
+@dataclass(frozen=True)
+class Damaged:
+    repo: Path
+    mirror: Path  # a cp -a of the repository taken before the damage
+    src: Path
+    layout: Layout
+
+
+@pytest.fixture
+def copies(pristine: Pristine, tmp_path: Path) -> Damaged:
+    repo, mirror = tmp_path / "repo", tmp_path / "mirror"
+    subprocess.run(["cp", "-a", pristine.repo, repo], check=True)
+    subprocess.run(["cp", "-a", repo, mirror], check=True)
+    return Damaged(repo, mirror, pristine.src, pristine.layout)
+
+
+# -- the faults ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # the problem kind fsck reports
+    subject: str  # the damaged object as fsck names it
+    read_data: bool  # only found when chunk bytes are read
+    affected: set[str]  # paths fsck may name (as fsck shows them); it must name one of them
+
+
+def _big_pack(layout: Layout) -> tuple[bytes, Location]:
+    """A data pack in the middle of data/big and a chunk of data/big in it."""
+    spans = layout.files[b"data/big"]
+    span = spans[len(spans) // 2]
+    assert layout.kinds[span.pack] == KIND_DATA
+    return span.pack, span
+
+
+def flipped_data(d: Damaged) -> Fault:
+    pack, span = _big_pack(d.layout)
+    flip(pack_path(d.repo, pack), span.offset + span.stored_length // 2, 4)
+    return Fault("corrupt-pack", pack.hex(), True, {show(p) for p in d.layout.chunk_users(span.id)})
+
+
+def truncated_pack(d: Damaged) -> Fault:
+    pack, _ = _big_pack(d.layout)
+    path = pack_path(d.repo, pack)
+    os.truncate(path, path.stat().st_size // 2)
+    return Fault("truncated-pack", pack.hex(), False, {show(p) for p in d.layout.pack_users(pack)})
+
+
+def missing_pack(d: Damaged) -> Fault:
+    pack, _ = _big_pack(d.layout)
+    pack_path(d.repo, pack).unlink()
+    return Fault("missing-pack", pack.hex(), False, {show(p) for p in d.layout.pack_users(pack)})
+
+
+def corrupt_node(d: Damaged) -> Fault:
+    loc = d.layout.dirs[b"data/sub"]
+    assert d.layout.kinds[loc.pack] == KIND_META
+    flip(pack_path(d.repo, loc.pack), loc.offset + loc.stored_length // 2)
+    return Fault("corrupt-node", loc.id.hex(), False, {"data/sub (and everything below)"})
+
+
+def missing_root(d: Damaged) -> Fault:
+    root = d.layout.root
+    assert root is not None and d.layout.kinds[root.pack] == KIND_META
+    pack_path(d.repo, root.pack).unlink()
+    return Fault("missing-pack", root.pack.hex(), False, {"/ (and everything below)"})
+
+
+def journal_garbage(d: Damaged) -> Fault:
+    key = f"refs/ds/{1:020d}"
+    data = (d.repo / key).read_bytes()
+    (d.repo / key).write_bytes(b"\xc1garbage" + data[8:])  # 0xc1 is never valid msgpack
+    return Fault("bad-journal", key, False, {"/ (the whole snapshot)"})
+
+
+PACK_FAULTS: dict[str, Callable[[Damaged], Fault]] = {
+    "flipped-data": flipped_data,
+    "truncated-pack": truncated_pack,
+    "missing-pack": missing_pack,
+    "corrupt-node": corrupt_node,
+    "missing-root": missing_root,
+}
+ALL_FAULTS = {**PACK_FAULTS, "journal-garbage": journal_garbage}
+
+
+def fsck(cafs, repo: Path, *args: str | os.PathLike[str]):
+    return cafs("fsck", repo, *args)
+
+
+def fsck_json(cafs, repo: Path, *args: str | os.PathLike[str]) -> tuple[int, dict]:
+    r = cafs("fsck", repo, "--json", *args)
+    return r.code, json.loads(r.out)
+
+
+def assert_extracts(cafs, repo: Path, src: Path, dest: Path) -> None:
+    r = cafs("get", f"{repo}#ds", dest)
+    assert r.code == 0, r.err
+    assert_same_tree(src, dest)
+
+
+# -- repository faults ------------------------------------------------------------------------
+
+
+def test_clean_repository_passes(cafs, copies: Damaged) -> None:
+    r = fsck(cafs, copies.repo, "--read-data")
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    assert "no errors" in r.out
+
+
+@pytest.mark.parametrize("name", ALL_FAULTS)
+def test_fault_is_found_and_named(cafs, copies: Damaged, name: str) -> None:
+    fault = ALL_FAULTS[name](copies)
+    read = ("--read-data",) if fault.read_data else ()
+    r = fsck(cafs, copies.repo, *read)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert fault.kind in r.out and LABEL in r.out, r.out
+    code, doc = fsck_json(cafs, copies.repo, *read)
+    assert code == FSCK_UNCORRECTED
+    found = [p for p in doc["problems"] if p["kind"] == fault.kind]
+    assert found, doc["problems"]
+    assert {p["subject"] for p in found} == {fault.subject}
+    assert fault.subject in r.out
+    named = {path for p in found for path in p["affects"].get(LABEL, [])}
+    assert named, f"{fault.kind} names no path of {LABEL}: {found}"
+    assert named <= fault.affected, named - fault.affected
+    assert any(path in r.out for path in named), r.out
+
+
+def test_flipped_data_bytes_need_read_data(cafs, copies: Damaged) -> None:
+    flipped_data(copies)
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_CLEAN, r.out
+    r = fsck(cafs, copies.repo, "--read-data")
+    assert r.code == FSCK_UNCORRECTED, r.out
+
+
+@pytest.mark.parametrize("name", ALL_FAULTS)
+def test_repair_from_mirror(cafs, copies: Damaged, name: str, tmp_path: Path) -> None:
+    fault = ALL_FAULTS[name](copies)
+    read = ("--read-data",) if fault.read_data else ()
+    r = fsck(cafs, copies.repo, *read, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert "repaired:" in r.out
+    r = fsck(cafs, copies.repo, "--read-data")
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    assert_extracts(cafs, copies.repo, copies.src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ALL_FAULTS)
+def test_repair_without_mirror_changes_nothing(cafs, copies: Damaged, name: str) -> None:
+    fault = ALL_FAULTS[name](copies)
+    read = ("--read-data",) if fault.read_data else ()
+    before = files_under(copies.repo / "packs")
+    r = fsck(cafs, copies.repo, *read, "--repair")
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert "not repaired:" in r.out
+    assert files_under(copies.repo / "packs") == before
+    r = fsck(cafs, copies.repo, *read)
+    assert r.code == FSCK_UNCORRECTED
+
+
+def test_repair_skips_a_damaged_mirror_copy(cafs, copies: Damaged) -> None:
+    fault = truncated_pack(copies)
+    flip(pack_path(copies.mirror, bytes.fromhex(fault.subject)), 100)  # the mirror's copy is bad too
+    before = files_under(copies.repo / "packs")
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_UNCORRECTED, r.out
+    assert files_under(copies.repo / "packs") == before
+
+
+def test_damaged_index_is_rewritten_without_a_mirror(cafs, copies: Damaged, tmp_path: Path) -> None:
+    (index,) = (copies.repo / "index").iterdir()
+    flip(index, index.stat().st_size // 2)
+    packs = files_under(copies.repo / "packs")
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out
+    assert "bad-index" in r.out and index.name in r.out
+    r = fsck(cafs, copies.repo, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert files_under(copies.repo / "packs") == packs
+    assert not index.exists() and len(list((copies.repo / "index").iterdir())) == 1
+    r = fsck(cafs, copies.repo, "--read-data")
+    assert r.code == FSCK_CLEAN, r.out
+    assert_extracts(cafs, copies.repo, copies.src, tmp_path / "out")
+
+
+def test_json_lists_the_problems(cafs, copies: Damaged) -> None:
+    fault = missing_pack(copies)
+    code, doc = fsck_json(cafs, copies.repo)
+    assert code == doc["exit"] == FSCK_UNCORRECTED
+    assert doc["snapshots"] == 1 and doc["packs"] == len(copies.layout.kinds) - 1
+    (problem,) = doc["problems"]
+    assert problem["kind"] == "missing-pack" and problem["subject"] == fault.subject
+    assert set(problem["affects"]) == {LABEL}
+    code, doc = fsck_json(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert code == doc["exit"] == FSCK_CORRECTED
+    assert doc["repaired"] and not doc["unrepaired"] and doc["remaining"] == []
+
+
+def test_missing_repository_is_operational_error(cafs, tmp_path: Path) -> None:
+    r = fsck(cafs, tmp_path / "no-such-repo")
+    assert r.code == FSCK_OPERATIONAL
+    assert "no-such-repo" in r.err
+
+
+def test_read_data_fraction_reads_about_half(cafs, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(24 << 20))  # about 48 data packs
+    repo = tmp_path / "repo"
+    assert cafs("init", repo, *INIT_ARGS).code == 0
+    assert cafs("import", src, repo, "--name", "ds").code == 0
+    total = sum(files_under(repo / "packs").values())
+    code, full = fsck_json(cafs, repo, "--read-data")
+    assert code == FSCK_CLEAN and full["bytes_read"] == total
+    code, half = fsck_json(cafs, repo, "--read-data=0.5")
+    assert code == FSCK_CLEAN
+    # 48 packs of similar size: a share outside 20-80 % is over 4 standard deviations away
+    assert 0.2 * total <= half["bytes_read"] <= 0.8 * total, (half["bytes_read"], total)
+
+
+# -- the cache --------------------------------------------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@contextmanager
+def mounted(source: str, mnt: Path, options: str) -> Iterator[int]:
+    """Mount ``source`` at ``mnt`` with the mount helper; yields the daemon's pid."""
+    mnt.mkdir(exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "cafs.mount_helper", source, str(mnt), "-o", options],
+                       capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    pid: int | None = None
+    try:
+        pid = int(os.getxattr(mnt, "user.cafs.pid"))
+        yield pid
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=MOUNT_TIMEOUT)
+        if pid is not None:
+            deadline = time.monotonic() + MOUNT_TIMEOUT
+            while not _gone(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not _gone(pid):
+                os.kill(pid, 9)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, timeout=MOUNT_TIMEOUT)
+
+
+def read_all(root: Path) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def stats(mnt: Path) -> dict[str, int]:
+    return dict(json.loads(os.getxattr(mnt, "user.cafs.stats")))
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+@pytest.fixture
+def cached(copies: Damaged, tmp_path: Path) -> Path:
+    """A chunk cache of the whole snapshot: mounted with cache_mode=full, read, unmounted."""
+    cache = tmp_path / "chunkcache"
+    with mounted(f"{copies.repo}#ds", tmp_path / "mnt", f"cache={cache},cache_mode=full") as _pid:
+        got = read_all(tmp_path / "mnt")
+    assert got == read_all(copies.src)
+    return cache
+
+
+def test_damaged_cache_extent(cafs, copies: Damaged, cached: Path) -> None:
+    _pack, span = _big_pack(copies.layout)
+    sparse = cached / copies.layout.repo_id / "data" / span.pack.hex()[:2] / span.pack.hex()
+    flip(sparse, span.offset + span.stored_length // 2)
+    r = fsck(cafs, copies.repo, "--cache", cached)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"cache extent {span.pack.hex()[:16]}@{span.offset}" in r.out
+    r = fsck(cafs, copies.repo, "--cache", cached, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    r = fsck(cafs, copies.repo, "--cache", cached)
+    assert r.code == FSCK_CLEAN, r.out + r.err
+
+
+def _garble_lmdb(cache: Path, repo_id: str) -> None:
+    with open(cache / repo_id / "meta.lmdb" / "data.mdb", "r+b") as f:
+        f.write(os.urandom(16 << 10))
+
+
+def test_damaged_cache_lmdb_is_rebuilt(cafs, copies: Damaged, cached: Path) -> None:
+    _garble_lmdb(cached, copies.layout.repo_id)
+    r = fsck(cafs, copies.repo, "--cache", cached)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert "meta.lmdb" in r.out
+    r = fsck(cafs, copies.repo, "--cache", cached, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    m = re.search(r"rebuilt it: (\d+) verified extent\(s\) kept", r.out)
+    chunks = sum(len(e) for p, e in copies.layout.entries.items() if copies.layout.kinds[p] == KIND_DATA)
+    assert m and int(m.group(1)) == chunks, r.out  # every chunk was read, cached, and is kept
+    r = fsck(cafs, copies.repo, "--cache", cached)
+    assert r.code == FSCK_CLEAN, r.out + r.err
+
+
+def test_mount_on_damaged_cache_lmdb_serves_correct_bytes(copies: Damaged, cached: Path, tmp_path: Path) -> None:
+    _garble_lmdb(cached, copies.layout.repo_id)
+    mnt = tmp_path / "mnt"
+    with mounted(f"{copies.repo}#ds", mnt, f"cache={cached},cache_mode=full"):
+        assert_same_tree(copies.src, mnt)
+
+
+def test_mount_refuses_to_serve_a_corrupt_pack(copies: Damaged, tmp_path: Path) -> None:
+    # a chunk in the data pack shared by the most files: its neighbours must still read
+    layout = copies.layout
+    pack = max((p for p, k in layout.kinds.items() if k == KIND_DATA), key=lambda p: len(layout.pack_users(p)))
+    chunk = next(loc for loc in layout.entries[pack] if layout.chunk_users(loc.id))
+    flip(pack_path(copies.repo, pack), chunk.offset + chunk.stored_length // 2)
+    bad = layout.chunk_users(chunk.id)
+    mnt = tmp_path / "mnt"
+    with mounted(f"{copies.repo}#ds", mnt, f"cache={tmp_path / 'cache'}"):
+        for path in sorted(bad):
+            with pytest.raises(OSError) as info:
+                (mnt / os.fsdecode(path)).read_bytes()
+            assert info.value.errno == errno.EIO
+        good = set(layout.files) - bad
+        assert len(good) > 20 and good & layout.pack_users(pack)
+        for path in sorted(good):
+            got = (mnt / os.fsdecode(path)).read_bytes()
+            assert got == (copies.src / os.fsdecode(path)).read_bytes(), path
+
+
+def test_mount_refetches_a_cache_extent_damaged_behind_its_back(cafs, tmp_path: Path) -> None:
+    # The mount keeps 64 MiB of verified chunks in memory; a file larger than that pushes
+    # its first chunks out, so reading it again goes to the sparse cache file.
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(80 << 20)
+    (src / "huge").write_bytes(data)
+    repo = tmp_path / "repo"
+    assert cafs("init", repo, *INIT_ARGS).code == 0
+    assert cafs("import", src, repo, "--name", "ds").code == 0
+    layout = read_layout(repo)
+    first = layout.files[b"huge"][0]
+    cache, mnt = tmp_path / "chunkcache", tmp_path / "mnt"
+    with mounted(f"{repo}#ds", mnt, f"cache={cache},cache_mode=full"):
+        assert (mnt / "huge").read_bytes() == data
+        sparse = cache / layout.repo_id / "data" / first.pack.hex()[:2] / first.pack.hex()
+        flip(sparse, first.offset + first.stored_length // 2, 8)
+        drop_page_cache()
+        assert (mnt / "huge").read_bytes() == data
+        assert stats(mnt)["damaged_extents"] >= 1
