@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("repo")
     sp.add_argument("--read-data", nargs="?", type=parse_fraction, const=1.0, default=0.0, metavar="FRACTION",
                     help="also read and verify chunk bytes (all, or a random fraction of packs)")
-    sp.add_argument("--repair", action="store_true", help="replace damaged packs by verified copies from mirrors")
+    sp.add_argument("--repair", action="store_true", help="replace damaged packs and journal entries by verified copies from --mirror, rewrite bad indexes, drop bad cache entries")
     sp.add_argument("--mirror", action="append", default=[], metavar="URL", help="a repository holding good copies")
     sp.add_argument("--cache", nargs="?", const="", default=None, metavar="DIR",
                     help="also check this host's cache for the repository (default cache dir if no DIR)")
