@@ -58,9 +58,13 @@ class _Trailers:
 def check_cache(repo: Repository, cache_dir: Path, *, repair: bool) -> CacheReport:
     root = cache_dir / repo.config.repo_id
     report = CacheReport(root)
-    if not (root / "meta.lmdb").exists():
-        return report
     trailers = _Trailers(repo)
+    if not (root / "meta.lmdb").exists():
+        if any((root / "data").glob("*/*")):
+            report.problems.append(f"{root / 'meta.lmdb'}: missing, but cached chunk files are there")
+            if repair:
+                _rebuild(root, trailers, report)
+        return report
     try:
         meta = MetaCache(root)
         try:
@@ -128,7 +132,8 @@ def _verify_extent(cache: ChunkCache, trailers: _Trailers, pack: bytes, offset: 
 
 def _rebuild(root: Path, trailers: _Trailers, report: CacheReport) -> None:
     damaged = root / f"meta.lmdb.damaged-{int(time.time())}"
-    shutil.move(root / "meta.lmdb", damaged)
+    if (root / "meta.lmdb").exists():
+        shutil.move(root / "meta.lmdb", damaged)
     meta = MetaCache(root)
     cache = ChunkCache(root, meta.env, 1 << 62)
     kept = 0
@@ -152,7 +157,8 @@ def _rebuild(root: Path, trailers: _Trailers, report: CacheReport) -> None:
     finally:
         cache.close()
         meta.close()
-    report.repaired.append(f"moved the damaged LMDB to {damaged.name} and rebuilt it: {kept} verified extent(s) kept")
+    what = f"moved the damaged LMDB to {damaged.name} and rebuilt it" if damaged.exists() else "rebuilt the missing LMDB"
+    report.repaired.append(f"{what}: {kept} verified extent(s) kept")
 
 
 __all__ = ["check_cache", "CacheReport", "extent_key"]
