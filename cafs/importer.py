@@ -105,17 +105,19 @@ class _DirFrame:
     st: os.stat_result
     names: list[bytes]
     prev: dict[bytes, Entry]
+    prev_dir: Entry | None  # this directory's entry in the previous snapshot
     pos: int = 0
     entries: list[Entry] = field(default_factory=list)
     subdirs: int = 0
 
 
 class Importer:
-    def __init__(self, repo: Repository, meta: MetaCache, index: ObjectIndex,
+    def __init__(self, repo: Repository, meta: MetaCache, load_index: Callable[[], ObjectIndex],
                  uploader: Uploader, reader: NodeReader, prev: Snapshot | None) -> None:
         self.repo = repo
         self.meta = meta
-        self.index = index
+        self._load_index = load_index
+        self._index: ObjectIndex | None = None
         self.reader = reader
         self.prev = prev
         self.counters = Counters()
@@ -128,6 +130,14 @@ class Importer:
         self._node_batch: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
         self.stop = threading.Event()
+
+    @property
+    def objects(self) -> dict[bytes, Location]:
+        """Every object in the repository, by id. Loaded on first use: re-importing an
+        unchanged tree never needs it."""
+        if self._index is None:
+            self._index = self._load_index()
+        return self._index.objects
 
     # -- the walk -----------------------------------------------------------------
 
@@ -184,7 +194,7 @@ class Importer:
             except CafsError:
                 prev_entries = {}  # an unreadable previous snapshot only costs re-reading
         self.counters.dirs += 1
-        return _DirFrame(fd, path, st, names, prev_entries)
+        return _DirFrame(fd, path, st, names, prev_entries, prev if prev is not None and prev.is_dir else None)
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.skipped.append(Skipped(path, reason))
@@ -230,7 +240,12 @@ class Importer:
 
     def _finish_dir(self, frame: _DirFrame) -> Entry:
         entries = frame.entries
-        if len(entries) <= PAGE_ENTRIES:
+        prev = frame.prev_dir
+        if (prev is not None and prev.ref is not None and len(entries) == len(frame.prev)
+                and all(e is frame.prev.get(e.name) for e in entries)):
+            # every entry is the previous snapshot's own: so is the node
+            ref = prev.ref
+        elif len(entries) <= PAGE_ENTRIES:
             ref = self._store_node(TreeNode(tuple(entries)))
         else:
             pages = []
@@ -240,8 +255,8 @@ class Importer:
             ref = self._store_node(DirIndexNode(tuple(pages)))
         st = frame.st
         name = frame.path.rsplit(b"/", 1)[-1]
-        return Entry(name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
-                     len(entries), 2 + frame.subdirs, st.st_ino, ref=ref)
+        return _same_or_new(prev, Entry(name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                        _mtime_ns(st), len(entries), 2 + frame.subdirs, st.st_ino, ref=ref))
 
     def _import_symlink(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
         try:
@@ -254,8 +269,9 @@ class Importer:
             self._skip(path, f"symlink target of {len(target_b)} bytes is outside 1-{MAX_TARGET}")
             return None
         self.counters.symlinks += 1
-        return Entry(name, KIND_SYMLINK, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
-                     len(target_b), st.st_nlink, st.st_ino, target=target_b)
+        return _same_or_new(parent.prev.get(name), Entry(
+            name, KIND_SYMLINK, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
+            len(target_b), st.st_nlink, st.st_ino, target=target_b))
 
     # -- files --------------------------------------------------------------------
 
@@ -273,7 +289,7 @@ class Importer:
             c.files += 1
             c.reused_files += 1
             c.logical += st.st_size
-            return self._file_entry(name, st, prev.spans, prev.ref)
+            return _same_or_new(prev, self._file_entry(name, st, prev.spans, prev.ref))
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
             spans, ref, size = self._links[link_key]
@@ -324,7 +340,7 @@ class Importer:
     def _store_chunks(self, chunks: Iterable[Chunk]) -> list[Location]:
         c = self.counters
         spans: list[Location] = []
-        objects = self.index.objects
+        objects = self.objects
         for chunk in chunks:
             data = chunk.data
             cid = digest(data)
@@ -346,11 +362,11 @@ class Importer:
     def _store_node(self, node: Node) -> Location:
         data = encode_node(node)
         nid = digest(data)
-        loc = self.index.objects.get(nid)
+        loc = self.objects.get(nid)
         if loc is None:
             codec, stored = self.compressor.encode(data)
             loc = self.meta_packs.add(nid, stored, len(data), codec)
-            self.index.objects[nid] = loc
+            self.objects[nid] = loc
         self._node_batch.append((nid, data))
         if len(self._node_batch) >= NODE_BATCH:
             self._flush_nodes()
@@ -359,6 +375,11 @@ class Importer:
     def _flush_nodes(self) -> None:
         batch, self._node_batch = self._node_batch, []
         self.meta.put_many(batch)
+
+
+def _same_or_new(prev: Entry | None, new: Entry) -> Entry:
+    """``prev`` itself if ``new`` equals it: identity then tells an unchanged directory."""
+    return prev if prev is not None and prev == new else new
 
 
 def _mtime_ns(st: os.stat_result) -> int:
@@ -429,11 +450,10 @@ def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, stric
         prev = repo.snapshot(ref)
     except CafsError:
         prev = None
-    index = repo.load_index(on_problem=on_problem)
     reader = NodeReader(repo, meta)
     uploader = Uploader(repo.store)
     try:
-        importer = Importer(repo, meta, index, uploader, reader, prev)
+        importer = Importer(repo, meta, lambda: repo.load_index(on_problem=on_problem), uploader, reader, prev)
         if counters_out is not None:
             counters_out.append(importer.counters)
         root = importer.import_tree(src)

@@ -109,7 +109,35 @@ class Entry:
                 self.size, self.nlink, self.ino, content]
 
 
+_U32 = 1 << 32
+_U64 = 1 << 64
+
+
 def decode_entry(value: Any, what: str, *, root: bool = False) -> Entry:
+    # Fast path for valid file and directory entries: the same checks as
+    # _decode_entry_checked, without building a message per field. Anything it does not
+    # accept goes through the checked path, which names what is wrong.
+    if not root and type(value) is list and len(value) == 10:
+        name, kind, mode, uid, gid, mtime, size, nlink, ino, content = value
+        if (type(name) is bytes and 0 < len(name) <= MAX_NAME and b"/" not in name and b"\0" not in name
+                and name != b"." and name != b".." and type(kind) is int
+                and type(mode) is int and 0 <= mode <= 0o7777 and type(uid) is int and 0 <= uid < _U32
+                and type(gid) is int and 0 <= gid < _U32 and type(mtime) is int and INT64[0] <= mtime <= INT64[1]
+                and type(size) is int and 0 <= size <= INT64[1] and type(nlink) is int and 1 <= nlink < _U32
+                and type(ino) is int and 0 <= ino < _U64):
+            if (kind == KIND_FILE and type(content) is list and len(content) == 2
+                    and type(content[0]) is int and content[0] == CONTENT_INLINE
+                    and type(content[1]) is list and len(content[1]) <= INLINE_SPANS):
+                spans = tuple(decode_location(s, what) for s in content[1])
+                if sum(s.length for s in spans) == size:
+                    return Entry(name, KIND_FILE, mode, uid, gid, mtime, size, nlink, ino, spans=spans)
+            elif kind == KIND_DIR:
+                return Entry(name, KIND_DIR, mode, uid, gid, mtime, size, nlink, ino,
+                             ref=decode_location(content, what))
+    return _decode_entry_checked(value, what, root=root)
+
+
+def _decode_entry_checked(value: Any, what: str, *, root: bool = False) -> Entry:
     f = expect_list(value, what, length=10)
     name = expect_bytes(f[0], what + " name", max_len=MAX_NAME)
     if root:
