@@ -206,10 +206,17 @@ class ChunkCache:
         victims = []
         with self.env.begin(write=True) as txn:
             total = self._total(txn)
-            for _when, key, length in items:
+            for _when, key, _length in items:
                 if total <= target:
                     break
+                # the list was read before this transaction: another thread or process
+                # may have evicted or dropped the extent since, and it must not be
+                # subtracted twice
+                value = txn.get(key, db=self.extents)
+                if value is None:
+                    continue
                 txn.delete(key, db=self.extents)
+                length = _EXTENT.unpack(value)[0]
                 total -= length
                 victims.append((key, length))
             txn.put(_SIZE_KEY, _SIZE.pack(max(0, total)), db=self.stat)

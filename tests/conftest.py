@@ -60,3 +60,18 @@ def repo(tmp_path: Path, cafs) -> Path:
              "--pack-size", "512K")
     assert r.code == 0, r.err
     return path
+
+
+# ---- mounts (tests/mountfix.py): a session-level sweep of stale cafs mounts -------------
+# Every mount fixture unmounts in its own ``finally``; this catches what a crashed
+# fixture or a killed test left behind below this session's temporary directories.
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_cafs_mounts(tmp_path_factory: pytest.TempPathFactory):
+    from mountfix import sweep_mounts
+
+    yield
+    left = sweep_mounts(tmp_path_factory.getbasetemp())
+    if left:
+        print(f"\nswept {len(left)} stale cafs mount(s): {', '.join(left)}", file=sys.stderr)
+# ---- end of mounts ----------------------------------------------------------------------

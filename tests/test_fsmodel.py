@@ -1,0 +1,316 @@
+"""The filesystem model (``SnapshotFS``) called in-process, without a kernel.
+
+Built as ``cafs.mountd.build_fs`` builds it (a ``NodeReader`` over a ``MetaCache``, a
+``Fetcher`` over a ``ChunkCache`` in a temporary directory), over a repository imported
+from a ``make_tree`` tree; the source tree is the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import pytest
+import trio
+from mountfix import import_tree, make_repo
+from treegen import make_tree, manifest
+
+from cafs.chunkcache import ChunkCache
+from cafs.errors import PathNotFound
+from cafs.fetch import Fetcher
+from cafs.fsmodel import DIR_SIZE, ROOT_INO, IsADirectory, NotADirectory, SnapshotFS
+from cafs.metacache import MetaCache, NodeReader
+from cafs.naming import find_snapshot
+from cafs.repository import Repository
+from cafs.stores import open_store
+from cafs.tree import file_spans
+
+BIG = (2 << 20) + 4321
+WIDE = 3000  # three directory pages of 1024 entries
+
+
+@dataclass
+class Imported:
+    src: Path
+    repo: Path
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> Imported:
+    base = tmp_path_factory.mktemp("model")
+    src = make_tree(base / "src", seed=3, big_file_size=BIG, wide_dir_files=WIDE)
+    repo = make_repo(base / "repo", base / "import-cache")
+    import_tree(src, repo, "snap", base / "import-cache")
+    return Imported(src, repo)
+
+
+@pytest.fixture
+def fs(imported: Imported, tmp_path: Path) -> Iterator[SnapshotFS]:
+    """A model as the mount daemon builds one, with an empty cache of its own."""
+    repo = Repository.open(open_store(str(imported.repo)))
+    snapshot = find_snapshot(repo, "snap")
+    root = tmp_path / "cache" / repo.config.repo_id
+    meta = MetaCache(root)
+    cache = ChunkCache(root, meta.env, 64 << 20)
+    try:
+        yield SnapshotFS(snapshot, NodeReader(repo, meta, defer_writes=True), Fetcher(repo, cache),
+                         readahead=1 << 20)
+    finally:
+        cache.close()
+        meta.close()
+
+
+def resolve(fs: SnapshotFS, rel: bytes) -> int:
+    ino = ROOT_INO
+    for part in rel.split(b"/"):
+        ino = fs.lookup(ino, part)[0]
+    return ino
+
+
+# -- lookup and attributes ------------------------------------------------------------------
+
+
+def test_root(fs: SnapshotFS, imported: Imported) -> None:
+    a = fs.attributes(ROOT_INO)
+    st = os.lstat(imported.src)
+    assert a.ino == ROOT_INO
+    assert a.mode == st.st_mode
+    assert a.size == DIR_SIZE
+    assert a.mtime_ns == st.st_mtime_ns
+    subdirs = sum(1 for p in imported.src.iterdir() if p.is_dir() and not p.is_symlink())
+    assert a.nlink == 2 + subdirs
+
+
+def test_lookup_and_attributes_match_the_source(fs: SnapshotFS, imported: Imported) -> None:
+    src = os.fsencode(imported.src)
+    for rel, item in manifest(imported.src).items():
+        st = os.lstat(src + b"/" + rel)
+        ino = resolve(fs, rel)
+        a = fs.attributes(ino)
+        assert (a.ino, a.mode, a.uid, a.gid, a.mtime_ns) == \
+            (ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns), rel
+        if item.kind == "f":
+            assert (a.size, a.blocks, a.nlink) == \
+                (st.st_size, (st.st_size + 511) // 512, st.st_nlink), rel
+        elif item.kind == "l":
+            assert fs.readlink(ino) == item.target, rel
+            assert a.size == len(item.target or b""), rel
+        else:
+            assert a.size == DIR_SIZE, rel
+
+
+def test_unknown_names_and_inodes_raise_path_not_found(fs: SnapshotFS) -> None:
+    data = resolve(fs, b"data")
+    for parent, name in ((ROOT_INO, b"nope"), (data, b"bigger"), (data, b"bi"), (data, b"\xff"),
+                         (resolve(fs, b"empty"), b"x"), (resolve(fs, b"wide"), b"f999999"),
+                         (resolve(fs, b"wide"), b"a")):
+        with pytest.raises(PathNotFound):
+            fs.lookup(parent, name)
+    for ino in (0, 10**9):
+        with pytest.raises(PathNotFound):
+            fs.entry(ino)
+        with pytest.raises(PathNotFound):
+            fs.attributes(ino)
+
+
+def test_wrong_kinds_raise(fs: SnapshotFS) -> None:
+    big = resolve(fs, b"data/big")
+    with pytest.raises(NotADirectory):
+        fs.lookup(big, b"x")
+    with pytest.raises(NotADirectory):
+        list(fs.listdir(big, 0))
+    with pytest.raises(IsADirectory):
+        fs.open(resolve(fs, b"data"))
+    with pytest.raises(PathNotFound):
+        fs.open(resolve(fs, b"links/relative"))  # a symlink is not opened (the kernel follows it)
+    with pytest.raises(PathNotFound):
+        fs.readlink(big)
+
+
+def test_inode_numbers_are_stable(fs: SnapshotFS, imported: Imported) -> None:
+    rels = [rel for rel in manifest(imported.src)]
+    first = {rel: resolve(fs, rel) for rel in rels}
+    assert len(set(first.values())) == len(first)
+    for ino in [ROOT_INO, *first.values()]:  # visit every directory's listing in between
+        if fs.entry(ino).is_dir:
+            list(fs.listdir(ino, 0))
+    assert {rel: resolve(fs, rel) for rel in reversed(rels)} == first
+    for rel, ino in first.items():
+        assert fs.entry(ino).name == rel.rpartition(b"/")[2]
+
+
+# -- listings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rel", [b"", b"data", b"empty", b"odd", b"wide"])
+def test_listdir_lists_names_in_order_with_their_inodes(fs: SnapshotFS, imported: Imported,
+                                                      rel: bytes) -> None:
+    ino = resolve(fs, rel) if rel else ROOT_INO
+    listing = list(fs.listdir(ino, 0))
+    names = [e.name for _ino, e, _next in listing]
+    assert names == sorted(os.listdir(os.fsencode(imported.src / os.fsdecode(rel))))
+    assert [n for _ino, _e, n in listing] == list(range(1, len(listing) + 1))
+    for child, e, _next in listing:
+        assert fs.lookup(ino, e.name)[0] == child
+
+
+@pytest.mark.parametrize("start", [0, 1, 1023, 1024, 1025, 2047, 2048, 2999, WIDE, WIDE + 5])
+def test_listdir_resumes_at_any_offset(fs: SnapshotFS, start: int) -> None:
+    wide = resolve(fs, b"wide")
+    everything = list(fs.listdir(wide, 0))
+    assert len(everything) == WIDE
+    assert list(fs.listdir(wide, start)) == everything[start:]
+
+
+def test_listdir_interleaved_listings(fs: SnapshotFS) -> None:
+    wide = resolve(fs, b"wide")
+    a, b = fs.listdir(wide, 0), fs.listdir(wide, 1500)
+    seen_a, seen_b = [], []
+    for _ in range(1500):
+        seen_a.append(next(a)[1].name)
+        seen_b.append(next(b)[1].name)
+    seen_a += [e.name for _i, e, _n in a]
+    assert seen_a == [b"f%06d" % i for i in range(1, WIDE + 1)]
+    assert seen_b == seen_a[1500:]
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+
+def _spans_starts(fs: SnapshotFS, ino: int) -> list[int]:
+    starts = [0]
+    for s in file_spans(fs.reader, fs.entry(ino)):
+        starts.append(starts[-1] + s.length)
+    return starts
+
+
+async def test_read_ranges(fs: SnapshotFS, imported: Imported) -> None:
+    data = (imported.src / "data/big").read_bytes()
+    ino = resolve(fs, b"data/big")
+    starts = _spans_starts(fs, ino)
+    assert len(starts) > 10
+    fh = fs.open(ino)
+    try:
+        ranges = [(0, len(data)), (0, 1), (len(data) - 1, 10), (len(data), 10), (len(data) + 99, 1),
+                  (0, 0), (12345, 0)]
+        for b in starts[1:-1]:
+            ranges += [(b - 1, 2), (b, 1), (b - 1000, 200_000), (b - 70_000, 140_001)]
+        nonempty = 0
+        for off, size in ranges:
+            off = max(0, off)
+            want = data[off:off + size]
+            assert bytes(await fs.read(fh, off, size)) == want, (off, size)
+            nonempty += bool(want)
+    finally:
+        fs.release(fh)
+    assert (fs.counters.opens, fs.counters.reads) == (1, nonempty)  # empty reads are not counted
+
+
+async def test_sequential_reads_with_readahead_fetch_each_chunk_once(fs: SnapshotFS,
+                                                                    imported: Imported) -> None:
+    data = (imported.src / "data/big").read_bytes()
+    ino = resolve(fs, b"data/big")
+    spans = file_spans(fs.reader, fs.entry(ino))
+    async with fs.fetcher.running():
+        fh = fs.open(ino)
+        pieces, off = [], 0
+        while piece := bytes(await fs.read(fh, off, 128 << 10)):
+            pieces.append(piece)
+            off += len(piece)
+        fs.release(fh)
+    assert b"".join(pieces) == data
+    c = fs.fetcher.counters
+    assert c.misses == len({(s.pack, s.offset) for s in spans})
+    unique = {(s.pack, s.offset): s for s in spans}.values()
+    assert c.bytes_fetched == sum(s.stored_length for s in unique)
+    assert c.errors == c.in_flight == 0
+
+
+async def test_concurrent_readers_share_each_load(fs: SnapshotFS, imported: Imported) -> None:
+    rels = [b"data/big", b"data/half-dup", b"dups/copy0", b"dups/hardlink", b"data/copy-of-dups"]
+    want = {rel: (imported.src / os.fsdecode(rel)).read_bytes() for rel in rels}
+    got: dict[tuple[int, bytes], bytes] = {}
+
+    async def reader(n: int, rel: bytes) -> None:
+        fh = fs.open(resolve(fs, rel))
+        pieces, off = [], 0
+        while piece := bytes(await fs.read(fh, off, (n + 1) * 50_000)):
+            pieces.append(piece)
+            off += len(piece)
+        fs.release(fh)
+        got[n, rel] = b"".join(pieces)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            for rel in rels:
+                nursery.start_soon(reader, n, rel)
+    assert got == {(n, rel): want[rel] for n in range(4) for rel in rels}
+    keys = set()
+    for rel in rels:
+        keys |= {(s.pack, s.offset) for s in file_spans(fs.reader, fs.entry(resolve(fs, rel)))}
+    assert fs.fetcher.counters.misses == len(keys)
+
+
+async def test_a_second_model_reads_from_the_cache(fs: SnapshotFS, imported: Imported) -> None:
+    ino = resolve(fs, b"data/big")
+    fh = fs.open(ino)
+    await fs.read(fh, 0, BIG)
+    fs.release(fh)
+    assert fs.fetcher.cache is not None
+    fs.fetcher.cache.flush_touches()
+    again = SnapshotFS(fs.snapshot, fs.reader, Fetcher(fs.fetcher.repo, fs.fetcher.cache))
+    fh = again.open(resolve(again, b"data/big"))
+    assert bytes(await again.read(fh, 0, BIG)) == (imported.src / "data/big").read_bytes()
+    assert again.fetcher.counters.misses == 0 and again.fetcher.counters.hits > 0
+
+
+# -- extended attributes --------------------------------------------------------------------
+
+
+def test_xattrs_of_a_file(fs: SnapshotFS, imported: Imported) -> None:
+    for rel in (b"data/f0000001", b"data/f0004096", b"data/sub/s00"):
+        data = (imported.src / os.fsdecode(rel)).read_bytes()
+        want = blake3.blake3(data).hexdigest().encode()
+        assert fs.xattrs(resolve(fs, rel)) == {b"user.cafs.id": want}
+    ids = {rel: fs.xattrs(resolve(fs, rel))[b"user.cafs.id"]
+           for rel in (b"dups/copy0", b"dups/copy1", b"dups/hardlink", b"data/big",
+                       b"data/half-dup")}
+    assert ids[b"dups/copy0"] == ids[b"dups/copy1"] == ids[b"dups/hardlink"]
+    assert len(set(ids.values())) == 3
+
+
+def test_xattrs_of_directories_and_symlinks(fs: SnapshotFS) -> None:
+    data, wide = resolve(fs, b"data"), resolve(fs, b"wide")
+    ref = fs.entry(data).ref
+    assert ref is not None
+    assert fs.xattrs(data)[b"user.cafs.id"] == ref.id.hex().encode()
+    assert fs.xattrs(wide)[b"user.cafs.id"] != fs.xattrs(data)[b"user.cafs.id"]
+    link = resolve(fs, b"links/relative")
+    assert fs.xattrs(link) == {b"user.cafs.id": blake3.blake3(b"../data/big").hexdigest().encode()}
+
+
+def test_xattrs_of_the_root(fs: SnapshotFS) -> None:
+    x = fs.xattrs(ROOT_INO)
+    assert set(x) == {b"user.cafs.id", b"user.cafs.snapshot", b"user.cafs.stats", b"user.cafs.pid"}
+    assert x[b"user.cafs.id"] == fs.snapshot.root_id.hex().encode()
+    assert x[b"user.cafs.snapshot"] == b"snap@1"
+    assert int(x[b"user.cafs.pid"]) == os.getpid()
+    stats = json.loads(x[b"user.cafs.stats"])
+    assert stats["cache_limit"] == 64 << 20 and stats["bytes_read"] == 0
+
+
+def test_statfs_totals(fs: SnapshotFS, imported: Imported) -> None:
+    items = manifest(imported.src)
+    total, entries = fs.statfs_totals()
+    assert entries == len(items) + 1
+    assert total == sum(i.size for i in items.values() if i.kind == "f")
+
+
+def test_modes_keep_special_bits(fs: SnapshotFS) -> None:
+    a = fs.attributes(resolve(fs, b"modes/setgid-dir"))
+    assert stat.S_ISDIR(a.mode) and stat.S_IMODE(a.mode) == 0o2755

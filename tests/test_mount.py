@@ -1,0 +1,700 @@
+"""Real FUSE mounts of real snapshots, served by real daemon processes.
+
+The oracle is the source tree: what the mount shows must equal it (names, types, sizes,
+modes, mtimes, symlink targets, every byte). Each test checks one behaviour; mounts come
+from ``mountfix.mounted``, which always unmounts and waits for the daemon. Most tests
+share one read-only mount of one imported tree (module scope); tests that need a cold
+kernel page cache, a particular cache state or a dying daemon make their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mountfix import (
+    Mount,
+    cafs_mounts,
+    env,
+    import_tree,
+    is_mounted,
+    make_repo,
+    mountd_pids,
+    mounted,
+    poll,
+    run_cafs,
+    run_mount_helper,
+    unmount,
+    wait_exit,
+)
+from treegen import ODD_SYMLINK_TARGET, assert_same_tree, make_tree, manifest
+
+from cafs.metacache import NodeReader
+from cafs.naming import find_snapshot
+from cafs.repository import Repository
+from cafs.stores import open_store
+from cafs.tree import file_spans, resolve
+
+BIG = (4 << 20) + 12345  # several packs of 512 KiB, dozens of chunks
+WIDE = 20_000
+MiB = 1 << 20
+
+
+@dataclass
+class Dataset:
+    src: Path
+    repo: Path
+    source: str  # REPO#NAME
+    cache: Path  # the importer's cache (a mount gets its own)
+
+
+def new_mountpoint(parent: Path, name: str = "mnt") -> Path:
+    path = parent / name
+    path.mkdir()
+    return path
+
+
+def full_cache(cache: Path, size: str = "256M") -> str:
+    """Options of a mount that writes every fetched chunk through to its own cache."""
+    return f"cache={cache},cache_size={size},cache_mode=full"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    base = tmp_path_factory.mktemp("dataset")
+    src = make_tree(base / "src", seed=11, big_file_size=BIG)
+    repo = make_repo(base / "repo", base / "import-cache")
+    return Dataset(src, repo, import_tree(src, repo, "snap", base / "import-cache"),
+                   base / "import-cache")
+
+
+@pytest.fixture(scope="module")
+def mnt(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """One mount of ``dataset`` shared by the read-only tests of this module."""
+    base = tmp_path_factory.mktemp("shared-mount")
+    with mounted(dataset.source, new_mountpoint(base), full_cache(base / "cache")) as m:
+        yield m
+
+
+@pytest.fixture
+def fresh_mount(dataset: Dataset, tmp_path: Path) -> Iterator[Mount]:
+    """A mount of its own: a cold kernel page cache and an empty chunk cache."""
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
+        yield m
+
+
+# -- the tree -------------------------------------------------------------------------------
+
+
+def test_tree_equals_source(dataset: Dataset, mnt: Mount) -> None:
+    assert_same_tree(dataset.src, mnt.path, symlink_mtimes=True)
+
+
+def test_default_options_read_a_local_repository_in_place(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with mounted(dataset.source, new_mountpoint(tmp_path), f"cache={cache}") as m:
+        assert_same_tree(dataset.src, m.path)
+        assert m.stats()["bytes_fetched"] > 0
+    assert not list(cache.glob("*/data/*/*")), "cache_mode=auto copied chunks of a local repository"
+
+
+def test_stat_fields(dataset: Dataset, mnt: Mount) -> None:
+    items = manifest(dataset.src)
+    subdirs = {rel: 0 for rel, item in items.items() if item.kind == "d"}
+    subdirs[b""] = 0
+    for rel, item in items.items():
+        if item.kind == "d":
+            subdirs[rel.rpartition(b"/")[0]] += 1
+    for rel, item in items.items():
+        s = os.lstat(os.fsencode(dataset.src) + b"/" + rel)
+        m = os.lstat(os.fsencode(mnt.path) + b"/" + rel)
+        where = rel.decode(errors="backslashreplace")
+        assert (m.st_uid, m.st_gid) == (s.st_uid, s.st_gid), where
+        assert m.st_mode == s.st_mode, where
+        if item.kind == "f":
+            assert m.st_size == s.st_size, where
+            assert (m.st_blocks > 0) == (s.st_size > 0), where
+            assert m.st_blksize >= 4096, where
+        elif item.kind == "l":
+            assert m.st_size == len(os.readlink(os.fsencode(dataset.src) + b"/" + rel)), where
+        else:
+            assert m.st_nlink == 2 + subdirs[rel], where
+    for pair in ("dups/copy0", "dups/hardlink"):
+        assert os.lstat(mnt.path / pair).st_nlink == 2
+    assert os.lstat(mnt.path / "dups/copy1").st_nlink == 1
+
+
+def _inodes(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            out[path] = (st.st_dev, st.st_ino)
+    return out
+
+
+def _drop_kernel_caches() -> bool:
+    """Make the kernel forget dentries and inodes (it sends FORGET to the daemon); False
+    where we may not."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+    except OSError:
+        return False
+    return True
+
+
+def test_inode_numbers_are_unique_and_stable(mnt: Mount) -> None:
+    first = _inodes(mnt.path)
+    assert len({ino for _dev, ino in first.values()}) == len(first)
+    assert len({dev for dev, _ino in first.values()}) == 1
+    assert {p: os.lstat(p).st_ino for p in first} == {p: ino for p, (_d, ino) in first.items()}
+    assert _inodes(mnt.path) == first
+    if _drop_kernel_caches():
+        assert _inodes(mnt.path) == first
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BigFile:
+    fd: int
+    data: bytes
+    boundaries: list[int]  # plain offsets where a chunk starts, 0 and EOF included
+
+
+@pytest.fixture(scope="module")
+def big(dataset: Dataset, mnt: Mount) -> Iterator[BigFile]:
+    """``data/big`` opened once through the mount, its source bytes, and where its chunks
+    start (read from the repository, so reads can aim at the boundaries)."""
+    repo = Repository.open(open_store(str(dataset.repo)))
+    reader = NodeReader(repo, None)
+    spans = file_spans(reader, resolve(reader, find_snapshot(repo, "snap").root, b"data/big"))
+    assert len(spans) >= 20 and len({s.pack for s in spans}) >= 4, "data/big must span packs"
+    starts = [0]
+    for s in spans:
+        starts.append(starts[-1] + s.length)
+    fd = os.open(mnt.path / "data/big", os.O_RDONLY)
+    try:
+        yield BigFile(fd, read_file(dataset.src / "data/big"), starts)
+    finally:
+        os.close(fd)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_reads_match_source(big: BigFile, data: st.DataObject) -> None:
+    size = len(big.data)
+    anchor = data.draw(st.one_of(st.sampled_from(big.boundaries), st.integers(0, size + MiB)),
+                       label="anchor")
+    offset = max(0, anchor + data.draw(st.integers(-5000, 5000), label="delta"))
+    length = data.draw(st.one_of(st.integers(0, 8192), st.integers(0, 3 * MiB)), label="length")
+    assert os.pread(big.fd, length, offset) == big.data[offset:offset + length]
+
+
+def test_reads_at_and_past_end_of_file(big: BigFile) -> None:
+    size = len(big.data)
+    assert os.pread(big.fd, 100, size - 7) == big.data[-7:]
+    assert os.pread(big.fd, 100, size) == b""
+    assert os.pread(big.fd, 100, size + 12345) == b""
+    assert os.pread(big.fd, 1, size - 1) == big.data[-1:]
+
+
+def test_sequential_read_of_a_cold_file(dataset: Dataset, fresh_mount: Mount) -> None:
+    with open(fresh_mount.path / "data/big", "rb", buffering=0) as f:
+        pieces = []
+        while block := f.read(131072 + 17):
+            pieces.append(block)
+    assert b"".join(pieces) == read_file(dataset.src / "data/big")
+
+
+# -- directories ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A mount holding ``wide/``, a directory of 20,000 files (many directory pages)."""
+    base = tmp_path_factory.mktemp("wide")
+    src = base / "src"
+    src.mkdir()
+    (src / "wide").mkdir()
+    for i in range(1, WIDE + 1):
+        (src / "wide" / f"f{i:06d}").write_bytes(b"%d\n" % i)
+    repo = make_repo(base / "repo", base / "import-cache")
+    source = import_tree(src, repo, "wide", base / "import-cache")
+    with mounted(source, new_mountpoint(base), full_cache(base / "cache")) as m:
+        yield m.path / "wide"
+
+
+WIDE_NAMES = [f"f{i:06d}" for i in range(1, WIDE + 1)]
+
+
+def test_readdir_of_a_wide_directory_lists_every_name_once(wide: Path) -> None:
+    names = os.listdir(wide)
+    assert len(names) == WIDE
+    assert sorted(names) == WIDE_NAMES
+
+
+def test_readdir_resumes_in_name_order_while_interleaved(wide: Path) -> None:
+    seen = []
+    with os.scandir(wide) as it:
+        for i, entry in enumerate(it):
+            seen.append(entry.name)
+            assert entry.is_file(follow_symlinks=False)
+            if i in (0, 1023, 1024, 7777):
+                # another listing and lookups between two getdents calls of this one
+                assert len(os.listdir(wide)) == WIDE
+                assert entry.stat(follow_symlinks=False).st_size == len(f"{int(entry.name[1:])}\n")
+    assert seen == WIDE_NAMES
+
+
+def test_lookup_in_a_wide_directory(wide: Path) -> None:
+    for name in ("f000001", "f001024", "f001025", "f019999", "f020000"):
+        assert (wide / name).read_bytes() == b"%d\n" % int(name[1:])
+    for name in ("f000000", "f020001", "e", "g", "f0010245"):
+        assert not (wide / name).exists()
+
+
+# -- metadata calls ---------------------------------------------------------------------------
+
+
+def test_readlink_returns_exact_targets(dataset: Dataset, mnt: Mount) -> None:
+    links = sorted(os.listdir(dataset.src / "links"))
+    assert links
+    for name in links:
+        assert os.readlink(os.fsencode(mnt.path / "links" / name)) == \
+            os.readlink(os.fsencode(dataset.src / "links" / name))
+    assert os.readlink(os.fsencode(mnt.path / "links/odd-target")) == ODD_SYMLINK_TARGET
+    with pytest.raises(OSError) as exc:
+        os.readlink(mnt.path / "data/f0000100")
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_statfs(dataset: Dataset, mnt: Mount) -> None:
+    s = os.statvfs(mnt.path)
+    items = manifest(dataset.src)
+    logical = sum(i.size for i in items.values() if i.kind == "f")
+    assert s.f_namemax == 255
+    assert s.f_flag & os.ST_RDONLY
+    assert s.f_bfree == s.f_bavail == s.f_ffree == 0
+    assert s.f_files == len(items) + 1  # and the root
+    assert s.f_blocks * s.f_frsize >= logical > (s.f_blocks - 1) * s.f_frsize
+
+
+def test_access(mnt: Mount) -> None:
+    for rel in ("data/f0000100", "data/readonly", "data", ""):
+        assert os.access(mnt.path / rel, os.R_OK)
+        assert not os.access(mnt.path / rel, os.W_OK)
+    assert os.access(mnt.path / "data/script.sh", os.X_OK)
+    assert os.access(mnt.path / "data", os.X_OK)
+    assert not os.access(mnt.path / "no-such-file", os.F_OK)
+
+
+def test_xattr_id_of_a_single_chunk_file_is_its_blake3(dataset: Dataset, mnt: Mount) -> None:
+    for rel in ("data/f0000001", "data/f0000100", "data/f0004096", "data/f0016384"):
+        data = read_file(dataset.src / rel)
+        want = blake3.blake3(data).hexdigest().encode()
+        assert os.getxattr(mnt.path / rel, "user.cafs.id") == want
+
+
+def test_xattr_id_of_files_follows_content(mnt: Mount) -> None:
+    def cid(rel: str) -> bytes:
+        return os.getxattr(mnt.path / rel, "user.cafs.id")
+
+    assert cid("data/f0000000") == blake3.blake3(b"cafs-file-v1").hexdigest().encode()
+    assert cid("dups/copy0") == cid("dups/copy3") == cid("dups/hardlink") \
+        == cid("data/copy-of-dups")
+    distinct = ("data/big", "data/half-dup", "data/text.txt", "dups/copy0")
+    assert len({cid(rel) for rel in distinct}) == len(distinct)
+
+
+def test_xattr_id_of_a_directory_is_its_node_id(dataset: Dataset, mnt: Mount) -> None:
+    repo = Repository.open(open_store(str(dataset.repo)))
+    reader = NodeReader(repo, None)
+    snap = find_snapshot(repo, "snap")
+    assert os.getxattr(mnt.path, "user.cafs.id") == snap.root_id.hex().encode()
+    for rel in (b"data", b"empty", b"deep/d00/d01"):
+        ref = resolve(reader, snap.root, rel).ref
+        assert ref is not None
+        path = os.fsencode(mnt.path) + b"/" + rel
+        assert os.getxattr(path, "user.cafs.id") == ref.id.hex().encode()
+
+
+def test_listxattr(mnt: Mount) -> None:
+    assert os.listxattr(mnt.path / "data/big") == ["user.cafs.id"]
+    assert os.listxattr(mnt.path / "data") == ["user.cafs.id"]
+    assert set(os.listxattr(mnt.path)) == {"user.cafs.id", "user.cafs.snapshot", "user.cafs.stats",
+                                           "user.cafs.pid"}
+    assert os.getxattr(mnt.path, "user.cafs.snapshot") == b"snap@1"
+    assert int(os.getxattr(mnt.path, "user.cafs.pid")) == mnt.pid
+
+
+@pytest.mark.parametrize("rel", ["data/big", "data", "links/relative", ""])
+def test_unknown_xattr_is_enodata(mnt: Mount, rel: str) -> None:
+    with pytest.raises(OSError) as exc:
+        os.getxattr(mnt.path / rel, "user.cafs.nope", follow_symlinks=False)
+    assert exc.value.errno == errno.ENODATA
+
+
+# -- read-only --------------------------------------------------------------------------------
+
+FILE = "data/f0000100"
+
+
+def _open(rel: str, flags: int) -> Callable[[Path], object]:
+    def op(m: Path) -> None:
+        os.close(os.open(m / rel, flags, 0o644))
+
+    return op
+
+
+WRITES: dict[str, Callable[[Path], object]] = {
+    "open-wronly": _open(FILE, os.O_WRONLY),
+    "open-rdwr": _open(FILE, os.O_RDWR),
+    "open-append": _open(FILE, os.O_WRONLY | os.O_APPEND),
+    "open-trunc": _open(FILE, os.O_RDONLY | os.O_TRUNC),
+    "create": _open("data/new-file", os.O_WRONLY | os.O_CREAT),
+    "create-excl": _open("new-file", os.O_WRONLY | os.O_CREAT | os.O_EXCL),
+    "mkdir": lambda m: os.mkdir(m / "new-dir"),
+    "mkfifo": lambda m: os.mkfifo(m / "new-fifo"),
+    "unlink": lambda m: os.unlink(m / FILE),
+    "rmdir": lambda m: os.rmdir(m / "empty"),
+    "rename": lambda m: os.rename(m / FILE, m / "data/renamed"),
+    "rename-dir": lambda m: os.rename(m / "empty", m / "data/empty"),
+    "symlink": lambda m: os.symlink("target", m / "new-link"),
+    "link": lambda m: os.link(m / FILE, m / "data/new-link"),
+    "chmod": lambda m: os.chmod(m / FILE, 0o600),
+    "chown": lambda m: os.chown(m / FILE, 1234, 1234),
+    "utime": lambda m: os.utime(m / FILE, ns=(1, 1)),
+    "truncate": lambda m: os.truncate(m / FILE, 0),
+    "setxattr": lambda m: os.setxattr(m / FILE, "user.test", b"1"),
+    "removexattr": lambda m: os.removexattr(m / FILE, "user.cafs.id"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES))
+def test_writes_fail_with_erofs(mnt: Mount, name: str) -> None:
+    before = os.lstat(mnt.path / FILE)
+    with pytest.raises(OSError) as exc:
+        WRITES[name](mnt.path)
+    assert exc.value.errno == errno.EROFS, exc.value
+    after = os.lstat(mnt.path / FILE)
+    assert (after.st_mode, after.st_size, after.st_mtime_ns) == \
+        (before.st_mode, before.st_size, before.st_mtime_ns)
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+def _regular_files(src: Path) -> dict[str, str]:
+    """relative path (str) -> SHA-256 of every regular file of the tree."""
+    return {os.fsdecode(rel): item.digest for rel, item in manifest(src).items()
+            if item.kind == "f" and item.digest is not None}
+
+
+def test_threads_read_same_and_different_files(dataset: Dataset, fresh_mount: Mount) -> None:
+    files = _regular_files(dataset.src)
+    big_data = read_file(dataset.src / "data/big")
+    start = threading.Barrier(8)
+
+    def worker(seed: int) -> int:
+        rnd = random.Random(seed)
+        order = sorted(files)
+        rnd.shuffle(order)
+        start.wait(timeout=60)
+        checked = 0
+        with open(fresh_mount.path / "data/big", "rb", buffering=0) as big:
+            for rel in order:
+                assert sha(read_file(fresh_mount.path / rel)) == files[rel], rel
+                for _ in range(3):
+                    off, n = rnd.randrange(len(big_data)), rnd.randrange(1, 300_000)
+                    assert os.pread(big.fileno(), n, off) == big_data[off:off + n], (off, n)
+                checked += 1
+        return checked
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [f.result(timeout=120) for f in [pool.submit(worker, s) for s in range(8)]]
+    assert results == [len(files)] * 8
+    assert fresh_mount.stats()["errors"] == 0
+
+
+def _check_reads(seed: int, fds: dict[str, int], sources: dict[str, bytes], own: list[str],
+                 digests: dict[str, str], root: str) -> list[str]:
+    """Random preads on already open descriptors, then whole reads of files opened
+    here; returns what did not match."""
+    problems = []
+    rnd = random.Random(seed)
+    for _ in range(300):
+        rel = rnd.choice(sorted(fds))
+        data = sources[rel]
+        off, n = rnd.randrange(len(data) + 10), rnd.randrange(1, 200_000)
+        if os.pread(fds[rel], n, off) != data[off:off + n]:
+            problems.append(f"pread {rel} {off}+{n}")
+    for rel in own:
+        if sha(read_file(Path(root) / rel)) != digests[rel]:
+            problems.append(f"read {rel}")
+    return problems
+
+
+def _fork_child(conn: Connection, *args: Any) -> None:
+    try:
+        problems = _check_reads(*args)
+    except Exception as exc:  # noqa: BLE001 (reported to the parent, which fails the test)
+        problems = [repr(exc)]
+    conn.send(problems)
+    conn.close()
+
+
+def test_forked_processes_read_through_inherited_descriptors(dataset: Dataset,
+                                                             fresh_mount: Mount) -> None:
+    ctx = multiprocessing.get_context("fork")
+    shared = ["data/big", "data/half-dup", "data/text.txt", "data/sparse", "dups/copy0"]
+    digests = _regular_files(dataset.src)
+    others = sorted(set(digests) - set(shared))
+    sources = {rel: read_file(dataset.src / rel) for rel in shared}
+    root = str(fresh_mount.path)
+    fds = {rel: os.open(fresh_mount.path / rel, os.O_RDONLY) for rel in shared}
+    pipes = [ctx.Pipe(duplex=False) for _ in range(4)]
+    procs = [ctx.Process(target=_fork_child,
+                         args=(send, seed, fds, sources, others[seed::4], digests, root))
+             for seed, (_recv, send) in enumerate(pipes)]
+    try:
+        for p in procs:
+            p.start()  # forked after the descriptors were opened, like DataLoader workers
+        for _recv, send in pipes:
+            send.close()
+        assert _check_reads(99, fds, sources, others, digests, root) == []  # the parent too
+        for seed, (recv, _send) in enumerate(pipes):
+            assert recv.poll(120), f"worker {seed} did not report"
+            assert recv.recv() == [], f"worker {seed}"
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0] * 4
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for fd in fds.values():
+            os.close(fd)
+        for recv, _send in pipes:
+            recv.close()
+    assert fresh_mount.stats()["errors"] == 0
+
+
+# -- the chunk cache --------------------------------------------------------------------------
+
+
+def _random_tree(root: Path, total: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    sizes = [5 * MiB + 3, 4 * MiB, 3 * MiB + 999, 2 * MiB, MiB + 1, 700_000, 300_000, 65_536,
+             100, 1]
+    root.mkdir()
+    i = 0
+    while total > 0:
+        d = root / f"d{i % 3}"
+        d.mkdir(exist_ok=True)
+        size = min(total, sizes[i % len(sizes)])
+        (d / f"f{i:03d}").write_bytes(rnd.randbytes(size))
+        total -= size
+        i += 1
+
+
+def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _random_tree(src, 40 * MiB, seed=5)
+    repo = make_repo(tmp_path / "repo", tmp_path / "import-cache", pack_size="1M")
+    source = import_tree(src, repo, "rand", tmp_path / "import-cache")
+    cache = tmp_path / "cache"
+    with mounted(source, new_mountpoint(tmp_path), full_cache(cache, "8M")) as m:
+        assert_same_tree(src, m.path)
+        s = m.stats()
+    assert s["cache_limit"] == 8 * MiB
+    assert s["bytes_fetched"] >= 40 * MiB
+    assert s["evictions"] > 0
+    assert s["cache_size"] <= 9 * MiB
+    assert s["errors"] == s["cache_full"] == 0
+    # the recorded size is the sum of the extents, and every extent verifies
+    r = run_cafs("fsck", repo, "--cache", cache, cache=cache)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Evicted extents are punched out of the sparse files. A 4 KiB block that an evicted
+    # chunk shared with a neighbour stays allocated (about 2 MiB over 40 MiB of 64 KiB
+    # chunks here); without punching, all 40 MiB would stay.
+    allocated = sum(p.stat().st_blocks * 512 for p in cache.glob("*/data/*/*"))
+    assert allocated <= 12 * MiB
+
+
+def _damage_cache_files(cache: Path) -> int:
+    """Flip one byte in every 512 of every cache file; returns how many files."""
+    files = list(cache.glob("*/data/*/*"))
+    for path in files:
+        data = bytearray(path.read_bytes())
+        for i in range(0, len(data), 512):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+    return len(files)
+
+
+def test_damaged_cache_is_detected_and_refetched(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    rels = ["data/big", "data/text.txt", "data/half-dup"]
+    want = {rel: read_file(dataset.src / rel) for rel in rels}
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(cache)) as m:
+        assert {rel: read_file(m.path / rel) for rel in rels} == want
+        assert m.stats()["bytes_fetched"] > 0
+    assert _damage_cache_files(cache) > 0
+    with mounted(dataset.source, point, full_cache(cache), expect_warnings=True) as m:
+        assert {rel: read_file(m.path / rel) for rel in rels} == want
+        s = m.stats()
+        assert s["damaged_extents"] > 0 and s["cache_misses"] > 0 and s["errors"] == 0
+    assert all("cache extent damaged" in line for line in m.log_problems())
+    with mounted(dataset.source, point, full_cache(cache)) as m:  # repaired in passing
+        assert {rel: read_file(m.path / rel) for rel in rels} == want
+        s = m.stats()
+        assert s["damaged_extents"] == s["bytes_fetched"] == 0
+
+
+# -- the daemon's life ------------------------------------------------------------------------
+
+
+def test_kill_9_leaves_no_mount_and_the_cache_intact(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    point = new_mountpoint(tmp_path)
+    want = read_file(dataset.src / "data/big")
+    with mounted(dataset.source, point, full_cache(cache)) as m:
+        assert read_file(m.path / "data/big") == want
+        assert m.stats()["bytes_fetched"] > 0
+        os.kill(m.pid, signal.SIGKILL)
+        poll(lambda: not is_mounted(point), 30, f"{point} to be unmounted after kill -9")
+        wait_exit(m.pid)
+    assert os.listdir(point) == [] and not os.path.ismount(point)
+    with mounted(dataset.source, point, full_cache(cache)) as m:
+        assert read_file(m.path / "data/big") == want
+        s = m.stats()
+        assert s["bytes_fetched"] == 0 and s["cache_hits"] > 0
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("mount.cafs: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "missing repository",
+                                  "missing snapshot", "no snapshot named", "missing mountpoint"])
+def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
+    point = new_mountpoint(tmp_path)
+    cache = f"cache={tmp_path / 'cache'}"
+    source, target, options, code, says = {
+        "unknown option": (dataset.source, point, f"{cache},bogus=1", 1, "bogus"),
+        "malformed cache_size": (dataset.source, point, f"{cache},cache_size=lots", 1,
+                                 "cache_size"),
+        "missing repository": (f"{tmp_path / 'nothing'}#snap", point, cache, 32, "nothing"),
+        "missing snapshot": (f"{dataset.repo}#nosuch", point, cache, 32, "nosuch"),
+        "no snapshot named": (str(dataset.repo), point, cache, 1, "REPO#NAME"),
+        "missing mountpoint": (dataset.source, tmp_path / "absent", cache, 32, "absent"),
+    }[case]
+    r = run_mount_helper(source, target, options)
+    try:
+        assert r.returncode == code, r.stderr
+        assert says in _one_line(r.stderr)
+        assert cafs_mounts(tmp_path) == []
+        assert mountd_pids(target) == []
+    finally:
+        unmount(target, mountd_pids(target))
+
+
+def test_mount_on_a_busy_mountpoint_fails(dataset: Dataset, tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
+        r = run_mount_helper(dataset.source, point, full_cache(tmp_path / "cache2"))
+        assert r.returncode == 32, r.stderr
+        assert "busy" in _one_line(r.stderr)
+        assert [e.mountpoint for e in cafs_mounts(tmp_path)] == [str(point)]
+        assert mountd_pids(point) == [m.pid]
+        assert read_file(m.path / "data/f0000100") == read_file(dataset.src / "data/f0000100")
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], "the daemon did not report"
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def test_sigterm_unmounts_and_the_daemon_exits_0(dataset: Dataset, tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    read_fd, write_fd = os.pipe()
+    with open(tmp_path / "mountd.stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), dataset.source,
+             str(point), "-o", f"{full_cache(tmp_path / 'cache')},log={tmp_path / 'mount.log'}"],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            env=env())
+    os.close(write_fd)
+    try:
+        try:
+            assert _read_line(read_fd, 60) == "ok"
+        finally:
+            os.close(read_fd)
+        assert is_mounted(point)
+        assert read_file(point / "data/f0004096") == read_file(dataset.src / "data/f0004096")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "mountd.stderr").read_text()
+        assert not is_mounted(point)
+        assert os.listdir(point) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        unmount(point, [])
+
+
+def test_cafs_umount(dataset: Dataset, tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
+        r = run_cafs("umount", point, cache=tmp_path / "cache")
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(point)
+        wait_exit(m.pid)
+    assert os.listdir(point) == []
+
