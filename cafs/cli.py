@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import stat
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterator, Sequence
 
+from cafs import sizes
 from cafs.errors import CafsError, UsageError
 from cafs.extract import Extractor
 from cafs.format.config import ChunkerParams, RepoConfig
@@ -39,14 +39,11 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 
-_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 4096, 256K, 64M, 1G)")
-    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    try:
+        return sizes.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def show_path(path: bytes) -> str:

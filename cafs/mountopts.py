@@ -18,10 +18,10 @@ is an error naming the option.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cafs import sizes
 from cafs.errors import UsageError
 
 DEFAULT_CACHE_SIZE = 10 << 30
@@ -33,7 +33,6 @@ MAX_READAHEAD = 256 << 20
 _IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
             "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
             "strictatime", "lazytime", "async", "sync"}
-_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,10 +47,10 @@ class MountOptions:
 
 
 def parse_size(text: str, option: str) -> int:
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise UsageError(f"mount option {option}={text!r}: not a size (examples: 512M, 20G)")
-    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    try:
+        return sizes.parse_size(text)
+    except ValueError:
+        raise UsageError(f"mount option {option}={text!r}: not a size (examples: 512M, 20G)") from None
 
 
 def parse_options(text: str) -> MountOptions:
