@@ -329,6 +329,48 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_copy(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.copy import CopyProgress, copy_snapshots, open_destination, select_snapshots
+
+    spec = parse_spec(args.source, need_snapshot=False)
+    if spec.path:
+        raise UsageError(f"{args.source}: copy copies whole snapshots; leave out ':PATH'")
+    if not 1 <= args.jobs <= 64:
+        raise UsageError(f"--jobs {args.jobs}: give 1 to 64")
+    src = ctx.repo(spec.repo)
+    wanted = select_snapshots(src, spec.selector, every=args.all)
+    dst, created = open_destination(src, open_store(args.dest))
+    state = CopyProgress()
+
+    def render(elapsed: float) -> str:
+        if state.packs_total == 0:
+            return f"{state.stage}... {state.nodes_read} nodes read"
+        return (f"packs {state.packs_done}/{state.packs_total}, {human_bytes(state.bytes_done)} of "
+                f"{human_bytes(state.bytes_total)}, {human_bytes(state.bytes_done / max(elapsed, 1e-9))}/s")
+
+    with Progress(render, enabled=sys.stderr.isatty() and not args.no_progress and not args.json):
+        r = copy_snapshots(src, dst, wanted, read_node=ctx.reader(src).node, jobs=args.jobs, progress=state)
+    rate = r.bytes_copied / r.seconds if r.seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({"source": src.url, "destination": dst.url, "created": created,
+                          "copied": r.copied, "present": r.present, "packs_copied": r.packs_copied,
+                          "packs_present": r.packs_present, "bytes_copied": r.bytes_copied,
+                          "seconds": round(r.seconds, 3), "config_differs": r.config_differs}, indent=2))
+        return EXIT_OK
+    if created:
+        print(f"created {dst.url}, a mirror of {src.url} (same repo id {dst.config.repo_id[:12]} and config)")
+    shown = ", ".join(r.copied[:10]) + (f" (+{len(r.copied) - 10} more)" if len(r.copied) > 10 else "")
+    print(f"copied {len(r.copied)} snapshot(s) to {dst.url}" + (f": {shown}" if r.copied else "")
+          + (f"; {len(r.present)} already there" if r.present else ""))
+    print(f"  packs {r.packs_copied} copied, {r.packs_present} already there; "
+          f"{human_bytes(r.bytes_copied)} in {r.seconds:.2f} s ({human_bytes(rate)}/s)")
+    if r.config_differs:
+        print(f"cafs: note: {dst.url} has other chunker parameters or pack size than {src.url}; the copy "
+              "is complete, but later imports into it will share fewer chunks with the copied data",
+              file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
     """cache status | gc [--size S] | clear [REPO]: the host's cache directory."""
     from cafs.chunkcache import ChunkCache
@@ -547,6 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repack-below", type=parse_fraction, default=0.5, metavar="FRACTION",
                     help="repack packs whose live bytes are below this share (default 0.5)")
     sp.set_defaults(func=cmd_gc)
+
+    sp = command("copy", "copy snapshots, and the packs they need, to another repository (fill a mirror)")
+    sp.add_argument("source", metavar="SRC_REPO[#NAME[@JID]]")
+    sp.add_argument("dest", metavar="DST_REPO", help="created with the source's config if it does not exist")
+    sp.add_argument("--all", action="store_true",
+                    help="every snapshot of every ref (or of ref NAME), with the same jids")
+    sp.add_argument("--jobs", type=int, default=4, metavar="N", help="packs copied at once (default 4)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_copy)
 
     sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")
     sp.add_argument("source", metavar="SOURCE")

@@ -28,11 +28,12 @@ from cafs.errors import CafsError
 from cafs.format.journal import journal_key
 from cafs.format.index import PackSummary
 from cafs.format.location import Location, decode_stored
-from cafs.format.nodes import DirIndexNode, FileNode, TreeNode, decode_node
+from cafs.format.nodes import Node, decode_node
 from cafs.format.pack import KIND_DATA, KIND_META, pack_key
 from cafs.locks import locked
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import Repository
+from cafs.tree import reachable
 
 
 class GcRefused(CafsError):
@@ -73,28 +74,20 @@ def forget(repo: Repository, name: str, *, keep_last: int | None = None, jids: l
 def live_objects(repo: Repository) -> tuple[int, set[bytes]]:
     """(number of snapshots, ids of every node and chunk some snapshot references)."""
     live: set[bytes] = set()
+    walked: set[bytes] = set()
     snaps = repo.snapshots()
+
+    def node_of(loc: Location) -> Node:
+        return decode_node(repo.read_object(loc))
+
     for snap in snaps:
-        stack: list[Location] = [snap.root.ref] if snap.root.ref else []
-        while stack:
-            loc = stack.pop()
-            if loc.id in live:
-                continue
-            live.add(loc.id)
-            try:
-                node = decode_node(repo.read_object(loc))
-            except CafsError as exc:
-                raise GcRefused(f"snapshot {snap.ref}@{snap.jid} cannot be read ({exc}); "
-                                "run cafs fsck; gc deletes nothing until every snapshot reads") from None
-            if isinstance(node, TreeNode):
-                for e in node.entries:
-                    if e.ref is not None:
-                        stack.append(e.ref)
-                    live.update(span.id for span in e.spans or ())
-            elif isinstance(node, DirIndexNode):
-                stack.extend(p.ref for p in node.pages)
-            elif isinstance(node, FileNode):
-                live.update(span.id for span in node.spans)
+        if snap.root.ref is None:
+            continue
+        try:
+            live.update(loc.id for loc in reachable(node_of, snap.root.ref, walked))
+        except CafsError as exc:
+            raise GcRefused(f"snapshot {snap.ref}@{snap.jid} cannot be read ({exc}); "
+                            "run cafs fsck; gc deletes nothing until every snapshot reads") from None
     return len(snaps), live
 
 

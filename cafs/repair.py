@@ -18,11 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cafs.check import Problem, Report
-from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
+from cafs.errors import CafsError, StoreError
 from cafs.format.journal import decode_snapshot, parse_jid
-from cafs.format.location import verify_stored
-from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
-from cafs.ids import digest
+from cafs.format.pack import pack_key, verify_pack
 from cafs.repository import Repository
 
 
@@ -35,15 +33,7 @@ class RepairResult:
 def verified_pack(repo: Repository, pack_id: bytes) -> bytes:
     """The whole pack ``pack_id`` from ``repo``, raising unless every byte checks out."""
     data = repo.store.get(pack_key(pack_id))
-    what = f"pack {pack_id.hex()} in {repo.url}"
-    n = trailer_length(data[-TAIL_LEN:], what)
-    if n > len(data) - TAIL_LEN:
-        raise FormatError(f"{what}: trailer length exceeds the pack")
-    trailer = decode_trailer(data[len(data) - TAIL_LEN - n:len(data) - TAIL_LEN], pack_id, len(data), what)
-    if digest(memoryview(data)[:trailer.body_length]) != trailer.body_digest:
-        raise IntegrityError(f"{what}: body digest differs")
-    for loc in trailer.entries:
-        verify_stored(loc, memoryview(data)[loc.offset:loc.end])
+    verify_pack(data, pack_id, f"pack {pack_id.hex()} in {repo.url}")
     return data
 
 

@@ -70,8 +70,11 @@ class Repository:
 
     @classmethod
     def init(cls, store: Store, chunker: ChunkerParams = ChunkerParams(),
-             pack_size: int = 64 << 20) -> Repository:
-        config = check_config(RepoConfig(repo_id=os.urandom(32).hex(), chunker=chunker, pack_size=pack_size))
+             pack_size: int = 64 << 20, *, repo_id: str | None = None) -> Repository:
+        """Create a repository in an empty store. ``repo_id`` is random unless given
+        (``cafs copy`` gives a new mirror its source's id)."""
+        config = check_config(RepoConfig(repo_id=repo_id or os.urandom(32).hex(), chunker=chunker,
+                                         pack_size=pack_size))
         if _exists(store, CONFIG_KEY):
             raise RepositoryError(f"{store.url}: a repository exists there already")
         if any(True for _ in store.list("")):

@@ -7,11 +7,11 @@ inside a snapshot are bytes, ``/``-separated, relative to the root (``b""`` is t
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cafs.errors import FormatError, PathNotFound
 from cafs.format.location import Location
-from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode
+from cafs.format.nodes import DirIndexNode, Entry, FileNode, Node, TreeNode
 from cafs.metacache import NodeReader
 
 
@@ -75,6 +75,37 @@ def walk(reader: NodeReader, top: Entry, prefix: bytes = b"") -> Iterator[tuple[
             children = list(list_dir(reader, entry))
             for child in reversed(children):
                 stack.append((path + b"/" + child.name if path else child.name, child))
+
+
+def reachable(node_of: Callable[[Location], Node], root: Location, walked: set[bytes]) -> Iterator[Location]:
+    """Every reference in the DAG below the node at ``root``, ``root`` included: each
+    node location and each file span, as the parent holding it says (a location whose
+    pack gc has since repacked is yielded as it is; see ``Repository.relocated``).
+
+    Each node is read (through ``node_of``) and descended into once: node ids are added
+    to ``walked``, and a node already in it is yielded but not read again, so passing
+    one set for several snapshots walks what they share once. An id may therefore be
+    yielded more than once, with the same or another location. Used by gc (what is
+    live) and copy (which packs a snapshot needs); raises whatever ``node_of`` raises.
+    """
+    stack = [root]
+    while stack:
+        loc = stack.pop()
+        yield loc
+        if loc.id in walked:
+            continue
+        walked.add(loc.id)
+        node = node_of(loc)
+        if isinstance(node, TreeNode):
+            for e in node.entries:
+                if e.ref is not None:
+                    stack.append(e.ref)
+                if e.spans:
+                    yield from e.spans
+        elif isinstance(node, DirIndexNode):
+            stack.extend(p.ref for p in node.pages)
+        elif isinstance(node, FileNode):
+            yield from node.spans
 
 
 def entry_at(reader: NodeReader, d: Entry, index: int) -> Entry | None:

@@ -10,7 +10,8 @@
 ``body_digest`` is the BLAKE3-256 of the body, so a whole pack can be checked without
 knowing which snapshots use it. Entries are in offset order, do not overlap and lie
 inside the body. The trailer lets a reader (resume after a crash, fsck, gc) learn a
-pack's contents from the pack alone, with one ranged read of its tail.
+pack's contents from the pack alone, with one ranged read of its tail. ``verify_pack``
+checks every byte of a whole pack (repair and copy call it before writing a pack).
 
 Pack names are random 32-byte ids, stored at ``packs/<first 2 hex digits>/<hex id>``.
 """
@@ -20,8 +21,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from cafs.format.location import Location, decode_location
+from cafs.errors import IntegrityError
+from cafs.format.location import Location, decode_location, verify_stored
 from cafs.format.strict import expect_bytes, expect_int, expect_list, fail, pack, unpack
+from cafs.ids import digest
 
 PACK_MAGIC = b"CAFSPK1\n"
 PACK_VERSION = 1
@@ -80,6 +83,25 @@ def decode_trailer(data: bytes, pack_id: bytes, pack_length: int, what: str) -> 
     if pos != body_end:
         fail(what, f"entries end at {pos} but the body is {body_end} bytes")
     return PackTrailer(kind, body_digest, tuple(entries))
+
+
+def verify_pack(data: bytes | memoryview, pack_id: bytes, what: str) -> PackTrailer:
+    """The trailer of the whole pack ``data``, raising unless every byte checks out: the
+    trailer decodes, the body digest matches, and every object matches its id.
+
+    Raises FormatError (not a pack, a bad trailer) or IntegrityError (damaged bytes).
+    """
+    view = memoryview(data)
+    n = trailer_length(bytes(view[-TAIL_LEN:]), what)
+    if n > len(view) - TAIL_LEN:
+        fail(what, f"trailer length {n} exceeds the pack")
+    end = len(view) - TAIL_LEN
+    trailer = decode_trailer(bytes(view[end - n:end]), pack_id, len(view), what)
+    if digest(view[:trailer.body_length]) != trailer.body_digest:
+        raise IntegrityError(f"{what}: body digest differs")
+    for loc in trailer.entries:
+        verify_stored(loc, view[loc.offset:loc.end])
+    return trailer
 
 
 def pack_key(pack_id: bytes) -> str:
