@@ -75,3 +75,5 @@ def _sweep_cafs_mounts(tmp_path_factory: pytest.TempPathFactory):
     if left:
         print(f"\nswept {len(left)} stale cafs mount(s): {', '.join(left)}", file=sys.stderr)
 # ---- end of mounts ----------------------------------------------------------------------
+
+pytest_plugins = ["remote_fixtures"]  # nginx_server, fault_proxy
