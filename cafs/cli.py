@@ -63,6 +63,11 @@ def show_path(path: bytes) -> str:
     return "".join(out) or "."
 
 
+def add_read_mirrors(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--mirror", dest="source_mirrors", action="append", default=[], metavar="URL",
+                    help="a mirror of the repository, read when its own store fails (repeatable)")
+
+
 # -- context shared by the commands ----------------------------------------------------
 
 
@@ -70,9 +75,10 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.cache_dir = Path(args.cache) if getattr(args, "cache", None) else default_cache_dir(dict(os.environ))
         self._meta: dict[str, MetaCache] = {}
+        self._mirrors: list[str] = getattr(args, "source_mirrors", [])
 
     def repo(self, location: str) -> Repository:
-        return Repository.open(open_store(location))
+        return Repository.open(open_store(location), mirrors=[open_store(url) for url in self._mirrors])
 
     def meta(self, repo: Repository) -> MetaCache:
         if repo.config.repo_id not in self._meta:
@@ -542,15 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("ls", "list entries of a snapshot")
     sp.add_argument("snapshot", metavar="REPO#NAME[:PATH]")
     sp.add_argument("-R", "--recursive", action="store_true")
+    add_read_mirrors(sp)
     sp.set_defaults(func=cmd_ls)
 
     sp = command("cat", "write a file of a snapshot to stdout")
     sp.add_argument("snapshot", metavar="REPO#NAME:PATH")
+    add_read_mirrors(sp)
     sp.set_defaults(func=cmd_cat)
 
     sp = command("get", "extract a file or tree, verified and resumable")
     sp.add_argument("snapshot", metavar="REPO#NAME[:PATH]")
     sp.add_argument("dest")
+    add_read_mirrors(sp)
     sp.set_defaults(func=cmd_get)
 
     sp = command("stats", "space used by a repository or a snapshot; counters of a mount")

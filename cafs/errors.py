@@ -22,6 +22,11 @@ class StoreError(CafsError):
     """A store failed to get, put, list or delete an object."""
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer properly this time (refused, reset, timed out, a 5xx, a
+    short body): worth retrying later, unlike a missing object or a refused credential."""
+
+
 class ObjectNotFound(StoreError):
     """The store has no object of that name."""
 

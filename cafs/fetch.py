@@ -14,11 +14,18 @@ is retried after ``CACHE_RETRY_SECONDS``.
 
 ``prefetch(locs)`` starts loads in the background (readahead) while ``running()`` is
 active; the loads land in the in-memory LRU and the cache, and a reader asking for one of
-them waits on that same load. At most ``MAX_PREFETCH`` background loads run at once;
-beyond that, prefetch requests are dropped (they are hints).
+them waits on that same load. Neighbouring chunks of one pack (gaps up to ``RUN_GAP``)
+are loaded together, as runs of up to ``RUN_BYTES``: one ranged read from the store for
+the chunks the cache lacks, since a remote store's first byte costs far more than the
+next megabyte. At most ``MAX_PREFETCH`` background runs are under way at once; beyond
+that, prefetch requests are dropped (they are hints). A reader whose chunk was in a
+background run that failed loads it once more itself before it gives up.
 
-Concurrency invariant: ``_inflight`` maps a chunk key to the event of the one load in
-progress; it is only changed between awaits on the trio thread.
+Cache reads and store reads wait on separate limiters, so a stalled store never keeps
+a cached read (or anything else) waiting for a worker thread.
+
+Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it is
+only changed between awaits on the trio thread.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import lmdb
 import trio
 
 from cafs.chunkcache import ChunkCache
-from cafs.errors import CafsError, IntegrityError, NoSpaceError
+from cafs.errors import CafsError, IntegrityError, NoSpaceError, ObjectNotFound
 from cafs.format.location import Location, decode_stored
 from cafs.repository import Repository
 
@@ -42,6 +49,8 @@ log = logging.getLogger("cafs.fetch")
 
 CACHE_RETRY_SECONDS = 30.0
 MAX_PREFETCH = 8
+RUN_BYTES = 8 << 20
+RUN_GAP = 128 << 10
 MEMORY_CHUNKS_BYTES = 64 << 20
 
 
@@ -66,12 +75,32 @@ class _Load:
         self.error: BaseException | None = None
 
 
+def runs(locs: Iterable[Location]) -> list[list[Location]]:
+    """``locs`` grouped into runs: same pack, ascending offsets, gaps up to ``RUN_GAP``,
+    at most ``RUN_BYTES`` from the first byte to the last."""
+    out: list[list[Location]] = []
+    for loc in sorted(locs, key=lambda l: (l.pack, l.offset)):
+        if out:
+            run = out[-1]
+            prev = run[-1]
+            end = prev.offset + prev.stored_length
+            if (loc.pack == prev.pack and end <= loc.offset <= end + RUN_GAP
+                    and loc.offset + loc.stored_length - run[0].offset <= RUN_BYTES):
+                run.append(loc)
+                continue
+            if loc.pack == prev.pack and loc.offset == prev.offset:
+                continue  # the same chunk twice
+        out.append([loc])
+    return out
+
+
 class Fetcher:
     def __init__(self, repo: Repository, cache: ChunkCache | None, *, threads: int = 8,
                  memory_bytes: int = MEMORY_CHUNKS_BYTES) -> None:
         self.repo = repo
         self.cache = cache
-        self.limiter = trio.CapacityLimiter(threads)
+        self.cache_limiter = trio.CapacityLimiter(threads)
+        self.store_limiter = trio.CapacityLimiter(threads)
         self.counters = FetchCounters()
         self._inflight: dict[tuple[bytes, int], _Load] = {}
         self._memory: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
@@ -96,52 +125,77 @@ class Fetcher:
         """Start loading ``locs`` in the background, if not loaded or loading already."""
         if self._nursery is None:
             return
-        for loc in locs:
+        todo = [loc for loc in locs if (loc.pack, loc.offset) not in self._memory
+                and (loc.pack, loc.offset) not in self._inflight]
+        for run in runs(todo):
             if self._prefetching >= MAX_PREFETCH:
                 return
-            key = (loc.pack, loc.offset)
-            if key in self._memory or key in self._inflight:
-                continue
             self._prefetching += 1
-            self._nursery.start_soon(self._prefetch_one, loc)
+            self._nursery.start_soon(self._prefetch_run, run, self._register(run))
 
-    async def _prefetch_one(self, loc: Location) -> None:
+    async def _prefetch_run(self, run: list[Location], loads: list[_Load]) -> None:
         try:
-            await self.chunk(loc)
-        except Exception as exc:  # a hint that failed; the reader will see the error itself
-            log.debug("prefetch of %s failed: %s", loc.describe(), exc)
+            await self._load_run(run, loads)
+        except Exception as exc:  # a hint that failed; a reader will try again itself
+            log.debug("prefetch of %s failed: %s", run[0].describe(), exc)
         finally:
             self._prefetching -= 1
 
     async def chunk(self, loc: Location) -> bytes:
         key = (loc.pack, loc.offset)
-        data = self._memory.get(key)
-        if data is not None:
-            self._memory.move_to_end(key)
-            self.counters.memory_hits += 1
-            return data
-        load = self._inflight.get(key)
-        if load is None:
-            load = _Load()
-            self._inflight[key] = load
-            self.counters.in_flight += 1
-            try:
-                load.data = await trio.to_thread.run_sync(self._load, loc, limiter=self.limiter)
-                self._remember(key, load.data)
-            except BaseException as exc:
-                load.error = exc
-                self.counters.errors += 1
-                raise
-            finally:
-                self.counters.in_flight -= 1
-                del self._inflight[key]
-                load.done.set()
+        for attempt in range(2):
+            data = self._memory.get(key)
+            if data is not None:
+                self._memory.move_to_end(key)
+                self.counters.memory_hits += 1
+                return data
+            load = self._inflight.get(key)
+            if load is None:
+                load = self._register([loc])[0]
+                await self._load_run([loc], [load])
+            else:
+                await load.done.wait()
+                if load.error is not None and attempt == 0:
+                    continue  # someone else's load failed: try once ourselves
+            if load.error is not None:
+                raise load.error
+            assert load.data is not None
             return load.data
-        await load.done.wait()
-        if load.error is not None:
-            raise IntegrityError(f"chunk {loc.describe()}: {load.error}") if isinstance(load.error, IntegrityError) else load.error
-        assert load.data is not None
-        return load.data
+        raise AssertionError("unreachable")
+
+    def _register(self, run: list[Location]) -> list[_Load]:
+        loads = []
+        for loc in run:
+            load = _Load()
+            self._inflight[(loc.pack, loc.offset)] = load
+            loads.append(load)
+        self.counters.in_flight += len(run)
+        return loads
+
+    async def _load_run(self, run: list[Location], loads: list[_Load]) -> None:
+        """Resolve ``loads`` (one per chunk of ``run``); raises the first error met."""
+        try:
+            cached = await trio.to_thread.run_sync(self._from_cache, run, limiter=self.cache_limiter)
+            for load, data in zip(loads, cached):
+                load.data = data
+            missing = [loc for loc, data in zip(run, cached) if data is None]
+            for part in runs(missing):
+                got = await trio.to_thread.run_sync(self._from_store, part, limiter=self.store_limiter)
+                for loc, data in zip(part, got):
+                    loads[run.index(loc)].data = data
+        except BaseException as exc:
+            self.counters.errors += 1
+            for load in loads:
+                if load.data is None:
+                    load.error = exc
+            raise
+        finally:
+            self.counters.in_flight -= len(run)
+            for loc, load in zip(run, loads):
+                del self._inflight[(loc.pack, loc.offset)]
+                if load.data is not None:
+                    self._remember((loc.pack, loc.offset), load.data)
+                load.done.set()
 
     def _remember(self, key: tuple[bytes, int], data: bytes) -> None:
         if len(data) > self._memory_limit // 4:
@@ -152,35 +206,48 @@ class Fetcher:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
 
-    def _load(self, loc: Location) -> bytes:
-        """Runs in a worker thread."""
+    def _from_cache(self, run: list[Location]) -> list[bytes | None]:
+        """Runs in a worker thread: the plain bytes of each chunk the cache holds intact."""
         cache = self.cache
-        if cache is not None:
+        if cache is None:
+            return [None] * len(run)
+        out: list[bytes | None] = []
+        for loc in run:
             try:
                 stored = cache.read(loc.pack, loc.offset, loc.stored_length)
             except (CafsError, OSError, lmdb.Error) as exc:
                 log.warning("cache read failed, going to the store: %s", exc)
                 stored = None
+            data = None
             if stored is not None:
                 try:
                     data = decode_stored(loc, stored)
                     self.counters.hits += 1
-                    return data
                 except IntegrityError as exc:
                     self.counters.damaged += 1
                     log.warning("cache extent damaged, refetching: %s", exc)
                     cache.drop(loc.pack, loc.offset)
-        stored = self.repo.read_stored(loc)
-        self.counters.misses += 1
-        self.counters.bytes_fetched += len(stored)
-        data = decode_stored(loc, stored)
+            out.append(data)
+        return out
+
+    def _from_store(self, run: list[Location]) -> list[bytes]:
+        """Runs in a worker thread: verified plain bytes of ``run`` from the store, written
+        through to the cache."""
+        try:
+            got = self.repo.read_run(run)
+        except ObjectNotFound:
+            got = [self.repo.read_verified(loc) for loc in run]  # moved by gc: one by one
+        self.counters.misses += len(run)
+        self.counters.bytes_fetched += sum(len(stored) for stored, _ in got)
+        cache = self.cache
         if cache is not None and time.monotonic() >= self._cache_off_until:
             try:
-                cache.insert(loc.pack, loc.offset, stored, [(loc.offset, loc.stored_length)])
+                for loc, (stored, _) in zip(run, got):
+                    cache.insert(loc.pack, loc.offset, stored, [(loc.offset, loc.stored_length)])
             except (CafsError, OSError) as exc:
                 # a cache that cannot be written costs speed, never a read
                 if isinstance(exc, NoSpaceError):
                     self.counters.cache_full += 1
                 self._cache_off_until = time.monotonic() + CACHE_RETRY_SECONDS
                 log.warning("%s; serving without caching for %.0f s", exc, CACHE_RETRY_SECONDS)
-        return data
+        return [data for _, data in got]

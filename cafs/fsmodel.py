@@ -184,9 +184,10 @@ class SnapshotFS:
         if offset >= end:
             return b""
         first = i = bisect.bisect_right(f.starts, offset) - 1
-        if offset == f.next_offset and self.readahead:
-            last = bisect.bisect_left(f.starts, end + self.readahead)
-            self.fetcher.prefetch(f.spans[i + 1:last])
+        ahead = self.readahead if offset == f.next_offset else 0
+        last = bisect.bisect_left(f.starts, end + ahead)
+        if last - first > 1:  # several chunks: load them as runs, not one by one
+            self.fetcher.prefetch(f.spans[first:last])
         pieces = []
         pos = offset
         while pos < end:

@@ -59,7 +59,9 @@ def check_source(source: str, opts: MountOptions) -> None:
     spec = parse_spec(source)
     if spec.path:
         raise UsageError(f"{source}: mount a snapshot (REPO#NAME), not a path inside one")
-    find_snapshot(Repository.open(open_store(spec.repo)), spec.selector)
+    repo = Repository.open(open_store(spec.repo), mirrors=[open_store(url) for url in opts.mirrors],
+                           deadline=opts.timeout)
+    find_snapshot(repo, spec.selector)
 
 
 def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:

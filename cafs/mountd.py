@@ -86,7 +86,8 @@ def set_readahead(mountpoint: str, size: int) -> None:
 
 def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     spec = parse_spec(source)
-    repo = Repository.open(open_store(spec.repo))
+    repo = Repository.open(open_store(spec.repo), mirrors=[open_store(url) for url in opts.mirrors],
+                           deadline=opts.timeout)
     snapshot = find_snapshot(repo, spec.selector)
     if spec.path:
         raise CafsError(f"{source}: mounting a path inside a snapshot is not supported; mount the snapshot")
@@ -102,7 +103,7 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     stack.callback(meta.close)
     mode = opts.cache_mode
     if mode == "auto":
-        mode = "meta" if isinstance(repo.store, LocalStore) else "full"
+        mode = "meta" if isinstance(repo.primary, LocalStore) else "full"
     cache = None
     if mode == "full":
         cache = ChunkCache(cache_root, meta.env, opts.cache_size)

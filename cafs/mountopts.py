@@ -1,7 +1,10 @@
 """Mount options: parsing ``-o a=b,c`` into a frozen ``MountOptions``, strictly.
 
 cafs options: ``cache=DIR``, ``cache_size=SIZE``, ``cache_mode=auto|full|meta``,
-``readahead=SIZE``, ``allow_other``, ``debug``, ``log=PATH|syslog``.
+``readahead=SIZE``, ``allow_other``, ``debug``, ``log=PATH|syslog``, ``mirror=URL``
+(repeatable: stores holding the same repository, read when the repository's own store
+fails; see ``cafs.sources``) and ``timeout=SECONDS`` (how long a read may wait for the
+stores, retries included, before it fails with EIO; default 30).
 
 ``cache_mode``: ``full`` writes every fetched chunk through to the sparse chunk cache;
 ``meta`` caches metadata only and reads chunks from the store each time the kernel asks;
@@ -23,12 +26,15 @@ from pathlib import Path
 
 from cafs import sizes
 from cafs.errors import UsageError
+from cafs.stores.access import refuse_userinfo
 
 DEFAULT_CACHE_SIZE = 10 << 30
 DEFAULT_READAHEAD = 8 << 20
 MIN_CACHE_SIZE = 1 << 20
 CACHE_MODES = ("auto", "full", "meta")
 MAX_READAHEAD = 256 << 20
+DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 24 * 3600.0
 
 _IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
             "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
@@ -44,6 +50,8 @@ class MountOptions:
     debug: bool = False
     log: str | None = None
     cache_mode: str = "auto"
+    mirrors: tuple[str, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT
 
 
 def parse_size(text: str, option: str) -> int:
@@ -53,8 +61,19 @@ def parse_size(text: str, option: str) -> int:
         raise UsageError(f"mount option {option}={text!r}: not a size (examples: 512M, 20G)") from None
 
 
+def parse_seconds(text: str, option: str) -> float:
+    try:
+        seconds = float(text.removesuffix("s"))
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise UsageError(f"mount option {option}={text!r}: seconds, more than 0 and at most {MAX_TIMEOUT:.0f}")
+    return seconds
+
+
 def parse_options(text: str) -> MountOptions:
     values: dict[str, object] = {}
+    mirrors: list[str] = []
     for item in (i for i in text.split(",") if i):
         key, eq, value = item.partition("=")
         if key in _IGNORED or key.startswith("x-") or key == "comment":
@@ -63,7 +82,12 @@ def parse_options(text: str) -> MountOptions:
             if eq:
                 raise UsageError(f"mount option {key} takes no value")
             values[key] = True
-        elif key in ("cache", "cache_size", "readahead", "log", "cache_mode"):
+        elif key == "mirror":
+            if not value:
+                raise UsageError("mount option mirror needs a URL (mirror=https://...)")
+            refuse_userinfo(value)
+            mirrors.append(value)
+        elif key in ("cache", "cache_size", "readahead", "log", "cache_mode", "timeout"):
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")
             values[key] = value
@@ -77,6 +101,8 @@ def parse_options(text: str) -> MountOptions:
         debug=bool(values.get("debug", False)),
         log=str(values["log"]) if "log" in values else None,
         cache_mode=str(values.get("cache_mode", "auto")),
+        mirrors=tuple(mirrors),
+        timeout=parse_seconds(str(values["timeout"]), "timeout") if "timeout" in values else DEFAULT_TIMEOUT,
     )
     if opts.cache_mode not in CACHE_MODES:
         raise UsageError(f"mount option cache_mode={opts.cache_mode!r}: one of {', '.join(CACHE_MODES)}")
@@ -89,7 +115,9 @@ def parse_options(text: str) -> MountOptions:
 
 def format_options(opts: MountOptions) -> str:
     """The inverse of ``parse_options``, to hand options to the daemon process."""
-    items = [f"cache_size={opts.cache_size}", f"readahead={opts.readahead}", f"cache_mode={opts.cache_mode}"]
+    items = [f"cache_size={opts.cache_size}", f"readahead={opts.readahead}", f"cache_mode={opts.cache_mode}",
+             f"timeout={opts.timeout!r}"]
+    items.extend(f"mirror={url}" for url in opts.mirrors)
     if opts.cache is not None:
         items.append(f"cache={opts.cache}")
     if opts.allow_other:

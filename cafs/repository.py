@@ -10,6 +10,12 @@ Owns the repository layout (see docs/FORMAT.md):
 It does not cache: callers that read nodes repeatedly go through ``cafs.metacache``.
 Every object read here is verified against its id before it is returned.
 
+Reads go through ``cafs.sources``: the repository's own store first, then any mirrors
+given to ``open``, with failover, retries and a deadline; corrupt bytes from one source
+count as that source's failure. Writes go to the repository's own store only
+(``store``: retried on ``StoreUnavailable`` until the deadline); ``primary`` is that
+store unwrapped.
+
 A location is a hint. Objects are named by their content, so when ``cafs gc`` repacks a
 pack, the live objects move, verbatim (same stored bytes, codec and lengths), to new
 packs, and the old pack is deleted. A read whose pack is gone finds the object by id in
@@ -23,7 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cafs.errors import FormatError, IntegrityError, ObjectNotFound, RefError, RepositoryError, StoreError
 from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_config, encode_config
@@ -35,6 +41,7 @@ from cafs.format.location import Location, decode_stored
 from cafs.format.nodes import Entry
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
+from cafs.sources import DEFAULT_DEADLINE, RetryingStore, Sources
 from cafs.stores import ObjectExists, Store
 
 CONFIG_KEY = "config"
@@ -55,8 +62,11 @@ class ObjectIndex:
 
 
 class Repository:
-    def __init__(self, store: Store, config: RepoConfig) -> None:
-        self.store = store
+    def __init__(self, store: Store, config: RepoConfig, *, mirrors: Sequence[Store] = (),
+                 deadline: float = DEFAULT_DEADLINE) -> None:
+        self.primary = store
+        self.store: Store = RetryingStore(store, deadline=deadline)
+        self.sources = Sources([store, *mirrors], deadline=deadline)
         self.config = config
         self._relocations: ObjectIndex | None = None
         self._relocations_loaded = 0.0
@@ -86,26 +96,50 @@ class Repository:
         return cls(store, config)
 
     @classmethod
-    def open(cls, store: Store) -> Repository:
+    def open(cls, store: Store, *, mirrors: Sequence[Store] = (),
+             deadline: float = DEFAULT_DEADLINE) -> Repository:
+        sources = Sources([store, *mirrors], deadline=deadline)
         try:
-            data = store.get(CONFIG_KEY)
+            config = sources.read(lambda s: decode_config(s.get(CONFIG_KEY), f"{s.url}/config"))
         except ObjectNotFound:
             raise RepositoryError(f"{store.url}: not a cafs repository (no config)") from None
-        return cls(store, decode_config(data, f"{store.url}/config"))
+        return cls(store, config, mirrors=mirrors, deadline=deadline)
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """An object's bytes from the first source that has them."""
+        return self.sources.read(lambda s: s.get(key, offset, length))
+
+    def keys(self, prefix: str) -> list[tuple[str, int]]:
+        return self.sources.read(lambda s: list(s.list(prefix)))
 
     # -- objects ------------------------------------------------------------------
 
-    def read_stored(self, loc: Location) -> bytes:
-        """The stored bytes of ``loc``, from its pack or, if gc moved it, from where the
-        index says the object lives now."""
+    def read_verified(self, loc: Location) -> tuple[bytes, bytes]:
+        """The stored and the plain bytes of ``loc``, verified against its id: from its
+        pack or, if gc moved it, from where the index says the object lives now."""
         try:
-            return self.store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
+            return self.read_run([loc])[0]
         except ObjectNotFound:
             moved = self.relocated(loc)
             if moved is None:
                 raise
-            return self.store.get(pack_key(moved.pack), moved.offset, moved.stored_length)
+            return self.read_run([moved])[0]
 
+    def read_run(self, locs: Sequence[Location]) -> list[tuple[bytes, bytes]]:
+        """``read_verified`` of several objects of one pack in ascending offset order, in
+        one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included)."""
+        start = locs[0].offset
+        end = locs[-1].offset + locs[-1].stored_length
+        key = pack_key(locs[0].pack)
+
+        def attempt(store: Store) -> list[tuple[bytes, bytes]]:
+            whole = memoryview(store.get(key, start, end - start))
+            out = []
+            for loc in locs:
+                stored = bytes(whole[loc.offset - start:loc.offset - start + loc.stored_length])
+                out.append((stored, decode_stored(loc, stored)))
+            return out
+        return self.sources.read(attempt)
     def relocated(self, loc: Location) -> Location | None:
         """Where the object of ``loc`` lives now, if its pack is gone; else None."""
         with self._relocations_lock:
@@ -122,22 +156,22 @@ class Repository:
 
     def read_object(self, loc: Location) -> bytes:
         """The plain bytes of a chunk or node, verified against its id."""
-        return decode_stored(loc, self.read_stored(loc))
+        return self.read_verified(loc)[1]
 
     def read_trailer(self, pack_id: bytes, length: int) -> PackSummary:
         key = pack_key(pack_id)
         what = f"pack {pack_id.hex()}"
         if length < TAIL_LEN:
             raise FormatError(f"{what}: {length} bytes is too short to be a pack")
-        n = trailer_length(self.store.get(key, length - TAIL_LEN, TAIL_LEN), what)
+        n = trailer_length(self.get(key, length - TAIL_LEN, TAIL_LEN), what)
         if n > length - TAIL_LEN:
             raise FormatError(f"{what}: trailer length {n} exceeds the pack")
-        trailer = decode_trailer(self.store.get(key, length - TAIL_LEN - n, n), pack_id, length, what)
+        trailer = decode_trailer(self.get(key, length - TAIL_LEN - n, n), pack_id, length, what)
         return PackSummary(pack_id, length, trailer.kind, trailer.entries)
 
     def list_packs(self) -> dict[bytes, int]:
         packs = {}
-        for key, size in self.store.list("packs/"):
+        for key, size in self.keys("packs/"):
             name = key.rsplit("/", 1)[-1]
             try:
                 packs[bytes.fromhex(name)] = size
@@ -150,9 +184,9 @@ class Repository:
         trailers of packs no index covers (left by an interrupted import)."""
         index = ObjectIndex()
         present = self.list_packs()
-        for key, _size in self.store.list("index/"):
+        for key, _size in self.keys("index/"):
             try:
-                data = self.store.get(key)
+                data = self.get(key)
                 if digest(data).hex() != key.rsplit("/", 1)[-1]:
                     raise IntegrityError(f"index object {key} does not match its name")
                 for summary in decode_index(data, key):
@@ -186,7 +220,7 @@ class Repository:
 
     def ref_names(self) -> list[str]:
         names = set()
-        for key, _ in self.store.list("refs/"):
+        for key, _ in self.keys("refs/"):
             parts = key.split("/")
             if len(parts) == 3 and parse_jid(parts[2]) is not None:
                 names.add(parts[1])
@@ -195,7 +229,7 @@ class Repository:
     def jids(self, name: str) -> list[int]:
         check_ref_name(name)
         jids = []
-        for key, _ in self.store.list(f"refs/{name}/"):
+        for key, _ in self.keys(f"refs/{name}/"):
             jid = parse_jid(key.rsplit("/", 1)[-1])
             if jid is not None:
                 jids.append(jid)
@@ -209,7 +243,7 @@ class Repository:
                 raise RefError(f"{self.url}: no ref named {name!r}")
             jid = jids[-1]
         try:
-            data = self.store.get(journal_key(name, jid))
+            data = self.get(journal_key(name, jid))
         except ObjectNotFound:
             raise RefError(f"{self.url}: ref {name!r} has no snapshot {jid}") from None
         return decode_snapshot(data, name, jid)

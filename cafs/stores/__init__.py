@@ -23,6 +23,10 @@ def open_store(url: str) -> Store:
         if not path:
             raise UsageError(f"{url}: a file:// URL needs a path")
         return LocalStore(Path(path))
-    if scheme in ("http", "https", "s3"):
+    if scheme in ("http", "https"):
+        from cafs.stores.access import access_for
+        from cafs.stores.http import HttpStore
+        return HttpStore(url, access_for(url))
+    if scheme == "s3":
         raise UsageError(f"{url}: {scheme}:// repositories are not supported yet")
     raise UsageError(f"{url}: unknown repository URL scheme {scheme!r}")

@@ -1,0 +1,161 @@
+"""Where a repository's bytes come from: its store and its mirrors, tried in turn, with
+retries, back-off and a deadline.
+
+``Sources.read(fn)`` calls ``fn(store)`` on the first usable source in the configured
+order (the repository's own store, then each mirror). ``fn`` reads and verifies; when it
+raises (``StoreError``, or ``IntegrityError``/``FormatError`` for bytes that fail
+verification), the source is set aside for a back-off period that grows with its
+consecutive failures (with jitter) and the read moves on to the next source. Once that
+period has passed the source is tried again in its own place, so reads return to the
+primary as soon as it is back; a source in back-off is still tried, last, before a read
+gives up. When every source has failed and at least one failure may pass (unavailable
+store), the read waits (exponential back-off with full jitter) and goes round again
+until its deadline, then raises the last error. Bytes that fail verification are read
+again ``CORRUPT_ROUNDS`` times at most (a flipped bit in transit heals, a damaged object
+does not). Failures no retry cures — an object missing everywhere (``ObjectNotFound``),
+refused credentials — are raised at once.
+
+``RetryingStore`` gives writes the same patience on one store: an operation that meets
+``StoreUnavailable`` is retried with back-off until the deadline.
+
+Thread-safe: the health table is guarded by a lock; reads themselves run unlocked.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cafs.errors import FormatError, IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
+from cafs.stores.base import Store
+
+log = logging.getLogger("cafs.sources")
+
+T = TypeVar("T")
+
+DEFAULT_DEADLINE = 30.0
+_ROUND_DELAY = (0.05, 2.0)  # first and largest wait between rounds, before jitter
+_SET_ASIDE = (1.0, 60.0)  # first and largest back-off of a failed source
+CORRUPT_ROUNDS = 2
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+class Sources:
+    def __init__(self, stores: list[Store], *, deadline: float = DEFAULT_DEADLINE,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not stores:
+            raise ValueError("Sources needs at least one store")
+        self.stores = stores
+        self.deadline = deadline
+        self._clock = clock
+        self._sleep = sleep
+        self._health = [_Health() for _ in stores]
+        self._lock = threading.Lock()
+
+    def order(self) -> list[int]:
+        """Indexes of the sources to try: usable ones in configured order, then those in
+        back-off, soonest first."""
+        now = self._clock()
+        with self._lock:
+            ready = [i for i, h in enumerate(self._health) if h.retry_at <= now]
+            waiting = sorted((i for i, h in enumerate(self._health) if h.retry_at > now),
+                             key=lambda i: self._health[i].retry_at)
+        return ready + waiting
+
+    def read(self, fn: Callable[[Store], T], *, deadline: float | None = None) -> T:
+        give_up = self._clock() + (self.deadline if deadline is None else deadline)
+        for round_no in range(1_000_000):
+            error: Exception | None = None
+            missing: ObjectNotFound | None = None
+            passing = corrupt = False
+            for i in self.order():
+                try:
+                    value = fn(self.stores[i])
+                except ObjectNotFound as exc:
+                    missing = exc
+                    continue
+                except (StoreError, IntegrityError, FormatError) as exc:
+                    passing = passing or isinstance(exc, StoreUnavailable)
+                    corrupt = corrupt or isinstance(exc, (IntegrityError, FormatError))
+                    self._failed(i, exc)
+                    error = exc
+                    continue
+                self._succeeded(i)
+                return value
+            if error is None:
+                assert missing is not None
+                raise missing
+            now = self._clock()
+            if now >= give_up or not (passing or (corrupt and round_no < CORRUPT_ROUNDS)):
+                raise error
+            self._sleep(min(give_up - now, _backoff(round_no, _ROUND_DELAY) * random.random()))
+        raise AssertionError("unreachable")
+
+    def _failed(self, i: int, exc: Exception) -> None:
+        with self._lock:
+            h = self._health[i]
+            h.failures += 1
+            h.retry_at = self._clock() + _backoff(h.failures - 1, _SET_ASIDE) * random.uniform(0.5, 1.0)
+        if len(self.stores) > 1:
+            log.warning("source %s failed (%s); trying the next", self.stores[i].url, exc)
+
+    def _succeeded(self, i: int) -> None:
+        h = self._health[i]
+        if h.failures:
+            with self._lock:
+                h.failures = 0
+                h.retry_at = 0.0
+
+
+class RetryingStore:
+    """A store whose operations are retried on ``StoreUnavailable`` until a deadline."""
+
+    def __init__(self, inner: Store, *, deadline: float = DEFAULT_DEADLINE,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.deadline = deadline
+        self._clock = clock
+        self._sleep = sleep
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        give_up = self._clock() + self.deadline
+        for attempt in range(1_000_000):
+            try:
+                return fn()
+            except StoreUnavailable as exc:
+                now = self._clock()
+                if now >= give_up:
+                    raise
+                log.info("%s; retrying", exc)
+                self._sleep(min(give_up - now, _backoff(attempt, _ROUND_DELAY) * random.random()))
+        raise AssertionError("unreachable")
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._retry(lambda: self.inner.get(key, offset, length))
+
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        self._retry(lambda: self.inner.put(key, data, exclusive=exclusive))
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        return iter(self._retry(lambda: list(self.inner.list(prefix))))
+
+    def delete(self, key: str) -> None:
+        self._retry(lambda: self.inner.delete(key))
+
+
+def _backoff(attempt: int, bounds: tuple[float, float]) -> float:
+    first, largest = bounds
+    return float(min(largest, first * (2 ** min(attempt, 30))))

@@ -1,0 +1,219 @@
+"""A store behind an HTTP(S) server (``http://`` and ``https://`` URLs).
+
+Reads need nothing but a static web server: ``get`` is a GET with a ``Range`` header
+(a server that ignores ranges still works, at the cost of whole-object transfers), and
+``list`` reads the server's directory index of ``PREFIX/`` — nginx's
+``autoindex_format json`` (names, types and sizes in one request), or any HTML index
+whose links name the entries (sizes then come from HEAD requests).
+
+Writes use WebDAV as nginx's dav module provides it: ``put`` is a PUT (the server writes
+a temporary file and renames it, so readers see all of an object or nothing; missing
+parent collections are made with MKCOL when the server does not create them itself);
+an exclusive put is a PUT to a hidden temporary name followed by ``MOVE`` with
+``Overwrite: F``, which the server refuses with 412 when the key exists (nginx ignores
+``If-None-Match`` on PUT, so that cannot be used); ``delete`` is a DELETE. Names starting
+with ``.`` are never listed, so an interrupted exclusive put leaves nothing visible.
+
+Errors: 404 is ``ObjectNotFound``; refused or reset connections, timeouts, short
+bodies and 5xx answers are ``StoreUnavailable`` (worth retrying: see ``cafs.sources``);
+refused credentials, certificate failures and refused writes are ``StoreError``.
+The store retries nothing itself. Messages name the object URL, never a credential.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
+from urllib.parse import unquote, urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError, SSLError
+
+from cafs.errors import NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable
+from cafs.stores.access import RemoteAccess
+from cafs.stores.base import ObjectExists, check_key
+
+DEFAULT_TIMEOUT = 10.0  # per request and per socket operation; cafs.sources adds a deadline
+LIST_THREADS = 8
+_TMP_PREFIX = ".tmp-"
+
+
+class HttpStore:
+    def __init__(self, url: str, access: RemoteAccess = RemoteAccess(), *,
+                 timeout: float = DEFAULT_TIMEOUT, connections: int = 16) -> None:
+        self.url = url.rstrip("/")
+        self._base = self.url + "/"
+        self._headers = access.headers()
+        self._pool = urllib3.PoolManager(
+            num_pools=2, maxsize=connections, retries=False,
+            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
+            cert_reqs="CERT_REQUIRED", ca_certs=access.ca_file,
+            cert_file=access.cert_file, key_file=access.key_file)
+
+    # -- the Store protocol -------------------------------------------------------
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        where = self._base + check_key(key)
+        if length == 0:
+            self._expect(self._request("HEAD", where), where, (200,))
+            return b""
+        headers = dict(self._headers)
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            headers["Range"] = f"bytes={offset}-{end}"
+        resp = self._request("GET", where, headers=headers)
+        if resp.status == 416:
+            raise StoreError(f"{where}: range {offset}+{length} lies past the end of the object: truncated?")
+        self._expect(resp, where, (200, 206))
+        data = resp.data
+        if resp.status == 200 and (offset or length is not None):
+            data = data[offset:] if length is None else data[offset:offset + length]
+        if length is not None and len(data) != length:
+            raise StoreError(f"{where}: wanted {length} bytes at {offset}, got {len(data)}: truncated?")
+        return data
+
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        where = self._base + check_key(key)
+        body = bytes(data) if not isinstance(data, bytes) else data
+        if not exclusive:
+            self._put(where, body)
+            return
+        parent, _, name = key.rpartition("/")
+        tmp = self._base + (parent + "/" if parent else "") + f"{_TMP_PREFIX}{os.urandom(8).hex()}"
+        self._put(tmp, body)
+        try:
+            resp = self._request("MOVE", tmp, headers={**self._headers, "Destination": where, "Overwrite": "F"})
+            if resp.status == 412:
+                raise ObjectExists(f"{where} exists already")
+            self._expect(resp, where, (201, 204), writing=True)
+        finally:
+            try:
+                self._request("DELETE", tmp)  # after a MOVE: nothing left to delete
+            except StoreError:
+                pass  # a hidden name, never listed; costs space, not correctness
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        if prefix and not prefix.endswith("/"):
+            raise StoreError(f"list prefix {prefix!r} must end with '/'")
+        with ThreadPoolExecutor(LIST_THREADS) as pool:
+            pending = [pool.submit(self._list_one, prefix)]
+            while pending:
+                files, dirs = pending.pop().result()
+                yield from files
+                pending.extend(pool.submit(self._list_one, d) for d in dirs)
+
+    def delete(self, key: str) -> None:
+        where = self._base + check_key(key)
+        resp = self._request("DELETE", where)
+        if resp.status != 404:
+            self._expect(resp, where, (200, 202, 204), writing=True)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
+                 body: bytes | None = None) -> urllib3.BaseHTTPResponse:
+        try:
+            return self._pool.request(method, url, headers=headers if headers is not None else self._headers,
+                                      body=body, redirect=False)
+        except SSLError as exc:
+            raise StoreError(f"{url}: TLS failed: {_reason(exc)}") from None
+        except HTTPError as exc:
+            raise StoreUnavailable(f"{url}: {method} failed: {_reason(exc)}") from None
+
+    def _expect(self, resp: urllib3.BaseHTTPResponse, url: str, ok: tuple[int, ...], *,
+                writing: bool = False) -> None:
+        status = resp.status
+        if status in ok:
+            return
+        if status == 404:
+            raise ObjectNotFound(f"{url}: not found")
+        if status in (401, 403):
+            raise StoreError(f"{url}: access denied ({status}): check the credentials for this server")
+        if writing and status in (405, 501):
+            raise StoreError(f"{url}: the server does not accept writes (WebDAV PUT/MOVE/DELETE; {status})")
+        if status == 507:
+            raise NoSpaceError(f"{url}: the server has no space left (507)")
+        if status >= 500 or status in (408, 429):
+            raise StoreUnavailable(f"{url}: server error {status}")
+        raise StoreError(f"{url}: unexpected answer {status}")
+
+    def _put(self, url: str, body: bytes) -> None:
+        resp = self._request("PUT", url, headers=self._headers, body=body)
+        if resp.status == 409:  # a parent collection is missing and the server will not make it
+            self._make_parents(url)
+            resp = self._request("PUT", url, headers=self._headers, body=body)
+        self._expect(resp, url, (200, 201, 204), writing=True)
+
+    def _make_parents(self, url: str) -> None:
+        rel = url[len(self._base):].split("/")[:-1]
+        for i in range(1, len(rel) + 1):
+            where = self._base + "/".join(rel[:i]) + "/"
+            resp = self._request("MKCOL", where)
+            if resp.status not in (201, 405):  # 405: exists already
+                self._expect(resp, where, (201,), writing=True)
+
+    def _list_one(self, prefix: str) -> tuple[builtins.list[tuple[str, int]], builtins.list[str]]:
+        where = self._base + prefix
+        resp = self._request("GET", where, headers={**self._headers, "Accept": "application/json"})
+        if resp.status == 404:
+            return [], []
+        self._expect(resp, where, (200,))
+        body = resp.data
+        try:
+            entries = _parse_json_index(body) if body.lstrip()[:1] == b"[" else self._parse_html_index(body, where)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{where}: cannot read the directory listing: {exc}") from None
+        files, dirs = [], []
+        for name, is_dir, size in entries:
+            if name.startswith(".") or "/" in name or not name:
+                continue
+            if is_dir:
+                dirs.append(f"{prefix}{name}/")
+            else:
+                files.append((f"{prefix}{name}", size))
+        return files, dirs
+
+    def _parse_html_index(self, body: bytes, where: str) -> builtins.list[tuple[str, bool, int]]:
+        links = _Links()
+        links.feed(body.decode("utf-8", "replace"))
+        entries = []
+        for href in links.hrefs:
+            target = urljoin(where, href)
+            if not target.startswith(where) or target == where or "?" in href:
+                continue
+            name = unquote(target[len(where):])
+            if name.endswith("/"):
+                entries.append((name[:-1], True, 0))
+            elif _NAME.fullmatch(name):
+                head = self._request("HEAD", target)
+                self._expect(head, target, (200,))
+                entries.append((name, False, int(head.headers.get("Content-Length", 0))))
+        return entries
+
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.hrefs.extend(v for k, v in attrs if k == "href" and v)
+
+
+def _parse_json_index(body: bytes) -> list[tuple[str, bool, int]]:
+    return [(str(e["name"]), e["type"] == "directory", int(e.get("size", 0))) for e in json.loads(body)]
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc)

@@ -1,0 +1,193 @@
+"""The HTTP(S) store against a real nginx (and Python's own static server): the store
+contract, the command line end to end, credentials and TLS.
+
+Every server is started by a fixture on 127.0.0.1 and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mountfix import env, run_cafs
+from treegen import assert_same_tree, make_tree
+
+from cafs.errors import ObjectNotFound, StoreError, StoreUnavailable, UsageError
+from cafs.stores import ObjectExists, open_store
+from cafs.stores.access import RemoteAccess, access_for
+from cafs.stores.http import HttpStore
+
+SMALL = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "512K")
+
+
+def test_store_contract(nginx_server) -> None:
+    server = nginx_server()
+    store = HttpStore(server.url + "/repo")
+    with pytest.raises(ObjectNotFound):
+        store.get("packs/00/nope")
+    data = os.urandom(100_000)
+    store.put("packs/ab/one", data)
+    assert store.get("packs/ab/one") == data
+    assert store.get("packs/ab/one", 99_990, 10) == data[99_990:]
+    assert store.get("packs/ab/one", 5, 0) == b""
+    with pytest.raises(StoreError, match="truncated"):
+        store.get("packs/ab/one", 99_995, 10)
+    store.put("packs/ab/one", b"replaced")
+    assert store.get("packs/ab/one") == b"replaced"
+    store.put("refs/x/1", b"first", exclusive=True)
+    with pytest.raises(ObjectExists):
+        store.put("refs/x/1", b"second", exclusive=True)
+    assert store.get("refs/x/1") == b"first"
+    assert sorted(store.list("")) == [("packs/ab/one", 8), ("refs/x/1", 5)]
+    assert list(store.list("refs/")) == [("refs/x/1", 5)]
+    assert list(store.list("nothing/")) == []
+    assert not [p for p in (server.root / "repo" / "refs" / "x").iterdir() if p.name.startswith(".")]
+    store.delete("packs/ab/one")
+    store.delete("packs/ab/one")
+    with pytest.raises(ObjectNotFound):
+        store.get("packs/ab/one")
+
+
+def test_read_only_server_refuses_writes_clearly(nginx_server) -> None:
+    server = nginx_server(read_only=True)
+    with pytest.raises(StoreError, match="does not accept writes"):
+        HttpStore(server.url).put("config", b"x")
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    with pytest.raises(StoreUnavailable, match="127.0.0.1:9"):
+        HttpStore("http://127.0.0.1:9/repo", timeout=2).get("config")
+
+
+def test_import_get_fsck_over_http(nginx_server, tmp_path: Path) -> None:
+    server = nginx_server()
+    url = server.url + "/repo"
+    src = make_tree(tmp_path / "src")
+    cache = tmp_path / "cache"
+    for args in (("init", url, *SMALL), ("import", src, url, "--name", "ds", "--no-progress"),
+                 ("get", f"{url}#ds", tmp_path / "out"), ("fsck", url, "--read-data")):
+        r = run_cafs(*args, cache=cache)
+        assert r.returncode == 0, f"cafs {args}: {r.stdout}{r.stderr}"
+    assert_same_tree(src, tmp_path / "out")
+    r = run_cafs("snapshots", url, cache=cache)
+    assert "ds" in r.stdout
+    r = run_cafs("import", src, url, "--name", "ds", "--no-progress", cache=cache)
+    assert r.returncode == 0 and "jid" not in r.stderr
+    assert run_cafs("ls", f"{url}#ds@2", cache=cache).returncode == 0
+
+
+def test_any_static_server_serves_reads(tmp_path: Path) -> None:
+    """Python's http.server: HTML listings, no Range support, no writes."""
+    repo = tmp_path / "repo"
+    src = make_tree(tmp_path / "src")
+    cache = tmp_path / "cache"
+    assert run_cafs("init", repo, *SMALL, cache=cache).returncode == 0
+    assert run_cafs("import", src, repo, "--name", "ds", "--no-progress", cache=cache).returncode == 0
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port),
+                             "-d", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/repo"
+        _wait_listening(port)
+        r = run_cafs("get", f"{url}#ds", tmp_path / "out", cache=tmp_path / "cache2")
+        assert r.returncode == 0, r.stderr
+        assert_same_tree(src, tmp_path / "out")
+        r = run_cafs("fsck", url, cache=tmp_path / "cache2")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def test_credentials_never_in_urls() -> None:
+    with pytest.raises(UsageError, match="credentials in a URL") as info:
+        open_store("https://alice:s3cret@example.com/repo")
+    assert "s3cret" not in str(info.value)
+
+
+def test_remotes_file_longest_prefix_and_env_override(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("tok-from-file\n")
+    remotes = tmp_path / "remotes.toml"
+    remotes.write_text(
+        '[[remote]]\nurl = "https://h/"\nusername = "u"\npassword = "p"\n'
+        f'[[remote]]\nurl = "https://h/data"\ntoken_file = "{token}"\nca_file = "/ca.pem"\n')
+    access = access_for("https://h/data/repo", {"CAFS_REMOTES": str(remotes)})
+    assert access == RemoteAccess(token="tok-from-file", ca_file="/ca.pem")
+    assert "tok-from-file" not in repr(access)
+    other = access_for("https://h/other", {"CAFS_REMOTES": str(remotes), "CAFS_PASSWORD": "q"})
+    assert (other.username, other.password) == ("u", "q")
+    remotes.write_text('[[remote]]\nurl = "https://h/"\nbogus = "x"\n')
+    with pytest.raises(UsageError, match="unknown setting 'bogus'"):
+        access_for("https://h/x", {"CAFS_REMOTES": str(remotes)})
+
+
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+def test_authenticated_server(nginx_server, tmp_path: Path, auth: str) -> None:
+    if auth == "basic":
+        server = nginx_server(basic_auth=("alice", "pw-basic-9"))
+        good = {"CAFS_USERNAME": "alice", "CAFS_PASSWORD": "pw-basic-9"}
+        bad = {"CAFS_USERNAME": "alice", "CAFS_PASSWORD": "wrong-pw-1"}
+    else:
+        server = nginx_server(bearer_token="tok-bearer-7")
+        good = {"CAFS_TOKEN": "tok-bearer-7"}
+        bad = {"CAFS_TOKEN": "wrong-token-2"}
+    url = server.url + "/repo"
+    cache = tmp_path / "cache"
+    r = _cafs(["init", url], cache, good)
+    assert r.returncode == 0, r.stderr
+    r = _cafs(["snapshots", url], cache, bad)
+    assert r.returncode != 0
+    assert "access denied" in r.stderr and "401" in r.stderr
+    for secret in (*good.values(), *bad.values()):
+        if secret != "alice":
+            assert secret not in r.stderr + r.stdout
+
+
+def test_tls_and_client_certificates(nginx_server, tmp_path: Path) -> None:
+    server = nginx_server(tls=True, client_certs=True)
+    url = server.url + "/repo"
+    cache = tmp_path / "cache"
+    cert, key = server.client_cert
+    good = {"CAFS_CA_FILE": str(server.ca_file), "CAFS_CERT_FILE": str(cert), "CAFS_KEY_FILE": str(key)}
+    r = _cafs(["init", url], cache, good)
+    assert r.returncode == 0, r.stderr
+    r = _cafs(["snapshots", url], cache, {})
+    assert r.returncode != 0 and "TLS failed" in r.stderr and "certificate" in r.stderr
+    bad_cert, bad_key = server.bad_client_cert
+    r = _cafs(["snapshots", url], cache, {**good, "CAFS_CERT_FILE": str(bad_cert), "CAFS_KEY_FILE": str(bad_key)})
+    assert r.returncode != 0, r.stdout
+    r = _cafs(["snapshots", url], cache, {k: v for k, v in good.items() if k == "CAFS_CA_FILE"})
+    assert r.returncode != 0, r.stdout
+
+
+def _cafs(args: list[str], cache: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in env(CAFS_CACHE_DIR=str(cache), CAFS_REMOTES="/nonexistent").items()
+             if not k.startswith("CAFS_") or k in ("CAFS_CACHE_DIR", "CAFS_REMOTES")}
+    return subprocess.run([sys.executable, "-m", "cafs.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**clean, **extra}, check=False)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int) -> None:
+    import socket
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
