@@ -86,7 +86,8 @@ def set_readahead(mountpoint: str, size: int) -> None:
 
 def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     spec = parse_spec(source)
-    repo = Repository.open(open_store(spec.repo), mirrors=[open_store(url) for url in opts.mirrors],
+    repo = Repository.open(open_store(spec.repo, deadline=opts.timeout),
+                           mirrors=[open_store(url, deadline=opts.timeout) for url in opts.mirrors],
                            deadline=opts.timeout)
     snapshot = find_snapshot(repo, spec.selector)
     if spec.path:

@@ -40,8 +40,8 @@ T = TypeVar("T")
 
 DEFAULT_DEADLINE = 30.0
 _ROUND_DELAY = (0.05, 2.0)  # first and largest wait between rounds, before jitter
-_SET_ASIDE = (1.0, 60.0)  # first and largest back-off of a failed source
-CORRUPT_ROUNDS = 2
+_SET_ASIDE = (1.0, 30.0)  # first and largest back-off of a failed source
+CORRUPT_ROUNDS = 4
 
 
 @dataclass

@@ -1,0 +1,171 @@
+"""Mounts of a repository behind a real nginx, with a fault-injecting proxy in between.
+
+The oracle is the source tree: through every fault, a read returns the source's bytes
+or fails with EIO, never wrong bytes; stat, listings and cached reads keep answering
+while the store misbehaves; once the store is back, reads succeed without a remount.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from mountfix import import_tree, make_repo, mounted, poll
+from treegen import assert_same_tree, make_tree
+
+BIG = 3 << 20
+
+
+@pytest.fixture
+def served(tmp_path: Path, nginx_server, fault_proxy):
+    """A repository under an nginx root, a proxy in front, and the source tree."""
+    www = tmp_path / "www"
+    www.mkdir()
+    src = make_tree(tmp_path / "src", big_file_size=BIG)
+    cache = tmp_path / "import-cache"
+    make_repo(www / "repo", cache)
+    import_tree(src, www / "repo", "ds", cache)
+    server = nginx_server(www)
+    proxy = fault_proxy(server)
+    return src, server, proxy, www
+
+
+def _hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read()).hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def test_remote_tree_equals_source(served, tmp_path: Path) -> None:
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}") as m:
+        assert_same_tree(src, mnt)
+        stats = m.stats()
+        assert stats["bytes_fetched"] > 0 and stats["errors"] == 0
+
+
+def test_eight_readers_of_one_file_fetch_it_once(served, tmp_path: Path) -> None:
+    src, _server, _proxy, www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    big = max(_files(src), key=lambda p: p.stat().st_size)
+    rel = big.relative_to(src)
+    with mounted(f"{_proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}") as m:
+        barrier = threading.Barrier(8)
+
+        def read() -> str:
+            barrier.wait()
+            return _hash(mnt / rel)
+        with ThreadPoolExecutor(8) as pool:
+            hashes = set(pool.map(lambda _: read(), range(8)))
+        assert hashes == {_hash(big)}
+        stats = m.stats()
+        # every chunk came from the store exactly once: no more bytes than the file holds
+        # (random bytes are stored raw), however many readers asked at once
+        assert big.stat().st_size <= stats["bytes_fetched"] <= big.stat().st_size + (64 << 10)
+
+
+@pytest.mark.parametrize("mode", ["reset_mid_body", "short_body", "flip_bytes", "status"])
+def test_passing_faults_heal_unseen(served, tmp_path: Path, mode: str) -> None:
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=20",
+                 expect_warnings=True):
+        proxy.set_mode(mode, match=r"/packs/", ranged=True, times=3, status=500)
+        for path in _files(src):
+            assert _hash(mnt / path.relative_to(src)) == _hash(path), path
+        assert proxy.faults_fired == 3
+
+
+@pytest.mark.parametrize("mode", ["status", "flip_bytes", "refuse", "stall"])
+def test_lasting_fault_is_eio_then_heals(served, tmp_path: Path, mode: str) -> None:
+    """The read fails with EIO within the deadline; other requests keep answering; when
+    the store is back, the same read succeeds without a remount."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    files = _files(src)
+    big = max(files, key=lambda p: p.stat().st_size)
+    small = [p for p in files if p != big and p.stat().st_size > 0][0]
+    deadline = 3.0
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout={deadline}",
+                 expect_warnings=True):
+        listing = sorted(os.listdir(mnt))
+        for p in src.rglob("*"):
+            os.lstat(mnt / p.relative_to(src))  # every node is fetched and kept
+        assert _hash(mnt / small.relative_to(src)) == _hash(small)
+        if mode == "refuse":
+            proxy.set_mode("refuse")
+        else:
+            proxy.set_mode(mode, match=r"/packs/", status=500)
+        failure: list[BaseException] = []
+
+        def read_big() -> None:
+            try:
+                _hash(mnt / big.relative_to(src))
+            except OSError as exc:
+                failure.append(exc)
+        t0 = time.monotonic()
+        reader = threading.Thread(target=read_big)
+        reader.start()
+        # meanwhile the mount answers everything that needs no store
+        for _ in range(20):
+            assert sorted(os.listdir(mnt)) == listing
+            assert _hash(mnt / small.relative_to(src)) == _hash(small)
+        assert reader.is_alive() or failure, "the big read did not wait for the store"
+        reader.join(timeout=60)
+        took = time.monotonic() - t0
+        assert not reader.is_alive()
+        assert failure and isinstance(failure[0], OSError) and failure[0].errno == errno.EIO, failure
+        assert took < deadline * 4, f"EIO after {took:.1f} s with a deadline of {deadline} s"
+        proxy.set_mode("pass")
+        assert _hash(mnt / big.relative_to(src)) == _hash(big)
+
+
+def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_server) -> None:
+    src, _server, proxy, www = served
+    www2 = tmp_path / "www2"
+    shutil.copytree(www, www2)
+    mirror = nginx_server(www2)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    files = _files(src)
+    half = len(files) // 2
+    with mounted(f"{proxy.url}/repo#ds", mnt,
+                 f"cache={tmp_path / 'cache'},timeout=10,mirror={mirror.url}/repo",
+                 expect_warnings=True) as m:
+        done = 0
+
+        def read(path: Path) -> None:
+            assert _hash(mnt / path.relative_to(src)) == _hash(path), path
+        with ThreadPoolExecutor(4) as pool:
+            for i, _ in enumerate(pool.map(read, files[:half])):
+                done += 1
+                if i == half // 3:
+                    proxy.set_mode("refuse")  # the primary dies in the middle of the pass
+        assert m.stats()["errors"] == 0
+        proxy.set_mode("pass")
+        proxy.reset_seen()
+        pending = list(files[half:])
+
+        def primary_used() -> bool:
+            if pending:
+                read(pending.pop())
+            return any("/packs/" in s.path for s in proxy.seen())
+        poll(primary_used, 45, "reads to return to the primary")
+        for path in pending:
+            read(path)
