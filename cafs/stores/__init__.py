@@ -12,7 +12,10 @@ from cafs.stores.local import LocalStore
 __all__ = ["ObjectExists", "Store", "check_key", "LocalStore", "open_store"]
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, deadline: float | None = None) -> Store:
+    """The store at ``url``. ``deadline`` (seconds) bounds how long a remote store waits
+    for one answer: a third of it, at most the store's default, so that ``cafs.sources``
+    can still retry within the deadline."""
     if not url:
         raise UsageError("empty repository location")
     scheme = urlsplit(url).scheme if "://" in url else ""
@@ -25,8 +28,9 @@ def open_store(url: str) -> Store:
         return LocalStore(Path(path))
     if scheme in ("http", "https"):
         from cafs.stores.access import access_for
-        from cafs.stores.http import HttpStore
-        return HttpStore(url, access_for(url))
+        from cafs.stores.http import DEFAULT_TIMEOUT, HttpStore
+        timeout = DEFAULT_TIMEOUT if deadline is None else min(DEFAULT_TIMEOUT, max(0.5, deadline / 3))
+        return HttpStore(url, access_for(url), timeout=timeout)
     if scheme == "s3":
         raise UsageError(f"{url}: {scheme}:// repositories are not supported yet")
     raise UsageError(f"{url}: unknown repository URL scheme {scheme!r}")
