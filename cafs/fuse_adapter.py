@@ -8,7 +8,10 @@ carry long timeouts and files are opened with ``keep_cache``: a second read is s
 the kernel's page cache without reaching this process.
 
 Threading: all handlers run on the trio thread of ``pyfuse3.main``; the model they call
-hands blocking work to worker threads (see ``cafs.fetch``).
+hands blocking work to worker threads (see ``cafs.fetch``). A node the model needs from
+the store raises ``NodeNotLoaded``: ``_errors`` loads it in a worker thread and runs the
+handler again (handlers are idempotent; ``readdir`` resumes where it stopped), so a slow
+store delays only the requests that need it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from typing import Any, TypeVar
 from collections.abc import Awaitable, Callable
 
 import pyfuse3
+import trio
 
 from cafs.errors import CafsError, PathNotFound
+from cafs.metacache import NodeNotLoaded
 from cafs.fsmodel import BLOCK_SIZE, Attributes, IsADirectory, NotADirectory, SnapshotFS
 
 log = logging.getLogger("cafs.fuse")
@@ -41,11 +46,24 @@ def errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+MAX_NODE_LOADS = 4096  # per request: deeper than any path, more than any listing's pages
+
+
+async def load_node(fs: SnapshotFS, missing: NodeNotLoaded) -> None:
+    data = await trio.to_thread.run_sync(fs.reader.load, missing.loc, limiter=fs.fetcher.store_limiter)
+    fs.reader.loaded(missing.loc, data)
+
+
 def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> T:
         try:
-            return await fn(*args)
+            for _ in range(MAX_NODE_LOADS):
+                try:
+                    return await fn(*args)
+                except NodeNotLoaded as missing:
+                    await load_node(args[0].fs, missing)
+            raise CafsError(f"{fn.__name__}: too many nodes to load for one request")
         except pyfuse3.FUSEError:
             raise
         except PathNotFound as exc:
@@ -109,9 +127,16 @@ class CafsOperations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        for ino, e, next_id in self.fs.listdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, e.name, entry_attributes(self.fs.attributes(ino, e)), next_id):
-                break
+        start = start_id
+        while True:
+            try:
+                for ino, e, next_id in self.fs.listdir(fh, start):
+                    if not pyfuse3.readdir_reply(token, e.name, entry_attributes(self.fs.attributes(ino, e)), next_id):
+                        return
+                    start = next_id
+                return
+            except NodeNotLoaded as missing:  # resume after the entries already replied
+                await load_node(self.fs, missing)
 
     async def releasedir(self, fh: int) -> None:
         return None

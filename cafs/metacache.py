@@ -78,17 +78,32 @@ class MetaCache:
             txn.delete(node_id)
 
 
+class NodeNotLoaded(CafsError):
+    """A node is neither in memory nor in LMDB, and this reader does not go to the store
+    itself: the caller loads it (``NodeReader.load``, in a worker thread), hands it over
+    (``NodeReader.loaded``) and tries again."""
+
+    def __init__(self, loc: Location) -> None:
+        super().__init__(f"node {loc.id.hex()[:16]} is not loaded yet")
+        self.loc = loc
+
+
 class NodeReader:
     """Reads nodes by location: memory, then LMDB, then the repository; always verified.
 
     With ``defer_writes`` (the mount), nodes fetched from the repository are not written
     to LMDB at once: ``take_pending`` hands them over so the caller can write them from a
-    worker thread, keeping LMDB write transactions off its event loop."""
+    worker thread, keeping LMDB write transactions off its event loop. With
+    ``defer_fetches`` (the mount), a node that must come from the store raises
+    ``NodeNotLoaded`` instead, so that no store read ever runs on the event loop.
+    Not thread-safe, except ``load``."""
 
-    def __init__(self, repo: Repository, cache: MetaCache | None, *, defer_writes: bool = False) -> None:
+    def __init__(self, repo: Repository, cache: MetaCache | None, *, defer_writes: bool = False,
+                 defer_fetches: bool = False) -> None:
         self.repo = repo
         self.cache = cache
         self.defer_writes = defer_writes
+        self.defer_fetches = defer_fetches
         self._pending: list[tuple[bytes, bytes]] = []
         self._decoded: OrderedDict[bytes, Node] = OrderedDict()
 
@@ -103,7 +118,22 @@ class NodeReader:
                 if digest(data) == loc.id:
                     return data
                 self.cache.delete(loc.id)  # damaged behind our back: refetch
+        if self.defer_fetches:
+            raise NodeNotLoaded(loc)
         data = self.repo.read_object(loc)
+        self._keep(loc, data)
+        return data
+
+    def load(self, loc: Location) -> bytes:
+        """The node's verified bytes from the repository (thread-safe: for worker threads)."""
+        return self.repo.read_object(loc)
+
+    def loaded(self, loc: Location, data: bytes) -> None:
+        """Take a node ``load`` returned: decoded into memory, and on its way to LMDB."""
+        self._remember(loc.id, decode_node(data, f"node {loc.id.hex()[:12]}"))
+        self._keep(loc, data)
+
+    def _keep(self, loc: Location, data: bytes) -> None:
         if self.cache is not None and self.defer_writes:
             self._pending.append((loc.id, data))
         elif self.cache is not None:
@@ -111,7 +141,6 @@ class NodeReader:
                 self.cache.put_many([(loc.id, data)])
             except CafsError:
                 pass  # a cache that cannot be written only costs speed
-        return data
 
     def node(self, loc: Location) -> Node:
         hit = self._decoded.get(loc.id)
@@ -119,10 +148,13 @@ class NodeReader:
             self._decoded.move_to_end(loc.id)
             return hit
         node = decode_node(self.node_bytes(loc), f"node {loc.id.hex()[:12]}")
-        self._decoded[loc.id] = node
-        if len(self._decoded) > DECODED_NODES:
-            self._decoded.popitem(last=False)
+        self._remember(loc.id, node)
         return node
 
+    def _remember(self, node_id: bytes, node: Node) -> None:
+        self._decoded[node_id] = node
+        if len(self._decoded) > DECODED_NODES:
+            self._decoded.popitem(last=False)
 
-__all__ = ["MetaCache", "NodeReader", "default_cache_dir", "IntegrityError"]
+
+__all__ = ["MetaCache", "NodeReader", "NodeNotLoaded", "default_cache_dir", "IntegrityError"]

@@ -110,7 +110,7 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
         cache = ChunkCache(cache_root, meta.env, opts.cache_size)
         stack.callback(cache.close)
     log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")
-    return SnapshotFS(snapshot, NodeReader(repo, meta, defer_writes=True), Fetcher(repo, cache),
+    return SnapshotFS(snapshot, NodeReader(repo, meta, defer_writes=True, defer_fetches=True), Fetcher(repo, cache),
                       readahead=opts.readahead)
 
 
