@@ -32,5 +32,9 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
         timeout = DEFAULT_TIMEOUT if deadline is None else min(DEFAULT_TIMEOUT, max(0.5, deadline / 3))
         return HttpStore(url, access_for(url), timeout=timeout)
     if scheme == "s3":
-        raise UsageError(f"{url}: {scheme}:// repositories are not supported yet")
+        from cafs.stores.aws_config import s3_settings
+        from cafs.stores.s3 import DEFAULT_TIMEOUT as S3_TIMEOUT
+        from cafs.stores.s3 import S3Store
+        timeout = S3_TIMEOUT if deadline is None else min(S3_TIMEOUT, max(0.5, deadline / 3))
+        return S3Store(url, s3_settings(), timeout=timeout)
     raise UsageError(f"{url}: unknown repository URL scheme {scheme!r}")

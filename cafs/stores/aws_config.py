@@ -1,0 +1,138 @@
+"""Where an S3 store's credentials, region, endpoint and CA file come from: the usual AWS
+places, resolved once when a store is opened (never at import time).
+
+- credentials: ``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``);
+  else the profile's ``aws_access_key_id`` / ``aws_secret_access_key`` /
+  ``aws_session_token`` in the shared credentials file (``$AWS_SHARED_CREDENTIALS_FILE``,
+  else ``~/.aws/credentials``; section ``[NAME]``), else in the config file
+  (``$AWS_CONFIG_FILE``, else ``~/.aws/config``; section ``[profile NAME]``, or
+  ``[default]``); else none at all, and requests go unsigned (public buckets). The profile
+  is ``$AWS_PROFILE``, else ``default``.
+- region: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's ``region``, ``us-east-1``.
+- endpoint: ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the profile's ``endpoint_url``
+  (all ignored when ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``); none means AWS itself.
+- addressing style: the profile's nested ``s3 =`` block may say ``addressing_style =
+  path | virtual | auto`` (as for the AWS CLI); ``auto`` is path-style for an explicit
+  endpoint and virtual-hosted style on AWS (see ``cafs.stores.s3``).
+- CA file: ``AWS_CA_BUNDLE``, ``CAFS_CA_FILE``, the profile's ``ca_bundle``; none means the
+  system's trust store.
+
+Raises ``UsageError`` for half a key pair in the environment, an ``AWS_PROFILE`` that
+neither file has, an unreadable or malformed file, and a profile that names only a way of
+getting credentials cafs does not implement (``credential_process``, SSO, ``role_arn``,
+web identity): say so rather than fall back to anonymous requests that fail later as
+"access denied". EC2/ECS instance credentials are not fetched either.
+
+Secrets never leave ``Credentials`` (whose ``repr`` hides them); ``credentials_from``
+says where they came from, for messages, without them.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cafs.errors import UsageError
+from cafs.stores.sigv4 import Credentials
+
+DEFAULT_REGION = "us-east-1"
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+_UNSUPPORTED = ("credential_process", "sso_session", "sso_start_url", "role_arn",
+                "web_identity_token_file")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    credentials: Credentials | None = None
+    credentials_from: str = ""  # where they came from, for messages: "the environment", ...
+    region: str = DEFAULT_REGION
+    endpoint_url: str | None = None
+    addressing_style: str = "auto"
+    ca_file: str | None = None
+
+
+def s3_settings(env: Mapping[str, str] | None = None) -> S3Settings:
+    """The settings that apply now, from ``env`` (default: the process environment) and
+    the shared AWS files it points at."""
+    env = dict(os.environ) if env is None else env
+    profile = env.get("AWS_PROFILE") or "default"
+    cred_path = _expand(env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials", env)
+    conf_path = _expand(env.get("AWS_CONFIG_FILE") or "~/.aws/config", env)
+    creds_file = _section(cred_path, [profile])
+    conf_file = _section(conf_path, ["default", "profile default"] if profile == "default"
+                         else [f"profile {profile}"])
+    if env.get("AWS_PROFILE") and creds_file is None and conf_file is None:
+        raise UsageError(f"AWS profile {profile!r} is in neither {cred_path} nor {conf_path}")
+    conf = conf_file or {}
+
+    credentials, source = _credentials(env, profile, (cred_path, creds_file or {}), (conf_path, conf))
+    endpoint = None
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() != "true":
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or conf.get("endpoint_url")
+    style = _nested(conf.get("s3", "")).get("addressing_style", "auto")
+    if style not in ADDRESSING_STYLES:
+        raise UsageError(f"{conf_path}: profile {profile!r}: addressing_style must be one of "
+                         f"{', '.join(ADDRESSING_STYLES)}, not {style!r}")
+    return S3Settings(
+        credentials=credentials, credentials_from=source,
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or conf.get("region") or DEFAULT_REGION,
+        endpoint_url=endpoint or None, addressing_style=style,
+        ca_file=env.get("AWS_CA_BUNDLE") or env.get("CAFS_CA_FILE") or conf.get("ca_bundle") or None)
+
+
+def _credentials(env: Mapping[str, str], profile: str, *files: tuple[Path, dict[str, str]]
+                 ) -> tuple[Credentials | None, str]:
+    key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if key_id or secret:
+        if not (key_id and secret):
+            missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
+            raise UsageError(f"AWS credentials in the environment lack {missing}")
+        return Credentials(key_id, secret, env.get("AWS_SESSION_TOKEN") or None), "the environment (AWS_ACCESS_KEY_ID)"
+    for path, values in files:
+        key_id, secret = values.get("aws_access_key_id"), values.get("aws_secret_access_key")
+        if key_id or secret:
+            if not (key_id and secret):
+                raise UsageError(f"{path}: profile {profile!r} has only half of a key pair")
+            token = values.get("aws_session_token") or values.get("aws_security_token") or None
+            return Credentials(key_id, secret, token), f"profile {profile!r} in {path}"
+    for path, values in files:
+        other = [k for k in _UNSUPPORTED if values.get(k)]
+        if other:
+            raise UsageError(
+                f"{path}: profile {profile!r} gets credentials by {other[0]}, which cafs does not "
+                "implement; export them instead (aws configure export-credentials --format env)")
+    return None, ""
+
+
+def _section(path: Path, names: list[str]) -> dict[str, str] | None:
+    parser = configparser.RawConfigParser(default_section="\0none")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise UsageError(f"{path}: cannot read the AWS settings: {getattr(exc, 'strerror', None) or exc}") from None
+    for name in names:
+        if parser.has_section(name):
+            return {k: v.strip() for k, v in parser.items(name)}
+    return None
+
+
+def _nested(block: str) -> dict[str, str]:
+    """The ``key = value`` lines of a nested block such as ``s3 =\\n  addressing_style = path``."""
+    out = {}
+    for line in block.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _expand(path: str, env: Mapping[str, str]) -> Path:
+    if path.startswith("~/") and env.get("HOME"):
+        return Path(env["HOME"]) / path[2:]
+    return Path(os.path.expanduser(path))
