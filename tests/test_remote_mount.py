@@ -169,3 +169,38 @@ def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_
         poll(primary_used, 45, "reads to return to the primary")
         for path in pending:
             read(path)
+
+
+def test_stalled_node_fetch_does_not_stall_the_mount(served, tmp_path: Path) -> None:
+    """A listing that needs a node from a stalled store waits alone: requests that need
+    no store (stat of a visited path, a cached read) answer meanwhile."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    small = [p for p in _files(src) if p.parent == src and p.stat().st_size > 0][0]
+    unvisited = next(p for p in sorted(src.iterdir()) if p.is_dir() and not p.is_symlink())
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=8",
+                 expect_warnings=True):
+        assert _hash(mnt / small.name) == _hash(small)
+        proxy.set_mode("stall", match=r"/packs/")
+        result: list[object] = []
+        lister = threading.Thread(target=lambda: result.append(_try(os.listdir, mnt / unvisited.name)))
+        lister.start()
+        poll(lambda: any("/packs/" in s.path for s in proxy.seen()) or not lister.is_alive(), 10,
+             "the listing to reach the store")
+        t0 = time.monotonic()
+        for _ in range(10):
+            os.stat(mnt / small.name)
+            assert _hash(mnt / small.name) == _hash(small)
+        assert time.monotonic() - t0 < 4, "requests without store reads waited for the stalled one"
+        assert lister.is_alive(), "the listing did not wait for the stalled store"
+        proxy.set_mode("pass")
+        lister.join(timeout=30)
+        assert sorted(os.listdir(mnt / unvisited.name)) == sorted(os.listdir(unvisited))
+
+
+def _try(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except OSError as exc:
+        return exc
