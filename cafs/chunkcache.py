@@ -9,7 +9,13 @@ the host, and kept across remounts):
 - LMDB database ``extents`` in ``meta.lmdb``: key ``pack id (32) + offset (8, big
   endian)`` -> value ``stored length (4) + last use (8, seconds, big endian)``, both
   unsigned. An extent is present only once its bytes are written.
-- LMDB database ``cachestat``: key ``b"size"`` -> total stored bytes of all extents (8).
+- LMDB database ``cachestat``, every value 8 bytes, unsigned, big endian:
+  ``b"size"`` -> total stored bytes of all extents; ``b"limit"`` -> the size limit last
+  given by a mount or ``cafs prefetch`` using the cache (absent until one records it);
+  ``b"hits"``, ``b"misses"`` -> chunk loads of mounts served by the cache and fetched from
+  the store, ``b"fetched"`` -> stored bytes those misses read, all summed over every mount
+  since the cache was made (added by each mount every few seconds; absent reads as 0).
+  Keys unknown to a reader are ignored, so adding one needs no version change.
 
 Invariants: the total never exceeds ``limit`` by more than the bytes of inserts in
 flight; eviction removes least-recently-used extents (punching holes in the sparse file)
@@ -33,6 +39,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +51,8 @@ EVICT_TO = 0.9
 _EXTENT = struct.Struct(">IQ")
 _SIZE = struct.Struct(">Q")
 _SIZE_KEY = b"size"
+_LIMIT_KEY = b"limit"
+_USE_KEYS = (b"hits", b"misses", b"fetched")
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
@@ -53,6 +62,18 @@ class CacheError(CafsError):
 
 def extent_key(pack: bytes, offset: int) -> bytes:
     return pack + offset.to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What ``cachestat`` holds (see the module docstring)."""
+
+    size: int
+    limit: int | None  # None: no mount or prefetch recorded one yet
+    extents: int
+    hits: int
+    misses: int
+    fetched: int
 
 
 @dataclass
@@ -131,6 +152,41 @@ class ChunkCache:
     def contains(self, pack: bytes, offset: int) -> bool:
         with self.env.begin(db=self.extents) as txn:
             return txn.get(extent_key(pack, offset)) is not None
+
+    def cached(self, extents: Iterable[tuple[bytes, int, int]]) -> list[bool]:
+        """For each ``(pack, offset, stored length)``, whether that extent is recorded as
+        cached: one LMDB lookup each, in one read transaction; no bytes are read."""
+        out = []
+        with self.env.begin(db=self.extents) as txn:
+            for pack, offset, length in extents:
+                value = txn.get(extent_key(pack, offset))
+                out.append(value is not None and _EXTENT.unpack(value)[0] == length)
+        return out
+
+    def usage(self) -> CacheUsage:
+        with self.env.begin(db=self.stat) as txn:
+            def value(key: bytes) -> int | None:
+                raw = txn.get(key)
+                return _SIZE.unpack(raw)[0] if raw is not None else None
+
+            hits, misses, fetched = (value(k) or 0 for k in _USE_KEYS)
+            extents = txn.stat(self.extents)["entries"]
+            return CacheUsage(value(_SIZE_KEY) or 0, value(_LIMIT_KEY), extents, hits, misses, fetched)
+
+    def record_use(self, hits: int = 0, misses: int = 0, fetched: int = 0) -> None:
+        """Add to the persistent use counters and record ``limit`` as this cache's limit.
+        Raises CacheError (or NoSpaceError) if LMDB cannot be written."""
+        try:
+            with self.env.begin(write=True, db=self.stat) as txn:
+                for key, delta in zip(_USE_KEYS, (hits, misses, fetched)):
+                    if delta:
+                        raw = txn.get(key)
+                        txn.put(key, _SIZE.pack((_SIZE.unpack(raw)[0] if raw else 0) + delta))
+                txn.put(_LIMIT_KEY, _SIZE.pack(self.limit))
+        except lmdb.Error as exc:
+            if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
+                raise NoSpaceError(f"cache {self.root}: no space left for its counters") from None
+            raise CacheError(f"cache {self.root}: cannot record counters: {exc}") from None
 
     # -- writes ---------------------------------------------------------------------
 

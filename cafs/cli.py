@@ -14,6 +14,7 @@ import stat
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator, Sequence
@@ -81,9 +82,14 @@ class Context:
         return Repository.open(open_store(location), mirrors=[open_store(url) for url in self._mirrors])
 
     def meta(self, repo: Repository) -> MetaCache:
-        if repo.config.repo_id not in self._meta:
-            self._meta[repo.config.repo_id] = MetaCache(self.cache_dir / repo.config.repo_id)
-        return self._meta[repo.config.repo_id]
+        return self.meta_at(repo.config.repo_id)
+
+    def meta_at(self, repo_id: str) -> MetaCache:
+        """The metadata cache of repository ``repo_id`` (one LMDB environment per
+        repository per process: LMDB forbids opening one twice in a process)."""
+        if repo_id not in self._meta:
+            self._meta[repo_id] = MetaCache(self.cache_dir / repo_id)
+        return self._meta[repo_id]
 
     def reader(self, repo: Repository) -> NodeReader:
         return NodeReader(repo, self.meta(repo))
@@ -378,13 +384,21 @@ def cmd_copy(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
-    """cache status | gc [--size S] | clear [REPO]: the host's cache directory."""
+    """cache status [REPO[#NAME[:PATH]]...] | gc [REPO] --size S | clear [REPO]."""
     from cafs.chunkcache import ChunkCache
+    from cafs.prefetch import cache_share, plan
 
+    if args.action != "status" and (len(args.targets) > 1 or any("#" in t for t in args.targets)):
+        raise UsageError(f"cache {args.action} takes at most one REPO (no #NAME)")
+    specs = [parse_spec(t, need_snapshot=False) for t in args.targets]
+    repos: dict[str, Repository] = {}
+    for spec in specs:
+        if spec.repo not in repos:
+            repos[spec.repo] = ctx.repo(spec.repo)
     roots = sorted(p for p in ctx.cache_dir.glob("*") if (p / "meta.lmdb").exists()) if ctx.cache_dir.exists() else []
-    if args.repo:
-        repo = ctx.repo(args.repo)
-        roots = [r for r in roots if r.name == repo.config.repo_id]
+    if repos:
+        wanted = {r.config.repo_id for r in repos.values()}
+        roots = [r for r in roots if r.name in wanted]
     if args.action == "clear":
         import shutil
 
@@ -392,22 +406,226 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
             shutil.rmtree(root)
         print(f"cleared {len(roots)} repository cache(s) in {ctx.cache_dir}")
         return EXIT_OK
-    for root in roots:
-        meta = MetaCache(root)
-        try:
-            cache = ChunkCache(root, meta.env, 1 << 62)
+    caches: dict[str, ChunkCache] = {}
+    try:
+        def cache_of(repo_id: str) -> ChunkCache:
+            if repo_id not in caches:
+                meta = ctx.meta_at(repo_id)
+                caches[repo_id] = ChunkCache(ctx.cache_dir / repo_id, meta.env, 1 << 62)
+            return caches[repo_id]
+
+        docs: list[dict[str, Any]] = []
+        for root in roots:
+            cache = cache_of(root.name)
             if args.action == "gc":
                 cache.evict(args.size)
+            u = cache.usage()
+            meta = ctx.meta_at(root.name)
             with meta.env.begin() as txn:
                 nodes = txn.stat(meta.nodes_db)["entries"]
-                extents = txn.stat(cache.extents)["entries"]
-            print(f"{root.name[:16]}: {human_bytes(cache.size())} of chunks in {extents} extent(s), "
-                  f"{nodes} node(s)" + (f"; evicted {cache.counters.evictions}" if args.action == "gc" else ""))
+            loads = u.hits + u.misses
+            docs.append({"repo_id": root.name, "path": str(root), "size": u.size, "limit": u.limit,
+                         "extents": u.extents, "nodes": nodes, "hits": u.hits, "misses": u.misses,
+                         "hit_rate": round(u.hits / loads, 4) if loads else None, "fetched_bytes": u.fetched,
+                         "evicted": cache.counters.evictions if args.action == "gc" else None})
+        shares: list[dict[str, Any]] = []
+        for text, spec in zip(args.targets, specs):
+            repo = repos[spec.repo]
+            reader = ctx.reader(repo)
+            if spec.selector:
+                snaps = [(find_snapshot(repo, spec.selector), spec.path)]
+            else:
+                snaps = [(repo.snapshot(name), b"") for name in repo.ref_names()]
+            for snap, path in snaps:
+                p = plan(reader, snap.root, [path])
+                share = cache_share(cache_of(repo.config.repo_id), p.locations)
+                shares.append({"target": text, "snapshot": f"{snap.ref}@{snap.jid}", "path": show_path(path),
+                               "files": p.files, "chunks": share.chunks, "cached_chunks": share.cached_chunks,
+                               "stored_bytes": share.stored_bytes, "cached_bytes": share.cached_bytes,
+                               "share": round(share.fraction, 6)})
+    finally:
+        for cache in caches.values():
             cache.close()
-        finally:
-            meta.close()
-    if not roots:
-        print(f"no caches in {ctx.cache_dir}")
+    if args.json:
+        print(json.dumps({"cache_dir": str(ctx.cache_dir), "caches": docs, "snapshots": shares}, indent=2))
+        return EXIT_OK
+    if not docs:
+        print(f"no caches in {ctx.cache_dir}" + (" for these repositories" if repos else ""))
+    for d in docs:
+        limit = f"limit {human_bytes(d['limit'])}" if d["limit"] is not None else "no limit recorded yet"
+        use = (f"mount reads {100 * d['hit_rate']:.1f}% from the cache ({d['hits']} hits, {d['misses']} misses, "
+               f"{human_bytes(d['fetched_bytes'])} fetched)" if d["hit_rate"] is not None else "no mount reads recorded")
+        print(f"{d['repo_id'][:16]}: {human_bytes(d['size'])} of chunks in {d['extents']} extent(s) ({limit}), "
+              f"{d['nodes']} node(s); {use}" + (f"; evicted {d['evicted']}" if d["evicted"] is not None else ""))
+    for sh in shares:
+        where = sh["snapshot"] + (f":{sh['path']}" if sh["path"] != "." else "")
+        print(f"{where}: {percent(sh['cached_chunks'], sh['chunks'], sh['share'])} cached ({human_bytes(sh['cached_bytes'])} of "
+              f"{human_bytes(sh['stored_bytes'])}, {sh['cached_chunks']} of {sh['chunks']} chunks)")
+    return EXIT_OK
+
+
+def percent(done: int, total: int, fraction: float) -> str:
+    """``fraction`` as a percentage that shows 100% only when ``done == total``."""
+    shown = int(fraction * 1000) / 10  # rounded down
+    return f"{100.0 if done == total else min(shown, 99.9):.1f}%"
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    root: Path  # the mountpoint
+    source: str  # user.cafs.source: REPO#SELECTOR as mounted
+    snapshot: str  # user.cafs.snapshot: REF@JID
+    cache_dir: Path  # user.cafs.cache
+    cache_limit: int | None  # from user.cafs.stats; None if the mount has no chunk cache
+
+
+def find_mount(path: str) -> MountInfo | None:
+    """The cafs mount holding ``path`` (its root or anything in it), or None if ``path``
+    is not in one. Raises UsageError for a mount too old to say its source."""
+    here = Path(os.path.abspath(path))
+    try:
+        dev = os.stat(here).st_dev
+    except OSError:
+        return None
+    root = here
+    while root.parent != root:
+        try:
+            if os.stat(root.parent).st_dev != dev:
+                break
+        except OSError:
+            break
+        root = root.parent
+    try:
+        snapshot = os.getxattr(root, "user.cafs.snapshot").decode()
+        stats = json.loads(os.getxattr(root, "user.cafs.stats"))
+    except OSError:
+        return None
+    try:
+        source = os.fsdecode(os.getxattr(root, "user.cafs.source"))
+        cache_dir = Path(os.fsdecode(os.getxattr(root, "user.cafs.cache")))
+    except OSError:
+        raise UsageError(f"{root}: this cafs mount does not say its source (an older cafs mounted it); "
+                         "remount it, or give REPO#NAME and --cache") from None
+    limit = stats.get("cache_limit")
+    return MountInfo(root, source, snapshot, cache_dir, int(limit) if limit is not None else None)
+
+
+def prefetch_paths(base: bytes, paths: list[str], mount: MountInfo | None) -> list[bytes]:
+    """Paths inside the snapshot for the PATH arguments (see ``cafs prefetch --help``)."""
+    out = []
+    for text in paths:
+        if os.path.isabs(text):
+            if mount is None:
+                raise UsageError(f"{text}: an absolute PATH needs a MOUNTPOINT; give it relative to the snapshot")
+            rel = os.path.relpath(os.path.normpath(text), mount.root)
+            if rel == ".." or rel.startswith("../"):
+                raise UsageError(f"{text}: not inside the mount at {mount.root}")
+            out.append(os.fsencode(rel).strip(b"/") if rel != "." else b"")
+            continue
+        parts = [p for p in os.fsencode(text).split(b"/") if p and p != b"."]
+        if b".." in parts:
+            raise UsageError(f"{text}: '..' is not allowed in a PATH")
+        out.append(b"/".join([base, *parts] if base else parts))
+    return out or [base]
+
+
+def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.chunkcache import ChunkCache
+    from cafs.errors import PathNotFound
+    from cafs.mountopts import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE
+    from cafs.prefetch import MAX_JOBS, PlanProgress, PrefetchState, cache_share, plan, prefetch
+
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise UsageError(f"--jobs {args.jobs}: give 1 to {MAX_JOBS}")
+    if args.cache_size is not None and args.cache_size < MIN_CACHE_SIZE:
+        raise UsageError(f"--cache-size {args.cache_size}: at least {MIN_CACHE_SIZE} bytes")
+    mount = find_mount(args.target) if os.path.exists(args.target) else None
+    if mount is not None:
+        if args.cache or args.cache_size is not None:
+            raise UsageError(f"{args.target}: a mount is prefetched into its own cache; "
+                             "--cache and --cache-size are for a SOURCE")
+        if mount.cache_limit is None:
+            raise UsageError(f"{mount.root}: this mount reads its repository in place (cache_mode=meta) and "
+                             "has no chunk cache to fill; mount with cache_mode=full to use one")
+        spec = parse_spec(mount.source)
+        selector, base = mount.snapshot, os.fsencode(os.path.relpath(os.path.abspath(args.target), mount.root))
+        base = b"" if base == b"." else base
+        ctx.cache_dir = mount.cache_dir
+    elif "#" in args.target:
+        spec = parse_spec(args.target)
+        selector, base = spec.selector, spec.path
+    elif os.path.exists(args.target):
+        raise UsageError(f"{args.target}: not in a cafs mount (give a mountpoint or REPO#NAME)")
+    else:
+        raise UsageError(f"{args.target!r}: neither a cafs mount nor a snapshot (REPO#NAME[@JID], REPO#ROOTID)")
+    paths = prefetch_paths(base, args.paths, mount)
+    repo = ctx.repo(spec.repo)
+    snap = find_snapshot(repo, selector)
+    shown = named = f"{repo.url}#{snap.ref}@{snap.jid}"
+    if paths != [b""]:
+        shown += " " + " ".join(show_path(p) for p in paths)
+    progress = sys.stderr.isatty() and not args.no_progress and not args.json
+    walked = PlanProgress()
+    with Progress(lambda _t: f"reading the tree: {walked.files} files, {walked.chunks} chunks", enabled=progress):
+        try:
+            p = plan(ctx.reader(repo), snap.root, paths, walked)
+        except PathNotFound as exc:
+            raise UsageError(f"{named}: {exc}") from None
+    root = ctx.cache_dir / repo.config.repo_id
+    cache = ChunkCache(root, ctx.meta(repo).env, DEFAULT_CACHE_SIZE)
+    try:
+        recorded = cache.usage().limit
+        cache.limit = mount.cache_limit if mount is not None and mount.cache_limit else \
+            args.cache_size or recorded or DEFAULT_CACHE_SIZE
+        if p.stored_bytes > cache.limit:
+            print(f"cafs: warning: {shown} holds {human_bytes(p.stored_bytes)}, more than the cache limit of "
+                  f"{human_bytes(cache.limit)}: only part of it will stay cached"
+                  + ("" if mount else " (--cache-size raises the limit)"), file=sys.stderr)
+        state = PrefetchState()
+
+        def render(elapsed: float) -> str:
+            rate = state.done_bytes / elapsed if elapsed > 0 else 0.0
+            left = state.total_bytes - state.done_bytes
+            pct = 100 * state.done_bytes / state.total_bytes if state.total_bytes else 100.0
+            return (f"prefetch {human_bytes(state.done_bytes)} of {human_bytes(state.total_bytes)} ({pct:.0f}%), "
+                    f"{human_bytes(rate)}/s, ETA {human_duration(left / rate) if rate > 0 else '?'}")
+
+        with Progress(render, enabled=progress):
+            r = prefetch(repo, cache, p.locations, jobs=args.jobs, state=state)
+        after = cache_share(cache, p.locations)
+        try:
+            cache.record_use()
+        except CafsError:
+            pass  # the limit is a hint for later commands
+    finally:
+        cache.close()
+    rate = r.fetched_bytes / r.seconds if r.seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({
+            "snapshot": f"{snap.ref}@{snap.jid}", "repository": repo.url, "root": snap.root_id.hex(),
+            "paths": [show_path(x) for x in paths], "cache": str(root), "cache_limit": cache.limit,
+            "files": p.files, "logical_bytes": p.logical_bytes, "chunks": r.chunks, "stored_bytes": r.stored_bytes,
+            "skipped_chunks": r.skipped_chunks, "skipped_bytes": r.skipped_bytes,
+            "fetched_chunks": r.fetched_chunks, "fetched_bytes": r.fetched_bytes, "runs": r.runs,
+            "found_chunks": r.found_chunks, "failed_chunks": r.failed_chunks, "errors": r.errors,
+            "cache_full": r.cache_full, "seconds": round(r.seconds, 3),
+            "cached_chunks": after.cached_chunks, "cached_bytes": after.cached_bytes,
+            "cached_share": round(after.fraction, 6)}, indent=2))
+    else:
+        print(f"{shown}: {p.files} files, {human_bytes(r.stored_bytes)} stored in {r.chunks} distinct chunks")
+        print(f"  fetched {human_bytes(r.fetched_bytes)} in {r.fetched_chunks} chunks ({r.runs} runs) in "
+              f"{r.seconds:.2f} s ({human_bytes(rate)}/s); {human_bytes(r.skipped_bytes)} in "
+              f"{r.skipped_chunks} chunks were cached already")
+        print(f"  cached now: {human_bytes(after.cached_bytes)} of {human_bytes(after.stored_bytes)} "
+              f"({percent(after.cached_chunks, after.chunks, after.fraction)}) in {root}")
+    if r.cache_full:
+        print(f"cafs: warning: the disk under {root} is full: some chunks were not cached", file=sys.stderr)
+    for message in r.errors:
+        print(f"cafs: prefetch: {message}", file=sys.stderr)
+    if r.failed_chunks:
+        print(f"cafs: {r.failed_chunks} chunk(s) could not be fetched intact from any source and were not "
+              f"cached; `cafs fsck {repo.url} --read-data` checks the repository", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -588,9 +806,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("cache", "this host's cache: status, gc (evict down to --size), clear")
     sp.add_argument("action", choices=["status", "gc", "clear"])
-    sp.add_argument("repo", nargs="?", help="only the cache of this repository")
+    sp.add_argument("targets", nargs="*", metavar="REPO[#NAME[@JID][:PATH]]",
+                    help="only the cache of this repository; status: also the share cached of each "
+                         "snapshot named (of every ref's latest for a bare REPO)")
     sp.add_argument("--size", type=parse_size, default=0, metavar="SIZE", help="gc: evict down to this size")
-    sp.set_defaults(func=cmd_cache)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_cache, more_positionals="targets")
+
+    sp = command("prefetch", "fill this host's chunk cache with a snapshot (or paths in it), verified")
+    sp.add_argument("target", metavar="MOUNTPOINT|SOURCE",
+                    help="a cafs mount (or a directory in one), or REPO#NAME[@JID][:PATH] / REPO#ROOTID")
+    sp.add_argument("paths", nargs="*", metavar="PATH", help="only these paths, relative to the target "
+                    "(absolute ones inside the mount with a MOUNTPOINT)")
+    sp.add_argument("--jobs", type=int, default=8, metavar="N", help="runs (up to 8 MiB each) loaded at once "
+                    "(default 8, at most 8)")
+    sp.add_argument("--cache-size", type=parse_size, metavar="SIZE",
+                    help="the cache's limit (default: the limit its mounts use, else 10G); SOURCE only")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--json", action="store_true")
+    add_read_mirrors(sp)
+    sp.set_defaults(func=cmd_prefetch, more_positionals="paths")
 
     sp = command("gc", "delete packs no snapshot references; repack mostly-garbage packs")
     sp.add_argument("repo")
@@ -642,7 +877,14 @@ def _context(args: argparse.Namespace) -> Iterator[Context]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # positionals after an option (cafs prefetch SRC --jobs 4 PATH): argparse leaves
+        # them over; a command whose last positional takes any number collects them
+        more = getattr(args, "more_positionals", None)
+        if more is None or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, more).extend(extra)
     try:
         with _context(args) as ctx:
             return int(args.func(ctx, args))

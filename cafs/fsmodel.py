@@ -9,6 +9,13 @@ Numbers are therefore stable for the life of the mount, and the table's memory g
 with the number of directories visited, not files; entries themselves are re-read from
 the (bounded) decoded-node cache when needed.
 
+Extended attributes of the root, besides ``user.cafs.id``: ``user.cafs.snapshot``
+(``REF@JID`` of the mounted snapshot), ``user.cafs.stats`` (counters, JSON),
+``user.cafs.pid`` (the daemon's), ``user.cafs.source`` (the repository and snapshot as
+mounted: a local repository as an absolute path, a URL without user information) and
+``user.cafs.cache`` (the host cache directory; its ``<repo id>`` subdirectory holds this
+mount's metadata and chunk cache). ``cafs prefetch MOUNTPOINT`` reads the last two.
+
 Content ids (``user.cafs.id``): a directory's is its node id; a file's is the id of its
 single chunk (the BLAKE3 of its bytes) or, for a file of several chunks or none, the
 BLAKE3 of ``b"cafs-file-v1"`` followed by its chunk ids.
@@ -29,12 +36,13 @@ from cafs.format.journal import Snapshot
 from cafs.format.location import Location
 from cafs.format.nodes import Entry
 from cafs.ids import digest
-from cafs.metacache import NodeReader
+from cafs.metacache import NodeNotLoaded, NodeReader
 from cafs.tree import entry_at, file_spans, lookup_index
 
 ROOT_INO = 1
 BLOCK_SIZE = 1 << 20  # st_blksize: invites large reads from cp, Python's io and friends
 DIR_SIZE = 4096
+SIBLING_SPREAD = 8  # how far apart files may be opened and still be a read in order
 _KIND_BITS = {1: stat.S_IFDIR, 2: stat.S_IFREG, 3: stat.S_IFLNK}
 
 
@@ -65,6 +73,13 @@ class _DirBlock:
 
 
 @dataclass
+class _DirAhead:
+    dir_ino: int
+    next_ino: int  # the next sibling to load ahead
+    bytes: int  # plain bytes loading ahead of the reader
+
+
+@dataclass
 class OpenFile:
     ino: int
     size: int
@@ -82,8 +97,11 @@ class ReadCounters:
 
 class SnapshotFS:
     def __init__(self, snapshot: Snapshot, reader: NodeReader, fetcher: Fetcher, *,
-                 readahead: int = 8 << 20) -> None:
+                 readahead: int = 8 << 20, source: str | None = None,
+                 cache_dir: str | None = None) -> None:
         self.snapshot = snapshot
+        self.source = source  # what was mounted, for user.cafs.source
+        self.cache_dir = cache_dir  # the host cache directory, for user.cafs.cache
         self.readahead = readahead
         self.reader = reader
         self.fetcher = fetcher
@@ -94,6 +112,8 @@ class SnapshotFS:
         self._next_ino = ROOT_INO + 1
         self._files: dict[int, OpenFile] = {}
         self._next_fh = 1
+        self._last_open = 0
+        self._ahead = _DirAhead(0, 0, 0)
 
     # -- inodes -----------------------------------------------------------------------
 
@@ -169,8 +189,41 @@ class SnapshotFS:
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = OpenFile(ino, e.size, spans, starts)
+        if self.readahead:
+            self._siblings_ahead(ino, e.size)
         self.counters.opens += 1
         return fh
+
+    def _siblings_ahead(self, ino: int, size: int) -> None:
+        """Files opened in name order, a few apart at most (several readers), are a
+        directory read in order: since the importer packs a directory's files in name
+        order, that is a sequential pass over packs, so keep the next siblings' chunks
+        loading, up to ``readahead`` bytes ahead. A hint: nodes not loaded yet stop it."""
+        last, self._last_open = self._last_open, ino
+        i = bisect.bisect_right(self._bases, ino) - 1
+        if not 0 < ino - last <= SIBLING_SPREAD or i < 0 or self._bases[i] > last:
+            return
+        parent = self._blocks[self._owners[i]]
+        ahead = self._ahead
+        if ahead.dir_ino != self._owners[i] or ahead.next_ino <= ino:
+            ahead = _DirAhead(self._owners[i], ino + 1, 0)
+        else:
+            ahead.bytes -= size
+        locs: list[Location] = []
+        try:
+            while ahead.bytes < self.readahead:
+                e = entry_at(self.reader, parent.entry, ahead.next_ino - parent.base)
+                if e is None:
+                    break
+                if e.is_file:
+                    spans = file_spans(self.reader, e)
+                    locs.extend(spans)
+                    ahead.bytes += sum(s.length for s in spans)
+                ahead.next_ino += 1
+        except NodeNotLoaded:
+            pass
+        self._ahead = ahead
+        self.fetcher.prefetch(locs)
 
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)
@@ -211,6 +264,10 @@ class SnapshotFS:
             out[b"user.cafs.snapshot"] = f"{self.snapshot.ref}@{self.snapshot.jid}".encode()
             out[b"user.cafs.stats"] = json.dumps(self.stats()).encode()
             out[b"user.cafs.pid"] = str(os.getpid()).encode()
+            if self.source is not None:
+                out[b"user.cafs.source"] = os.fsencode(self.source)
+            if self.cache_dir is not None:
+                out[b"user.cafs.cache"] = os.fsencode(self.cache_dir)
         return out
 
     def content_id(self, e: Entry) -> bytes:

@@ -40,6 +40,7 @@ from cafs.mountopts import MountOptions, parse_options
 from cafs.naming import find_snapshot, parse_spec
 from cafs.repository import Repository
 from cafs.stores import LocalStore, open_store
+from cafs.stores.access import redact
 
 log = logging.getLogger("cafs.mount")
 
@@ -54,6 +55,14 @@ def display_source(source: str) -> str:
         host, slash, path = rest.partition("/")
         shown = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
     return shown.replace(",", "_").replace(" ", "_")
+
+
+def recorded_source(source: str) -> str:
+    """The source for ``user.cafs.source``: usable from any working directory (a local
+    repository as an absolute path) and without user information in a URL."""
+    repo, sep, rest = source.partition("#")
+    repo = redact(repo) if "://" in repo else str(Path(repo).absolute())
+    return repo + sep + rest
 
 
 def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None:
@@ -92,7 +101,8 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     snapshot = find_snapshot(repo, spec.selector)
     if spec.path:
         raise CafsError(f"{source}: mounting a path inside a snapshot is not supported; mount the snapshot")
-    cache_root = (opts.cache or default_cache_dir(dict(os.environ))) / repo.config.repo_id
+    cache_dir = (opts.cache or default_cache_dir(dict(os.environ))).absolute()
+    cache_root = cache_dir / repo.config.repo_id
     try:
         meta = MetaCache(cache_root)
     except MetaCacheError as exc:
@@ -109,9 +119,13 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     if mode == "full":
         cache = ChunkCache(cache_root, meta.env, opts.cache_size)
         stack.callback(cache.close)
+        try:
+            cache.record_use()  # the limit, for cafs cache status and cafs prefetch
+        except CafsError as exc:
+            log.warning("%s", exc)
     log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")
     return SnapshotFS(snapshot, NodeReader(repo, meta, defer_writes=True, defer_fetches=True), Fetcher(repo, cache),
-                      readahead=opts.readahead)
+                      readahead=opts.readahead, source=recorded_source(source), cache_dir=str(cache_dir))
 
 
 def fuse_options(source: str, opts: MountOptions) -> set[str]:
@@ -122,7 +136,31 @@ def fuse_options(source: str, opts: MountOptions) -> set[str]:
     return options
 
 
-async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None]) -> None:
+class CounterSync:
+    """Adds the fetch counters of a mount to its cache's persistent counters
+    (``ChunkCache.record_use``), each increment once: it remembers what it added."""
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.fetched = 0
+
+    def flush(self, fs: SnapshotFS) -> None:
+        cache = fs.fetcher.cache
+        if cache is None:
+            return
+        c = fs.fetcher.counters
+        hits, misses, fetched = c.hits, c.misses, c.bytes_fetched
+        if (hits, misses, fetched) == (self.hits, self.misses, self.fetched):
+            return
+        try:
+            cache.record_use(hits - self.hits, misses - self.misses, fetched - self.fetched)
+        except CafsError as exc:
+            log.warning("cannot record the cache counters: %s", exc)
+            return
+        self.hits, self.misses, self.fetched = hits, misses, fetched
+
+
+async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None],
+                 counters: CounterSync) -> None:
     async with fs.fetcher.running(), trio.open_nursery() as nursery:
         async def fuse_loop() -> None:
             await pyfuse3.main()
@@ -138,7 +176,7 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
             while True:
                 await trio.sleep(CACHE_FLUSH_SECONDS)
                 # taken on the trio thread, which is the only one that appends to it
-                await trio.to_thread.run_sync(_flush, fs, fs.reader.take_pending())
+                await trio.to_thread.run_sync(_flush, fs, fs.reader.take_pending(), counters)
 
         nursery.start_soon(fuse_loop)
         nursery.start_soon(on_signals)
@@ -148,8 +186,9 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         ready()
 
 
-def _flush(fs: SnapshotFS, pending: list[tuple[bytes, bytes]]) -> None:
-    """Write what the mount learnt to the host's cache (runs in a worker thread)."""
+def _flush(fs: SnapshotFS, pending: list[tuple[bytes, bytes]], counters: CounterSync) -> None:
+    """Write what the mount learnt to the host's cache (runs in a worker thread); calls
+    are never concurrent."""
     if pending and fs.reader.cache is not None:
         try:
             fs.reader.cache.put_many(pending)
@@ -157,6 +196,7 @@ def _flush(fs: SnapshotFS, pending: list[tuple[bytes, bytes]]) -> None:
             log.warning("cannot write fetched nodes to the cache: %s", exc)
     if fs.fetcher.cache is not None:
         fs.fetcher.cache.flush_touches()
+    counters.flush(fs)
 
 
 def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
@@ -164,6 +204,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
     """Mount and serve until unmounted. Returns an exit code; calls ``fail`` with a
     message if the mount could not be made, ``ready`` once it answers."""
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
+    counters = CounterSync()
     with ExitStack() as stack:
         try:
             setup_logging(opts, cache_dir, foreground)
@@ -173,13 +214,13 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
             fail(str(exc))
             return 32
         try:
-            trio.run(_serve, fs, mountpoint, opts, ready)
+            trio.run(_serve, fs, mountpoint, opts, ready, counters)
         except BaseException:
             log.exception("the mount loop failed")
             pyfuse3.close(unmount=True)
             raise
         pyfuse3.close(unmount=True)
-        _flush(fs, fs.reader.take_pending())
+        _flush(fs, fs.reader.take_pending(), counters)
         log.info("unmounted %s", mountpoint)
     return 0
 

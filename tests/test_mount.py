@@ -351,13 +351,16 @@ def test_xattr_id_of_a_directory_is_its_node_id(dataset: Dataset, mnt: Mount) ->
         assert os.getxattr(path, "user.cafs.id") == ref.id.hex().encode()
 
 
-def test_listxattr(mnt: Mount) -> None:
+def test_listxattr(dataset: Dataset, mnt: Mount) -> None:
     assert os.listxattr(mnt.path / "data/big") == ["user.cafs.id"]
     assert os.listxattr(mnt.path / "data") == ["user.cafs.id"]
     assert set(os.listxattr(mnt.path)) == {"user.cafs.id", "user.cafs.snapshot", "user.cafs.stats",
-                                           "user.cafs.pid"}
+                                           "user.cafs.pid", "user.cafs.source", "user.cafs.cache"}
     assert os.getxattr(mnt.path, "user.cafs.snapshot") == b"snap@1"
     assert int(os.getxattr(mnt.path, "user.cafs.pid")) == mnt.pid
+    assert os.getxattr(mnt.path, "user.cafs.source") == os.fsencode(dataset.source)
+    cache = Path(os.fsdecode(os.getxattr(mnt.path, "user.cafs.cache")))
+    assert cache.is_absolute() and list(cache.glob("*/meta.lmdb"))
 
 
 @pytest.mark.parametrize("rel", ["data/big", "data", "links/relative", ""])
