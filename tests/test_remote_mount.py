@@ -146,7 +146,7 @@ def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_
     files = _files(src)
     half = len(files) // 2
     with mounted(f"{proxy.url}/repo#ds", mnt,
-                 f"cache={tmp_path / 'cache'},timeout=10,mirror={mirror.url}/repo",
+                 f"cache={tmp_path / 'cache'},timeout=10,readahead=4K,mirror={mirror.url}/repo",
                  expect_warnings=True) as m:
         done = 0
 
@@ -160,7 +160,7 @@ def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_
         assert m.stats()["errors"] == 0
         proxy.set_mode("pass")
         proxy.reset_seen()
-        pending = list(files[half:])
+        pending = list(files[half:])  # readahead=4K: barely loaded ahead by the first half
 
         def primary_used() -> bool:
             if pending:
