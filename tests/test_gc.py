@@ -44,8 +44,17 @@ DEADLINE = 60.0
 
 
 def pack_files(repo: Path) -> dict[str, int]:
-    """Complete packs (not temporary files of interrupted writes) and their sizes."""
-    return {p.name: p.stat().st_size for p in (repo / "packs").glob("*/*") if not p.name.startswith(".tmp-")}
+    """Complete packs (not temporary files of interrupted writes) and their sizes; safe
+    to call while a gc deletes packs."""
+    out = {}
+    for p in (repo / "packs").glob("*/*"):
+        if p.name.startswith(".tmp-"):
+            continue
+        try:
+            out[p.name] = p.stat().st_size
+        except FileNotFoundError:
+            continue  # deleted between the listing and the stat
+    return out
 
 
 def all_files(repo: Path) -> dict[str, bytes]:
