@@ -141,6 +141,24 @@ class Fetcher:
         finally:
             self._prefetching -= 1
 
+    async def load(self, run: Iterable[Location]) -> None:
+        """Have every chunk of ``run`` loaded (into the cache and memory): missing ones as
+        coalesced runs, in this task; ones another task is loading, waited for. Raises
+        the first error met."""
+        todo, waits = [], []
+        for loc in run:
+            key = (loc.pack, loc.offset)
+            if key in self._inflight:
+                waits.append(self._inflight[key])
+            elif key not in self._memory:
+                todo.append(loc)
+        for part in runs(todo):
+            await self._load_run(part, self._register(part))
+        for load in waits:
+            await load.done.wait()
+            if load.error is not None:
+                raise load.error
+
     async def chunk(self, loc: Location) -> bytes:
         key = (loc.pack, loc.offset)
         for attempt in range(2):

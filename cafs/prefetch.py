@@ -21,10 +21,8 @@ looked for; ``ObjectNotFound``: its pack is missing) in the result and goes on w
 others; any other error (a store still unavailable at its deadline, refused credentials)
 stops it and is raised. Wrong bytes are never cached: the fetcher verifies first.
 
-Caveats: a run is awaited through the fetcher's public API, ``prefetch(run)`` to start
-the coalesced load and ``chunk(loc)`` to wait on it. The fetcher runs at most
-``MAX_PREFETCH`` such loads at once, so ``jobs`` is capped there (``MAX_JOBS``); a run
-that fails as a whole is retried by ``chunk`` one chunk at a time, so its good chunks
+Each run is loaded with ``Fetcher.load`` (one coalesced ranged read), ``jobs`` runs at
+once; a run that fails as a whole is retried one chunk at a time, so its good chunks
 are still cached and the bad ones are named.
 """
 
@@ -38,15 +36,15 @@ import trio
 
 from cafs.chunkcache import ChunkCache
 from cafs.errors import FormatError, IntegrityError, ObjectNotFound
-from cafs.fetch import MAX_PREFETCH, Fetcher, runs
+from cafs.fetch import Fetcher, runs
 from cafs.format.location import Location
 from cafs.format.nodes import Entry
 from cafs.metacache import NodeReader
 from cafs.repository import Repository
 from cafs.tree import file_spans, resolve, walk
 
-MAX_JOBS = MAX_PREFETCH
-DEFAULT_JOBS = MAX_PREFETCH
+MAX_JOBS = 64
+DEFAULT_JOBS = 8
 MAX_REPORTED_ERRORS = 20  # distinct messages kept; the count of failed chunks is exact
 
 # chunk problems that do not stop a prefetch: the chunk is reported, the rest goes on
@@ -191,16 +189,21 @@ async def _load_all(fetcher: Fetcher, work: Iterator[list[Location]], jobs: int,
 
 async def _load_run(fetcher: Fetcher, run: list[Location], state: PrefetchState,
                     result: PrefetchResult) -> None:
-    """Load ``run`` as one coalesced read (see the module's caveats)."""
-    fetcher.prefetch(run)
+    """Load ``run`` as one coalesced read; if that fails, chunk by chunk."""
+    try:
+        await fetcher.load(run)
+        good = True
+    except DATA_ERRORS:
+        good = False
     for loc in run:
-        try:
-            await fetcher.chunk(loc)
-        except DATA_ERRORS as exc:
-            result.failed_chunks += 1
-            message = str(exc)
-            if message not in result.errors and len(result.errors) < MAX_REPORTED_ERRORS:
-                result.errors.append(message)
+        if not good:
+            try:
+                await fetcher.chunk(loc)
+            except DATA_ERRORS as exc:
+                result.failed_chunks += 1
+                message = str(exc)
+                if message not in result.errors and len(result.errors) < MAX_REPORTED_ERRORS:
+                    result.errors.append(message)
         state.done_bytes += loc.stored_length
         state.done_chunks += 1
     state.runs += 1

@@ -193,7 +193,7 @@ def test_prefetch_meets_a_damaged_pack(dataset: Dataset, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("args, message", [
     (["--jobs", "0"], "--jobs 0"),
-    (["--jobs", "9"], "--jobs 9"),
+    (["--jobs", "65"], "--jobs 65"),
     (["no/such/path"], "no such file"),
     (["../up"], "'..'"),
     (["/abs"], "needs a MOUNTPOINT"),
