@@ -31,6 +31,7 @@ from cafs.naming import find_snapshot, parse_spec
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
 from cafs.snapinfo import diff_trees, repo_space, snapshot_space
+from cafs.sources import DEFAULT_DEADLINE
 from cafs.stores import open_store
 from cafs.tree import file_spans, list_dir, resolve, walk
 
@@ -69,6 +70,20 @@ def add_read_mirrors(sp: argparse.ArgumentParser) -> None:
                     help="a mirror of the repository, read when its own store fails (repeatable)")
 
 
+def store_deadline(env: dict[str, str]) -> float:
+    """``CAFS_TIMEOUT``: seconds a store operation may take, retries included."""
+    text = env.get("CAFS_TIMEOUT")
+    if not text:
+        return DEFAULT_DEADLINE
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise UsageError(f"CAFS_TIMEOUT={text!r}: a number of seconds above 0")
+    return seconds
+
+
 # -- context shared by the commands ----------------------------------------------------
 
 
@@ -77,9 +92,12 @@ class Context:
         self.cache_dir = Path(args.cache) if getattr(args, "cache", None) else default_cache_dir(dict(os.environ))
         self._meta: dict[str, MetaCache] = {}
         self._mirrors: list[str] = getattr(args, "source_mirrors", [])
+        self.deadline = store_deadline(dict(os.environ))
 
     def repo(self, location: str) -> Repository:
-        return Repository.open(open_store(location), mirrors=[open_store(url) for url in self._mirrors])
+        return Repository.open(open_store(location, deadline=self.deadline),
+                               mirrors=[open_store(url, deadline=self.deadline) for url in self._mirrors],
+                               deadline=self.deadline)
 
     def meta(self, repo: Repository) -> MetaCache:
         return self.meta_at(repo.config.repo_id)

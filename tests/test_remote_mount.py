@@ -12,13 +12,14 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from mountfix import import_tree, make_repo, mounted, poll
+from mountfix import env, import_tree, make_repo, mounted, poll, run_cafs
 from treegen import assert_same_tree, make_tree
 
 BIG = 3 << 20
@@ -91,11 +92,11 @@ def test_passing_faults_heal_unseen(served, tmp_path: Path, mode: str) -> None:
         assert proxy.faults_fired == 3
 
 
-@pytest.mark.parametrize("mode", ["status", "flip_bytes", "refuse", "stall"])
+@pytest.mark.parametrize("mode", ["status", "status404", "flip_bytes", "refuse", "stall", "server_down"])
 def test_lasting_fault_is_eio_then_heals(served, tmp_path: Path, mode: str) -> None:
     """The read fails with EIO within the deadline; other requests keep answering; when
     the store is back, the same read succeeds without a remount."""
-    src, _server, proxy, _www = served
+    src, server, proxy, _www = served
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     files = _files(src)
@@ -110,6 +111,10 @@ def test_lasting_fault_is_eio_then_heals(served, tmp_path: Path, mode: str) -> N
         assert _hash(mnt / small.relative_to(src)) == _hash(small)
         if mode == "refuse":
             proxy.set_mode("refuse")
+        elif mode == "server_down":
+            server.stop()
+        elif mode == "status404":
+            proxy.set_mode("status", match=r"/packs/", status=404)
         else:
             proxy.set_mode(mode, match=r"/packs/", status=500)
         failure: list[BaseException] = []
@@ -132,8 +137,35 @@ def test_lasting_fault_is_eio_then_heals(served, tmp_path: Path, mode: str) -> N
         assert not reader.is_alive()
         assert failure and isinstance(failure[0], OSError) and failure[0].errno == errno.EIO, failure
         assert took < deadline * 4, f"EIO after {took:.1f} s with a deadline of {deadline} s"
+        if mode == "server_down":
+            server.restart()
         proxy.set_mode("pass")
         assert _hash(mnt / big.relative_to(src)) == _hash(big)
+
+
+def test_import_to_a_failing_store_stops_clearly_and_resumes(served, tmp_path: Path) -> None:
+    src, _server, proxy, _www = served
+    url = f"{proxy.url}/repo2"
+    cache = tmp_path / "cache"
+    r = run_cafs("init", url, "--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K",
+                 "--pack-size", "512K", cache=cache)
+    assert r.returncode == 0, r.stderr
+    proxy.set_mode("status", method="PUT", match=r"/packs/", status=507)
+    r = run_cafs("import", src, url, "--name", "ds", "--no-progress", cache=cache)
+    assert r.returncode != 0 and "no space" in r.stderr and "/repo2/packs/" in r.stderr, r.stderr
+    proxy.set_mode("status", method="PUT", match=r"/packs/", status=503)
+    r = subprocess.run([sys.executable, "-m", "cafs.cli", "import", str(src), url, "--name", "ds",
+                        "--no-progress"], capture_output=True, text=True, timeout=120, check=False,
+                       env=env(CAFS_CACHE_DIR=str(cache), CAFS_TIMEOUT="2"))
+    assert r.returncode != 0 and "503" in r.stderr, r.stderr
+    assert run_cafs("snapshots", url, cache=cache).stdout.count("ds") == 0
+    proxy.set_mode("pass")
+    r = run_cafs("import", src, url, "--name", "ds", "--no-progress", cache=cache)
+    assert r.returncode == 0, r.stderr
+    r = run_cafs("get", f"{url}#ds", tmp_path / "out", cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert_same_tree(src, tmp_path / "out")
+    assert run_cafs("fsck", url, "--read-data", cache=cache).returncode == 0
 
 
 def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_server) -> None:
