@@ -193,7 +193,9 @@ class Fetcher:
     async def _load_run(self, run: list[Location], loads: list[_Load]) -> None:
         """Resolve ``loads`` (one per chunk of ``run``); raises the first error met."""
         try:
-            cached = await trio.to_thread.run_sync(self._from_cache, run, limiter=self.cache_limiter)
+            cached: list[bytes | None] = [None] * len(run)
+            if self._maybe_cached(run):
+                cached = await trio.to_thread.run_sync(self._from_cache, run, limiter=self.cache_limiter)
             for load, data in zip(loads, cached):
                 load.data = data
             missing = [loc for loc, data in zip(run, cached) if data is None]
@@ -223,6 +225,16 @@ class Fetcher:
         while self._memory_bytes > self._memory_limit:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
+
+    def _maybe_cached(self, run: list[Location]) -> bool:
+        """Whether the cache records any chunk of ``run``: an LMDB lookup on this thread
+        spares a cold load its trip to a worker thread before the one to the store."""
+        if self.cache is None:
+            return False
+        try:
+            return any(self.cache.cached((loc.pack, loc.offset, loc.stored_length) for loc in run))
+        except lmdb.Error:
+            return True  # let the worker thread meet the error and go to the store
 
     def _from_cache(self, run: list[Location]) -> list[bytes | None]:
         """Runs in a worker thread: the plain bytes of each chunk the cache holds intact."""

@@ -133,7 +133,10 @@ class Repository:
         key = pack_key(locs[0].pack)
 
         def attempt(store: Store) -> list[tuple[bytes, bytes]]:
-            whole = memoryview(store.get(key, start, end - start))
+            data = store.get(key, start, end - start)
+            if len(locs) == 1:
+                return [(data, decode_stored(locs[0], data))]
+            whole = memoryview(data)
             out = []
             for loc in locs:
                 stored = bytes(whole[loc.offset - start:loc.offset - start + loc.stored_length])
