@@ -304,6 +304,15 @@ def _copy_pack(src: Repository, dst: Repository, pack_id: bytes, state: CopyProg
 
 
 def _write_entries(dst: Repository, todo: list[tuple[Snapshot, bytes]], result: CopyResult) -> None:
+    newest: dict[str, int] = {}
+    for snap, _ in todo:
+        newest[snap.ref] = max(newest.get(snap.ref, 0), snap.jid)
+    _write_each(dst, todo, result)
+    for name, jid in newest.items():
+        dst.note_latest(name, jid)
+
+
+def _write_each(dst: Repository, todo: list[tuple[Snapshot, bytes]], result: CopyResult) -> None:
     for snap, raw in todo:
         label = f"{snap.ref}@{snap.jid}"
         try:

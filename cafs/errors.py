@@ -27,6 +27,11 @@ class StoreUnavailable(StoreError):
     short body): worth retrying later, unlike a missing object or a refused credential."""
 
 
+class ListingUnavailable(StoreError):
+    """The store cannot list keys (a web server without directory indexes): objects can
+    still be read by name."""
+
+
 class ObjectNotFound(StoreError):
     """The store has no object of that name."""
 

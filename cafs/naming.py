@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cafs.errors import RefError, UsageError
+from cafs.errors import ListingUnavailable, RefError, UsageError
 from cafs.format.journal import Snapshot, check_ref_name
 from cafs.repository import Repository
 
@@ -45,11 +45,20 @@ def find_snapshot(repo: Repository, selector: str) -> Snapshot:
             raise UsageError(f"{selector!r}: the journal id after '@' must be a number")
         return repo.snapshot(check_ref_name(name), int(jid_text))
     if _HEX.fullmatch(selector):
-        matches = {s.root_id: s for s in repo.snapshots() if s.root_id.hex().startswith(selector)}
-        if len(matches) == 1:
-            return next(iter(matches.values()))
-        if len(matches) > 1:
-            raise RefError(f"root id prefix {selector!r} is ambiguous in {repo.url}")
-        if selector not in repo.ref_names():
-            raise RefError(f"{repo.url}: no snapshot with root id {selector!r} and no ref of that name")
+        try:
+            return _by_root_id(repo, selector)
+        except ListingUnavailable:
+            pass  # no listing, no search by root id: it can only be a ref name
+    return repo.snapshot(check_ref_name(selector))
+
+
+def _by_root_id(repo: Repository, selector: str) -> Snapshot:
+    """The snapshot whose root id starts with ``selector``, else the ref of that name."""
+    matches = {s.root_id: s for s in repo.snapshots() if s.root_id.hex().startswith(selector)}
+    if len(matches) == 1:
+        return next(iter(matches.values()))
+    if len(matches) > 1:
+        raise RefError(f"root id prefix {selector!r} is ambiguous in {repo.url}")
+    if selector not in repo.ref_names():
+        raise RefError(f"{repo.url}: no snapshot with root id {selector!r} and no ref of that name")
     return repo.snapshot(check_ref_name(selector))

@@ -6,6 +6,7 @@ Owns the repository layout (see docs/FORMAT.md):
     packs/XX/<pack id>       packs of chunks (data) and of nodes (metadata)
     index/<digest>           index objects: which pack holds which object
     refs/<name>/<jid>        one journal entry per snapshot of a ref
+    refs/<name>/latest       advisory: the newest jid, for stores that cannot list keys
 
 It does not cache: callers that read nodes repeatedly go through ``cafs.metacache``.
 Every object read here is verified against its id before it is returned.
@@ -31,11 +32,14 @@ import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
 
-from cafs.errors import FormatError, IntegrityError, ObjectNotFound, RefError, RepositoryError, StoreError
+from cafs.errors import (
+    FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, RefError, RepositoryError, StoreError,
+)
 from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_config, encode_config
 from cafs.format.index import PackSummary, decode_index, encode_index
 from cafs.format.journal import (
-    Snapshot, check_ref_name, decode_snapshot, encode_snapshot, journal_key, parse_jid,
+    Snapshot, check_ref_name, decode_latest, decode_snapshot, encode_latest, encode_snapshot,
+    journal_key, latest_key, parse_jid,
 )
 from cafs.format.location import Location, decode_stored
 from cafs.format.nodes import Entry
@@ -148,7 +152,10 @@ class Repository:
         with self._relocations_lock:
             now = time.monotonic()
             if self._relocations is None or now - self._relocations_loaded > RELOCATION_RELOAD:
-                self._relocations = self.load_index()
+                try:
+                    self._relocations = self.load_index()
+                except ListingUnavailable:
+                    self._relocations = ObjectIndex()  # nothing to search without a listing
                 self._relocations_loaded = now
             moved = self._relocations.objects.get(loc.id)
         if moved is None or moved.pack == loc.pack:
@@ -230,13 +237,44 @@ class Repository:
         return sorted(names)
 
     def jids(self, name: str) -> list[int]:
+        """The jids of ``name``, ascending. From a store that cannot list keys (or lists
+        none), the ``latest`` pointer and the entries after it: the newest ones only."""
         check_ref_name(name)
         jids = []
-        for key, _ in self.keys(f"refs/{name}/"):
-            jid = parse_jid(key.rsplit("/", 1)[-1])
-            if jid is not None:
-                jids.append(jid)
-        return sorted(jids)
+        try:
+            for key, _ in self.keys(f"refs/{name}/"):
+                jid = parse_jid(key.rsplit("/", 1)[-1])
+                if jid is not None:
+                    jids.append(jid)
+        except ListingUnavailable:
+            pass
+        return sorted(jids) or self._jids_after_latest(name)
+
+    def _jids_after_latest(self, name: str) -> list[int]:
+        try:
+            jid = decode_latest(self.get(latest_key(name)))
+        except ObjectNotFound:
+            return []
+        if jid is None:
+            return []
+        found = []
+        while _exists_in(self, journal_key(name, jid)):  # a pointer may lag behind commits
+            found.append(jid)
+            jid += 1
+        return found
+
+    def note_latest(self, name: str, jid: int) -> None:
+        """Advance ``refs/NAME/latest`` to ``jid`` (advisory: a failure only costs
+        readers of stores without listings the newest snapshots, until the next commit)."""
+        try:
+            try:
+                current = decode_latest(self.store.get(latest_key(name)))
+            except ObjectNotFound:
+                current = None
+            if current is None or current < jid:
+                self.store.put(latest_key(name), encode_latest(jid))
+        except StoreError:
+            pass
 
     def snapshot(self, name: str, jid: int | None = None) -> Snapshot:
         check_ref_name(name)
@@ -264,10 +302,19 @@ class Repository:
                             root=root, host=socket.gethostname()[:255], source=source[:4096], stats=stats)
             try:
                 self.store.put(journal_key(name, snap.jid), encode_snapshot(snap), exclusive=True)
+                self.note_latest(name, snap.jid)
                 return snap
             except ObjectExists:
                 continue  # a concurrent import took that jid; take the next
         raise RefError(f"{self.url}: could not commit ref {name!r}: too many concurrent writers")
+
+
+def _exists_in(repo: Repository, key: str) -> bool:
+    try:
+        repo.get(key, 0, 0)
+        return True
+    except ObjectNotFound:
+        return False
 
 
 def _exists(store: Store, key: str) -> bool:

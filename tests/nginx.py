@@ -168,7 +168,8 @@ class NginxServer:
 
     def __init__(self, root: Path, tmp: Path, *, read_only: bool = False, tls: bool = False,
                  client_certs: bool = False, basic_auth: tuple[str, str] | None = None,
-                 bearer_token: str | None = None, port: int | None = None) -> None:
+                 bearer_token: str | None = None, port: int | None = None,
+                 listing: bool = True) -> None:
         if basic_auth is not None and bearer_token is not None:
             raise ValueError("basic_auth and bearer_token are mutually exclusive")
         if bearer_token is not None and not _TOKEN_RE.fullmatch(bearer_token):
@@ -182,6 +183,7 @@ class NginxServer:
         self.client_certs = client_certs
         self.basic_auth = basic_auth
         self.bearer_token = bearer_token
+        self.listing = listing  # False: no autoindex, a directory URL answers 403
         self._port = port
         self._proc: subprocess.Popen[bytes] | None = None
         self.conf = self.prefix / "nginx.conf"
@@ -301,7 +303,7 @@ class NginxServer:
             lines.append(f'    if ($http_authorization != "Bearer {self.bearer_token}") '
                          "{ return 401; }")
         lines += ["    location / {",
-                  "      autoindex on;",
+                  f"      autoindex {'on' if self.listing else 'off'};",
                   "      autoindex_format json;",
                   "      client_max_body_size 0;"]
         if self.basic_auth is not None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountfix import env, run_cafs
+from mountfix import env, mounted, run_cafs
 from treegen import assert_same_tree, make_tree
 
 from cafs.errors import ObjectNotFound, StoreError, StoreUnavailable, UsageError
@@ -191,3 +191,35 @@ def _wait_listening(port: int) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def test_server_without_listings_serves_named_snapshots(nginx_server, tmp_path: Path) -> None:
+    """nginx without autoindex: REPO#NAME (via refs/NAME/latest) and REPO#NAME@JID work;
+    what needs a listing fails with an error that says so."""
+    repo = tmp_path / "www" / "repo"
+    cache = tmp_path / "cache"
+    src = make_tree(tmp_path / "src")
+    assert run_cafs("init", repo, *SMALL, cache=cache).returncode == 0
+    for _ in range(2):
+        assert run_cafs("import", src, repo, "--name", "ds", "--no-progress", cache=cache).returncode == 0
+    (repo / "refs" / "ds" / "latest").write_text(f"{1:020d}\n")  # lagging behind a commit
+    server = nginx_server(tmp_path / "www", listing=False)
+    url = server.url + "/repo"
+    other = tmp_path / "cache2"
+    r = run_cafs("get", f"{url}#ds", tmp_path / "out", cache=other)
+    assert r.returncode == 0, r.stderr
+    assert_same_tree(src, tmp_path / "out")
+    r = run_cafs("ls", f"{url}#ds@1", cache=other)
+    assert r.returncode == 0, r.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(f"{url}#ds", mnt, f"cache={tmp_path / 'cache3'}"):
+        assert_same_tree(src, mnt)
+        assert os.getxattr(mnt, "user.cafs.snapshot") == b"ds@2"
+    r = run_cafs("snapshots", url, cache=other)
+    assert r.returncode != 0 and "no directory listing" in r.stderr, r.stderr
+    r = run_cafs("ls", f"{url}#nope", cache=other)
+    assert r.returncode != 0 and "nope" in r.stderr
+    (repo / "refs" / "ds" / "latest").unlink()
+    r = run_cafs("ls", f"{url}#ds", cache=other)
+    assert r.returncode != 0 and "ds" in r.stderr

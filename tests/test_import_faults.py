@@ -40,8 +40,9 @@ def all_files(root: Path) -> dict[str, bytes]:
 
 
 def journal_entries(repo: Path) -> list[Path]:
+    """Journal entries (not the advisory ``latest`` pointers)."""
     refs = repo / "refs"
-    return sorted(p for p in refs.rglob("*") if p.is_file()) if refs.exists() else []
+    return sorted(p for p in refs.rglob("*") if p.is_file() and p.name.isdigit()) if refs.exists() else []
 
 
 # -- running as another user ------------------------------------------------------------

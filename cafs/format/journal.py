@@ -41,6 +41,20 @@ def journal_key(name: str, jid: int) -> str:
     return f"refs/{name}/{jid:0{JID_DIGITS}d}"
 
 
+def latest_key(name: str) -> str:
+    """The advisory pointer to a ref's newest jid, for stores that cannot list keys."""
+    return f"refs/{name}/latest"
+
+
+def encode_latest(jid: int) -> bytes:
+    return f"{jid:0{JID_DIGITS}d}\n".encode()
+
+
+def decode_latest(data: bytes) -> int | None:
+    text = data.strip()
+    return int(text) if len(text) == JID_DIGITS and text.isdigit() else None
+
+
 def parse_jid(key_tail: str) -> int | None:
     if len(key_tail) == JID_DIGITS and key_tail.isdigit():
         return int(key_tail)

@@ -6,6 +6,11 @@ Reads need nothing but a static web server: ``get`` is a GET with a ``Range`` he
 ``autoindex_format json`` (names, types and sizes in one request), or any HTML index
 whose links name the entries (sizes then come from HEAD requests).
 
+Without a directory index (nginx without ``autoindex``: 403 for a directory URL), ``list``
+raises ``ListingUnavailable``; the repository then finds a ref's snapshots from its
+``latest`` pointer (see ``cafs.repository``), so mounts and gets of ``REPO#NAME`` still
+work.
+
 Writes use WebDAV as nginx's dav module provides it: ``put`` is a PUT (the server writes
 a temporary file and renames it, so readers see all of an object or nothing; missing
 parent collections are made with MKCOL when the server does not create them itself);
@@ -35,7 +40,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError, SSLError
 
-from cafs.errors import NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable
+from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable
 from cafs.stores.access import RemoteAccess
 from cafs.stores.base import ObjectExists, check_key
 
@@ -163,6 +168,10 @@ class HttpStore:
         resp = self._request("GET", where, headers={**self._headers, "Accept": "application/json"})
         if resp.status == 404:
             return [], []
+        if resp.status in (403, 405):
+            raise ListingUnavailable(
+                f"{where}: the server gives no directory listing ({resp.status}); enable one (nginx: "
+                "autoindex on; autoindex_format json;) or name snapshots as REPO#NAME or REPO#NAME@JID")
         self._expect(resp, where, (200,))
         body = resp.data
         try:
