@@ -72,7 +72,7 @@ from urllib.parse import unquote_plus, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError, SSLError
 
-from cafs.errors import NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
+from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
 from cafs.stores.access import redact, refuse_userinfo
 from cafs.stores.aws_config import S3Settings
 from cafs.stores.base import ObjectExists, check_key
@@ -183,7 +183,17 @@ class S3Store:
             if token is not None:
                 query.append(("continuation-token", token))
             ans = self._call("GET", None, query=query)
-            self._expect(ans, None, (200,))
+            try:
+                self._expect(ans, None, (200,))
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                if ans.status != 403:
+                    raise
+                # readable objects without s3:ListBucket (a public bucket): named snapshots
+                # are still found through refs/NAME/latest
+                raise ListingUnavailable(f"{exc}; listing is refused, objects can still be read "
+                                         "by name (REPO#NAME, REPO#NAME@JID)") from None
             root = self._xml(ans, None, "ListBucketResult")
             for item in _children(root, "Contents"):
                 name = unquote_plus(_text(item, "Key"))
