@@ -30,6 +30,7 @@ from __future__ import annotations
 import builtins
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreE
 from cafs.stores.access import RemoteAccess
 from cafs.stores.base import ObjectExists, check_key
 
+log = logging.getLogger("cafs.stores.http")
+
 DEFAULT_TIMEOUT = 10.0  # per request and per socket operation; cafs.sources adds a deadline
 LIST_THREADS = 8
 _TMP_PREFIX = ".tmp-"
@@ -55,6 +58,7 @@ class HttpStore:
         self.url = url.rstrip("/")
         self._base = self.url + "/"
         self._headers = access.headers()
+        self._warned_ranges = False
         self._pool = urllib3.PoolManager(
             num_pools=2, maxsize=connections, retries=False,
             timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
@@ -78,6 +82,11 @@ class HttpStore:
         self._expect(resp, where, (200, 206))
         data = resp.data
         if resp.status == 200 and (offset or length is not None):
+            if not self._warned_ranges:
+                self._warned_ranges = True
+                log.warning("%s ignores Range requests: every read transfers whole objects "
+                            "(packs of up to 64 MiB); serve the repository with a server that "
+                            "supports ranges", self.url)
             data = data[offset:] if length is None else data[offset:offset + length]
         if length is not None and len(data) != length:
             raise StoreError(f"{where}: wanted {length} bytes at {offset}, got {len(data)}: truncated?")
