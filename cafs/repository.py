@@ -89,7 +89,7 @@ class Repository:
         (``cafs copy`` gives a new mirror its source's id)."""
         config = check_config(RepoConfig(repo_id=repo_id or os.urandom(32).hex(), chunker=chunker,
                                          pack_size=pack_size))
-        if _exists(store, CONFIG_KEY):
+        if _exists(store.get, CONFIG_KEY):
             raise RepositoryError(f"{store.url}: a repository exists there already")
         if any(True for _ in store.list("")):
             raise RepositoryError(f"{store.url}: not empty and not a repository; refusing to init there")
@@ -258,7 +258,7 @@ class Repository:
         if jid is None:
             return []
         found = []
-        while _exists_in(self, journal_key(name, jid)):  # a pointer may lag behind commits
+        while _exists(self.get, journal_key(name, jid)):  # a pointer may lag behind commits
             found.append(jid)
             jid += 1
         return found
@@ -309,17 +309,9 @@ class Repository:
         raise RefError(f"{self.url}: could not commit ref {name!r}: too many concurrent writers")
 
 
-def _exists_in(repo: Repository, key: str) -> bool:
+def _exists(get: Callable[[str, int, int], bytes], key: str) -> bool:
     try:
-        repo.get(key, 0, 0)
-        return True
-    except ObjectNotFound:
-        return False
-
-
-def _exists(store: Store, key: str) -> bool:
-    try:
-        store.get(key, 0, 0)
+        get(key, 0, 0)
         return True
     except ObjectNotFound:
         return False
