@@ -44,6 +44,7 @@ from urllib3.exceptions import HTTPError, SSLError
 from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable
 from cafs.stores.access import RemoteAccess
 from cafs.stores.base import ObjectExists, check_key
+from cafs.stores.keepalive import KeepAliveGets
 
 log = logging.getLogger("cafs.stores.http")
 
@@ -58,6 +59,8 @@ class HttpStore:
         self.url = url.rstrip("/")
         self._base = self.url + "/"
         self._headers = access.headers()
+        self._path = urlsplit(self._base).path
+        self._gets = KeepAliveGets(url, access, timeout)
         self._warned_ranges = False
         self._pool = urllib3.PoolManager(
             num_pools=2, maxsize=connections, retries=False,
@@ -70,18 +73,17 @@ class HttpStore:
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         where = self._base + check_key(key)
         if length == 0:
-            self._expect(self._request("HEAD", where), where, (200,))
+            self._expect(self._request("HEAD", where).status, where, (200,))
             return b""
         headers = dict(self._headers)
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             headers["Range"] = f"bytes={offset}-{end}"
-        resp = self._request("GET", where, headers=headers)
-        if resp.status == 416:
+        status, data = self._gets.get(self._path + key, headers, where)
+        if status == 416:
             raise StoreError(f"{where}: range {offset}+{length} lies past the end of the object: truncated?")
-        self._expect(resp, where, (200, 206))
-        data = resp.data
-        if resp.status == 200 and (offset or length is not None):
+        self._expect(status, where, (200, 206))
+        if status == 200 and (offset or length is not None):
             if not self._warned_ranges:
                 self._warned_ranges = True
                 log.warning("%s ignores Range requests: every read transfers whole objects "
@@ -105,7 +107,7 @@ class HttpStore:
             resp = self._request("MOVE", tmp, headers={**self._headers, "Destination": where, "Overwrite": "F"})
             if resp.status == 412:
                 raise ObjectExists(f"{where} exists already")
-            self._expect(resp, where, (201, 204), writing=True)
+            self._expect(resp.status, where, (201, 204), writing=True)
         finally:
             try:
                 self._request("DELETE", tmp)  # after a MOVE: nothing left to delete
@@ -126,7 +128,7 @@ class HttpStore:
         where = self._base + check_key(key)
         resp = self._request("DELETE", where)
         if resp.status != 404:
-            self._expect(resp, where, (200, 202, 204), writing=True)
+            self._expect(resp.status, where, (200, 202, 204), writing=True)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -140,9 +142,7 @@ class HttpStore:
         except HTTPError as exc:
             raise StoreUnavailable(f"{url}: {method} failed: {_reason(exc)}") from None
 
-    def _expect(self, resp: urllib3.BaseHTTPResponse, url: str, ok: tuple[int, ...], *,
-                writing: bool = False) -> None:
-        status = resp.status
+    def _expect(self, status: int, url: str, ok: tuple[int, ...], *, writing: bool = False) -> None:
         if status in ok:
             return
         if status == 404:
@@ -162,7 +162,7 @@ class HttpStore:
         if resp.status == 409:  # a parent collection is missing and the server will not make it
             self._make_parents(url)
             resp = self._request("PUT", url, headers=self._headers, body=body)
-        self._expect(resp, url, (200, 201, 204), writing=True)
+        self._expect(resp.status, url, (200, 201, 204), writing=True)
 
     def _make_parents(self, url: str) -> None:
         rel = url[len(self._base):].split("/")[:-1]
@@ -170,7 +170,7 @@ class HttpStore:
             where = self._base + "/".join(rel[:i]) + "/"
             resp = self._request("MKCOL", where)
             if resp.status not in (201, 405):  # 405: exists already
-                self._expect(resp, where, (201,), writing=True)
+                self._expect(resp.status, where, (201,), writing=True)
 
     def _list_one(self, prefix: str) -> tuple[builtins.list[tuple[str, int]], builtins.list[str]]:
         where = self._base + prefix
@@ -181,7 +181,7 @@ class HttpStore:
             raise ListingUnavailable(
                 f"{where}: the server gives no directory listing ({resp.status}); enable one (nginx: "
                 "autoindex on; autoindex_format json;) or name snapshots as REPO#NAME or REPO#NAME@JID")
-        self._expect(resp, where, (200,))
+        self._expect(resp.status, where, (200,))
         body = resp.data
         try:
             entries = _parse_json_index(body) if body.lstrip()[:1] == b"[" else self._parse_html_index(body, where)
@@ -210,7 +210,7 @@ class HttpStore:
                 entries.append((name[:-1], True, 0))
             elif _NAME.fullmatch(name):
                 head = self._request("HEAD", target)
-                self._expect(head, target, (200,))
+                self._expect(head.status, target, (200,))
                 entries.append((name, False, int(head.headers.get("Content-Length", 0))))
         return entries
 
