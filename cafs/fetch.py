@@ -198,11 +198,11 @@ class Fetcher:
                 cached = await trio.to_thread.run_sync(self._from_cache, run, limiter=self.cache_limiter)
             for load, data in zip(loads, cached):
                 load.data = data
-            missing = [loc for loc, data in zip(run, cached) if data is None]
-            for part in runs(missing):
+            waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads) if load.data is None}
+            for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
                 got = await trio.to_thread.run_sync(self._from_store, part, limiter=self.store_limiter)
                 for loc, data in zip(part, got):
-                    loads[run.index(loc)].data = data
+                    waiting[(loc.pack, loc.offset)].data = data
         except BaseException as exc:
             self.counters.errors += 1
             for load in loads:
