@@ -23,6 +23,7 @@ Thread-safe: the health table is guarded by a lock; reads themselves run unlocke
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -51,31 +52,27 @@ class _Health:
 
 
 class Sources:
-    def __init__(self, stores: list[Store], *, deadline: float = DEFAULT_DEADLINE,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, stores: list[Store], *, deadline: float = DEFAULT_DEADLINE) -> None:
         if not stores:
             raise ValueError("Sources needs at least one store")
         self.stores = stores
         self.deadline = deadline
-        self._clock = clock
-        self._sleep = sleep
         self._health = [_Health() for _ in stores]
         self._lock = threading.Lock()
 
     def order(self) -> list[int]:
         """Indexes of the sources to try: usable ones in configured order, then those in
         back-off, soonest first."""
-        now = self._clock()
+        now = time.monotonic()
         with self._lock:
             ready = [i for i, h in enumerate(self._health) if h.retry_at <= now]
             waiting = sorted((i for i, h in enumerate(self._health) if h.retry_at > now),
                              key=lambda i: self._health[i].retry_at)
         return ready + waiting
 
-    def read(self, fn: Callable[[Store], T], *, deadline: float | None = None) -> T:
-        give_up = self._clock() + (self.deadline if deadline is None else deadline)
-        for round_no in range(1_000_000):
+    def read(self, fn: Callable[[Store], T]) -> T:
+        give_up = time.monotonic() + self.deadline
+        for round_no in itertools.count():
             error: Exception | None = None
             missing: ObjectNotFound | None = None
             passing = corrupt = False
@@ -96,17 +93,17 @@ class Sources:
             if error is None:
                 assert missing is not None
                 raise missing
-            now = self._clock()
+            now = time.monotonic()
             if now >= give_up or not (passing or (corrupt and round_no < CORRUPT_ROUNDS)):
                 raise error
-            self._sleep(min(give_up - now, _backoff(round_no, _ROUND_DELAY) * random.random()))
+            time.sleep(min(give_up - now, _backoff(round_no, _ROUND_DELAY) * random.random()))
         raise AssertionError("unreachable")
 
     def _failed(self, i: int, exc: Exception) -> None:
         with self._lock:
             h = self._health[i]
             h.failures += 1
-            h.retry_at = self._clock() + _backoff(h.failures - 1, _SET_ASIDE) * random.uniform(0.5, 1.0)
+            h.retry_at = time.monotonic() + _backoff(h.failures - 1, _SET_ASIDE) * random.uniform(0.5, 1.0)
         if len(self.stores) > 1:
             log.warning("source %s failed (%s); trying the next", self.stores[i].url, exc)
 
@@ -119,29 +116,16 @@ class Sources:
 
 
 class RetryingStore:
-    """A store whose operations are retried on ``StoreUnavailable`` until a deadline."""
+    """A store whose operations are retried on ``StoreUnavailable`` until a deadline:
+    ``Sources`` of one store."""
 
-    def __init__(self, inner: Store, *, deadline: float = DEFAULT_DEADLINE,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, inner: Store, *, deadline: float = DEFAULT_DEADLINE) -> None:
         self.inner = inner
         self.url = inner.url
-        self.deadline = deadline
-        self._clock = clock
-        self._sleep = sleep
+        self._sources = Sources([inner], deadline=deadline)
 
     def _retry(self, fn: Callable[[], T]) -> T:
-        give_up = self._clock() + self.deadline
-        for attempt in range(1_000_000):
-            try:
-                return fn()
-            except StoreUnavailable as exc:
-                now = self._clock()
-                if now >= give_up:
-                    raise
-                log.info("%s; retrying", exc)
-                self._sleep(min(give_up - now, _backoff(attempt, _ROUND_DELAY) * random.random()))
-        raise AssertionError("unreachable")
+        return self._sources.read(lambda _store: fn())
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._retry(lambda: self.inner.get(key, offset, length))
