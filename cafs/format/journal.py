@@ -51,8 +51,7 @@ def encode_latest(jid: int) -> bytes:
 
 
 def decode_latest(data: bytes) -> int | None:
-    text = data.strip()
-    return int(text) if len(text) == JID_DIGITS and text.isdigit() else None
+    return parse_jid(data.strip().decode("ascii", "replace"))
 
 
 def parse_jid(key_tail: str) -> int | None:

@@ -29,12 +29,14 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
     if scheme in ("http", "https"):
         from cafs.stores.access import access_for
         from cafs.stores.http import DEFAULT_TIMEOUT, HttpStore
-        timeout = DEFAULT_TIMEOUT if deadline is None else min(DEFAULT_TIMEOUT, max(0.5, deadline / 3))
-        return HttpStore(url, access_for(url), timeout=timeout)
+        return HttpStore(url, access_for(url), timeout=_request_timeout(DEFAULT_TIMEOUT, deadline))
     if scheme == "s3":
         from cafs.stores.aws_config import s3_settings
         from cafs.stores.s3 import DEFAULT_TIMEOUT as S3_TIMEOUT
         from cafs.stores.s3 import S3Store
-        timeout = S3_TIMEOUT if deadline is None else min(S3_TIMEOUT, max(0.5, deadline / 3))
-        return S3Store(url, s3_settings(), timeout=timeout)
+        return S3Store(url, s3_settings(), timeout=_request_timeout(S3_TIMEOUT, deadline))
     raise UsageError(f"{url}: unknown repository URL scheme {scheme!r}")
+
+
+def _request_timeout(default: float, deadline: float | None) -> float:
+    return default if deadline is None else min(default, max(0.5, deadline / 3))
