@@ -95,9 +95,7 @@ class Context:
         self.deadline = store_deadline(dict(os.environ))
 
     def repo(self, location: str) -> Repository:
-        return Repository.open(open_store(location, deadline=self.deadline),
-                               mirrors=[open_store(url, deadline=self.deadline) for url in self._mirrors],
-                               deadline=self.deadline)
+        return Repository.at(location, mirrors=self._mirrors, deadline=self.deadline)
 
     def meta(self, repo: Repository) -> MetaCache:
         return self.meta_at(repo.config.repo_id)
@@ -283,7 +281,7 @@ def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
     repaired: list[str] = []
     failed: list[str] = []
     if report.problems and args.repair:
-        mirrors = [Repository.open(open_store(url)) for url in args.mirror]
+        mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror]
         result = repair(repo, report, mirrors)
         repaired, failed = result.repaired, result.failed
         with Progress(lambda _t: status[0]):

@@ -29,7 +29,6 @@ from cafs.mountd import serve
 from cafs.mountopts import MountOptions, format_options, parse_options
 from cafs.naming import find_snapshot, parse_spec
 from cafs.repository import Repository
-from cafs.stores import open_store
 
 EXIT_USAGE = 1
 EXIT_FAILURE = 32
@@ -59,9 +58,7 @@ def check_source(source: str, opts: MountOptions) -> None:
     spec = parse_spec(source)
     if spec.path:
         raise UsageError(f"{source}: mount a snapshot (REPO#NAME), not a path inside one")
-    repo = Repository.open(open_store(spec.repo), mirrors=[open_store(url) for url in opts.mirrors],
-                           deadline=opts.timeout)
-    find_snapshot(repo, spec.selector)
+    find_snapshot(Repository.at(spec.repo, mirrors=opts.mirrors, deadline=opts.timeout), spec.selector)
 
 
 def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:

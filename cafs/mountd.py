@@ -39,7 +39,7 @@ from cafs.metacache import MetaCache, MetaCacheError, NodeReader, default_cache_
 from cafs.mountopts import MountOptions, parse_options
 from cafs.naming import find_snapshot, parse_spec
 from cafs.repository import Repository
-from cafs.stores import LocalStore, open_store
+from cafs.stores import LocalStore
 from cafs.stores.access import redact
 
 log = logging.getLogger("cafs.mount")
@@ -95,9 +95,7 @@ def set_readahead(mountpoint: str, size: int) -> None:
 
 def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
     spec = parse_spec(source)
-    repo = Repository.open(open_store(spec.repo, deadline=opts.timeout),
-                           mirrors=[open_store(url, deadline=opts.timeout) for url in opts.mirrors],
-                           deadline=opts.timeout)
+    repo = Repository.at(spec.repo, mirrors=opts.mirrors, deadline=opts.timeout)
     snapshot = find_snapshot(repo, spec.selector)
     if spec.path:
         raise CafsError(f"{source}: mounting a path inside a snapshot is not supported; mount the snapshot")

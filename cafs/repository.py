@@ -46,7 +46,7 @@ from cafs.format.nodes import Entry
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
 from cafs.sources import DEFAULT_DEADLINE, RetryingStore, Sources
-from cafs.stores import ObjectExists, Store
+from cafs.stores import ObjectExists, Store, open_store
 
 CONFIG_KEY = "config"
 RELOCATION_RELOAD = 10.0
@@ -108,6 +108,13 @@ class Repository:
         except ObjectNotFound:
             raise RepositoryError(f"{store.url}: not a cafs repository (no config)") from None
         return cls(store, config, mirrors=mirrors, deadline=deadline)
+
+    @classmethod
+    def at(cls, url: str, *, mirrors: Sequence[str] = (), deadline: float = DEFAULT_DEADLINE) -> Repository:
+        """``open`` the repository at ``url`` with mirrors at ``mirrors``, every store's
+        requests bounded by ``deadline``."""
+        return cls.open(open_store(url, deadline=deadline),
+                        mirrors=[open_store(m, deadline=deadline) for m in mirrors], deadline=deadline)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """An object's bytes from the first source that has them."""
