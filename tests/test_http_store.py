@@ -164,6 +164,10 @@ def test_tls_and_client_certificates(nginx_server, tmp_path: Path) -> None:
     assert r.returncode != 0, r.stdout
     r = _cafs(["snapshots", url], cache, {k: v for k, v in good.items() if k == "CAFS_CA_FILE"})
     assert r.returncode != 0, r.stdout
+    r = _cafs(["snapshots", url], cache, {**good, "CAFS_CA_FILE": str(tmp_path / "no-such-ca.pem")})
+    assert r.returncode == 2 and "no-such-ca.pem" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _cafs(["snapshots", url], cache, {**good, "CAFS_CERT_FILE": str(server.ca_file), "CAFS_KEY_FILE": str(cert)})
+    assert r.returncode == 2 and "client certificate" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def _cafs(args: list[str], cache: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:

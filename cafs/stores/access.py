@@ -20,6 +20,7 @@ secret in its ``repr``. S3 credentials are the AWS ones (see ``cafs.stores.s3``)
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -56,6 +57,26 @@ class RemoteAccess:
             pair = f"{self.username}:{self.password or ''}".encode()
             return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
         return {}
+
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS settings for HTTPS: the CA file (else the system's CAs) and the client
+        certificate, if any. Raises UsageError naming a file that cannot be used."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"CA file {self.ca_file}: cannot be used: {_why(exc)}") from None
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"client certificate {self.cert_file} (key {self.key_file or 'in the same file'}): "
+                                 f"cannot be used: {_why(exc)}") from None
+        return context
+
+
+def _why(exc: OSError | ssl.SSLError) -> str:
+    return str(exc.strerror or exc) if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def refuse_userinfo(url: str) -> None:

@@ -60,13 +60,13 @@ class HttpStore:
         self._base = self.url + "/"
         self._headers = access.headers()
         self._path = urlsplit(self._base).path
-        self._gets = KeepAliveGets(url, access, timeout)
+        # one TLS context for both clients: the same CAs and client certificate
+        context = access.ssl_context() if urlsplit(url).scheme == "https" else None
+        self._gets = KeepAliveGets(url, context, timeout)
         self._warned_ranges = False
         self._pool = urllib3.PoolManager(
             num_pools=2, maxsize=connections, retries=False,
-            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
-            cert_reqs="CERT_REQUIRED", ca_certs=access.ca_file,
-            cert_file=access.cert_file, key_file=access.key_file)
+            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout), ssl_context=context)
 
     # -- the Store protocol -------------------------------------------------------
 

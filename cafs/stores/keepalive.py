@@ -22,20 +22,16 @@ import weakref
 from urllib.parse import urlsplit
 
 from cafs.errors import StoreError, StoreUnavailable
-from cafs.stores.access import RemoteAccess
 
 
 class KeepAliveGets:
-    def __init__(self, url: str, access: RemoteAccess, timeout: float) -> None:
+    def __init__(self, url: str, context: ssl.SSLContext | None, timeout: float) -> None:
+        """``context``: the TLS settings for an https ``url`` (None for http)."""
         parts = urlsplit(url)
         self._host = parts.hostname or ""
         self._port = parts.port
         self._timeout = timeout
-        self._context: ssl.SSLContext | None = None
-        if parts.scheme == "https":
-            self._context = ssl.create_default_context(cafile=access.ca_file)
-            if access.cert_file:
-                self._context.load_cert_chain(access.cert_file, access.key_file)
+        self._context = context
         self._local = threading.local()
         self._open: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
         weakref.finalize(self, _close_all, self._open)
