@@ -4,8 +4,8 @@
 sparse ``ChunkCache``, then reads the stored bytes from the store, verifies them
 against the chunk id and writes them through to the cache. Concurrent requests for
 one chunk wait on a single load (single flight). Blocking work (preads, hashing,
-decompression, LMDB writes) runs in worker threads under a ``trio.CapacityLimiter``,
-so the trio loop keeps answering while a load is under way.
+decompression, LMDB writes) runs in worker threads (``cafs.workers.WorkerPool``), so
+the trio loop keeps answering while a load is under way.
 
 Raises ``IntegrityError`` when the store's bytes do not match their id (never returns
 wrong bytes) and ``StoreError`` when the store fails. A damaged cache extent is dropped
@@ -21,8 +21,8 @@ next megabyte. At most ``MAX_PREFETCH`` background runs are under way at once; b
 that, prefetch requests are dropped (they are hints). A reader whose chunk was in a
 background run that failed loads it once more itself before it gives up.
 
-Cache reads and store reads wait on separate limiters, so a stalled store never keeps
-a cached read (or anything else) waiting for a worker thread.
+Cache reads and store reads have separate pools of worker threads, so a stalled store
+never keeps a cached read (or anything else) waiting for a thread.
 
 Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it is
 only changed between awaits on the trio thread.
@@ -44,6 +44,7 @@ from cafs.chunkcache import ChunkCache
 from cafs.errors import CafsError, IntegrityError, NoSpaceError, ObjectNotFound
 from cafs.format.location import Location, decode_stored
 from cafs.repository import Repository
+from cafs.workers import WorkerPool
 
 log = logging.getLogger("cafs.fetch")
 
@@ -99,8 +100,8 @@ class Fetcher:
                  memory_bytes: int = MEMORY_CHUNKS_BYTES) -> None:
         self.repo = repo
         self.cache = cache
-        self.cache_limiter = trio.CapacityLimiter(threads)
-        self.store_limiter = trio.CapacityLimiter(threads)
+        self.cache_workers = WorkerPool(threads, "cache")
+        self.store_workers = WorkerPool(threads, "store")
         self.counters = FetchCounters()
         self._inflight: dict[tuple[bytes, int], _Load] = {}
         self._memory: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
@@ -195,12 +196,12 @@ class Fetcher:
         try:
             cached: list[bytes | None] = [None] * len(run)
             if self._maybe_cached(run):
-                cached = await trio.to_thread.run_sync(self._from_cache, run, limiter=self.cache_limiter)
+                cached = await self.cache_workers.run(self._from_cache, run)
             for load, data in zip(loads, cached):
                 load.data = data
             waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads) if load.data is None}
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
-                got = await trio.to_thread.run_sync(self._from_store, part, limiter=self.store_limiter)
+                got = await self.store_workers.run(self._from_store, part)
                 for loc, data in zip(part, got):
                     waiting[(loc.pack, loc.offset)].data = data
         except BaseException as exc:

@@ -50,7 +50,7 @@ MAX_NODE_LOADS = 4096  # per request: deeper than any path, more than any listin
 
 
 async def load_node(fs: SnapshotFS, missing: NodeNotLoaded) -> None:
-    data = await trio.to_thread.run_sync(fs.reader.load, missing.loc, limiter=fs.fetcher.store_limiter)
+    data = await fs.fetcher.store_workers.run(fs.reader.load, missing.loc)
     fs.reader.loaded(missing.loc, data)
 
 
