@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
 
 from cafs.errors import (
-    FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, RefError, RepositoryError, StoreError,
+    CafsError, FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, RefError, RepositoryError, StoreError,
 )
 from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_config, encode_config
 from cafs.format.index import PackSummary, decode_index, encode_index
@@ -307,13 +307,24 @@ class Repository:
             jids = self.jids(name)
             snap = Snapshot(ref=name, jid=(jids[-1] + 1) if jids else 1, time_ns=time.time_ns(),
                             root=root, host=socket.gethostname()[:255], source=source[:4096], stats=stats)
+            key, data = journal_key(name, snap.jid), encode_snapshot(snap)
             try:
-                self.store.put(journal_key(name, snap.jid), encode_snapshot(snap), exclusive=True)
-                self.note_latest(name, snap.jid)
-                return snap
+                self.store.put(key, data, exclusive=True)
             except ObjectExists:
-                continue  # a concurrent import took that jid; take the next
+                if not self._holds(key, data):
+                    continue  # a concurrent import took that jid; take the next
+                # else our own entry: a retried put whose first answer was lost
+            self.note_latest(name, snap.jid)
+            return snap
         raise RefError(f"{self.url}: could not commit ref {name!r}: too many concurrent writers")
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether the object ``key`` is exactly ``data`` (an entry holds its time to the
+        nanosecond and its host, so no other writer's entry has the same bytes)."""
+        try:
+            return self.store.get(key) == data
+        except CafsError:
+            return False
 
 
 def _exists(get: Callable[[str, int, int], bytes], key: str) -> bool:

@@ -374,3 +374,51 @@ def test_get_completes_once_the_disk_has_room(cafs, repo: Path, small_tmpfs: Pat
     r = cafs("get", f"{repo}#ds", small_tmpfs / "out")
     assert r.code == 0, r.err
     assert_same_tree(big_src, small_tmpfs / "out")
+
+
+class LosesFirstJournalAnswer:
+    """A local store that writes the first journal entry, then reports the connection
+    lost, as a server whose answer never arrived would."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.lost = False
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.get(key, offset, length)
+
+    def put(self, key: str, data, *, exclusive: bool = False) -> None:
+        self.inner.put(key, data, exclusive=exclusive)
+        if key.startswith("refs/") and key.rsplit("/", 1)[-1].isdigit() and not self.lost:
+            from cafs.errors import StoreUnavailable
+            self.lost = True
+            raise StoreUnavailable(f"{self.url}: connection reset after writing {key}")
+
+    def list(self, prefix: str):
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+def test_a_commit_whose_answer_was_lost_is_recorded_once(tmp_path: Path) -> None:
+    from cafs.importer import run_import
+    from cafs.metacache import MetaCache
+    from cafs.repository import Repository
+    from cafs.stores.local import LocalStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"hello")
+    store = LosesFirstJournalAnswer(LocalStore(tmp_path / "repo"))
+    repo = Repository.init(store)
+    meta = MetaCache(tmp_path / "cache")
+    try:
+        result = run_import(repo, meta, src, "ds")
+    finally:
+        meta.close()
+    assert store.lost  # the answer was lost, and the retry met the entry in place
+    assert result.snapshot is not None and result.snapshot.jid == 1
+    assert repo.jids("ds") == [1]
+    assert len(journal_entries(tmp_path / "repo")) == 1
