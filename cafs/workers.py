@@ -1,11 +1,12 @@
 """Worker threads for blocking calls made from trio, with cheap hand-offs.
 
-``trio.to_thread.run_sync`` cost about 120 us of CPU and 12 context switches per call on
-a 2-core machine (a lock hand-off per call, the thread renamed twice, one wake-up of the
-loop per result, and the GIL passed back and forth on each), more than the 100 KB pread
-and hash a small-file read carries. A ``WorkerPool`` keeps its threads, feeds them from
-one queue, and wakes the loop once for all the results that finished meanwhile: about
-30 us and 2 switches per call (``benchmarks/README.md`` has the measurement).
+``trio.to_thread.run_sync`` costs about 135 us of CPU and 12 context switches per call
+beyond the work itself on a 2-core machine (a lock hand-off per call, the thread renamed
+twice, one wake-up of the loop per result, and the GIL passed back and forth on each),
+more than the 100 KB pread and hash a small-file read carries. A ``WorkerPool`` keeps
+its threads, feeds them from one queue, and wakes the loop once for all the results that
+finished meanwhile: about 45-55 us and 2-5 switches per call
+(``benchmarks/handoff_bench.py`` measures both).
 
 Contract:
 
