@@ -289,7 +289,10 @@ class Importer:
             c.files += 1
             c.reused_files += 1
             c.logical += st.st_size
-            return _same_or_new(prev, self._file_entry(name, st, prev.spans, prev.ref))
+            if (prev.mode == stat.S_IMODE(st.st_mode) and prev.uid == st.st_uid and prev.gid == st.st_gid
+                    and prev.nlink == st.st_nlink):
+                return prev  # the common case, without building an equal entry to compare
+            return self._file_entry(name, st, prev.spans, prev.ref)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
             spans, ref, size = self._links[link_key]
