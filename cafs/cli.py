@@ -94,6 +94,10 @@ class Context:
         self._mirrors: list[str] = getattr(args, "source_mirrors", [])
         self.deadline = store_deadline(dict(os.environ))
 
+    def add_mirrors(self, urls: Sequence[str]) -> None:
+        """Read from these mirrors too (after those given on the command line)."""
+        self._mirrors = [*self._mirrors, *(u for u in urls if u not in self._mirrors)]
+
     def repo(self, location: str) -> Repository:
         return Repository.at(location, mirrors=self._mirrors, deadline=self.deadline)
 
@@ -493,6 +497,7 @@ class MountInfo:
     snapshot: str  # user.cafs.snapshot: REF@JID
     cache_dir: Path  # user.cafs.cache
     cache_limit: int | None  # from user.cafs.stats; None if the mount has no chunk cache
+    mirrors: tuple[str, ...]  # user.cafs.mirrors: the mount's mirror= options
 
 
 def find_mount(path: str) -> MountInfo | None:
@@ -522,8 +527,12 @@ def find_mount(path: str) -> MountInfo | None:
     except OSError:
         raise UsageError(f"{root}: this cafs mount does not say its source (an older cafs mounted it); "
                          "remount it, or give REPO#NAME and --cache") from None
+    try:
+        mirrors = tuple(os.fsdecode(os.getxattr(root, "user.cafs.mirrors")).split("\n"))
+    except OSError:
+        mirrors = ()  # none named (or an older cafs mounted it)
     limit = stats.get("cache_limit")
-    return MountInfo(root, source, snapshot, cache_dir, int(limit) if limit is not None else None)
+    return MountInfo(root, source, snapshot, cache_dir, int(limit) if limit is not None else None, mirrors)
 
 
 def prefetch_paths(base: bytes, paths: list[str], mount: MountInfo | None) -> list[bytes]:
@@ -567,6 +576,7 @@ def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
         selector, base = mount.snapshot, os.fsencode(os.path.relpath(os.path.abspath(args.target), mount.root))
         base = b"" if base == b"." else base
         ctx.cache_dir = mount.cache_dir
+        ctx.add_mirrors(mount.mirrors)
     elif "#" in args.target:
         spec = parse_spec(args.target)
         selector, base = spec.selector, spec.path

@@ -14,7 +14,9 @@ Extended attributes of the root, besides ``user.cafs.id``: ``user.cafs.snapshot`
 ``user.cafs.pid`` (the daemon's), ``user.cafs.source`` (the repository and snapshot as
 mounted: a local repository as an absolute path, a URL without user information) and
 ``user.cafs.cache`` (the host cache directory; its ``<repo id>`` subdirectory holds this
-mount's metadata and chunk cache). ``cafs prefetch MOUNTPOINT`` reads the last two.
+mount's metadata and chunk cache) and, if the mount names mirrors, ``user.cafs.mirrors``
+(one per line, local ones as absolute paths). ``cafs prefetch MOUNTPOINT`` reads the last
+three.
 
 Content ids (``user.cafs.id``): a directory's is its node id; a file's is the id of its
 single chunk (the BLAKE3 of its bytes) or, for a file of several chunks or none, the
@@ -98,9 +100,10 @@ class ReadCounters:
 class SnapshotFS:
     def __init__(self, snapshot: Snapshot, reader: NodeReader, fetcher: Fetcher, *,
                  readahead: int = 8 << 20, source: str | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, mirrors: tuple[str, ...] = ()) -> None:
         self.snapshot = snapshot
         self.source = source  # what was mounted, for user.cafs.source
+        self.mirrors = mirrors  # the mount's mirrors, for user.cafs.mirrors
         self.cache_dir = cache_dir  # the host cache directory, for user.cafs.cache
         self.readahead = readahead
         self.reader = reader
@@ -268,6 +271,8 @@ class SnapshotFS:
                 out[b"user.cafs.source"] = os.fsencode(self.source)
             if self.cache_dir is not None:
                 out[b"user.cafs.cache"] = os.fsencode(self.cache_dir)
+            if self.mirrors:
+                out[b"user.cafs.mirrors"] = os.fsencode("\n".join(self.mirrors))
         return out
 
     def content_id(self, e: Entry) -> bytes:

@@ -61,8 +61,12 @@ def recorded_source(source: str) -> str:
     """The source for ``user.cafs.source``: usable from any working directory (a local
     repository as an absolute path) and without user information in a URL."""
     repo, sep, rest = source.partition("#")
-    repo = redact(repo) if "://" in repo else str(Path(repo).absolute())
-    return repo + sep + rest
+    return recorded_repo(repo) + sep + rest
+
+
+def recorded_repo(repo: str) -> str:
+    """A repository location as recorded in the mount's xattrs (see ``recorded_source``)."""
+    return redact(repo) if "://" in repo else str(Path(repo).absolute())
 
 
 def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None:
@@ -123,7 +127,8 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
             log.warning("%s", exc)
     log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")
     return SnapshotFS(snapshot, NodeReader(repo, meta, defer_writes=True, defer_fetches=True), Fetcher(repo, cache),
-                      readahead=opts.readahead, source=recorded_source(source), cache_dir=str(cache_dir))
+                      readahead=opts.readahead, source=recorded_source(source), cache_dir=str(cache_dir),
+                      mirrors=tuple(recorded_repo(url) for url in opts.mirrors))
 
 
 def fuse_options(source: str, opts: MountOptions) -> set[str]:

@@ -203,6 +203,27 @@ def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_
             read(path)
 
 
+def test_prefetch_of_a_mountpoint_reads_its_mirrors(served, tmp_path: Path, nginx_server) -> None:
+    """``cafs prefetch MOUNTPOINT`` uses the mirrors the mount names: with the primary
+    refusing connections, the mount's cache is filled from the mirror."""
+    src, _server, proxy, www = served
+    www2 = tmp_path / "www2"
+    shutil.copytree(www, www2)
+    mirror = nginx_server(www2)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=10,"
+                 f"mirror={mirror.url}/repo", expect_warnings=True) as m:
+        assert os.getxattr(mnt, "user.cafs.mirrors").decode() == f"{mirror.url}/repo"
+        os.listdir(mnt)  # the root node, while the primary answers
+        proxy.set_mode("refuse")
+        r = run_cafs("prefetch", mnt, "--json", cache=tmp_path / "other-cache", timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert '"cached_share": 1.0' in r.stdout, r.stdout
+        assert_same_tree(src, mnt)  # every read is served from the cache the prefetch filled
+        assert m.stats()["bytes_fetched"] == 0
+
+
 def test_stalled_node_fetch_does_not_stall_the_mount(served, tmp_path: Path) -> None:
     """A listing that needs a node from a stalled store waits alone: requests that need
     no store (stat of a visited path, a cached read) answer meanwhile."""
