@@ -259,8 +259,12 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
                 f"{human_bytes(c.bytes_kept)} already there, {human_bytes(c.bytes_written / max(elapsed, 1e-9))}/s")
 
     with Progress(render):
-        extractor.extract(entry, Path(args.dest))
-    print(f"{c.files} files, {c.dirs} directories, {c.symlinks} symlinks; "
+        try:
+            extractor.extract(entry, Path(args.dest))
+        finally:
+            extractor.close()
+    links = f" ({c.links} of them hard links)" if c.links else ""
+    print(f"{c.files} files{links}, {c.dirs} directories, {c.symlinks} symlinks; "
           f"{human_bytes(c.bytes_written)} written, {human_bytes(c.bytes_kept)} already correct; "
           f"{time.monotonic() - started:.2f} s", file=sys.stderr)
     return EXIT_OK

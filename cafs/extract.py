@@ -14,6 +14,10 @@ Contract:
   after an interruption fills only what is missing or wrong. Entries present in DEST but
   not in the snapshot are left alone.
 - Holes: a run of zeros not yet on disk is not written, so sparse files stay sparse.
+- Hard links: entries that were one file with several names when imported (the same
+  inode number and link count, and equal content and attributes) become one file with
+  several names again, as the first of them extracted. Up to ``MAX_LINK_GROUPS`` such
+  files are held open at once to link to; beyond that a name gets its own copy.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from cafs.metacache import NodeReader
 from cafs.repository import Repository
 from cafs.tree import file_spans, list_dir
 
+MAX_LINK_GROUPS = 256
+
 
 @dataclass
 class ExtractCounters:
@@ -40,6 +46,7 @@ class ExtractCounters:
     symlinks: int = 0
     bytes_written: int = 0
     bytes_kept: int = 0  # already correct in DEST
+    links: int = 0  # names made hard links of a file extracted before
 
 
 class Extractor:
@@ -48,6 +55,12 @@ class Extractor:
         self.reader = reader
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
+        self._links: dict[tuple[object, ...], _LinkGroup] = {}
+
+    def close(self) -> None:
+        for group in self._links.values():
+            os.close(group.fd)
+        self._links.clear()
 
     def extract(self, entry: Entry, dest: Path) -> None:
         """Extract ``entry`` to ``dest``: a directory's contents go into ``dest``; a file or
@@ -89,7 +102,9 @@ class Extractor:
                 finally:
                     os.close(fd)
             elif entry.is_file:
-                self._write_file(dir_fd, name, entry, path)
+                group = _link_key(entry) if entry.nlink > 1 else None
+                if group is None or not self._link_file(dir_fd, name, group):
+                    self._write_file(dir_fd, name, entry, path, group)
             else:
                 self._make_symlink(dir_fd, name, entry)
         except OSError as exc:
@@ -119,7 +134,8 @@ class Extractor:
         else:
             os.unlink(name, dir_fd=dir_fd)
 
-    def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path) -> None:
+    def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path,
+                    link_key: tuple[object, ...] | None = None) -> None:
         self._clear_non_file(dir_fd, name)
         fd = self._open_for_writing(dir_fd, name)
         try:
@@ -137,9 +153,34 @@ class Extractor:
                 pos += span.length
             os.ftruncate(fd, entry.size)
             self._set_attrs(fd, entry)
+            if link_key is not None and len(self._links) < MAX_LINK_GROUPS:
+                st = os.fstat(fd)
+                self._links[link_key] = _LinkGroup(os.open(f"/proc/self/fd/{fd}", os.O_PATH),
+                                                   (st.st_dev, st.st_ino), entry.nlink - 1)
         finally:
             os.close(fd)
         self.counters.files += 1
+
+    def _link_file(self, dir_fd: int, name: bytes, key: tuple[object, ...]) -> bool:
+        """Make ``name`` a hard link of the file extracted first for ``key``; False if
+        there is none (yet)."""
+        group = self._links.get(key)
+        if group is None:
+            return False
+        st = _lstat(dir_fd, name)
+        if st is None or (st.st_dev, st.st_ino) != group.dev_ino:
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=dir_fd)
+            elif st is not None:
+                os.unlink(name, dir_fd=dir_fd)
+            os.link(f"/proc/self/fd/{group.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        group.left -= 1
+        if group.left <= 0:  # every name of it is made: nothing more will link to it
+            os.close(group.fd)
+            del self._links[key]
+        self.counters.files += 1
+        self.counters.links += 1
+        return True
 
     def _open_for_writing(self, dir_fd: int, name: bytes) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
@@ -181,6 +222,21 @@ class Extractor:
             os.chown(fd, entry.uid, entry.gid)
         os.chmod(fd, entry.mode)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+
+def _link_key(entry: Entry) -> tuple[object, ...]:
+    """What names of one imported file share: the source's inode number and link count,
+    and equal content and attributes (so names that were not links, from another
+    filesystem with the same inode number, are never joined unless they are identical)."""
+    return (entry.ino, entry.nlink, entry.size, entry.mode, entry.uid, entry.gid, entry.mtime_ns,
+            entry.spans, entry.ref)
+
+
+@dataclass
+class _LinkGroup:
+    fd: int  # an O_PATH descriptor of the file extracted first
+    dev_ino: tuple[int, int]
+    left: int  # names of it still to come
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:

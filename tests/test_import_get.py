@@ -307,6 +307,22 @@ def test_get_rerun_writes_nothing(cafs, ds: str, src: Path, tmp_path: Path) -> N
     assert_same_tree(src, tmp_path / "out")
 
 
+def test_get_restores_hard_links(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = cafs("get", ds, out)
+    assert r.code == 0, r.err
+    assert "1 of them hard links" in r.err, r.err
+    first, second = os.stat(out / "dups" / "copy0"), os.stat(out / "dups" / "hardlink")
+    assert (first.st_ino, first.st_nlink) == (second.st_ino, 2)
+    assert os.stat(out / "dups" / "copy1").st_nlink == 1  # equal bytes, but never a link
+    # a re-run keeps the link; a name that became a separate file is linked again
+    (out / "dups" / "hardlink").unlink()
+    shutil.copy2(out / "dups" / "copy0", out / "dups" / "hardlink")
+    assert cafs("get", ds, out).code == 0
+    assert os.stat(out / "dups" / "hardlink").st_ino == os.stat(out / "dups" / "copy0").st_ino
+    assert_same_tree(src, out)
+
+
 def test_get_never_follows_a_symlink_out_of_dest(cafs, ds: str, src: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
