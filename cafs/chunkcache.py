@@ -14,7 +14,10 @@ the host, and kept across remounts):
   given by a mount or ``cafs prefetch`` using the cache (absent until one records it);
   ``b"hits"``, ``b"misses"`` -> chunk loads of mounts served by the cache and fetched from
   the store, ``b"fetched"`` -> stored bytes those misses read, all summed over every mount
-  since the cache was made (added by each mount every few seconds; absent reads as 0).
+  since the cache was made (added by each mount every few seconds; absent reads as 0);
+  ``b"snapshot\0" + REPO#REF@JID`` (UTF-8, the repository as an absolute path or a URL
+  without user information) -> when a mount or ``cafs prefetch`` last used that snapshot
+  (seconds), the newest ``RECORDED_SNAPSHOTS`` kept, for ``cafs cache status``.
   Keys unknown to a reader are ignored, so adding one needs no version change.
 
 Invariants: the total never exceeds ``limit`` by more than the bytes of inserts in
@@ -53,6 +56,8 @@ _SIZE = struct.Struct(">Q")
 _SIZE_KEY = b"size"
 _LIMIT_KEY = b"limit"
 _USE_KEYS = (b"hits", b"misses", b"fetched")
+_SNAPSHOT_PREFIX = b"snapshot\0"
+RECORDED_SNAPSHOTS = 16
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
@@ -187,6 +192,37 @@ class ChunkCache:
             if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
                 raise NoSpaceError(f"cache {self.root}: no space left for its counters") from None
             raise CacheError(f"cache {self.root}: cannot record counters: {exc}") from None
+
+    def record_snapshot(self, source: str) -> None:
+        """Note that ``source`` (``REPO#REF@JID``) uses this cache, keeping the newest
+        ``RECORDED_SNAPSHOTS``. Raises CacheError (or NoSpaceError) like ``record_use``."""
+        try:
+            with self.env.begin(write=True, db=self.stat) as txn:
+                txn.put(_SNAPSHOT_PREFIX + source.encode("utf-8", "surrogateescape"), _SIZE.pack(int(time.time())))
+                recorded = self._recorded(txn)
+                for key, _when in recorded[RECORDED_SNAPSHOTS:]:
+                    txn.delete(key)
+        except lmdb.Error as exc:
+            if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
+                raise NoSpaceError(f"cache {self.root}: no space left to record a snapshot") from None
+            raise CacheError(f"cache {self.root}: cannot record a snapshot: {exc}") from None
+
+    def recorded_snapshots(self) -> list[str]:
+        """The snapshots recorded by ``record_snapshot``, most recently used first."""
+        with self.env.begin(db=self.stat) as txn:
+            return [key[len(_SNAPSHOT_PREFIX):].decode("utf-8", "surrogateescape")
+                    for key, _when in self._recorded(txn)]
+
+    def _recorded(self, txn: lmdb.Transaction) -> list[tuple[bytes, int]]:
+        out: list[tuple[bytes, int]] = []
+        cursor = txn.cursor()
+        if cursor.set_range(_SNAPSHOT_PREFIX):
+            for key, value in cursor:
+                key = bytes(key)
+                if not key.startswith(_SNAPSHOT_PREFIX):
+                    break
+                out.append((key, _SIZE.unpack(value)[0]))
+        return sorted(out, key=lambda kv: -kv[1])
 
     # -- writes ---------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from cafs.format.journal import Snapshot, check_ref_name
 from cafs.format.nodes import Entry
 from cafs.importer import ImportAborted, ImportResult, run_import
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
-from cafs.naming import find_snapshot, parse_spec
+from cafs.naming import find_snapshot, parse_spec, recorded_repo
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
 from cafs.snapinfo import diff_trees, repo_space, snapshot_space
@@ -452,21 +452,32 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
                          "extents": u.extents, "nodes": nodes, "hits": u.hits, "misses": u.misses,
                          "hit_rate": round(u.hits / loads, 4) if loads else None, "fetched_bytes": u.fetched,
                          "evicted": cache.counters.evictions if args.action == "gc" else None})
+        def share_of(text: str, repo: Repository, snap: Snapshot, path: bytes) -> dict[str, Any]:
+            p = plan(ctx.reader(repo), snap.root, [path])
+            share = cache_share(cache_of(repo.config.repo_id), p.locations)
+            return {"target": text, "snapshot": f"{snap.ref}@{snap.jid}", "path": show_path(path),
+                    "files": p.files, "chunks": share.chunks, "cached_chunks": share.cached_chunks,
+                    "stored_bytes": share.stored_bytes, "cached_bytes": share.cached_bytes,
+                    "share": round(share.fraction, 6)}
+
         shares: list[dict[str, Any]] = []
         for text, spec in zip(args.targets, specs):
             repo = repos[spec.repo]
-            reader = ctx.reader(repo)
             if spec.selector:
-                snaps = [(find_snapshot(repo, spec.selector), spec.path)]
+                shares.append(share_of(text, repo, find_snapshot(repo, spec.selector), spec.path))
             else:
-                snaps = [(repo.snapshot(name), b"") for name in repo.ref_names()]
-            for snap, path in snaps:
-                p = plan(reader, snap.root, [path])
-                share = cache_share(cache_of(repo.config.repo_id), p.locations)
-                shares.append({"target": text, "snapshot": f"{snap.ref}@{snap.jid}", "path": show_path(path),
-                               "files": p.files, "chunks": share.chunks, "cached_chunks": share.cached_chunks,
-                               "stored_bytes": share.stored_bytes, "cached_bytes": share.cached_bytes,
-                               "share": round(share.fraction, 6)})
+                shares.extend(share_of(text, repo, repo.snapshot(name), b"") for name in repo.ref_names())
+        if args.action == "status" and not args.targets:
+            # the snapshots mounts and prefetches used lately: their repositories may be
+            # remote, or gone, so each one that cannot be looked at says why
+            for root in roots:
+                for text in cache_of(root.name).recorded_snapshots():
+                    try:
+                        spec = parse_spec(text)
+                        repo = ctx.repo(spec.repo)
+                        shares.append(share_of(text, repo, find_snapshot(repo, spec.selector), spec.path))
+                    except CafsError as exc:
+                        shares.append({"target": text, "error": str(exc)})
     finally:
         for cache in caches.values():
             cache.close()
@@ -482,6 +493,9 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
         print(f"{d['repo_id'][:16]}: {human_bytes(d['size'])} of chunks in {d['extents']} extent(s) ({limit}), "
               f"{d['nodes']} node(s); {use}" + (f"; evicted {d['evicted']}" if d["evicted"] is not None else ""))
     for sh in shares:
+        if "error" in sh:
+            print(f"{sh['target']}: cannot tell how much is cached: {sh['error']}")
+            continue
         where = sh["snapshot"] + (f":{sh['path']}" if sh["path"] != "." else "")
         print(f"{where}: {percent(sh['cached_chunks'], sh['chunks'], sh['share'])} cached ({human_bytes(sh['cached_bytes'])} of "
               f"{human_bytes(sh['stored_bytes'])}, {sh['cached_chunks']} of {sh['chunks']} chunks)")
@@ -625,8 +639,9 @@ def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
         after = cache_share(cache, p.locations)
         try:
             cache.record_use()
+            cache.record_snapshot(f"{recorded_repo(spec.repo)}#{snap.ref}@{snap.jid}")
         except CafsError:
-            pass  # the limit is a hint for later commands
+            pass  # the limit and the snapshot are hints for later commands
     finally:
         cache.close()
     rate = r.fetched_bytes / r.seconds if r.seconds > 0 else 0.0

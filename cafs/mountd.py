@@ -37,10 +37,9 @@ from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
 from cafs.metacache import MetaCache, MetaCacheError, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
-from cafs.naming import find_snapshot, parse_spec
+from cafs.naming import find_snapshot, parse_spec, recorded_repo, recorded_source
 from cafs.repository import Repository
 from cafs.stores import LocalStore
-from cafs.stores.access import redact
 
 log = logging.getLogger("cafs.mount")
 
@@ -55,18 +54,6 @@ def display_source(source: str) -> str:
         host, slash, path = rest.partition("/")
         shown = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
     return shown.replace(",", "_").replace(" ", "_")
-
-
-def recorded_source(source: str) -> str:
-    """The source for ``user.cafs.source``: usable from any working directory (a local
-    repository as an absolute path) and without user information in a URL."""
-    repo, sep, rest = source.partition("#")
-    return recorded_repo(repo) + sep + rest
-
-
-def recorded_repo(repo: str) -> str:
-    """A repository location as recorded in the mount's xattrs (see ``recorded_source``)."""
-    return redact(repo) if "://" in repo else str(Path(repo).absolute())
 
 
 def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None:
@@ -123,6 +110,7 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
         stack.callback(cache.close)
         try:
             cache.record_use()  # the limit, for cafs cache status and cafs prefetch
+            cache.record_snapshot(f"{recorded_repo(spec.repo)}#{snapshot.ref}@{snapshot.jid}")
         except CafsError as exc:
             log.warning("%s", exc)
     log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")

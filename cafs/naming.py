@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cafs.errors import ListingUnavailable, RefError, UsageError
 from cafs.format.journal import Snapshot, check_ref_name
 from cafs.repository import Repository
+from cafs.stores.access import redact
 
 _HEX = re.compile(r"[0-9a-f]{8,64}")
 
@@ -62,3 +64,16 @@ def _by_root_id(repo: Repository, selector: str) -> Snapshot:
     if selector not in repo.ref_names():
         raise RefError(f"{repo.url}: no snapshot with root id {selector!r} and no ref of that name")
     return repo.snapshot(check_ref_name(selector))
+
+
+def recorded_source(source: str) -> str:
+    """A source as recorded for later use (the mount's ``user.cafs.source``, the cache's
+    list of snapshots): usable from any working directory (a local repository as an
+    absolute path) and without user information in a URL."""
+    repo, sep, rest = source.partition("#")
+    return recorded_repo(repo) + sep + rest
+
+
+def recorded_repo(repo: str) -> str:
+    """A repository location as ``recorded_source`` records it."""
+    return redact(repo) if "://" in repo else str(Path(repo).absolute())

@@ -117,6 +117,26 @@ def test_cache_status_reports_the_snapshot_fully_cached(dataset: Dataset, warm: 
     assert share["cached_chunks"] == share["chunks"] == warm.first["chunks"]
 
 
+def test_cache_status_without_names_shows_the_snapshots_used(dataset: Dataset, warm: Warm,
+                                                            tmp_path: Path) -> None:
+    doc = status(warm.cache)
+    (share,) = doc["snapshots"]
+    assert share["snapshot"] == "snap@1" and share["share"] == 1.0
+    assert share["target"] == f"{dataset.repo.absolute()}#snap@1"
+    text = cafs("cache", "status", "--cache", warm.cache)
+    assert "snap@1: 100" in text.out, text.out
+    # a recorded repository that has gone away is named, and the rest still shown
+    gone = tmp_path / "gone"
+    shutil.copytree(dataset.repo, gone)
+    r = cafs("prefetch", f"{gone}#snap", "--cache", warm.cache, "--json").json()
+    assert r["fetched_bytes"] == 0
+    shutil.rmtree(gone)
+    doc = status(warm.cache)
+    by_target = {sh["target"]: sh for sh in doc["snapshots"]}
+    assert by_target[f"{dataset.repo.absolute()}#snap@1"]["share"] == 1.0
+    assert "error" in by_target[f"{gone}#snap@1"]
+
+
 def test_second_prefetch_fetches_nothing(dataset: Dataset, warm: Warm) -> None:
     r = cafs("prefetch", dataset.source, "--cache", warm.cache, "--json").json()
     assert r["fetched_bytes"] == r["fetched_chunks"] == r["runs"] == 0
