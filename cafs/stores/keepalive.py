@@ -37,6 +37,7 @@ MAX_LINE = 64 << 10
 MAX_HEADERS = 200
 MAX_BODY = 1 << 32
 READ_BUFFER = 64 << 10
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _Broken(Exception):
@@ -80,7 +81,7 @@ class KeepAliveGets:
             conn, reused = self._connection(what)
             try:
                 conn.sock.sendall(request)
-                status, body, will_close = _response(conn.rfile)
+                status, body, will_close = _response(conn.rfile, conn.sock)
             except ssl.SSLCertVerificationError as exc:
                 self._drop()
                 raise StoreError(f"{what}: TLS failed: {exc.verify_message or exc}") from None
@@ -128,10 +129,11 @@ class _Closed(Exception):
     """The server closed the connection before the response began."""
 
 
-def _response(rfile: io.BufferedReader) -> tuple[int, bytes, bool]:
+def _response(rfile: io.BufferedReader, sock: socket.socket) -> tuple[int, bytes, bool]:
     """Read one response to a GET: ``(status, body, whether the connection closes)``."""
     while True:
         line = _line(rfile, first=True)
+        _ack_now(sock)
         version, _, rest = line.partition(b" ")
         code = rest[:3]
         if not version.startswith(b"HTTP/1.") or not code.isdigit():
@@ -149,6 +151,21 @@ def _response(rfile: io.BufferedReader) -> tuple[int, bytes, bool]:
     if length is None:
         return status, _read(rfile, None), True
     return status, _read(rfile, length), bool(close)
+
+
+def _ack_now(sock: socket.socket) -> None:
+    """Acknowledge what has arrived at once instead of after the delayed-ACK timer.
+
+    A server that sends a response corked (nginx's ``tcp_nopush on``, Debian's default)
+    and then uncorks with Nagle's algorithm on holds the response's last partial segment
+    until its previous one is acknowledged; a client that received a single full segment
+    delays that acknowledgement by 40 ms. On loopback every response of one to two
+    segments (64-128 KiB) waited so: 38 ms instead of 0.2 ms."""
+    if _QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass  # a hint; the response still arrives
 
 
 def _headers(rfile: io.BufferedReader) -> tuple[int | None, bool, bool | None]:
