@@ -162,7 +162,10 @@ class Importer:
                 top = stack[-1]
                 if top.pos == len(top.names):
                     stack.pop()
-                    entry = self._finish_dir(top)
+                    try:
+                        entry = self._finish_dir(top)
+                    finally:
+                        os.close(top.fd)
                     if stack:
                         stack[-1].entries.append(entry)
                         stack[-1].subdirs += 1

@@ -403,3 +403,24 @@ def test_hundred_thousand_files(cafs, repo: Path, fast_dir: Path) -> None:
     r = cafs("get", f"{repo}#many", fast_dir / "out")
     assert r.code == 0, r.err
     assert_same_tree(src, fast_dir / "out")
+
+
+def test_import_of_more_directories_than_open_files_allowed(cafs_proc, repo: Path, tmp_path: Path) -> None:
+    """Each directory's descriptor is closed when the walk leaves it: a tree of more
+    directories than the process may hold open (1024 by default) imports."""
+    import resource
+
+    src = tmp_path / "many"
+    for i in range(300):
+        (src / f"d{i:03d}" / "sub").mkdir(parents=True)
+        (src / f"d{i:03d}" / "sub" / "f").write_bytes(b"%d" % i)
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    r = cafs_proc("import", src, repo, "--name", "many", "--no-progress", preexec_fn=few_files)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    r = cafs_proc("get", f"{repo}#many", out)
+    assert r.returncode == 0, r.stderr
+    assert_same_tree(src, out)
