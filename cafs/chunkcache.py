@@ -42,7 +42,9 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,7 @@ _USE_KEYS = (b"hits", b"misses", b"fetched")
 _SNAPSHOT_PREFIX = b"snapshot\0"
 RECORDED_SNAPSHOTS = 16
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+MAX_OPEN_PACKS = 256  # cache files kept open between uses
 
 
 class CacheError(CafsError):
@@ -98,7 +101,7 @@ class ChunkCache:
         self.counters = CacheCounters()
         self._touched: dict[bytes, int] = {}
         self._lock = threading.Lock()
-        self._fds: dict[bytes, int] = {}
+        self._fds: OrderedDict[bytes, _OpenPack] = OrderedDict()  # least recently used first
 
     # -- files ----------------------------------------------------------------------
 
@@ -106,34 +109,60 @@ class ChunkCache:
         h = pack.hex()
         return self.root / "data" / h[:2] / h
 
-    def _fd(self, pack: bytes, create: bool) -> int | None:
+    @contextmanager
+    def _pack_file(self, pack: bytes, create: bool) -> Iterator[int | None]:
+        """The descriptor of a pack's cache file (None if it does not exist and
+        ``create`` is false), held open for the block: at most ``MAX_OPEN_PACKS`` stay
+        open between uses, and one another thread is using is closed only after it."""
         with self._lock:
-            fd = self._fds.get(pack)
-            if fd is not None:
-                return fd
-            path = self._path(pack)
-            try:
-                if create:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            entry = self._fds.get(pack)
+            if entry is None:
+                fd = self._open_pack(pack, create)
+                if fd is None:
+                    entry = None
                 else:
-                    fd = os.open(path, os.O_RDWR)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise NoSpaceError(f"cache {self.root}: no space left on device") from None
-                raise
-            if len(self._fds) > 256:
-                os.close(self._fds.pop(next(iter(self._fds))))
-            self._fds[pack] = fd
-            return fd
+                    entry = self._fds[pack] = _OpenPack(fd)
+                    while len(self._fds) > MAX_OPEN_PACKS:
+                        _, old = self._fds.popitem(last=False)
+                        old.evicted = True
+                        if not old.users:
+                            os.close(old.fd)
+            else:
+                self._fds.move_to_end(pack)
+            if entry is not None:
+                entry.users += 1
+        if entry is None:
+            yield None
+            return
+        try:
+            yield entry.fd
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.evicted and not entry.users:
+                    os.close(entry.fd)
+
+    def _open_pack(self, pack: bytes, create: bool) -> int | None:
+        path = self._path(pack)
+        try:
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            return os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"cache {self.root}: no space left on device") from None
+            raise
 
     def close(self) -> None:
         self.flush_touches()
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for entry in self._fds.values():
+                entry.evicted = True
+                if not entry.users:
+                    os.close(entry.fd)
             self._fds.clear()
 
     # -- reads ----------------------------------------------------------------------
@@ -145,10 +174,10 @@ class ChunkCache:
             value = txn.get(key)
         if value is None or _EXTENT.unpack(value)[0] != length:
             return None
-        fd = self._fd(pack, create=False)
-        if fd is None:
-            return None
-        data = os.pread(fd, length, offset)
+        with self._pack_file(pack, create=False) as fd:
+            if fd is None:
+                return None
+            data = os.pread(fd, length, offset)
         if len(data) != length:
             return None
         self._touched[key] = int(time.time())
@@ -229,14 +258,14 @@ class ChunkCache:
     def insert(self, pack: bytes, offset: int, stored: bytes | memoryview, pieces: list[tuple[int, int]]) -> None:
         """Write ``stored`` (the pack bytes at ``offset``) and record ``pieces`` (extents
         ``(offset, length)`` inside it) as cached. Raises NoSpaceError if the disk is full."""
-        fd = self._fd(pack, create=True)
-        assert fd is not None
         try:
-            view = memoryview(stored)
-            pos = offset
-            while view:
-                n = os.pwrite(fd, view, pos)
-                view, pos = view[n:], pos + n
+            with self._pack_file(pack, create=True) as fd:
+                assert fd is not None
+                view = memoryview(stored)
+                pos = offset
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view, pos = view[n:], pos + n
         except OSError as exc:
             self.counters.insert_failures += 1
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -318,13 +347,22 @@ class ChunkCache:
         self.counters.evicted_bytes += sum(v[1] for v in victims)
 
     def _punch(self, pack: bytes, offset: int, length: int) -> None:
-        fd = self._fd(pack, create=False)
-        if fd is None:
-            return
-        try:
-            _fallocate(fd, _FALLOC_PUNCH, offset, length)
-        except OSError:
-            pass  # the extent is already forgotten; a later read refetches
+        with self._pack_file(pack, create=False) as fd:
+            if fd is None:
+                return
+            try:
+                _fallocate(fd, _FALLOC_PUNCH, offset, length)
+            except OSError:
+                pass  # the extent is already forgotten; a later read refetches
+
+
+class _OpenPack:
+    __slots__ = ("fd", "users", "evicted")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0  # threads between taking and giving back the descriptor
+        self.evicted = False  # out of the table: closed when the last user is done
 
 
 @functools.cache

@@ -1,0 +1,59 @@
+"""ChunkCache under concurrency: with more packs in use than it keeps open, a descriptor
+one thread is reading or writing through is never closed (and its number reused for
+another pack's file) under it."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+
+from cafs import chunkcache
+from cafs.chunkcache import ChunkCache
+from cafs.metacache import MetaCache
+
+PACKS = 24
+EXTENTS = 40
+SIZE = 4096
+
+
+def content(pack: int, i: int) -> bytes:
+    return hashlib.sha256(b"%d:%d" % (pack, i)).digest() * (SIZE // 32)
+
+
+def test_threads_over_more_packs_than_open_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunkcache, "MAX_OPEN_PACKS", 2)
+    meta = MetaCache(tmp_path / "cache")
+    cache = ChunkCache(tmp_path / "cache", meta.env, 1 << 40)
+    packs = [bytes([p]) * 32 for p in range(PACKS)]
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        try:
+            for round_ in range(EXTENTS):
+                for k in range(PACKS):
+                    p = (k * 7 + seed) % PACKS
+                    i = (round_ + seed) % EXTENTS
+                    cache.insert(packs[p], i * SIZE, content(p, i), [(i * SIZE, SIZE)])
+                    got = cache.read(packs[p], i * SIZE, SIZE)
+                    if got != content(p, i):
+                        errors.append(f"pack {p} extent {i}: wrong bytes")
+                        return
+        except OSError as exc:
+            errors.append(f"{exc}")
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        for p in range(PACKS):  # and every file holds what was written to it
+            for i in range(EXTENTS):
+                assert cache.read(packs[p], i * SIZE, SIZE) in (None, content(p, i))
+    finally:
+        cache.close()
+        meta.close()
