@@ -26,6 +26,7 @@ import errno
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,21 +102,61 @@ class Extractor:
                     self._set_attrs(fd, entry)
                 finally:
                     os.close(fd)
-            elif entry.is_file:
-                group = _link_key(entry) if entry.nlink > 1 else None
-                if group is None or not self._link_file(dir_fd, name, group):
-                    self._write_file(dir_fd, name, entry, path, group)
             else:
-                self._make_symlink(dir_fd, name, entry)
+                self._extract_leaf(dir_fd, name, entry, path)
         except OSError as exc:
             raise _os_error(exc, path) from None
 
+    def _extract_leaf(self, dir_fd: int, name: bytes, entry: Entry, path: Path) -> None:
+        if entry.is_file:
+            group = _link_key(entry) if entry.nlink > 1 else None
+            if group is None or not self._link_file(dir_fd, name, group):
+                self._write_file(dir_fd, name, entry, path, group)
+        else:
+            self._make_symlink(dir_fd, name, entry)
+
     def _fill_dir(self, fd: int, d: Entry, where: Path) -> None:
+        """Extract what ``d`` holds into the open directory ``fd`` (whose own attributes
+        the caller sets). Iterative, with one open descriptor per level: a tree may be
+        deeper than Python's recursion limit."""
+        self._enter_dir(fd)
+        stack: list[tuple[int, Entry, Path, Iterator[Entry]]] = [(fd, d, where, iter(list_dir(self.reader, d)))]
+        try:
+            while stack:
+                dir_fd, _entry, dir_path, children = stack[-1]
+                child = next(children, None)
+                if child is None:
+                    stack.pop()
+                    if stack:  # a subdirectory is complete: its attributes last
+                        try:
+                            self._set_attrs(dir_fd, _entry)
+                        except OSError as exc:
+                            raise _os_error(exc, dir_path) from None
+                        finally:
+                            os.close(dir_fd)
+                    continue
+                path = dir_path / os.fsdecode(child.name)
+                try:
+                    if child.is_dir:
+                        sub = self._make_dir(dir_fd, child.name)
+                        try:
+                            self._enter_dir(sub)
+                            stack.append((sub, child, path, iter(list_dir(self.reader, child))))
+                        except BaseException:
+                            os.close(sub)
+                            raise
+                    else:
+                        self._extract_leaf(dir_fd, child.name, child, path)
+                except OSError as exc:
+                    raise _os_error(exc, path) from None
+        finally:
+            for dir_fd, *_ in stack[1:]:
+                os.close(dir_fd)
+
+    def _enter_dir(self, fd: int) -> None:
         self.counters.dirs += 1
         if not self.as_root:
             os.chmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRWXU)
-        for child in list_dir(self.reader, d):
-            self._extract_entry(fd, child.name, child, where)
 
     def _make_dir(self, dir_fd: int, name: bytes) -> int:
         st = _lstat(dir_fd, name)

@@ -28,15 +28,16 @@ def _content_key(reader: NodeReader, e: Entry) -> object:
 
 def diff_trees(reader: NodeReader, a: Entry, b: Entry, prefix: bytes = b"") -> Iterator[tuple[str, bytes]]:
     """``(mark, path)`` for every difference: ``+`` added, ``-`` removed, ``M`` changed
-    (content, type, mode, owner, or a file's or symlink's mtime). Subtrees whose node ids
-    are equal are skipped without being read."""
-    if a.ref is not None and b.ref is not None and a.ref.id == b.ref.id:
-        return
-    old = {e.name: e for e in list_dir(reader, a)}
-    new = {e.name: e for e in list_dir(reader, b)}
-    for name in sorted(old.keys() | new.keys()):
-        path = _join(prefix, name)
-        ea, eb = old.get(name), new.get(name)
+    (content, type, mode, owner, or a file's or symlink's mtime), in path order.
+    Subtrees whose node ids are equal are skipped without being read. Iterative: a
+    tree may be deeper than Python's recursion limit."""
+    stack = [_dir_pairs(reader, a, b, prefix)]
+    while stack:
+        pair = next(stack[-1], None)
+        if pair is None:
+            stack.pop()
+            continue
+        path, ea, eb = pair
         if eb is None:
             assert ea is not None
             yield from (("-", p) for p, _ in walk(reader, ea, path))
@@ -48,10 +49,21 @@ def diff_trees(reader: NodeReader, a: Entry, b: Entry, prefix: bytes = b"") -> I
         elif ea.is_dir:
             if (ea.mode, ea.uid, ea.gid) != (eb.mode, eb.uid, eb.gid):
                 yield "M", path
-            yield from diff_trees(reader, ea, eb, path)
+            stack.append(_dir_pairs(reader, ea, eb, path))
         elif ((ea.mode, ea.uid, ea.gid, ea.mtime_ns, ea.size) != (eb.mode, eb.uid, eb.gid, eb.mtime_ns, eb.size)
               or _content_key(reader, ea) != _content_key(reader, eb)):
             yield "M", path
+
+
+def _dir_pairs(reader: NodeReader, a: Entry, b: Entry,
+               prefix: bytes) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+    """``(path, entry in a, entry in b)`` for every name in either directory, in name
+    order; nothing if their nodes are the same."""
+    if a.ref is not None and b.ref is not None and a.ref.id == b.ref.id:
+        return iter(())
+    old = {e.name: e for e in list_dir(reader, a)}
+    new = {e.name: e for e in list_dir(reader, b)}
+    return ((_join(prefix, name), old.get(name), new.get(name)) for name in sorted(old.keys() | new.keys()))
 
 
 @dataclass

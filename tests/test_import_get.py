@@ -424,3 +424,41 @@ def test_import_of_more_directories_than_open_files_allowed(cafs_proc, repo: Pat
     r = cafs_proc("get", f"{repo}#many", out)
     assert r.returncode == 0, r.stderr
     assert_same_tree(src, out)
+
+
+def _deep(root: Path, depth: int, content: bytes) -> None:
+    """``root/d/d/.../d/f`` with ``depth`` directories: made through descriptors, since
+    the path is longer than Python's recursion (os.makedirs) allows."""
+    root.mkdir(exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            try:
+                os.mkdir("d", dir_fd=fd)
+            except FileExistsError:
+                pass
+            sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        f = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
+        os.write(f, content)
+        os.close(f)
+    finally:
+        os.close(fd)
+
+
+def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, tmp_path: Path) -> None:
+    depth = sys.getrecursionlimit() + 200
+    src = tmp_path / "deep"
+    _deep(src, depth, b"first")
+    assert cafs("import", src, repo, "--name", "deep", "--no-progress").code == 0
+    _deep(src, depth, b"second")
+    assert cafs("import", src, repo, "--name", "deep", "--no-progress").code == 0
+    r = cafs("get", f"{repo}#deep", tmp_path / "out")
+    assert r.code == 0, r.err
+    _deep(tmp_path / "expected", depth, b"second")
+    r = subprocess.run(["diff", "-r", tmp_path / "expected", tmp_path / "out"], capture_output=True)
+    assert r.returncode == 0, r.stdout[-300:]
+    r = cafs("diff", f"{repo}#deep@1", f"{repo}#deep@2")
+    assert r.code == 0 and r.out.count("\n") == 1 and r.out.startswith("M d/d/"), r.out[-200:]
+    assert r.out.rstrip().endswith("/d/f")
