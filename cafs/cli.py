@@ -469,13 +469,22 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
                 shares.extend(share_of(text, repo, repo.snapshot(name), b"") for name in repo.ref_names())
         if args.action == "status" and not args.targets:
             # the snapshots mounts and prefetches used lately: their repositories may be
-            # remote, or gone, so each one that cannot be looked at says why
+            # remote, or gone, so each one that cannot be looked at says why (a repository
+            # that cannot be opened is tried once, however many of its snapshots are listed)
+            opened: dict[str, Repository | CafsError] = {}
             for root in roots:
                 for text in cache_of(root.name).recorded_snapshots():
                     try:
                         spec = parse_spec(text)
-                        repo = ctx.repo(spec.repo)
-                        shares.append(share_of(text, repo, find_snapshot(repo, spec.selector), spec.path))
+                        if spec.repo not in opened:
+                            try:
+                                opened[spec.repo] = ctx.repo(spec.repo)
+                            except CafsError as exc:
+                                opened[spec.repo] = exc
+                        got = opened[spec.repo]
+                        if isinstance(got, CafsError):
+                            raise got
+                        shares.append(share_of(text, got, find_snapshot(got, spec.selector), spec.path))
                     except CafsError as exc:
                         shares.append({"target": text, "error": str(exc)})
     finally:
