@@ -26,7 +26,17 @@ DECODED_NODES = 4096
 
 
 class MetaCacheError(CafsError):
-    """The local metadata cache cannot be opened or written."""
+    """The local metadata cache cannot be opened or written. ``damaged``: its file is
+    there but is not a sound LMDB file (as opposed to a directory that cannot be
+    written, which moving the file aside would not mend)."""
+
+    def __init__(self, message: str, *, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
+
+
+_DAMAGED = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError, lmdb.PanicError,
+            lmdb.PageNotFoundError, lmdb.IncompatibleError)
 
 
 def default_cache_dir(env: dict[str, str]) -> Path:
@@ -47,7 +57,8 @@ class MetaCache:
             self.env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
                                  subdir=True, readahead=False, metasync=False, sync=False)
         except (OSError, lmdb.Error) as exc:
-            raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}") from None
+            raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
+                                 damaged=isinstance(exc, _DAMAGED)) from None
         self.nodes_db = self.env.open_db(b"nodes")
 
     def close(self) -> None:

@@ -64,15 +64,24 @@ def check_source(source: str, opts: MountOptions) -> None:
 def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
     read_fd, write_fd = os.pipe()
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / "mountd.stderr", "ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), source, str(mountpoint),
-             "-o", format_options(opts)],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-            start_new_session=True, close_fds=True,
-        )
-    os.close(write_fd)
+    try:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            err = open(cache_dir / "mountd.stderr", "ab")
+        except OSError as exc:
+            raise MountError(f"cache directory {cache_dir}: cannot use it: {exc.strerror or exc}") from None
+        with err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), source, str(mountpoint),
+                 "-o", format_options(opts)],
+                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True, close_fds=True,
+            )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
     try:
         message = _read_line(read_fd, READY_TIMEOUT)
     finally:

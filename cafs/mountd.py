@@ -96,6 +96,8 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
         meta = MetaCache(cache_root)
     except MetaCacheError as exc:
         # everything in the cache can be fetched again: a damaged one must not stop a mount
+        if not exc.damaged:
+            raise
         aside = cache_root / f"meta.lmdb.damaged-{int(time.time())}"
         log.warning("%s; moving it to %s and starting an empty cache", exc, aside)
         os.replace(cache_root / "meta.lmdb", aside)

@@ -640,6 +640,44 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         unmount(target, mountd_pids(target))
 
 
+def _repo_id(dataset: Dataset) -> str:
+    return Repository.open(open_store(str(dataset.repo))).config.repo_id
+
+
+@pytest.mark.parametrize("foreground", [False, True])
+@pytest.mark.parametrize("case", ["cache under a file", "cache subdirectory is a file"])
+def test_unusable_cache_directory_is_a_clear_error(dataset: Dataset, tmp_path: Path, case: str,
+                                                    foreground: bool) -> None:
+    point = new_mountpoint(tmp_path)
+    (tmp_path / "afile").write_bytes(b"not a directory")
+    if case == "cache under a file":
+        cache, says = tmp_path / "afile" / "cache", "cache"
+    else:
+        cache, says = tmp_path / "cache", "metadata cache"
+        cache.mkdir()
+        (cache / _repo_id(dataset)).write_bytes(b"where the repository's cache goes")
+    options = f"cache={cache}"
+    args = [sys.executable, "-m", "cafs.mount_helper", dataset.source, str(point), "-o", options]
+    r = subprocess.run(args + (["-f"] if foreground else []), capture_output=True, text=True,
+                       timeout=120, check=False, env=env())
+    try:
+        assert r.returncode == 32, r.stderr
+        assert says in _one_line(r.stderr) and "Traceback" not in r.stderr
+        assert cafs_mounts(tmp_path) == []
+    finally:
+        unmount(point, mountd_pids(point))
+
+
+def test_a_damaged_metadata_cache_is_set_aside(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    meta = cache / _repo_id(dataset) / "meta.lmdb"
+    meta.mkdir(parents=True)
+    (meta / "data.mdb").write_bytes(os.urandom(64 << 10))
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(cache), expect_warnings=True) as m:
+        assert_same_tree(dataset.src, m.path, symlink_mtimes=True)
+    assert list((cache / _repo_id(dataset)).glob("meta.lmdb.damaged-*"))
+
+
 def test_mount_on_a_busy_mountpoint_fails(dataset: Dataset, tmp_path: Path) -> None:
     point = new_mountpoint(tmp_path)
     with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
