@@ -447,8 +447,21 @@ def _deep(root: Path, depth: int, content: bytes) -> None:
         os.close(fd)
 
 
-def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def deep_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for deep trees, removed with rm -rf afterwards: pytest's own clean-up
+    (shutil.rmtree) recurses, and would fail on them in a later session."""
+    top = tmp_path / "deep-trees"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        subprocess.run(["rm", "-rf", str(top)], check=True)
+
+
+def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, deep_dir: Path) -> None:
     depth = sys.getrecursionlimit() + 200
+    tmp_path = deep_dir
     src = tmp_path / "deep"
     _deep(src, depth, b"first")
     assert cafs("import", src, repo, "--name", "deep", "--no-progress").code == 0
