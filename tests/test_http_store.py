@@ -227,3 +227,83 @@ def test_server_without_listings_serves_named_snapshots(nginx_server, tmp_path: 
     (repo / "refs" / "ds" / "latest").unlink()
     r = run_cafs("ls", f"{url}#ds", cache=other)
     assert r.returncode != 0 and "ds" in r.stderr
+
+
+class _Redirector:
+    """An HTTP server on 127.0.0.1 that answers every request with ``status`` and a
+    ``Location`` on ``target`` (same path and query), ``hops`` times through itself
+    first; records the Authorization headers it saw."""
+
+    def __init__(self, target: str, status: int = 302, hops: int = 0) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.seen_auth: list[str | None] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _redirect(self) -> None:
+                outer.seen_auth.append(self.headers.get("Authorization"))
+                path, _, hop = self.path.partition("?hop=")
+                n = int(hop or 0)
+                where = (f"http://127.0.0.1:{outer.port}{path}?hop={n + 1}" if n < hops
+                         else f"{target}{path}")
+                self.send_response(status)
+                self.send_header("Location", where)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = do_PUT = _redirect
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_reads_follow_redirects_and_leave_credentials_behind(nginx_server, tmp_path: Path) -> None:
+    server = nginx_server()
+    src = make_tree(tmp_path / "src")
+    cache = tmp_path / "cache"
+    assert run_cafs("init", server.url + "/repo", *SMALL, cache=cache).returncode == 0
+    r = run_cafs("import", src, server.url + "/repo", "--name", "ds", "--no-progress", cache=cache)
+    assert r.returncode == 0, r.stderr
+    front = _Redirector(server.url, status=307, hops=2)
+    try:
+        url = front.url + "/repo"
+        r = _cafs(["get", f"{url}#ds", str(tmp_path / "out")], tmp_path / "cache2", {"CAFS_TOKEN": "tok-front-3"})
+        assert r.returncode == 0, r.stderr
+        assert_same_tree(src, tmp_path / "out")
+        assert front.seen_auth and set(front.seen_auth) == {"Bearer tok-front-3"}
+        r = _cafs(["import", str(src), url, "--name", "ds2", "--no-progress"], tmp_path / "cache3", {})
+        assert r.returncode != 0 and "302" not in r.stderr and "307" in r.stderr, r.stderr
+    finally:
+        front.close()
+    # credentials stay with the host they are for: a server behind the redirect that
+    # wants the same token does not get it
+    guarded = nginx_server(bearer_token="tok-front-3")
+    front = _Redirector(guarded.url)
+    try:
+        r = _cafs(["snapshots", front.url + "/repo"], tmp_path / "cache4", {"CAFS_TOKEN": "tok-front-3"})
+        assert r.returncode != 0 and "access denied" in r.stderr and "401" in r.stderr, r.stderr
+        assert "tok-front-3" not in r.stderr
+    finally:
+        front.close()
+    loop = _Redirector("http://127.0.0.1:1", hops=100)
+    try:
+        store = HttpStore(loop.url + "/repo", RemoteAccess(), timeout=5)
+        with pytest.raises(StoreError, match="more than 5 redirects"):
+            store.get("config")
+    finally:
+        loop.close()

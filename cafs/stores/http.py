@@ -4,7 +4,9 @@ Reads need nothing but a static web server: ``get`` is a GET with a ``Range`` he
 (a server that ignores ranges still works, at the cost of whole-object transfers), and
 ``list`` reads the server's directory index of ``PREFIX/`` — nginx's
 ``autoindex_format json`` (names, types and sizes in one request), or any HTML index
-whose links name the entries (sizes then come from HEAD requests).
+whose links name the entries (sizes then come from HEAD requests). A read the server
+redirects (3xx with ``Location``) is made again following up to ``MAX_REDIRECTS``
+redirects, without the credentials when one leads to another host.
 
 Without a directory index (nginx without ``autoindex``: 403 for a directory URL), ``list``
 raises ``ListingUnavailable``; the repository then finds a ref's snapshots from its
@@ -39,7 +41,7 @@ from html.parser import HTMLParser
 from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError, SSLError
+from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError, SSLError
 
 from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable
 from cafs.stores.access import RemoteAccess
@@ -47,6 +49,8 @@ from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.keepalive import KeepAliveGets
 
 log = logging.getLogger("cafs.stores.http")
+_REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
 
 DEFAULT_TIMEOUT = 10.0  # per request and per socket operation; cafs.sources adds a deadline
 LIST_THREADS = 8
@@ -80,6 +84,9 @@ class HttpStore:
             end = "" if length is None else str(offset + length - 1)
             headers["Range"] = f"bytes={offset}-{end}"
         status, data = self._gets.get(self._path + key, headers, where)
+        if status in _REDIRECTS:
+            resp = self._request("GET", where, headers=headers)
+            status, data = resp.status, resp.data
         if status == 416:
             raise StoreError(f"{where}: range {offset}+{length} lies past the end of the object: truncated?")
         self._expect(status, where, (200, 206))
@@ -134,9 +141,19 @@ class HttpStore:
 
     def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
                  body: bytes | None = None) -> urllib3.BaseHTTPResponse:
+        """One request; a GET or HEAD follows up to ``MAX_REDIRECTS`` redirects (urllib3
+        drops the credentials when one leads to another host), a write follows none."""
+        reads = method in ("GET", "HEAD")
+        retries = urllib3.Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
+                                redirect=MAX_REDIRECTS, raise_on_redirect=True,
+                                raise_on_status=False) if reads else False
         try:
             return self._pool.request(method, url, headers=headers if headers is not None else self._headers,
-                                      body=body, redirect=False)
+                                      body=body, redirect=reads, retries=retries)
+        except MaxRetryError as exc:
+            if isinstance(exc.reason, ResponseError):
+                raise StoreError(f"{url}: more than {MAX_REDIRECTS} redirects") from None
+            raise StoreUnavailable(f"{url}: {method} failed: {_reason(exc)}") from None
         except SSLError as exc:
             raise StoreError(f"{url}: TLS failed: {_reason(exc)}") from None
         except HTTPError as exc:
