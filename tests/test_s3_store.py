@@ -580,3 +580,135 @@ def test_cli_end_to_end(moto: Moto, tmp_path: Path) -> None:
     run("fsck", repo, "--read-data")
     packs = S3Store(repo, moto.settings()).list("packs/")
     assert sum(1 for _ in packs) > 3
+
+
+# -- credentials from the instance (IMDSv2) or the container (ECS) ---------------------------
+
+
+class FakeMetadata:
+    """IMDSv2 and an ECS credentials endpoint on 127.0.0.1, handing out ``creds``: a session
+    token is required for IMDS reads, the authorization token for ECS. ``fail`` makes
+    every request answer 500; ``fetches`` counts credential documents served."""
+
+    def __init__(self, creds: Credentials, expires_in: float = 3600.0) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.creds, self.expires_in, self.fail, self.fetches = creds, expires_in, False, 0
+
+        def document() -> bytes:
+            outer.fetches += 1
+            expiry = datetime.fromtimestamp(time.time() + outer.expires_in, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return json.dumps({"Code": "Success", "AccessKeyId": outer.creds.access_key_id,
+                               "SecretAccessKey": outer.creds.secret_access_key,
+                               "Token": outer.creds.session_token, "Expiration": expiry}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: bytes = b"") -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self) -> None:
+                if outer.fail or self.path != "/latest/api/token" \
+                        or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    return self._answer(500 if outer.fail else 400)
+                self._answer(200, b"imds-session-token")
+
+            def do_GET(self) -> None:
+                if outer.fail:
+                    return self._answer(500)
+                if self.path == "/ecs-creds":
+                    ok = self.headers.get("Authorization") == "ecs-auth"
+                    return self._answer(200, document()) if ok else self._answer(401)
+                if self.headers.get("X-aws-ec2-metadata-token") != "imds-session-token":
+                    return self._answer(401)
+                if self.path == "/latest/meta-data/iam/security-credentials/":
+                    return self._answer(200, b"training-role")
+                if self.path == "/latest/meta-data/iam/security-credentials/training-role":
+                    return self._answer(200, document())
+                self._answer(404)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _role_credentials(moto: Moto) -> Credentials:
+    """What the fake metadata hands out to the store: the test user's key (moto checks a key
+    and its secret; it does not know STS session tokens, which the real services add)."""
+    return Credentials(moto.creds.access_key_id, moto.creds.secret_access_key, None)
+
+
+def _metadata_env(moto: Moto, tmp_path: Path, **more: str) -> dict[str, str]:
+    return {"HOME": str(tmp_path), "AWS_REGION": REGION, "AWS_ENDPOINT_URL_S3": moto.endpoint,
+            "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"), **more}
+
+
+def test_instance_role_credentials_are_used_and_refreshed(moto: Moto, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from cafs.stores import aws_instance
+
+    fake = FakeMetadata(_role_credentials(moto))
+    try:
+        settings = s3_settings(_metadata_env(moto, tmp_path, AWS_EC2_METADATA_SERVICE_ENDPOINT=fake.url))
+        assert "instance metadata" in settings.credentials_from
+        store = S3Store(f"s3://{BUCKET}/imds", settings)
+        store.put("a", b"through the instance role")
+        assert store.get("a") == b"through the instance role" and fake.fetches == 1
+        monkeypatch.setattr(aws_instance, "REFRESH_MARGIN", 7200.0)  # every request refreshes
+        store.get("a")
+        assert fake.fetches == 2
+        fake.fail = True  # the service is down: the old credentials, still valid, carry on
+        assert store.get("a") == b"through the instance role"
+        fake.expires_in = -60  # ...until they have expired
+        fake.fail = False
+        store.get("a")
+        fake.fail = True
+        with pytest.raises(StoreUnavailable, match="instance metadata service"):
+            store.get("a")
+    finally:
+        fake.close()
+    disabled = s3_settings(_metadata_env(moto, tmp_path, AWS_EC2_METADATA_SERVICE_ENDPOINT=fake.url,
+                                         AWS_EC2_METADATA_DISABLED="true"))
+    assert disabled.credentials is None
+
+
+def test_container_credentials_are_used(moto: Moto, tmp_path: Path) -> None:
+    fake = FakeMetadata(_role_credentials(moto))
+    try:
+        env = _metadata_env(moto, tmp_path, AWS_CONTAINER_CREDENTIALS_FULL_URI=fake.url + "/ecs-creds",
+                            AWS_CONTAINER_AUTHORIZATION_TOKEN="ecs-auth")
+        store = S3Store(f"s3://{BUCKET}/ecs", s3_settings(env))
+        store.put("b", b"through the task role")
+        assert store.get("b") == b"through the task role"
+        with pytest.raises(UsageError, match="container credentials endpoint"):
+            s3_settings({**env, "AWS_CONTAINER_AUTHORIZATION_TOKEN": "wrong"})
+    finally:
+        fake.close()
+
+
+def test_metadata_documents_are_read_whole_and_kept_secret(tmp_path: Path) -> None:
+    from cafs.stores.aws_instance import instance_credentials
+
+    fake = FakeMetadata(Credentials("AKIDROLE", "role-secret-1", "role-token-1"))
+    try:
+        got = instance_credentials({"AWS_EC2_METADATA_SERVICE_ENDPOINT": fake.url})
+        assert got is not None
+        creds = got.current()
+        assert (creds.access_key_id, creds.secret_access_key, creds.session_token) == \
+            ("AKIDROLE", "role-secret-1", "role-token-1")
+        assert "role-secret-1" not in repr(got) and set(got.secrets()) >= {"role-secret-1", "role-token-1"}
+    finally:
+        fake.close()
+    assert instance_credentials({"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9"}) is None

@@ -6,8 +6,9 @@ places, resolved once when a store is opened (never at import time).
   ``aws_session_token`` in the shared credentials file (``$AWS_SHARED_CREDENTIALS_FILE``,
   else ``~/.aws/credentials``; section ``[NAME]``), else in the config file
   (``$AWS_CONFIG_FILE``, else ``~/.aws/config``; section ``[profile NAME]``, or
-  ``[default]``); else none at all, and requests go unsigned (public buckets). The profile
-  is ``$AWS_PROFILE``, else ``default``.
+  ``[default]``); else an ECS task role's or EC2 instance role's temporary credentials,
+  refreshed before they expire (``cafs.stores.aws_instance``); else none at all, and
+  requests go unsigned (public buckets). The profile is ``$AWS_PROFILE``, else ``default``.
 - region: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's ``region``, ``us-east-1``.
 - endpoint: ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the profile's ``endpoint_url``
   (all ignored when ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``); none means AWS itself.
@@ -21,7 +22,7 @@ Raises ``UsageError`` for half a key pair in the environment, an ``AWS_PROFILE``
 neither file has, an unreadable or malformed file, and a profile that names only a way of
 getting credentials cafs does not implement (``credential_process``, SSO, ``role_arn``,
 web identity): say so rather than fall back to anonymous requests that fail later as
-"access denied". EC2/ECS instance credentials are not fetched either.
+"access denied".
 
 Secrets never leave ``Credentials`` (whose ``repr`` hides them); ``credentials_from``
 says where they came from, for messages, without them.
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cafs.errors import UsageError
+from cafs.stores.aws_instance import RefreshingCredentials, instance_credentials
 from cafs.stores.sigv4 import Credentials
 
 DEFAULT_REGION = "us-east-1"
@@ -46,7 +48,7 @@ _UNSUPPORTED = ("credential_process", "sso_session", "sso_start_url", "role_arn"
 
 @dataclass(frozen=True)
 class S3Settings:
-    credentials: Credentials | None = None
+    credentials: Credentials | RefreshingCredentials | None = None
     credentials_from: str = ""  # where they came from, for messages: "the environment", ...
     region: str = DEFAULT_REGION
     endpoint_url: str | None = None
@@ -84,7 +86,7 @@ def s3_settings(env: Mapping[str, str] | None = None) -> S3Settings:
 
 
 def _credentials(env: Mapping[str, str], profile: str, *files: tuple[Path, dict[str, str]]
-                 ) -> tuple[Credentials | None, str]:
+                 ) -> tuple[Credentials | RefreshingCredentials | None, str]:
     key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
     if key_id or secret:
         if not (key_id and secret):
@@ -104,6 +106,9 @@ def _credentials(env: Mapping[str, str], profile: str, *files: tuple[Path, dict[
             raise UsageError(
                 f"{path}: profile {profile!r} gets credentials by {other[0]}, which cafs does not "
                 "implement; export them instead (aws configure export-credentials --format env)")
+    instance = instance_credentials(env)
+    if instance is not None:
+        return instance, instance.source
     return None, ""
 
 

@@ -50,9 +50,10 @@ where the credentials came from, never a key id, secret or token.
 Thread-safe: requests share one urllib3 connection pool (``connections`` sockets); the
 store keeps no other mutable state.
 
-Caveats: credentials are read once, when the store is opened (temporary credentials
-expire with their token; restart the command). No credential_process, SSO, assumed
-roles or instance metadata. A 200 answer to CompleteMultipartUpload that carries an
+Caveats: credentials from the environment or files are read once, when the store is
+opened (temporary ones expire with their token; restart the command); those from an EC2
+instance role or an ECS task role are refreshed before they expire (see
+``cafs.stores.aws_instance``). No credential_process, SSO or assumed roles. A 200 answer to CompleteMultipartUpload that carries an
 ``<Error>`` (S3 does this) is treated as that error.
 """
 
@@ -75,6 +76,7 @@ from urllib3.exceptions import HTTPError, SSLError
 from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
 from cafs.stores.access import redact, refuse_userinfo
 from cafs.stores.aws_config import S3Settings
+from cafs.stores.aws_instance import RefreshingCredentials
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.sigv4 import (
     EMPTY_SHA256,
@@ -279,7 +281,8 @@ class S3Store:
                 payload = hashlib.sha256(body).hexdigest()
             else:
                 payload = UNSIGNED_PAYLOAD
-            hdrs = sign(method, path, qs, hdrs, payload, self._creds, region=self._settings.region,
+            creds = self._creds.current() if isinstance(self._creds, RefreshingCredentials) else self._creds
+            hdrs = sign(method, path, qs, hdrs, payload, creds, region=self._settings.region,
                         date=amz_date(datetime.now(UTC)))
         url = self._origin + path + (f"?{qs}" if qs else "")
         where = self._where(key)
