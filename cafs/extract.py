@@ -85,29 +85,18 @@ class Extractor:
                 if not parent.is_dir():
                     raise ExtractError(f"{parent}: no such directory")
             fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            path = parent / os.fsdecode(name)
             try:
-                self._extract_entry(fd, name, entry, parent)
+                self._extract_leaf(fd, name, entry, path)
+            except OSError as exc:
+                raise _os_error(exc, path) from None
             finally:
                 os.close(fd)
         except OSError as exc:
             raise _os_error(exc, dest) from None
 
-    def _extract_entry(self, dir_fd: int, name: bytes, entry: Entry, where: Path) -> None:
-        path = where / os.fsdecode(name)
-        try:
-            if entry.is_dir:
-                fd = self._make_dir(dir_fd, name)
-                try:
-                    self._fill_dir(fd, entry, path)
-                    self._set_attrs(fd, entry)
-                finally:
-                    os.close(fd)
-            else:
-                self._extract_leaf(dir_fd, name, entry, path)
-        except OSError as exc:
-            raise _os_error(exc, path) from None
-
     def _extract_leaf(self, dir_fd: int, name: bytes, entry: Entry, path: Path) -> None:
+        """A file (written, or linked to an earlier name of it) or a symlink."""
         if entry.is_file:
             group = _link_key(entry) if entry.nlink > 1 else None
             if group is None or not self._link_file(dir_fd, name, group):
