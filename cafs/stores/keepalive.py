@@ -62,9 +62,9 @@ class KeepAliveGets:
     def __init__(self, url: str, context: ssl.SSLContext | None, timeout: float) -> None:
         """``context``: the TLS settings for an https ``url`` (None for http)."""
         parts = urlsplit(url)
-        self._host = parts.hostname or ""
-        self._port = parts.port or (443 if context is not None else 80)
         default = 443 if context is not None else 80
+        self._host = parts.hostname or ""
+        self._port = parts.port or default
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._host_header = host if self._port == default else f"{host}:{self._port}"
         self._timeout = timeout
