@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from mountfix import env, mounted, run_cafs
+from nginx import free_port
 from treegen import assert_same_tree, make_tree
 
 from cafs.errors import ObjectNotFound, StoreError, StoreUnavailable, UsageError
@@ -88,7 +89,7 @@ def test_any_static_server_serves_reads(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     assert run_cafs("init", repo, *SMALL, cache=cache).returncode == 0
     assert run_cafs("import", src, repo, "--name", "ds", "--no-progress", cache=cache).returncode == 0
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port),
                              "-d", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -175,13 +176,6 @@ def _cafs(args: list[str], cache: Path, extra: dict[str, str]) -> subprocess.Com
              if not k.startswith("CAFS_") or k in ("CAFS_CACHE_DIR", "CAFS_REMOTES")}
     return subprocess.run([sys.executable, "-m", "cafs.cli", *args], capture_output=True, text=True,
                           timeout=120, env={**clean, **extra}, check=False)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int) -> None:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import pytest
 import urllib3
+from nginx import free_port
 from remote_fixtures import StartProxy
 from treegen import assert_same_tree, make_tree
 
@@ -299,15 +299,9 @@ class Moto:
         assert r.status == 200, r.data
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -537,7 +531,7 @@ def test_full_store_is_no_space(moto: Moto, fault_proxy: StartProxy) -> None:
 
 def test_refused_connection_is_unavailable() -> None:
     store = S3Store("s3://bucket/p", S3Settings(credentials=Credentials("ID", "SECRET"),
-                                                endpoint_url=f"http://127.0.0.1:{_free_port()}"))
+                                                endpoint_url=f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(StoreUnavailable, match="s3://bucket/p/k") as info:
         store.get("k", 0, 1)
     assert "SECRET" not in str(info.value)
