@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakehttp import FakeServer, QuietHandler
 from mountfix import env, mounted, run_cafs
 from nginx import free_port
 from treegen import assert_same_tree, make_tree
@@ -229,19 +230,15 @@ class _Redirector:
     first; records the Authorization headers it saw."""
 
     def __init__(self, target: str, status: int = 302, hops: int = 0) -> None:
-        import http.server
-        import threading
-
         outer = self
         self.seen_auth: list[str | None] = []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _redirect(self) -> None:
                 outer.seen_auth.append(self.headers.get("Authorization"))
                 path, _, hop = self.path.partition("?hop=")
                 n = int(hop or 0)
-                where = (f"http://127.0.0.1:{outer.port}{path}?hop={n + 1}" if n < hops
-                         else f"{target}{path}")
+                where = (f"{outer.url}{path}?hop={n + 1}" if n < hops else f"{target}{path}")
                 self.send_response(status)
                 self.send_header("Location", where)
                 self.send_header("Content-Length", "0")
@@ -249,21 +246,11 @@ class _Redirector:
 
             do_GET = do_HEAD = do_PUT = _redirect
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self._http = FakeServer(Handler)
+        self.url = self._http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.close()
 
 
 def test_reads_follow_redirects_and_leave_credentials_behind(nginx_server, tmp_path: Path) -> None:

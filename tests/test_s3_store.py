@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import urllib3
+from fakehttp import FakeServer, QuietHandler
 from nginx import free_port
 from remote_fixtures import StartProxy
 from treegen import assert_same_tree, make_tree
@@ -585,9 +586,6 @@ class FakeMetadata:
     every request answer 500; ``fetches`` counts credential documents served."""
 
     def __init__(self, creds: Credentials, expires_in: float = 3600.0) -> None:
-        import http.server
-        import threading
-
         outer = self
         self.creds, self.expires_in, self.fail, self.fetches = creds, expires_in, False, 0
 
@@ -598,7 +596,7 @@ class FakeMetadata:
                                "SecretAccessKey": outer.creds.secret_access_key,
                                "Token": outer.creds.session_token, "Expiration": expiry}).encode()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _answer(self, status: int, body: bytes = b"") -> None:
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
@@ -625,16 +623,11 @@ class FakeMetadata:
                     return self._answer(200, document())
                 self._answer(404)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._http = FakeServer(Handler)
+        self.url = self._http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.close()
 
 
 def _role_credentials(moto: Moto) -> Credentials:
