@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from cafs.format.pack import KIND_DATA
 from cafs.locks import locked
 from cafs.repository import Repository
 from cafs.stores import LocalStore, open_store
+from storewrap import PassThroughStore
 from treegen import assert_same_tree, make_tree, mutate_tree
 
 SMALL = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "128K")
@@ -296,30 +296,20 @@ def test_copy_refuses_while_a_gc_holds_the_destination(cafs, src: Path, dst: Pat
 # -- interruptions -------------------------------------------------------------------------------
 
 
-class FailingStore:
+class FailingStore(PassThroughStore):
     """A local store whose pack puts fail after ``allowed`` of them succeed."""
 
     def __init__(self, inner: LocalStore, allowed: int, error: type[StoreError] = StoreError) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.allowed = allowed
         self.error = error
-
-    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.get(key, offset, length)
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         if key.startswith("packs/"):
             if self.allowed <= 0:
                 raise self.error(f"{self.url}: injected failure writing {key}")
             self.allowed -= 1
-        self.inner.put(key, data, exclusive=exclusive)
-
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
+        super().put(key, data, exclusive=exclusive)
 
 
 def test_copy_failing_after_some_packs_resumes(cafs, base: Base, src: Path, dst: Path,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from storewrap import PassThroughStore
 from treegen import assert_same_tree, diff_manifests, make_tree, manifest
 
 NOBODY = 65534
@@ -376,30 +377,18 @@ def test_get_completes_once_the_disk_has_room(cafs, repo: Path, small_tmpfs: Pat
     assert_same_tree(big_src, small_tmpfs / "out")
 
 
-class LosesFirstJournalAnswer:
+class LosesFirstJournalAnswer(PassThroughStore):
     """A local store that writes the first journal entry, then reports the connection
     lost, as a server whose answer never arrived would."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.url = inner.url
-        self.lost = False
+    lost = False
 
-    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.get(key, offset, length)
-
-    def put(self, key: str, data, *, exclusive: bool = False) -> None:
-        self.inner.put(key, data, exclusive=exclusive)
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        super().put(key, data, exclusive=exclusive)
         if key.startswith("refs/") and key.rsplit("/", 1)[-1].isdigit() and not self.lost:
             from cafs.errors import StoreUnavailable
             self.lost = True
             raise StoreUnavailable(f"{self.url}: connection reset after writing {key}")
-
-    def list(self, prefix: str):
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
 
 
 def test_a_commit_whose_answer_was_lost_is_recorded_once(tmp_path: Path) -> None:
