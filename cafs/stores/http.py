@@ -51,6 +51,9 @@ from cafs.stores.keepalive import KeepAliveGets
 log = logging.getLogger("cafs.stores.http")
 _REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
+# redirects only: every other failure is left to the caller's retries (cafs.sources)
+_FOLLOW_REDIRECTS = urllib3.Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
+                                  redirect=MAX_REDIRECTS, raise_on_redirect=True, raise_on_status=False)
 
 DEFAULT_TIMEOUT = 10.0  # per request and per socket operation; cafs.sources adds a deadline
 LIST_THREADS = 8
@@ -144,9 +147,7 @@ class HttpStore:
         """One request; a GET or HEAD follows up to ``MAX_REDIRECTS`` redirects (urllib3
         drops the credentials when one leads to another host), a write follows none."""
         reads = method in ("GET", "HEAD")
-        retries = urllib3.Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
-                                redirect=MAX_REDIRECTS, raise_on_redirect=True,
-                                raise_on_status=False) if reads else False
+        retries = _FOLLOW_REDIRECTS if reads else False
         try:
             return self._pool.request(method, url, headers=headers if headers is not None else self._headers,
                                       body=body, redirect=reads, retries=retries)
