@@ -23,13 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import parse_size
+
 HERE = Path(__file__).resolve().parent
 CAFS = [str(HERE.parent / ".venv" / "bin" / "cafs")]
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
 
 
 def generate(root: Path, total: int, seed: int) -> int:

@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import human, parse_size
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -59,24 +60,6 @@ TARGET_INCREMENTAL_OVER_FIRST = 0.15
 TARGET_UNCHANGED_OVER_FIRST = 0.05
 QUOTED_RESTIC_INCREMENTAL = 0.43
 OTHER_CPU_WARNING = 0.25  # cores used by other processes during a timed run: warn above
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)(i?B)?", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 200M, 2G)")
-    return int(float(m.group(1)) * (1 << (10 * " KMGT".index(m.group(2).upper() or " "))))
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 # -- the dataset ------------------------------------------------------------------------
 

@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -49,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common import human, parse_size
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -87,24 +88,6 @@ QUOTED = {
     "native small cold files/s": 6600,
     "squashfuse stat x native time": 6.0,
 }
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)(i?B)?", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 256M, 2G)")
-    return int(float(m.group(1)) * (1 << (10 * " KMGT".index(m.group(2).upper() or " "))))
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -64,7 +64,8 @@ from typing import Any, Self
 # Generic helpers shared with the mount benchmark (same directory, which is sys.path[0]
 # when this file is run as a script): commands, mounts, dropping caches, readers.
 import mount_bench as mb
-from mount_bench import MB, GiB, KiB, MiB, human, log, parse_size
+from common import human, parse_size
+from mount_bench import MB, GiB, KiB, MiB, log
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
