@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,27 @@ def run_cafs(*args: str | os.PathLike[str], cache: Path, timeout: float = 300,
     return subprocess.run([sys.executable, "-m", "cafs.cli", *(os.fspath(a) for a in args)],
                           check=False, capture_output=True, text=True, timeout=timeout,
                           env=env(CAFS_CACHE_DIR=str(cache)), **kw)
+
+
+def kill_cafs_when(args: Sequence[str | os.PathLike[str]], condition: Callable[[], bool], what: str) -> int:
+    """``cafs ARGS`` as a subprocess, ``kill -9``-ed as soon as ``condition()`` holds; its
+    exit status: 0 if it finished first, ``-SIGKILL`` if killed (any other fails, with its
+    stderr). The commands tests interrupt take a fraction of a second, so the poll does
+    not sleep; ``what`` names the condition if it never holds within a minute."""
+    proc = subprocess.Popen([sys.executable, "-m", "cafs.cli", *(os.fspath(a) for a in args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not condition():
+            assert time.monotonic() < deadline, f"{what} never came"
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _out, err = proc.communicate()
+    assert proc.returncode in (0, -signal.SIGKILL), err.decode()
+    return proc.returncode
 
 
 def run_mount_helper(source: str, mnt: Path | str, options: str | None = None, *,

@@ -12,9 +12,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,11 +23,11 @@ from cafs.format.pack import KIND_DATA
 from cafs.locks import locked
 from cafs.repository import Repository
 from cafs.stores import LocalStore, open_store
+from mountfix import kill_cafs_when
 from storewrap import PassThroughStore
 from treegen import assert_same_tree, make_tree, mutate_tree
 
 SMALL = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "128K")
-SRC_ROOT = str(Path(__file__).resolve().parents[1])
 TMP_PREFIX = ".tmp-"
 
 
@@ -374,21 +371,9 @@ def big_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_kill_9_mid_copy_then_resume(cafs, big_src: Path, dst: Path, tmp_path: Path) -> None:
     src = big_src / "repo"
-    env = dict(os.environ, PYTHONPATH=SRC_ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "cafs.cli", "copy", f"{src}#big", dst, "--jobs", "1",
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and len(pack_names(dst)) < 3:
-            assert time.monotonic() < deadline, "no pack was ever copied"
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        _out, err = proc.communicate()
-    assert proc.returncode in (0, -signal.SIGKILL), err.decode()
-    if proc.returncode == -signal.SIGKILL:
+    status = kill_cafs_when(["copy", f"{src}#big", dst, "--jobs", "1", "--no-progress"],
+                            lambda: len(pack_names(dst)) >= 3, "a third copied pack")
+    if status == -signal.SIGKILL:
         assert not files_under(dst, "refs")  # killed before the commit: no ref at all
     fsck(cafs, dst)
     done = len(pack_names(dst))

@@ -11,19 +11,16 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mountfix import kill_cafs_when
 from treegen import assert_same_tree
 
 PACK_SIZE = 512 << 10
 SLACK = 256 << 10  # metadata packs and pack trailers
-SRC_ROOT = str(Path(__file__).resolve().parents[1])
 TMP_PREFIX = ".tmp-"
 
 
@@ -60,28 +57,9 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def start_import(src: Path, repo: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=SRC_ROOT)
-    return subprocess.Popen([sys.executable, "-m", "cafs.cli", "import", src, repo, "--name", "ds",
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-
-
 def kill_when(src: Path, repo: Path, condition: Callable[[], bool]) -> int:
-    """Run an import, ``kill -9`` it as soon as ``condition()`` holds; its exit status.
-    The import takes a fraction of a second, so the poll does not sleep."""
-    proc = start_import(src, repo)
-    try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and not condition():
-            assert time.monotonic() < deadline, "the condition never came"
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        _out, err = proc.communicate()
-    assert proc.returncode in (0, -signal.SIGKILL), err.decode()
-    return proc.returncode
+    """Run an import, ``kill -9`` it as soon as ``condition()`` holds; its exit status."""
+    return kill_cafs_when(["import", src, repo, "--name", "ds", "--no-progress"], condition, "the condition")
 
 
 def packs_at_least(n: int) -> Callable[[Path], Callable[[], bool]]:
