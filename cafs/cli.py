@@ -27,7 +27,7 @@ from cafs.format.journal import Snapshot, check_ref_name
 from cafs.format.nodes import Entry
 from cafs.importer import ImportAborted, ImportResult, run_import
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
-from cafs.naming import find_snapshot, parse_spec, recorded_repo
+from cafs.naming import find_snapshot, parse_spec, recorded_snapshot
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
 from cafs.snapinfo import diff_trees, repo_space, snapshot_space
@@ -648,7 +648,7 @@ def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
         after = cache_share(cache, p.locations)
         try:
             cache.record_use()
-            cache.record_snapshot(f"{recorded_repo(spec.repo)}#{snap.ref}@{snap.jid}")
+            cache.record_snapshot(recorded_snapshot(spec.repo, snap))
         except CafsError:
             pass  # the limit and the snapshot are hints for later commands
     finally:

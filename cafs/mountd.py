@@ -37,7 +37,7 @@ from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
 from cafs.metacache import MetaCache, MetaCacheError, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
-from cafs.naming import find_snapshot, parse_spec, recorded_repo, recorded_source
+from cafs.naming import find_snapshot, parse_spec, recorded_repo, recorded_snapshot, recorded_source
 from cafs.repository import Repository
 from cafs.stores import LocalStore
 
@@ -112,7 +112,7 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
         stack.callback(cache.close)
         try:
             cache.record_use()  # the limit, for cafs cache status and cafs prefetch
-            cache.record_snapshot(f"{recorded_repo(spec.repo)}#{snapshot.ref}@{snapshot.jid}")
+            cache.record_snapshot(recorded_snapshot(spec.repo, snapshot))
         except CafsError as exc:
             log.warning("%s", exc)
     log.info("chunk cache: %s", f"{cache_root} (limit {opts.cache_size} bytes)" if cache else "off, reading the repository in place")

@@ -77,3 +77,8 @@ def recorded_source(source: str) -> str:
 def recorded_repo(repo: str) -> str:
     """A repository location as ``recorded_source`` records it."""
     return redact(repo) if "://" in repo else str(Path(repo).absolute())
+
+
+def recorded_snapshot(repo: str, snap: Snapshot) -> str:
+    """``REPO#REF@JID`` of a snapshot found in ``repo``, recorded as ``recorded_source`` does."""
+    return f"{recorded_repo(repo)}#{snap.ref}@{snap.jid}"
