@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 from collections.abc import Awaitable, Callable
 
 import pyfuse3
-import trio
 
 from cafs.errors import CafsError, PathNotFound
 from cafs.metacache import NodeNotLoaded
