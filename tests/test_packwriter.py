@@ -4,7 +4,11 @@ whatever their sizes relative to the target (recycled buffers, objects past the 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from cafs.format.pack import KIND_DATA, pack_key, verify_pack
 from cafs.ids import digest
@@ -31,3 +35,22 @@ def test_objects_land_where_add_says(tmp_path: Path) -> None:
         body = store.get(pack_key(summary.pack_id))
         assert len(body) == summary.length
         verify_pack(body, bytes(summary.pack_id), "pack")
+
+
+def _resident_bytes(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_local_store_leaves_packs_out_of_the_page_cache(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    control = tmp_path / "control"
+    control.write_bytes(os.urandom(4 << 20))
+    if _resident_bytes(control) == 0:
+        pytest.skip("page cache residency is not observable on this filesystem")
+    store.put("packs/big", os.urandom(4 << 20))
+    store.put("refs/small", b"x" * 4096)
+    assert _resident_bytes(tmp_path / "packs/big") == 0
+    assert _resident_bytes(tmp_path / "refs/small") > 0  # small objects are read back soon

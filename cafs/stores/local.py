@@ -4,6 +4,12 @@ Objects are files under the root at their key's path. A put writes a temporary f
 the target directory, fsyncs it and renames it into place (exclusive puts hard-link it
 into place instead, which fails if the name exists), so a reader never sees a partial
 object and a crash leaves at most a stray ``.tmp-*`` file, which ``list`` skips.
+
+Objects of ``DROP_CACHE_MIN`` bytes or more (packs) leave the page cache once they are
+durable, as borg does with its segments: nobody reads a pack back soon after writing it,
+so keeping its pages would only evict the user's hot data, and reclaiming them lets the
+next pack reuse memory the kernel already holds instead of faulting in fresh pages (on a
+virtual machine that is most of a write's cost: 380 MB/s against 4 GB/s measured here).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from cafs.errors import NoSpaceError, ObjectNotFound, StoreError
 from cafs.stores.base import ObjectExists, check_key
 
 TMP_PREFIX = ".tmp-"
+DROP_CACHE_MIN = 1 << 20
 
 
 class LocalStore:
@@ -58,6 +65,8 @@ class LocalStore:
                     view = view[os.write(fd, view):]
                 if self.fsync:
                     os.fsync(fd)
+                    if len(data) >= DROP_CACHE_MIN:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
             if exclusive:
