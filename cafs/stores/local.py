@@ -5,16 +5,20 @@ the target directory, fsyncs it and renames it into place (exclusive puts hard-l
 into place instead, which fails if the name exists), so a reader never sees a partial
 object and a crash leaves at most a stray ``.tmp-*`` file, which ``list`` skips.
 
-Objects of ``DROP_CACHE_MIN`` bytes or more (packs) leave the page cache once they are
-durable, as borg does with its segments: nobody reads a pack back soon after writing it,
-so keeping its pages would only evict the user's hot data, and reclaiming them lets the
-next pack reuse memory the kernel already holds instead of faulting in fresh pages (on a
-virtual machine that is most of a write's cost: 380 MB/s against 4 GB/s measured here).
+Objects of ``DROP_CACHE_MIN`` bytes or more (packs) stay out of the page cache, as borg
+keeps its segments out: nobody reads a pack back soon after writing it, so its pages would
+only evict the user's hot data. A page-aligned buffer (the pack writer's anonymous maps)
+goes out with O_DIRECT, block-aligned head first and the tail the ordinary way; other
+buffers, or filesystems that refuse O_DIRECT, write through the cache and drop the pages
+once fsynced. Fresh page-cache pages are the dear part of a write on a virtual machine
+that hands freed memory back to its host: 380 MB/s against 1.5 GB/s for O_DIRECT here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import os
 from pathlib import Path
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ from cafs.stores.base import ObjectExists, check_key
 
 TMP_PREFIX = ".tmp-"
 DROP_CACHE_MIN = 1 << 20
+DIRECT_ALIGN = 4096
 
 
 class LocalStore:
@@ -61,6 +66,8 @@ class LocalStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)
+                if len(view) >= DROP_CACHE_MIN:
+                    view = _write_direct(fd, view)
                 while view:
                     view = view[os.write(fd, view):]
                 if self.fsync:
@@ -115,6 +122,34 @@ class LocalStore:
             self._path(key).unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"{self.url}: deleting {key}: {exc.strerror or exc}") from None
+
+
+def _write_direct(fd: int, view: memoryview) -> memoryview:
+    """Write the block-aligned head of ``view`` with O_DIRECT when the buffer allows it;
+    return what is left to write the ordinary way."""
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):  # read-only (bytes): no address to check
+        return view
+    if address % DIRECT_ALIGN:
+        return view
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return view
+    try:
+        while len(view) >= DIRECT_ALIGN:
+            n = os.write(fd, view[:len(view) - len(view) % DIRECT_ALIGN])
+            view = view[n:]
+            if n % DIRECT_ALIGN:
+                break
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return view
 
 
 def _fsync_dir(path: Path) -> None:
