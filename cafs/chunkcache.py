@@ -27,6 +27,12 @@ caller verifies bytes against their id, and a damaged extent is dropped and refe
 All methods block (disk and LMDB): call them from worker threads, never hold a
 transaction across an ``await``.
 
+What a read returns goes to the kernel, whose page cache for the mounted file keeps it,
+so ``read`` drops the extent's pages of the cache file (``POSIX_FADV_DONTNEED``): a host
+caches each byte of a dataset once, not twice, and the freed pages are the ones the
+kernel reuses for the mounted file's copy (fresh pages cost several times more on a
+virtual machine that returns free memory to its host).
+
 Caveats: last-use times are kept in memory and written in batches, so the order of
 eviction is approximate across processes. If the disk is full, ``insert`` raises
 ``NoSpaceError`` and the caller serves without caching.
@@ -178,6 +184,7 @@ class ChunkCache:
             if fd is None:
                 return None
             data = os.pread(fd, length, offset)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         if len(data) != length:
             return None
         self._touched[key] = int(time.time())

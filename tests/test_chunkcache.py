@@ -1,10 +1,11 @@
-"""ChunkCache under concurrency: with more packs in use than it keeps open, a descriptor
+"""ChunkCache: under concurrency, with more packs in use than it keeps open, a descriptor
 one thread is reading or writing through is never closed (and its number reused for
-another pack's file) under it."""
+another pack's file) under it; what it reads leaves the page cache."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from cafs import chunkcache
 from cafs.chunkcache import ChunkCache
 from cafs.metacache import MetaCache
+from pagecache import needs_fincore, resident_bytes, skip_unless_observable
 
 PACKS = 24
 EXTENTS = 40
@@ -57,3 +59,24 @@ def test_threads_over_more_packs_than_open_files(tmp_path: Path, monkeypatch: py
     finally:
         cache.close()
         meta.close()
+
+
+@needs_fincore
+def test_reads_leave_the_cache_file_out_of_the_page_cache(tmp_path: Path) -> None:
+    # The mount hands what it reads to the kernel, which keeps it in the page cache of
+    # the mounted file; the cache file's pages would hold the same bytes twice.
+    skip_unless_observable(tmp_path)
+    meta = MetaCache(tmp_path / "cache")
+    cache = ChunkCache(tmp_path / "cache", meta.env, 1 << 40)
+    pack, body = b"\x07" * 32, os.urandom(1 << 20)
+    cache.insert(pack, 0, body, [(0, len(body))])
+    path = next((tmp_path / "cache").rglob(pack.hex()))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped; written back, they can
+    finally:
+        os.close(fd)
+    assert resident_bytes(path) > 0
+    assert cache.read(pack, 0, len(body)) == body
+    assert resident_bytes(path) == 0
+    cache.close()

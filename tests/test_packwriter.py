@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import shutil
-import subprocess
 from pathlib import Path
-
-import pytest
 
 from cafs.format.pack import KIND_DATA, pack_key, verify_pack
 from cafs.ids import digest
 from cafs.packwriter import SLACK, PackWriter, Uploader
 from cafs.stores import LocalStore
+from pagecache import needs_fincore, resident_bytes, skip_unless_observable
 
 
 def test_objects_land_where_add_says(tmp_path: Path) -> None:
@@ -38,38 +35,38 @@ def test_objects_land_where_add_says(tmp_path: Path) -> None:
         verify_pack(body, bytes(summary.pack_id), "pack")
 
 
-def _resident_bytes(path: Path) -> int:
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
-                         check=True, capture_output=True, text=True).stdout
-    return int(out.split()[0])
-
-
-@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+@needs_fincore
 def test_local_store_leaves_packs_out_of_the_page_cache(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    control = tmp_path / "control"
-    control.write_bytes(os.urandom(4 << 20))
-    if _resident_bytes(control) == 0:
-        pytest.skip("page cache residency is not observable on this filesystem")
+    skip_unless_observable(tmp_path)
     store.put("packs/big", os.urandom(4 << 20))
     store.put("refs/small", b"x" * 4096)
-    assert _resident_bytes(tmp_path / "packs/big") == 0
-    assert _resident_bytes(tmp_path / "refs/small") > 0  # small objects are read back soon
+    assert resident_bytes(tmp_path / "packs/big") == 0
+    assert resident_bytes(tmp_path / "refs/small") > 0  # small objects are read back soon
 
 
-@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+@needs_fincore
 def test_local_store_writes_page_aligned_buffers_around_the_page_cache(tmp_path: Path) -> None:
     # Pack buffers are anonymous maps: their aligned head goes out with O_DIRECT (even
     # without fsync), the unaligned tail the ordinary way; the bytes are the same.
-    control = tmp_path / "control"
-    control.write_bytes(os.urandom(4 << 20))
-    if _resident_bytes(control) == 0:
-        pytest.skip("page cache residency is not observable on this filesystem")
+    skip_unless_observable(tmp_path)
     body = os.urandom((3 << 20) + 123)
     buf = mmap.mmap(-1, len(body))
     buf[:] = body
     store = LocalStore(tmp_path, fsync=False)
     with memoryview(buf) as view:
         store.put("packs/direct", view)
-    assert _resident_bytes(tmp_path / "packs/direct") <= 4096
+    assert resident_bytes(tmp_path / "packs/direct") <= 4096
     assert (tmp_path / "packs/direct").read_bytes() == body
+
+
+@needs_fincore
+def test_local_store_ranged_reads_leave_the_page_cache(tmp_path: Path) -> None:
+    # A mount reading a local repository in place hands the bytes to the kernel, whose
+    # page cache for the mounted file keeps them: the pack's pages would be a second copy.
+    skip_unless_observable(tmp_path)
+    store = LocalStore(tmp_path)
+    body = os.urandom(4 << 20)
+    store.put("packs/p", body)
+    assert store.get("packs/p", 1 << 20, 2 << 20) == body[1 << 20:3 << 20]
+    assert resident_bytes(tmp_path / "packs/p") == 0

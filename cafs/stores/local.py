@@ -12,6 +12,8 @@ goes out with O_DIRECT, block-aligned head first and the tail the ordinary way; 
 buffers, or filesystems that refuse O_DIRECT, write through the cache and drop the pages
 once fsynced. Fresh page-cache pages are the dear part of a write on a virtual machine
 that hands freed memory back to its host: 380 MB/s against 1.5 GB/s for O_DIRECT here.
+For the same reasons a ranged read (a mount reading the repository in place) drops the
+pages it read: the kernel keeps those bytes in the page cache of the mounted file.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class LocalStore:
                     f.seek(offset)
                     return f.read()
                 data = os.pread(f.fileno(), length, offset)
+                os.posix_fadvise(f.fileno(), offset, length, os.POSIX_FADV_DONTNEED)
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.url}: no object {key}") from None
         except OSError as exc:
