@@ -168,13 +168,18 @@ def test_import_to_a_failing_store_stops_clearly_and_resumes(served, tmp_path: P
     assert run_cafs("fsck", url, "--read-data", cache=cache).returncode == 0
 
 
-def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_server) -> None:
-    src, _server, proxy, www = served
+def _mirror_and_mountpoint(www: Path, tmp_path: Path, nginx_server):  # type: ignore[no-untyped-def]
+    """A second nginx serving a copy of ``www``, and an empty mountpoint."""
     www2 = tmp_path / "www2"
     shutil.copytree(www, www2)
-    mirror = nginx_server(www2)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    return nginx_server(www2), mnt
+
+
+def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_server) -> None:
+    src, _server, proxy, www = served
+    mirror, mnt = _mirror_and_mountpoint(www, tmp_path, nginx_server)
     files = _files(src)
     half = len(files) // 2
     with mounted(f"{proxy.url}/repo#ds", mnt,
@@ -207,11 +212,7 @@ def test_prefetch_of_a_mountpoint_reads_its_mirrors(served, tmp_path: Path, ngin
     """``cafs prefetch MOUNTPOINT`` uses the mirrors the mount names: with the primary
     refusing connections, the mount's cache is filled from the mirror."""
     src, _server, proxy, www = served
-    www2 = tmp_path / "www2"
-    shutil.copytree(www, www2)
-    mirror = nginx_server(www2)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    mirror, mnt = _mirror_and_mountpoint(www, tmp_path, nginx_server)
     with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=10,"
                  f"mirror={mirror.url}/repo", expect_warnings=True) as m:
         assert os.getxattr(mnt, "user.cafs.mirrors").decode() == f"{mirror.url}/repo"
