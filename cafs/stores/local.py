@@ -69,13 +69,14 @@ class LocalStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)
-                if len(view) >= DROP_CACHE_MIN:
+                bulk = len(view) >= DROP_CACHE_MIN
+                if bulk:
                     view = _write_direct(fd, view)
                 while view:
                     view = view[os.write(fd, view):]
                 if self.fsync:
                     os.fsync(fd)
-                    if len(data) >= DROP_CACHE_MIN:
+                    if bulk:
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
