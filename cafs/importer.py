@@ -11,7 +11,9 @@ Contract:
 - Files are cut with FastCDC; each chunk's BLAKE3 id is looked up in the repository's
   index and only new chunks are stored (zstd where it saves space). A file whose size,
   mtime_ns and inode equal those recorded in the previous snapshot of the ref is not
-  read again: its spans are reused.
+  read again: its spans are reused. The previous snapshot's entries are compared in the
+  form msgpack gives them (``entry_fields``) and decoded only to build a changed
+  directory's node; a directory whose entries are all unchanged keeps its node.
 - A file that cannot be read, changes while being read (size or mtime differ before and
   after, or the bytes read differ from the size), or is not a regular file, directory or
   symlink is reported in ``ImportResult.skipped`` with its path and left out of the
@@ -35,17 +37,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from collections.abc import Callable, Iterable
 
 from pyfastcdc import Chunk, FastCDC
 
 from cafs.codec import Compressor
-from cafs.errors import CafsError, UsageError
+from cafs.errors import CafsError, FormatError, UsageError
 from cafs.format.journal import Snapshot
-from cafs.format.location import Location
+from cafs.format.location import Location, decode_location
 from cafs.format.nodes import (
     INLINE_SPANS, INT64, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
-    DirIndexNode, Entry, FileNode, Node, PageRef, TreeNode, encode_node,
+    DirIndexNode, Entry, FileNode, Node, PageRef, TreeNode, decode_entry, encode_node, entry_fields,
 )
 from cafs.format.pack import KIND_DATA, KIND_META
 from cafs.ids import digest
@@ -53,7 +56,6 @@ from cafs.locks import locked
 from cafs.metacache import MetaCache, NodeReader
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import ObjectIndex, Repository
-from cafs.tree import list_dir
 
 NODE_BATCH = 2000
 WHOLE_READ_MAX = 16 << 20  # files up to this size are read in one go and cut in memory
@@ -98,16 +100,21 @@ class ImportResult:
     seconds: float
 
 
+# An entry of the previous snapshot as ``entry_fields`` gives it: compared, not decoded.
+PrevEntry = list[Any]
+
+
 @dataclass
 class _DirFrame:
     fd: int
     path: bytes
     st: os.stat_result
     names: list[bytes]
-    prev: dict[bytes, Entry]
-    prev_dir: Entry | None  # this directory's entry in the previous snapshot
+    prev: dict[bytes, PrevEntry]  # the previous snapshot's entries of this directory
+    prev_dir: Entry | PrevEntry | None  # this directory's own entry there
+    prev_ref: Location | None  # and its node
     pos: int = 0
-    entries: list[Entry] = field(default_factory=list)
+    entries: list[Entry | PrevEntry] = field(default_factory=list)  # a PrevEntry is unchanged
     subdirs: int = 0
 
 
@@ -150,7 +157,7 @@ class Importer:
         try:
             root_st = os.fstat(root_fd)
             prev_root = self.prev.root if self.prev else None
-            stack = [self._frame(root_fd, b"", root_st, prev_root)]
+            stack = [self._frame(root_fd, b"", root_st, prev_root, prev_root.ref if prev_root else None)]
         except BaseException:
             os.close(root_fd)
             raise
@@ -170,6 +177,7 @@ class Importer:
                         stack[-1].entries.append(entry)
                         stack[-1].subdirs += 1
                     else:
+                        assert isinstance(entry, Entry)  # the root's previous entry is an Entry
                         root = entry
                     continue
                 name = top.names[top.pos]
@@ -188,22 +196,40 @@ class Importer:
         self._flush_nodes()
         return root
 
-    def _frame(self, fd: int, path: bytes, st: os.stat_result, prev: Entry | None) -> _DirFrame:
-        names = sorted(os.fsencode(n) for n in os.listdir(fd))
-        prev_entries: dict[bytes, Entry] = {}
-        if prev is not None and prev.is_dir:
+    def _frame(self, fd: int, path: bytes, st: os.stat_result, prev: Entry | PrevEntry | None,
+               prev_ref: Location | None) -> _DirFrame:
+        names = _names(fd)
+        prev_entries: dict[bytes, PrevEntry] = {}
+        if prev_ref is not None:
             try:
-                prev_entries = {e.name: e for e in list_dir(self.reader, prev)}
+                prev_entries = {e[0]: e for e in self._prev_fields(prev_ref)}
             except CafsError:
-                prev_entries = {}  # an unreadable previous snapshot only costs re-reading
+                prev_ref = None  # an unreadable previous snapshot only costs re-reading
         self.counters.dirs += 1
-        return _DirFrame(fd, path, st, names, prev_entries, prev if prev is not None and prev.is_dir else None)
+        return _DirFrame(fd, path, st, names, prev_entries, prev if prev_ref else None, prev_ref)
+
+    def _prev_fields(self, ref: Location) -> list[PrevEntry]:
+        """The entries of a previous directory node, or of all the pages of its index."""
+        what = f"node {ref.id.hex()[:12]}"
+        fields = entry_fields(self.reader.node_bytes(ref), what)
+        if fields is not None:
+            return fields
+        index = self.reader.node(ref)
+        if not isinstance(index, DirIndexNode):
+            raise FormatError(f"{what} is not a directory node")
+        out: list[PrevEntry] = []
+        for page in index.pages:
+            page_fields = entry_fields(self.reader.node_bytes(page.ref), what)
+            if page_fields is None:
+                raise FormatError(f"{what}: page {page.ref.id.hex()[:12]} is not a tree node")
+            out.extend(page_fields)
+        return out
 
     def _skip(self, path: bytes, reason: str) -> None:
         self.skipped.append(Skipped(path, reason))
         self.counters.skipped += 1
 
-    def _import_entry(self, parent: _DirFrame, name: bytes) -> Entry | _DirFrame | None:
+    def _import_entry(self, parent: _DirFrame, name: bytes) -> Entry | PrevEntry | _DirFrame | None:
         path = parent.path + b"/" + name if parent.path else name
         if len(name) > MAX_NAME:
             self._skip(path, "name longer than 255 bytes")
@@ -235,33 +261,47 @@ class Importer:
             self._skip(path, f"cannot open directory: {exc.strerror}")
             return None
         try:
-            return self._frame(fd, path, os.fstat(fd), parent.prev.get(name))
+            prev = parent.prev.get(name)
+            return self._frame(fd, path, os.fstat(fd), prev, _dir_ref(prev))
         except OSError as exc:
             os.close(fd)
             self._skip(path, f"cannot list directory: {exc.strerror}")
             return None
 
-    def _finish_dir(self, frame: _DirFrame) -> Entry:
-        entries = frame.entries
-        prev = frame.prev_dir
-        if (prev is not None and prev.ref is not None and len(entries) == len(frame.prev)
-                and all(e is frame.prev.get(e.name) for e in entries)):
+    def _finish_dir(self, frame: _DirFrame) -> Entry | PrevEntry:
+        if (frame.prev_ref is not None and len(frame.entries) == len(frame.prev)
+                and all(type(e) is list for e in frame.entries)):
             # every entry is the previous snapshot's own: so is the node
-            ref = prev.ref
-        elif len(entries) <= PAGE_ENTRIES:
-            ref = self._store_node(TreeNode(tuple(entries)))
+            ref = frame.prev_ref
+            entries: list[Entry] | list[Entry | PrevEntry] = frame.entries
         else:
-            pages = []
-            for i in range(0, len(entries), PAGE_ENTRIES):
-                page = tuple(entries[i:i + PAGE_ENTRIES])
-                pages.append(PageRef(page[0].name, len(page), self._store_node(TreeNode(page))))
-            ref = self._store_node(DirIndexNode(tuple(pages)))
+            entries = self._decoded(frame)
+            ref = self._store_dir(entries)
         st = frame.st
         name = frame.path.rsplit(b"/", 1)[-1]
-        return _same_or_new(prev, Entry(name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                        _mtime_ns(st), len(entries), 2 + frame.subdirs, st.st_ino, ref=ref))
+        return _same_or_new(frame.prev_dir, Entry(
+            name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(entries),
+            2 + frame.subdirs, st.st_ino, ref=ref))
 
-    def _import_symlink(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
+    def _decoded(self, frame: _DirFrame) -> list[Entry]:
+        try:
+            return [e if isinstance(e, Entry) else decode_entry(e, "entry") for e in frame.entries]
+        except FormatError as exc:
+            where = frame.path.decode("utf-8", "backslashreplace") or "/"
+            raise FormatError(f"{where}: the previous snapshot of this directory has a malformed entry "
+                              f"(run cafs fsck): {exc}") from None
+
+    def _store_dir(self, entries: list[Entry]) -> Location:
+        if len(entries) <= PAGE_ENTRIES:
+            return self._store_node(TreeNode(tuple(entries)))
+        pages = []
+        for i in range(0, len(entries), PAGE_ENTRIES):
+            page = tuple(entries[i:i + PAGE_ENTRIES])
+            pages.append(PageRef(page[0].name, len(page), self._store_node(TreeNode(page))))
+        return self._store_node(DirIndexNode(tuple(pages)))
+
+    def _import_symlink(self, parent: _DirFrame, name: bytes, path: bytes,
+                        st: os.stat_result) -> Entry | PrevEntry | None:
         try:
             target = os.readlink(name, dir_fd=parent.fd)
         except OSError as exc:
@@ -283,19 +323,25 @@ class Importer:
         return Entry(name, KIND_FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
                      st.st_size, st.st_nlink, st.st_ino, spans=spans, ref=ref)
 
-    def _import_file(self, parent: _DirFrame, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
+    def _import_file(self, parent: _DirFrame, name: bytes, path: bytes,
+                     st: os.stat_result) -> Entry | PrevEntry | None:
         c = self.counters
         c.current = path
         prev = parent.prev.get(name)
-        if (prev is not None and prev.is_file and prev.size == st.st_size
-                and prev.mtime_ns == _mtime_ns(st) and prev.ino == st.st_ino):
-            c.files += 1
-            c.reused_files += 1
-            c.logical += st.st_size
-            if (prev.mode == stat.S_IMODE(st.st_mode) and prev.uid == st.st_uid and prev.gid == st.st_gid
-                    and prev.nlink == st.st_nlink):
+        # fields: name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content
+        if (prev is not None and prev[6] == st.st_size and prev[8] == st.st_ino and prev[1] == KIND_FILE
+                and (prev[5] == st.st_mtime_ns or prev[5] == _mtime_ns(st))):
+            if (prev[2] == stat.S_IMODE(st.st_mode) and prev[3] == st.st_uid and prev[4] == st.st_gid
+                    and prev[7] == st.st_nlink):
+                self._count_reused(st)
                 return prev  # the common case, without building an equal entry to compare
-            return self._file_entry(name, st, prev.spans, prev.ref)
+            try:
+                old = decode_entry(prev, "entry")
+            except FormatError:
+                old = None  # read the file again
+            if old is not None:
+                self._count_reused(st)
+                return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
             spans, ref, size = self._links[link_key]
@@ -316,6 +362,12 @@ class Importer:
             self._links[link_key] = (spans, ref, st.st_size)
         c.files += 1
         return self._file_entry(name, st, spans, ref)
+
+    def _count_reused(self, st: os.stat_result) -> None:
+        c = self.counters
+        c.files += 1
+        c.reused_files += 1
+        c.logical += st.st_size
 
     def _read_file(self, dir_fd: int, name: bytes, st: os.stat_result) -> list[Location]:
         fd = _open_file(dir_fd, name)
@@ -383,9 +435,29 @@ class Importer:
         self.meta.put_many(batch)
 
 
-def _same_or_new(prev: Entry | None, new: Entry) -> Entry:
-    """``prev`` itself if ``new`` equals it: identity then tells an unchanged directory."""
+def _same_or_new(prev: Entry | PrevEntry | None, new: Entry) -> Entry | PrevEntry:
+    """``prev`` itself if ``new`` equals it: a PrevEntry then tells an unchanged entry."""
+    if type(prev) is list:
+        return prev if prev == new.encode() else new
     return prev if prev is not None and prev == new else new
+
+
+def _dir_ref(prev: PrevEntry | None) -> Location | None:
+    """The node of a previous directory entry, or None if it was not a directory."""
+    if prev is None or prev[1] != KIND_DIR:
+        return None
+    try:
+        return decode_location(prev[9], "entry")
+    except FormatError:
+        return None
+
+
+def _names(dir_fd: int) -> list[bytes]:
+    """The names in a directory, as bytes, in bytewise order."""
+    try:  # listing by a bytes path gives bytes names: no decoding and encoding each one
+        return sorted(os.listdir(b"/proc/self/fd/%d" % dir_fd))
+    except FileNotFoundError:  # no /proc
+        return sorted(os.fsencode(n) for n in os.listdir(dir_fd))
 
 
 def _mtime_ns(st: os.stat_result) -> int:
