@@ -16,24 +16,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator, Sequence
 
 from cafs import sizes
 from cafs.errors import CafsError, UsageError
-from cafs.extract import Extractor
 from cafs.format.config import ChunkerParams, RepoConfig
 from cafs.format.journal import Snapshot, check_ref_name
-from cafs.format.nodes import Entry
-from cafs.importer import ImportAborted, ImportResult, run_import
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.naming import find_snapshot, parse_spec, recorded_snapshot
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
-from cafs.snapinfo import diff_trees, repo_space, snapshot_space
 from cafs.sources import DEFAULT_DEADLINE
 from cafs.stores import open_store
-from cafs.tree import file_spans, list_dir, resolve, walk
+
+if TYPE_CHECKING:
+    from cafs.format.nodes import Entry
+    from cafs.importer import ImportResult
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -140,6 +139,7 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.importer import run_import
     check_ref_name(args.name)
     src = Path(args.dir)
     repo = ctx.repo(args.repo)
@@ -218,6 +218,7 @@ def _ls_line(e: Entry, path: bytes) -> str:
 
 
 def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.tree import list_dir, resolve, walk
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
@@ -234,6 +235,7 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.tree import file_spans, resolve
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
@@ -247,6 +249,8 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.extract import Extractor
+    from cafs.tree import resolve
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
@@ -733,6 +737,8 @@ def mount_stats(path: str) -> dict[str, Any] | None:
 
 
 def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.snapinfo import repo_space, snapshot_space
+    from cafs.tree import resolve
     if "#" not in args.target and os.path.isdir(args.target) and not os.path.exists(os.path.join(args.target, "config")):
         counters = mount_stats(args.target)
         if counters is None:
@@ -768,6 +774,8 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.snapinfo import diff_trees
+    from cafs.tree import resolve
     repo_a, snap_a, path_a = ctx.snapshot(args.a)
     repo_b, snap_b, path_b = ctx.snapshot(args.b)
     if repo_a.config.repo_id != repo_b.config.repo_id:
@@ -942,9 +950,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _context(args) as ctx:
             return int(args.func(ctx, args))
-    except ImportAborted as exc:
-        print(f"cafs: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except UsageError as exc:
         print(f"cafs: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -20,13 +20,16 @@ secret in its ``repr``. S3 credentials are the AWS ones (see ``cafs.stores.s3``)
 from __future__ import annotations
 
 import os
-import ssl
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from cafs.errors import UsageError
+
+if TYPE_CHECKING:
+    import ssl  # imported where used: a local repository's command need not load TLS
 
 _FILE_FIELDS = {"token", "username", "password", "ca_file", "cert_file", "key_file"}
 _ENV = {"token": "CAFS_TOKEN", "username": "CAFS_USERNAME", "password": "CAFS_PASSWORD",
@@ -62,6 +65,7 @@ class RemoteAccess:
     def ssl_context(self) -> ssl.SSLContext:
         """The TLS settings for HTTPS: the CA file (else the system's CAs) and the client
         certificate, if any. Raises UsageError naming a file that cannot be used."""
+        import ssl
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
         except (OSError, ssl.SSLError) as exc:
