@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import parse_size
+from common import compile_cafs, parse_size
 
 HERE = Path(__file__).resolve().parent
 CAFS = [str(HERE.parent / ".venv" / "bin" / "cafs")]
@@ -74,6 +74,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "fsck.json")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
+    compile_cafs()
     if args.work.exists():
         shutil.rmtree(args.work)
     data, cafs_repo, restic_repo = args.work / "data", args.work / "cafs-repo", args.work / "restic-repo"

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import human, parse_size
+from common import compile_cafs, human, parse_size
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -816,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tools", default="cafs,restic,casync", help="comma-separated subset of cafs,restic,casync"
     )
     args = p.parse_args(argv)
+    compile_cafs()
     tools = [t for t in ("cafs", "restic", "casync") if t in args.tools.split(",")]
     work = args.work.resolve()
     started = time.time()

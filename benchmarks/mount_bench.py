@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import human, parse_size
+from common import compile_cafs, human, parse_size
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -871,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="processes generating data")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
+    compile_cafs()
     if args.quick:
         args.small_files, args.stat_files, args.large_size = 2000, 10000, 256 * MiB
     systems_wanted = [s.strip() for s in args.systems.split(",") if s.strip()]

@@ -64,7 +64,7 @@ from typing import Any, Self
 # Generic helpers shared with the mount benchmark (same directory, which is sys.path[0]
 # when this file is run as a script): commands, mounts, dropping caches, readers.
 import mount_bench as mb
-from common import human, parse_size
+from common import compile_cafs, human, parse_size
 from mount_bench import MB, GiB, KiB, MiB, log
 
 HERE = Path(__file__).resolve().parent
@@ -1010,6 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="processes generating data")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
+    compile_cafs()
     if args.quick:
         args.large_size, args.small_files = 200 * MiB, 2000
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
