@@ -136,6 +136,7 @@ class Importer:
         self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
         self._node_batch: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
+        self._read_buf = _ReadBuffer()
         self.stop = threading.Event()
 
     @property
@@ -391,7 +392,7 @@ class Importer:
         # few microseconds instead of ~100 (cut_stream sets up a max-chunk-sized buffer per
         # call), which is most of the time of a small file.
         if size <= WHOLE_READ_MAX:
-            data = _read_up_to(fd, size + 1)  # one byte more: a file that grew is seen
+            data = self._read_buf.read(fd, size + 1)  # one byte more: a file that grew is seen
             return self._store_chunks(self.cdc.cut_buf(data))
         return self._store_chunks(self.cdc.cut_stream(_FdReader(fd)))
 
@@ -471,16 +472,27 @@ class _FileSkipped(Exception):
     pass
 
 
-def _read_up_to(fd: int, n: int) -> bytes:
-    """Up to ``n`` bytes from ``fd``'s current position, fewer only at end of file."""
-    parts = []
-    while n > 0:
-        part = os.read(fd, n)
-        if not part:
-            break
-        parts.append(part)
-        n -= len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+class _ReadBuffer:
+    """The one buffer whole files are read into. A new bytes object per file would be
+    fresh memory each time, and on a VM that hands freed memory back to its host, fresh
+    pages cost more than the copy itself (benchmarks/README.md); a view of the previous
+    file's bytes must not be in use when the next file is read."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def read(self, fd: int, n: int) -> memoryview:
+        """Up to ``n`` bytes from ``fd``'s current position, fewer only at end of file."""
+        if len(self._buf) < n:
+            self._buf = bytearray(max(n, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:n]
+        got = 0
+        while got < n:
+            k = os.readv(fd, [view[got:]])
+            if k == 0:
+                break
+            got += k
+        return view[:got]
 
 
 class _FdReader:
