@@ -44,6 +44,7 @@ from cafs.tree import entry_at, file_spans, lookup_index
 ROOT_INO = 1
 BLOCK_SIZE = 1 << 20  # st_blksize: invites large reads from cp, Python's io and friends
 DIR_SIZE = 4096
+DOTS = 2  # a listing starts with "." and ".."
 SIBLING_SPREAD = 8  # how far apart files may be opened and still be a read in order
 _KIND_BITS = {1: stat.S_IFDIR, 2: stat.S_IFREG, 3: stat.S_IFLNK}
 
@@ -154,15 +155,31 @@ class SnapshotFS:
         return block.base + index, e
 
     def listdir(self, ino: int, start: int) -> Iterator[tuple[int, Entry, int]]:
-        """``(inode, entry, next offset)`` for the entries of ``ino`` from offset ``start``."""
+        """``(inode, entry, next offset)`` from offset ``start`` of the listing of ``ino``:
+        ``.`` and ``..`` (the directory's and its parent's entries, so renamed), then its
+        entries in name order. Offset ``k`` resumes at the listing's ``k``-th item."""
         block = self._block(ino)
-        index = start
+        if start < 1:
+            yield ino, block.entry._replace(name=b"."), 1
+        if start < DOTS:
+            parent = self.parent(ino)
+            yield parent, self.entry(parent)._replace(name=b".."), DOTS
+        index = max(start - DOTS, 0)
         while True:
             e = entry_at(self.reader, block.entry, index)
             if e is None:
                 return
-            yield block.base + index, e, index + 1
+            yield block.base + index, e, DOTS + index + 1
             index += 1
+
+    def parent(self, ino: int) -> int:
+        """The directory that holds inode ``ino``; the root is its own parent."""
+        if ino == ROOT_INO:
+            return ROOT_INO
+        i = bisect.bisect_right(self._bases, ino) - 1
+        if i < 0:
+            raise PathNotFound(f"inode {ino} is unknown")
+        return self._owners[i]
 
     def attributes(self, ino: int, e: Entry | None = None) -> Attributes:
         e = e or self.entry(ino)

@@ -153,23 +153,26 @@ def test_listdir_lists_names_in_order_with_their_inodes(fs: SnapshotFS, imported
     ino = resolve(fs, rel) if rel else ROOT_INO
     listing = list(fs.listdir(ino, 0))
     names = [e.name for _ino, e, _next in listing]
-    assert names == sorted(os.listdir(os.fsencode(imported.src / os.fsdecode(rel))))
+    assert names == [b".", b".."] + sorted(os.listdir(os.fsencode(imported.src / os.fsdecode(rel))))
     assert [n for _ino, _e, n in listing] == list(range(1, len(listing) + 1))
-    for child, e, _next in listing:
+    parent = resolve(fs, rel.rpartition(b"/")[0]) if b"/" in rel else ROOT_INO
+    assert [i for i, _e, _n in listing[:2]] == [ino, parent]
+    assert listing[0][1]._replace(name=fs.entry(ino).name) == fs.entry(ino)
+    for child, e, _next in listing[2:]:
         assert fs.lookup(ino, e.name)[0] == child
 
 
-@pytest.mark.parametrize("start", [0, 1, 1023, 1024, 1025, 2047, 2048, 2999, WIDE, WIDE + 5])
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 1023, 1024, 1025, 1026, 2047, 2048, 2999, WIDE + 1, WIDE + 2, WIDE + 5])
 def test_listdir_resumes_at_any_offset(fs: SnapshotFS, start: int) -> None:
     wide = resolve(fs, b"wide")
     everything = list(fs.listdir(wide, 0))
-    assert len(everything) == WIDE
+    assert len(everything) == WIDE + 2
     assert list(fs.listdir(wide, start)) == everything[start:]
 
 
 def test_listdir_interleaved_listings(fs: SnapshotFS) -> None:
     wide = resolve(fs, b"wide")
-    a, b = fs.listdir(wide, 0), fs.listdir(wide, 1500)
+    a, b = fs.listdir(wide, 2), fs.listdir(wide, 1502)
     seen_a, seen_b = [], []
     for _ in range(1500):
         seen_a.append(next(a)[1].name)

@@ -279,6 +279,15 @@ def test_readdir_resumes_in_name_order_while_interleaved(wide: Path) -> None:
     assert seen == WIDE_NAMES
 
 
+def test_a_listing_starts_with_dot_and_dotdot(mnt: Mount) -> None:
+    sub = next(p for p in sorted(mnt.path.iterdir()) if p.is_dir() and not p.is_symlink())
+    out = subprocess.run(["ls", "-a1i", "--", str(sub)], capture_output=True, text=True, check=True)
+    (dot_ino, dot), (up_ino, up) = (line.split(None, 1) for line in out.stdout.splitlines()[:2])
+    assert (dot, up) == (".", "..")
+    assert (int(dot_ino), int(up_ino)) == (sub.stat().st_ino, mnt.path.stat().st_ino)
+    assert len(out.stdout.splitlines()) == 2 + len(os.listdir(sub))
+
+
 def test_lookup_in_a_wide_directory(wide: Path) -> None:
     for name in ("f000001", "f001024", "f001025", "f019999", "f020000"):
         assert (wide / name).read_bytes() == b"%d\n" % int(name[1:])
