@@ -99,3 +99,27 @@ def test_a_directory_of_several_pages_is_compared_across_all_of_them(r: Repo, tm
     res = cafs("get", f"{r.repo.url}#ds", tmp_path / "out")
     assert res.code == 0, res.err
     assert_same_tree(src, tmp_path / "out")
+
+
+def test_names_that_change_kind_between_imports(r: Repo, tmp_path: Path, cafs) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "was-file").write_bytes(b"file")
+    (src / "was-dir").mkdir()
+    (src / "was-dir" / "inner").write_bytes(b"inner")
+    (src / "was-link").symlink_to("was-file")
+    (src / "kept").write_bytes(b"kept")
+    r.import_(src)
+    (src / "was-file").unlink()
+    (src / "was-file").mkdir()
+    (src / "was-file" / "now-inside").write_bytes(b"now")
+    (src / "was-dir" / "inner").unlink()
+    (src / "was-dir").rmdir()
+    (src / "was-dir").symlink_to("kept")
+    (src / "was-link").unlink()
+    (src / "was-link").write_bytes(b"was a link")
+    second = r.import_(src)
+    assert second.counters.reused_files == 1  # kept
+    res = cafs("get", f"{r.repo.url}#ds", tmp_path / "out")
+    assert res.code == 0, res.err
+    assert_same_tree(src, tmp_path / "out")
