@@ -40,6 +40,7 @@ from treegen import assert_same_tree, make_tree
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
 from cafs.stores import ObjectExists, open_store
 from cafs.stores.aws_config import S3Settings, s3_settings
+from cafs.stores.aws_instance import RefreshingCredentials
 from cafs.stores.s3 import MIN_PART_SIZE, S3Store
 from cafs.stores.sigv4 import (
     EMPTY_SHA256,
@@ -255,12 +256,12 @@ def test_payload_hash_is_signed_over_plain_http_only(scheme: str, body: bytes, e
 
 
 def test_xml_answers_are_utf8_without_doctype() -> None:
-    from cafs.stores.s3 import _parse_xml
-    assert _parse_xml(b"<?xml version='1.0'?><a>x</a>").text == "x"
+    from cafs.stores.awsxml import parse_xml
+    assert parse_xml(b"<?xml version='1.0'?><a>x</a>").text == "x"
     for bad in (b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "y">]><a>&x;</a>',
                 "<a>x</a>".encode("utf-16"), b"<a>"):
         with pytest.raises(ValueError):
-            _parse_xml(bad)
+            parse_xml(bad)
 
 
 # -- a real moto server -----------------------------------------------------------------
@@ -683,6 +684,158 @@ def test_container_credentials_are_used(moto: Moto, tmp_path: Path) -> None:
             s3_settings({**env, "AWS_CONTAINER_AUTHORIZATION_TOKEN": "wrong"})
     finally:
         fake.close()
+
+
+def _helper_profile(tmp_path: Path, body: str, args: str = "") -> dict[str, str]:
+    """The environment of a profile whose credential_process runs ``body`` in Python."""
+    script = write(tmp_path / "helper.py", body)
+    conf = write(tmp_path / "helper-config", f"[profile helper]\nregion = {REGION}\n"
+                 f"credential_process = {sys.executable} {script} {args}\n")
+    return {"HOME": str(tmp_path), "AWS_PROFILE": "helper", "AWS_CONFIG_FILE": str(conf),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"), "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+HELPER = """
+import datetime, json, sys, time
+with open(sys.argv[1], "a") as runs:
+    runs.write("x")
+expiry = datetime.datetime.fromtimestamp(time.time() + 3600, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+print(json.dumps({"Version": 1, "AccessKeyId": sys.argv[2], "SecretAccessKey": sys.argv[3],
+                  "Expiration": expiry}))
+"""
+
+
+def test_credential_process_credentials_are_used_and_refreshed(moto: Moto, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from cafs.stores import aws_instance
+
+    runs = tmp_path / "runs"
+    env = _helper_profile(tmp_path, HELPER, f"{runs} {moto.creds.access_key_id} {moto.creds.secret_access_key}")
+    settings = s3_settings({**env, "AWS_ENDPOINT_URL_S3": moto.endpoint})
+    assert settings.credentials_from.startswith("the credential_process of profile 'helper'")
+    store = S3Store(f"s3://{BUCKET}/process", settings)
+    store.put("a", b"through a credential helper")
+    assert store.get("a") == b"through a credential helper" and runs.read_text() == "x"
+    monkeypatch.setattr(aws_instance, "REFRESH_MARGIN", 7200.0)  # every request runs it again
+    store.get("a")
+    assert runs.read_text() == "xx"
+
+
+@pytest.mark.parametrize("body,message", [
+    ("import sys; sys.stderr.write('not logged in\\n'); sys.exit(3)", "exited with status 3: not logged in"),
+    ("print('{\"Version\": 2, \"AccessKeyId\": \"AKID\", \"SecretAccessKey\": \"SEKRET\"}')",
+     "printed no credentials AWS's way .*Version is not 1"),
+    ("print('{\"Version\": 1, \"AccessKeyId\": \"AKID\"}')", "printed no credentials .*no 'SecretAccessKey'"),
+    ("print('SEKRET')", "printed no credentials"),
+])
+def test_credential_process_failures_are_clear_usage_errors(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        s3_settings(_helper_profile(tmp_path, body))
+    assert "profile 'helper'" in str(info.value) and "SEKRET" not in str(info.value)
+
+
+def test_credential_process_that_is_not_there(tmp_path: Path) -> None:
+    conf = write(tmp_path / "config", "[default]\ncredential_process = /nonexistent/aws-helper --profile x\n")
+    with pytest.raises(UsageError, match="no program '/nonexistent/aws-helper'"):
+        s3_settings({"HOME": str(tmp_path), "AWS_CONFIG_FILE": str(conf)})
+
+
+class FakeSts:
+    """STS answering AssumeRoleWithWebIdentity with ``creds``, after checking the form;
+    ``forms`` keeps every form received, ``deny`` answers 403 AccessDenied."""
+
+    def __init__(self, creds: Credentials) -> None:
+        outer = self
+        self.forms: list[dict[str, str]] = []
+        self.deny = False
+
+        class Handler(QuietHandler):
+            def do_POST(self) -> None:
+                from urllib.parse import parse_qsl
+                form = dict(parse_qsl(self.rfile.read(int(self.headers["Content-Length"])).decode()))
+                outer.forms.append(form)
+                expiry = datetime.fromtimestamp(time.time() + 3600, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                if outer.deny or form.get("Action") != "AssumeRoleWithWebIdentity" or "Authorization" in self.headers:
+                    status, body = 403, ("<ErrorResponse><Error><Code>AccessDenied</Code><Message>Not authorized "
+                                         "to perform sts:AssumeRoleWithWebIdentity</Message></Error></ErrorResponse>")
+                else:
+                    status, body = 200, (
+                        '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+                        "<AssumeRoleWithWebIdentityResult><Credentials>"
+                        f"<AccessKeyId>{creds.access_key_id}</AccessKeyId>"
+                        f"<SecretAccessKey>{creds.secret_access_key}</SecretAccessKey>"
+                        f"<Expiration>{expiry}</Expiration></Credentials></AssumeRoleWithWebIdentityResult>"
+                        "</AssumeRoleWithWebIdentityResponse>")
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._http = FakeServer(Handler)
+        self.url = self._http.url
+
+    def close(self) -> None:
+        self._http.close()
+
+
+ROLE = "arn:aws:iam::123456789012:role/training"
+
+
+def test_web_identity_is_exchanged_with_sts_and_the_token_reread(moto: Moto, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cafs.stores import aws_instance
+
+    sts = FakeSts(_role_credentials(moto))
+    try:
+        token = write(tmp_path / "token", "eyJhbGciOi.projected-token-1.sig\n")
+        env = _metadata_env(moto, tmp_path, AWS_ROLE_ARN=ROLE, AWS_WEB_IDENTITY_TOKEN_FILE=str(token),
+                            AWS_ROLE_SESSION_NAME="job-7", AWS_ENDPOINT_URL_STS=sts.url,
+                            AWS_EC2_METADATA_DISABLED="true")
+        settings = s3_settings(env)
+        assert settings.credentials_from == f"role {ROLE} for the web identity of AWS_WEB_IDENTITY_TOKEN_FILE"
+        store = S3Store(f"s3://{BUCKET}/web-identity", settings)
+        store.put("w", b"through a web identity")
+        assert store.get("w") == b"through a web identity"
+        assert len(sts.forms) == 1
+        assert {k: sts.forms[0][k] for k in ("RoleArn", "RoleSessionName", "WebIdentityToken")} == {
+            "RoleArn": ROLE, "RoleSessionName": "job-7", "WebIdentityToken": "eyJhbGciOi.projected-token-1.sig"}
+        token.write_text("eyJhbGciOi.projected-token-2.sig\n")  # the platform rotates it
+        monkeypatch.setattr(aws_instance, "REFRESH_MARGIN", 7200.0)
+        assert store.get("w") == b"through a web identity"
+        assert sts.forms[-1]["WebIdentityToken"] == "eyJhbGciOi.projected-token-2.sig"
+        sts.deny = True
+        with pytest.raises(UsageError, match="answered 403 AccessDenied: Not authorized") as info:
+            s3_settings(env)
+        assert "projected-token" not in str(info.value)
+    finally:
+        sts.close()
+    with pytest.raises(UsageError, match="token file .*missing"):
+        s3_settings({**env, "AWS_WEB_IDENTITY_TOKEN_FILE": str(tmp_path / "missing")})
+    with pytest.raises(UsageError, match="lacks AWS_WEB_IDENTITY_TOKEN_FILE"):
+        s3_settings({**env, "AWS_WEB_IDENTITY_TOKEN_FILE": ""})
+    with pytest.raises(UsageError, match="STS at http://127.0.0.1:9 "):
+        s3_settings({**env, "AWS_ENDPOINT_URL_STS": "http://127.0.0.1:9"})
+
+
+def test_web_identity_from_a_profile_reads_an_sts_answer(moto: Moto, tmp_path: Path) -> None:
+    """The answer of moto's STS (authentication off for it: moto wants every request signed,
+    but this one is unsigned in AWS too) is read into temporary credentials."""
+    token = write(tmp_path / "token", "eyJhbGciOi.token.sig")
+    conf = write(tmp_path / "config", f"[profile eks]\nrole_arn = {ROLE}\nweb_identity_token_file = {token}\n"
+                 f"endpoint_url = {moto.endpoint}\nregion = {REGION}\n")
+    moto.auth(False)
+    try:
+        settings = s3_settings({"HOME": str(tmp_path), "AWS_PROFILE": "eks", "AWS_CONFIG_FILE": str(conf)})
+    finally:
+        moto.auth(True)
+    assert isinstance(settings.credentials, RefreshingCredentials)
+    creds = settings.credentials.current()
+    assert creds.access_key_id.startswith("ASIA") and creds.session_token
+    assert settings.credentials_from.endswith(f"web identity of profile 'eks' in {conf}")
+    bad = write(tmp_path / "bad-config", "[profile eks]\nweb_identity_token_file = /t\n")
+    with pytest.raises(UsageError, match="web_identity_token_file but no role_arn"):
+        s3_settings({"HOME": str(tmp_path), "AWS_PROFILE": "eks", "AWS_CONFIG_FILE": str(bad)})
 
 
 def test_metadata_documents_are_read_whole_and_kept_secret(tmp_path: Path) -> None:

@@ -6,9 +6,15 @@ places, resolved once when a store is opened (never at import time).
   ``aws_session_token`` in the shared credentials file (``$AWS_SHARED_CREDENTIALS_FILE``,
   else ``~/.aws/credentials``; section ``[NAME]``), else in the config file
   (``$AWS_CONFIG_FILE``, else ``~/.aws/config``; section ``[profile NAME]``, or
-  ``[default]``); else an ECS task role's or EC2 instance role's temporary credentials,
-  refreshed before they expire (``cafs.stores.aws_instance``); else none at all, and
-  requests go unsigned (public buckets). The profile is ``$AWS_PROFILE``, else ``default``.
+  ``[default]``); else the profile's ``credential_process``; else an ECS task role's or EC2
+  instance role's temporary credentials (``cafs.stores.aws_instance``); else none at all,
+  and requests go unsigned (public buckets). Before the files, a web identity
+  (``AWS_ROLE_ARN`` + ``AWS_WEB_IDENTITY_TOKEN_FILE``, or the profile's ``role_arn`` +
+  ``web_identity_token_file``) is exchanged with STS (``cafs.stores.aws_external``), as the
+  AWS SDKs do. Temporary credentials are refreshed before they expire. The profile is
+  ``$AWS_PROFILE``, else ``default``.
+- STS endpoint (web identity): ``AWS_ENDPOINT_URL_STS``, ``AWS_ENDPOINT_URL``, the
+  profile's ``endpoint_url``, else ``https://sts.REGION.amazonaws.com``.
 - region: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's ``region``, ``us-east-1``.
 - endpoint: ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the profile's ``endpoint_url``
   (all ignored when ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``); none means AWS itself.
@@ -19,10 +25,10 @@ places, resolved once when a store is opened (never at import time).
   system's trust store.
 
 Raises ``UsageError`` for half a key pair in the environment, an ``AWS_PROFILE`` that
-neither file has, an unreadable or malformed file, and a profile that names only a way of
-getting credentials cafs does not implement (``credential_process``, SSO, ``role_arn``,
-web identity): say so rather than fall back to anonymous requests that fail later as
-"access denied".
+neither file has, an unreadable or malformed file, a credential helper or web identity
+that gives no credentials, and a profile that names only a way of getting credentials
+cafs does not implement (SSO, ``role_arn`` with a ``source_profile``): say so rather than
+fall back to anonymous requests that fail later as "access denied".
 
 Secrets never leave ``Credentials`` (whose ``repr`` hides them); ``credentials_from``
 says where they came from, for messages, without them.
@@ -37,13 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cafs.errors import UsageError
+from cafs.stores.aws_external import process_credentials, web_identity_credentials
 from cafs.stores.aws_instance import RefreshingCredentials, instance_credentials
 from cafs.stores.sigv4 import Credentials
 
 DEFAULT_REGION = "us-east-1"
 ADDRESSING_STYLES = ("auto", "path", "virtual")
-_UNSUPPORTED = ("credential_process", "sso_session", "sso_start_url", "role_arn",
-                "web_identity_token_file")
+_UNSUPPORTED = ("sso_session", "sso_start_url", "role_arn")  # role_arn: with a source_profile
 
 
 @dataclass(frozen=True)
@@ -70,22 +76,26 @@ def s3_settings(env: Mapping[str, str] | None = None) -> S3Settings:
         raise UsageError(f"AWS profile {profile!r} is in neither {cred_path} nor {conf_path}")
     conf = conf_file or {}
 
-    credentials, source = _credentials(env, profile, (cred_path, creds_file or {}), (conf_path, conf))
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or conf.get("region") or DEFAULT_REGION
+    configured = env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() != "true"
     endpoint = None
-    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() != "true":
+    sts = f"https://sts.{region}.amazonaws.com"
+    if configured:
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or conf.get("endpoint_url")
+        sts = env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL") or conf.get("endpoint_url") or sts
+    credentials, source = _credentials(env, profile, sts, (cred_path, creds_file or {}), (conf_path, conf))
     style = _nested(conf.get("s3", "")).get("addressing_style", "auto")
     if style not in ADDRESSING_STYLES:
         raise UsageError(f"{conf_path}: profile {profile!r}: addressing_style must be one of "
                          f"{', '.join(ADDRESSING_STYLES)}, not {style!r}")
     return S3Settings(
         credentials=credentials, credentials_from=source,
-        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or conf.get("region") or DEFAULT_REGION,
+        region=region,
         endpoint_url=endpoint or None, addressing_style=style,
         ca_file=env.get("AWS_CA_BUNDLE") or env.get("CAFS_CA_FILE") or conf.get("ca_bundle") or None)
 
 
-def _credentials(env: Mapping[str, str], profile: str, *files: tuple[Path, dict[str, str]]
+def _credentials(env: Mapping[str, str], profile: str, sts: str, *files: tuple[Path, dict[str, str]]
                  ) -> tuple[Credentials | RefreshingCredentials | None, str]:
     key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
     if key_id or secret:
@@ -93,6 +103,9 @@ def _credentials(env: Mapping[str, str], profile: str, *files: tuple[Path, dict[
             missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
             raise UsageError(f"AWS credentials in the environment lack {missing}")
         return Credentials(key_id, secret, env.get("AWS_SESSION_TOKEN") or None), "the environment (AWS_ACCESS_KEY_ID)"
+    web = _web_identity(env, profile, sts, files)
+    if web is not None:
+        return web, web.source
     for path, values in files:
         key_id, secret = values.get("aws_access_key_id"), values.get("aws_secret_access_key")
         if key_id or secret:
@@ -100,6 +113,10 @@ def _credentials(env: Mapping[str, str], profile: str, *files: tuple[Path, dict[
                 raise UsageError(f"{path}: profile {profile!r} has only half of a key pair")
             token = values.get("aws_session_token") or values.get("aws_security_token") or None
             return Credentials(key_id, secret, token), f"profile {profile!r} in {path}"
+    for path, values in files:
+        if values.get("credential_process"):
+            helper = process_credentials(values["credential_process"], f"profile {profile!r} in {path}")
+            return helper, helper.source
     for path, values in files:
         other = [k for k in _UNSUPPORTED if values.get(k)]
         if other:
@@ -110,6 +127,28 @@ def _credentials(env: Mapping[str, str], profile: str, *files: tuple[Path, dict[
     if instance is not None:
         return instance, instance.source
     return None, ""
+
+
+def _web_identity(env: Mapping[str, str], profile: str, sts: str,
+                  files: tuple[tuple[Path, dict[str, str]], ...]) -> RefreshingCredentials | None:
+    """A role assumed with a web identity token: from ``AWS_ROLE_ARN`` and
+    ``AWS_WEB_IDENTITY_TOKEN_FILE``, else from a profile's ``role_arn`` and
+    ``web_identity_token_file``."""
+    role, token_file = env.get("AWS_ROLE_ARN"), env.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+    if role or token_file:
+        if not (role and token_file):
+            missing = "AWS_WEB_IDENTITY_TOKEN_FILE" if role else "AWS_ROLE_ARN"
+            raise UsageError(f"a web identity in the environment lacks {missing}")
+        return web_identity_credentials(role, token_file, env.get("AWS_ROLE_SESSION_NAME", ""), sts,
+                                        "AWS_WEB_IDENTITY_TOKEN_FILE")
+    for path, values in files:
+        if values.get("web_identity_token_file"):
+            if not values.get("role_arn"):
+                raise UsageError(f"{path}: profile {profile!r} has a web_identity_token_file but no role_arn")
+            return web_identity_credentials(values["role_arn"], values["web_identity_token_file"],
+                                            values.get("role_session_name", ""), sts,
+                                            f"profile {profile!r} in {path}")
+    return None
 
 
 def _section(path: Path, names: list[str]) -> dict[str, str] | None:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Protocol
 
 import urllib3
 
@@ -44,8 +45,15 @@ ECS_ENDPOINT = "http://169.254.170.2"
 TOKEN_TTL = 21600
 
 
+class CredentialSource(Protocol):
+    def credentials(self) -> tuple[Credentials, float]:
+        """Fresh credentials and the ``time.time()`` they expire at; raises
+        ``StoreUnavailable`` naming the source when it cannot give them."""
+        ...
+
+
 class RefreshingCredentials:
-    def __init__(self, fetch: _Fetch, source: str) -> None:
+    def __init__(self, fetch: CredentialSource, source: str) -> None:
         self._fetch = fetch
         self.source = source
         self._lock = threading.Lock()
@@ -73,7 +81,7 @@ class RefreshingCredentials:
         return tuple(self._secrets)
 
 
-class _Fetch:
+class HttpCredentialSource:
     """One way of fetching credentials: ``credentials()`` -> (credentials, expiry time)."""
 
     def __init__(self, what: str) -> None:
@@ -97,13 +105,22 @@ class _Fetch:
         try:
             doc = json.loads(body)
             creds = Credentials(doc["AccessKeyId"], doc["SecretAccessKey"], doc.get("Token") or None)
-            expires = datetime.fromisoformat(doc["Expiration"].replace("Z", "+00:00")).timestamp()
+            expires = parse_expiry(doc["Expiration"])
         except (ValueError, KeyError, TypeError, AttributeError):
             raise StoreUnavailable(f"{self.what}: the credentials document is not what AWS sends") from None
         return creds, expires
 
 
-class _Imds(_Fetch):
+def parse_expiry(text: str) -> float:
+    """``time.time()`` of an ISO 8601 expiry as AWS writes it (``2026-11-23T22:00:00Z``);
+    raises ValueError."""
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"expiry {text!r} has no time zone")
+    return when.timestamp()
+
+
+class _Imds(HttpCredentialSource):
     def __init__(self, endpoint: str) -> None:
         super().__init__(f"the EC2 instance metadata service at {endpoint}")
         self._base = endpoint.rstrip("/")
@@ -120,7 +137,7 @@ class _Imds(_Fetch):
                                          auth))
 
 
-class _Ecs(_Fetch):
+class _Ecs(HttpCredentialSource):
     def __init__(self, url: str, token: str | None) -> None:
         super().__init__(f"the container credentials endpoint {url}")
         self._url = url

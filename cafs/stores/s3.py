@@ -52,9 +52,11 @@ store keeps no other mutable state.
 
 Caveats: credentials from the environment or files are read once, when the store is
 opened (temporary ones expire with their token; restart the command); those from an EC2
-instance role or an ECS task role are refreshed before they expire (see
-``cafs.stores.aws_instance``). No credential_process, SSO or assumed roles. A 200 answer to CompleteMultipartUpload that carries an
-``<Error>`` (S3 does this) is treated as that error.
+instance role, an ECS task role, a ``credential_process`` or a web identity are refreshed
+before they expire (see ``cafs.stores.aws_instance`` and ``cafs.stores.aws_external``).
+No SSO, and no roles assumed from another profile (``source_profile``). A 200 answer to
+CompleteMultipartUpload that carries an ``<Error>`` (S3 does this) is treated as that
+error.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreE
 from cafs.stores.access import redact, refuse_userinfo
 from cafs.stores.aws_config import S3Settings
 from cafs.stores.aws_instance import RefreshingCredentials
+from cafs.stores import awsxml
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.sigv4 import (
     EMPTY_SHA256,
@@ -94,7 +97,6 @@ MIN_PART_SIZE = 5 * 2**20  # S3's smallest part but the last
 MAX_PARTS = 10_000
 PART_THREADS = 4
 MAX_XML = 16 * 2**20  # an answer that is not object bytes
-_NS = re.compile(r"^\{[^}]*\}")
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,254}")
 _DNS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _RETRYABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
@@ -197,20 +199,20 @@ class S3Store:
                 raise ListingUnavailable(f"{exc}; listing is refused, objects can still be read "
                                          "by name (REPO#NAME, REPO#NAME@JID)") from None
             root = self._xml(ans, None, "ListBucketResult")
-            for item in _children(root, "Contents"):
-                name = unquote_plus(_text(item, "Key"))
+            for item in awsxml.children(root, "Contents"):
+                name = unquote_plus(awsxml.text(item, "Key"))
                 if not name.startswith(full):
                     continue
                 rel = name[len(self.prefix):]
                 try:
                     check_key(rel)
-                    size = int(_text(item, "Size"))
+                    size = int(awsxml.text(item, "Size"))
                 except (StoreError, ValueError):
                     continue  # not ours: a folder marker, an odd name, a bad size
                 yield rel, size
-            if _text(root, "IsTruncated").lower() != "true":
+            if awsxml.text(root, "IsTruncated").lower() != "true":
                 return
-            token = _text(root, "NextContinuationToken")
+            token = awsxml.text(root, "NextContinuationToken")
             if not token or token in seen:
                 raise StoreError(f"{self.url}/{prefix}: the listing does not advance (continuation token)")
             seen.add(token)
@@ -227,7 +229,7 @@ class S3Store:
     def _put_multipart(self, key: str, view: memoryview, exclusive: bool) -> None:
         ans = self._call("POST", key, query=[("uploads", "")])
         self._expect(ans, key, (200,))
-        upload_id = _text(self._xml(ans, key, "InitiateMultipartUploadResult"), "UploadId")
+        upload_id = awsxml.text(self._xml(ans, key, "InitiateMultipartUploadResult"), "UploadId")
         if not upload_id:
             raise StoreError(f"{self._where(key)}: CreateMultipartUpload returned no UploadId")
         try:
@@ -355,12 +357,12 @@ class S3Store:
 
     def _xml(self, ans: _Answer, key: str | None, expected: str) -> ET.Element:
         try:
-            root = _parse_xml(ans.data)
+            root = awsxml.parse_xml(ans.data)
         except ValueError as exc:
             raise StoreError(f"{self._where(key)}: cannot read the answer ({exc})") from None
-        tag = _NS.sub("", root.tag)
+        tag = awsxml.tag(root)
         if tag == "Error":  # S3 may answer 200 and fail later in the body
-            code, message = _text(root, "Code"), self._scrub(" ".join(_text(root, "Message").split()))
+            code, message = awsxml.text(root, "Code"), self._scrub(" ".join(awsxml.text(root, "Message").split()))
             error = StoreUnavailable if code in _RETRYABLE_CODES or not code else StoreError
             raise error(f"{self._where(key)}: failed after answering 200 ({code}: {message})")
         if tag != expected:
@@ -412,42 +414,16 @@ def _endpoint(bucket: str, settings: S3Settings) -> tuple[str, bool]:
     return f"https://{bucket}.s3.{region}.{domain}", True
 
 
-def _children(root: ET.Element, name: str) -> builtins.list[ET.Element]:
-    return [e for e in root if _NS.sub("", e.tag) == name]
-
-
-def _text(root: ET.Element, name: str) -> str:
-    for e in _children(root, name):
-        return e.text or ""
-    return ""
-
-
-def _parse_xml(data: bytes) -> ET.Element:
-    """Parse an answer of the S3 API. It must be UTF-8 (as S3 sends) and have no DOCTYPE,
-    so no entity can be declared (nor expanded) whatever the parser version; parsing
-    text, not bytes, makes expat ignore any other declared encoding."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
-    if "<!DOCTYPE" in text:
-        raise ValueError("an XML answer with a DOCTYPE")
-    try:
-        return ET.fromstring(text.removeprefix("\ufeff"))
-    except ET.ParseError as exc:
-        raise ValueError(f"malformed XML: {exc}") from None
-
-
 def _error_fields(ans: _Answer) -> tuple[str, str]:
     if not ans.data.lstrip().startswith(b"<"):
         return "", ""
     try:
-        root = _parse_xml(ans.data)
+        root = awsxml.parse_xml(ans.data)
     except ValueError:
         return "", ""
-    if _NS.sub("", root.tag) != "Error":
+    if awsxml.tag(root) != "Error":
         return "", ""
-    return _text(root, "Code"), _text(root, "Message")
+    return awsxml.text(root, "Code"), awsxml.text(root, "Message")
 
 
 def _error_code(ans: _Answer) -> str:

@@ -1,0 +1,38 @@
+"""Reading the XML answers of AWS APIs (S3, STS): namespaces ignored, and no DOCTYPE, so
+no entity can be declared (nor expanded) whatever the parser version."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+NS = re.compile(r"^\{[^}]*\}")
+
+
+def parse_xml(data: bytes) -> ET.Element:
+    """Parse an answer. It must be UTF-8 (as AWS sends) and have no DOCTYPE; parsing text,
+    not bytes, makes expat ignore any other declared encoding. Raises ValueError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    if "<!DOCTYPE" in text:
+        raise ValueError("an XML answer with a DOCTYPE")
+    try:
+        return ET.fromstring(text.removeprefix("\ufeff"))
+    except ET.ParseError as exc:
+        raise ValueError(f"malformed XML: {exc}") from None
+
+
+def tag(e: ET.Element) -> str:
+    return NS.sub("", e.tag)
+
+
+def children(root: ET.Element, name: str) -> list[ET.Element]:
+    return [e for e in root if tag(e) == name]
+
+
+def text(root: ET.Element, name: str) -> str:
+    for e in children(root, name):
+        return e.text or ""
+    return ""
