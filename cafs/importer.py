@@ -272,16 +272,13 @@ class Importer:
     def _finish_dir(self, frame: _DirFrame) -> Entry | PrevEntry:
         if (frame.prev_ref is not None and len(frame.entries) == len(frame.prev)
                 and all(type(e) is list for e in frame.entries)):
-            # every entry is the previous snapshot's own: so is the node
-            ref = frame.prev_ref
-            entries: list[Entry] | list[Entry | PrevEntry] = frame.entries
+            ref = frame.prev_ref  # every entry is the previous snapshot's own: so is the node
         else:
-            entries = self._decoded(frame)
-            ref = self._store_dir(entries)
+            ref = self._store_dir(self._decoded(frame))
         st = frame.st
         name = frame.path.rsplit(b"/", 1)[-1]
         return _same_or_new(frame.prev_dir, Entry(
-            name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(entries),
+            name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(frame.entries),
             2 + frame.subdirs, st.st_ino, ref=ref))
 
     def _decoded(self, frame: _DirFrame) -> list[Entry]:
@@ -339,8 +336,8 @@ class Importer:
             try:
                 old = decode_entry(prev, "entry")
             except FormatError:
-                old = None  # read the file again
-            if old is not None:
+                pass  # read the file again
+            else:
                 self._count_reused(st)
                 return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
