@@ -124,10 +124,7 @@ class SnapshotFS:
     def entry(self, ino: int) -> Entry:
         if ino == ROOT_INO:
             return self.snapshot.root
-        i = bisect.bisect_right(self._bases, ino) - 1
-        if i < 0:
-            raise PathNotFound(f"inode {ino} is unknown")
-        parent = self._blocks[self._owners[i]]
+        parent = self._blocks[self.parent(ino)]
         e = entry_at(self.reader, parent.entry, ino - parent.base)
         if e is None:
             raise PathNotFound(f"inode {ino} is unknown")
