@@ -157,12 +157,8 @@ class Extractor:
 
     def _clear_non_file(self, dir_fd: int, name: bytes) -> None:
         st = _lstat(dir_fd, name)
-        if st is None or stat.S_ISREG(st.st_mode):
-            return
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd)
-        else:
-            os.unlink(name, dir_fd=dir_fd)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            _remove(dir_fd, name, st)
 
     def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path,
                     link_key: tuple[object, ...] | None = None) -> None:
@@ -199,10 +195,8 @@ class Extractor:
             return False
         st = _lstat(dir_fd, name)
         if st is None or (st.st_dev, st.st_ino) != group.dev_ino:
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(name, dir_fd=dir_fd)
-            elif st is not None:
-                os.unlink(name, dir_fd=dir_fd)
+            if st is not None:
+                _remove(dir_fd, name, st)
             os.link(f"/proc/self/fd/{group.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
         group.left -= 1
         if group.left <= 0:  # every name of it is made: nothing more will link to it
@@ -232,13 +226,8 @@ class Extractor:
         assert entry.target is not None
         st = _lstat(dir_fd, name)
         if st is not None:
-            if stat.S_ISLNK(st.st_mode) and os.fsencode(os.readlink(name, dir_fd=dir_fd)) == entry.target:
-                pass
-            elif stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(name, dir_fd=dir_fd)
-                st = None
-            else:
-                os.unlink(name, dir_fd=dir_fd)
+            if not (stat.S_ISLNK(st.st_mode) and os.fsencode(os.readlink(name, dir_fd=dir_fd)) == entry.target):
+                _remove(dir_fd, name, st)
                 st = None
         if st is None:
             os.symlink(entry.target, name, dir_fd=dir_fd)
@@ -267,6 +256,14 @@ class _LinkGroup:
     fd: int  # an O_PATH descriptor of the file extracted first
     dev_ino: tuple[int, int]
     left: int  # names of it still to come
+
+
+def _remove(dir_fd: int, name: bytes, st: os.stat_result) -> None:
+    """Remove what ``st`` says is at ``name``: a directory with all it holds."""
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
