@@ -225,9 +225,7 @@ class ChunkCache:
                         txn.put(key, _SIZE.pack((_SIZE.unpack(raw)[0] if raw else 0) + delta))
                 txn.put(_LIMIT_KEY, _SIZE.pack(self.limit))
         except lmdb.Error as exc:
-            if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
-                raise NoSpaceError(f"cache {self.root}: no space left for its counters") from None
-            raise CacheError(f"cache {self.root}: cannot record counters: {exc}") from None
+            raise self._write_failed(exc, "its counters") from None
 
     def record_snapshot(self, source: str) -> None:
         """Note that ``source`` (``REPO#REF@JID``) uses this cache, keeping the newest
@@ -239,9 +237,13 @@ class ChunkCache:
                 for key, _when in recorded[RECORDED_SNAPSHOTS:]:
                     txn.delete(key)
         except lmdb.Error as exc:
-            if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
-                raise NoSpaceError(f"cache {self.root}: no space left to record a snapshot") from None
-            raise CacheError(f"cache {self.root}: cannot record a snapshot: {exc}") from None
+            raise self._write_failed(exc, "a snapshot") from None
+
+    def _write_failed(self, exc: lmdb.Error, what: str) -> CacheError | NoSpaceError:
+        """The error to raise for an LMDB write of ``what`` that failed with ``exc``."""
+        if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
+            return NoSpaceError(f"cache {self.root}: no space left to record {what}")
+        return CacheError(f"cache {self.root}: cannot record {what}: {exc}")
 
     def recorded_snapshots(self) -> list[str]:
         """The snapshots recorded by ``record_snapshot``, most recently used first."""
@@ -291,9 +293,7 @@ class ChunkCache:
                 txn.put(_SIZE_KEY, _SIZE.pack(total), db=self.stat)
         except lmdb.Error as exc:
             self.counters.insert_failures += 1
-            if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
-                raise NoSpaceError(f"cache {self.root}: no space left for the extent index") from None
-            raise CacheError(f"cache {self.root}: cannot record an extent: {exc}") from None
+            raise self._write_failed(exc, "an extent") from None
         if total > self.limit:
             self.evict(int(self.limit * EVICT_TO))
 
