@@ -104,11 +104,7 @@ class _WebIdentity(HttpCredentialSource):
             raise StoreUnavailable(f"{self.what}: not an AssumeRoleWithWebIdentity answer: {_reason(exc)}") from None
 
     def _post(self, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        try:
-            resp = self._http.request("POST", self._endpoint, body=body, headers=headers, redirect=False)
-        except Exception as exc:  # urllib3 raises several unrelated types
-            raise StoreUnavailable(f"{self.what}: {getattr(exc, 'reason', None) or exc}") from None
+        resp = self._send("POST", self._endpoint, {"Content-Type": "application/x-www-form-urlencoded"}, body)
         if resp.status != 200:
             code = message = ""
             try:
@@ -130,21 +126,13 @@ def process_credentials(command: str, where: str) -> RefreshingCredentials:
         raise UsageError(f"{where}: credential_process {command!r} cannot be split: {exc}") from None
     if not argv:
         raise UsageError(f"{where}: credential_process is empty")
-    return _first(RefreshingCredentials(_Process(argv, where), f"the credential_process of {where}"))
+    return RefreshingCredentials(_Process(argv, where), f"the credential_process of {where}").fetched()
 
 
 def web_identity_credentials(role_arn: str, token_file: str, session_name: str, endpoint: str,
                              where: str) -> RefreshingCredentials:
     fetch = _WebIdentity(role_arn, token_file, session_name or f"cafs-{int(time.time())}", endpoint, where)
-    return _first(RefreshingCredentials(fetch, f"role {role_arn} for the web identity of {where}"))
-
-
-def _first(creds: RefreshingCredentials) -> RefreshingCredentials:
-    try:
-        creds.current()
-    except StoreUnavailable as exc:
-        raise UsageError(f"AWS credentials: {exc}") from None
-    return creds
+    return RefreshingCredentials(fetch, f"role {role_arn} for the web identity of {where}").fetched()
 
 
 def _string(doc: dict[str, object], key: str) -> str:

@@ -77,6 +77,15 @@ class RefreshingCredentials:
                     # the old ones still hold: use them and try again on the next request
             return self._creds
 
+    def fetched(self) -> RefreshingCredentials:
+        """Itself, once it has fetched credentials: a source that names itself but gives
+        none is a UsageError when the store is opened, not a late "access denied"."""
+        try:
+            self.current()
+        except StoreUnavailable as exc:
+            raise UsageError(f"AWS credentials: {exc}") from None
+        return self
+
     def secrets(self) -> tuple[str, ...]:
         return tuple(self._secrets)
 
@@ -89,11 +98,15 @@ class HttpCredentialSource:
         self._http = urllib3.PoolManager(
             retries=False, timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT))
 
-    def _request(self, method: str, url: str, headers: Mapping[str, str]) -> bytes:
+    def _send(self, method: str, url: str, headers: Mapping[str, str],
+              body: bytes | None = None) -> urllib3.BaseHTTPResponse:
         try:
-            resp = self._http.request(method, url, headers=dict(headers), redirect=False)
+            return self._http.request(method, url, headers=dict(headers), body=body, redirect=False)
         except urllib3.exceptions.HTTPError as exc:
             raise StoreUnavailable(f"{self.what}: {method} {url} failed: {getattr(exc, 'reason', None) or exc}") from None
+
+    def _request(self, method: str, url: str, headers: Mapping[str, str]) -> bytes:
+        resp = self._send(method, url, headers)
         if resp.status != 200:
             raise StoreUnavailable(f"{self.what}: {method} {url} answered {resp.status}")
         return bytes(resp.data)
@@ -162,12 +175,7 @@ def instance_credentials(env: Mapping[str, str]) -> RefreshingCredentials | None
                     token = f.read().strip()
             except OSError as exc:
                 raise UsageError(f"AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE {token_file}: {exc.strerror}") from None
-        ecs = RefreshingCredentials(_Ecs(url, token), "the container credentials endpoint")
-        try:
-            ecs.current()
-        except StoreUnavailable as exc:
-            raise UsageError(f"AWS credentials: {exc}") from None
-        return ecs
+        return RefreshingCredentials(_Ecs(url, token), "the container credentials endpoint").fetched()
     if env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return None
     endpoint = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT
