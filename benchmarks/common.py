@@ -1,4 +1,5 @@
-"""Helpers every benchmark script uses: sizes on the command line and in reports.
+"""Helpers every benchmark script uses: sizes on the command line and in reports, and
+compiling cafs before anything is timed.
 
 The scripts run from this directory (``.venv/bin/python benchmarks/X.py``), which is then
 ``sys.path[0]``, so ``from common import ...`` finds this module.

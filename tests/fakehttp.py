@@ -2,7 +2,8 @@
 test writes itself (a redirecting front end, a cloud metadata service).
 
 ``FakeServer(handler)`` serves at once on a free port (``port``, ``url``); ``close()``
-stops it and frees the port. ``QuietHandler`` is a request handler that logs nothing.
+stops it and frees the port. ``QuietHandler`` is a request handler that logs nothing;
+its ``answer`` sends a whole response.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ import threading
 class QuietHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
+
+    def answer(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        """A whole response: ``status``, ``headers``, ``body`` with its Content-Length."""
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 class FakeServer:

@@ -239,10 +239,7 @@ class _Redirector:
                 path, _, hop = self.path.partition("?hop=")
                 n = int(hop or 0)
                 where = (f"{outer.url}{path}?hop={n + 1}" if n < hops else f"{target}{path}")
-                self.send_response(status)
-                self.send_header("Location", where)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.answer(status, headers={"Location": where})
 
             do_GET = do_HEAD = do_PUT = _redirect
 

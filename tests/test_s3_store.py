@@ -598,31 +598,25 @@ class FakeMetadata:
                                "Token": outer.creds.session_token, "Expiration": expiry}).encode()
 
         class Handler(QuietHandler):
-            def _answer(self, status: int, body: bytes = b"") -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
             def do_PUT(self) -> None:
                 if outer.fail or self.path != "/latest/api/token" \
                         or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    return self._answer(500 if outer.fail else 400)
-                self._answer(200, b"imds-session-token")
+                    return self.answer(500 if outer.fail else 400)
+                self.answer(200, b"imds-session-token")
 
             def do_GET(self) -> None:
                 if outer.fail:
-                    return self._answer(500)
+                    return self.answer(500)
                 if self.path == "/ecs-creds":
                     ok = self.headers.get("Authorization") == "ecs-auth"
-                    return self._answer(200, document()) if ok else self._answer(401)
+                    return self.answer(200, document()) if ok else self.answer(401)
                 if self.headers.get("X-aws-ec2-metadata-token") != "imds-session-token":
-                    return self._answer(401)
+                    return self.answer(401)
                 if self.path == "/latest/meta-data/iam/security-credentials/":
-                    return self._answer(200, b"training-role")
+                    return self.answer(200, b"training-role")
                 if self.path == "/latest/meta-data/iam/security-credentials/training-role":
-                    return self._answer(200, document())
-                self._answer(404)
+                    return self.answer(200, document())
+                self.answer(404)
 
         self._http = FakeServer(Handler)
         self.url = self._http.url
@@ -766,11 +760,7 @@ class FakeSts:
                         f"<SecretAccessKey>{creds.secret_access_key}</SecretAccessKey>"
                         f"<Expiration>{expiry}</Expiration></Credentials></AssumeRoleWithWebIdentityResult>"
                         "</AssumeRoleWithWebIdentityResponse>")
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.answer(status, body.encode())
 
         self._http = FakeServer(Handler)
         self.url = self._http.url
