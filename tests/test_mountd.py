@@ -1,0 +1,49 @@
+"""The mount daemon's process set-up: glibc's malloc arenas are capped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Threads allocate at once; glibc's own report (malloc_info) counts the arenas in use.
+_PROBE = textwrap.dedent("""
+    import ctypes, ctypes.util, os, sys, tempfile, threading
+    from cafs.mountd import limit_malloc_arenas
+    if sys.argv[1] == "limit":
+        assert limit_malloc_arenas(1)
+    barrier = threading.Barrier(8)
+    def churn():
+        barrier.wait()
+        for _ in range(5000):
+            [bytearray(512) for _ in range(8)]
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "info.xml")
+        f = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, f)
+        libc.fclose(f)
+        print(open(path).read().count("<heap nr="))
+""")
+
+
+def arenas(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+                         check=True, timeout=120)
+    return int(out.stdout)
+
+
+def test_the_arena_cap_holds_while_threads_allocate_at_once() -> None:
+    assert arenas("limit") == 1
+
+
+def test_without_the_cap_threads_get_arenas_of_their_own() -> None:
+    # shows the probe can see more than one arena, so the test above can fail
+    assert arenas("free") > 1
