@@ -179,13 +179,15 @@ def _print_import_summary(r: ImportResult) -> None:
     snap = r.snapshot
     assert snap is not None
     rate = c.read_bytes / r.seconds if r.seconds > 0 else 0.0
-    # of the bytes actually read, how many were new: unchanged files do not inflate it
-    dedup = c.read_bytes / c.new_bytes if c.new_bytes else 1.0
+    # of the bytes cut into chunks (read, or holes), how many were new: unchanged files
+    # do not inflate it
+    dedup = (c.read_bytes + c.hole_bytes) / c.new_bytes if c.new_bytes else 1.0
     print(f"snapshot {snap.ref}@{snap.jid} root {snap.root_id.hex()[:16]}")
     print(f"  files {c.files} ({c.reused_files} unchanged), directories {c.dirs}, symlinks {c.symlinks}, "
           f"skipped {len(r.skipped)}")
-    print(f"  logical {human_bytes(c.logical)}, read {human_bytes(c.read_bytes)}, new {human_bytes(c.new_bytes)}, "
-          f"stored {human_bytes(r.stored_bytes)} in {r.packs} pack(s)")
+    holes = f" (and {human_bytes(c.hole_bytes)} of holes, not read)" if c.hole_bytes else ""
+    print(f"  logical {human_bytes(c.logical)}, read {human_bytes(c.read_bytes)}{holes}, "
+          f"new {human_bytes(c.new_bytes)}, stored {human_bytes(r.stored_bytes)} in {r.packs} pack(s)")
     print(f"  dedup ratio {dedup:.2f}x, time {r.seconds:.2f} s ({human_bytes(rate)}/s read)")
 
 

@@ -14,6 +14,9 @@ Contract:
   read again: its spans are reused. The previous snapshot's entries are compared in the
   form msgpack gives them (``entry_fields``) and decoded only to build a changed
   directory's node; a directory whose entries are all unchanged keeps its node.
+- Holes of a sparse file at least twice the maximum chunk size are not read: they are
+  cut into the chunks of zeros a dense copy would give (``cafs.sparse``), so both are
+  stored alike; ``Counters.hole_bytes`` counts them apart from ``read_bytes``.
 - A file that cannot be read, changes while being read (size or mtime differ before and
   after, or the bytes read differ from the size), or is not a regular file, directory or
   symlink is reported in ``ImportResult.skipped`` with its path and left out of the
@@ -56,6 +59,7 @@ from cafs.locks import locked
 from cafs.metacache import MetaCache, NodeReader
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import ObjectIndex, Repository
+from cafs.sparse import FdReader, ZeroRun, cut, holes, zeros_cut_at_max
 
 NODE_BATCH = 2000
 WHOLE_READ_MAX = 16 << 20  # files up to this size are read in one go and cut in memory
@@ -84,6 +88,7 @@ class Counters:
     symlinks: int = 0
     logical: int = 0  # logical bytes of files done or in progress
     read_bytes: int = 0  # bytes actually read from the source
+    hole_bytes: int = 0  # bytes of sparse files' holes cut as zeros without reading
     new_bytes: int = 0  # plain bytes of chunks not yet in the repository
     reused_files: int = 0
     skipped: int = 0
@@ -131,6 +136,8 @@ class Importer:
         self.skipped: list[Skipped] = []
         p = repo.config.chunker
         self.cdc = FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size)
+        self.max_chunk = p.max_size
+        self._zero_chunks: bool | None = None  # whether zeros cut at max_chunk (sparse.py)
         self.compressor = Compressor()
         self.data = PackWriter(uploader, KIND_DATA, repo.config.pack_size)
         self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
@@ -391,38 +398,55 @@ class Importer:
         if size <= WHOLE_READ_MAX:
             data = self._read_buf.read(fd, size + 1)  # one byte more: a file that grew is seen
             return self._store_chunks(self.cdc.cut_buf(data))
-        return self._store_chunks(self.cdc.cut_stream(_FdReader(fd)))
+        gaps = holes(fd, size, 2 * self.max_chunk)
+        if gaps and self._zeros_cut_at_max():
+            return self._store_chunks(cut(self.cdc, fd, self.max_chunk, gaps))
+        return self._store_chunks(self.cdc.cut_stream(FdReader(fd)))
 
-    def _store_chunks(self, chunks: Iterable[Chunk]) -> list[Location]:
+    def _zeros_cut_at_max(self) -> bool:
+        if self._zero_chunks is None:
+            self._zero_chunks = zeros_cut_at_max(self.cdc, self.max_chunk)
+        return self._zero_chunks
+
+    def _store_chunks(self, chunks: Iterable[Chunk | ZeroRun]) -> list[Location]:
         c = self.counters
         spans: list[Location] = []
-        objects = self.objects
         for chunk in chunks:
-            data = chunk.data
-            cid = digest(data)
-            loc = objects.get(cid)
-            if loc is None:
-                codec, stored = self.compressor.encode(data)
-                loc = self.data.add(cid, stored, len(data), codec)
-                objects[cid] = loc
-                c.new_bytes += len(data)
-            spans.append(loc)
-            c.logical += chunk.length
-            c.read_bytes += chunk.length
+            if isinstance(chunk, ZeroRun):
+                spans += [self._store_chunk(bytes(self.max_chunk))] * chunk.count
+                c.logical += chunk.count * self.max_chunk
+                c.hole_bytes += chunk.count * self.max_chunk
+            else:
+                spans.append(self._store_chunk(chunk.data))
+                c.logical += chunk.length
+                c.read_bytes += chunk.length
             if self.stop.is_set():
                 raise KeyboardInterrupt
         return spans
+
+    def _store_chunk(self, data: bytes | memoryview) -> Location:
+        _, loc, new = self._store_object(data, self.data)
+        if new:
+            self.counters.new_bytes += len(data)
+        return loc
+
+    def _store_object(self, data: bytes | memoryview, packs: PackWriter) -> tuple[bytes, Location, bool]:
+        """``data``'s id and location, and whether it was new: added to ``packs`` unless
+        the repository holds it already."""
+        oid = digest(data)
+        loc = self.objects.get(oid)
+        if loc is not None:
+            return oid, loc, False
+        codec, stored = self.compressor.encode(data)
+        loc = packs.add(oid, stored, len(data), codec)
+        self.objects[oid] = loc
+        return oid, loc, True
 
     # -- nodes --------------------------------------------------------------------
 
     def _store_node(self, node: Node) -> Location:
         data = encode_node(node)
-        nid = digest(data)
-        loc = self.objects.get(nid)
-        if loc is None:
-            codec, stored = self.compressor.encode(data)
-            loc = self.meta_packs.add(nid, stored, len(data), codec)
-            self.objects[nid] = loc
+        nid, loc, _ = self._store_object(data, self.meta_packs)
         self._node_batch.append((nid, data))
         if len(self._node_batch) >= NODE_BATCH:
             self._flush_nodes()
@@ -490,18 +514,6 @@ class _ReadBuffer:
                 break
             got += k
         return view[:got]
-
-
-class _FdReader:
-    """A minimal reader over a file descriptor for FastCDC's ``cut_stream``."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def readinto(self, buf: memoryview) -> int:
-        return os.readv(self.fd, [buf])
 
 
 def _open_file(dir_fd: int, name: bytes) -> int:
