@@ -138,6 +138,7 @@ class Importer:
         self.cdc = FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size)
         self.max_chunk = p.max_size
         self._zero_chunks: bool | None = None  # whether zeros cut at max_chunk (sparse.py)
+        self._zero_chunk: Location | None = None  # where that chunk of zeros is stored
         self.compressor = Compressor()
         self.data = PackWriter(uploader, KIND_DATA, repo.config.pack_size)
         self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
@@ -413,7 +414,9 @@ class Importer:
         spans: list[Location] = []
         for chunk in chunks:
             if isinstance(chunk, ZeroRun):
-                spans += [self._store_chunk(bytes(self.max_chunk))] * chunk.count
+                if self._zero_chunk is None:  # hashed once, not once per hole
+                    self._zero_chunk = self._store_chunk(bytes(self.max_chunk))
+                spans += [self._zero_chunk] * chunk.count
                 c.logical += chunk.count * self.max_chunk
                 c.hole_bytes += chunk.count * self.max_chunk
             else:
