@@ -51,6 +51,7 @@ from cafs.format.journal import Snapshot
 from cafs.format.location import Location, decode_location
 from cafs.format.nodes import (
     INLINE_SPANS, INT64, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
+    F_CONTENT, F_GID, F_INO, F_KIND, F_MODE, F_MTIME, F_NAME, F_NLINK, F_SIZE, F_UID,
     DirIndexNode, Entry, FileNode, Node, PageRef, TreeNode, decode_entry, encode_node, entry_fields,
 )
 from cafs.format.pack import KIND_DATA, KIND_META
@@ -211,7 +212,7 @@ class Importer:
         prev_entries: dict[bytes, PrevEntry] = {}
         if prev_ref is not None:
             try:
-                prev_entries = {e[0]: e for e in self._prev_fields(prev_ref)}
+                prev_entries = {e[F_NAME]: e for e in self._prev_fields(prev_ref)}
             except CafsError:
                 prev_ref = None  # an unreadable previous snapshot only costs re-reading
         self.counters.dirs += 1
@@ -334,11 +335,10 @@ class Importer:
         c = self.counters
         c.current = path
         prev = parent.prev.get(name)
-        # fields: name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content
-        if (prev is not None and prev[6] == st.st_size and prev[8] == st.st_ino and prev[1] == KIND_FILE
-                and (prev[5] == st.st_mtime_ns or prev[5] == _mtime_ns(st))):
-            if (prev[2] == stat.S_IMODE(st.st_mode) and prev[3] == st.st_uid and prev[4] == st.st_gid
-                    and prev[7] == st.st_nlink):
+        if (prev is not None and prev[F_SIZE] == st.st_size and prev[F_INO] == st.st_ino
+                and prev[F_KIND] == KIND_FILE and (prev[F_MTIME] == st.st_mtime_ns or prev[F_MTIME] == _mtime_ns(st))):
+            if (prev[F_MODE] == stat.S_IMODE(st.st_mode) and prev[F_UID] == st.st_uid
+                    and prev[F_GID] == st.st_gid and prev[F_NLINK] == st.st_nlink):
                 self._count_reused(st)
                 return prev  # the common case, without building an equal entry to compare
             try:
@@ -469,10 +469,10 @@ def _same_or_new(prev: Entry | PrevEntry | None, new: Entry) -> Entry | PrevEntr
 
 def _dir_ref(prev: PrevEntry | None) -> Location | None:
     """The node of a previous directory entry, or None if it was not a directory."""
-    if prev is None or prev[1] != KIND_DIR:
+    if prev is None or prev[F_KIND] != KIND_DIR:
         return None
     try:
-        return decode_location(prev[9], "entry")
+        return decode_location(prev[F_CONTENT], "entry")
     except FormatError:
         return None
 

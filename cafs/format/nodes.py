@@ -228,6 +228,12 @@ def encode_node(node: Node) -> bytes:
     return pack([TAG_FILE, [s.encode() for s in node.spans]])
 
 
+# Where each field sits in an entry's list, for code that reads entries as
+# ``entry_fields`` gives them, undecoded.
+F_NAME, F_KIND, F_MODE, F_UID, F_GID, F_MTIME, F_SIZE, F_NLINK, F_INO, F_CONTENT = range(10)
+ENTRY_FIELDS = 10
+
+
 def entry_fields(data: bytes | memoryview, what: str = "node") -> list[list[Any]] | None:
     """The entries of a tree node as msgpack decodes them, checked only for their shape
     (each a list of ten fields whose name is bytes), or None if the node is not a tree
@@ -238,7 +244,7 @@ def entry_fields(data: bytes | memoryview, what: str = "node") -> list[list[Any]
         return None
     items = expect_list(top[1], what + " entries", max_len=PAGE_ENTRIES)
     for e in items:
-        if type(e) is not list or len(e) != 10 or type(e[0]) is not bytes:
+        if type(e) is not list or len(e) != ENTRY_FIELDS or type(e[F_NAME]) is not bytes:
             fail(what, "an entry is not a list of ten fields with a bytes name")
     return items
 
