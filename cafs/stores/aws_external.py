@@ -106,14 +106,7 @@ class _WebIdentity(HttpCredentialSource):
     def _post(self, body: bytes) -> bytes:
         resp = self._send("POST", self._endpoint, {"Content-Type": "application/x-www-form-urlencoded"}, body)
         if resp.status != 200:
-            code = message = ""
-            try:
-                err = awsxml.parse_xml(bytes(resp.data))
-                found = [e for e in err.iter() if awsxml.tag(e) == "Error"]
-                if found:
-                    code, message = awsxml.text(found[0], "Code"), awsxml.text(found[0], "Message")
-            except ValueError:
-                pass
+            code, message = awsxml.error_fields(bytes(resp.data))
             raise StoreUnavailable(f"{self.what} answered {resp.status}"
                                    + (f" {code}: {' '.join(message.split())[:300]}" if code else ""))
         return bytes(resp.data)

@@ -36,3 +36,19 @@ def text(root: ET.Element, name: str) -> str:
     for e in children(root, name):
         return e.text or ""
     return ""
+
+
+def error_fields(data: bytes) -> tuple[str, str]:
+    """``(Code, Message)`` of an AWS error answer: its root ``Error`` (S3), or the first
+    ``Error`` inside it (STS wraps one in ``ErrorResponse``); empty strings for a body
+    that is no such answer."""
+    if not data.lstrip().startswith(b"<"):
+        return "", ""
+    try:
+        root = parse_xml(data)
+    except ValueError:
+        return "", ""
+    for e in root.iter():
+        if tag(e) == "Error":
+            return text(e, "Code"), text(e, "Message")
+    return "", ""

@@ -414,27 +414,15 @@ def _endpoint(bucket: str, settings: S3Settings) -> tuple[str, bool]:
     return f"https://{bucket}.s3.{region}.{domain}", True
 
 
-def _error_fields(ans: _Answer) -> tuple[str, str]:
-    if not ans.data.lstrip().startswith(b"<"):
-        return "", ""
-    try:
-        root = awsxml.parse_xml(ans.data)
-    except ValueError:
-        return "", ""
-    if awsxml.tag(root) != "Error":
-        return "", ""
-    return awsxml.text(root, "Code"), awsxml.text(root, "Message")
-
-
 def _error_code(ans: _Answer) -> str:
-    code = _error_fields(ans)[0]
+    code = awsxml.error_fields(ans.data)[0]
     if not code and ans.status >= 300:
         code = ans.headers.get("x-minio-error-code", "")
     return code
 
 
 def _error_message(ans: _Answer) -> str:
-    return " ".join(_error_fields(ans)[1].split())
+    return " ".join(awsxml.error_fields(ans.data)[1].split())
 
 
 def _xml_escape(text: str) -> str:
