@@ -129,10 +129,7 @@ class ChunkCache:
                 else:
                     entry = self._fds[pack] = _OpenPack(fd)
                     while len(self._fds) > MAX_OPEN_PACKS:
-                        _, old = self._fds.popitem(last=False)
-                        old.evicted = True
-                        if not old.users:
-                            os.close(old.fd)
+                        self._fds.popitem(last=False)[1].retire()
             else:
                 self._fds.move_to_end(pack)
             if entry is not None:
@@ -166,9 +163,7 @@ class ChunkCache:
         self.flush_touches()
         with self._lock:
             for entry in self._fds.values():
-                entry.evicted = True
-                if not entry.users:
-                    os.close(entry.fd)
+                entry.retire()
             self._fds.clear()
 
     # -- reads ----------------------------------------------------------------------
@@ -370,6 +365,12 @@ class _OpenPack:
         self.fd = fd
         self.users = 0  # threads between taking and giving back the descriptor
         self.evicted = False  # out of the table: closed when the last user is done
+
+    def retire(self) -> None:
+        """Out of the table (the caller holds the lock): closed now if unused."""
+        self.evicted = True
+        if not self.users:
+            os.close(self.fd)
 
 
 @functools.cache
