@@ -168,8 +168,10 @@ class ChunkCache:
 
     # -- reads ----------------------------------------------------------------------
 
-    def read(self, pack: bytes, offset: int, length: int) -> bytes | None:
-        """The stored bytes of the extent at ``(pack, offset)``, or None if not cached."""
+    def read(self, pack: bytes, offset: int, length: int, *, resident: bool = False) -> bytes | bytearray | None:
+        """The stored bytes of the extent at ``(pack, offset)``, or None if not cached.
+        With ``resident``, also None unless the page cache holds them all (``RWF_NOWAIT``:
+        the read never waits for the disk), so it may be called on an event loop."""
         key = extent_key(pack, offset)
         with self.env.begin(db=self.extents) as txn:
             value = txn.get(key)
@@ -178,12 +180,31 @@ class ChunkCache:
         with self._pack_file(pack, create=False) as fd:
             if fd is None:
                 return None
-            data = os.pread(fd, length, offset)
+            data: bytes | bytearray
+            if resident:
+                data = bytearray(length)
+                try:
+                    if os.preadv(fd, [data], offset, os.RWF_NOWAIT) != length:
+                        return None
+                except OSError:  # EAGAIN: not resident
+                    return None
+            else:
+                data = os.pread(fd, length, offset)
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         if len(data) != length:
             return None
         self._touched[key] = int(time.time())
         return data
+
+    def advise(self, pack: bytes, offset: int, length: int) -> None:
+        """Start reading the extent at ``(pack, offset)`` into the page cache, without
+        waiting: a hint, so that a ``resident`` read soon after finds it there."""
+        try:
+            with self._pack_file(pack, create=False) as fd:
+                if fd is not None:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # a hint; the read meets and reports the failure
 
     def contains(self, pack: bytes, offset: int) -> bool:
         with self.env.begin(db=self.extents) as txn:

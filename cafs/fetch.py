@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import lmdb
 import trio
@@ -53,6 +53,8 @@ MAX_PREFETCH = 8
 RUN_BYTES = 8 << 20
 RUN_GAP = 128 << 10
 MEMORY_CHUNKS_BYTES = 64 << 20
+INLINE_BYTES = 256 << 10
+ADVISE_BYTES = 1 << 20
 
 
 @dataclass
@@ -65,6 +67,7 @@ class FetchCounters:
     in_flight: int = 0
     cache_full: int = 0  # inserts refused for lack of disk space
     damaged: int = 0  # cache extents that failed verification
+    inline: int = 0  # chunks loaded on the trio thread, the page cache holding them
 
 
 class _Load:
@@ -93,6 +96,13 @@ def runs(locs: Iterable[Location]) -> list[list[Location]]:
                 continue  # the same chunk twice
         out.append([loc])
     return out
+
+
+def _settle(run: list[Location], got: Sequence[bytes | None], waiting: dict[tuple[bytes, int], _Load]) -> None:
+    """Give each chunk of ``run`` that ``got`` holds to its load, which stops waiting."""
+    for loc, data in zip(run, got):
+        if data is not None:
+            waiting.pop((loc.pack, loc.offset)).data = data
 
 
 class Fetcher:
@@ -194,16 +204,13 @@ class Fetcher:
     async def _load_run(self, run: list[Location], loads: list[_Load]) -> None:
         """Resolve ``loads`` (one per chunk of ``run``); raises the first error met."""
         try:
-            cached: list[bytes | None] = [None] * len(run)
-            if self._maybe_cached(run):
-                cached = await self.cache_workers.run(self._from_cache, run)
-            for load, data in zip(loads, cached):
-                load.data = data
-            waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads) if load.data is None}
+            waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads)}
+            _settle(run, self._resident(run), waiting)
+            rest = [loc for loc in run if (loc.pack, loc.offset) in waiting]
+            if rest and self._maybe_cached(rest):
+                _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
-                got = await self.store_workers.run(self._from_store, part)
-                for loc, data in zip(part, got):
-                    waiting[(loc.pack, loc.offset)].data = data
+                _settle(part, await self.store_workers.run(self._from_store, part), waiting)
         except BaseException as exc:
             self.counters.errors += 1
             for load in loads:
@@ -237,27 +244,77 @@ class Fetcher:
         except lmdb.Error:
             return True  # let the worker thread meet the error and go to the store
 
-    def _from_cache(self, run: list[Location]) -> list[bytes | None]:
-        """Runs in a worker thread: the plain bytes of each chunk the cache holds intact."""
+    def _resident(self, run: list[Location]) -> list[bytes | None]:
+        """On the trio thread: each chunk of a run of at most ``INLINE_BYTES`` that can be
+        had without waiting for a disk, from the page cache of the chunk cache's file or,
+        with no chunk cache, of a local repository read in place; None for the rest (and
+        for every chunk of a larger run). A small read spares two thread hand-offs, which
+        cost more than its pread and hash."""
+        none: list[bytes | None] = [None] * len(run)
+        if run[-1].offset + run[-1].stored_length - run[0].offset > INLINE_BYTES:
+            return none
+        if self.cache is not None:
+            return self._from_cache(run, resident=True) if self._maybe_cached(run) else none
+        got = self.repo.read_run_resident(run)
+        if got is None:
+            return none
+        self.counters.inline += len(run)
+        self.counters.misses += len(run)
+        self.counters.bytes_fetched += sum(loc.stored_length for loc in run)
+        return list(got)
+
+    def advise(self, locs: Iterable[Location]) -> None:
+        """Hint that ``locs`` (a file just opened: its first chunks) are about to be read:
+        those of its first ``ADVISE_BYTES`` that are on a local disk (in the chunk cache,
+        or in a local repository read in place) start coming into the page cache now,
+        for ``_resident`` to find when the read arrives."""
+        todo, total = [], 0
+        for loc in locs:
+            if total >= ADVISE_BYTES:
+                break
+            total += loc.stored_length
+            if (loc.pack, loc.offset) not in self._memory and (loc.pack, loc.offset) not in self._inflight:
+                todo.append(loc)
+        if not todo:
+            return
+        if self.cache is None:
+            for run in runs(todo):
+                self.repo.advise_run(run)
+            return
+        try:
+            hits = self.cache.cached((loc.pack, loc.offset, loc.stored_length) for loc in todo)
+        except lmdb.Error:
+            return
+        for loc, hit in zip(todo, hits):
+            if hit:
+                self.cache.advise(loc.pack, loc.offset, loc.stored_length)
+
+    def _from_cache(self, run: list[Location], resident: bool = False) -> list[bytes | None]:
+        """Runs in a worker thread: the plain bytes of each chunk the cache holds intact.
+        With ``resident`` (on the trio thread), only those the page cache holds; a
+        damaged extent is then left for a worker thread to meet and drop."""
         cache = self.cache
         if cache is None:
             return [None] * len(run)
         out: list[bytes | None] = []
         for loc in run:
             try:
-                stored = cache.read(loc.pack, loc.offset, loc.stored_length)
+                stored = cache.read(loc.pack, loc.offset, loc.stored_length, resident=resident)
             except (CafsError, OSError, lmdb.Error) as exc:
-                log.warning("cache read failed, going to the store: %s", exc)
+                if not resident:
+                    log.warning("cache read failed, going to the store: %s", exc)
                 stored = None
             data = None
             if stored is not None:
                 try:
                     data = decode_stored(loc, stored)
                     self.counters.hits += 1
+                    self.counters.inline += resident
                 except IntegrityError as exc:
-                    self.counters.damaged += 1
-                    log.warning("cache extent damaged, refetching: %s", exc)
-                    cache.drop(loc.pack, loc.offset)
+                    if not resident:
+                        self.counters.damaged += 1
+                        log.warning("cache extent damaged, refetching: %s", exc)
+                        cache.drop(loc.pack, loc.offset)
             out.append(data)
         return out
 

@@ -46,6 +46,8 @@ BLOCK_SIZE = 1 << 20  # st_blksize: invites large reads from cp, Python's io and
 DIR_SIZE = 4096
 DOTS = 2  # a listing starts with "." and ".."
 SIBLING_SPREAD = 8  # how far apart files may be opened and still be a read in order
+READ_SHARE_WEIGHT = 1 / 8  # of each file closed, in the running share of files read
+COLD_SHARE = 0.5  # a share of files read above which an open means a read to come
 _KIND_BITS = {1: stat.S_IFDIR, 2: stat.S_IFREG, 3: stat.S_IFLNK}
 
 
@@ -89,6 +91,7 @@ class OpenFile:
     spans: tuple[Location, ...]
     starts: list[int]  # plain offset of each span
     next_offset: int = 0  # where a sequential reader reads next
+    read: bool = False  # whether any read of it reached this process
 
 
 @dataclass
@@ -118,6 +121,10 @@ class SnapshotFS:
         self._next_fh = 1
         self._last_open = 0
         self._ahead = _DirAhead(0, 0, 0)
+        # Of the files recently closed, the share whose reads reached this process. The
+        # kernel keeps the content it read (keep_cache), so once files are opened and not
+        # read here it serves them itself, and loading ahead for an open would be waste.
+        self._read_share = 1.0
 
     # -- inodes -----------------------------------------------------------------------
 
@@ -206,8 +213,10 @@ class SnapshotFS:
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = OpenFile(ino, e.size, spans, starts)
-        if self.readahead:
-            self._siblings_ahead(ino, e.size)
+        if self._read_share > COLD_SHARE:
+            self.fetcher.advise(spans)
+            if self.readahead:
+                self._siblings_ahead(ino, e.size)
         self.counters.opens += 1
         return fh
 
@@ -243,7 +252,9 @@ class SnapshotFS:
         self.fetcher.prefetch(locs)
 
     def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        f = self._files.pop(fh, None)
+        if f is not None and f.size:
+            self._read_share += READ_SHARE_WEIGHT * (f.read - self._read_share)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """Bytes ``[offset, offset+size)`` of the open file, short at its end. A read that
@@ -267,6 +278,7 @@ class SnapshotFS:
             pos = start + span.length
             i += 1
         f.next_offset = end
+        f.read = True
         out = pieces[0] if i - first == 1 else b"".join(pieces)
         self.counters.reads += 1
         self.counters.bytes_read += len(out)
@@ -306,7 +318,8 @@ class SnapshotFS:
         out = {"bytes_read": self.counters.bytes_read, "reads": self.counters.reads,
                "opens": self.counters.opens, "bytes_fetched": f.bytes_fetched,
                "cache_hits": f.hits + f.memory_hits, "cache_misses": f.misses, "errors": f.errors,
-               "in_flight": f.in_flight, "cache_full": f.cache_full, "damaged_extents": f.damaged}
+               "in_flight": f.in_flight, "cache_full": f.cache_full, "damaged_extents": f.damaged,
+               "inline_loads": f.inline}
         cache = self.fetcher.cache
         if cache is not None:
             out.update(evictions=cache.counters.evictions, cache_size=cache.size(), cache_limit=cache.limit)

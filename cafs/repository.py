@@ -46,7 +46,7 @@ from cafs.format.nodes import Entry
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
 from cafs.sources import DEFAULT_DEADLINE, RetryingStore, Sources
-from cafs.stores import ObjectExists, Store, open_store
+from cafs.stores import ObjectExists, ResidentReads, Store, open_store
 
 CONFIG_KEY = "config"
 RELOCATION_RELOAD = 10.0
@@ -69,6 +69,7 @@ class Repository:
     def __init__(self, store: Store, config: RepoConfig, *, mirrors: Sequence[Store] = (),
                  deadline: float = DEFAULT_DEADLINE) -> None:
         self.primary = store
+        self._resident = store if isinstance(store, ResidentReads) else None
         self.store: Store = RetryingStore(store, deadline=deadline)
         self.sources = Sources([store, *mirrors], deadline=deadline)
         self.config = config
@@ -154,6 +155,32 @@ class Repository:
                 out.append((stored, decode_stored(loc, stored)))
             return out
         return self.sources.read(attempt)
+    def advise_run(self, locs: Sequence[Location]) -> None:
+        """Hint that ``locs`` (one pack, ascending) will be read soon: a primary store on a
+        local disk starts reading them into the page cache. Otherwise nothing."""
+        if locs and self._resident is not None:
+            start = locs[0].offset
+            self._resident.advise(pack_key(locs[0].pack), start, locs[-1].offset + locs[-1].stored_length - start)
+
+    def read_run_resident(self, locs: Sequence[Location]) -> list[bytes] | None:
+        """The verified plain bytes of ``locs`` (one pack, ascending) if the primary store
+        has them without waiting for a disk (``ResidentReads``), so the call may be made
+        where blocking is not allowed; None if not, or if anything fails (``read_run``
+        then meets the failure, with the sources' failover and its report)."""
+        if not locs or self._resident is None:
+            return None
+        start = locs[0].offset
+        data = self._resident.get_resident(pack_key(locs[0].pack), start,
+                                         locs[-1].offset + locs[-1].stored_length - start)
+        if data is None:
+            return None
+        whole = memoryview(data)
+        try:
+            return [decode_stored(loc, whole[loc.offset - start:loc.offset - start + loc.stored_length])
+                    for loc in locs]
+        except (IntegrityError, FormatError):
+            return None
+
     def relocated(self, loc: Location) -> Location | None:
         """Where the object of ``loc`` lives now, if its pack is gone; else None."""
         with self._relocations_lock:

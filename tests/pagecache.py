@@ -28,3 +28,34 @@ def skip_unless_observable(directory: Path) -> None:
             pytest.skip("page cache residency is not observable on this filesystem")
     finally:
         control.unlink()
+
+
+def evict(path: Path) -> None:
+    """Drop the file's clean pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def skip_unless_nowait_reads(directory: Path) -> None:
+    """Skip the test where reads that must not wait for the disk (``RWF_NOWAIT``) are
+    refused, or where a file dropped from the page cache does not show it."""
+    skip_unless_observable(directory)
+    control = directory / "nowait-control"
+    control.write_bytes(os.urandom(1 << 20))
+    try:
+        fd = os.open(control, os.O_RDONLY)
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        except OSError as exc:
+            pytest.skip(f"reads with RWF_NOWAIT fail here: {exc}")
+        finally:
+            os.close(fd)
+        evict(control)
+        if resident_bytes(control):
+            pytest.skip("POSIX_FADV_DONTNEED does not empty the page cache here")
+    finally:
+        control.unlink()

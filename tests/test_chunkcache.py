@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from cafs import chunkcache
 from cafs.chunkcache import ChunkCache
 from cafs.metacache import MetaCache
-from pagecache import needs_fincore, resident_bytes, skip_unless_observable
+from pagecache import evict, needs_fincore, resident_bytes, skip_unless_nowait_reads, skip_unless_observable
 
 PACKS = 24
 EXTENTS = 40
@@ -80,3 +81,28 @@ def test_reads_leave_the_cache_file_out_of_the_page_cache(tmp_path: Path) -> Non
     assert cache.read(pack, 0, len(body)) == body
     assert resident_bytes(path) == 0
     cache.close()
+
+
+@needs_fincore
+def test_resident_reads_never_wait_for_the_disk(tmp_path: Path) -> None:
+    skip_unless_nowait_reads(tmp_path)
+    meta = MetaCache(tmp_path / "cache")
+    cache = ChunkCache(tmp_path / "cache", meta.env, 1 << 40)
+    pack, size = b"\x07" * 32, 64 << 10
+    data = os.urandom(size)
+    try:
+        cache.insert(pack, size, data, [(size, size)])
+        path = cache._path(pack)
+        evict(path)
+        assert cache.read(pack, size, size, resident=True) is None  # on the disk only
+        assert cache.read(pack, 0, size, resident=True) is None  # not cached at all
+        cache.advise(pack, size, size)
+        deadline = time.monotonic() + 10
+        while resident_bytes(path) < size:
+            assert time.monotonic() < deadline, "advise did not bring the extent into the page cache"
+            time.sleep(0.01)
+        assert cache.read(pack, size, size, resident=True) == data
+        assert resident_bytes(path) == 0  # and what it read left the page cache
+    finally:
+        cache.close()
+        meta.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,14 @@ import blake3
 import pytest
 import trio
 from mountfix import import_tree, make_repo
+from pagecache import evict, resident_bytes, skip_unless_nowait_reads
 from treegen import make_tree, manifest
 
 from cafs.chunkcache import ChunkCache
 from cafs.errors import PathNotFound
-from cafs.fetch import Fetcher
+from cafs.fetch import INLINE_BYTES, Fetcher, runs
+from cafs.format.location import CODEC_ZSTD, Location
+from cafs.format.pack import pack_key
 from cafs.fsmodel import DIR_SIZE, ROOT_INO, IsADirectory, NotADirectory, SnapshotFS
 from cafs.metacache import MetaCache, NodeReader
 from cafs.naming import find_snapshot
@@ -270,6 +274,104 @@ async def test_a_second_model_reads_from_the_cache(fs: SnapshotFS, imported: Imp
     fh = again.open(resolve(again, b"data/big"))
     assert bytes(await again.read(fh, 0, BIG)) == (imported.src / "data/big").read_bytes()
     assert again.fetcher.counters.misses == 0 and again.fetcher.counters.hits > 0
+
+
+# -- reads the page cache can answer --------------------------------------------------------
+
+
+@pytest.fixture
+def in_place(imported: Imported, tmp_path: Path) -> Iterator[SnapshotFS]:
+    """A model reading the repository in place, with no chunk cache, as a mount of a local
+    repository does by default."""
+    skip_unless_nowait_reads(imported.repo)
+    repo = Repository.open(open_store(str(imported.repo)))
+    meta = MetaCache(tmp_path / "cache" / repo.config.repo_id)
+    try:
+        yield SnapshotFS(find_snapshot(repo, "snap"), NodeReader(repo, meta, defer_writes=True),
+                         Fetcher(repo, None), readahead=1 << 20)
+    finally:
+        meta.close()
+
+
+def _packs(repo: Path) -> list[Path]:
+    return [p for p in (repo / "packs").rglob("*") if p.is_file()]
+
+
+def _spans_of(fs: SnapshotFS, rel: bytes) -> tuple[Location, ...]:
+    return file_spans(fs.reader, fs.entry(resolve(fs, rel)))
+
+
+SMALL = [b"data/f0016384", b"data/f0065543", b"data/text.txt", b"data/sub/s00"]
+
+
+async def test_small_chunks_in_the_page_cache_load_on_the_loop(in_place: SnapshotFS,
+                                                                 imported: Imported) -> None:
+    fetcher = in_place.fetcher
+    spans = {rel: _spans_of(in_place, rel) for rel in SMALL}
+    locs = [loc for rel in SMALL for loc in spans[rel]]
+    assert any(loc.codec == CODEC_ZSTD for loc in locs)
+    for pack in _packs(imported.repo):
+        evict(pack)
+    for loc in locs:  # not resident: each goes to a worker thread
+        await fetcher.chunk(loc)
+    assert fetcher.counters.inline == 0 and fetcher.counters.misses == len(locs)
+    again = Fetcher(fetcher.repo, None)
+    for pack in _packs(imported.repo):
+        pack.read_bytes()  # now the page cache holds every pack
+    for rel in SMALL:
+        got = b"".join([await again.chunk(loc) for loc in spans[rel]])
+        assert got == (imported.src / os.fsdecode(rel)).read_bytes()
+    assert again.counters.inline == again.counters.misses == len(locs)
+    # a run of neighbours over INLINE_BYTES is a worker's, resident or not
+    run = next(r for r in runs(_spans_of(in_place, b"data/big"))
+               if r[-1].offset + r[-1].stored_length - r[0].offset > INLINE_BYTES)
+    await again.load(run)
+    assert again.counters.inline == len(locs) and again.counters.misses == len(locs) + len(run)
+
+
+async def test_opening_a_file_starts_the_disk(in_place: SnapshotFS, imported: Imported) -> None:
+    spans = _spans_of(in_place, b"data/f0065543")
+    packs = {imported.repo / pack_key(loc.pack) for loc in spans}
+    for pack in packs:
+        evict(pack)
+    assert sum(map(resident_bytes, packs)) == 0
+    fh = in_place.open(resolve(in_place, b"data/f0065543"))
+    try:
+        deadline = time.monotonic() + 10
+        while sum(map(resident_bytes, packs)) < sum(loc.stored_length for loc in spans):
+            assert time.monotonic() < deadline, "the open did not bring the chunks into the page cache"
+            await trio.sleep(0.01)
+        assert bytes(await in_place.read(fh, 0, 1 << 20)) == (imported.src / "data/f0065543").read_bytes()
+    finally:
+        in_place.release(fh)
+    assert in_place.fetcher.counters.inline == len(spans)
+
+
+async def _settled(fetcher: Fetcher) -> int:
+    """The fetcher's misses once no load is in flight."""
+    deadline = time.monotonic() + 10
+    while fetcher.counters.in_flight:
+        assert time.monotonic() < deadline, "loads still in flight after 10 s"
+        await trio.sleep(0.01)
+    return fetcher.counters.misses
+
+
+async def test_opens_the_kernel_serves_itself_load_nothing_ahead(fs: SnapshotFS) -> None:
+    fs.readahead = 64  # about nine of the wide directory's files ahead
+    wide = resolve(fs, b"wide")
+    files = [(ino, e) for ino, e, _ in fs.listdir(wide, 0) if e.is_file][:60]
+    async with fs.fetcher.running():
+        for ino, _ in files[:20]:  # opened in name order, never read: the kernel had them
+            fs.release(fs.open(ino))
+        loaded = await _settled(fs.fetcher)
+        for ino, _ in files[20:30]:
+            fs.release(fs.open(ino))
+        assert await _settled(fs.fetcher) == loaded
+        for ino, e in files[30:]:  # read in name order: loading ahead resumes
+            fh = fs.open(ino)
+            await fs.read(fh, 0, e.size)
+            fs.release(fh)
+        assert await _settled(fs.fetcher) > loaded + 30, "reads in name order no longer load ahead"
 
 
 # -- extended attributes --------------------------------------------------------------------

@@ -79,7 +79,7 @@ def _decode_location_checked(value: Any, what: str) -> Location:
     return Location(oid, pack, offset, stored, length, codec)
 
 
-def decode_stored(loc: Location, stored: bytes | memoryview) -> bytes:
+def decode_stored(loc: Location, stored: bytes | bytearray | memoryview) -> bytes:
     """Plain bytes of ``loc`` from its stored bytes, verified against ``loc.id``.
 
     Raises IntegrityError if the bytes do not decode to exactly ``loc.length`` bytes

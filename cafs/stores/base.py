@@ -9,7 +9,7 @@ added by wrapping a store, not by flags.
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from collections.abc import Iterator
 
 from cafs.errors import StoreError
@@ -49,4 +49,21 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing key is not an error."""
+        ...
+
+
+@runtime_checkable
+class ResidentReads(Protocol):
+    """What a store on a local disk adds, so that a small read can be had without a
+    worker thread: a hint that starts the disk early, and a read that never waits for it."""
+
+    def advise(self, key: str, offset: int, length: int) -> None:
+        """Start reading ``[offset, offset+length)`` into the page cache, without waiting.
+        A hint: failures are ignored."""
+        ...
+
+    def get_resident(self, key: str, offset: int, length: int) -> bytearray | None:
+        """The range (a fresh buffer, the caller's) if the page cache holds all of it,
+        read without waiting for a disk; None otherwise, or on any failure (the ordinary
+        ``get`` meets and reports it)."""
         ...

@@ -14,6 +14,10 @@ once fsynced. Fresh page-cache pages are the dear part of a write on a virtual m
 that hands freed memory back to its host: 380 MB/s against 1.5 GB/s for O_DIRECT here.
 For the same reasons a ranged read (a mount reading the repository in place) drops the
 pages it read: the kernel keeps those bytes in the page cache of the mounted file.
+
+A mount reading in place uses ``ResidentReads``: ``advise`` when a file is opened, so the
+disk is already at work when its first read arrives, and ``get_resident``
+(``RWF_NOWAIT``) to serve that read on the mount's event loop when the pages are there.
 """
 
 from __future__ import annotations
@@ -60,6 +64,34 @@ class LocalStore:
                 f"{self.url}: object {key} is shorter than expected "
                 f"(wanted {length} bytes at {offset}, got {len(data)}): truncated?")
         return data
+
+    def advise(self, key: str, offset: int, length: int) -> None:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (OSError, StoreError):
+            return
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def get_resident(self, key: str, offset: int, length: int) -> bytearray | None:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (OSError, StoreError):
+            return None
+        try:
+            buf = bytearray(length)
+            if os.preadv(fd, [buf], offset, os.RWF_NOWAIT) != length:
+                return None  # partly resident: the rest would wait for the disk
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:  # EAGAIN: not resident; EOPNOTSUPP: no such reads here
+            return None
+        finally:
+            os.close(fd)
+        return buf
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         path = self._path(key)
