@@ -1,7 +1,8 @@
 """The mount daemon: one process serves one mounted snapshot.
 
 This is the only module that calls ``pyfuse3.init``, ``pyfuse3.main`` and
-``pyfuse3.close`` (pyfuse3 keeps one session per process in module globals). The
+``pyfuse3.close`` (pyfuse3 keeps one session per process in module globals), and it gives
+pyfuse3's request loop ``cafs.fuse_loop``'s cheaper wait for the FUSE device. The
 process never touches its own mountpoint from the trio thread; setting the kernel
 readahead (which must stat the mountpoint) runs in a worker thread while the loop
 serves.
@@ -32,6 +33,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from cafs import fuse_loop
 from cafs.chunkcache import ChunkCache
 from cafs.errors import CafsError
 from cafs.fetch import Fetcher
@@ -229,6 +231,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
         except (CafsError, OSError, RuntimeError) as exc:
             fail(str(exc))
             return 32
+        fuse_loop.install()
         try:
             trio.run(_serve, fs, mountpoint, opts, ready, counters)
         except BaseException:
