@@ -120,6 +120,7 @@ class SnapshotFS:
         self._files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._last_open = 0
+        self._in_order = False  # whether the last open followed the one before in name order
         self._ahead = _DirAhead(0, 0, 0)
         # Of the files recently closed, the share whose reads reached this process. The
         # kernel keeps the content it read (keep_cache), so once files are opened and not
@@ -224,10 +225,14 @@ class SnapshotFS:
         """Files opened in name order, a few apart at most (several readers), are a
         directory read in order: since the importer packs a directory's files in name
         order, that is a sequential pass over packs, so keep the next siblings' chunks
-        loading, up to ``readahead`` bytes ahead. A hint: nodes not loaded yet stop it."""
+        loading, up to ``readahead`` bytes ahead. It takes two such opens in a row: one
+        alone is as likely a chance neighbour in a shuffled order. A hint: nodes not
+        loaded yet stop it."""
         last, self._last_open = self._last_open, ino
         i = bisect.bisect_right(self._bases, ino) - 1
-        if not 0 < ino - last <= SIBLING_SPREAD or i < 0 or self._bases[i] > last:
+        in_order = 0 < ino - last <= SIBLING_SPREAD and i >= 0 and self._bases[i] <= last
+        self._in_order, was_in_order = in_order, self._in_order
+        if not (in_order and was_in_order):
             return
         parent = self._blocks[self._owners[i]]
         ahead = self._ahead

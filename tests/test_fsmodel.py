@@ -374,6 +374,24 @@ async def test_opens_the_kernel_serves_itself_load_nothing_ahead(fs: SnapshotFS)
         assert await _settled(fs.fetcher) > loaded + 30, "reads in name order no longer load ahead"
 
 
+async def test_one_neighbour_opened_after_another_is_not_yet_an_order(fs: SnapshotFS) -> None:
+    fs.readahead = 64
+    wide = resolve(fs, b"wide")
+    files = [(ino, e) for ino, e, _ in fs.listdir(wide, 0) if e.is_file]
+
+    async def read(k: int) -> int:
+        ino, e = files[k]
+        fh = fs.open(ino)
+        await fs.read(fh, 0, e.size)
+        fs.release(fh)
+        return await _settled(fs.fetcher)
+
+    async with fs.fetcher.running():
+        for k in (500, 100, 900, 901):  # shuffled, and by chance 901 after 900
+            assert await read(k) == [500, 100, 900, 901].index(k) + 1, "loaded ahead of a chance neighbour"
+        assert await read(902) > 5, "three files in name order did not load ahead"
+
+
 # -- extended attributes --------------------------------------------------------------------
 
 
