@@ -205,9 +205,11 @@ class Fetcher:
         """Resolve ``loads`` (one per chunk of ``run``); raises the first error met."""
         try:
             waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads)}
-            _settle(run, self._resident(run), waiting)
+            maybe_cached = self._maybe_cached(run)
+            if maybe_cached or self.cache is None:
+                _settle(run, self._resident(run), waiting)
             rest = [loc for loc in run if (loc.pack, loc.offset) in waiting]
-            if rest and self._maybe_cached(rest):
+            if rest and maybe_cached and (len(rest) == len(run) or self._maybe_cached(rest)):
                 _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
                 _settle(part, await self.store_workers.run(self._from_store, part), waiting)
@@ -254,7 +256,7 @@ class Fetcher:
         if run[-1].offset + run[-1].stored_length - run[0].offset > INLINE_BYTES:
             return none
         if self.cache is not None:
-            return self._from_cache(run, resident=True) if self._maybe_cached(run) else none
+            return self._from_cache(run, resident=True)
         got = self.repo.read_run_resident(run)
         if got is None:
             return none
