@@ -140,12 +140,10 @@ class Repository:
     def read_run(self, locs: Sequence[Location]) -> list[tuple[bytes, bytes]]:
         """``read_verified`` of several objects of one pack in ascending offset order, in
         one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included)."""
-        start = locs[0].offset
-        end = locs[-1].offset + locs[-1].stored_length
-        key = pack_key(locs[0].pack)
+        key, start, length = _run_range(locs)
 
         def attempt(store: Store) -> list[tuple[bytes, bytes]]:
-            data = store.get(key, start, end - start)
+            data = store.get(key, start, length)
             if len(locs) == 1:
                 return [(data, decode_stored(locs[0], data))]
             whole = memoryview(data)
@@ -155,12 +153,12 @@ class Repository:
                 out.append((stored, decode_stored(loc, stored)))
             return out
         return self.sources.read(attempt)
+
     def advise_run(self, locs: Sequence[Location]) -> None:
         """Hint that ``locs`` (one pack, ascending) will be read soon: a primary store on a
         local disk starts reading them into the page cache. Otherwise nothing."""
         if locs and self._resident is not None:
-            start = locs[0].offset
-            self._resident.advise(pack_key(locs[0].pack), start, locs[-1].offset + locs[-1].stored_length - start)
+            self._resident.advise(*_run_range(locs))
 
     def read_run_resident(self, locs: Sequence[Location]) -> list[bytes] | None:
         """The verified plain bytes of ``locs`` (one pack, ascending) if the primary store
@@ -169,9 +167,8 @@ class Repository:
         then meets the failure, with the sources' failover and its report)."""
         if not locs or self._resident is None:
             return None
-        start = locs[0].offset
-        data = self._resident.get_resident(pack_key(locs[0].pack), start,
-                                         locs[-1].offset + locs[-1].stored_length - start)
+        key, start, length = _run_range(locs)
+        data = self._resident.get_resident(key, start, length)
         if data is None:
             return None
         whole = memoryview(data)
@@ -352,6 +349,13 @@ class Repository:
             return self.store.get(key) == data
         except CafsError:
             return False
+
+
+def _run_range(locs: Sequence[Location]) -> tuple[str, int, int]:
+    """The pack key, offset and length of the one ranged read that covers ``locs`` (one
+    pack, ascending), gaps included."""
+    start = locs[0].offset
+    return pack_key(locs[0].pack), start, locs[-1].offset + locs[-1].stored_length - start
 
 
 def _exists(get: Callable[[str, int, int], bytes], key: str) -> bool:
