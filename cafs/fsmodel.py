@@ -229,15 +229,15 @@ class SnapshotFS:
         alone is as likely a chance neighbour in a shuffled order. A hint: nodes not
         loaded yet stop it."""
         last, self._last_open = self._last_open, ino
-        i = bisect.bisect_right(self._bases, ino) - 1
-        in_order = 0 < ino - last <= SIBLING_SPREAD and i >= 0 and self._bases[i] <= last
+        owner = self.parent(ino)
+        parent = self._blocks[owner]
+        in_order = 0 < ino - last <= SIBLING_SPREAD and parent.base <= last
         self._in_order, was_in_order = in_order, self._in_order
         if not (in_order and was_in_order):
             return
-        parent = self._blocks[self._owners[i]]
         ahead = self._ahead
-        if ahead.dir_ino != self._owners[i] or ahead.next_ino <= ino:
-            ahead = _DirAhead(self._owners[i], ino + 1, 0)
+        if ahead.dir_ino != owner or ahead.next_ino <= ino:
+            ahead = _DirAhead(owner, ino + 1, 0)
         else:
             ahead.bytes -= size
         locs: list[Location] = []
