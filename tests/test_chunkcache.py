@@ -8,6 +8,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,19 @@ def content(pack: int, i: int) -> bytes:
     return hashlib.sha256(b"%d:%d" % (pack, i)).digest() * (SIZE // 32)
 
 
-def test_threads_over_more_packs_than_open_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chunkcache, "MAX_OPEN_PACKS", 2)
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[ChunkCache]:
     meta = MetaCache(tmp_path / "cache")
     cache = ChunkCache(tmp_path / "cache", meta.env, 1 << 40)
+    try:
+        yield cache
+    finally:
+        cache.close()
+        meta.close()
+
+
+def test_threads_over_more_packs_than_open_files(cache: ChunkCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunkcache, "MAX_OPEN_PACKS", 2)
     packs = [bytes([p]) * 32 for p in range(PACKS)]
     errors: list[str] = []
 
@@ -52,23 +62,17 @@ def test_threads_over_more_packs_than_open_files(tmp_path: Path, monkeypatch: py
         t.start()
     for t in threads:
         t.join()
-    try:
-        assert errors == []
-        for p in range(PACKS):  # and every file holds what was written to it
-            for i in range(EXTENTS):
-                assert cache.read(packs[p], i * SIZE, SIZE) in (None, content(p, i))
-    finally:
-        cache.close()
-        meta.close()
+    assert errors == []
+    for p in range(PACKS):  # and every file holds what was written to it
+        for i in range(EXTENTS):
+            assert cache.read(packs[p], i * SIZE, SIZE) in (None, content(p, i))
 
 
 @needs_fincore
-def test_reads_leave_the_cache_file_out_of_the_page_cache(tmp_path: Path) -> None:
+def test_reads_leave_the_cache_file_out_of_the_page_cache(cache: ChunkCache, tmp_path: Path) -> None:
     # The mount hands what it reads to the kernel, which keeps it in the page cache of
     # the mounted file; the cache file's pages would hold the same bytes twice.
     skip_unless_observable(tmp_path)
-    meta = MetaCache(tmp_path / "cache")
-    cache = ChunkCache(tmp_path / "cache", meta.env, 1 << 40)
     pack, body = b"\x07" * 32, os.urandom(1 << 20)
     cache.insert(pack, 0, body, [(0, len(body))])
     path = next((tmp_path / "cache").rglob(pack.hex()))
@@ -80,29 +84,22 @@ def test_reads_leave_the_cache_file_out_of_the_page_cache(tmp_path: Path) -> Non
     assert resident_bytes(path) > 0
     assert cache.read(pack, 0, len(body)) == body
     assert resident_bytes(path) == 0
-    cache.close()
 
 
 @needs_fincore
-def test_resident_reads_never_wait_for_the_disk(tmp_path: Path) -> None:
+def test_resident_reads_never_wait_for_the_disk(cache: ChunkCache, tmp_path: Path) -> None:
     skip_unless_nowait_reads(tmp_path)
-    meta = MetaCache(tmp_path / "cache")
-    cache = ChunkCache(tmp_path / "cache", meta.env, 1 << 40)
     pack, size = b"\x07" * 32, 64 << 10
     data = os.urandom(size)
-    try:
-        cache.insert(pack, size, data, [(size, size)])
-        path = cache._path(pack)
-        evict(path)
-        assert cache.read(pack, size, size, resident=True) is None  # on the disk only
-        assert cache.read(pack, 0, size, resident=True) is None  # not cached at all
-        cache.advise(pack, size, size)
-        deadline = time.monotonic() + 10
-        while resident_bytes(path) < size:
-            assert time.monotonic() < deadline, "advise did not bring the extent into the page cache"
-            time.sleep(0.01)
-        assert cache.read(pack, size, size, resident=True) == data
-        assert resident_bytes(path) == 0  # and what it read left the page cache
-    finally:
-        cache.close()
-        meta.close()
+    cache.insert(pack, size, data, [(size, size)])
+    path = cache._path(pack)
+    evict(path)
+    assert cache.read(pack, size, size, resident=True) is None  # on the disk only
+    assert cache.read(pack, 0, size, resident=True) is None  # not cached at all
+    cache.advise(pack, size, size)
+    deadline = time.monotonic() + 10
+    while resident_bytes(path) < size:
+        assert time.monotonic() < deadline, "advise did not bring the extent into the page cache"
+        time.sleep(0.01)
+    assert cache.read(pack, size, size, resident=True) == data
+    assert resident_bytes(path) == 0  # and what it read left the page cache
