@@ -152,7 +152,7 @@ def _rebuild(root: Path, trailers: _Trailers, report: CacheReport) -> None:
                     decode_stored(loc, stored)
                 except IntegrityError:
                     continue
-                cache.insert(pack, loc.offset, stored, [(loc.offset, loc.stored_length)])
+                cache.insert(pack, [(loc.offset, stored)])
                 kept += 1
     finally:
         cache.close()

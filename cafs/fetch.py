@@ -332,8 +332,7 @@ class Fetcher:
         cache = self.cache
         if cache is not None and time.monotonic() >= self._cache_off_until:
             try:
-                for loc, (stored, _) in zip(run, got):
-                    cache.insert(loc.pack, loc.offset, stored, [(loc.offset, loc.stored_length)])
+                cache.insert(run[0].pack, [(loc.offset, stored) for loc, (stored, _) in zip(run, got)])
             except (CafsError, OSError) as exc:
                 # a cache that cannot be written costs speed, never a read
                 if isinstance(exc, NoSpaceError):

@@ -126,7 +126,7 @@ class Repository:
 
     # -- objects ------------------------------------------------------------------
 
-    def read_verified(self, loc: Location) -> tuple[bytes, bytes]:
+    def read_verified(self, loc: Location) -> tuple[bytes | memoryview, bytes]:
         """The stored and the plain bytes of ``loc``, verified against its id: from its
         pack or, if gc moved it, from where the index says the object lives now."""
         try:
@@ -137,19 +137,19 @@ class Repository:
                 raise
             return self.read_run([moved])[0]
 
-    def read_run(self, locs: Sequence[Location]) -> list[tuple[bytes, bytes]]:
+    def read_run(self, locs: Sequence[Location]) -> list[tuple[bytes | memoryview, bytes]]:
         """``read_verified`` of several objects of one pack in ascending offset order, in
         one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included)."""
         key, start, length = _run_range(locs)
 
-        def attempt(store: Store) -> list[tuple[bytes, bytes]]:
+        def attempt(store: Store) -> list[tuple[bytes | memoryview, bytes]]:
             data = store.get(key, start, length)
             if len(locs) == 1:
                 return [(data, decode_stored(locs[0], data))]
-            whole = memoryview(data)
-            out = []
+            whole = memoryview(data)  # the stored bytes are views of it: no copies
+            out: list[tuple[bytes | memoryview, bytes]] = []
             for loc in locs:
-                stored = bytes(whole[loc.offset - start:loc.offset - start + loc.stored_length])
+                stored = whole[loc.offset - start:loc.offset - start + loc.stored_length]
                 out.append((stored, decode_stored(loc, stored)))
             return out
         return self.sources.read(attempt)
