@@ -91,6 +91,7 @@ class OpenFile:
     spans: tuple[Location, ...]
     starts: list[int]  # plain offset of each span
     next_offset: int = 0  # where a sequential reader reads next
+    ahead_end: int = 0  # where the readahead started for it so far ends
     read: bool = False  # whether any read of it reached this process
 
 
@@ -263,15 +264,25 @@ class SnapshotFS:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """Bytes ``[offset, offset+size)`` of the open file, short at its end. A read that
-        continues where the last one ended also starts loading the next ``readahead``
-        bytes' chunks in the background."""
+        continues where the last one ended keeps chunks loading in the background up to
+        ``readahead`` bytes ahead, topped up in steps of at least half of that."""
         f = self._files[fh]
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
         first = i = bisect.bisect_right(f.starts, offset) - 1
-        ahead = self.readahead if offset == f.next_offset else 0
-        last = bisect.bisect_left(f.starts, end + ahead)
+        # The kernel's own readahead sends several requests at once, and they may arrive
+        # out of order: a read within ``readahead`` of where the last one ended still
+        # continues a sequential pass.
+        sequential = abs(offset - f.next_offset) <= self.readahead
+        f.next_offset = max(f.next_offset, end) if sequential else end
+        last = bisect.bisect_left(f.starts, end)
+        if sequential and self.readahead:
+            if f.ahead_end - end < self.readahead // 2:
+                # under half the readahead left: start the rest of the window at once,
+                # so that the store sees requests of several MiB, not one per chunk
+                f.ahead_end = end + self.readahead
+            last = bisect.bisect_left(f.starts, f.ahead_end)
         if last - first > 1:  # several chunks: load them as runs, not one by one
             self.fetcher.prefetch(f.spans[first:last])
         pieces = []
@@ -282,7 +293,6 @@ class SnapshotFS:
             pieces.append(memoryview(data)[pos - start:min(end, start + span.length) - start])
             pos = start + span.length
             i += 1
-        f.next_offset = end
         f.read = True
         out = pieces[0] if i - first == 1 else b"".join(pieces)
         self.counters.reads += 1

@@ -20,6 +20,7 @@ import pytest
 import trio
 from mountfix import import_tree, make_repo
 from pagecache import evict, resident_bytes, skip_unless_nowait_reads
+from storewrap import PassThroughStore
 from treegen import make_tree, manifest
 
 from cafs.chunkcache import ChunkCache
@@ -31,7 +32,7 @@ from cafs.fsmodel import DIR_SIZE, ROOT_INO, IsADirectory, NotADirectory, Snapsh
 from cafs.metacache import MetaCache, NodeReader
 from cafs.naming import find_snapshot
 from cafs.repository import Repository
-from cafs.stores import open_store
+from cafs.stores import Store, open_store
 from cafs.tree import file_spans
 
 BIG = (2 << 20) + 4321
@@ -236,6 +237,65 @@ async def test_sequential_reads_with_readahead_fetch_each_chunk_once(fs: Snapsho
     unique = {(s.pack, s.offset): s for s in spans}.values()
     assert c.bytes_fetched == sum(s.stored_length for s in unique)
     assert c.errors == c.in_flight == 0
+
+
+class _RecordingStore(PassThroughStore):
+    """Records the ranged reads of packs."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.pack_reads: list[tuple[str, int, int | None]] = []
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        if key.startswith("packs/"):
+            self.pack_reads.append((key, offset, length))
+        return super().get(key, offset, length)
+
+
+async def test_readahead_of_reads_arriving_out_of_order_asks_the_store_in_large_runs(
+        imported: Imported, tmp_path: Path) -> None:
+    # The kernel's readahead sends several reads of a file at once, and they reach the
+    # daemon in any order: still a sequential pass, loaded in runs of half the readahead
+    # or more, not one store request per chunk.
+    store = _RecordingStore(open_store(str(imported.repo)))
+    repo = Repository.open(store)
+    root = tmp_path / "cache" / repo.config.repo_id
+    meta = MetaCache(root)
+    cache = ChunkCache(root, meta.env, 64 << 20)
+    readahead = 1 << 20
+    fs = SnapshotFS(find_snapshot(repo, "snap"), NodeReader(repo, meta, defer_writes=True), Fetcher(repo, cache),
+                    readahead=readahead)
+    try:
+        data = (imported.src / "data/big").read_bytes()
+        ino = resolve(fs, b"data/big")
+        spans = file_spans(fs.reader, fs.entry(ino))
+        got: dict[int, bytes] = {}
+
+        in_flight = trio.Semaphore(16)
+
+        async def read(off: int) -> None:
+            async with in_flight:
+                got[off] = bytes(await fs.read(fh, off, 16 << 10))
+
+        store.pack_reads.clear()
+        async with fs.fetcher.running():
+            fh = fs.open(ino)
+            async with trio.open_nursery() as nursery:  # up to 16 at once, pairs swapped
+                for pair in range(0, len(data), 32 << 10):
+                    for off in (pair + (16 << 10), pair):
+                        nursery.start_soon(read, off)
+                        await trio.sleep(0)
+            fs.release(fh)
+    finally:
+        cache.close()
+        meta.close()
+    assert b"".join(got[off] for off in sorted(got)) == data
+    assert fs.fetcher.counters.misses == len({(s.pack, s.offset) for s in spans})  # each chunk once
+    packs = len({s.pack for s in spans})
+    assert len(spans) > 4 * len(data) // readahead
+    # a run per pack (each of these is under RUN_BYTES), one more where a top-up of the
+    # readahead splits one; loading each chunk when its reader came made 6-8 here
+    assert len(store.pack_reads) <= packs + 1
 
 
 async def test_concurrent_readers_share_each_load(fs: SnapshotFS, imported: Imported) -> None:
