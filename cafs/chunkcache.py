@@ -30,7 +30,7 @@ transaction across an ``await``.
 What a read returns goes to the kernel, whose page cache for the mounted file keeps it,
 so the cache file's own copy is kept out of the page cache: a host caches each byte of a
 dataset once, not twice. ``insert`` writes the whole 4 KiB blocks of a span of at least
-``DIRECT_MIN`` bytes with ``O_DIRECT`` (from a reused aligned buffer of each thread), and
+``DIRECT_MIN`` bytes (1 MiB) with ``O_DIRECT`` (from a reused aligned buffer of each thread), and
 only the partial blocks at its ends through the page cache; ``read`` drops the extent's
 pages (``POSIX_FADV_DONTNEED``), and the freed pages are the ones the kernel reuses for
 the mounted file's copy. Fresh pages cost far more than a copy on a virtual machine that
@@ -75,7 +75,9 @@ RECORDED_SNAPSHOTS = 16
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 MAX_OPEN_PACKS = 256  # cache files kept open between uses
 DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of any logical block size in use
-DIRECT_MIN = 64 << 10  # shorter spans are written through the page cache
+# shorter spans are written through the page cache: a small file's chunk, whose read
+# would wait for the disk, while its pages cost little
+DIRECT_MIN = 1 << 20
 DIRECT_BUFFER = 1 << 20  # bytes per O_DIRECT write, the size of each thread's aligned buffer
 
 

@@ -24,6 +24,14 @@ background run that failed loads it once more itself before it gives up.
 Cache reads and store reads have separate pools of worker threads, so a stalled store
 never keeps a cached read (or anything else) waiting for a thread.
 
+Write-through: a run of at least ``WRITE_BEHIND_MIN`` bytes fetched from the store is
+handed to its readers first and written to the cache behind them by the
+``cache_writers`` pool, while under ``WRITE_BEHIND_BYTES`` of such runs wait to be
+written (more, and the load waits for its own write: a cache disk slower than the store
+holds the readers back instead of memory growing). Leaving ``running()`` waits for the
+writes handed over. A smaller run is written by the thread that fetched it, before its
+readers have it: another thread hand-off would cost more than the write.
+
 Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it is
 only changed between awaits on the trio thread.
 """
@@ -54,6 +62,9 @@ RUN_BYTES = 8 << 20
 RUN_GAP = 128 << 10
 MEMORY_CHUNKS_BYTES = 64 << 20
 INLINE_BYTES = 256 << 10
+WRITE_BEHIND_MIN = 1 << 20
+WRITE_BEHIND_BYTES = 64 << 20
+WRITER_THREADS = 2
 ADVISE_BYTES = 1 << 20
 
 
@@ -112,6 +123,8 @@ class Fetcher:
         self.cache = cache
         self.cache_workers = WorkerPool(threads, "cache")
         self.store_workers = WorkerPool(threads, "store")
+        self.cache_writers = WorkerPool(WRITER_THREADS, "cache-write")
+        self._writing = 0  # stored bytes handed to write-behind, not yet written
         self.counters = FetchCounters()
         self._inflight: dict[tuple[bytes, int], _Load] = {}
         self._memory: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
@@ -212,7 +225,13 @@ class Fetcher:
             if rest and maybe_cached and (len(rest) == len(run) or self._maybe_cached(rest)):
                 _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
-                _settle(part, await self.store_workers.run(self._from_store, part), waiting)
+                behind = self._write_behind_size(part)
+                got = await self.store_workers.run(self._from_store, part, not behind)
+                part_loads = [waiting[(loc.pack, loc.offset)] for loc in part]
+                _settle(part, [data for _, data in got], waiting)
+                self._finish(part, part_loads)  # the readers go on while the cache is written
+                if behind:
+                    await self._write_through(part, [stored for stored, _ in got], behind)
         except BaseException as exc:
             self.counters.errors += 1
             for load in loads:
@@ -220,12 +239,46 @@ class Fetcher:
                     load.error = exc
             raise
         finally:
-            self.counters.in_flight -= len(run)
-            for loc, load in zip(run, loads):
-                del self._inflight[(loc.pack, loc.offset)]
+            self._finish(run, loads)
+
+    def _finish(self, run: list[Location], loads: list[_Load]) -> None:
+        """End the loads of ``run`` (one each) not ended yet: their readers wake, and the
+        data joins the in-memory LRU."""
+        for loc, load in zip(run, loads):
+            key = (loc.pack, loc.offset)
+            if self._inflight.get(key) is load:
+                del self._inflight[key]
+                self.counters.in_flight -= 1
                 if load.data is not None:
-                    self._remember((loc.pack, loc.offset), load.data)
+                    self._remember(key, load.data)
                 load.done.set()
+
+    def _write_behind_size(self, run: list[Location]) -> int:
+        """The stored bytes of a run fetched from the store to write to the cache behind
+        its readers, or 0 to have the worker thread that fetched it write it first (a
+        small run: another thread hand-off would cost more than its write)."""
+        size = sum(loc.stored_length for loc in run)
+        if self.cache is None or self._nursery is None or size < WRITE_BEHIND_MIN:
+            return 0
+        return size
+
+    async def _write_through(self, run: list[Location], stored: list[bytes | memoryview], size: int) -> None:
+        """Write a run fetched from the store to the cache: behind the readers (who have
+        their bytes already) while under ``WRITE_BEHIND_BYTES`` wait to be written, else
+        before this load goes on, which holds back a reader faster than the cache's disk."""
+        if self._nursery is None or self._writing + size > WRITE_BEHIND_BYTES:
+            await self.cache_writers.run(self._insert, run, stored)
+            return
+        self._writing += size
+        self._nursery.start_soon(self._write_behind, run, stored, size)
+
+    async def _write_behind(self, run: list[Location], stored: list[bytes | memoryview], size: int) -> None:
+        # no checkpoint before the pool takes the job: a nursery cancelled meanwhile
+        # (the mount or prefetch ending) still has it written, not dropped
+        try:
+            await self.cache_writers.run(self._insert, run, stored)
+        finally:
+            self._writing -= size
 
     def _remember(self, key: tuple[bytes, int], data: bytes) -> None:
         if len(data) > self._memory_limit // 4:
@@ -320,23 +373,29 @@ class Fetcher:
             out.append(data)
         return out
 
-    def _from_store(self, run: list[Location]) -> list[bytes]:
-        """Runs in a worker thread: verified plain bytes of ``run`` from the store, written
-        through to the cache."""
+    def _from_store(self, run: list[Location], write: bool) -> list[tuple[bytes | memoryview, bytes]]:
+        """Runs in a worker thread: the stored and the verified plain bytes of ``run``
+        from the store, written through to the cache first if ``write``."""
         try:
             got = self.repo.read_run(run)
         except ObjectNotFound:
             got = [self.repo.read_verified(loc) for loc in run]  # moved by gc: one by one
         self.counters.misses += len(run)
         self.counters.bytes_fetched += sum(len(stored) for stored, _ in got)
+        if write:
+            self._insert(run, [stored for stored, _ in got])
+        return got
+
+    def _insert(self, run: list[Location], stored: list[bytes | memoryview]) -> None:
+        """Runs in a worker thread: write verified stored bytes of ``run`` to the cache."""
         cache = self.cache
-        if cache is not None and time.monotonic() >= self._cache_off_until:
-            try:
-                cache.insert(run[0].pack, [(loc.offset, stored) for loc, (stored, _) in zip(run, got)])
-            except (CafsError, OSError) as exc:
-                # a cache that cannot be written costs speed, never a read
-                if isinstance(exc, NoSpaceError):
-                    self.counters.cache_full += 1
-                self._cache_off_until = time.monotonic() + CACHE_RETRY_SECONDS
-                log.warning("%s; serving without caching for %.0f s", exc, CACHE_RETRY_SECONDS)
-        return [data for _, data in got]
+        if cache is None or time.monotonic() < self._cache_off_until:
+            return
+        try:
+            cache.insert(run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored)])
+        except (CafsError, OSError, lmdb.Error) as exc:
+            # a cache that cannot be written costs speed, never a read
+            if isinstance(exc, NoSpaceError):
+                self.counters.cache_full += 1
+            self._cache_off_until = time.monotonic() + CACHE_RETRY_SECONDS
+            log.warning("%s; serving without caching for %.0f s", exc, CACHE_RETRY_SECONDS)

@@ -90,7 +90,8 @@ def test_inserts_write_whole_blocks_past_the_page_cache(cache: ChunkCache, tmp_p
     # spans at odd offsets, two of them touching (one span), one short (buffered)
     skip_unless_observable(tmp_path)
     pack = b"\x09" * 32
-    extents = [(1000, os.urandom(300_000)), (301_000, os.urandom(200_001)), (900_001, os.urandom(5000))]
+    half = chunkcache.DIRECT_MIN // 2 + 10_000
+    extents = [(1000, os.urandom(half)), (1000 + half, os.urandom(half + 1)), (3 * half, os.urandom(5000))]
     cache.insert(pack, extents)
     path = cache._path(pack)
     # only the partial blocks at the ends of the spans went through the page cache

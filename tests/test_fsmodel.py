@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pagecache import evict, resident_bytes, skip_unless_nowait_reads
 from storewrap import PassThroughStore
 from treegen import make_tree, manifest
 
+from cafs import fetch
 from cafs.chunkcache import ChunkCache
 from cafs.errors import PathNotFound
 from cafs.fetch import INLINE_BYTES, Fetcher, runs
@@ -296,6 +298,39 @@ async def test_readahead_of_reads_arriving_out_of_order_asks_the_store_in_large_
     # a run per pack (each of these is under RUN_BYTES), one more where a top-up of the
     # readahead splits one; loading each chunk when its reader came made 6-8 here
     assert len(store.pack_reads) <= packs + 1
+
+
+async def test_large_runs_are_written_to_the_cache_behind_their_readers(
+        fs: SnapshotFS, imported: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reader has its bytes while the cache is still being written, and every chunk is
+    # cached once the fetcher stops.
+    monkeypatch.setattr(fetch, "WRITE_BEHIND_MIN", 1)
+    cache = fs.fetcher.cache
+    assert cache is not None
+    release, written = threading.Event(), []
+    real_insert = cache.insert
+
+    def held_insert(pack: bytes, extents: list[tuple[int, bytes]]) -> None:
+        release.wait(30)
+        real_insert(pack, extents)
+        written.append(len(extents))
+
+    monkeypatch.setattr(cache, "insert", held_insert)
+    data = (imported.src / "data/big").read_bytes()
+    ino = resolve(fs, b"data/big")
+    try:
+        async with fs.fetcher.running():
+            fh = fs.open(ino)
+            with trio.fail_after(20):
+                assert bytes(await fs.read(fh, 0, len(data))) == data
+            fs.release(fh)
+            assert not written
+            release.set()
+    finally:
+        release.set()
+    spans = file_spans(fs.reader, fs.entry(ino))
+    assert all(cache.cached((s.pack, s.offset, s.stored_length) for s in spans))
+    assert fs.fetcher._writing == 0
 
 
 async def test_concurrent_readers_share_each_load(fs: SnapshotFS, imported: Imported) -> None:
