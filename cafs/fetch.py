@@ -62,6 +62,7 @@ RUN_BYTES = 8 << 20
 RUN_GAP = 128 << 10
 MEMORY_CHUNKS_BYTES = 64 << 20
 INLINE_BYTES = 256 << 10
+Plain = bytes | memoryview  # a chunk's verified plain bytes: a view into its run's read, or its own
 WRITE_BEHIND_MIN = 1 << 20
 WRITE_BEHIND_BYTES = 64 << 20
 WRITER_THREADS = 2
@@ -86,7 +87,7 @@ class _Load:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: Plain | None = None
         self.error: BaseException | None = None
 
 
@@ -109,7 +110,7 @@ def runs(locs: Iterable[Location]) -> list[list[Location]]:
     return out
 
 
-def _settle(run: list[Location], got: Sequence[bytes | None], waiting: dict[tuple[bytes, int], _Load]) -> None:
+def _settle(run: list[Location], got: Sequence[Plain | None], waiting: dict[tuple[bytes, int], _Load]) -> None:
     """Give each chunk of ``run`` that ``got`` holds to its load, which stops waiting."""
     for loc, data in zip(run, got):
         if data is not None:
@@ -127,7 +128,7 @@ class Fetcher:
         self._writing = 0  # stored bytes handed to write-behind, not yet written
         self.counters = FetchCounters()
         self._inflight: dict[tuple[bytes, int], _Load] = {}
-        self._memory: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+        self._memory: OrderedDict[tuple[bytes, int], Plain] = OrderedDict()
         self._memory_bytes = 0
         self._memory_limit = memory_bytes
         self._cache_off_until = 0.0
@@ -183,7 +184,7 @@ class Fetcher:
             if load.error is not None:
                 raise load.error
 
-    async def chunk(self, loc: Location) -> bytes:
+    async def chunk(self, loc: Location) -> Plain:
         key = (loc.pack, loc.offset)
         for attempt in range(2):
             data = self._memory.get(key)
@@ -280,7 +281,7 @@ class Fetcher:
         finally:
             self._writing -= size
 
-    def _remember(self, key: tuple[bytes, int], data: bytes) -> None:
+    def _remember(self, key: tuple[bytes, int], data: Plain) -> None:
         if len(data) > self._memory_limit // 4:
             return
         self._memory[key] = data
@@ -299,13 +300,13 @@ class Fetcher:
         except lmdb.Error:
             return True  # let the worker thread meet the error and go to the store
 
-    def _resident(self, run: list[Location]) -> list[bytes | None]:
+    def _resident(self, run: list[Location]) -> list[Plain | None]:
         """On the trio thread: each chunk of a run of at most ``INLINE_BYTES`` that can be
         had without waiting for a disk, from the page cache of the chunk cache's file or,
         with no chunk cache, of a local repository read in place; None for the rest (and
         for every chunk of a larger run). A small read spares two thread hand-offs, which
         cost more than its pread and hash."""
-        none: list[bytes | None] = [None] * len(run)
+        none: list[Plain | None] = [None] * len(run)
         if run[-1].offset + run[-1].stored_length - run[0].offset > INLINE_BYTES:
             return none
         if self.cache is not None:
@@ -344,14 +345,14 @@ class Fetcher:
             if hit:
                 self.cache.advise(loc.pack, loc.offset, loc.stored_length)
 
-    def _from_cache(self, run: list[Location], resident: bool = False) -> list[bytes | None]:
+    def _from_cache(self, run: list[Location], resident: bool = False) -> list[Plain | None]:
         """Runs in a worker thread: the plain bytes of each chunk the cache holds intact.
         With ``resident`` (on the trio thread), only those the page cache holds; a
         damaged extent is then left for a worker thread to meet and drop."""
         cache = self.cache
         if cache is None:
             return [None] * len(run)
-        out: list[bytes | None] = []
+        out: list[Plain | None] = []
         for loc in run:
             try:
                 stored = cache.read(loc.pack, loc.offset, loc.stored_length, resident=resident)
@@ -373,7 +374,7 @@ class Fetcher:
             out.append(data)
         return out
 
-    def _from_store(self, run: list[Location], write: bool) -> list[tuple[bytes | memoryview, bytes]]:
+    def _from_store(self, run: list[Location], write: bool) -> list[tuple[bytes | memoryview, Plain]]:
         """Runs in a worker thread: the stored and the verified plain bytes of ``run``
         from the store, written through to the cache first if ``write``."""
         try:

@@ -41,7 +41,7 @@ from cafs.format.journal import (
     Snapshot, check_ref_name, decode_latest, decode_snapshot, encode_latest, encode_snapshot,
     journal_key, latest_key, parse_jid,
 )
-from cafs.format.location import Location, decode_stored
+from cafs.format.location import Location, decode_stored, plain_view
 from cafs.format.nodes import Entry
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
@@ -130,27 +130,29 @@ class Repository:
         """The stored and the plain bytes of ``loc``, verified against its id: from its
         pack or, if gc moved it, from where the index says the object lives now."""
         try:
-            return self.read_run([loc])[0]
+            stored, plain = self.read_run([loc])[0]
         except ObjectNotFound:
             moved = self.relocated(loc)
             if moved is None:
                 raise
-            return self.read_run([moved])[0]
+            stored, plain = self.read_run([moved])[0]
+        return stored, bytes(plain)  # one object's plain bytes are bytes already: no copy
 
-    def read_run(self, locs: Sequence[Location]) -> list[tuple[bytes | memoryview, bytes]]:
+    def read_run(self, locs: Sequence[Location]) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
         """``read_verified`` of several objects of one pack in ascending offset order, in
-        one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included)."""
+        one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included). With
+        several, the stored bytes and a raw object's plain ones are views of that read."""
         key, start, length = _run_range(locs)
 
-        def attempt(store: Store) -> list[tuple[bytes | memoryview, bytes]]:
+        def attempt(store: Store) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
             data = store.get(key, start, length)
             if len(locs) == 1:
                 return [(data, decode_stored(locs[0], data))]
-            whole = memoryview(data)  # the stored bytes are views of it: no copies
-            out: list[tuple[bytes | memoryview, bytes]] = []
+            whole = memoryview(data)
+            out: list[tuple[bytes | memoryview, bytes | memoryview]] = []
             for loc in locs:
                 stored = whole[loc.offset - start:loc.offset - start + loc.stored_length]
-                out.append((stored, decode_stored(loc, stored)))
+                out.append((stored, plain_view(loc, stored)))
             return out
         return self.sources.read(attempt)
 

@@ -13,7 +13,7 @@ from cafs.errors import FormatError, IntegrityError, RefError, RepositoryError
 from cafs.format.config import ChunkerParams, RepoConfig, decode_config, encode_config
 from cafs.format.index import PackSummary, decode_index, encode_index
 from cafs.format.journal import Snapshot, check_ref_name, decode_snapshot, encode_snapshot
-from cafs.format.location import CODEC_RAW, CODEC_ZSTD, Location, decode_location, decode_stored
+from cafs.format.location import CODEC_RAW, CODEC_ZSTD, Location, decode_location, decode_stored, plain_view
 from cafs.format.nodes import (
     KIND_DIR, KIND_FILE, KIND_SYMLINK, PAGE_ENTRIES, DirIndexNode, Entry, FileNode, PageRef, TreeNode,
     decode_entry, decode_node, encode_node,
@@ -152,6 +152,21 @@ def test_decode_stored_verifies_content() -> None:
     flipped[5] ^= 1
     with pytest.raises(IntegrityError):
         decode_stored(raw, bytes(flipped))
+
+
+def test_plain_view_verifies_and_does_not_copy_raw_objects() -> None:
+    plain = b"hello world" * 100
+    packed = zstandard.ZstdCompressor().compress(plain)
+    buffer = memoryview(b"pad" + plain + packed)
+    raw = Location(digest(plain), b"p" * 32, 3, len(plain), len(plain), CODEC_RAW)
+    view = plain_view(raw, buffer[3:3 + len(plain)])
+    assert isinstance(view, memoryview) and view.obj is buffer.obj and view == plain
+    zstd = Location(digest(plain), b"p" * 32, 3 + len(plain), len(packed), len(plain), CODEC_ZSTD)
+    assert plain_view(zstd, buffer[3 + len(plain):]) == plain
+    for loc, stored in ((raw, buffer[2:2 + len(plain)]), (zstd, buffer[3 + len(plain):-1]),
+                        (raw._replace(id=b"x" * 32), buffer[3:3 + len(plain)])):
+        with pytest.raises(IntegrityError):
+            plain_view(loc, stored)
 
 
 def test_decompression_bomb_is_refused() -> None:

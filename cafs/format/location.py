@@ -104,6 +104,16 @@ def decode_stored(loc: Location, stored: bytes | bytearray | memoryview) -> byte
     return plain
 
 
+def plain_view(loc: Location, stored: memoryview) -> bytes | memoryview:
+    """``decode_stored`` without the copy of a raw object: its plain bytes are ``stored``
+    itself, hashed in place (a view keeps what it views alive: for the chunks of one
+    buffer, read together)."""
+    if loc.codec == CODEC_RAW:
+        verify_stored(loc, stored)
+        return stored
+    return decode_stored(loc, stored)
+
+
 def verify_stored(loc: Location, stored: bytes | memoryview) -> None:
     """Raise IntegrityError unless ``stored`` decodes to the object ``loc`` names; a raw
     object is hashed in place, without a copy."""
@@ -122,4 +132,4 @@ def pack_id(loc: Location) -> PackId:
     return PackId(loc.pack)
 
 
-__all__ = ["Location", "decode_location", "decode_stored", "CODEC_RAW", "CODEC_ZSTD", "FormatError"]
+__all__ = ["Location", "decode_location", "decode_stored", "plain_view", "CODEC_RAW", "CODEC_ZSTD", "FormatError"]
