@@ -30,8 +30,8 @@ transaction across an ``await``.
 What a read returns goes to the kernel, whose page cache for the mounted file keeps it,
 so the cache file's own copy is kept out of the page cache: a host caches each byte of a
 dataset once, not twice. ``insert`` writes the whole 4 KiB blocks of a span of at least
-``DIRECT_MIN`` bytes (1 MiB) with ``O_DIRECT`` (from a reused aligned buffer of each thread), and
-only the partial blocks at its ends through the page cache; ``read`` drops the extent's
+``DIRECT_MIN`` bytes (1 MiB) with ``O_DIRECT`` (from a reused aligned buffer of each
+thread), and only the partial blocks at its ends through the page cache; ``read`` drops the extent's
 pages (``POSIX_FADV_DONTNEED``), and the freed pages are the ones the kernel reuses for
 the mounted file's copy. Fresh pages cost far more than a copy on a virtual machine that
 returns free memory to its host: writing 1 GiB into new page-cache pages took 1.5-2.8 s
