@@ -63,6 +63,7 @@ from pathlib import Path
 import lmdb
 
 from cafs.errors import CafsError, NoSpaceError
+from cafs.fileio import DIRECT_ALIGN, pwrite_all
 
 EVICT_TO = 0.9
 _EXTENT = struct.Struct(">IQ")
@@ -74,7 +75,6 @@ _SNAPSHOT_PREFIX = b"snapshot\0"
 RECORDED_SNAPSHOTS = 16
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 MAX_OPEN_PACKS = 256  # cache files kept open between uses
-DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of any logical block size in use
 # shorter spans are written through the page cache: a small file's chunk, whose read
 # would wait for the disk, while its pages cost little
 DIRECT_MIN = 1 << 20
@@ -338,7 +338,7 @@ class ChunkCache:
             buffered = [(start, first), (stop, end)]
         for lo, hi in buffered:
             for view in _window(pieces, start, lo, hi):
-                _pwrite_all(entry.fd, view, lo)
+                pwrite_all(entry.fd, view, lo)
                 lo += len(view)
 
     def _write_direct(self, entry: _OpenPack, pieces: list[memoryview], start: int, first: int, last: int) -> int:
@@ -484,11 +484,6 @@ def _window(pieces: list[memoryview], start: int, lo: int, hi: int) -> Iterator[
             yield view[a - pos:b - pos]
         pos += len(view)
 
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 @functools.cache

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cafs.errors import CafsError, ExtractError, NoSpaceError
+from cafs.fileio import pwrite_all
 from cafs.format.nodes import Entry
 from cafs.ids import digest
 from cafs.metacache import NodeReader
@@ -174,7 +175,7 @@ class Extractor:
                 else:
                     data = self.repo.read_object(span)
                     if existing or data.count(0) != len(data):
-                        _pwrite_all(fd, data, pos)
+                        pwrite_all(fd, data, pos)
                     self.counters.bytes_written += span.length
                 pos += span.length
             os.ftruncate(fd, entry.size)
@@ -271,14 +272,6 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-
-
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view = view[n:]
-        pos += n
 
 
 def _os_error(exc: OSError, path: Path) -> CafsError:

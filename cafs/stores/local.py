@@ -30,11 +30,11 @@ from pathlib import Path
 from collections.abc import Iterator
 
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError
+from cafs.fileio import DIRECT_ALIGN
 from cafs.stores.base import ObjectExists, check_key
 
 TMP_PREFIX = ".tmp-"
 DROP_CACHE_MIN = 1 << 20
-DIRECT_ALIGN = 4096
 
 
 class LocalStore:
