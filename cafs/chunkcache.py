@@ -78,6 +78,7 @@ MAX_OPEN_PACKS = 256  # cache files kept open between uses
 # shorter spans are written through the page cache: a small file's chunk, whose read
 # would wait for the disk, while its pages cost little
 DIRECT_MIN = 1 << 20
+Stored = bytes | bytearray | memoryview
 DIRECT_BUFFER = 1 << 20  # bytes per O_DIRECT write, the size of each thread's aligned buffer
 
 
@@ -294,15 +295,22 @@ class ChunkCache:
 
     # -- writes ---------------------------------------------------------------------
 
-    def insert(self, pack: bytes, extents: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+    def insert(self, pack: bytes, extents: Sequence[tuple[int, Stored]]) -> None:
         """Write each ``(offset, stored bytes)`` of ``pack`` and record them as cached, in
-        one LMDB transaction. Extents that touch are written as one span. Raises
-        NoSpaceError if the disk is full (nothing of this call is recorded then)."""
+        one LMDB transaction (``insert_batch`` of one pack)."""
+        self.insert_batch([(pack, extents)])
+
+    def insert_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]]) -> None:
+        """Write each ``(offset, stored bytes)`` of each ``(pack, extents)`` and record them
+        all as cached, in one LMDB transaction. Extents of a pack that touch are written
+        as one span. Raises NoSpaceError if the disk is full (nothing of this call is
+        recorded then)."""
         try:
-            with self._pack_file(pack, create=True) as entry:
-                assert entry is not None
-                for start, span in _spans(extents):
-                    self._write_span(entry, start, span)
+            for pack, extents in batch:
+                with self._pack_file(pack, create=True) as entry:
+                    assert entry is not None
+                    for start, span in _spans(extents):
+                        self._write_span(entry, start, span)
         except OSError as exc:
             self.counters.insert_failures += 1
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -312,11 +320,12 @@ class ChunkCache:
         try:
             with self.env.begin(write=True) as txn:
                 added = 0
-                for off, stored in extents:
-                    key = extent_key(pack, off)
-                    if txn.get(key, db=self.extents) is None:
-                        added += len(stored)
-                    txn.put(key, _EXTENT.pack(len(stored), now), db=self.extents)
+                for pack, extents in batch:
+                    for off, stored in extents:
+                        key = extent_key(pack, off)
+                        if txn.get(key, db=self.extents) is None:
+                            added += len(stored)
+                        txn.put(key, _EXTENT.pack(len(stored), now), db=self.extents)
                 total = self._total(txn) + added
                 txn.put(_SIZE_KEY, _SIZE.pack(total), db=self.stat)
         except lmdb.Error as exc:
@@ -461,7 +470,7 @@ class _OpenPack:
             os.close(self.direct)
 
 
-def _spans(extents: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> Iterator[tuple[int, list[memoryview]]]:
+def _spans(extents: Sequence[tuple[int, Stored]]) -> Iterator[tuple[int, list[memoryview]]]:
     """``extents`` as ``(offset, pieces)`` spans: the extents that touch, in order."""
     ordered = sorted(extents, key=lambda e: e[0])
     i = 0

@@ -24,13 +24,15 @@ background run that failed loads it once more itself before it gives up.
 Cache reads and store reads have separate pools of worker threads, so a stalled store
 never keeps a cached read (or anything else) waiting for a thread.
 
-Write-through: a run of at least ``WRITE_BEHIND_MIN`` bytes fetched from the store is
-handed to its readers first and written to the cache behind them by the
-``cache_writers`` pool, while under ``WRITE_BEHIND_BYTES`` of such runs wait to be
-written (more, and the load waits for its own write: a cache disk slower than the store
-holds the readers back instead of memory growing). Leaving ``running()`` waits for the
-writes handed over. A smaller run is written by the thread that fetched it, before its
-readers have it: another thread hand-off would cost more than the write.
+Write-through: while ``running()``, a run fetched from the store is handed to its
+readers first and written to the cache behind them. Runs are gathered into batches of
+``WRITE_BATCH_BYTES`` (or whatever ``WRITE_BATCH_SECONDS`` gathered), each written by the
+``cache_writers`` pool in one job and one LMDB transaction: a small file's run alone
+cost more to hand over and record than to write. While under ``WRITE_BEHIND_BYTES`` wait
+to be written the readers go on; past that a load waits for its batch's write (a cache
+disk slower than the store holds the readers back instead of memory growing). Leaving
+``running()`` writes the gathered batch and waits for every write handed over. Outside
+``running()`` the thread that fetched a run writes it before its readers have it.
 
 Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it is
 only changed between awaits on the trio thread.
@@ -48,7 +50,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import lmdb
 import trio
 
-from cafs.chunkcache import ChunkCache
+from cafs.chunkcache import ChunkCache, Stored
 from cafs.errors import CafsError, IntegrityError, NoSpaceError, ObjectNotFound
 from cafs.format.location import Location, decode_stored
 from cafs.repository import Repository
@@ -63,7 +65,9 @@ RUN_GAP = 128 << 10
 MEMORY_CHUNKS_BYTES = 64 << 20
 INLINE_BYTES = 256 << 10
 Plain = bytes | memoryview  # a chunk's verified plain bytes: a view into its run's read, or its own
-WRITE_BEHIND_MIN = 1 << 20
+CacheWrites = list[tuple[bytes, list[tuple[int, Stored]]]]  # (pack, [(offset, stored bytes)])
+WRITE_BATCH_BYTES = 1 << 20
+WRITE_BATCH_SECONDS = 0.05
 WRITE_BEHIND_BYTES = 64 << 20
 WRITER_THREADS = 2
 ADVISE_BYTES = 1 << 20
@@ -110,6 +114,11 @@ def runs(locs: Iterable[Location]) -> list[list[Location]]:
     return out
 
 
+def _inline(run: list[Location]) -> bool:
+    """Whether ``run`` is small enough to read on the trio thread."""
+    return run[-1].offset + run[-1].stored_length - run[0].offset <= INLINE_BYTES
+
+
 def _settle(run: list[Location], got: Sequence[Plain | None], waiting: dict[tuple[bytes, int], _Load]) -> None:
     """Give each chunk of ``run`` that ``got`` holds to its load, which stops waiting."""
     for loc, data in zip(run, got):
@@ -126,6 +135,8 @@ class Fetcher:
         self.store_workers = WorkerPool(threads, "store")
         self.cache_writers = WorkerPool(WRITER_THREADS, "cache-write")
         self._writing = 0  # stored bytes handed to write-behind, not yet written
+        self._batch: CacheWrites = []  # gathered for the next write-behind
+        self._batch_bytes = 0
         self.counters = FetchCounters()
         self._inflight: dict[tuple[bytes, int], _Load] = {}
         self._memory: OrderedDict[tuple[bytes, int], Plain] = OrderedDict()
@@ -143,8 +154,15 @@ class Fetcher:
             try:
                 yield self
             finally:
+                if self._batch:
+                    self._write_behind(*self._take_batch())
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+
+    @property
+    def pending_writes(self) -> int:
+        """Stored bytes fetched and handed to their readers, not yet written to the cache."""
+        return self._writing + self._batch_bytes
 
     def prefetch(self, locs: Iterable[Location]) -> None:
         """Start loading ``locs`` in the background, if not loaded or loading already."""
@@ -220,19 +238,21 @@ class Fetcher:
         try:
             waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads)}
             maybe_cached = self._maybe_cached(run)
-            if maybe_cached or self.cache is None:
-                _settle(run, self._resident(run), waiting)
+            if maybe_cached and _inline(run):
+                _settle(run, self._from_cache(run, resident=True), waiting)
             rest = [loc for loc in run if (loc.pack, loc.offset) in waiting]
             if rest and maybe_cached and (len(rest) == len(run) or self._maybe_cached(rest)):
                 _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
+            behind = self.cache is not None and self._nursery is not None
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
-                behind = self._write_behind_size(part)
-                got = await self.store_workers.run(self._from_store, part, not behind)
+                got = self._store_resident(part) if behind or self.cache is None else None
+                if got is None:
+                    got = await self.store_workers.run(self._from_store, part, not behind)
                 part_loads = [waiting[(loc.pack, loc.offset)] for loc in part]
                 _settle(part, [data for _, data in got], waiting)
                 self._finish(part, part_loads)  # the readers go on while the cache is written
                 if behind:
-                    await self._write_through(part, [stored for stored, _ in got], behind)
+                    await self._write_through(part, [stored for stored, _ in got])
         except BaseException as exc:
             self.counters.errors += 1
             for load in loads:
@@ -254,30 +274,40 @@ class Fetcher:
                     self._remember(key, load.data)
                 load.done.set()
 
-    def _write_behind_size(self, run: list[Location]) -> int:
-        """The stored bytes of a run fetched from the store to write to the cache behind
-        its readers, or 0 to have the worker thread that fetched it write it first (a
-        small run: another thread hand-off would cost more than its write)."""
-        size = sum(loc.stored_length for loc in run)
-        if self.cache is None or self._nursery is None or size < WRITE_BEHIND_MIN:
-            return 0
-        return size
+    async def _write_through(self, run: list[Location], stored: list[bytes | memoryview]) -> None:
+        """Add a run fetched from the store to the batch for the cache, and hand the batch
+        to a writer once it is large enough (a timer hands over a smaller one). Past
+        ``WRITE_BEHIND_BYTES`` waiting to be written, wait for the batch's write here."""
+        assert self._nursery is not None
+        if not self._batch:
+            self._nursery.start_soon(self._write_soon)
+        self._batch.append((run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored)]))
+        self._batch_bytes += sum(len(b) for b in stored)
+        if self._writing + self._batch_bytes > WRITE_BEHIND_BYTES:
+            await self.cache_writers.run(self._insert, self._take_batch()[0])
+        elif self._batch_bytes >= WRITE_BATCH_BYTES:
+            self._write_behind(*self._take_batch())
 
-    async def _write_through(self, run: list[Location], stored: list[bytes | memoryview], size: int) -> None:
-        """Write a run fetched from the store to the cache: behind the readers (who have
-        their bytes already) while under ``WRITE_BEHIND_BYTES`` wait to be written, else
-        before this load goes on, which holds back a reader faster than the cache's disk."""
-        if self._nursery is None or self._writing + size > WRITE_BEHIND_BYTES:
-            await self.cache_writers.run(self._insert, run, stored)
-            return
+    async def _write_soon(self) -> None:
+        await trio.sleep(WRITE_BATCH_SECONDS)
+        if self._batch:
+            self._write_behind(*self._take_batch())
+
+    def _take_batch(self) -> tuple[CacheWrites, int]:
+        batch = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        return batch
+
+    def _write_behind(self, writes: CacheWrites, size: int) -> None:
+        assert self._nursery is not None
         self._writing += size
-        self._nursery.start_soon(self._write_behind, run, stored, size)
+        self._nursery.start_soon(self._write_batch, writes, size)
 
-    async def _write_behind(self, run: list[Location], stored: list[bytes | memoryview], size: int) -> None:
+    async def _write_batch(self, writes: CacheWrites, size: int) -> None:
         # no checkpoint before the pool takes the job: a nursery cancelled meanwhile
         # (the mount or prefetch ending) still has it written, not dropped
         try:
-            await self.cache_writers.run(self._insert, run, stored)
+            await self.cache_writers.run(self._insert, writes)
         finally:
             self._writing -= size
 
@@ -300,30 +330,23 @@ class Fetcher:
         except lmdb.Error:
             return True  # let the worker thread meet the error and go to the store
 
-    def _resident(self, run: list[Location]) -> list[Plain | None]:
-        """On the trio thread: each chunk of a run of at most ``INLINE_BYTES`` that can be
-        had without waiting for a disk, from the page cache of the chunk cache's file or,
-        with no chunk cache, of a local repository read in place; None for the rest (and
-        for every chunk of a larger run). A small read spares two thread hand-offs, which
-        cost more than its pread and hash."""
-        none: list[Plain | None] = [None] * len(run)
-        if run[-1].offset + run[-1].stored_length - run[0].offset > INLINE_BYTES:
-            return none
-        if self.cache is not None:
-            return self._from_cache(run, resident=True)
-        got = self.repo.read_run_resident(run)
-        if got is None:
-            return none
-        self.counters.inline += len(run)
-        self.counters.misses += len(run)
-        self.counters.bytes_fetched += sum(loc.stored_length for loc in run)
-        return list(got)
+    def _store_resident(self, run: list[Location]) -> list[tuple[bytes | memoryview, Plain]] | None:
+        """On the trio thread: ``_from_store`` of a run of at most ``INLINE_BYTES`` that a
+        store on a local disk has in the page cache (``Repository.read_run_resident``),
+        without writing the cache; None for any other. A small read spares two thread
+        hand-offs, which cost more than its pread and hash."""
+        got = self.repo.read_run_resident(run) if _inline(run) else None
+        if got is not None:
+            self.counters.inline += len(run)
+            self.counters.misses += len(run)
+            self.counters.bytes_fetched += sum(loc.stored_length for loc in run)
+        return got
 
     def advise(self, locs: Iterable[Location]) -> None:
         """Hint that ``locs`` (a file just opened: its first chunks) are about to be read:
         those of its first ``ADVISE_BYTES`` that are on a local disk (in the chunk cache,
-        or in a local repository read in place) start coming into the page cache now,
-        for ``_resident`` to find when the read arrives."""
+        or else in a local repository) start coming into the page cache now, for a read
+        on the trio thread to find when it arrives."""
         todo, total = [], 0
         for loc in locs:
             if total >= ADVISE_BYTES:
@@ -333,17 +356,18 @@ class Fetcher:
                 todo.append(loc)
         if not todo:
             return
-        if self.cache is None:
-            for run in runs(todo):
+        hits = [False] * len(todo)
+        if self.cache is not None:
+            try:
+                hits = self.cache.cached((loc.pack, loc.offset, loc.stored_length) for loc in todo)
+            except lmdb.Error:
+                return
+            for loc, hit in zip(todo, hits):
+                if hit:
+                    self.cache.advise(loc.pack, loc.offset, loc.stored_length)
+        if self.cache is None or self._nursery is not None:  # else no read on the trio thread
+            for run in runs(loc for loc, hit in zip(todo, hits) if not hit):
                 self.repo.advise_run(run)
-            return
-        try:
-            hits = self.cache.cached((loc.pack, loc.offset, loc.stored_length) for loc in todo)
-        except lmdb.Error:
-            return
-        for loc, hit in zip(todo, hits):
-            if hit:
-                self.cache.advise(loc.pack, loc.offset, loc.stored_length)
 
     def _from_cache(self, run: list[Location], resident: bool = False) -> list[Plain | None]:
         """Runs in a worker thread: the plain bytes of each chunk the cache holds intact.
@@ -384,16 +408,16 @@ class Fetcher:
         self.counters.misses += len(run)
         self.counters.bytes_fetched += sum(len(stored) for stored, _ in got)
         if write:
-            self._insert(run, [stored for stored, _ in got])
+            self._insert([(run[0].pack, [(loc.offset, stored) for loc, (stored, _) in zip(run, got)])])
         return got
 
-    def _insert(self, run: list[Location], stored: list[bytes | memoryview]) -> None:
-        """Runs in a worker thread: write verified stored bytes of ``run`` to the cache."""
+    def _insert(self, writes: CacheWrites) -> None:
+        """Runs in a worker thread: write verified stored bytes to the cache."""
         cache = self.cache
         if cache is None or time.monotonic() < self._cache_off_until:
             return
         try:
-            cache.insert(run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored)])
+            cache.insert_batch(writes)
         except (CafsError, OSError, lmdb.Error) as exc:
             # a cache that cannot be written costs speed, never a read
             if isinstance(exc, NoSpaceError):

@@ -334,7 +334,7 @@ class SnapshotFS:
                "opens": self.counters.opens, "bytes_fetched": f.bytes_fetched,
                "cache_hits": f.hits + f.memory_hits, "cache_misses": f.misses, "errors": f.errors,
                "in_flight": f.in_flight, "cache_full": f.cache_full, "damaged_extents": f.damaged,
-               "inline_loads": f.inline}
+               "inline_loads": f.inline, "cache_writes_pending": self.fetcher.pending_writes}
         cache = self.fetcher.cache
         if cache is not None:
             out.update(evictions=cache.counters.evictions, cache_size=cache.size(), cache_limit=cache.limit)

@@ -162,11 +162,11 @@ class Repository:
         if locs and self._resident is not None:
             self._resident.advise(*_run_range(locs))
 
-    def read_run_resident(self, locs: Sequence[Location]) -> list[bytes] | None:
-        """The verified plain bytes of ``locs`` (one pack, ascending) if the primary store
-        has them without waiting for a disk (``ResidentReads``), so the call may be made
-        where blocking is not allowed; None if not, or if anything fails (``read_run``
-        then meets the failure, with the sources' failover and its report)."""
+    def read_run_resident(self, locs: Sequence[Location]) -> list[tuple[bytes | memoryview, bytes | memoryview]] | None:
+        """``read_run`` if the primary store has the bytes without waiting for a disk
+        (``ResidentReads``), so the call may be made where blocking is not allowed; None
+        if not, or if anything fails (``read_run`` then meets the failure, with the
+        sources' failover and its report)."""
         if not locs or self._resident is None:
             return None
         key, start, length = _run_range(locs)
@@ -174,11 +174,14 @@ class Repository:
         if data is None:
             return None
         whole = memoryview(data)
+        out: list[tuple[bytes | memoryview, bytes | memoryview]] = []
         try:
-            return [decode_stored(loc, whole[loc.offset - start:loc.offset - start + loc.stored_length])
-                    for loc in locs]
+            for loc in locs:
+                stored = whole[loc.offset - start:loc.offset - start + loc.stored_length]
+                out.append((stored, plain_view(loc, stored)))
         except (IntegrityError, FormatError):
             return None
+        return out
 
     def relocated(self, loc: Location) -> Location | None:
         """Where the object of ``loc`` lives now, if its pack is gone; else None."""

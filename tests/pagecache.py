@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def evict(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def evict_settled(paths: list[Path], seconds: float = 10.0) -> None:
+    """Evict ``paths`` until none shows a page: readahead an earlier test started (an
+    open's ``POSIX_FADV_WILLNEED``) may bring pages back after a first eviction."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for path in paths:
+            evict(path)
+        if sum(map(resident_bytes, paths)) == 0:
+            return
+        assert time.monotonic() < deadline, f"pages of {paths} stay in the page cache"
+        time.sleep(0.05)
 
 
 def skip_unless_nowait_reads(directory: Path) -> None:

@@ -20,11 +20,10 @@ import blake3
 import pytest
 import trio
 from mountfix import import_tree, make_repo
-from pagecache import evict, resident_bytes, skip_unless_nowait_reads
+from pagecache import evict_settled, resident_bytes, skip_unless_nowait_reads
 from storewrap import PassThroughStore
 from treegen import make_tree, manifest
 
-from cafs import fetch
 from cafs.chunkcache import ChunkCache
 from cafs.errors import PathNotFound
 from cafs.fetch import INLINE_BYTES, Fetcher, runs
@@ -300,22 +299,21 @@ async def test_readahead_of_reads_arriving_out_of_order_asks_the_store_in_large_
     assert len(store.pack_reads) <= packs + 1
 
 
-async def test_large_runs_are_written_to_the_cache_behind_their_readers(
+async def test_runs_are_written_to_the_cache_behind_their_readers(
         fs: SnapshotFS, imported: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
     # A reader has its bytes while the cache is still being written, and every chunk is
     # cached once the fetcher stops.
-    monkeypatch.setattr(fetch, "WRITE_BEHIND_MIN", 1)
     cache = fs.fetcher.cache
     assert cache is not None
     release, written = threading.Event(), []
-    real_insert = cache.insert
+    real_insert = cache.insert_batch
 
-    def held_insert(pack: bytes, extents: list[tuple[int, bytes]]) -> None:
+    def held_insert(batch: list[tuple[bytes, list[tuple[int, bytes]]]]) -> None:
         release.wait(30)
-        real_insert(pack, extents)
-        written.append(len(extents))
+        real_insert(batch)
+        written.append(len(batch))
 
-    monkeypatch.setattr(cache, "insert", held_insert)
+    monkeypatch.setattr(cache, "insert_batch", held_insert)
     data = (imported.src / "data/big").read_bytes()
     ino = resolve(fs, b"data/big")
     try:
@@ -331,6 +329,55 @@ async def test_large_runs_are_written_to_the_cache_behind_their_readers(
     spans = file_spans(fs.reader, fs.entry(ino))
     assert all(cache.cached((s.pack, s.offset, s.stored_length) for s in spans))
     assert fs.fetcher._writing == 0
+
+
+async def test_small_runs_are_written_to_the_cache_in_batches(
+        fs: SnapshotFS, imported: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small files (and what readahead loads beside them) reach the cache in a few
+    # batches, the last one by the timer while the fetcher still runs.
+    cache = fs.fetcher.cache
+    assert cache is not None
+    batches: list[int] = []
+    real_insert = cache.insert_batch
+
+    def counted_insert(batch: list[tuple[bytes, list[tuple[int, bytes]]]]) -> None:
+        batches.append(sum(len(extents) for _, extents in batch))
+        real_insert(batch)
+
+    monkeypatch.setattr(cache, "insert_batch", counted_insert)
+    rels = sorted(rel for rel, item in manifest(imported.src).items()
+                  if item.kind == "f" and rel.startswith(b"wide/"))[::7]
+    spans = [loc for rel in rels for loc in _spans_of(fs, rel)]
+    async with fs.fetcher.running():
+        for rel in rels:
+            fh = fs.open(resolve(fs, rel))
+            assert bytes(await fs.read(fh, 0, 1 << 20)) == (imported.src / os.fsdecode(rel)).read_bytes()
+            fs.release(fh)
+        with trio.fail_after(10):
+            while not all(cache.cached((s.pack, s.offset, s.stored_length) for s in spans)):
+                await trio.sleep(0.01)
+    assert sum(batches) >= len({(s.pack, s.offset) for s in spans})
+    assert 0 < len(batches) < len(rels) // 4
+
+
+async def test_small_runs_of_a_local_repository_load_on_the_loop_with_a_cache(
+        fs: SnapshotFS, imported: Imported) -> None:
+    # Resident in the repository's page cache and not in the chunk cache: read, verified
+    # and answered on the trio thread, then written to the cache behind the reader.
+    skip_unless_nowait_reads(imported.repo)
+    for pack in _packs(imported.repo):
+        pack.read_bytes()
+    spans = {rel: _spans_of(fs, rel) for rel in SMALL}
+    fetcher = fs.fetcher
+    async with fetcher.running():
+        for rel in SMALL:
+            fh = fs.open(resolve(fs, rel))
+            assert bytes(await fs.read(fh, 0, 1 << 20)) == (imported.src / os.fsdecode(rel)).read_bytes()
+            fs.release(fh)
+    chunks = sum(len(s) for s in spans.values())
+    assert fetcher.counters.inline == fetcher.counters.misses == chunks
+    assert fetcher.cache is not None
+    assert all(fetcher.cache.cached((s.pack, s.offset, s.stored_length) for s in spans[rel]) for rel in SMALL)
 
 
 async def test_concurrent_readers_share_each_load(fs: SnapshotFS, imported: Imported) -> None:
@@ -405,8 +452,7 @@ async def test_small_chunks_in_the_page_cache_load_on_the_loop(in_place: Snapsho
     spans = {rel: _spans_of(in_place, rel) for rel in SMALL}
     locs = [loc for rel in SMALL for loc in spans[rel]]
     assert any(loc.codec == CODEC_ZSTD for loc in locs)
-    for pack in _packs(imported.repo):
-        evict(pack)
+    evict_settled(_packs(imported.repo))
     for loc in locs:  # not resident: each goes to a worker thread
         await fetcher.chunk(loc)
     assert fetcher.counters.inline == 0 and fetcher.counters.misses == len(locs)
@@ -427,9 +473,7 @@ async def test_small_chunks_in_the_page_cache_load_on_the_loop(in_place: Snapsho
 async def test_opening_a_file_starts_the_disk(in_place: SnapshotFS, imported: Imported) -> None:
     spans = _spans_of(in_place, b"data/f0065543")
     packs = {imported.repo / pack_key(loc.pack) for loc in spans}
-    for pack in packs:
-        evict(pack)
-    assert sum(map(resident_bytes, packs)) == 0
+    evict_settled(list(packs))
     fh = in_place.open(resolve(in_place, b"data/f0065543"))
     try:
         deadline = time.monotonic() + 10

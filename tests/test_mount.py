@@ -612,6 +612,7 @@ def test_kill_9_leaves_no_mount_and_the_cache_intact(dataset: Dataset, tmp_path:
     with mounted(dataset.source, point, full_cache(cache)) as m:
         assert read_file(m.path / "data/big") == want
         assert m.stats()["bytes_fetched"] > 0
+        poll(lambda: m.stats()["cache_writes_pending"] == 0, 30, "the cache writes behind the reads")
         os.kill(m.pid, signal.SIGKILL)
         poll(lambda: not is_mounted(point), 30, f"{point} to be unmounted after kill -9")
         wait_exit(m.pid)
