@@ -748,8 +748,9 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(counters, indent=2))
         else:
+            width = max(map(len, counters), default=0)
             for key, value in counters.items():
-                print(f"{key.replace('_', ' '):<16} {value}")
+                print(f"{key.replace('_', ' '):<{width}} {value}")
         return EXIT_OK
     spec = parse_spec(args.target, need_snapshot=False)
     repo = ctx.repo(spec.repo)

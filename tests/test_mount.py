@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import multiprocessing
 import os
 import random
@@ -374,6 +375,19 @@ def test_listxattr(dataset: Dataset, mnt: Mount) -> None:
     assert os.getxattr(mnt.path, "user.cafs.source") == os.fsencode(dataset.source)
     cache = Path(os.fsdecode(os.getxattr(mnt.path, "user.cafs.cache")))
     assert cache.is_absolute() and list(cache.glob("*/meta.lmdb"))
+
+
+def test_cafs_stats_of_a_mountpoint_lists_every_counter(mnt: Mount, tmp_path: Path) -> None:
+    read_file(mnt.path / "data/text.txt")
+    as_json = run_cafs("stats", mnt.path, "--json", cache=tmp_path / "c")
+    assert as_json.returncode == 0, as_json.stderr
+    counters = json.loads(as_json.stdout)
+    assert counters["opens"] >= 1 and counters["cache_writes_pending"] >= 0
+    text = run_cafs("stats", mnt.path, cache=tmp_path / "c")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert [line.rsplit(None, 1)[0] for line in lines] == [key.replace("_", " ") for key in counters]
+    assert len({line.rindex(" ") for line in lines}) == 1  # the values in one column
 
 
 @pytest.mark.parametrize("rel", ["data/big", "data", "links/relative", ""])
