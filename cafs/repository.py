@@ -148,12 +148,7 @@ class Repository:
             data = store.get(key, start, length)
             if len(locs) == 1:
                 return [(data, decode_stored(locs[0], data))]
-            whole = memoryview(data)
-            out: list[tuple[bytes | memoryview, bytes | memoryview]] = []
-            for loc in locs:
-                stored = whole[loc.offset - start:loc.offset - start + loc.stored_length]
-                out.append((stored, plain_view(loc, stored)))
-            return out
+            return _split_run(locs, start, data)
         return self.sources.read(attempt)
 
     def advise_run(self, locs: Sequence[Location]) -> None:
@@ -173,15 +168,10 @@ class Repository:
         data = self._resident.get_resident(key, start, length)
         if data is None:
             return None
-        whole = memoryview(data)
-        out: list[tuple[bytes | memoryview, bytes | memoryview]] = []
         try:
-            for loc in locs:
-                stored = whole[loc.offset - start:loc.offset - start + loc.stored_length]
-                out.append((stored, plain_view(loc, stored)))
+            return _split_run(locs, start, data)
         except (IntegrityError, FormatError):
             return None
-        return out
 
     def relocated(self, loc: Location) -> Location | None:
         """Where the object of ``loc`` lives now, if its pack is gone; else None."""
@@ -361,6 +351,19 @@ def _run_range(locs: Sequence[Location]) -> tuple[str, int, int]:
     pack, ascending), gaps included."""
     start = locs[0].offset
     return pack_key(locs[0].pack), start, locs[-1].offset + locs[-1].stored_length - start
+
+
+def _split_run(locs: Sequence[Location], start: int,
+               data: bytes | bytearray) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
+    """The stored and the verified plain bytes of each of ``locs`` in ``data``, the read
+    of their run from ``start``: views of it (a raw object's plain bytes too, hashed in
+    place). Raises IntegrityError or FormatError for bytes that fail verification."""
+    whole = memoryview(data)
+    out: list[tuple[bytes | memoryview, bytes | memoryview]] = []
+    for loc in locs:
+        stored = whole[loc.offset - start:loc.offset - start + loc.stored_length]
+        out.append((stored, plain_view(loc, stored)))
+    return out
 
 
 def _exists(get: Callable[[str, int, int], bytes], key: str) -> bool:
