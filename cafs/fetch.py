@@ -119,6 +119,11 @@ def _inline(run: list[Location]) -> bool:
     return run[-1].offset + run[-1].stored_length - run[0].offset <= INLINE_BYTES
 
 
+def _cache_write(run: list[Location], stored: Sequence[bytes | memoryview]) -> tuple[bytes, list[tuple[int, Stored]]]:
+    """``run``'s entry in ``CacheWrites``: its pack and each chunk's offset and stored bytes."""
+    return run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored)]
+
+
 def _settle(run: list[Location], got: Sequence[Plain | None], waiting: dict[tuple[bytes, int], _Load]) -> None:
     """Give each chunk of ``run`` that ``got`` holds to its load, which stops waiting."""
     for loc, data in zip(run, got):
@@ -245,7 +250,7 @@ class Fetcher:
                 _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
             behind = self.cache is not None and self._nursery is not None
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
-                got = self._store_resident(part) if behind or self.cache is None else None
+                got = self._store_resident(part) if self._store_reads_inline() else None
                 if got is None:
                     got = await self.store_workers.run(self._from_store, part, not behind)
                 part_loads = [waiting[(loc.pack, loc.offset)] for loc in part]
@@ -281,7 +286,7 @@ class Fetcher:
         assert self._nursery is not None
         if not self._batch:
             self._nursery.start_soon(self._write_soon)
-        self._batch.append((run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored)]))
+        self._batch.append(_cache_write(run, stored))
         self._batch_bytes += sum(len(b) for b in stored)
         if self._writing + self._batch_bytes > WRITE_BEHIND_BYTES:
             await self.cache_writers.run(self._insert, self._take_batch()[0])
@@ -330,6 +335,11 @@ class Fetcher:
         except lmdb.Error:
             return True  # let the worker thread meet the error and go to the store
 
+    def _store_reads_inline(self) -> bool:
+        """Whether a small run may be read from a local repository on the trio thread:
+        not if the cache must have it first (outside ``running()``, no write-behind)."""
+        return self.cache is None or self._nursery is not None
+
     def _store_resident(self, run: list[Location]) -> list[tuple[bytes | memoryview, Plain]] | None:
         """On the trio thread: ``_from_store`` of a run of at most ``INLINE_BYTES`` that a
         store on a local disk has in the page cache (``Repository.read_run_resident``),
@@ -365,7 +375,7 @@ class Fetcher:
             for loc, hit in zip(todo, hits):
                 if hit:
                     self.cache.advise(loc.pack, loc.offset, loc.stored_length)
-        if self.cache is None or self._nursery is not None:  # else no read on the trio thread
+        if self._store_reads_inline():
             for run in runs(loc for loc, hit in zip(todo, hits) if not hit):
                 self.repo.advise_run(run)
 
@@ -408,7 +418,7 @@ class Fetcher:
         self.counters.misses += len(run)
         self.counters.bytes_fetched += sum(len(stored) for stored, _ in got)
         if write:
-            self._insert([(run[0].pack, [(loc.offset, stored) for loc, (stored, _) in zip(run, got)])])
+            self._insert([_cache_write(run, [stored for stored, _ in got])])
         return got
 
     def _insert(self, writes: CacheWrites) -> None:
