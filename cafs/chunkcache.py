@@ -63,7 +63,7 @@ from pathlib import Path
 import lmdb
 
 from cafs.errors import CafsError, NoSpaceError
-from cafs.fileio import DIRECT_ALIGN, pwrite_all
+from cafs.fileio import DIRECT_ALIGN, pwrite_all, read_resident
 
 EVICT_TO = 0.9
 _EXTENT = struct.Struct(">IQ")
@@ -195,16 +195,9 @@ class ChunkCache:
             if entry is None:
                 return None
             fd = entry.fd
-            data: bytes | bytearray
-            if resident:
-                data = bytearray(length)
-                try:
-                    if os.preadv(fd, [data], offset, os.RWF_NOWAIT) != length:
-                        return None
-                except OSError:  # EAGAIN: not resident
-                    return None
-            else:
-                data = os.pread(fd, length, offset)
+            data = read_resident(fd, offset, length) if resident else os.pread(fd, length, offset)
+            if data is None:
+                return None
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         if len(data) != length:
             return None

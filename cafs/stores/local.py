@@ -37,7 +37,7 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError
-from cafs.fileio import DIRECT_ALIGN
+from cafs.fileio import DIRECT_ALIGN, read_resident
 from cafs.stores.base import ObjectExists, check_key
 
 TMP_PREFIX = ".tmp-"
@@ -110,14 +110,13 @@ class LocalStore:
                 pass
 
     def get_resident(self, key: str, offset: int, length: int) -> bytearray | None:
-        buf = bytearray(length)
         with self._readers.lock:
             try:
                 fd = self._readers.get(key, self._path)
-                if os.preadv(fd, [buf], offset, os.RWF_NOWAIT) != length:
-                    return None  # partly resident: the rest would wait for the disk
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-            except (OSError, StoreError):  # EAGAIN: not resident; EOPNOTSUPP: no such reads here
+                buf = read_resident(fd, offset, length)
+                if buf is not None:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            except (OSError, StoreError):
                 return None
         return buf
 
