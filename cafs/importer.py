@@ -12,8 +12,9 @@ Contract:
   index and only new chunks are stored (zstd where it saves space). A file whose size,
   mtime_ns and inode equal those recorded in the previous snapshot of the ref is not
   read again: its spans are reused. The previous snapshot's entries are compared in the
-  form msgpack gives them (``entry_fields``) and decoded only to build a changed
-  directory's node; a directory whose entries are all unchanged keeps its node.
+  form msgpack gives them (``entry_fields``) and are never decoded: a changed
+  directory's node holds its unchanged entries as the previous node held them
+  (``encode_tree``), and a directory whose entries are all unchanged keeps its node.
 - Holes of a sparse file at least twice the maximum chunk size are not read: they are
   cut into the chunks of zeros a dense copy would give (``cafs.sparse``), so both are
   stored alike; ``Counters.hole_bytes`` counts them apart from ``read_bytes``.
@@ -52,7 +53,7 @@ from cafs.format.location import Location, decode_location
 from cafs.format.nodes import (
     INLINE_SPANS, INT64, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
     F_CONTENT, F_GID, F_INO, F_KIND, F_MODE, F_MTIME, F_NAME, F_NLINK, F_SIZE, F_UID,
-    DirIndexNode, Entry, FileNode, Node, PageRef, TreeNode, decode_entry, encode_node, entry_fields,
+    DirIndexNode, Entry, FileNode, Node, PageRef, decode_entry, encode_node, encode_tree, entry_fields,
 )
 from cafs.format.pack import KIND_DATA, KIND_META
 from cafs.ids import digest
@@ -283,28 +284,23 @@ class Importer:
                 and all(type(e) is list for e in frame.entries)):
             ref = frame.prev_ref  # every entry is the previous snapshot's own: so is the node
         else:
-            ref = self._store_dir(self._decoded(frame))
+            ref = self._store_dir(frame.entries)
         st = frame.st
         name = frame.path.rsplit(b"/", 1)[-1]
         return _same_or_new(frame.prev_dir, Entry(
             name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(frame.entries),
             2 + frame.subdirs, st.st_ino, ref=ref))
 
-    def _decoded(self, frame: _DirFrame) -> list[Entry]:
-        try:
-            return [e if isinstance(e, Entry) else decode_entry(e, "entry") for e in frame.entries]
-        except FormatError as exc:
-            where = frame.path.decode("utf-8", "backslashreplace") or "/"
-            raise FormatError(f"{where}: the previous snapshot of this directory has a malformed entry "
-                              f"(run cafs fsck): {exc}") from None
-
-    def _store_dir(self, entries: list[Entry]) -> Location:
+    def _store_dir(self, entries: list[Entry | PrevEntry]) -> Location:
+        # Unchanged entries go into the new node as the previous snapshot's node held
+        # them, undecoded (encode_tree): a changed directory costs its new entries only.
         if len(entries) <= PAGE_ENTRIES:
-            return self._store_node(TreeNode(tuple(entries)))
+            return self._store_node_bytes(encode_tree(entries))
         pages = []
         for i in range(0, len(entries), PAGE_ENTRIES):
-            page = tuple(entries[i:i + PAGE_ENTRIES])
-            pages.append(PageRef(page[0].name, len(page), self._store_node(TreeNode(page))))
+            page = entries[i:i + PAGE_ENTRIES]
+            first = page[0][F_NAME] if type(page[0]) is list else page[0].name
+            pages.append(PageRef(first, len(page), self._store_node_bytes(encode_tree(page))))
         return self._store_node(DirIndexNode(tuple(pages)))
 
     def _import_symlink(self, parent: _DirFrame, name: bytes, path: bytes,
@@ -448,7 +444,9 @@ class Importer:
     # -- nodes --------------------------------------------------------------------
 
     def _store_node(self, node: Node) -> Location:
-        data = encode_node(node)
+        return self._store_node_bytes(encode_node(node))
+
+    def _store_node_bytes(self, data: bytes) -> Location:
         nid, loc, _ = self._store_object(data, self.meta_packs)
         self._node_batch.append((nid, data))
         if len(self._node_batch) >= NODE_BATCH:

@@ -16,7 +16,7 @@ from cafs.format.journal import Snapshot, check_ref_name, decode_snapshot, encod
 from cafs.format.location import CODEC_RAW, CODEC_ZSTD, Location, decode_location, decode_stored, plain_view
 from cafs.format.nodes import (
     KIND_DIR, KIND_FILE, KIND_SYMLINK, PAGE_ENTRIES, DirIndexNode, Entry, FileNode, PageRef, TreeNode,
-    decode_entry, decode_node, encode_node,
+    decode_entry, decode_node, encode_node, encode_tree, entry_fields,
 )
 from cafs.format.pack import TAIL_LEN, decode_trailer, encode_trailer, trailer_length
 from cafs.ids import digest
@@ -67,6 +67,17 @@ def test_tree_node_round_trip(items: list[Entry]) -> None:
     unique = {e.name: e for e in items}
     node = TreeNode(tuple(unique[n] for n in sorted(unique)))
     assert decode_node(encode_node(node)) == node
+
+
+@settings(max_examples=50)
+@given(st.lists(entries(), max_size=20), st.data())
+def test_a_tree_with_entries_as_read_encodes_as_the_decoded_tree(items: list[Entry], data: st.DataObject) -> None:
+    unique = {e.name: e for e in items}
+    node = TreeNode(tuple(unique[n] for n in sorted(unique)))
+    raw = entry_fields(encode_node(node))
+    assert raw is not None
+    mixed = [r if data.draw(st.booleans()) else e for r, e in zip(raw, node.entries, strict=True)]
+    assert encode_tree(mixed) == encode_node(node)
 
 
 @given(st.lists(st.tuples(names, st.integers(1, PAGE_ENTRIES), locations()), min_size=1, max_size=20))

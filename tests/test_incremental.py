@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cafs.format.journal import Snapshot
-from cafs.format.nodes import Entry
+from cafs.format.nodes import DirIndexNode, Entry
 from cafs.importer import ImportResult, run_import
 from cafs.metacache import MetaCache, NodeReader
 from cafs.repository import Repository
@@ -96,6 +96,12 @@ def test_a_directory_of_several_pages_is_compared_across_all_of_them(r: Repo, tm
     third = r.import_(src)
     assert third.counters.read_bytes == 10
     assert third.counters.reused_files == 2499
+    assert third.snapshot is not None
+    before, after = (r.reader.node(r.entry(s, "big").ref) for s in (first, third.snapshot))
+    assert isinstance(before, DirIndexNode) and isinstance(after, DirIndexNode)
+    # the unchanged entries are written back as they were: two pages keep their nodes
+    assert [p.ref for p in after.pages[:2]] == [p.ref for p in before.pages[:2]]
+    assert after.pages[2].ref != before.pages[2].ref
     res = cafs("get", f"{r.repo.url}#ds", tmp_path / "out")
     assert res.code == 0, res.err
     assert_same_tree(src, tmp_path / "out")

@@ -32,6 +32,7 @@ An entry is ``[name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content]`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Union
 
@@ -218,10 +219,16 @@ class FileNode:
 Node = Union[TreeNode, DirIndexNode, FileNode]
 
 
+def encode_tree(entries: Sequence[Entry | list[Any]]) -> bytes:
+    """A tree node's bytes. An entry may be given as ``entry_fields`` gave it (a list of
+    ten fields): it is written back as it was read, so a directory with a few changed
+    entries is encoded without decoding the unchanged ones."""
+    return pack([TAG_TREE, [e if type(e) is list else e.encode() for e in entries]])
+
+
 def encode_node(node: Node) -> bytes:
     if isinstance(node, TreeNode):
-        payload: Any = [e.encode() for e in node.entries]
-        return pack([TAG_TREE, payload])
+        return encode_tree(node.entries)
     if isinstance(node, DirIndexNode):
         payload = [[p.first_name, p.count, p.ref.encode()] for p in node.pages]
         return pack([TAG_DIR_INDEX, payload])
