@@ -299,7 +299,7 @@ class Importer:
         pages = []
         for i in range(0, len(entries), PAGE_ENTRIES):
             page = entries[i:i + PAGE_ENTRIES]
-            first = page[0][F_NAME] if type(page[0]) is list else page[0].name
+            first = page[0][F_NAME] if isinstance(page[0], list) else page[0].name
             pages.append(PageRef(first, len(page), self._store_node_bytes(encode_tree(page))))
         return self._store_node(DirIndexNode(tuple(pages)))
 

@@ -223,7 +223,7 @@ def encode_tree(entries: Sequence[Entry | list[Any]]) -> bytes:
     """A tree node's bytes. An entry may be given as ``entry_fields`` gave it (a list of
     ten fields): it is written back as it was read, so a directory with a few changed
     entries is encoded without decoding the unchanged ones."""
-    return pack([TAG_TREE, [e if type(e) is list else e.encode() for e in entries]])
+    return pack([TAG_TREE, [e if isinstance(e, list) else e.encode() for e in entries]])
 
 
 def encode_node(node: Node) -> bytes:
