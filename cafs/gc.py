@@ -128,7 +128,7 @@ def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.
 
 def _repack(repo: Repository, packs: list[PackSummary], live: set[bytes], elsewhere: set[bytes]) -> list[PackSummary]:
     """Copy the live objects of ``packs`` verbatim into new packs; returns the new packs."""
-    uploader = Uploader(repo.store)
+    uploader = Uploader(repo.pack_store)
     try:
         writers = {kind: PackWriter(uploader, kind, repo.config.pack_size) for kind in (KIND_DATA, KIND_META)}
         copied: set[bytes] = set()

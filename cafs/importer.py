@@ -551,7 +551,7 @@ def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, stric
     except CafsError:
         prev = None
     reader = NodeReader(repo, meta)
-    uploader = Uploader(repo.store)
+    uploader = Uploader(repo.pack_store)
     try:
         importer = Importer(repo, meta, lambda: repo.load_index(on_problem=on_problem), uploader, reader, prev)
         if counters_out is not None:

@@ -46,7 +46,7 @@ from cafs.format.nodes import Entry
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
 from cafs.sources import DEFAULT_DEADLINE, RetryingStore, Sources
-from cafs.stores import ObjectExists, ResidentReads, Store, open_store
+from cafs.stores import ObjectExists, ResidentReads, Store, StreamingWrites, open_store
 
 CONFIG_KEY = "config"
 RELOCATION_RELOAD = 10.0
@@ -80,6 +80,13 @@ class Repository:
     @property
     def url(self) -> str:
         return self.store.url
+
+    @property
+    def pack_store(self) -> Store:
+        """Where new packs are written: the primary store itself when it takes objects in
+        pieces (a local disk: a pack streams out while it fills, and retrying a disk is
+        no use), else the retrying store (which puts each pack whole)."""
+        return self.primary if isinstance(self.primary, StreamingWrites) else self.store
 
     # -- life cycle ---------------------------------------------------------------
 

@@ -345,6 +345,7 @@ def test_import_into_a_full_disk_fails_cleanly(cafs, small_tmpfs: Path, big_src:
     assert_clean_error(r, 1, "no space left")
     assert len(r.err.splitlines()) == 1
     assert journal_entries(repo) == []
+    assert list(repo.rglob(".tmp-*")) == []  # the pack being written is given up
 
 
 def test_import_works_again_once_the_disk_has_room(cafs, small_tmpfs: Path, big_src: Path,

@@ -67,3 +67,29 @@ class ResidentReads(Protocol):
         read without waiting for a disk; None otherwise, or on any failure (the ordinary
         ``get`` meets and reports it)."""
         ...
+
+
+class ObjectWriter(Protocol):
+    """One object written in pieces, in order; nobody sees it before ``commit``."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``. MUST raise ``NoSpaceError`` when the storage is full."""
+        ...
+
+    def commit(self) -> None:
+        """Make the object visible under its key, atomically, as ``put`` would."""
+        ...
+
+    def abort(self) -> None:
+        """Give the object up: nothing of it stays behind. Never raises."""
+        ...
+
+
+@runtime_checkable
+class StreamingWrites(Protocol):
+    """What a store adds when it can take an object in pieces as they are made (a pack
+    on a local disk goes out segment by segment while it fills), instead of whole."""
+
+    def open_writer(self, key: str) -> ObjectWriter:
+        """A writer of a new object ``key`` (replacing any at commit)."""
+        ...
