@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +146,6 @@ class Importer:
         self._node_batch: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
         self._read_buf = _ReadBuffer()
-        self.stop = threading.Event()
 
     @property
     def objects(self) -> dict[bytes, Location]:
@@ -175,29 +173,22 @@ class Importer:
         root: Entry | None = None
         try:
             while stack:
-                if self.stop.is_set():
-                    raise KeyboardInterrupt
                 top = stack[-1]
-                if top.pos == len(top.names):
-                    stack.pop()
-                    try:
-                        entry = self._finish_dir(top)
-                    finally:
-                        os.close(top.fd)
-                    if stack:
-                        stack[-1].entries.append(entry)
-                        stack[-1].subdirs += 1
-                    else:
-                        assert isinstance(entry, Entry)  # the root's previous entry is an Entry
-                        root = entry
-                    continue
-                name = top.names[top.pos]
-                top.pos += 1
-                child = self._import_entry(top, name)
-                if isinstance(child, _DirFrame):
+                child = self._import_entries(top)
+                if child is not None:
                     stack.append(child)
-                elif child is not None:
-                    top.entries.append(child)
+                    continue
+                stack.pop()
+                try:
+                    entry = self._finish_dir(top)
+                finally:
+                    os.close(top.fd)
+                if stack:
+                    stack[-1].entries.append(entry)
+                    stack[-1].subdirs += 1
+                else:
+                    assert isinstance(entry, Entry)  # the root's previous entry is an Entry
+                    root = entry
         finally:
             for frame in stack:
                 os.close(frame.fd)
@@ -240,18 +231,40 @@ class Importer:
         self.skipped.append(Skipped(path, reason))
         self.counters.skipped += 1
 
-    def _import_entry(self, parent: _DirFrame, name: bytes) -> Entry | PrevEntry | _DirFrame | None:
-        path = parent.path + b"/" + name if parent.path else name
+    def _import_entries(self, frame: _DirFrame) -> _DirFrame | None:
+        """Import the entries of ``frame`` from where it stopped: up to its end (None),
+        or up to a subdirectory, whose frame is returned to be walked first."""
+        names, entries, prev, fd = frame.names, frame.entries, frame.prev, frame.fd
+        c = self.counters
+        c.current = frame.path
+        while frame.pos < len(names):
+            name = names[frame.pos]
+            frame.pos += 1
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError as exc:
+                self._skip(_join(frame, name), "vanished while importing" if isinstance(exc, FileNotFoundError)
+                           else f"cannot stat: {exc.strerror}")
+                continue
+            old = prev.get(name)
+            if old is not None and stat.S_ISREG(st.st_mode) and _unchanged_file(old, st):
+                c.files += 1  # the common case of a re-import: taken as it was, nothing built
+                c.reused_files += 1
+                c.logical += st.st_size
+                entries.append(old)
+                continue
+            child = self._import_entry(frame, name, st)
+            if isinstance(child, _DirFrame):
+                return child
+            if child is not None:
+                entries.append(child)
+        return None
+
+    def _import_entry(self, parent: _DirFrame, name: bytes,
+                      st: os.stat_result) -> Entry | PrevEntry | _DirFrame | None:
+        path = _join(parent, name)
         if len(name) > MAX_NAME:
             self._skip(path, "name longer than 255 bytes")
-            return None
-        try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            self._skip(path, "vanished while importing")
-            return None
-        except OSError as exc:
-            self._skip(path, f"cannot stat: {exc.strerror}")
             return None
         mode = st.st_mode
         if stat.S_ISDIR(mode):
@@ -331,18 +344,15 @@ class Importer:
         c = self.counters
         c.current = path
         prev = parent.prev.get(name)
-        if (prev is not None and prev[F_SIZE] == st.st_size and prev[F_INO] == st.st_ino
-                and prev[F_KIND] == KIND_FILE and (prev[F_MTIME] == st.st_mtime_ns or prev[F_MTIME] == _mtime_ns(st))):
-            if (prev[F_MODE] == stat.S_IMODE(st.st_mode) and prev[F_UID] == st.st_uid
-                    and prev[F_GID] == st.st_gid and prev[F_NLINK] == st.st_nlink):
-                self._count_reused(st)
-                return prev  # the common case, without building an equal entry to compare
-            try:
+        if prev is not None and _same_content(prev, st):
+            try:  # the same content with other metadata (mode, owner, links)
                 old = decode_entry(prev, "entry")
             except FormatError:
                 pass  # read the file again
             else:
-                self._count_reused(st)
+                c.files += 1
+                c.reused_files += 1
+                c.logical += st.st_size
                 return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
@@ -364,12 +374,6 @@ class Importer:
             self._links[link_key] = (spans, ref, st.st_size)
         c.files += 1
         return self._file_entry(name, st, spans, ref)
-
-    def _count_reused(self, st: os.stat_result) -> None:
-        c = self.counters
-        c.files += 1
-        c.reused_files += 1
-        c.logical += st.st_size
 
     def _read_file(self, dir_fd: int, name: bytes, st: os.stat_result) -> list[Location]:
         fd = _open_file(dir_fd, name)
@@ -419,8 +423,6 @@ class Importer:
                 spans.append(self._store_chunk(chunk.data))
                 c.logical += chunk.length
                 c.read_bytes += chunk.length
-            if self.stop.is_set():
-                raise KeyboardInterrupt
         return spans
 
     def _store_chunk(self, data: bytes | memoryview) -> Location:
@@ -463,6 +465,24 @@ def _same_or_new(prev: Entry | PrevEntry | None, new: Entry) -> Entry | PrevEntr
     if type(prev) is list:
         return prev if prev == new.encode() else new
     return prev if prev is not None and prev == new else new
+
+
+def _join(parent: _DirFrame, name: bytes) -> bytes:
+    """The path of ``name`` in ``parent``, relative to the imported tree (for messages)."""
+    return parent.path + b"/" + name if parent.path else name
+
+
+def _same_content(prev: PrevEntry, st: os.stat_result) -> bool:
+    """Whether a previous file entry has the size, inode and mtime the file has now: the
+    sign that its content was not written since (as restic and rsync take it)."""
+    return bool(prev[F_SIZE] == st.st_size and prev[F_INO] == st.st_ino and prev[F_KIND] == KIND_FILE
+                and (prev[F_MTIME] == st.st_mtime_ns or prev[F_MTIME] == _mtime_ns(st)))
+
+
+def _unchanged_file(prev: PrevEntry, st: os.stat_result) -> bool:
+    """Whether a previous file entry is exactly what the file's entry would be now."""
+    return (_same_content(prev, st) and prev[F_MODE] == stat.S_IMODE(st.st_mode) and prev[F_UID] == st.st_uid
+            and prev[F_GID] == st.st_gid and prev[F_NLINK] == st.st_nlink)
 
 
 def _dir_ref(prev: PrevEntry | None) -> Location | None:

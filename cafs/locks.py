@@ -15,7 +15,6 @@ host, is stale and ignored (and removed by the next exclusive locker).
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -49,7 +48,7 @@ class LockInfo:
     def stale(self) -> bool:
         if (time.time_ns() - self.time_ns) / 1e9 > STALE:
             return True
-        if self.host == socket.gethostname():
+        if self.host == os.uname().nodename:
             try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
@@ -60,7 +59,7 @@ class LockInfo:
 
 
 def _encode(kind: str) -> bytes:
-    return pack({"v": 1, "kind": kind, "host": socket.gethostname()[:255], "pid": os.getpid(),
+    return pack({"v": 1, "kind": kind, "host": os.uname().nodename[:255], "pid": os.getpid(),
                  "time_ns": time.time_ns()})
 
 

@@ -9,7 +9,6 @@ in the background so an ETA can be shown.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import sys
 import threading
@@ -60,10 +59,18 @@ class Progress:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            width = shutil.get_terminal_size((100, 20)).columns
+            width = _columns(self.stream)
             line = self.render(time.monotonic() - self.started)
             self.stream.write("\r\033[K" + line[: width - 1])
             self.stream.flush()
+
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to (100 if that cannot be told)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 100
+    except (AttributeError, OSError, ValueError):
+        return 100
 
 
 class TreeTotals:

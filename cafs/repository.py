@@ -26,7 +26,6 @@ the repository index (reloaded at most every ``RELOCATION_RELOAD`` seconds).
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -332,7 +331,7 @@ class Repository:
         for _attempt in range(100):
             jids = self.jids(name)
             snap = Snapshot(ref=name, jid=(jids[-1] + 1) if jids else 1, time_ns=time.time_ns(),
-                            root=root, host=socket.gethostname()[:255], source=source[:4096], stats=stats)
+                            root=root, host=os.uname().nodename[:255], source=source[:4096], stats=stats)
             key, data = journal_key(name, snap.jid), encode_snapshot(snap)
             try:
                 self.store.put(key, data, exclusive=True)

@@ -20,7 +20,6 @@ secret in its ``repr``. S3 credentials are the AWS ones (see ``cafs.stores.s3``)
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,6 +117,8 @@ def access_for(url: str, env: dict[str, str] | None = None) -> RemoteAccess:
 
 
 def _from_file(url: str, path: Path) -> RemoteAccess:
+    import tomllib  # here: only remote repositories read the file
+
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

@@ -28,7 +28,6 @@ so a descriptor stays right for as long as it is open, even after a ``delete``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -234,6 +233,8 @@ class _LocalWriter:
 def _write_direct(fd: int, view: memoryview) -> memoryview:
     """Write the block-aligned head of ``view`` with O_DIRECT when the buffer allows it;
     return what is left to write the ordinary way."""
+    import ctypes  # here: 3 ms of every command's start-up, needed only to write a pack
+
     try:
         address = ctypes.addressof(ctypes.c_char.from_buffer(view))
     except (TypeError, ValueError):  # read-only (bytes): no address to check
