@@ -36,6 +36,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from typing import cast
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from urllib.parse import unquote, urljoin, urlsplit
@@ -106,7 +107,7 @@ class HttpStore:
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
         where = self._base + check_key(key)
-        body = bytes(data) if not isinstance(data, bytes) else data
+        body = memoryview(data)  # sent from the caller's buffer: a pack is not copied
         if not exclusive:
             self._put(where, body)
             return
@@ -143,14 +144,14 @@ class HttpStore:
     # -- helpers ------------------------------------------------------------------
 
     def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
-                 body: bytes | None = None) -> urllib3.BaseHTTPResponse:
+                 body: memoryview | None = None) -> urllib3.BaseHTTPResponse:
         """One request; a GET or HEAD follows up to ``MAX_REDIRECTS`` redirects (urllib3
         drops the credentials when one leads to another host), a write follows none."""
         reads = method in ("GET", "HEAD")
         retries = _FOLLOW_REDIRECTS if reads else False
         try:
             return self._pool.request(method, url, headers=headers if headers is not None else self._headers,
-                                      body=body, redirect=reads, retries=retries)
+                                      body=cast(bytes | None, body), redirect=reads, retries=retries)
         except MaxRetryError as exc:
             if isinstance(exc.reason, ResponseError):
                 raise StoreError(f"{url}: more than {MAX_REDIRECTS} redirects") from None
@@ -175,7 +176,7 @@ class HttpStore:
             raise StoreUnavailable(f"{url}: server error {status}")
         raise StoreError(f"{url}: unexpected answer {status}")
 
-    def _put(self, url: str, body: bytes) -> None:
+    def _put(self, url: str, body: memoryview) -> None:
         resp = self._request("PUT", url, headers=self._headers, body=body)
         if resp.status == 409:  # a parent collection is missing and the server will not make it
             self._make_parents(url)
