@@ -21,6 +21,12 @@ next megabyte. At most ``MAX_PREFETCH`` background runs are under way at once; b
 that, prefetch requests are dropped (they are hints). A reader whose chunk was in a
 background run that failed loads it once more itself before it gives up.
 
+Small runs (up to ``INLINE_BYTES``) are read on the trio thread when that cannot block
+it: from the page cache (a cache extent, or a local repository's pack), or by a GET on
+the loop from a plain-HTTP store (``cafs.stores.trio_gets``, bounded by its own timeout,
+declining to the threaded path on any failure). A thread hand-off costs a small read
+more than the read itself.
+
 Cache reads and store reads have separate pools of worker threads, so a stalled store
 never keeps a cached read (or anything else) waiting for a thread.
 
@@ -83,7 +89,7 @@ class FetchCounters:
     in_flight: int = 0
     cache_full: int = 0  # inserts refused for lack of disk space
     damaged: int = 0  # cache extents that failed verification
-    inline: int = 0  # chunks loaded on the trio thread, the page cache holding them
+    inline: int = 0  # chunks loaded on the trio thread: from the page cache, or by a GET on the loop
 
 
 class _Load:
@@ -250,7 +256,9 @@ class Fetcher:
                 _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
             behind = self.cache is not None and self._nursery is not None
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
-                got = self._store_resident(part) if self._store_reads_inline() else None
+                got = None
+                if self._store_reads_inline() and _inline(part):
+                    got = self._store_resident(part) or await self._store_async(part)
                 if got is None:
                     got = await self.store_workers.run(self._from_store, part, not behind)
                 part_loads = [waiting[(loc.pack, loc.offset)] for loc in part]
@@ -336,8 +344,9 @@ class Fetcher:
             return True  # let the worker thread meet the error and go to the store
 
     def _store_reads_inline(self) -> bool:
-        """Whether a small run may be read from a local repository on the trio thread:
-        not if the cache must have it first (outside ``running()``, no write-behind)."""
+        """Whether a small run may be read from the store on the trio thread (a local
+        repository's page cache, a GET on the loop): not if the cache must have it first
+        (outside ``running()``, no write-behind)."""
         return self.cache is None or self._nursery is not None
 
     def _store_resident(self, run: list[Location]) -> list[tuple[bytes | memoryview, Plain]] | None:
@@ -345,7 +354,17 @@ class Fetcher:
         store on a local disk has in the page cache (``Repository.read_run_resident``),
         without writing the cache; None for any other. A small read spares two thread
         hand-offs, which cost more than its pread and hash."""
-        got = self.repo.read_run_resident(run) if _inline(run) else None
+        return self._counted_inline(run, self.repo.read_run_resident(run))
+
+    async def _store_async(self, run: list[Location]) -> list[tuple[bytes | memoryview, Plain]] | None:
+        """On the trio thread: ``_from_store`` of a small run through a store that answers
+        on the loop itself (``Repository.read_run_async``: plain HTTP), without writing the
+        cache; None if it cannot or declines. A GET on a worker thread costs the daemon
+        more in hand-offs than the GET itself."""
+        return self._counted_inline(run, await self.repo.read_run_async(run))
+
+    def _counted_inline(self, run: list[Location], got: list[tuple[bytes | memoryview, Plain]] | None,
+                        ) -> list[tuple[bytes | memoryview, Plain]] | None:
         if got is not None:
             self.counters.inline += len(run)
             self.counters.misses += len(run)

@@ -6,7 +6,6 @@ must be StoreUnavailable, never a hang or wrong bytes."""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,48 +13,7 @@ import pytest
 from cafs.errors import StoreUnavailable
 from cafs.stores import keepalive
 from cafs.stores.keepalive import KeepAliveGets
-
-Answer = Callable[[socket.socket, int], bool]  # (connection, request number) -> keep the connection
-
-
-class CannedServer:
-    """Accepts connections on 127.0.0.1; for each request read (up to a blank line), calls
-    ``answer``. Counts connections and requests."""
-
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                buf = b""
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        data = conn.recv(65536)
-                        if not data:
-                            break
-                        buf += data
-                    if b"\r\n\r\n" not in buf:
-                        break
-                    request, buf = buf.split(b"\r\n\r\n", 1)
-                    self.requests.append(request)
-                    if not self.answer(conn, len(self.requests)):
-                        break
-
-    def close(self) -> None:
-        self.listener.close()
-
+from cannedhttp import Answer, CannedServer
 
 @pytest.fixture
 def serve() -> Iterator[Callable[[Answer], tuple[CannedServer, KeepAliveGets]]]:

@@ -56,6 +56,7 @@ def test_remote_tree_equals_source(served, tmp_path: Path) -> None:
         assert_same_tree(src, mnt)
         stats = m.stats()
         assert stats["bytes_fetched"] > 0 and stats["errors"] == 0
+        assert stats["inline_loads"] > 0  # small files were fetched on the trio loop (trio_gets)
 
 
 def test_eight_readers_of_one_file_fetch_it_once(served, tmp_path: Path) -> None:
@@ -198,10 +199,15 @@ def test_mirror_takes_over_and_primary_comes_back(served, tmp_path: Path, nginx_
         proxy.set_mode("pass")
         proxy.reset_seen()
         pending = list(files[half:])  # readahead=4K: barely loaded ahead by the first half
+        next_read = 0.0
 
         def primary_used() -> bool:
-            if pending:
+            # one uncached file a second: the reads must outlast the primary's set-aside
+            # (up to 30 s), which a file per poll, 33 files, did not when reads were fast
+            nonlocal next_read
+            if pending and time.monotonic() >= next_read:
                 read(pending.pop())
+                next_read = time.monotonic() + 1.0
             return any("/packs/" in s.path for s in proxy.seen())
         poll(primary_used, 45, "reads to return to the primary")
         for path in pending:

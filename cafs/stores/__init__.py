@@ -6,11 +6,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cafs.errors import UsageError
-from cafs.stores.base import ObjectExists, ObjectWriter, ResidentReads, Store, StreamingWrites, check_key
+from cafs.stores.base import (
+    ObjectExists, ObjectWriter, ResidentReads, Store, StreamingWrites, TrioReads, check_key,
+)
 from cafs.stores.local import LocalStore
 
-__all__ = ["ObjectExists", "ObjectWriter", "ResidentReads", "Store", "StreamingWrites", "check_key", "LocalStore",
-           "open_store"]
+__all__ = ["ObjectExists", "ObjectWriter", "ResidentReads", "Store", "StreamingWrites", "TrioReads", "check_key",
+           "LocalStore", "open_store"]
 
 
 def open_store(url: str, *, deadline: float | None = None) -> Store:

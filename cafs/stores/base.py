@@ -9,10 +9,13 @@ added by wrapping a store, not by flags.
 from __future__ import annotations
 
 import re
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from collections.abc import Iterator
 
 from cafs.errors import StoreError
+
+if TYPE_CHECKING:
+    from cafs.stores.trio_gets import TrioGets
 
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 
@@ -92,4 +95,15 @@ class StreamingWrites(Protocol):
 
     def open_writer(self, key: str) -> ObjectWriter:
         """A writer of a new object ``key`` (replacing any at commit)."""
+        ...
+
+
+@runtime_checkable
+class TrioReads(Protocol):
+    """What a store adds when it can answer small ranged reads on the trio loop itself
+    (plain HTTP): a mount's cold small reads then need no worker thread."""
+
+    def trio_gets(self, timeout: float) -> TrioGets | None:
+        """A reader of ranges on the loop (``cafs.stores.trio_gets``), each attempt
+        bounded by ``timeout`` seconds; None if this store cannot have one."""
         ...

@@ -48,6 +48,7 @@ from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreE
 from cafs.stores.access import RemoteAccess
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.keepalive import KeepAliveGets
+from cafs.stores.trio_gets import TrioGets
 
 log = logging.getLogger("cafs.stores.http")
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -75,6 +76,14 @@ class HttpStore:
         self._pool = urllib3.PoolManager(
             num_pools=2, maxsize=connections, retries=False,
             timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout), ssl_context=context)
+
+    def trio_gets(self, timeout: float) -> TrioGets | None:
+        """A reader of ranges on the trio loop with this store's address and headers
+        (``cafs.stores.trio_gets``); None over https."""
+        parts = urlsplit(self._base)
+        if parts.scheme != "http":
+            return None
+        return TrioGets(parts.hostname or "", parts.port or 80, self._path, self._headers, timeout=timeout)
 
     # -- the Store protocol -------------------------------------------------------
 
