@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 Answer = Callable[[socket.socket, int], bool]  # (connection, request number) -> keep the connection
 
@@ -48,3 +49,27 @@ class CannedServer:
 
     def close(self) -> None:
         self.listener.close()
+
+
+def send(data: bytes, keep: bool = True) -> Answer:
+    """An answer that sends ``data`` to every request (and keeps the connection or not)."""
+    def answer(conn: socket.socket, _n: int) -> bool:
+        conn.sendall(data)
+        return keep
+    return answer
+
+
+@contextmanager
+def canned_servers() -> Iterator[Callable[[Answer], CannedServer]]:
+    """Start servers with ``start(answer)``; all are closed at the end."""
+    servers: list[CannedServer] = []
+
+    def start(answer: Answer) -> CannedServer:
+        servers.append(CannedServer(answer))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()

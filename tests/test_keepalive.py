@@ -13,27 +13,15 @@ import pytest
 from cafs.errors import StoreUnavailable
 from cafs.stores import keepalive
 from cafs.stores.keepalive import KeepAliveGets
-from cannedhttp import Answer, CannedServer
+from cannedhttp import Answer, CannedServer, canned_servers, send
 
 @pytest.fixture
 def serve() -> Iterator[Callable[[Answer], tuple[CannedServer, KeepAliveGets]]]:
-    servers: list[CannedServer] = []
-
-    def start(answer: Answer) -> tuple[CannedServer, KeepAliveGets]:
-        server = CannedServer(answer)
-        servers.append(server)
-        return server, KeepAliveGets(f"http://127.0.0.1:{server.port}", None, timeout=3)
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def send(data: bytes, keep: bool = True) -> Answer:
-    def answer(conn: socket.socket, _n: int) -> bool:
-        conn.sendall(data)
-        return keep
-    return answer
+    with canned_servers() as start:
+        def serve_one(answer: Answer) -> tuple[CannedServer, KeepAliveGets]:
+            server = start(answer)
+            return server, KeepAliveGets(f"http://127.0.0.1:{server.port}", None, timeout=3)
+        yield serve_one
 
 
 def test_content_length_and_keep_alive_reuse(serve) -> None:

@@ -5,7 +5,6 @@ failure and the bound on connections."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -14,30 +13,18 @@ import trio
 
 from cafs.stores import trio_gets
 from cafs.stores.trio_gets import TrioGets
-from cannedhttp import Answer, CannedServer
+from cannedhttp import Answer, CannedServer, canned_servers, send
 
 Serve = Callable[..., tuple[CannedServer, TrioGets]]
 
 
 @pytest.fixture
 def serve() -> Iterator[Serve]:
-    servers: list[CannedServer] = []
-
-    def start(answer: Answer, **options: float) -> tuple[CannedServer, TrioGets]:
-        server = CannedServer(answer)
-        servers.append(server)
-        return server, TrioGets("127.0.0.1", server.port, "/repo/", {"Authorization": "Bearer t"}, **options)
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def send(data: bytes, keep: bool = True) -> Answer:
-    def answer(conn: socket.socket, _n: int) -> bool:
-        conn.sendall(data)
-        return keep
-    return answer
+    with canned_servers() as start:
+        def serve_one(answer: Answer, **options: float) -> tuple[CannedServer, TrioGets]:
+            server = start(answer)
+            return server, TrioGets("127.0.0.1", server.port, "/repo/", {"Authorization": "Bearer t"}, **options)
+        yield serve_one
 
 
 PARTIAL = b"HTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\nContent-Range: bytes 10-14/99\r\n\r\nhello"
