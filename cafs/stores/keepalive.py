@@ -133,7 +133,7 @@ def _response(rfile: io.BufferedReader, sock: socket.socket) -> tuple[int, bytes
     """Read one response to a GET: ``(status, body, whether the connection closes)``."""
     while True:
         line = _line(rfile, first=True)
-        _ack_now(sock)
+        ack_now(sock)
         version, _, rest = line.partition(b" ")
         code = rest[:3]
         if not version.startswith(b"HTTP/1.") or not code.isdigit():
@@ -153,7 +153,7 @@ def _response(rfile: io.BufferedReader, sock: socket.socket) -> tuple[int, bytes
     return status, _read(rfile, length), bool(close)
 
 
-def _ack_now(sock: socket.socket) -> None:
+def ack_now(sock: socket.socket) -> None:
     """Acknowledge what has arrived at once instead of after the delayed-ACK timer.
 
     A server that sends a response corked (nginx's ``tcp_nopush on``, Debian's default)

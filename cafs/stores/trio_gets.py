@@ -36,6 +36,8 @@ import weakref
 
 import trio
 
+from cafs.stores.keepalive import ack_now
+
 MAX_LENGTH = 4 << 20
 MAX_HEAD = 16 << 10
 BACKOFF = 1.0
@@ -150,6 +152,8 @@ async def _response(sock: socket.socket, length: int) -> tuple[memoryview, bool]
         n = await _recv_into(sock, view[got:MAX_HEAD])
         if n == 0:
             raise _Declined("closed before the head ended")
+        if not got:
+            ack_now(sock)  # else a corked server waits 40 ms for our ACK (keepalive.ack_now)
         got += n
         end = buf.find(b"\r\n\r\n", 0, got)
         if end >= 0:
