@@ -235,8 +235,7 @@ class Importer:
         """Import the entries of ``frame`` from where it stopped: up to its end (None),
         or up to a subdirectory, whose frame is returned to be walked first."""
         names, entries, prev, fd = frame.names, frame.entries, frame.prev, frame.fd
-        c = self.counters
-        c.current = frame.path
+        self.counters.current = frame.path
         while frame.pos < len(names):
             name = names[frame.pos]
             frame.pos += 1
@@ -248,9 +247,7 @@ class Importer:
                 continue
             old = prev.get(name)
             if old is not None and stat.S_ISREG(st.st_mode) and _unchanged_file(old, st):
-                c.files += 1  # the common case of a re-import: taken as it was, nothing built
-                c.reused_files += 1
-                c.logical += st.st_size
+                self._count_reused(st)  # the common case of a re-import: taken as it was
                 entries.append(old)
                 continue
             child = self._import_entry(frame, name, st)
@@ -350,9 +347,7 @@ class Importer:
             except FormatError:
                 pass  # read the file again
             else:
-                c.files += 1
-                c.reused_files += 1
-                c.logical += st.st_size
+                self._count_reused(st)
                 return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
@@ -374,6 +369,12 @@ class Importer:
             self._links[link_key] = (spans, ref, st.st_size)
         c.files += 1
         return self._file_entry(name, st, spans, ref)
+
+    def _count_reused(self, st: os.stat_result) -> None:
+        c = self.counters
+        c.files += 1
+        c.reused_files += 1
+        c.logical += st.st_size
 
     def _read_file(self, dir_fd: int, name: bytes, st: os.stat_result) -> list[Location]:
         fd = _open_file(dir_fd, name)

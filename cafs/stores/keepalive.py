@@ -65,8 +65,7 @@ class KeepAliveGets:
         default = 443 if context is not None else 80
         self._host = parts.hostname or ""
         self._port = parts.port or default
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        self._host_header = host if self._port == default else f"{host}:{self._port}"
+        self._host_header = host_header(self._host, self._port, default)
         self._timeout = timeout
         self._context = context
         self._local = threading.local()
@@ -151,6 +150,12 @@ def _response(rfile: io.BufferedReader, sock: socket.socket) -> tuple[int, bytes
     if length is None:
         return status, _read(rfile, None), True
     return status, _read(rfile, length), bool(close)
+
+
+def host_header(host: str, port: int, default_port: int) -> str:
+    """The ``Host`` header's value: an IPv6 address in brackets, the port unless default."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port == default_port else f"{name}:{port}"
 
 
 def ack_now(sock: socket.socket) -> None:

@@ -12,8 +12,9 @@ keeps its segments out: nobody reads a pack back soon after writing it, so its p
 only evict the user's hot data. A page-aligned piece (the pack writer's segments, which
 are anonymous maps) goes out with O_DIRECT, block-aligned head first and the tail the
 ordinary way; other buffers, or filesystems that refuse O_DIRECT, write through the
-cache and drop the pages once fsynced. Fresh page-cache pages are the dear part of a write on a virtual machine
-that hands freed memory back to its host: 380 MB/s against 1.5 GB/s for O_DIRECT here.
+cache and drop the pages once fsynced. Fresh page-cache pages are the dear part of a
+write on a virtual machine that hands freed memory back to its host: 380 MB/s against
+1.5 GB/s for O_DIRECT here.
 For the same reasons a ranged read (a mount reading the repository in place) drops the
 pages it read: the kernel keeps those bytes in the page cache of the mounted file.
 

@@ -36,7 +36,7 @@ import weakref
 
 import trio
 
-from cafs.stores.keepalive import ack_now
+from cafs.stores.keepalive import ack_now, host_header
 
 MAX_LENGTH = 4 << 20
 MAX_HEAD = 16 << 10
@@ -54,8 +54,7 @@ class TrioGets:
         """``target_prefix``: the request target before a key (the store's URL path,
         ending in ``/``); ``headers``: sent with every request (credentials included)."""
         self._address = (host, port)
-        host_header = f"[{host}]" if ":" in host else host
-        self._head = (f"Host: {host_header if port == 80 else f'{host_header}:{port}'}\r\n"
+        self._head = (f"Host: {host_header(host, port, 80)}\r\n"
                       + "".join(f"{k}: {v}\r\n" for k, v in headers.items()))
         self._prefix = target_prefix
         self._limit = connections
