@@ -368,6 +368,8 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
           f"{'would delete' if args.dry_run else 'deleted'} {unreferenced} unreferenced pack(s), "
           f"{'would repack' if args.dry_run else 'repacked'} {r.repacked}; "
           f"{human_bytes(r.reclaimed_bytes)} {'reclaimable' if args.dry_run else 'reclaimed'}")
+    if r.temporaries:
+        print(f"removed {r.temporaries} temporary file(s) of interrupted writes, {human_bytes(r.temporary_bytes)}")
     return EXIT_OK
 
 

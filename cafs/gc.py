@@ -18,6 +18,11 @@ trailers even before an index names them); (2) a new index object covering exact
 packs that stay and the new ones; (3) the old index objects are deleted; (4) the
 unreferenced and repacked packs are deleted. At every point every live object exists
 in some pack, and every index names only packs that exist.
+
+gc also removes what writers killed in the middle of an object left on a local disk
+(``.tmp-*`` files, ``stores.base.Temporaries``) once nothing has written to them for
+``STALE_TEMPORARY_SECONDS``: under the exclusive lock no import writes, and the age
+spares a writer that takes no lock (``fsck --repair``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from cafs.format.pack import KIND_DATA, KIND_META, pack_key
 from cafs.locks import locked
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import Repository
+from cafs.stores.base import Temporaries
 from cafs.tree import reachable
+
+STALE_TEMPORARY_SECONDS = 3600.0
 
 
 class GcRefused(CafsError):
@@ -47,6 +55,8 @@ class GcResult:
     deleted_packs: list[str] = field(default_factory=list)
     reclaimed_bytes: int = 0
     repacked: int = 0
+    temporaries: int = 0  # temporary files of killed writers removed
+    temporary_bytes: int = 0
 
 
 def forget(repo: Repository, name: str, *, keep_last: int | None = None, jids: list[int] | None = None) -> list[int]:
@@ -107,6 +117,8 @@ def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.
                 repack.append(summary)
             else:
                 kept.append(summary)
+        if not dry_run and isinstance(repo.primary, Temporaries):
+            result.temporaries, result.temporary_bytes = repo.primary.remove_temporaries("", STALE_TEMPORARY_SECONDS)
         result.deleted_packs = sorted(p.pack_id.hex() for p in doomed + repack)
         result.repacked = len(repack)
         gone = sum(p.length for p in doomed + repack)

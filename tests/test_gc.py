@@ -264,6 +264,28 @@ def test_gc_deletes_nothing_while_a_snapshot_cannot_be_read(cafs, hist: History)
     assert "ds@3 cannot be read" in r2.err and "fsck" in r2.err, r2.err
     assert all_files(hist.repo) == before
 
+# root without the capabilities that let it read any directory: chmod 000 then bites
+WITHOUT_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+               "--inh-caps=-dac_override,-dac_read_search")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_gc_deletes_nothing_when_a_ref_cannot_be_listed(hist: History) -> None:
+    ref_dir = hist.repo / "refs" / "ds"
+    before = all_files(hist.repo)
+    ref_dir.chmod(0)
+    try:
+        runs = {cmd: subprocess.run([*WITHOUT_DAC, sys.executable, "-m", "cafs.cli", cmd, str(hist.repo)],
+                                    capture_output=True, text=True, timeout=120)
+                for cmd in ("gc", "snapshots")}
+    finally:
+        ref_dir.chmod(0o755)
+    for cmd, r in runs.items():
+        assert r.returncode != 0, f"{cmd}: {r.stdout}"
+        assert "refs/" in r.stderr and "Permission denied" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert all_files(hist.repo) == before
+
+
 
 @pytest.mark.parametrize("args", [("--jid", "3"), ("--jid", "1", "--jid", "3"), ("--keep-last", "0")])
 def test_forget_refuses_the_newest(cafs, hist: History, args: tuple[str, ...]) -> None:
@@ -312,6 +334,25 @@ def test_stale_lock_of_a_killed_import_does_not_block_gc(cafs, hist: History, en
     assert locks(hist.repo) == []
     assert_fsck_clean(cafs, hist.repo)
     assert_extracts(cafs, f"{hist.repo}#ds", hist.srcs[2], tmp_path / "out")
+
+
+def test_gc_removes_stale_temporary_files_only(cafs, hist: History) -> None:
+    """What a writer killed mid-pack leaves (``.tmp-*``) goes once it is an hour old; a
+    fresh one may be a live writer's and stays."""
+    shard = next((hist.repo / "packs").iterdir())
+    stale, fresh = shard / ".tmp-0123456789abcdef", shard / ".tmp-fedcba9876543210"
+    stale.write_bytes(b"x" * 5000)
+    fresh.write_bytes(b"y" * 100)
+    hour_ago = time.time() - 3700
+    os.utime(stale, (hour_ago, hour_ago))
+    packs = pack_files(hist.repo)
+    assert cafs("gc", hist.repo, "--dry-run").code == 0
+    assert stale.exists()
+    r = cafs("gc", hist.repo)
+    assert r.code == 0, r.err
+    assert "removed 1 temporary file(s)" in r.out, r.out
+    assert not stale.exists() and fresh.exists()
+    assert pack_files(hist.repo) == packs
 
 
 def _race_once(cafs, repo: Path, srcs: tuple[Path, Path, Path], rnd: random.Random, out: Path) -> str:

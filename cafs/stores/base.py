@@ -99,6 +99,17 @@ class StreamingWrites(Protocol):
 
 
 @runtime_checkable
+class Temporaries(Protocol):
+    """What a store adds when a writer killed mid-object leaves its temporary file behind
+    (a local disk: ``.tmp-*`` beside the final names), for gc to remove."""
+
+    def remove_temporaries(self, prefix: str, older_than: float) -> tuple[int, int]:
+        """Remove temporary files under ``prefix`` not written to for ``older_than``
+        seconds (a live writer keeps its file's mtime fresh); returns (files, bytes)."""
+        ...
+
+
+@runtime_checkable
 class TrioReads(Protocol):
     """What a store adds when it can answer small ranged reads on the trio loop itself
     (plain HTTP): a mount's cold small reads then need no worker thread."""

@@ -3,7 +3,9 @@
 Objects are files under the root at their key's path. A put writes a temporary file in
 the target directory, fsyncs it and renames it into place (exclusive puts hard-link it
 into place instead, which fails if the name exists), so a reader never sees a partial
-object and a crash leaves at most a stray ``.tmp-*`` file, which ``list`` skips.
+object and a crash leaves at most a stray ``.tmp-*`` file, which ``list`` skips and
+``remove_temporaries`` (``Temporaries``, for gc) removes once it is stale. A listing
+fails on any directory it cannot read (one skipped would hide the objects it holds).
 ``open_writer`` (``StreamingWrites``) does the same for an object written in pieces
 (a pack, segment by segment while it fills); ``put`` is one such writer, of one piece.
 
@@ -33,6 +35,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -140,7 +143,7 @@ class LocalStore:
         if prefix and not prefix.endswith("/"):
             raise StoreError(f"list prefix {prefix!r} must end with '/'")
         try:
-            for dirpath, _dirnames, filenames in os.walk(base):
+            for dirpath, _dirnames, filenames in os.walk(base, onerror=_unless_vanished):
                 rel = os.path.relpath(dirpath, self.root)
                 for name in filenames:
                     if name.startswith(TMP_PREFIX):
@@ -153,6 +156,27 @@ class LocalStore:
                     yield key, size
         except OSError as exc:
             raise StoreError(f"{self.url}: listing {prefix}: {exc.strerror or exc}") from None
+
+    def remove_temporaries(self, prefix: str, older_than: float) -> tuple[int, int]:
+        base = self.root / prefix if prefix else self.root
+        cutoff = time.time() - older_than
+        files = size = 0
+        try:
+            for dirpath, _dirnames, filenames in os.walk(base, onerror=_unless_vanished):
+                for name in filenames:
+                    if not name.startswith(TMP_PREFIX):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    try:
+                        st = os.stat(path)
+                        if st.st_mtime < cutoff:
+                            os.unlink(path)
+                            files, size = files + 1, size + st.st_size
+                    except FileNotFoundError:
+                        continue  # its writer committed or gave it up meanwhile
+        except OSError as exc:
+            raise StoreError(f"{self.url}: removing temporary files under {prefix}: {exc.strerror or exc}") from None
+        return files, size
 
     def delete(self, key: str) -> None:
         try:
@@ -259,6 +283,14 @@ def _write_direct(fd: int, view: memoryview) -> memoryview:
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     return view
+
+
+def _unless_vanished(exc: OSError) -> None:
+    """``os.walk``'s error handler for a listing: a directory that does not exist (yet, or
+    any more) lists nothing, any other error fails it. A directory skipped quietly would
+    hide its objects, and gc would delete what they reference."""
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
 
 
 def _fsync_dir(path: Path) -> None:
