@@ -5,6 +5,10 @@ Contract:
 - Byte-exact: every chunk is read through ``Repository.read_object``, which verifies it
   against its id; modes and mtimes are restored (owners too when running as root);
   symlinks are created with their targets verbatim, never followed.
+- Never writes through a name to anything else: a file already in DEST is written in
+  place only if it has no other name; one with several (a hard link, perhaps to a file
+  outside DEST, or to another file of an earlier extraction) is kept only if it is
+  exactly the entry already (bytes, mode, mtime), and replaced otherwise.
 - Never writes outside DEST: everything below DEST is reached through directory file
   descriptors opened with ``O_NOFOLLOW``, names come from validated nodes (no ``/``,
   ``.``, ``..`` or NUL), and anything in the way of an entry (a symlink where a directory
@@ -156,14 +160,39 @@ class Extractor:
             os.mkdir(name, 0o700, dir_fd=dir_fd)
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
-    def _clear_non_file(self, dir_fd: int, name: bytes) -> None:
+    def _clear_for_file(self, dir_fd: int, name: bytes, entry: Entry) -> None:
+        """Remove what is at ``name`` unless it is a regular file that may be written in
+        place: one with no other name, or one with several (a hard link, perhaps to a
+        file outside DEST) that is ``entry`` already, so that nothing is written to it."""
         st = _lstat(dir_fd, name)
-        if st is not None and not stat.S_ISREG(st.st_mode):
+        if st is not None and (not stat.S_ISREG(st.st_mode)
+                               or st.st_nlink > 1 and not self._is_already(dir_fd, name, st, entry)):
             _remove(dir_fd, name, st)
+
+    def _is_already(self, dir_fd: int, name: bytes, st: os.stat_result, entry: Entry) -> bool:
+        """Whether the file at ``name`` has ``entry``'s bytes, mode and mtime (and owner,
+        as root)."""
+        if (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) != (entry.size, entry.mode, entry.mtime_ns):
+            return False
+        if self.as_root and (st.st_uid, st.st_gid) != (entry.uid, entry.gid):
+            return False
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except PermissionError:
+            return False
+        try:
+            pos = 0
+            for span in file_spans(self.reader, entry):
+                if digest(os.pread(fd, span.length, pos)) != span.id:
+                    return False
+                pos += span.length
+            return True
+        finally:
+            os.close(fd)
 
     def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path,
                     link_key: tuple[object, ...] | None = None) -> None:
-        self._clear_non_file(dir_fd, name)
+        self._clear_for_file(dir_fd, name, entry)
         fd = self._open_for_writing(dir_fd, name)
         try:
             on_disk = os.fstat(fd).st_size

@@ -323,6 +323,37 @@ def test_get_restores_hard_links(cafs, ds: str, src: Path, tmp_path: Path) -> No
     assert_same_tree(src, out)
 
 
+def test_get_never_writes_through_a_hard_link(cafs, tmp_path: Path) -> None:
+    """Names already in DEST that are hard links (to each other, from an earlier get of a
+    snapshot where they were one file, or to a file outside DEST) are replaced, never
+    written in place: the other names keep their bytes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (one / "a").write_bytes(b"XXXX")
+    os.link(one / "a", one / "b")
+    (two / "a").write_bytes(b"AAAA")
+    (two / "b").write_bytes(b"BBBB")
+    repo = tmp_path / "repo"
+    assert cafs("init", repo).code == 0
+    for tree in (one, two):
+        assert cafs("import", tree, repo, "--name", "h", "--no-progress").code == 0
+    out = tmp_path / "out"
+    assert cafs("get", f"{repo}#h@1", out).code == 0
+    assert os.stat(out / "a").st_nlink == 2
+    r = cafs("get", f"{repo}#h@2", out)
+    assert r.code == 0, r.err
+    assert_same_tree(two, out)
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"precious")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.link(precious, elsewhere / "a")
+    assert cafs("get", f"{repo}#h@2", elsewhere).code == 0
+    assert precious.read_bytes() == b"precious"
+    assert_same_tree(two, elsewhere)
+
+
 def test_get_never_follows_a_symlink_out_of_dest(cafs, ds: str, src: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
