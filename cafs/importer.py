@@ -57,7 +57,7 @@ from cafs.format.nodes import (
 from cafs.format.pack import KIND_DATA, KIND_META
 from cafs.ids import digest
 from cafs.locks import locked
-from cafs.metacache import MetaCache, NodeReader
+from cafs.metacache import MetaCache, MetaCacheError, NodeReader
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import ObjectIndex, Repository
 from cafs.sparse import FdReader, ZeroRun, cut, holes, zeros_cut_at_max
@@ -128,7 +128,7 @@ class Importer:
     def __init__(self, repo: Repository, meta: MetaCache, load_index: Callable[[], ObjectIndex],
                  uploader: Uploader, reader: NodeReader, prev: Snapshot | None) -> None:
         self.repo = repo
-        self.meta = meta
+        self.meta: MetaCache | None = meta  # None once it failed: the nodes are in the repository anyway
         self._load_index = load_index
         self._index: ObjectIndex | None = None
         self.reader = reader
@@ -458,7 +458,13 @@ class Importer:
 
     def _flush_nodes(self) -> None:
         batch, self._node_batch = self._node_batch, []
-        self.meta.put_many(batch)
+        if self.meta is None:
+            return
+        try:
+            self.meta.put_many(batch)
+        except MetaCacheError as exc:
+            self.reader.give_up_cache(exc)
+            self.meta = None
 
 
 def _same_or_new(prev: Entry | PrevEntry | None, new: Entry) -> Entry | PrevEntry:

@@ -5,11 +5,19 @@ database ``nodes``: node id (32 bytes) -> the node's plain msgpack bytes. Severa
 processes may open it at once (LMDB's own locking). Bytes read back are verified
 against their id before use, so a damaged cache is detected and refetched, never
 trusted. Import writes every node it creates here; readers fill it on first use.
+
+LMDB does not checksum its pages: a damaged page may only show when a read or write
+meets it (``MetaCacheError`` with ``damaged``). A ``NodeReader`` then stops using the
+cache and reads every node from the repository, with one warning naming the cache and
+``cafs fsck --cache --repair``, which moves the file aside (as ``open_mending`` does
+with a file LMDB refuses to open).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,6 +28,8 @@ from cafs.format.location import Location
 from cafs.format.nodes import Node, decode_node
 from cafs.ids import digest
 from cafs.repository import Repository
+
+log = logging.getLogger("cafs.metacache")
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with use
 DECODED_NODES = 4096
@@ -50,6 +60,7 @@ def default_cache_dir(env: dict[str, str]) -> Path:
 
 class MetaCache:
     def __init__(self, path: Path) -> None:
+        self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
             # Everything here is verified on use and can be refetched, so commits need
@@ -59,16 +70,42 @@ class MetaCache:
         except (OSError, lmdb.Error) as exc:
             raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
                                  damaged=isinstance(exc, _DAMAGED)) from None
-        self.nodes_db = self.env.open_db(b"nodes")
+        try:
+            self.nodes_db = self.env.open_db(b"nodes")
+        except lmdb.Error as exc:
+            self.env.close()
+            raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
+                                 damaged=isinstance(exc, _DAMAGED)) from None
+
+    @classmethod
+    def open_mending(cls, path: Path) -> MetaCache:
+        """The cache at ``path``; one that is damaged (everything in it can be fetched
+        again) is moved aside to ``meta.lmdb.damaged-<time>``, with a warning, and an
+        empty one started."""
+        try:
+            return cls(path)
+        except MetaCacheError as exc:
+            if not exc.damaged:
+                raise
+            aside = path / f"meta.lmdb.damaged-{int(time.time())}"
+            log.warning("%s; moving it to %s and starting an empty cache", exc, aside)
+        os.replace(path / "meta.lmdb", aside)
+        return cls(path)
 
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()
 
     def get(self, node_id: bytes) -> bytes | None:
-        with self.env.begin(db=self.nodes_db) as txn:
-            data = txn.get(node_id)
+        try:
+            with self.env.begin(db=self.nodes_db) as txn:
+                data = txn.get(node_id)
+        except lmdb.Error as exc:
+            raise self._failed("reading", exc) from None
         return bytes(data) if data is not None else None
+
+    def _failed(self, doing: str, exc: lmdb.Error) -> MetaCacheError:
+        return MetaCacheError(f"{doing} the metadata cache in {self.path}: {exc}", damaged=isinstance(exc, _DAMAGED))
 
     def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
         if not items:
@@ -82,11 +119,14 @@ class MetaCache:
         except lmdb.Error as exc:
             if "No space left" in str(exc):
                 raise NoSpaceError(f"no space left on device for the metadata cache: {exc}") from None
-            raise MetaCacheError(f"writing the metadata cache: {exc}") from None
+            raise self._failed("writing", exc) from None
 
     def delete(self, node_id: bytes) -> None:
-        with self.env.begin(db=self.nodes_db, write=True) as txn:
-            txn.delete(node_id)
+        try:
+            with self.env.begin(db=self.nodes_db, write=True) as txn:
+                txn.delete(node_id)
+        except lmdb.Error as exc:
+            raise self._failed("writing", exc) from None
 
 
 class NodeNotLoaded(CafsError):
@@ -124,16 +164,27 @@ class NodeReader:
 
     def node_bytes(self, loc: Location) -> bytes:
         if self.cache is not None:
-            data = self.cache.get(loc.id)
-            if data is not None:
-                if digest(data) == loc.id:
-                    return data
-                self.cache.delete(loc.id)  # damaged behind our back: refetch
+            try:
+                data = self.cache.get(loc.id)
+                if data is not None:
+                    if digest(data) == loc.id:
+                        return data
+                    self.cache.delete(loc.id)  # damaged behind our back: refetch
+            except MetaCacheError as exc:
+                self.give_up_cache(exc)
         if self.defer_fetches:
             raise NodeNotLoaded(loc)
         data = self.repo.read_object(loc)
         self._keep(loc, data)
         return data
+
+    def give_up_cache(self, exc: MetaCacheError) -> None:
+        """Read on without the cache, which failed (``exc``): every node from the repository."""
+        if self.cache is not None:
+            log.warning("%s; reading from the repository without it (cafs fsck REPO --cache --repair "
+                        "sets the damaged file aside)", exc)
+            self.cache = None
+            self._pending.clear()
 
     def load(self, loc: Location) -> bytes:
         """The node's verified bytes from the repository (thread-safe: for worker threads)."""
@@ -150,6 +201,8 @@ class NodeReader:
         elif self.cache is not None:
             try:
                 self.cache.put_many([(loc.id, data)])
+            except MetaCacheError as exc:
+                self.give_up_cache(exc)
             except CafsError:
                 pass  # a cache that cannot be written only costs speed
 

@@ -25,7 +25,6 @@ import logging.handlers
 import os
 import signal
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from cafs.errors import CafsError
 from cafs.fetch import Fetcher
 from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
-from cafs.metacache import MetaCache, MetaCacheError, NodeReader, default_cache_dir
+from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
 from cafs.naming import find_snapshot, parse_spec, recorded_repo, recorded_snapshot, recorded_source
 from cafs.repository import Repository
@@ -116,16 +115,7 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
         raise CafsError(f"{source}: mounting a path inside a snapshot is not supported; mount the snapshot")
     cache_dir = (opts.cache or default_cache_dir(dict(os.environ))).absolute()
     cache_root = cache_dir / repo.config.repo_id
-    try:
-        meta = MetaCache(cache_root)
-    except MetaCacheError as exc:
-        # everything in the cache can be fetched again: a damaged one must not stop a mount
-        if not exc.damaged:
-            raise
-        aside = cache_root / f"meta.lmdb.damaged-{int(time.time())}"
-        log.warning("%s; moving it to %s and starting an empty cache", exc, aside)
-        os.replace(cache_root / "meta.lmdb", aside)
-        meta = MetaCache(cache_root)
+    meta = MetaCache.open_mending(cache_root)  # a damaged cache must not stop a mount
     stack.callback(meta.close)
     mode = opts.cache_mode
     if mode == "auto":

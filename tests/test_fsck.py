@@ -357,6 +357,13 @@ def test_missing_repository_is_operational_error(cafs, tmp_path: Path) -> None:
     assert "no-such-repo" in r.err
 
 
+def test_missing_mirror_is_operational_error(cafs, copies: Damaged, tmp_path: Path) -> None:
+    missing_pack(copies)
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", tmp_path / "no-such-mirror")
+    assert r.code == FSCK_OPERATIONAL
+    assert "no-such-mirror" in r.err and "not a cafs repository" in r.err, r.err
+
+
 def test_read_data_fraction_reads_about_half(cafs, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -466,6 +473,30 @@ def test_damaged_cache_lmdb_is_rebuilt(cafs, copies: Damaged, cached: Path) -> N
     assert m and int(m.group(1)) == chunks, r.out  # every chunk was read, cached, and is kept
     r = fsck(cafs, copies.repo, "--cache", cached)
     assert r.code == FSCK_CLEAN, r.out + r.err
+
+
+@pytest.mark.parametrize("from_offset", [4096, 8192, 12288, 20000])
+def test_commands_read_around_a_damaged_metadata_cache(cafs, copies: Damaged, tmp_path: Path, from_offset: int,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """LMDB checksums nothing: a page damaged past the header shows at open or only at a
+    read. Either way ls, get and import go on from the repository, with a warning."""
+    cache_dir = Path(os.environ["CAFS_CACHE_DIR"])
+    listing = cafs("ls", "-R", f"{copies.repo}#ds")  # fills the metadata cache
+    assert listing.code == 0, listing.err
+    data = cache_dir / copies.layout.repo_id / "meta.lmdb" / "data.mdb"
+    garbled = bytearray(data.read_bytes())
+    for i in range(from_offset, len(garbled)):
+        garbled[i] ^= 0x5A
+    data.write_bytes(garbled)
+    r = cafs("ls", "-R", f"{copies.repo}#ds")
+    assert r.code == 0, r.err
+    assert "metadata cache" in caplog.text and "Traceback" not in r.err, (caplog.text, r.err)
+    assert r.out == listing.out
+    r = cafs("get", f"{copies.repo}#ds", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(copies.src, tmp_path / "out")
+    r = cafs("import", copies.src, copies.repo, "--name", "again", "--no-progress")
+    assert r.code == 0, r.err
 
 
 def test_mount_on_damaged_cache_lmdb_serves_correct_bytes(copies: Damaged, cached: Path, tmp_path: Path) -> None:
