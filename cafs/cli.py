@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator, Sequence
 
 from cafs import sizes
-from cafs.errors import CafsError, UsageError
-from cafs.format.config import ChunkerParams, RepoConfig
+from cafs.errors import CafsError, RepositoryError, UsageError
+from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot, check_ref_name
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.naming import find_snapshot, parse_spec, recorded_snapshot
@@ -107,7 +107,7 @@ class Context:
         """The metadata cache of repository ``repo_id`` (one LMDB environment per
         repository per process: LMDB forbids opening one twice in a process)."""
         if repo_id not in self._meta:
-            self._meta[repo_id] = MetaCache(self.cache_dir / repo_id)
+            self._meta[repo_id] = MetaCache.open_mending(self.cache_dir / repo_id)
         return self._meta[repo_id]
 
     def reader(self, repo: Repository) -> NodeReader:
@@ -128,9 +128,18 @@ class Context:
 
 def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
     defaults = ChunkerParams()
-    chunker = ChunkerParams(args.chunk_min or defaults.min_size, args.chunk_avg or defaults.avg_size,
-                            args.chunk_max or defaults.max_size)
-    repo = Repository.init(open_store(args.repo), chunker, args.pack_size or RepoConfig("0" * 64).pack_size)
+
+    def given(value: int | None, default: int) -> int:
+        return default if value is None else value  # 0 is given, and refused by check_config
+
+    chunker = ChunkerParams(given(args.chunk_min, defaults.min_size), given(args.chunk_avg, defaults.avg_size),
+                            given(args.chunk_max, defaults.max_size))
+    pack_size = given(args.pack_size, RepoConfig("0" * 64).pack_size)
+    try:
+        check_config(RepoConfig("0" * 64, chunker, pack_size))
+    except RepositoryError as exc:
+        raise UsageError(str(exc)) from None
+    repo = Repository.init(open_store(args.repo), chunker, pack_size)
     c = repo.config
     print(f"created cafs repository {repo.url} (id {c.repo_id[:12]}, chunks "
           f"{human_bytes(c.chunker.min_size)}/{human_bytes(c.chunker.avg_size)}/{human_bytes(c.chunker.max_size)}, "
@@ -243,6 +252,8 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
     entry = resolve(reader, snap.root, path)
     if not entry.is_file:
         raise UsageError(f"{args.snapshot}: not a regular file")
+    if sys.stdout is None:
+        raise CafsError("standard output is closed: nowhere to write the file")
     out = sys.stdout.buffer
     for span in file_spans(reader, entry):
         out.write(repo.read_object(span))
@@ -280,22 +291,29 @@ FSCK_CLEAN, FSCK_CORRECTED, FSCK_UNCORRECTED, FSCK_OPERATIONAL = 0, 1, 4, 8
 
 
 def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
-    """Exit codes follow fsck(8): 0 clean, 1 corrected, 4 left uncorrected, 8 operational."""
-    from cafs.check import Checker
-    from cafs.repair import repair
-
+    """Exit codes follow fsck(8): 0 clean, 1 corrected, 4 left uncorrected, 8 operational
+    (the repository, a mirror or the cache could not be opened or read)."""
     try:
-        repo = ctx.repo(args.repo)
+        return _fsck(ctx, args)
+    except UsageError:
+        raise
     except CafsError as exc:
         print(f"cafs fsck: {exc}", file=sys.stderr)
         return FSCK_OPERATIONAL
+
+
+def _fsck(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.check import Checker
+    from cafs.repair import repair
+
+    repo = ctx.repo(args.repo)
+    mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror] if args.repair else []
     status = [""]
     with Progress(lambda _t: status[0]):
         report = Checker(repo, progress=lambda m: status.__setitem__(0, m)).run(args.read_data)
     repaired: list[str] = []
     failed: list[str] = []
     if report.problems and args.repair:
-        mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror]
         result = repair(repo, report, mirrors)
         repaired, failed = result.repaired, result.failed
         with Progress(lambda _t: status[0]):
@@ -954,7 +972,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, more).extend(extra)
     try:
         with _context(args) as ctx:
-            return int(args.func(ctx, args))
+            code = int(args.func(ctx, args))
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a full disk or a closed pipe is met here, not at exit
+        return code
     except UsageError as exc:
         print(f"cafs: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -963,11 +984,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:
         # the reader went away (cafs cat | head): not our error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         return EXIT_OK
+    except OSError as exc:  # writing the output failed (a full disk, /dev/full, EIO)
+        what = os.fsdecode(exc.filename) if exc.filename else "standard output"
+        print(f"cafs: {what}: {exc.strerror or exc}", file=sys.stderr)
+        _discard_stdout()
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("cafs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the flush at exit does not fail again."""
+    if sys.stdout is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

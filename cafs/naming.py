@@ -55,8 +55,12 @@ def find_snapshot(repo: Repository, selector: str) -> Snapshot:
 
 
 def _by_root_id(repo: Repository, selector: str) -> Snapshot:
-    """The snapshot whose root id starts with ``selector``, else the ref of that name."""
+    """The snapshot whose root id starts with ``selector``, else the ref of that name;
+    a selector that is both names nothing (it says so) rather than the one found first."""
     matches = {s.root_id: s for s in repo.snapshots() if s.root_id.hex().startswith(selector)}
+    if matches and selector in repo.ref_names():
+        raise RefError(f"{selector!r} in {repo.url} is both a ref and the start of a snapshot's root id: "
+                       f"name the ref's snapshot as {selector}@JID, or give more digits of the root id")
     if len(matches) == 1:
         return next(iter(matches.values()))
     if len(matches) > 1:

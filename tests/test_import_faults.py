@@ -257,6 +257,17 @@ def test_init_on_a_non_empty_directory_fails(cafs, tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "busy") == ["precious"]
 
 
+@pytest.mark.parametrize("args, says", [
+    (("--pack-size", "0"), "pack size 0"), (("--chunk-min", "0"), "chunk min size 0"),
+    (("--chunk-min", "2M", "--chunk-avg", "1M"), "chunk min size"),
+    (("--chunk-min", "512K", "--chunk-avg", "256K", "--chunk-max", "1M"), "min <= avg <= max")])
+def test_init_with_sizes_that_make_no_sense_is_a_usage_error(cafs, tmp_path: Path, args: tuple[str, ...],
+                                                             says: str) -> None:
+    r = cafs("init", tmp_path / "repo", *args)
+    assert_clean_error(r, 2, says)
+    assert not (tmp_path / "repo").exists()
+
+
 @pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", "-rf", "", "x" * 101, "sp ace"])
 def test_bad_ref_name_is_rejected_and_writes_nothing(cafs, repo: Path, tmp_path: Path, name: str) -> None:
     src = make_small_tree(tmp_path / "src")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -142,6 +143,22 @@ def test_cat_writes_exact_bytes(ds: str, src: Path) -> None:
         assert r.stdout == (src / rel).read_bytes(), rel
 
 
+@pytest.mark.parametrize("args", [("cat", ":data/big"), ("ls", ""), ("ls", ":data")])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(ds: str, args: tuple[str, str]) -> None:
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([sys.executable, "-m", "cafs.cli", args[0], ds + args[1]], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr == "cafs: standard output: No space left on device\n", r.stderr
+
+
+def test_cat_to_a_closed_stdout_says_so(ds: str) -> None:
+    r = subprocess.run(f"{shlex.quote(sys.executable)} -m cafs.cli cat {shlex.quote(ds + ':data/big')} >&-",
+                       shell=True, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "standard output is closed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_ls_shows_odd_names_escaped(cafs, ds: str) -> None:
     r = cafs("ls", f"{ds}:odd")
     assert r.code == 0, r.err
@@ -188,6 +205,19 @@ def test_snapshot_selectors(cafs, repo: Path, src: Path, ds: str, form: str) -> 
     r = cafs("stats", f"{repo}#{selector}", "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["root"] == want["root"]
+
+
+def test_a_ref_named_like_a_root_id_is_ambiguous_not_hidden(cafs, repo: Path, src: Path, ds: str) -> None:
+    (root,) = (s["root"] for s in snapshot_doc(cafs, repo, "ds"))
+    prefix = root[:16]
+    r = cafs("import", src / "data", repo, "--name", prefix, "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("stats", f"{repo}#{prefix}", "--json")
+    assert r.code != 0
+    assert "both a ref and the start of a snapshot's root id" in r.err, r.err
+    r = cafs("stats", f"{repo}#{prefix}@1", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["root"] != root
 
 
 def test_diff_after_mutation(cafs, repo: Path, src: Path, ds: str) -> None:
