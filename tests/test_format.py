@@ -231,6 +231,27 @@ def test_snapshot_jid_must_match_its_key() -> None:
         decode_snapshot(data, "ds", 3)
 
 
+def _root() -> Entry:
+    return Entry(b"", KIND_DIR, 0o755, 0, 0, 7, 0, 2, 1, ref=Location(b"r" * 32, b"p" * 32, 0, 1, 1, 0))
+
+
+@given(st.data())
+def test_snapshot_with_any_byte_changed_is_refused(data: st.DataObject) -> None:
+    encoded = bytearray(encode_snapshot(Snapshot("ds", 2, 5, _root(), "host", b"/src", {"files": 3})))
+    i = data.draw(st.integers(0, len(encoded) - 1))
+    encoded[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises((RefError, FormatError)):
+        decode_snapshot(bytes(encoded), "ds", 2)
+
+
+def test_snapshot_of_version_1_without_checksum_still_reads() -> None:
+    snap = Snapshot("ds", 2, 5, _root(), "host", b"/src", {"files": 3})
+    body = encode_snapshot(snap)[:-32]
+    assert decode_snapshot(body.replace(b"\xa1v\x02", b"\xa1v\x01", 1), "ds", 2) == snap
+    with pytest.raises(RefError, match="checksum"):
+        decode_snapshot(body, "ds", 2)  # a version-2 body that lost its checksum
+
+
 @pytest.mark.parametrize("name", ["a/b", "", ".hidden", "-x", "a b", "x" * 101, "a#b", "a@b", "a:b"])
 def test_bad_ref_names(name: str) -> None:
     with pytest.raises(RefError):

@@ -5,4 +5,6 @@ The canonical description is docs/FORMAT.md; each submodule restates the part it
 any layout below bumps it.
 """
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# 1: journal entries had no checksum; such entries (and repositories) are still read
+READABLE_VERSIONS = (1, 2)

@@ -1,10 +1,11 @@
 """The repository config: the object ``config``, UTF-8 JSON, written once by ``cafs init``.
 
-    {"format": "cafs", "version": 1, "repo_id": "<64 hex digits>",
+    {"format": "cafs", "version": 2, "repo_id": "<64 hex digits>",
      "chunker": {"min_size": int, "avg_size": int, "max_size": int},
      "pack_size": int}
 
-``version`` is ``FORMAT_VERSION``; a reader refuses any other. ``chunker`` holds the
+``version`` is ``FORMAT_VERSION`` (2) when written; a reader takes any of
+``READABLE_VERSIONS`` and refuses others. ``chunker`` holds the
 FastCDC parameters every import into the repository uses (same parameters, same cut
 points, so dedup works across imports). ``pack_size`` is the target pack size.
 """
@@ -15,7 +16,7 @@ import json
 from dataclasses import dataclass
 
 from cafs.errors import RepositoryError
-from cafs.format import FORMAT_VERSION
+from cafs.format import FORMAT_VERSION, READABLE_VERSIONS
 from cafs.format.location import MAX_CHUNK
 
 MAX_CONFIG_BYTES = 64 << 10
@@ -79,8 +80,9 @@ def decode_config(data: bytes, where: str) -> RepoConfig:
         raise bad(f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != "cafs":
         raise bad("no 'format': 'cafs'")
-    if doc.get("version") != FORMAT_VERSION:
-        raise RepositoryError(f"{where}: repository format version {doc.get('version')!r}; this cafs reads version {FORMAT_VERSION}")
+    if doc.get("version") not in READABLE_VERSIONS:
+        raise RepositoryError(f"{where}: repository format version {doc.get('version')!r}; this cafs reads versions "
+                              + ", ".join(map(str, READABLE_VERSIONS)))
     try:
         ch = doc["chunker"]
         config = RepoConfig(

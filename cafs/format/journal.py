@@ -2,13 +2,17 @@
 
 A ref NAME's journal is the set of objects ``refs/NAME/<jid as 20 decimal digits>``;
 jids grow (a new snapshot takes the largest jid + 1) and the newest is the largest.
-Writing a journal entry is the single commit point of an import. Each object is
+Writing a journal entry is the single commit point of an import. Each object is a body
+followed by its BLAKE3 digest (32 bytes), the body being
 
-    msgpack {"v": 1, "jid": int, "time_ns": int, "root": <root entry>,
+    msgpack {"v": 2, "jid": int, "time_ns": int, "root": <root entry>,
              "host": str, "source": bytes, "stats": {str: int}}
 
 where ``root`` is a directory entry (see nodes) with an empty name; its location names
-the snapshot's root node, whose id is the snapshot's root id.
+the snapshot's root node, whose id is the snapshot's root id. The digest covers what no
+id does (the root's mode, owner and mtime, the time, host, source and stats): an entry
+whose digest does not match is damaged and refused. Version 1 entries (format version
+1) are the body alone, with ``"v": 1``, and are read as they are.
 
 Ref names are 1-100 characters of ``[A-Za-z0-9._-]``, not starting with ``.`` or ``-``.
 """
@@ -20,9 +24,12 @@ from dataclasses import dataclass, field
 
 from cafs.errors import RefError
 from cafs.format.nodes import Entry, decode_entry
+from cafs.errors import FormatError
 from cafs.format.strict import expect_bytes, expect_int, expect_map, expect_str, pack, unpack
+from cafs.ids import digest
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
+CHECKSUM_LEN = 32
 JID_DIGITS = 20
 MAX_JOURNAL_BYTES = 1 << 20
 _REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
@@ -77,15 +84,23 @@ class Snapshot:
 
 
 def encode_snapshot(s: Snapshot) -> bytes:
-    return pack({"v": JOURNAL_VERSION, "jid": s.jid, "time_ns": s.time_ns, "root": s.root.encode(),
+    body = pack({"v": JOURNAL_VERSION, "jid": s.jid, "time_ns": s.time_ns, "root": s.root.encode(),
                  "host": s.host, "source": s.source, "stats": s.stats})
+    return body + digest(body)
 
 
 def decode_snapshot(data: bytes, ref: str, jid: int) -> Snapshot:
     what = f"journal entry {ref}@{jid}"
-    m = expect_map(unpack(data, what, max_bytes=MAX_JOURNAL_BYTES), what,
-                   required={"v", "jid", "time_ns", "root", "host", "source", "stats"})
-    expect_int(m["v"], what + " version", lo=JOURNAL_VERSION, hi=JOURNAL_VERSION)
+    checked = len(data) > CHECKSUM_LEN and digest(data[:-CHECKSUM_LEN]) == data[-CHECKSUM_LEN:]
+    try:
+        m = expect_map(unpack(data[:-CHECKSUM_LEN] if checked else data, what, max_bytes=MAX_JOURNAL_BYTES), what,
+                       required={"v", "jid", "time_ns", "root", "host", "source", "stats"})
+    except FormatError as exc:
+        if checked:
+            raise
+        raise RefError(f"{what} is damaged: its checksum does not match and it is no version-1 entry ({exc})") from None
+    if expect_int(m["v"], what + " version", lo=1, hi=JOURNAL_VERSION) > 1 and not checked:
+        raise RefError(f"{what} is damaged: its checksum does not match")
     if expect_int(m["jid"], what + " jid") != jid:
         raise RefError(f"{what}: records jid {m['jid']}, its name says {jid}")
     stats = m["stats"]
