@@ -393,6 +393,14 @@ class ChunkCache:
         with self.env.begin() as txn:
             return self._total(txn)
 
+    def size_or_unknown(self) -> int:
+        """``size``, or -1 if the LMDB file cannot be read (damaged: the mount's counters
+        say so rather than fail)."""
+        try:
+            return self.size()
+        except lmdb.Error:
+            return -1
+
     def flush_touches(self) -> None:
         """Write batched last-use times of extents read since the last flush."""
         touched, self._touched = self._touched, {}

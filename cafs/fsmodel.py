@@ -337,7 +337,7 @@ class SnapshotFS:
                "inline_loads": f.inline, "cache_writes_pending": self.fetcher.pending_writes}
         cache = self.fetcher.cache
         if cache is not None:
-            out.update(evictions=cache.counters.evictions, cache_size=cache.size(), cache_limit=cache.limit)
+            out.update(evictions=cache.counters.evictions, cache_size=cache.size_or_unknown(), cache_limit=cache.limit)
         return out
 
     def statfs_totals(self) -> tuple[int, int]:

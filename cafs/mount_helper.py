@@ -33,6 +33,7 @@ from cafs.repository import Repository
 EXIT_USAGE = 1
 EXIT_FAILURE = 32
 READY_TIMEOUT = 60.0
+EXIT_GRACE = 5.0  # seconds a failed daemon gets to exit before it is killed
 
 
 class MountError(CafsError):
@@ -88,9 +89,14 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
         os.close(read_fd)
     if message == "ok":
         return
+    if message is not None:  # a daemon that said why, or closed the pipe, is on its way out
+        try:
+            proc.wait(timeout=EXIT_GRACE)  # for its own exit status
+        except subprocess.TimeoutExpired:
+            pass
     if proc.poll() is None:
         proc.kill()
-    proc.wait()
+        proc.wait()
     if message is None:
         raise MountError(f"{mountpoint}: the mount daemon did not answer within {READY_TIMEOUT:.0f} s "
                          f"(see {cache_dir / 'mountd.stderr'})")

@@ -31,6 +31,7 @@ from cafs.stores.access import refuse_userinfo
 DEFAULT_CACHE_SIZE = 10 << 30
 DEFAULT_READAHEAD = 8 << 20
 MIN_CACHE_SIZE = 1 << 20
+MAX_CACHE_SIZE = 1 << 60  # 1 EiB: beyond any disk, and within the cache's 64-bit counters
 CACHE_MODES = ("auto", "full", "meta")
 MAX_READAHEAD = 256 << 20
 DEFAULT_TIMEOUT = 30.0
@@ -106,8 +107,8 @@ def parse_options(text: str) -> MountOptions:
     )
     if opts.cache_mode not in CACHE_MODES:
         raise UsageError(f"mount option cache_mode={opts.cache_mode!r}: one of {', '.join(CACHE_MODES)}")
-    if opts.cache_size < MIN_CACHE_SIZE:
-        raise UsageError(f"mount option cache_size={opts.cache_size}: at least {MIN_CACHE_SIZE} bytes")
+    if not MIN_CACHE_SIZE <= opts.cache_size <= MAX_CACHE_SIZE:
+        raise UsageError(f"mount option cache_size={opts.cache_size}: between {MIN_CACHE_SIZE} bytes and 1E")
     if not 4096 <= opts.readahead <= MAX_READAHEAD:
         raise UsageError(f"mount option readahead={opts.readahead}: between 4K and {MAX_READAHEAD >> 20}M")
     return opts

@@ -461,6 +461,16 @@ def _garble_lmdb(cache: Path, repo_id: str) -> None:
         f.write(os.urandom(16 << 10))
 
 
+def _garble_lmdb_pages(cache: Path, repo_id: str) -> None:
+    """Damage the file from its fifth page on: LMDB opens it, and meets the damage only
+    when a read or a write walks into it."""
+    data = cache / repo_id / "meta.lmdb" / "data.mdb"
+    garbled = bytearray(data.read_bytes())
+    for i in range(20000, len(garbled)):
+        garbled[i] ^= 0x5A
+    data.write_bytes(garbled)
+
+
 def test_damaged_cache_lmdb_is_rebuilt(cafs, copies: Damaged, cached: Path) -> None:
     _garble_lmdb(cached, copies.layout.repo_id)
     r = fsck(cafs, copies.repo, "--cache", cached)
@@ -499,8 +509,10 @@ def test_commands_read_around_a_damaged_metadata_cache(cafs, copies: Damaged, tm
     assert r.code == 0, r.err
 
 
-def test_mount_on_damaged_cache_lmdb_serves_correct_bytes(copies: Damaged, cached: Path, tmp_path: Path) -> None:
-    _garble_lmdb(cached, copies.layout.repo_id)
+@pytest.mark.parametrize("garble", [_garble_lmdb, _garble_lmdb_pages])
+def test_mount_on_damaged_cache_lmdb_serves_correct_bytes(copies: Damaged, cached: Path, tmp_path: Path,
+                                                          garble) -> None:
+    garble(cached, copies.layout.repo_id)
     mnt = tmp_path / "mnt"
     with mounted(f"{copies.repo}#ds", mnt, f"cache={cached},cache_mode=full"):
         assert_same_tree(copies.src, mnt)

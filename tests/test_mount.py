@@ -644,7 +644,7 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "missing repository",
+@pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
                                   "missing snapshot", "no snapshot named", "missing mountpoint"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
@@ -653,6 +653,7 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         "unknown option": (dataset.source, point, f"{cache},bogus=1", 1, "bogus"),
         "malformed cache_size": (dataset.source, point, f"{cache},cache_size=lots", 1,
                                  "cache_size"),
+        "huge cache_size": (dataset.source, point, f"{cache},cache_size=20000000T", 1, "cache_size"),
         "missing repository": (f"{tmp_path / 'nothing'}#snap", point, cache, 32, "nothing"),
         "missing snapshot": (f"{dataset.repo}#nosuch", point, cache, 32, "nosuch"),
         "no snapshot named": (str(dataset.repo), point, cache, 1, "REPO#NAME"),
