@@ -127,16 +127,17 @@ class Context:
 
 
 def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
-    defaults = ChunkerParams()
+    defaults = RepoConfig("0" * 64)
 
     def given(value: int | None, default: int) -> int:
         return default if value is None else value  # 0 is given, and refused by check_config
 
-    chunker = ChunkerParams(given(args.chunk_min, defaults.min_size), given(args.chunk_avg, defaults.avg_size),
-                            given(args.chunk_max, defaults.max_size))
-    pack_size = given(args.pack_size, RepoConfig("0" * 64).pack_size)
+    chunker = ChunkerParams(given(args.chunk_min, defaults.chunker.min_size),
+                            given(args.chunk_avg, defaults.chunker.avg_size),
+                            given(args.chunk_max, defaults.chunker.max_size))
+    pack_size = given(args.pack_size, defaults.pack_size)
     try:
-        check_config(RepoConfig("0" * 64, chunker, pack_size))
+        check_config(RepoConfig(defaults.repo_id, chunker, pack_size))
     except RepositoryError as exc:
         raise UsageError(str(exc)) from None
     repo = Repository.init(open_store(args.repo), chunker, pack_size)

@@ -160,14 +160,18 @@ class Extractor:
             os.mkdir(name, 0o700, dir_fd=dir_fd)
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
-    def _clear_for_file(self, dir_fd: int, name: bytes, entry: Entry) -> None:
+    def _clear_for_file(self, dir_fd: int, name: bytes, entry: Entry) -> bool:
         """Remove what is at ``name`` unless it is a regular file that may be written in
         place: one with no other name, or one with several (a hard link, perhaps to a
-        file outside DEST) that is ``entry`` already, so that nothing is written to it."""
+        file outside DEST) that is ``entry`` already, so that nothing is written to it.
+        True for the latter: its bytes were just checked, all of them."""
         st = _lstat(dir_fd, name)
-        if st is not None and (not stat.S_ISREG(st.st_mode)
-                               or st.st_nlink > 1 and not self._is_already(dir_fd, name, st, entry)):
-            _remove(dir_fd, name, st)
+        if st is None or stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return False
+        if stat.S_ISREG(st.st_mode) and self._is_already(dir_fd, name, st, entry):
+            return True
+        _remove(dir_fd, name, st)
+        return False
 
     def _is_already(self, dir_fd: int, name: bytes, st: os.stat_result, entry: Entry) -> bool:
         """Whether the file at ``name`` has ``entry``'s bytes, mode and mtime (and owner,
@@ -192,22 +196,13 @@ class Extractor:
 
     def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path,
                     link_key: tuple[object, ...] | None = None) -> None:
-        self._clear_for_file(dir_fd, name, entry)
+        kept = self._clear_for_file(dir_fd, name, entry)
         fd = self._open_for_writing(dir_fd, name)
         try:
-            on_disk = os.fstat(fd).st_size
-            pos = 0
-            for span in file_spans(self.reader, entry):
-                existing = os.pread(fd, span.length, pos) if pos < on_disk else b""
-                if len(existing) == span.length and digest(existing) == span.id:
-                    self.counters.bytes_kept += span.length
-                else:
-                    data = self.repo.read_object(span)
-                    if existing or data.count(0) != len(data):
-                        pwrite_all(fd, data, pos)
-                    self.counters.bytes_written += span.length
-                pos += span.length
-            os.ftruncate(fd, entry.size)
+            if kept:
+                self.counters.bytes_kept += entry.size
+            else:
+                self._fill(fd, entry)
             self._set_attrs(fd, entry)
             if link_key is not None and len(self._links) < MAX_LINK_GROUPS:
                 st = os.fstat(fd)
@@ -216,6 +211,23 @@ class Extractor:
         finally:
             os.close(fd)
         self.counters.files += 1
+
+    def _fill(self, fd: int, entry: Entry) -> None:
+        """Make the open file hold ``entry``'s bytes: spans already there are kept, the
+        rest fetched and written (runs of zeros not on disk yet are left as holes)."""
+        on_disk = os.fstat(fd).st_size
+        pos = 0
+        for span in file_spans(self.reader, entry):
+            existing = os.pread(fd, span.length, pos) if pos < on_disk else b""
+            if len(existing) == span.length and digest(existing) == span.id:
+                self.counters.bytes_kept += span.length
+            else:
+                data = self.repo.read_object(span)
+                if existing or data.count(0) != len(data):
+                    pwrite_all(fd, data, pos)
+                self.counters.bytes_written += span.length
+            pos += span.length
+        os.ftruncate(fd, entry.size)
 
     def _link_file(self, dir_fd: int, name: bytes, key: tuple[object, ...]) -> bool:
         """Make ``name`` a hard link of the file extracted first for ``key``; False if

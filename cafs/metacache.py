@@ -67,13 +67,12 @@ class MetaCache:
             # not be durable: sync=False keeps a write from costing an fsync.
             self.env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
                                  subdir=True, readahead=False, metasync=False, sync=False)
+            try:
+                self.nodes_db = self.env.open_db(b"nodes")  # where a damaged page may show first
+            except BaseException:
+                self.env.close()
+                raise
         except (OSError, lmdb.Error) as exc:
-            raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
-                                 damaged=isinstance(exc, _DAMAGED)) from None
-        try:
-            self.nodes_db = self.env.open_db(b"nodes")
-        except lmdb.Error as exc:
-            self.env.close()
             raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
                                  damaged=isinstance(exc, _DAMAGED)) from None
 

@@ -22,9 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from cafs.errors import RefError
+from cafs.errors import FormatError, RefError
 from cafs.format.nodes import Entry, decode_entry
-from cafs.errors import FormatError
 from cafs.format.strict import expect_bytes, expect_int, expect_map, expect_str, pack, unpack
 from cafs.ids import digest
 
