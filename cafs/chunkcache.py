@@ -20,9 +20,13 @@ the host, and kept across remounts):
   (seconds), the newest ``RECORDED_SNAPSHOTS`` kept, for ``cafs cache status``.
   Keys unknown to a reader are ignored, so adding one needs no version change.
 
-Invariants: the total never exceeds ``limit`` by more than the bytes of inserts in
-flight; eviction removes least-recently-used extents (punching holes in the sparse file)
-until the total is at most ``limit * EVICT_TO``. Nothing read from here is trusted: the
+Invariants: the recorded total never exceeds ``limit`` (unless one insert alone is
+larger): an insert that passes it removes least-recently-used extents in its own
+transaction until the total is at most ``limit * EVICT_TO``, and once committed punches
+the whole blocks they leave unused (a block shared with a recorded extent, or with a span
+this process is writing, is kept; without rounding, extents smaller than a block would
+free nothing). Bytes on disk exceed the total by the inserts in flight (written before
+they are recorded) and by the shared blocks at the ends of runs of extents. Nothing read from here is trusted: the
 caller verifies bytes against their id, and a damaged extent is dropped and refetched.
 All methods block (disk and LMDB): call them from worker threads, never hold a
 transaction across an ``await``.
@@ -55,7 +59,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +78,7 @@ _USE_KEYS = (b"hits", b"misses", b"fetched")
 _SNAPSHOT_PREFIX = b"snapshot\0"
 RECORDED_SNAPSHOTS = 16
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+BLOCK = 4096  # what a punch frees whole; a block an extent shares is kept
 MAX_OPEN_PACKS = 256  # cache files kept open between uses
 # shorter spans are written through the page cache: a small file's chunk, whose read
 # would wait for the disk, while its pages cost little
@@ -119,6 +124,11 @@ class ChunkCache:
         self.counters = CacheCounters()
         self._touched: dict[bytes, int] = {}
         self._lock = threading.Lock()
+        # Held around every write transaction that may evict and the punching after it,
+        # and to change ``_writing``: the spans this process is writing or has written
+        # but not yet recorded, which a punch must spare.
+        self._records = threading.Lock()
+        self._writing: dict[bytes, list[tuple[int, int]]] = {}
         self._fds: OrderedDict[bytes, _OpenPack] = OrderedDict()  # least recently used first
         self._direct = True  # until the filesystem refuses O_DIRECT
         self._buffers = threading.local()  # each thread's aligned buffer for O_DIRECT writes
@@ -298,6 +308,18 @@ class ChunkCache:
         all as cached, in one LMDB transaction. Extents of a pack that touch are written
         as one span. Raises NoSpaceError if the disk is full (nothing of this call is
         recorded then)."""
+        spans = [(pack, off, off + len(stored)) for pack, extents in batch for off, stored in extents]
+        with self._records:
+            self._announce(spans)
+        try:
+            self._write_batch(batch)
+        except BaseException:
+            with self._records:
+                self._withdraw(spans)
+            raise
+        self._record_batch(batch, spans)
+
+    def _write_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]]) -> None:
         try:
             for pack, extents in batch:
                 with self._pack_file(pack, create=True) as entry:
@@ -309,23 +331,45 @@ class ChunkCache:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpaceError(f"cache {self.root}: no space left on device") from None
             raise
+
+    def _announce(self, spans: list[tuple[bytes, int, int]]) -> None:
+        for pack, lo, hi in spans:
+            self._writing.setdefault(pack, []).append((lo, hi))
+
+    def _withdraw(self, spans: list[tuple[bytes, int, int]]) -> None:
+        for pack, lo, hi in spans:
+            ranges = self._writing[pack]
+            ranges.remove((lo, hi))
+            if not ranges:
+                del self._writing[pack]
+
+    def _record_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]],
+                      spans: list[tuple[bytes, int, int]]) -> None:
         now = int(time.time())
-        try:
-            with self.env.begin(write=True) as txn:
-                added = 0
-                for pack, extents in batch:
-                    for off, stored in extents:
-                        key = extent_key(pack, off)
-                        if txn.get(key, db=self.extents) is None:
-                            added += len(stored)
-                        txn.put(key, _EXTENT.pack(len(stored), now), db=self.extents)
-                total = self._total(txn) + added
-                txn.put(_SIZE_KEY, _SIZE.pack(total), db=self.stat)
-        except lmdb.Error as exc:
-            self.counters.insert_failures += 1
-            raise self._write_failed(exc, "an extent") from None
-        if total > self.limit:
-            self.evict(int(self.limit * EVICT_TO))
+        with self._records:
+            # recorded by the transaction below before the lock is released, and its own
+            # evictions must not spare them as if written by another thread
+            self._withdraw(spans)
+            try:
+                with self.env.begin(write=True) as txn:
+                    added = 0
+                    fresh = set()
+                    for pack, extents in batch:
+                        for off, stored in extents:
+                            key = extent_key(pack, off)
+                            if txn.get(key, db=self.extents) is None:
+                                added += len(stored)
+                            txn.put(key, _EXTENT.pack(len(stored), now), db=self.extents)
+                            fresh.add(key)
+                    total = self._total(txn) + added
+                    txn.put(_SIZE_KEY, _SIZE.pack(total), db=self.stat)
+                    # evicting in the same transaction keeps the recorded total within the
+                    # limit however many writers insert at once
+                    victims = self._evict_in(txn, int(self.limit * EVICT_TO), fresh) if total > self.limit else []
+            except lmdb.Error as exc:
+                self.counters.insert_failures += 1
+                raise self._write_failed(exc, "an extent") from None
+            self._punch_all(victims)
 
     def _write_span(self, entry: _OpenPack, start: int, pieces: list[memoryview]) -> None:
         """Write ``pieces`` one after the other from ``start``: the whole blocks with
@@ -403,51 +447,113 @@ class ChunkCache:
 
     def flush_touches(self) -> None:
         """Write batched last-use times of extents read since the last flush."""
+        if self._touched:
+            with self.env.begin(write=True) as txn:
+                self._write_touches(txn)
+
+    def _write_touches(self, txn: lmdb.Transaction) -> None:
         touched, self._touched = self._touched, {}
-        if not touched:
-            return
-        with self.env.begin(write=True, db=self.extents) as txn:
-            for key, when in touched.items():
-                value = txn.get(key)
-                if value is not None:
-                    txn.put(key, _EXTENT.pack(_EXTENT.unpack(value)[0], when))
+        for key, when in touched.items():
+            value = txn.get(key, db=self.extents)
+            if value is not None:
+                txn.put(key, _EXTENT.pack(_EXTENT.unpack(value)[0], when), db=self.extents)
 
     def evict(self, target: int) -> None:
         """Remove least-recently-used extents until the total is at most ``target``."""
-        self.flush_touches()
-        with self.env.begin(db=self.extents) as txn:
-            items = [(_EXTENT.unpack(v)[1], bytes(k), _EXTENT.unpack(v)[0]) for k, v in txn.cursor()]
-        items.sort()
-        victims = []
-        with self.env.begin(write=True) as txn:
-            total = self._total(txn)
-            for _when, key, _length in items:
-                if total <= target:
-                    break
-                # the list was read before this transaction: another thread or process
-                # may have evicted or dropped the extent since, and it must not be
-                # subtracted twice
-                value = txn.get(key, db=self.extents)
-                if value is None:
-                    continue
-                txn.delete(key, db=self.extents)
-                length = _EXTENT.unpack(value)[0]
-                total -= length
-                victims.append((key, length))
-            txn.put(_SIZE_KEY, _SIZE.pack(max(0, total)), db=self.stat)
-        for key, length in victims:
-            self._punch(key[:32], int.from_bytes(key[32:], "big"), length)
-        self.counters.evictions += len(victims)
-        self.counters.evicted_bytes += sum(v[1] for v in victims)
+        with self._records:
+            with self.env.begin(write=True) as txn:
+                victims = self._evict_in(txn, target)
+            self._punch_all(victims)
 
-    def _punch(self, pack: bytes, offset: int, length: int) -> None:
+    def _evict_in(self, txn: lmdb.Transaction, target: int, fresh: Collection[bytes] = ()) -> list[_Victim]:
+        """In write transaction ``txn`` (``_records`` held), forget least-recently-used
+        extents until the total is at most ``target``, the keys in ``fresh`` (just
+        inserted) last of those last used in the same second; returns them with the
+        blocks to punch once ``txn`` is committed."""
+        self._write_touches(txn)
+        total = self._total(txn)
+        if total <= target:
+            return []
+        items = sorted((_EXTENT.unpack(v)[1], k in fresh, bytes(k), _EXTENT.unpack(v)[0])
+                       for k, v in txn.cursor(db=self.extents))
+        forgotten = []
+        for _when, _fresh, key, length in items:
+            if total <= target:
+                break
+            txn.delete(key, db=self.extents)
+            total -= length
+            forgotten.append((key, length))
+        txn.put(_SIZE_KEY, _SIZE.pack(max(0, total)), db=self.stat)
+        # after every deletion, so that neighbours evicted together free the block they share
+        return [_Victim(key, length, self._hole(txn, key, length)) for key, length in forgotten]
+
+    def _hole(self, txn: lmdb.Transaction, key: bytes, length: int) -> tuple[int, int] | None:
+        """The whole blocks that forgetting extent ``key`` of ``length`` bytes frees:
+        those it covers, save any shared with a recorded extent or a span being written.
+        None if the extent itself is being written again."""
+        pack, start = key[:32], int.from_bytes(key[32:], "big")
+        end = start + length
+        lo, hi = _round_down(start), _round_up(end)
+        for n_start, n_end in [*self._recorded_neighbours(txn, key), *self._writing.get(pack, ())]:
+            if n_end <= start:
+                lo = max(lo, _round_up(n_end))
+            elif n_start >= end:
+                hi = min(hi, _round_down(n_start))
+            else:
+                return None
+        return (lo, hi) if lo < hi else None
+
+    def _recorded_neighbours(self, txn: lmdb.Transaction, key: bytes) -> Iterator[tuple[int, int]]:
+        """The ``(start, end)`` of the recorded extents of the same pack just before and
+        just after ``key`` (itself not recorded)."""
+        cursor = txn.cursor(db=self.extents)
+        if cursor.set_range(key):
+            yield from _same_pack(cursor, key)
+            before = cursor.prev()
+        else:
+            before = cursor.last()
+        if before:
+            yield from _same_pack(cursor, key)
+
+    def _punch_all(self, victims: list[_Victim]) -> None:
+        for victim in victims:
+            if victim.hole is not None:
+                self._punch(victim.key[:32], *victim.hole)
+        self.counters.evictions += len(victims)
+        self.counters.evicted_bytes += sum(v.length for v in victims)
+
+    def _punch(self, pack: bytes, lo: int, hi: int) -> None:
         with self._pack_file(pack, create=False) as entry:
             if entry is None:
                 return
             try:
-                _fallocate(entry.fd, _FALLOC_PUNCH, offset, length)
+                _fallocate(entry.fd, _FALLOC_PUNCH, lo, hi - lo)
             except OSError:
                 pass  # the extent is already forgotten; a later read refetches
+
+
+@dataclass(frozen=True)
+class _Victim:
+    """An evicted extent and the blocks to punch for it (None: none)."""
+
+    key: bytes
+    length: int
+    hole: tuple[int, int] | None
+
+
+def _same_pack(cursor: lmdb.Cursor, key: bytes) -> Iterator[tuple[int, int]]:
+    """The ``(start, end)`` of the extent at ``cursor`` if it is of ``key``'s pack."""
+    if cursor.key()[:32] == key[:32]:
+        offset = int.from_bytes(cursor.key()[32:], "big")
+        yield offset, offset + _EXTENT.unpack(cursor.value())[0]
+
+
+def _round_down(offset: int) -> int:
+    return offset // BLOCK * BLOCK
+
+
+def _round_up(offset: int) -> int:
+    return -(-offset // BLOCK) * BLOCK
 
 
 class _OpenPack:

@@ -70,6 +70,64 @@ def test_threads_over_more_packs_than_open_files(cache: ChunkCache, monkeypatch:
             assert cache.read(packs[p], i * SIZE, SIZE) in (None, content(p, i))
 
 
+def test_concurrent_inserts_never_record_more_than_the_limit(tmp_path: Path) -> None:
+    # A mount writes through with several threads; each insert that passes the limit
+    # evicts in its own transaction, so no moment sees the recorded total above it.
+    limit = 64 * SIZE
+    meta = MetaCache(tmp_path / "cache")
+    limited = ChunkCache(tmp_path / "cache", meta.env, limit)
+    seen: list[int] = []
+
+    def work(seed: int) -> None:
+        pack = bytes([seed]) * 32
+        for i in range(200):
+            limited.insert(pack, [(i * SIZE * 2, content(seed, i)), (i * SIZE * 2 + SIZE, content(seed, -i))])
+            seen.append(limited.size())
+
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max(seen) <= limit
+        assert limited.counters.evictions > 0
+        with limited.env.begin(db=limited.extents) as txn:  # the total is the extents' sum
+            assert limited.size() == sum(chunkcache._EXTENT.unpack(v)[0] for _k, v in txn.cursor())
+    finally:
+        limited.close()
+        meta.close()
+
+
+def test_eviction_frees_the_blocks_of_small_extents(tmp_path: Path) -> None:
+    # Extents smaller than a block share blocks with their neighbours. Punching exactly
+    # an evicted extent's bytes frees none of them; the blocks whose every extent is
+    # gone must be freed, and no byte of an extent still recorded may be touched.
+    limit = 256 * 1024
+    meta = MetaCache(tmp_path / "cache")
+    small = ChunkCache(tmp_path / "cache", meta.env, limit)
+    packs = [bytes([p]) * 32 for p in range(4)]
+    sizes = [3000 + 37 * i for i in range(300)]  # about 1.3 MB per pack
+    try:
+        for pack_no, pack in enumerate(packs):
+            offset = 0
+            for i, size in enumerate(sizes):
+                small.insert(pack, [(offset, (content(pack_no, i) * 4)[:size])])
+                offset += size
+        allocated = sum(f.stat().st_blocks * 512 for f in (tmp_path / "cache").glob("data/*/*"))
+        assert small.counters.evictions > 0
+        assert allocated <= limit + 4 * 2 * 4096  # a shared block at each end of a pack's run
+        for pack_no, pack in enumerate(packs):
+            offset = 0
+            for i, size in enumerate(sizes):
+                if small.contains(pack, offset):
+                    assert small.read(pack, offset, size) == (content(pack_no, i) * 4)[:size]
+                offset += size
+    finally:
+        small.close()
+        meta.close()
+
+
 @needs_fincore
 def test_reads_leave_the_cache_file_out_of_the_page_cache(cache: ChunkCache, tmp_path: Path) -> None:
     # The mount hands what it reads to the kernel, which keeps it in the page cache of
