@@ -40,12 +40,10 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterable
 
-from pyfastcdc import Chunk, FastCDC
-
-from cafs.codec import Compressor
 from cafs.errors import CafsError, FormatError, UsageError
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location, decode_location
@@ -61,6 +59,11 @@ from cafs.metacache import MetaCache, MetaCacheError, NodeReader
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import ObjectIndex, Repository
 from cafs.sparse import FdReader, ZeroRun, cut, holes, zeros_cut_at_max
+
+if TYPE_CHECKING:
+    from pyfastcdc import Chunk, FastCDC
+
+    from cafs.codec import Compressor
 
 NODE_BATCH = 2000
 WHOLE_READ_MAX = 16 << 20  # files up to this size are read in one go and cut in memory
@@ -135,17 +138,27 @@ class Importer:
         self.prev = prev
         self.counters = Counters()
         self.skipped: list[Skipped] = []
-        p = repo.config.chunker
-        self.cdc = FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size)
-        self.max_chunk = p.max_size
+        self.max_chunk = repo.config.chunker.max_size
         self._zero_chunks: bool | None = None  # whether zeros cut at max_chunk (sparse.py)
         self._zero_chunk: Location | None = None  # where that chunk of zeros is stored
-        self.compressor = Compressor()
         self.data = PackWriter(uploader, KIND_DATA, repo.config.pack_size)
         self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
         self._node_batch: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
         self._read_buf = _ReadBuffer()
+
+    # The chunker and the compressor (and their modules) are made on first use: a
+    # re-import of an unchanged tree needs neither, and is mostly start-up time.
+    @cached_property
+    def cdc(self) -> FastCDC:
+        from pyfastcdc import FastCDC
+        p = self.repo.config.chunker
+        return FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size)
+
+    @cached_property
+    def compressor(self) -> Compressor:
+        from cafs.codec import Compressor
+        return Compressor()
 
     @property
     def objects(self) -> dict[bytes, Location]:

@@ -32,7 +32,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pyfastcdc import Chunk, FastCDC
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyfastcdc import Chunk, FastCDC
 
 
 @dataclass(frozen=True)

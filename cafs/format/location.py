@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import zstandard
-
 from cafs.errors import FormatError, IntegrityError
 from cafs.format.strict import expect_bytes, expect_int, expect_list, fail
 from cafs.ids import ChunkId, PackId, digest
@@ -88,6 +86,8 @@ def decode_stored(loc: Location, stored: bytes | bytearray | memoryview) -> byte
     if len(stored) != loc.stored_length:
         raise IntegrityError(f"object {loc.describe()}: got {len(stored)} stored bytes, expected {loc.stored_length}")
     if loc.codec == CODEC_ZSTD:
+        import zstandard  # on first use: listing a tree decodes no chunk
+
         try:
             # A frame that declares its size is decoded to that size whatever
             # max_output_size says, so the declaration is checked first.
