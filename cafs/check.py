@@ -88,6 +88,7 @@ class Checker:
         self._object_problem: dict[bytes, Problem] = {}
         self._nodes_ok: dict[bytes, TreeNode | DirIndexNode | FileNode] = {}
         self._referenced_packs: set[bytes] = set()
+        self._set_aside: set[str] | None = None  # packs fsck --repair set aside (damaged/), listed on demand
         # chunk id -> (snapshot label, path) of the first few users, for --read-data reports
         self._chunk_users: dict[bytes, list[tuple[str, str]]] = defaultdict(list)
 
@@ -173,7 +174,7 @@ class Checker:
             self._referenced_packs.add(moved.pack)  # repacked by gc: found by id (see repository.py)
             return None
         if loc.pack not in self.sizes:
-            p = self._problem(Problem("missing-pack", loc.pack.hex(), "referenced but not in the store", pack=loc.pack))
+            p = self._problem(Problem("missing-pack", loc.pack.hex(), self._missing_detail(loc.pack), pack=loc.pack))
             self._pack_problem[loc.pack] = p
             return p
         listed = self._by_pack_offset.get(loc.pack, {}).get(loc.offset)
@@ -184,6 +185,17 @@ class Checker:
                     pack=loc.pack))
             return self._object_problem[loc.id]
         return None
+
+    def _missing_detail(self, pack_id: bytes) -> str:
+        if self._set_aside is None:
+            try:
+                self._set_aside = {key.rsplit("/", 1)[-1] for key, _ in self.repo.store.list("damaged/")}
+            except (CafsError, StoreError):
+                self._set_aside = set()
+        if pack_id.hex() in self._set_aside:
+            return (f"referenced but not in the store: fsck --repair set it aside as damaged/{pack_id.hex()}; "
+                    "`cafs import --reread` of the same data stores its lost objects again")
+        return "referenced but not in the store"
 
     def _check_snapshot(self, snap: Snapshot) -> None:
         label = f"{snap.ref}@{snap.jid}"

@@ -173,7 +173,7 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
         print(f"cafs: warning: {msg}", file=sys.stderr)
 
     with Progress(render, enabled=show):
-        result = run_import(repo, ctx.meta(repo), src, args.name, strict=args.strict,
+        result = run_import(repo, ctx.meta(repo), src, args.name, strict=args.strict, reread=args.reread,
                             counters_out=counters, on_problem=warn)
     _print_import_summary(result)
     if result.skipped:
@@ -307,6 +307,8 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.check import Checker
     from cafs.repair import repair
 
+    if args.salvage and not args.repair:
+        raise UsageError("--salvage is a kind of repair: give --repair too")
     repo = ctx.repo(args.repo)
     mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror] if args.repair else []
     status = [""]
@@ -315,7 +317,7 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
     repaired: list[str] = []
     failed: list[str] = []
     if report.problems and args.repair:
-        result = repair(repo, report, mirrors)
+        result = repair(repo, report, mirrors, salvage=args.salvage)
         repaired, failed = result.repaired, result.failed
         with Progress(lambda _t: status[0]):
             after = Checker(repo, progress=lambda m: status.__setitem__(0, m)).run(args.read_data)
@@ -840,6 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("repo")
     sp.add_argument("--name", required=True, help="the ref to record the snapshot under")
     sp.add_argument("--strict", action="store_true", help="abort without committing if any path is skipped")
+    sp.add_argument("--reread", action="store_true",
+                    help="read every file, even those unchanged since the ref's last snapshot (restic's --force): "
+                         "stores again what fsck --repair found lost")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(func=cmd_import)
 
@@ -878,6 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also read and verify chunk bytes (all, or a random fraction of packs)")
     sp.add_argument("--repair", action="store_true", help="replace damaged packs and journal entries by verified copies from --mirror, rewrite bad indexes, drop bad cache entries")
     sp.add_argument("--mirror", action="append", default=[], metavar="URL", help="a repository holding good copies")
+    sp.add_argument("--salvage", action="store_true",
+                    help="with --repair: a damaged pack no mirror has intact gives its intact objects to new packs "
+                         "and is set aside under damaged/ (then `cafs import --reread` stores the lost ones again)")
     sp.add_argument("--cache", nargs="?", const="", default=None, metavar="DIR",
                     help="also check this host's cache for the repository (default cache dir if no DIR)")
     sp.add_argument("--json", action="store_true")

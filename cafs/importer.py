@@ -573,21 +573,23 @@ def _open_file(dir_fd: int, name: bytes) -> int:
 
 
 def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict: bool = False,
-               counters_out: list[Counters] | None = None,
+               reread: bool = False, counters_out: list[Counters] | None = None,
                on_problem: Callable[[str], None] | None = None) -> ImportResult:
-    """Import ``src`` as a new snapshot of ``ref``; see the module docstring."""
+    """Import ``src`` as a new snapshot of ``ref``; see the module docstring. With
+    ``reread``, nothing is taken from the previous snapshot: every file is read, and every
+    chunk and node the index lacks is stored (what ``fsck --repair`` found lost)."""
     started = time.monotonic()
     if not src.is_dir():
         raise UsageError(f"{src}: not a directory" if src.exists() else f"{src}: no such directory")
     with locked(repo.store, "shared"):
-        return _import_locked(repo, meta, src, ref, strict, counters_out, on_problem, started)
+        return _import_locked(repo, meta, src, ref, strict, reread, counters_out, on_problem, started)
 
 
-def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, strict: bool,
+def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, strict: bool, reread: bool,
                    counters_out: list[Counters] | None, on_problem: Callable[[str], None] | None,
                    started: float) -> ImportResult:
     try:
-        prev = repo.snapshot(ref)
+        prev = None if reread else repo.snapshot(ref)
     except CafsError:
         prev = None
     reader = NodeReader(repo, meta)

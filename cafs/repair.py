@@ -2,7 +2,16 @@
 
 - A missing, truncated or corrupt pack is replaced by the mirror's copy of the same pack
   id, and only after that copy has been read whole and verified (trailer decodes, body
-  digest matches, every object matches its id). Without a good copy, nothing changes.
+  digest matches, every object matches its id).
+- With ``salvage``, a damaged pack with no good copy anywhere is salvaged, under the exclusive lock (no
+  import deduplicates against it meanwhile): the objects that still match their ids are
+  copied into new packs, a fresh index names every pack but it, and the pack is set
+  aside whole under ``damaged/<pack id hex>`` (kept, never deleted: it is out of the way,
+  not gone). Readers find the salvaged objects by id, as after a gc repack. The lost
+  ones are then in no index, so ``cafs import --reread`` of the same data stores them
+  again, and every snapshot that names them reads again. Order of writes, each safe to
+  interrupt: new packs; the set-aside copy; the new index; the old indexes deleted; the
+  pack deleted. Salvaging a missing pack only drops it from the index.
 - A damaged index object is removed and a fresh one written from the pack trailers it
   covered (an index is a cache of trailers; the packs are the data).
 - A journal entry that does not decode is replaced by the mirror's copy under the same
@@ -18,10 +27,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cafs.check import Problem, Report
-from cafs.errors import CafsError, StoreError
+from cafs.errors import CafsError, IntegrityError, ObjectNotFound, StoreError
+from cafs.format.index import PackSummary
 from cafs.format.journal import decode_snapshot, parse_jid
-from cafs.format.pack import pack_key, verify_pack
-from cafs.repository import Repository
+from cafs.format.location import verify_stored
+from cafs.format.pack import KIND_DATA, KIND_META, TAIL_LEN, decode_trailer, pack_key, trailer_length, verify_pack
+from cafs.locks import locked
+from cafs.packwriter import PackWriter, Uploader
+from cafs.repository import ObjectIndex, Repository
+
+DAMAGED_PREFIX = "damaged/"
+SALVAGEABLE = ("corrupt-pack", "truncated-pack", "missing-object", "corrupt-node", "corrupt-chunk", "missing-pack")
 
 
 @dataclass
@@ -37,9 +53,10 @@ def verified_pack(repo: Repository, pack_id: bytes) -> bytes:
     return data
 
 
-def repair(repo: Repository, report: Report, mirrors: list[Repository]) -> RepairResult:
+def repair(repo: Repository, report: Report, mirrors: list[Repository], *, salvage: bool = False) -> RepairResult:
     result = RepairResult()
     done: set[bytes] = set()
+    salvaged: list[bytes] = []
     for problem in report.problems:
         if problem.kind == "bad-index":
             _rewrite_index(repo, problem, result)
@@ -47,13 +64,25 @@ def repair(repo: Repository, report: Report, mirrors: list[Repository]) -> Repai
             _replace_journal(repo, problem, mirrors, result)
         elif problem.pack is not None and problem.pack not in done:
             done.add(problem.pack)
-            _replace_pack(repo, problem, mirrors, result)
+            if not _replace_pack(repo, problem, mirrors, result):
+                if salvage and problem.kind in SALVAGEABLE:
+                    salvaged.append(problem.pack)
+                else:
+                    result.failed.append(_no_copy(problem))
         elif problem.pack is None:
             result.failed.append(f"{problem.kind} {problem.subject}: no repair known")
+    if salvaged:
+        _salvage(repo, salvaged, result)
     return result
 
 
-def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository], result: RepairResult) -> None:
+def _no_copy(problem: Problem) -> str:
+    assert problem.pack is not None
+    return (f"pack {problem.pack.hex()}: no good copy; --salvage copies its intact objects out and sets "
+            "it aside, after which `cafs import --reread` of the same data stores the lost ones again")
+
+
+def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository], result: RepairResult) -> bool:
     assert problem.pack is not None
     reasons = []
     for mirror in mirrors:
@@ -64,9 +93,89 @@ def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository],
             continue
         repo.store.put(pack_key(problem.pack), data)
         result.repaired.append(f"pack {problem.pack.hex()}: replaced by the verified copy from {mirror.url}")
-        return
-    why = "; ".join(reasons) if reasons else "no mirror given (--mirror URL)"
-    result.failed.append(f"pack {problem.pack.hex()}: no good copy ({why})")
+        return True
+    for reason in reasons:
+        result.failed.append(f"pack {problem.pack.hex()}: mirror {reason}")
+    return False
+
+
+def _salvage(repo: Repository, pack_ids: list[bytes], result: RepairResult) -> None:
+    """Salvage damaged packs that have no good copy (see the module docstring)."""
+    try:
+        with locked(repo.store, "exclusive"):
+            index = repo.load_index()
+            doomed = set(pack_ids)
+            elsewhere = {e.id for s in index.packs.values() if s.pack_id not in doomed for e in s.entries}
+            uploader = Uploader(repo.pack_store)
+            try:
+                writers = {kind: PackWriter(uploader, kind, repo.config.pack_size) for kind in (KIND_DATA, KIND_META)}
+                bodies = {}
+                for pack_id in pack_ids:
+                    body = _salvage_one(repo, pack_id, index, elsewhere, writers, result)
+                    if body is not None:
+                        bodies[pack_id] = body
+                for writer in writers.values():
+                    writer.seal()
+                uploader.drain()
+                written = list(uploader.written)
+            finally:
+                uploader.close()
+            for pack_id, body in bodies.items():
+                repo.store.put(DAMAGED_PREFIX + pack_id.hex(), body)
+            old_indexes = [key for key, _ in repo.store.list("index/")]
+            new_key = repo.write_index([s for s in index.packs.values() if s.pack_id not in doomed] + written)
+            for key in old_indexes:
+                if key != new_key:
+                    repo.store.delete(key)
+            for pack_id in bodies:
+                repo.delete_pack(pack_id)
+    except (CafsError, StoreError) as exc:
+        result.failed.append(f"salvaging pack(s) {', '.join(p.hex()[:16] for p in pack_ids)}: {exc}")
+
+
+def _salvage_one(repo: Repository, pack_id: bytes, index: ObjectIndex, elsewhere: set[bytes],
+                 writers: dict[int, PackWriter], result: RepairResult) -> bytes | None:
+    """Copy the intact objects of one damaged pack (none held elsewhere) to ``writers``;
+    returns the pack's bytes, to be set aside (None if it is missing)."""
+    try:
+        data = repo.store.get(pack_key(pack_id))
+    except ObjectNotFound:
+        result.repaired.append(f"pack {pack_id.hex()}: missing, no good copy; dropped from the index. "
+                               "`cafs import --reread` of the same data stores its objects again")
+        return None
+    summary = index.packs.get(pack_id) or _trailer_of(pack_id, data)
+    entries = summary.entries if summary else ()
+    view = memoryview(data)
+    copied = lost = 0
+    for loc in entries:
+        if loc.id in elsewhere:
+            continue
+        stored = view[loc.offset:loc.end]
+        try:
+            verify_stored(loc, stored)
+        except IntegrityError:
+            lost += 1
+            continue
+        assert summary is not None
+        writers[summary.kind].add(loc.id, stored, loc.length, loc.codec)
+        elsewhere.add(loc.id)
+        copied += 1
+    listing = "" if summary else " (neither an index nor its trailer lists its objects)"
+    result.repaired.append(
+        f"pack {pack_id.hex()}: no good copy; {copied} intact object(s) copied to new packs, {lost} lost{listing}; "
+        f"set aside as {DAMAGED_PREFIX}{pack_id.hex()}. `cafs import --reread` of the same data stores the "
+        "lost ones again")
+    return data
+
+
+def _trailer_of(pack_id: bytes, data: bytes) -> PackSummary | None:
+    """The pack's own list of its objects, if its trailer still decodes."""
+    try:
+        n = trailer_length(data[-TAIL_LEN:], f"pack {pack_id.hex()}")
+        trailer = decode_trailer(data[len(data) - TAIL_LEN - n:len(data) - TAIL_LEN], pack_id, len(data), "pack")
+    except CafsError:
+        return None
+    return PackSummary(pack_id, len(data), trailer.kind, trailer.entries)
 
 
 def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repository],

@@ -313,6 +313,40 @@ def test_repair_without_mirror_changes_nothing(cafs, copies: Damaged, name: str)
     assert r.code == FSCK_UNCORRECTED
 
 
+@pytest.mark.parametrize("name", [n for n in PACK_FAULTS if n != "missing-root"])
+def test_salvage_then_reread_import_heals_without_a_mirror(cafs, copies: Damaged, name: str, tmp_path: Path) -> None:
+    # No copy anywhere: --salvage keeps what is intact and sets the pack aside, so that
+    # the lost objects are in no index and a re-import of the same data stores them
+    # again; the old snapshot then reads whole (its spans still name the old pack).
+    # (A lost root is not healed so: its children are stored again elsewhere, so the
+    # new root is another node. The re-import is whole; the old snapshot stays damaged.)
+    fault = PACK_FAULTS[name](copies)
+    read = ("--read-data",) if fault.read_data else ()
+    damaged = copies.repo / "packs" / fault.subject[:2] / fault.subject
+    before = damaged.read_bytes() if damaged.exists() else None
+    r = fsck(cafs, copies.repo, *read, "--repair", "--salvage")
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err  # the lost objects are still lost
+    if before is not None:
+        assert "set aside" in r.out, r.out
+        assert not damaged.exists()
+        assert (copies.repo / "damaged" / fault.subject).read_bytes() == before  # kept whole
+        assert "import --reread" in fsck(cafs, copies.repo).out
+    else:
+        assert "import --reread" in r.out, r.out
+    r = cafs("import", copies.src, copies.repo, "--name", "ds", "--reread", "--no-progress")
+    assert r.code == 0, r.err
+    r = fsck(cafs, copies.repo, "--read-data")
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    r = cafs("get", f"{copies.repo}#ds@1", tmp_path / "old")
+    assert r.code == 0, r.err
+    assert_same_tree(copies.src, tmp_path / "old")
+
+
+def test_salvage_needs_repair(cafs, copies: Damaged) -> None:
+    r = fsck(cafs, copies.repo, "--salvage")
+    assert r.code == 2 and "--repair" in r.err, r.out + r.err
+
+
 def test_repair_skips_a_damaged_mirror_copy(cafs, copies: Damaged) -> None:
     fault = truncated_pack(copies)
     flip(pack_path(copies.mirror, bytes.fromhex(fault.subject)), 100)  # the mirror's copy is bad too
