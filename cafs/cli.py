@@ -203,20 +203,28 @@ def _print_import_summary(r: ImportResult) -> None:
 
 def cmd_snapshots(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
-    snaps = repo.snapshots(check_ref_name(args.name) if args.name else None)
+    snaps, damaged = repo.readable_snapshots(check_ref_name(args.name) if args.name else None)
+    code = _report_damaged_entries(damaged)
     if args.json:
         print(json.dumps([{"ref": s.ref, "jid": s.jid, "time_ns": s.time_ns, "root": s.root_id.hex(),
                            "host": s.host, "source": os.fsdecode(s.source), "stats": s.stats} for s in snaps], indent=2))
-        return EXIT_OK
+        return code
     if not snaps:
         print("no snapshots", file=sys.stderr)
-        return EXIT_OK
+        return code
     print(f"{'ref':<20} {'jid':>5}  {'time':<19}  {'root':<16}  {'files':>8}  {'size':>10}")
     for s in snaps:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time_ns / 1e9))
         print(f"{s.ref:<20} {s.jid:>5}  {when}  {s.root_id.hex()[:16]}  {s.stats.get('files', 0):>8}  "
               f"{human_bytes(s.stats.get('bytes', 0)):>10}")
-    return EXIT_OK
+    return code
+
+
+def _report_damaged_entries(damaged: list[str]) -> int:
+    """Name each journal entry that does not decode on stderr; the exit code to give."""
+    for line in damaged:
+        print(f"cafs: {line}; `cafs fsck --repair --mirror URL` restores it from a mirror", file=sys.stderr)
+    return EXIT_ERROR if damaged else EXIT_OK
 
 
 def _ls_line(e: Entry, path: bytes) -> str:
@@ -777,6 +785,7 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         return EXIT_OK
     spec = parse_spec(args.target, need_snapshot=False)
     repo = ctx.repo(spec.repo)
+    code = EXIT_OK
     if spec.selector:
         snap = find_snapshot(repo, spec.selector)
         reader = ctx.reader(repo)
@@ -790,13 +799,14 @@ def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
         doc = {"repository": repo.url, "snapshots": r.snapshots, "logical_bytes": r.logical_bytes,
                "unique_bytes": r.unique_bytes, "stored_bytes": r.stored_bytes, "chunks": r.data_chunks,
                "packs": r.packs, "dedup_ratio": round(r.dedup_ratio, 3)}
+        code = _report_damaged_entries(r.damaged)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         for key, value in doc.items():
             shown = f"{human_bytes(value)} ({value})" if key.endswith("_bytes") and isinstance(value, int) else value
             print(f"{key.replace('_', ' '):<14} {shown}")
-    return EXIT_OK
+    return code
 
 
 def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:

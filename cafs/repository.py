@@ -347,6 +347,19 @@ class Repository:
         names = [name] if name else self.ref_names()
         return [self.snapshot(n, j) for n in names for j in self.jids(n)]
 
+    def readable_snapshots(self, name: str | None = None) -> tuple[list[Snapshot], list[str]]:
+        """The snapshots (of every ref, or of ``name``) whose journal entries decode, and
+        a description of each that does not: one damaged entry hides no other."""
+        names = [name] if name else self.ref_names()
+        snaps, damaged = [], []
+        for n in names:
+            for j in self.jids(n):
+                try:
+                    snaps.append(self.snapshot(n, j))
+                except (FormatError, IntegrityError, RefError) as exc:
+                    damaged.append(str(exc))
+        return snaps, damaged
+
     def commit(self, name: str, root: Entry, *, source: bytes, stats: dict[str, int]) -> Snapshot:
         """Record a new snapshot of ``name``: the single commit point of an import."""
         check_ref_name(name)

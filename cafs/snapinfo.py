@@ -113,6 +113,7 @@ class RepoSpace:
     unique_bytes: int
     stored_bytes: int  # bytes of all packs, data and metadata
     packs: int
+    damaged: list[str]  # journal entries that do not decode (left out of the sums)
 
     @property
     def dedup_ratio(self) -> float:
@@ -121,7 +122,7 @@ class RepoSpace:
 
 def repo_space(repo: Repository) -> RepoSpace:
     index = repo.load_index()
-    snaps = repo.snapshots()
+    snaps, damaged = repo.readable_snapshots()
     chunks = {loc.id: loc for p in index.packs.values() if p.kind == 0 for loc in p.entries}
     return RepoSpace(
         snapshots=len(snaps),
@@ -130,4 +131,5 @@ def repo_space(repo: Repository) -> RepoSpace:
         unique_bytes=sum(loc.length for loc in chunks.values()),
         stored_bytes=sum(p.length for p in index.packs.values()),
         packs=len(index.packs),
+        damaged=damaged,
     )

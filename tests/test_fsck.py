@@ -342,6 +342,20 @@ def test_salvage_then_reread_import_heals_without_a_mirror(cafs, copies: Damaged
     assert_same_tree(copies.src, tmp_path / "old")
 
 
+def test_one_damaged_journal_entry_hides_no_other_snapshot(cafs, copies: Damaged) -> None:
+    assert cafs("import", copies.src, copies.repo, "--name", "ds", "--no-progress").code == 0  # ds@2
+    journal_garbage(copies)  # ds@1
+    r = cafs("snapshots", copies.repo)
+    assert r.code == 1, r.out + r.err
+    assert re.search(r"^ds +2 ", r.out, re.M) and not re.search(r"^ds +1 ", r.out, re.M), r.out
+    assert "ds@1" in r.err and "fsck --repair" in r.err, r.err
+    r = cafs("snapshots", copies.repo, "--json")
+    assert r.code == 1 and [(s["ref"], s["jid"]) for s in json.loads(r.out)] == [("ds", 2)]
+    r = cafs("stats", copies.repo, "--json")
+    assert r.code == 1 and json.loads(r.out)["snapshots"] == 1, r.out + r.err
+    assert "ds@1" in r.err
+
+
 def test_salvage_needs_repair(cafs, copies: Damaged) -> None:
     r = fsck(cafs, copies.repo, "--salvage")
     assert r.code == 2 and "--repair" in r.err, r.out + r.err
