@@ -444,6 +444,14 @@ def test_writes_fail_with_erofs(mnt: Mount, name: str) -> None:
         (before.st_mode, before.st_size, before.st_mtime_ns)
 
 
+def test_append_without_write_access_is_a_read_only_open(dataset: Dataset, mnt: Mount) -> None:
+    fd = os.open(mnt.path / FILE, os.O_RDONLY | os.O_APPEND)
+    try:
+        assert os.read(fd, 1 << 20) == read_file(dataset.src / FILE)
+    finally:
+        os.close(fd)
+
+
 # -- concurrency ------------------------------------------------------------------------------
 
 
