@@ -652,7 +652,8 @@ def _one_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
-                                  "missing snapshot", "no snapshot named", "missing mountpoint"])
+                                  "missing snapshot", "no snapshot named", "missing mountpoint",
+                                  "option given twice"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
     cache = f"cache={tmp_path / 'cache'}"
@@ -665,6 +666,8 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         "missing snapshot": (f"{dataset.repo}#nosuch", point, cache, 32, "nosuch"),
         "no snapshot named": (str(dataset.repo), point, cache, 1, "REPO#NAME"),
         "missing mountpoint": (dataset.source, tmp_path / "absent", cache, 32, "absent"),
+        "option given twice": (dataset.source, point, f"{cache},cache_mode=full,cache_mode=meta", 1,
+                               "cache_mode given twice"),
     }[case]
     r = run_mount_helper(source, target, options)
     try:
@@ -674,6 +677,14 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         assert mountd_pids(target) == []
     finally:
         unmount(target, mountd_pids(target))
+
+
+def test_an_option_given_twice_with_one_value_is_accepted(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    options = f"{full_cache(cache)},cache_mode=full,cache={cache}/"
+    with mounted(dataset.source, new_mountpoint(tmp_path), options) as m:
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+        assert m.stats()["cache_limit"] == 256 * MiB  # cache_mode=full: a chunk cache
 
 
 def _repo_id(dataset: Dataset) -> str:
