@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 from cafs import sizes
 from cafs.errors import CafsError, RepositoryError, UsageError
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
-from cafs.format.journal import Snapshot, check_ref_name
+from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
-from cafs.naming import find_snapshot, parse_spec, recorded_snapshot
+from cafs.naming import find_snapshot, parse_spec, recorded_snapshot, ref_name
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
 from cafs.sources import DEFAULT_DEADLINE
@@ -150,7 +150,7 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.importer import run_import
-    check_ref_name(args.name)
+    ref_name(args.name)
     src = Path(args.dir)
     repo = ctx.repo(args.repo)
     counters: list[Any] = []
@@ -203,7 +203,7 @@ def _print_import_summary(r: ImportResult) -> None:
 
 def cmd_snapshots(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
-    snaps = repo.snapshots(check_ref_name(args.name) if args.name else None)
+    snaps = repo.snapshots(ref_name(args.name) if args.name else None)
     if args.json:
         print(json.dumps([{"ref": s.ref, "jid": s.jid, "time_ns": s.time_ns, "root": s.root_id.hex(),
                            "host": s.host, "source": os.fsdecode(s.source), "stats": s.stats} for s in snaps], indent=2))
@@ -371,7 +371,7 @@ def cmd_forget(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
     if (args.keep_last is None) == (not args.jid):
         raise UsageError("forget needs exactly one of --keep-last N or --jid J")
-    removed = forget(repo, check_ref_name(args.name), keep_last=args.keep_last, jids=args.jid)
+    removed = forget(repo, ref_name(args.name), keep_last=args.keep_last, jids=args.jid)
     print(f"forgot {len(removed)} snapshot(s) of {args.name}: {', '.join(map(str, removed)) or 'none'}"
           + ("; run cafs gc to reclaim space" if removed else ""))
     return EXIT_OK

@@ -653,7 +653,7 @@ def _one_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
                                   "missing snapshot", "no snapshot named", "missing mountpoint",
-                                  "option given twice"])
+                                  "option given twice", "invalid ref name"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
     cache = f"cache={tmp_path / 'cache'}"
@@ -668,6 +668,7 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         "missing mountpoint": (dataset.source, tmp_path / "absent", cache, 32, "absent"),
         "option given twice": (dataset.source, point, f"{cache},cache_mode=full,cache_mode=meta", 1,
                                "cache_mode given twice"),
+        "invalid ref name": (f"{dataset.repo}#sp ace", point, cache, 1, "invalid ref name"),
     }[case]
     r = run_mount_helper(source, target, options)
     try:
