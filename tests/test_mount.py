@@ -737,6 +737,32 @@ def test_mount_on_a_busy_mountpoint_fails(dataset: Dataset, tmp_path: Path) -> N
         assert read_file(m.path / "data/f0000100") == read_file(dataset.src / "data/f0000100")
 
 
+def test_of_mounts_started_at_once_on_one_mountpoint_one_is_made(dataset: Dataset, tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    options = f"{full_cache(tmp_path / 'cache')},log={tmp_path / 'mount.log'}"
+    args = [sys.executable, "-m", "cafs.mount_helper", dataset.source, str(point), "-o", options]
+    helpers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+               for _ in range(3)]
+    try:
+        results = [(h.wait(timeout=120), h.communicate()[1]) for h in helpers]
+        assert sorted(code for code, _err in results) == [0, 32, 32], results
+        for _code, err in (r for r in results if r[0] != 0):
+            assert f"{point}: mountpoint is busy" in _one_line(err)
+        assert [e.mountpoint for e in cafs_mounts(tmp_path)] == [str(point)]
+        assert len(mountd_pids(point)) == 1
+        assert read_file(point / FILE) == read_file(dataset.src / FILE)
+    finally:
+        for h in helpers:
+            if h.poll() is None:
+                h.kill()
+                h.wait()
+        pids = mountd_pids(point)
+        for _ in helpers[1:]:  # mounts stacked by a helper that failed to refuse: one layer each
+            unmount(point, [])
+        unmount(point, pids)
+    assert not is_mounted(point)
+
+
 def _read_line(fd: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     data = b""
