@@ -38,7 +38,8 @@ from cafs.repository import Repository
 
 EXIT_USAGE = 1
 EXIT_FAILURE = 32
-READY_TIMEOUT = 60.0
+READY_MARGIN = 30.0  # seconds for the daemon's own start: Python, the caches, the kernel mount
+STARTUP_READS = 3  # store reads before a daemon answers: config, the ref's journal list, its entry
 EXIT_GRACE = 5.0  # seconds a failed daemon gets to exit before it is killed
 
 
@@ -90,6 +91,15 @@ def check_source(source: str, opts: MountOptions) -> None:
     find_snapshot(Repository.at(spec.repo, mirrors=opts.mirrors, deadline=opts.timeout), spec.selector)
 
 
+def ready_timeout(opts: MountOptions) -> float:
+    """How long to wait for the daemon to answer. It reads again what ``check_source``
+    read, and each read may take up to ``timeout=`` (retries included) on a store that
+    is slow to come back, so a longer ``timeout`` must mean a longer wait, or a mount
+    that would have come up is given up. (A snapshot named by root id reads every
+    journal entry: on a store that slow, name it REF@JID.)"""
+    return READY_MARGIN + STARTUP_READS * opts.timeout
+
+
 def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
     read_fd, write_fd = os.pipe()
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
@@ -112,7 +122,7 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
     finally:
         os.close(write_fd)
     try:
-        message = _read_line(read_fd, READY_TIMEOUT)
+        message = _read_line(read_fd, ready_timeout(opts))
     finally:
         os.close(read_fd)
     if message == "ok":
@@ -126,7 +136,7 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
         proc.kill()
         proc.wait()
     if message is None:
-        raise MountError(f"{mountpoint}: the mount daemon did not answer within {READY_TIMEOUT:.0f} s "
+        raise MountError(f"{mountpoint}: the mount daemon did not answer within {ready_timeout(opts):.0f} s "
                          f"(see {cache_dir / 'mountd.stderr'})")
     if not message:
         raise MountError(f"{mountpoint}: the mount daemon exited (status {proc.returncode}); "
