@@ -446,15 +446,12 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
     for spec in specs:
         if spec.repo not in repos:
             repos[spec.repo] = ctx.repo(spec.repo)
-    roots = sorted(p for p in ctx.cache_dir.glob("*") if (p / "meta.lmdb").exists()) if ctx.cache_dir.exists() else []
+    roots = sorted(p for p in ctx.cache_dir.glob("[!.]*") if (p / "meta.lmdb").exists()) if ctx.cache_dir.exists() else []
     if repos:
         wanted = {r.config.repo_id for r in repos.values()}
         roots = [r for r in roots if r.name in wanted]
     if args.action == "clear":
-        import shutil
-
-        for root in roots:
-            shutil.rmtree(root)
+        clear_caches(ctx.cache_dir, roots)
         print(f"cleared {len(roots)} repository cache(s) in {ctx.cache_dir}")
         return EXIT_OK
     caches: dict[str, ChunkCache] = {}
@@ -536,6 +533,36 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
         print(f"{where}: {percent(sh['cached_chunks'], sh['chunks'], sh['share'])} cached ({human_bytes(sh['cached_bytes'])} of "
               f"{human_bytes(sh['stored_bytes'])}, {sh['cached_chunks']} of {sh['chunks']} chunks)")
     return EXIT_OK
+
+
+def clear_caches(cache_dir: Path, roots: list[Path]) -> None:
+    """Delete the caches at ``roots``, or none if any is in use (a mount would go on
+    writing into deleted files, and their space would never be freed)."""
+    from cafs.cacheuse import CacheInUse, clear, remove_leftovers
+
+    try:
+        clear(roots)
+    except CacheInUse as exc:
+        users = "; ".join(f"{root} by {', '.join(map(describe_process, pids)) or 'a running process'}"
+                          for root, pids in exc.users.items())
+        raise CafsError(f"cache in use, nothing deleted: {users}; unmount (or stop) them first, "
+                        "or free the chunk space while mounted: cafs cache gc --size 0") from None
+    remove_leftovers(cache_dir)
+
+
+def describe_process(pid: int) -> str:
+    """A process for a message: the mount it serves, else its command line."""
+    from cafs.mountd import mountpoint_of
+
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+    except OSError:
+        return f"pid {pid}"
+    mountpoint = mountpoint_of(cmdline)
+    if mountpoint is not None:
+        return f"the mount at {mountpoint} (pid {pid})"
+    return f"pid {pid} ({' '.join(cmdline)[:200]})"
 
 
 def percent(done: int, total: int, fraction: float) -> str:

@@ -763,6 +763,30 @@ def test_of_mounts_started_at_once_on_one_mountpoint_one_is_made(dataset: Datase
     assert not is_mounted(point)
 
 
+def _deleted_files_open(pid: int, under: Path) -> list[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    targets = [os.readlink(fds / name) for name in os.listdir(fds)]
+    return [t for t in targets if t.startswith(str(under)) and t.endswith(" (deleted)")]
+
+
+def test_cache_clear_refuses_a_cache_a_mount_uses(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    point = new_mountpoint(tmp_path)
+    root = cache / _repo_id(dataset)
+    with mounted(dataset.source, point, full_cache(cache)) as m:
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+        r = run_cafs("cache", "clear", "--cache", cache, cache=cache)
+        assert r.returncode == 1, r.stderr
+        line = r.stderr.strip()
+        assert "\n" not in line and "nothing deleted" in line and f"the mount at {point} (pid {m.pid})" in line
+        assert (root / "meta.lmdb").is_dir() and any((root / "data").glob("*/*"))
+        assert _deleted_files_open(m.pid, cache) == []
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+    r = run_cafs("cache", "clear", "--cache", cache, cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert not root.exists()
+
+
 def _read_line(fd: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     data = b""
