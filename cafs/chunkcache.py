@@ -3,6 +3,8 @@
 Layout, under ``<cache dir>/<repo id>/`` (shared by every mount of that repository on
 the host, and kept across remounts):
 
+- ``in-use``: an empty file, the lock that keeps ``cafs cache clear`` away while the
+  cache is open (``cafs.cacheuse``).
 - ``data/<xx>/<pack id hex>``: a sparse file per pack; a cached chunk's stored bytes
   (as in the pack, possibly zstd) sit at the same offset as in the pack, so neighbouring
   chunks fetched together are written with one ``pwrite``.

@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 from cafs import sizes
 from cafs.errors import CafsError, RepositoryError, UsageError
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
-from cafs.format.journal import Snapshot, check_ref_name
+from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
-from cafs.naming import find_snapshot, parse_spec, recorded_snapshot
+from cafs.naming import find_snapshot, parse_spec, recorded_snapshot, ref_name
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
 from cafs.sources import DEFAULT_DEADLINE
@@ -150,7 +150,7 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.importer import run_import
-    check_ref_name(args.name)
+    ref_name(args.name)
     src = Path(args.dir)
     repo = ctx.repo(args.repo)
     counters: list[Any] = []
@@ -203,7 +203,7 @@ def _print_import_summary(r: ImportResult) -> None:
 
 def cmd_snapshots(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
-    snaps, damaged = repo.readable_snapshots(check_ref_name(args.name) if args.name else None)
+    snaps, damaged = repo.readable_snapshots(ref_name(args.name) if args.name else None)
     code = _report_damaged_entries(damaged)
     if args.json:
         print(json.dumps([{"ref": s.ref, "jid": s.jid, "time_ns": s.time_ns, "root": s.root_id.hex(),
@@ -381,7 +381,7 @@ def cmd_forget(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
     if (args.keep_last is None) == (not args.jid):
         raise UsageError("forget needs exactly one of --keep-last N or --jid J")
-    removed = forget(repo, check_ref_name(args.name), keep_last=args.keep_last, jids=args.jid)
+    removed = forget(repo, ref_name(args.name), keep_last=args.keep_last, jids=args.jid)
     print(f"forgot {len(removed)} snapshot(s) of {args.name}: {', '.join(map(str, removed)) or 'none'}"
           + ("; run cafs gc to reclaim space" if removed else ""))
     return EXIT_OK
@@ -456,15 +456,12 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
     for spec in specs:
         if spec.repo not in repos:
             repos[spec.repo] = ctx.repo(spec.repo)
-    roots = sorted(p for p in ctx.cache_dir.glob("*") if (p / "meta.lmdb").exists()) if ctx.cache_dir.exists() else []
+    roots = sorted(p for p in ctx.cache_dir.glob("[!.]*") if (p / "meta.lmdb").exists()) if ctx.cache_dir.exists() else []
     if repos:
         wanted = {r.config.repo_id for r in repos.values()}
         roots = [r for r in roots if r.name in wanted]
     if args.action == "clear":
-        import shutil
-
-        for root in roots:
-            shutil.rmtree(root)
+        clear_caches(ctx.cache_dir, roots)
         print(f"cleared {len(roots)} repository cache(s) in {ctx.cache_dir}")
         return EXIT_OK
     caches: dict[str, ChunkCache] = {}
@@ -546,6 +543,36 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
         print(f"{where}: {percent(sh['cached_chunks'], sh['chunks'], sh['share'])} cached ({human_bytes(sh['cached_bytes'])} of "
               f"{human_bytes(sh['stored_bytes'])}, {sh['cached_chunks']} of {sh['chunks']} chunks)")
     return EXIT_OK
+
+
+def clear_caches(cache_dir: Path, roots: list[Path]) -> None:
+    """Delete the caches at ``roots``, or none if any is in use (a mount would go on
+    writing into deleted files, and their space would never be freed)."""
+    from cafs.cacheuse import CacheInUse, clear, remove_leftovers
+
+    try:
+        clear(roots)
+    except CacheInUse as exc:
+        users = "; ".join(f"{root} by {', '.join(map(describe_process, pids)) or 'a running process'}"
+                          for root, pids in exc.users.items())
+        raise CafsError(f"cache in use, nothing deleted: {users}; unmount (or stop) them first, "
+                        "or free the chunk space while mounted: cafs cache gc --size 0") from None
+    remove_leftovers(cache_dir)
+
+
+def describe_process(pid: int) -> str:
+    """A process for a message: the mount it serves, else its command line."""
+    from cafs.mountd import mountpoint_of
+
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+    except OSError:
+        return f"pid {pid}"
+    mountpoint = mountpoint_of(cmdline)
+    if mountpoint is not None:
+        return f"the mount at {mountpoint} (pid {pid})"
+    return f"pid {pid} ({' '.join(cmdline)[:200]})"
 
 
 def percent(done: int, total: int, fraction: float) -> str:

@@ -74,7 +74,7 @@ from cafs.format.location import Location
 from cafs.format.nodes import Node, decode_node
 from cafs.format.pack import pack_key, verify_pack
 from cafs.locks import locked
-from cafs.naming import find_snapshot
+from cafs.naming import find_snapshot, ref_name
 from cafs.repository import Repository
 from cafs.stores import ObjectExists, Store
 from cafs.tree import reachable
@@ -130,7 +130,7 @@ def select_snapshots(src: Repository, selector: str, *, every: bool) -> list[tup
         return [(snap.ref, snap.jid)]
     if "@" in selector:
         raise UsageError(f"{selector!r}: --all copies every snapshot of a ref; name the ref without '@JID'")
-    names = [check_ref_name(selector)] if selector else src.ref_names()
+    names = [ref_name(selector)] if selector else src.ref_names()
     wanted = [(name, jid) for name in names for jid in src.jids(name)]
     if selector and not wanted:
         raise RefError(f"{src.url}: no ref named {selector!r}")

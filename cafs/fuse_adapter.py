@@ -3,9 +3,10 @@
 Every handler is wrapped by ``_errors``, the one place where cafs exceptions become
 errno: a missing path ENOENT, a non-directory ENOTDIR, a directory opened as a file
 EISDIR, anything that failed to verify or fetch EIO (logged). Every call that would
-change the filesystem gets EROFS. Content never changes, so entries and attributes
-carry long timeouts and files are opened with ``keep_cache``: a second read is served by
-the kernel's page cache without reaching this process.
+change the filesystem gets EROFS, and so does an open for writing or with ``O_TRUNC``
+(``O_RDONLY | O_APPEND`` is a read-only open and succeeds). Content never changes, so
+entries and attributes carry long timeouts and files are opened with ``keep_cache``: a
+second read is served by the kernel's page cache without reaching this process.
 
 Threading: all handlers run on the trio thread of ``pyfuse3.main``; the model they call
 hands blocking work to worker threads (see ``cafs.fetch``). A node the model needs from
@@ -142,7 +143,8 @@ class CafsOperations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+        # O_APPEND alone asks for no write access: a read-only open like any other
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=self.fs.open(inode), keep_cache=True)
 

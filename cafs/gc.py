@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cafs.errors import CafsError
+from cafs.errors import CafsError, UsageError
 from cafs.format.journal import journal_key
 from cafs.format.index import PackSummary
 from cafs.format.location import Location, decode_stored
@@ -61,12 +61,12 @@ class GcResult:
 
 def forget(repo: Repository, name: str, *, keep_last: int | None = None, jids: list[int] | None = None) -> list[int]:
     """Remove journal entries of ``name``; returns the jids removed."""
+    if keep_last is not None and keep_last < 1:
+        raise UsageError(f"--keep-last {keep_last}: must be at least 1 (the newest snapshot of a ref is always kept)")
     existing = repo.jids(name)
     if not existing:
         raise CafsError(f"{repo.url}: no ref named {name!r}")
     if keep_last is not None:
-        if keep_last < 1:
-            raise CafsError("--keep-last must be at least 1 (the newest snapshot of a ref is always kept)")
         doomed = existing[:-keep_last]
     else:
         assert jids is not None

@@ -4,7 +4,9 @@ One LMDB environment per repository per host, at ``<cache dir>/<repo id>/meta.lm
 database ``nodes``: node id (32 bytes) -> the node's plain msgpack bytes. Several
 processes may open it at once (LMDB's own locking). Bytes read back are verified
 against their id before use, so a damaged cache is detected and refetched, never
-trusted. Import writes every node it creates here; readers fill it on first use.
+trusted. Import writes every node it creates here; readers fill it on first use. While
+open, a ``MetaCache`` holds the cache's shared in-use lock (``cafs.cacheuse``), so that
+``cafs cache clear`` does not delete it under this process.
 
 LMDB does not checksum its pages: a damaged page may only show when a read or write
 meets it (``MetaCacheError`` with ``damaged``). A ``NodeReader`` then stops using the
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import lmdb
 
+from cafs import cacheuse
 from cafs.errors import CafsError, IntegrityError, NoSpaceError
 from cafs.format.location import Location
 from cafs.format.nodes import Node, decode_node
@@ -58,23 +61,34 @@ def default_cache_dir(env: dict[str, str]) -> Path:
     return Path(base) / "cafs"
 
 
+def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
+    try:
+        # Everything here is verified on use and can be refetched, so commits need
+        # not be durable: sync=False keeps a write from costing an fsync.
+        env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
+                        subdir=True, readahead=False, metasync=False, sync=False)
+        try:
+            return env, env.open_db(b"nodes")  # where a damaged page may show first
+        except BaseException:
+            env.close()
+            raise
+    except (OSError, lmdb.Error) as exc:
+        raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
+                             damaged=isinstance(exc, _DAMAGED)) from None
+
+
 class MetaCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            # Everything here is verified on use and can be refetched, so commits need
-            # not be durable: sync=False keeps a write from costing an fsync.
-            self.env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
-                                 subdir=True, readahead=False, metasync=False, sync=False)
-            try:
-                self.nodes_db = self.env.open_db(b"nodes")  # where a damaged page may show first
-            except BaseException:
-                self.env.close()
-                raise
-        except (OSError, lmdb.Error) as exc:
-            raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
-                                 damaged=isinstance(exc, _DAMAGED)) from None
+            self._in_use = cacheuse.hold(path)  # until close: no cafs cache clear meanwhile
+        except OSError as exc:
+            raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}") from None
+        try:
+            self.env, self.nodes_db = _open_env(path)
+        except BaseException:
+            os.close(self._in_use)
+            raise
 
     @classmethod
     def open_mending(cls, path: Path) -> MetaCache:
@@ -92,8 +106,11 @@ class MetaCache:
         return cls(path)
 
     def close(self) -> None:
-        self.env.sync(True)
-        self.env.close()
+        try:
+            self.env.sync(True)
+            self.env.close()
+        finally:
+            os.close(self._in_use)
 
     def get(self, node_id: bytes) -> bytes | None:
         try:

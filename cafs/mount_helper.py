@@ -3,7 +3,10 @@
 It checks what it can before mounting (options, mountpoint, repository, snapshot), so
 each mistake gets one clear line and nothing is left half-made; then it starts the
 daemon (``cafs.mountd``) in a new session and returns only once the daemon reports
-that the filesystem answers. ``-f`` serves in the foreground instead.
+that the filesystem answers. ``-f`` serves in the foreground instead. From the busy check
+until the mount answers it holds a lock on the mountpoint directory, so of several mounts
+started at once on one mountpoint exactly one is made; the others wait for it, then fail
+as busy (``mountpoint_locked``).
 
 mount(8) also passes ``-n``, ``-s`` and ``-v``; they are accepted and ignored. Note that
 for mount(8) helpers ``-f`` usually means "fake"; for cafs it means foreground, as for
@@ -15,12 +18,15 @@ Exit codes follow mount(8): 0 mounted; 1 incorrect invocation; 32 mount failure.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import select
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cafs.errors import CafsError, UsageError
@@ -32,7 +38,8 @@ from cafs.repository import Repository
 
 EXIT_USAGE = 1
 EXIT_FAILURE = 32
-READY_TIMEOUT = 60.0
+READY_MARGIN = 30.0  # seconds for the daemon's own start: Python, the caches, the kernel mount
+STARTUP_READS = 3  # store reads before a daemon answers: config, the ref's journal list, its entry
 EXIT_GRACE = 5.0  # seconds a failed daemon gets to exit before it is killed
 
 
@@ -40,19 +47,41 @@ class MountError(CafsError):
     """The mount could not be made."""
 
 
-def check_mountpoint(mountpoint: Path) -> None:
+@contextmanager
+def mountpoint_locked(mountpoint: Path) -> Iterator[Callable[[], None]]:
+    """Hold an exclusive flock on the directory at ``mountpoint`` for the block, or until
+    the function it yields is called.
+
+    Held from the busy check until the mount answers, it makes that check race-free: two
+    mounts started at once both open the directory beneath before either has mounted, so
+    the second waits here until the first is up (or has failed) and then finds the
+    mountpoint busy; a mount started later opens the mounted root, and finds it busy too.
+    The kernel drops the lock of a helper that dies, so it is never stale."""
     try:
-        st = os.stat(mountpoint)
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise MountError(f"{mountpoint}: mountpoint does not exist") from None
+    except NotADirectoryError:
+        raise MountError(f"{mountpoint}: mountpoint is not a directory") from None
     except OSError as exc:
         raise MountError(f"{mountpoint}: cannot use as mountpoint ({exc.strerror}); "
                          "if it is a dead mount, run: fusermount3 -u " + str(mountpoint)) from None
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    open_fds = [fd]
+
+    def release() -> None:
+        while open_fds:
+            os.close(open_fds.pop())
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield release
+    finally:
+        release()
+
+
+def check_mountpoint(mountpoint: Path) -> None:
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint}: mountpoint is busy (something is mounted there already)")
-    del st
 
 
 def check_source(source: str, opts: MountOptions) -> None:
@@ -60,6 +89,15 @@ def check_source(source: str, opts: MountOptions) -> None:
     if spec.path:
         raise UsageError(f"{source}: mount a snapshot (REPO#NAME), not a path inside one")
     find_snapshot(Repository.at(spec.repo, mirrors=opts.mirrors, deadline=opts.timeout), spec.selector)
+
+
+def ready_timeout(opts: MountOptions) -> float:
+    """How long to wait for the daemon to answer. It reads again what ``check_source``
+    read, and each read may take up to ``timeout=`` (retries included) on a store that
+    is slow to come back, so a longer ``timeout`` must mean a longer wait, or a mount
+    that would have come up is given up. (A snapshot named by root id reads every
+    journal entry: on a store that slow, name it REF@JID.)"""
+    return READY_MARGIN + STARTUP_READS * opts.timeout
 
 
 def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
@@ -84,7 +122,7 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
     finally:
         os.close(write_fd)
     try:
-        message = _read_line(read_fd, READY_TIMEOUT)
+        message = _read_line(read_fd, ready_timeout(opts))
     finally:
         os.close(read_fd)
     if message == "ok":
@@ -98,7 +136,7 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
         proc.kill()
         proc.wait()
     if message is None:
-        raise MountError(f"{mountpoint}: the mount daemon did not answer within {READY_TIMEOUT:.0f} s "
+        raise MountError(f"{mountpoint}: the mount daemon did not answer within {ready_timeout(opts):.0f} s "
                          f"(see {cache_dir / 'mountd.stderr'})")
     if not message:
         raise MountError(f"{mountpoint}: the mount daemon exited (status {proc.returncode}); "
@@ -122,26 +160,23 @@ def _read_line(fd: int, timeout: float) -> str | None:
 
 
 def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> int:
+    def fail(msg: str) -> None:
+        print(f"mount.cafs: {msg}", file=sys.stderr)
+
     try:
         opts = parse_options(options)
         mnt = Path(mountpoint).absolute()
-        check_mountpoint(mnt)
-        check_source(source, opts)
+        with mountpoint_locked(mnt) as release:
+            check_mountpoint(mnt)
+            check_source(source, opts)
+            if foreground:
+                return serve(source, str(mnt), opts, foreground=True, ready=release, fail=fail)
+            spawn_daemon(source, mnt, opts)
     except UsageError as exc:
-        print(f"mount.cafs: {exc}", file=sys.stderr)
+        fail(str(exc))
         return EXIT_USAGE
     except CafsError as exc:
-        print(f"mount.cafs: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    if foreground:
-        def fail(msg: str) -> None:
-            print(f"mount.cafs: {msg}", file=sys.stderr)
-
-        return serve(source, str(mnt), opts, foreground=True, ready=lambda: None, fail=fail)
-    try:
-        spawn_daemon(source, mnt, opts)
-    except CafsError as exc:
-        print(f"mount.cafs: {exc}", file=sys.stderr)
+        fail(str(exc))
         return EXIT_FAILURE
     return 0
 

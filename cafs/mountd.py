@@ -234,6 +234,17 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
     return 0
 
 
+def mountpoint_of(cmdline: list[str]) -> str | None:
+    """The mountpoint of a daemon, from its command line (``/proc/PID/cmdline``) as
+    ``cafs.mount_helper`` starts it; None for any other process."""
+    if "cafs.mountd" not in cmdline:
+        return None
+    args = cmdline[cmdline.index("cafs.mountd") + 1:]
+    positional = [a for i, a in enumerate(args)
+                  if not a.startswith("-") and (i == 0 or args[i - 1] not in ("--ready-fd", "-o"))]
+    return positional[1] if len(positional) == 2 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cafs-mountd")
     p.add_argument("--ready-fd", type=int, required=True)

@@ -16,11 +16,13 @@ read-only FUSE filesystem of ours are accepted and ignored: ``ro``, ``rw`` (the 
 read-only whatever is asked), ``defaults``, ``auto``, ``noauto``, ``user``, ``nouser``,
 ``users``, ``nofail``, ``_netdev``, ``exec``, ``noexec``, ``suid``, ``nosuid``, ``dev``,
 ``nodev``, ``atime``, ``noatime``, ``relatime``, ``x-*`` and ``comment=*``. Anything else
-is an error naming the option.
+is an error naming the option, and so is an option given twice with different values
+(the same value twice is accepted: fstab and ``-o`` often repeat one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +74,25 @@ def parse_seconds(text: str, option: str) -> float:
     return seconds
 
 
+def parse_cache_mode(text: str, option: str) -> str:
+    if text not in CACHE_MODES:
+        raise UsageError(f"mount option {option}={text!r}: one of {', '.join(CACHE_MODES)}")
+    return text
+
+
+_VALUED: dict[str, Callable[[str, str], object]] = {
+    "cache": lambda text, _option: Path(text),
+    "cache_size": parse_size,
+    "readahead": parse_size,
+    "log": lambda text, _option: text,
+    "cache_mode": parse_cache_mode,
+    "timeout": parse_seconds,
+}
+
+
 def parse_options(text: str) -> MountOptions:
     values: dict[str, object] = {}
+    texts: dict[str, str] = {}  # as first given, for the message
     mirrors: list[str] = []
     for item in (i for i in text.split(",") if i):
         key, eq, value = item.partition("=")
@@ -82,31 +101,25 @@ def parse_options(text: str) -> MountOptions:
         if key in ("allow_other", "debug"):
             if eq:
                 raise UsageError(f"mount option {key} takes no value")
-            values[key] = True
+            parsed: object = True
         elif key == "mirror":
             if not value:
                 raise UsageError("mount option mirror needs a URL (mirror=https://...)")
             refuse_userinfo(value)
             mirrors.append(value)
-        elif key in ("cache", "cache_size", "readahead", "log", "cache_mode", "timeout"):
+            continue
+        elif key in _VALUED:
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")
-            values[key] = value
+            parsed = _VALUED[key](value, key)
         else:
             raise UsageError(f"unknown mount option {key!r}")
-    opts = MountOptions(
-        cache=Path(str(values["cache"])) if "cache" in values else None,
-        cache_size=parse_size(str(values["cache_size"]), "cache_size") if "cache_size" in values else DEFAULT_CACHE_SIZE,
-        readahead=parse_size(str(values["readahead"]), "readahead") if "readahead" in values else DEFAULT_READAHEAD,
-        allow_other=bool(values.get("allow_other", False)),
-        debug=bool(values.get("debug", False)),
-        log=str(values["log"]) if "log" in values else None,
-        cache_mode=str(values.get("cache_mode", "auto")),
-        mirrors=tuple(mirrors),
-        timeout=parse_seconds(str(values["timeout"]), "timeout") if "timeout" in values else DEFAULT_TIMEOUT,
-    )
-    if opts.cache_mode not in CACHE_MODES:
-        raise UsageError(f"mount option cache_mode={opts.cache_mode!r}: one of {', '.join(CACHE_MODES)}")
+        # fstab options and a -o on the command line are easily both given: the same
+        # value twice is harmless, two different ones are a mistake to name, not to guess
+        if values.setdefault(key, parsed) != parsed:
+            raise UsageError(f"mount option {key} given twice with different values ({texts[key]!r} and {item!r})")
+        texts.setdefault(key, item)
+    opts = MountOptions(mirrors=tuple(mirrors), **values)  # type: ignore[arg-type]
     if not MIN_CACHE_SIZE <= opts.cache_size <= MAX_CACHE_SIZE:
         raise UsageError(f"mount option cache_size={opts.cache_size}: between {MIN_CACHE_SIZE} bytes and 1E")
     if not 4096 <= opts.readahead <= MAX_READAHEAD:

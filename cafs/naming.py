@@ -3,6 +3,9 @@
 followed by ``:PATH`` inside the snapshot.
 
 The repository part is everything before the first ``#``.
+
+A name that cannot be a ref is the user's mistake (``UsageError``, exit 2); a valid name
+the repository does not hold is ``RefError``.
 """
 
 from __future__ import annotations
@@ -40,18 +43,26 @@ def parse_spec(text: str, *, need_snapshot: bool = True) -> SnapshotSpec:
     return SnapshotSpec(repo, selector, path.encode("utf-8", "surrogateescape").strip(b"/"))
 
 
+def ref_name(text: str) -> str:
+    """``text`` if it can name a ref, else ``UsageError`` saying what a name may hold."""
+    try:
+        return check_ref_name(text)
+    except RefError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def find_snapshot(repo: Repository, selector: str) -> Snapshot:
     name, at, jid_text = selector.partition("@")
     if at:
         if not jid_text.isdigit():
             raise UsageError(f"{selector!r}: the journal id after '@' must be a number")
-        return repo.snapshot(check_ref_name(name), int(jid_text))
+        return repo.snapshot(ref_name(name), int(jid_text))
     if _HEX.fullmatch(selector):
         try:
             return _by_root_id(repo, selector)
         except ListingUnavailable:
             pass  # no listing, no search by root id: it can only be a ref name
-    return repo.snapshot(check_ref_name(selector))
+    return repo.snapshot(ref_name(selector))
 
 
 def _by_root_id(repo: Repository, selector: str) -> Snapshot:

@@ -38,9 +38,10 @@ Contract:
 
   Every mode but ``refuse`` can be scoped: ``match`` (a regex ``re.search``-ed in the
   request target, e.g. ``r"^/data/"``), ``method`` (e.g. ``"GET"``), ``ranged`` (True: only
-  requests with a ``Range`` header; False: only without), and ``times`` (the fault fires for
-  that many requests, then the proxy passes everything; ``None``: no limit). Requests out of
-  scope pass. The body faults (``reset_mid_body``, ``short_body``, ``flip_bytes``) only fire
+  requests with a ``Range`` header; False: only without), ``skip`` (the first that many
+  requests in scope pass, e.g. a command's own check before the daemon it starts asks the
+  same), and ``times`` (the fault fires for that many requests, then the proxy passes
+  everything; ``None``: no limit). Requests out of scope pass. The body faults (``reset_mid_body``, ``short_body``, ``flip_bytes``) only fire
   on responses with a non-empty body (not HEAD, 204, 304); a bodiless response passes and
   does not use up ``times``.
 - ``seen()`` lists every request read (method, target, path, Range header, and the mode of
@@ -315,6 +316,7 @@ class FaultProxy:
         self._cond = threading.Condition(self._lock)
         self._fault = Fault()
         self._remaining: int | None = None
+        self._skip_left = 0
         self._generation = 0
         self._applied = 0  # the generation whose listener state the acceptor has applied
         self._bind_error: OSError | None = None
@@ -383,7 +385,7 @@ class FaultProxy:
     def set_mode(self, mode: Mode, *, match: str | None = None, method: str | None = None,
                  ranged: bool | None = None, at: int | None = None,
                  seconds: float | None = None, status: int = 500,
-                 times: int | None = None) -> None:
+                 times: int | None = None, skip: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {sorted(MODES)}")
         if mode == "refuse" and (match or method or ranged is not None or times is not None):
@@ -392,6 +394,8 @@ class FaultProxy:
             raise ValueError("at must be >= 0")
         if times is not None and times < 1:
             raise ValueError("times must be >= 1")
+        if skip < 0 or (skip and mode == "refuse"):
+            raise ValueError("skip must be >= 0, and refuse takes none")
         if not 100 <= status <= 599:
             raise ValueError("status must be an HTTP status code")
         fault = Fault(mode, re.compile(match) if match is not None else None,
@@ -401,6 +405,7 @@ class FaultProxy:
                 raise RuntimeError("set_mode needs a running proxy")
             self._fault = fault
             self._remaining = times
+            self._skip_left = skip
             self._generation += 1
             generation = self._generation
             self._bind_error = None
@@ -616,6 +621,9 @@ class FaultProxy:
         with self._cond:
             fault = self._fault
             scoped = fault.scoped_to(req) and self._remaining != 0
+            if scoped and self._skip_left > 0:
+                self._skip_left -= 1
+                scoped = False
             if scoped and fault.mode not in BODY_FAULTS:
                 self._use(fault)
             self._seen.append(Seen(req.method, req.target, req.path, req.header("range"),

@@ -287,12 +287,14 @@ def test_gc_deletes_nothing_when_a_ref_cannot_be_listed(hist: History) -> None:
 
 
 
-@pytest.mark.parametrize("args", [("--jid", "3"), ("--jid", "1", "--jid", "3"), ("--keep-last", "0")])
-def test_forget_refuses_the_newest(cafs, hist: History, args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("args, code", [(("--jid", "3"), 1), (("--jid", "1", "--jid", "3"), 1),
+                                        (("--keep-last", "0"), 2), (("--keep-last", "-1"), 2)])
+def test_forget_refuses_the_newest(cafs, hist: History, args: tuple[str, ...], code: int) -> None:
+    """Forgetting the newest by jid is refused (exit 1); --keep-last below 1 is bad usage (2)."""
     before = all_files(hist.repo)
     r = cafs("forget", hist.repo, "ds", *args)
-    assert r.code != 0
-    assert "newest" in r.err, r.err
+    assert r.code == code, r.err
+    assert "newest" in r.err and "Traceback" not in r.err, r.err
     assert all_files(hist.repo) == before
 
 

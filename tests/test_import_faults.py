@@ -273,9 +273,17 @@ def test_bad_ref_name_is_rejected_and_writes_nothing(cafs, repo: Path, tmp_path:
     src = make_small_tree(tmp_path / "src")
     before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
     r = cafs("import", src, repo, f"--name={name}", "--no-progress")
-    assert r.code != 0
-    assert_clean_error(r, r.code, "invalid ref name")
+    assert_clean_error(r, 2, "invalid ref name")
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", ["snapshots", "forget", "ls", "ls-at-jid", "cat", "copy-all"])
+def test_an_invalid_ref_name_is_a_usage_error(cafs, repo: Path, tmp_path: Path, command: str) -> None:
+    bad = "sp ace"
+    args = {"snapshots": ("snapshots", repo, bad), "forget": ("forget", repo, bad, "--keep-last", "1"),
+            "ls": ("ls", f"{repo}#{bad}"), "ls-at-jid": ("ls", f"{repo}#{bad}@1"),
+            "cat": ("cat", f"{repo}#{bad}:file"), "copy-all": ("copy", f"{repo}#{bad}", "--all", tmp_path / "dst")}
+    assert_clean_error(cafs(*args[command]), 2, "invalid ref name", repr(bad))
 
 
 @pytest.fixture

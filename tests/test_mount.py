@@ -444,6 +444,14 @@ def test_writes_fail_with_erofs(mnt: Mount, name: str) -> None:
         (before.st_mode, before.st_size, before.st_mtime_ns)
 
 
+def test_append_without_write_access_is_a_read_only_open(dataset: Dataset, mnt: Mount) -> None:
+    fd = os.open(mnt.path / FILE, os.O_RDONLY | os.O_APPEND)
+    try:
+        assert os.read(fd, 1 << 20) == read_file(dataset.src / FILE)
+    finally:
+        os.close(fd)
+
+
 # -- concurrency ------------------------------------------------------------------------------
 
 
@@ -644,7 +652,8 @@ def _one_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
-                                  "missing snapshot", "no snapshot named", "missing mountpoint"])
+                                  "missing snapshot", "no snapshot named", "missing mountpoint",
+                                  "option given twice", "invalid ref name"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
     cache = f"cache={tmp_path / 'cache'}"
@@ -657,6 +666,9 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         "missing snapshot": (f"{dataset.repo}#nosuch", point, cache, 32, "nosuch"),
         "no snapshot named": (str(dataset.repo), point, cache, 1, "REPO#NAME"),
         "missing mountpoint": (dataset.source, tmp_path / "absent", cache, 32, "absent"),
+        "option given twice": (dataset.source, point, f"{cache},cache_mode=full,cache_mode=meta", 1,
+                               "cache_mode given twice"),
+        "invalid ref name": (f"{dataset.repo}#sp ace", point, cache, 1, "invalid ref name"),
     }[case]
     r = run_mount_helper(source, target, options)
     try:
@@ -666,6 +678,14 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         assert mountd_pids(target) == []
     finally:
         unmount(target, mountd_pids(target))
+
+
+def test_an_option_given_twice_with_one_value_is_accepted(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    options = f"{full_cache(cache)},cache_mode=full,cache={cache}/"
+    with mounted(dataset.source, new_mountpoint(tmp_path), options) as m:
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+        assert m.stats()["cache_limit"] == 256 * MiB  # cache_mode=full: a chunk cache
 
 
 def _repo_id(dataset: Dataset) -> str:
@@ -715,6 +735,56 @@ def test_mount_on_a_busy_mountpoint_fails(dataset: Dataset, tmp_path: Path) -> N
         assert [e.mountpoint for e in cafs_mounts(tmp_path)] == [str(point)]
         assert mountd_pids(point) == [m.pid]
         assert read_file(m.path / "data/f0000100") == read_file(dataset.src / "data/f0000100")
+
+
+def test_of_mounts_started_at_once_on_one_mountpoint_one_is_made(dataset: Dataset, tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    options = f"{full_cache(tmp_path / 'cache')},log={tmp_path / 'mount.log'}"
+    args = [sys.executable, "-m", "cafs.mount_helper", dataset.source, str(point), "-o", options]
+    helpers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+               for _ in range(3)]
+    try:
+        results = [(h.wait(timeout=120), h.communicate()[1]) for h in helpers]
+        assert sorted(code for code, _err in results) == [0, 32, 32], results
+        for _code, err in (r for r in results if r[0] != 0):
+            assert f"{point}: mountpoint is busy" in _one_line(err)
+        assert [e.mountpoint for e in cafs_mounts(tmp_path)] == [str(point)]
+        assert len(mountd_pids(point)) == 1
+        assert read_file(point / FILE) == read_file(dataset.src / FILE)
+    finally:
+        for h in helpers:
+            if h.poll() is None:
+                h.kill()
+                h.wait()
+        pids = mountd_pids(point)
+        for _ in helpers[1:]:  # mounts stacked by a helper that failed to refuse: one layer each
+            unmount(point, [])
+        unmount(point, pids)
+    assert not is_mounted(point)
+
+
+def _deleted_files_open(pid: int, under: Path) -> list[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    targets = [os.readlink(fds / name) for name in os.listdir(fds)]
+    return [t for t in targets if t.startswith(str(under)) and t.endswith(" (deleted)")]
+
+
+def test_cache_clear_refuses_a_cache_a_mount_uses(dataset: Dataset, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    point = new_mountpoint(tmp_path)
+    root = cache / _repo_id(dataset)
+    with mounted(dataset.source, point, full_cache(cache)) as m:
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+        r = run_cafs("cache", "clear", "--cache", cache, cache=cache)
+        assert r.returncode == 1, r.stderr
+        line = r.stderr.strip()
+        assert "\n" not in line and "nothing deleted" in line and f"the mount at {point} (pid {m.pid})" in line
+        assert (root / "meta.lmdb").is_dir() and any((root / "data").glob("*/*"))
+        assert _deleted_files_open(m.pid, cache) == []
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+    r = run_cafs("cache", "clear", "--cache", cache, cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert not root.exists()
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -264,3 +264,19 @@ def _try(fn, *args):  # type: ignore[no-untyped-def]
         return fn(*args)
     except OSError as exc:
         return exc
+
+
+@pytest.mark.slow
+def test_a_mount_slower_than_a_minute_within_its_timeout_is_waited_for(served, tmp_path: Path) -> None:
+    """The daemon's first store read meets a store that does not answer for longer than
+    a minute (7 stalled requests, each given up by the client after 10 s, then retried),
+    all within ``timeout=150``: the helper waits, and the mount comes up."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proxy.set_mode("stall", match=r"/config$", skip=1, times=7)  # skip: the helper's own check
+    started = time.monotonic()
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=150"):
+        assert time.monotonic() - started > 60
+        assert proxy.faults_fired == 7
+        assert_same_tree(src, mnt)

@@ -1,0 +1,120 @@
+"""Who has a repository's cache open on this host, so that ``cafs cache clear`` never
+deletes one in use.
+
+Every process that opens the cache of a repository (through ``MetaCache``: a mount, an
+import, a prefetch, ``cafs cache status``) holds a shared ``flock`` on
+``<cache dir>/<repo id>/in-use`` for as long as it has the cache open (``hold``).
+``clear`` takes the locks of the caches it is to delete exclusively, without waiting.
+If one is taken, that cache is in use and nothing is deleted: ``CacheInUse`` carries the
+PIDs of the holders. Else it renames each directory aside (``.cleared-*``) while holding
+the locks, then deletes them: no process ever opens a half-deleted cache, and none keeps
+writing into deleted files. A process that opened a lock file just before the rename
+finds, once it holds the lock, that the path names another file (or none), and takes
+the lock again on a fresh one.
+
+The kernel drops the locks of a process that ends, even by ``kill -9``, so a lock is
+never stale. Holders are found in ``/proc/locks``; where it cannot be read the PIDs are
+unknown, and the cache is still refused.
+
+Caveats: ``flock`` is local to a host, which is all a cache is meant for; a cache
+directory shared by hosts over a network filesystem is not protected. A process of a
+cafs without this lock does not take it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+from cafs.errors import CafsError
+
+LOCK_NAME = "in-use"
+ASIDE_PREFIX = ".cleared-"  # dot first: never taken for a repository's cache
+
+
+class CacheInUse(CafsError):
+    """Caches to delete are open in other processes: ``users`` maps each such cache to
+    the PIDs holding it (empty if they cannot be told)."""
+
+    def __init__(self, users: dict[Path, list[int]]) -> None:
+        super().__init__(f"in use: {', '.join(map(str, users))}")
+        self.users = users
+
+
+def hold(root: Path) -> int:
+    """Take the shared lock of the cache at ``root``, creating the directory; returns
+    the descriptor whose closing releases it."""
+    while True:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except (FileExistsError, FileNotFoundError):
+            if root.is_dir() or not root.exists():
+                continue  # made by another process and cleared at once: make it again
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if _names(root / LOCK_NAME, fd):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # locked a file a clear has moved away
+
+
+def clear(roots: list[Path]) -> None:
+    """Delete the caches at ``roots``; if any is in use, raise ``CacheInUse`` naming
+    every one that is, and delete none."""
+    asides = []
+    with ExitStack() as stack:
+        users: dict[Path, list[int]] = {}
+        for root in roots:
+            fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            stack.callback(os.close, fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                users[root] = holders(fd)
+        if users:
+            raise CacheInUse(users)
+        for root in roots:  # while every lock is held
+            asides.append(root.with_name(f"{ASIDE_PREFIX}{root.name}-{os.getpid()}"))
+            os.rename(root, asides[-1])
+    for aside in asides:
+        shutil.rmtree(aside)
+
+
+def remove_leftovers(cache_dir: Path) -> None:
+    """Delete what clears that were killed midway left (no process can have it open)."""
+    for path in cache_dir.glob(f"{ASIDE_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def holders(fd: int) -> list[int]:
+    """PIDs holding a flock on the file open at ``fd``, from ``/proc/locks``."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    pids = set()
+    for line in lines:
+        # "3: FLOCK  ADVISORY  READ 4793 fe:00:2434077 0 EOF"; a waiter has "->" after "3:"
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+            pids.add(int(fields[4]))
+    return sorted(pids)
+
+
+def _names(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
