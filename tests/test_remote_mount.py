@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -264,3 +265,94 @@ def _try(fn, *args):  # type: ignore[no-untyped-def]
         return fn(*args)
     except OSError as exc:
         return exc
+
+
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _eio_after(fn, *args) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until ``fn(*args)`` failed with EIO (anything else fails the test)."""
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        fn(*args)
+    assert failed.value.errno == errno.EIO, failed.value
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("mode", ["stall", "status"])
+def test_a_read_fails_once_within_the_timeout(served, tmp_path: Path, mode: str) -> None:
+    """One deadline per user read: the kernel's readahead and its page-by-page retries,
+    and a reader whose chunk was in a failed background load, do not each wait out a
+    deadline of their own; reading the same range again fails at once."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    big = max(_files(src), key=lambda p: p.stat().st_size).relative_to(src)
+    timeout = 2.0
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout={timeout}",
+                 expect_warnings=True):
+        os.close(os.open(mnt / big, os.O_RDONLY))  # its nodes are loaded
+        proxy.set_mode(mode, match=r"/packs/", status=500)
+        took = _eio_after(_pread, mnt / big, 0, 1 << 20)
+        took += _eio_after(_pread, mnt / big, 0, 1 << 20)
+        assert took < timeout + 2, f"two reads failed after {took:.1f} s with timeout={timeout}"
+        proxy.set_mode("pass")
+        # a failure is remembered for a moment (FAILED_SECONDS), then the store is asked again
+        poll(lambda: not isinstance(_try(_pread, mnt / big, 0, 1 << 20), OSError), 10,
+             "the read to succeed once the store is back")
+        assert _pread(mnt / big, 0, 1 << 20) == _pread(src / big, 0, 1 << 20)
+
+
+def test_stalled_background_loads_leave_the_store_to_other_reads(tmp_path: Path, nginx_server,
+                                                                 fault_proxy) -> None:
+    """Background loads (readahead) of a file whose packs stall never hold the threads
+    that other reads need: a listing that needs a node from a healthy pack answers
+    at once, not after the stalled loads' deadline."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "big").write_bytes(os.urandom(6 << 20))  # 12 packs of 512K: more runs than MAX_PREFETCH
+    for i in range(3):
+        (src / "sub" / f"f{i}").write_bytes(os.urandom(1000))
+    www = tmp_path / "www"
+    www.mkdir()
+    make_repo(www / "repo", tmp_path / "import-cache")
+    import_tree(src, www / "repo", "ds", tmp_path / "import-cache")
+    proxy = fault_proxy(nginx_server(www))
+    source, mnt = f"{proxy.url}/repo#ds", tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(source, mnt, f"cache={tmp_path / 'cache1'}"):
+        os.close(os.open(mnt / "big", os.O_RDONLY))
+        proxy.reset_seen()
+        assert _hash(mnt / "big") == _hash(src / "big")
+        big_packs = {s.path for s in proxy.seen() if "/packs/" in s.path}
+    timeout = 10.0
+    with mounted(source, mnt, f"cache={tmp_path / 'cache2'},timeout={timeout}", expect_warnings=True):
+        os.close(os.open(mnt / "big", os.O_RDONLY))
+        proxy.reset_seen()
+        proxy.set_mode("stall", match="|".join(re.escape(p) + "$" for p in big_packs))
+        reader = threading.Thread(target=_try, args=(_pread, mnt / "big", 0, 1 << 20))
+        reader.start()
+        try:
+            # runs of several chunks (a small one goes on the trio loop, not a thread)
+            poll(lambda: sum(_range_length(s.range) > (256 << 10) for s in proxy.seen()) >= 8, 10,
+                 "the readahead's runs to stall on the store")
+            t0 = time.monotonic()
+            assert sorted(os.listdir(mnt / "sub")) == ["f0", "f1", "f2"]
+            took = time.monotonic() - t0
+            assert took < timeout / 2, f"the listing waited {took:.1f} s for the stalled loads"
+        finally:
+            proxy.set_mode("pass")
+            reader.join(timeout=60)
+
+
+def _range_length(header: str | None) -> int:
+    """The length a ``Range: bytes=A-B`` header asks for; 0 without one."""
+    if not header:
+        return 0
+    first, _, last = header.removeprefix("bytes=").partition("-")
+    return int(last) - int(first) + 1
