@@ -19,7 +19,9 @@ on its own and its answer is dropped. A pack whose load failed that way is remem
 for ``FAILED_SECONDS``: meanwhile its chunks fail at once instead of waiting out another
 deadline, since the kernel asks again, page by page, for what its readahead did not get,
 and a reader whose chunk was in a failed background load asks again too. Any load that
-succeeds from the store forgets every such failure (the store is back).
+succeeds from the store forgets every such failure (the store is back). ``close()``
+(the mount going away) ends every wait on the store at once with ``FetcherClosed``, and
+every later load that the cache cannot serve.
 
 If the cache disk is full, chunks are served without caching and caching is retried
 after ``CACHE_RETRY_SECONDS``.
@@ -57,7 +59,7 @@ disk slower than the store holds the readers back instead of memory growing). Le
 ``running()`` the thread that fetched a run writes it before its readers have it.
 
 Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it,
-``_failed`` is only changed between awaits on the trio thread.
+``_failed`` and ``_waits`` are only changed between awaits on the trio thread.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ import lmdb
 import trio
 
 from cafs.chunkcache import ChunkCache, Stored
-from cafs.errors import CafsError, IntegrityError, NoSpaceError, ObjectNotFound, StoreUnavailable
+from cafs.errors import CafsError, FetcherClosed, IntegrityError, NoSpaceError, ObjectNotFound, StoreUnavailable
 from cafs.format.location import Location, decode_stored
 from cafs.repository import Repository
 from cafs.workers import WorkerPool
@@ -85,6 +87,7 @@ T = TypeVar("T")
 
 CACHE_RETRY_SECONDS = 30.0
 FAILED_SECONDS = 2.0  # a pack whose load failed fails at once for this long (or until a load succeeds)
+CLOSED = "store reads stopped: the mount is being unmounted"
 MAX_PREFETCH = 8
 RUN_BYTES = 8 << 20
 RUN_GAP = 128 << 10
@@ -180,6 +183,8 @@ class Fetcher:
         self._nursery: trio.Nursery | None = None
         self._prefetching = 0
         self._failed: dict[bytes, tuple[float, str]] = {}  # pack -> (until when, why): fail at once
+        self._waits: set[trio.CancelScope] = set()  # one per wait on the store, for close()
+        self._closed = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Fetcher]:
@@ -199,9 +204,17 @@ class Fetcher:
         """Stored bytes fetched and handed to their readers, not yet written to the cache."""
         return self._writing + self._batch_bytes
 
+    def close(self) -> None:
+        """Stop reading from the store: every wait on it ends now with ``FetcherClosed``
+        (its readers get the error), and so does every later load that the cache cannot
+        serve. Chunks in memory or in the cache are still served."""
+        self._closed = True
+        for scope in self._waits:
+            scope.cancel()
+
     def prefetch(self, locs: Iterable[Location]) -> None:
         """Start loading ``locs`` in the background, if not loaded or loading already."""
-        if self._nursery is None:
+        if self._nursery is None or self._closed:
             return
         todo = [loc for loc in locs if (loc.pack, loc.offset) not in self._memory
                 and (loc.pack, loc.offset) not in self._inflight and not self._recently_failed(loc.pack)]
@@ -329,7 +342,9 @@ class Fetcher:
     async def store_call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, a read from the store (of ``what``, for messages), on a store
         worker thread, as a load of this fetcher's: ``StoreUnavailable`` once the deadline
-        has passed."""
+        has passed, ``FetcherClosed`` once the fetcher is closed."""
+        if self._closed:
+            raise FetcherClosed(CLOSED)
         got = await self._within_deadline(what, lambda _give_up: self.store_workers.run(fn, *args,
                                                                                       abandon_on_cancel=True))
         self._failed.clear()  # the store answers again
@@ -337,9 +352,15 @@ class Fetcher:
 
     async def _within_deadline(self, what: str, wait: Callable[[float], Awaitable[T]]) -> T:
         """``await wait(give_up)``, ended early by the deadline (``give_up`` is that instant
-        on ``time.monotonic()``, for retries in threads)."""
-        with trio.CancelScope(deadline=trio.current_time() + self.deadline):
-            return await wait(time.monotonic() + self.deadline)
+        on ``time.monotonic()``, for retries in threads) or by ``close()``."""
+        with trio.CancelScope(deadline=trio.current_time() + self.deadline) as scope:
+            self._waits.add(scope)
+            try:
+                return await wait(time.monotonic() + self.deadline)
+            finally:
+                self._waits.discard(scope)
+        if self._closed:
+            raise FetcherClosed(f"{what}: {CLOSED}")
         raise StoreUnavailable(f"{what}: not read from the store within {self.deadline:g} s")
 
     def _recently_failed(self, pack: bytes) -> bool:
@@ -347,7 +368,10 @@ class Fetcher:
         return failed is not None and time.monotonic() < failed[0]
 
     def _refuse(self, pack: bytes) -> None:
-        """Raise instead of asking the store: ``pack`` failed moments ago."""
+        """Raise instead of asking the store: the fetcher is closed, or ``pack`` failed
+        moments ago."""
+        if self._closed:
+            raise FetcherClosed(CLOSED)
         if self._recently_failed(pack):
             raise StoreUnavailable(self._failed[pack][1])
 

@@ -1,6 +1,6 @@
 """The fetcher against a store that stalls or fails: one deadline per load, a short
 memory of failed packs (so the kernel's retries do not each wait out a deadline),
-forgotten when the store answers again.
+forgotten when the store answers again, and ``close()`` ending every wait at once.
 
 A ``LocalStore`` repository behind a wrapper that stalls (blocks until released) or
 fails (``StoreUnavailable``) reads of chosen packs; the wrapper counts the reads that
@@ -19,7 +19,7 @@ import trio
 from mountfix import import_tree, make_repo
 from storewrap import PassThroughStore
 
-from cafs.errors import StoreUnavailable
+from cafs.errors import FetcherClosed, StoreUnavailable
 from cafs.fetch import Fetcher
 from cafs.format.location import Location
 from cafs.metacache import NodeReader
@@ -114,3 +114,29 @@ async def test_a_load_that_succeeds_forgets_the_failures(store: FaultyStore) -> 
     store.failing.clear()  # the store is back
     assert bytes(await fetcher.chunk(b)) == CONTENT["b"][:b.length]
     assert bytes(await fetcher.chunk(a)) == CONTENT["a"][:a.length]
+
+
+async def test_close_ends_a_stalled_load_and_refuses_new_ones(store: FaultyStore) -> None:
+    fetcher, a, b = _first_chunks(store, 60.0)
+    assert bytes(await fetcher.chunk(b)) == CONTENT["b"][:b.length]
+    store.stalled.add(_key(a))
+    failed: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await fetcher.chunk(a)
+        except FetcherClosed as exc:
+            failed.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.to_thread.run_sync(store.entered.wait, 10)
+            fetcher.close()
+    assert failed
+    reads = store.pack_reads
+    store.stalled.clear()
+    with pytest.raises(FetcherClosed):
+        await fetcher.chunk(a)
+    assert store.pack_reads == reads
+    assert bytes(await fetcher.chunk(b)) == CONTENT["b"][:b.length]  # what it holds is still served

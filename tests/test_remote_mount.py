@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from mountfix import env, import_tree, make_repo, mounted, poll, run_cafs
+from mountfix import env, import_tree, is_mounted, make_repo, mounted, poll, run_cafs, wait_exit
 from treegen import assert_same_tree, make_tree
 
 BIG = 3 << 20
@@ -356,3 +357,56 @@ def _range_length(header: str | None) -> int:
         return 0
     first, _, last = header.removeprefix("bytes=").partition("-")
     return int(last) - int(first) + 1
+
+
+def test_sigterm_unmounts_while_a_store_read_stalls(served, tmp_path: Path) -> None:
+    """SIGTERM ends a mount promptly though a read waits on a stalled store (with a
+    deadline far away): the read fails with EIO, the daemon exits 0, nothing stays
+    mounted."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    big = max(_files(src), key=lambda p: p.stat().st_size).relative_to(src)
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=60",
+                 expect_warnings=True) as m:
+        os.close(os.open(mnt / big, os.O_RDONLY))
+        proxy.set_mode("stall", match=r"/packs/")
+        result: list[object] = []
+        reader = threading.Thread(target=lambda: result.append(_try(_pread, mnt / big, 0, 1 << 20)))
+        reader.start()
+        try:
+            poll(lambda: any("/packs/" in s.path for s in proxy.seen()), 10, "the read to reach the store")
+            os.kill(m.pid, signal.SIGTERM)
+            poll(lambda: not is_mounted(mnt), 5, "the mount to go away after SIGTERM")
+            wait_exit(m.pid, 5)  # not after its stalled GETs time out (10 s)
+            log = m.log.read_bytes()[m.log_start:].decode(errors="replace")
+            assert "INFO cafs.mount: unmounted" in log and "the mount loop failed" not in log, log
+            reader.join(timeout=5)
+            assert not reader.is_alive(), "the stalled read did not end with the mount"
+            assert isinstance(result[0], OSError) and result[0].errno == errno.EIO, result
+        finally:
+            proxy.set_mode("pass")
+            reader.join(timeout=60)
+
+
+def test_sigterm_exits_though_a_file_stays_open(served, tmp_path: Path) -> None:
+    """A file held open keeps a detached mount's connection alive: the daemon still
+    exits after its short grace (EXIT_GRACE), not when the file is closed."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    small = next(p for p in _files(src) if p.stat().st_size > 0).relative_to(src)
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}") as m:
+        fd = os.open(mnt / small, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 10, 0) == _pread(src / small, 0, 10)
+            os.kill(m.pid, signal.SIGTERM)
+            poll(lambda: not is_mounted(mnt), 5, "the mount to go away after SIGTERM")
+            wait_exit(m.pid, 10)
+            log = m.log.read_bytes()[m.log_start:].decode(errors="replace")
+            assert "INFO cafs.mount: unmounted" in log, log
+        finally:
+            try:
+                os.close(fd)
+            except OSError as exc:  # the flush of a file whose filesystem is gone
+                assert exc.errno == errno.ENOTCONN, exc
