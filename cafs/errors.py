@@ -27,6 +27,10 @@ class StoreUnavailable(StoreError):
     short body): worth retrying later, unlike a missing object or a refused credential."""
 
 
+class FetcherClosed(StoreError):
+    """Reads from the store were stopped because the mount is being unmounted."""
+
+
 class ListingUnavailable(StoreError):
     """The store cannot list keys (a web server without directory indexes): objects can
     still be read by name."""

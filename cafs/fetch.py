@@ -9,17 +9,34 @@ the trio loop keeps answering while a load is under way.
 
 Raises ``IntegrityError`` when the store's bytes do not match their id (never returns
 wrong bytes) and ``StoreError`` when the store fails. A damaged cache extent is dropped
-and refetched. If the cache disk is full, chunks are served without caching and caching
-is retried after ``CACHE_RETRY_SECONDS``.
+and refetched.
+
+One deadline per load: a load from the store (its read on the trio loop, if any, then
+its read in a worker thread with the retries and mirrors of ``cafs.sources``) ends with
+``StoreUnavailable`` when the repository's deadline (the mount's ``timeout=``) has passed,
+even while a request is still stalled in a socket: the thread is abandoned, finishes
+on its own and its answer is dropped. A pack whose load failed that way is remembered
+for ``FAILED_SECONDS``: meanwhile its chunks fail at once instead of waiting out another
+deadline, since the kernel asks again, page by page, for what its readahead did not get,
+and a reader whose chunk was in a failed background load asks again too. Any load that
+succeeds from the store forgets every such failure (the store is back). ``close()``
+(the mount going away) ends every wait on the store at once with ``FetcherClosed``, and
+every later load that the cache cannot serve.
+
+If the cache disk is full, chunks are served without caching and caching is retried
+after ``CACHE_RETRY_SECONDS``.
 
 ``prefetch(locs)`` starts loads in the background (readahead) while ``running()`` is
 active; the loads land in the in-memory LRU and the cache, and a reader asking for one of
 them waits on that same load. Neighbouring chunks of one pack (gaps up to ``RUN_GAP``)
 are loaded together, as runs of up to ``RUN_BYTES``: one ranged read from the store for
 the chunks the cache lacks, since a remote store's first byte costs far more than the
-next megabyte. At most ``MAX_PREFETCH`` background runs are under way at once; beyond
-that, prefetch requests are dropped (they are hints). A reader whose chunk was in a
-background run that failed loads it once more itself before it gives up.
+next megabyte. At most ``MAX_PREFETCH`` background runs are under way at once, in
+worker threads of their own (``prefetch_workers``), so that stalled background loads
+never keep a reader's load from the store; beyond that, and for packs that failed
+moments ago, prefetch requests are dropped (they are hints). A reader whose chunk was in
+a background run that failed (a run fails as a whole, though only one of its chunks may
+be bad) loads it once more itself before it gives up, unless the store failed.
 
 Small runs (up to ``INLINE_BYTES``) are read on the trio thread when that cannot block
 it: from the page cache (a cache extent, or a local repository's pack), or by a GET on
@@ -27,8 +44,9 @@ the loop from a plain-HTTP store (``cafs.stores.trio_gets``, bounded by its own 
 declining to the threaded path on any failure). A thread hand-off costs a small read
 more than the read itself.
 
-Cache reads and store reads have separate pools of worker threads, so a stalled store
-never keeps a cached read (or anything else) waiting for a thread.
+Cache reads, store reads and background store reads have separate pools of worker
+threads, so a stalled store never keeps a cached read (or anything else) waiting for a
+thread.
 
 Write-through: while ``running()``, a run fetched from the store is handed to its
 readers first and written to the cache behind them. Runs are gathered into batches of
@@ -40,8 +58,8 @@ disk slower than the store holds the readers back instead of memory growing). Le
 ``running()`` writes the gathered batch and waits for every write handed over. Outside
 ``running()`` the thread that fetched a run writes it before its readers have it.
 
-Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it is
-only changed between awaits on the trio thread.
+Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it,
+``_failed`` and ``_waits`` are only changed between awaits on the trio thread.
 """
 
 from __future__ import annotations
@@ -51,20 +69,25 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import lmdb
 import trio
 
 from cafs.chunkcache import ChunkCache, Stored
-from cafs.errors import CafsError, IntegrityError, NoSpaceError, ObjectNotFound
+from cafs.errors import CafsError, FetcherClosed, IntegrityError, NoSpaceError, ObjectNotFound, StoreUnavailable
 from cafs.format.location import Location, decode_stored
 from cafs.repository import Repository
 from cafs.workers import WorkerPool
 
 log = logging.getLogger("cafs.fetch")
 
+T = TypeVar("T")
+
 CACHE_RETRY_SECONDS = 30.0
+FAILED_SECONDS = 2.0  # a pack whose load failed fails at once for this long (or until a load succeeds)
+CLOSED = "store reads stopped: the mount is being unmounted"
 MAX_PREFETCH = 8
 RUN_BYTES = 8 << 20
 RUN_GAP = 128 << 10
@@ -72,6 +95,7 @@ MEMORY_CHUNKS_BYTES = 64 << 20
 INLINE_BYTES = 256 << 10
 Plain = bytes | memoryview  # a chunk's verified plain bytes: a view into its run's read, or its own
 CacheWrites = list[tuple[bytes, list[tuple[int, Stored]]]]  # (pack, [(offset, stored bytes)])
+StoreRun = list[tuple[bytes | memoryview, Plain]]  # a run's stored and verified plain bytes, chunk by chunk
 WRITE_BATCH_BYTES = 1 << 20
 WRITE_BATCH_SECONDS = 0.05
 WRITE_BEHIND_BYTES = 64 << 20
@@ -144,6 +168,8 @@ class Fetcher:
         self.cache = cache
         self.cache_workers = WorkerPool(threads, "cache")
         self.store_workers = WorkerPool(threads, "store")
+        self.prefetch_workers = WorkerPool(MAX_PREFETCH, "prefetch")
+        self.deadline = repo.sources.deadline
         self.cache_writers = WorkerPool(WRITER_THREADS, "cache-write")
         self._writing = 0  # stored bytes handed to write-behind, not yet written
         self._batch: CacheWrites = []  # gathered for the next write-behind
@@ -156,6 +182,9 @@ class Fetcher:
         self._cache_off_until = 0.0
         self._nursery: trio.Nursery | None = None
         self._prefetching = 0
+        self._failed: dict[bytes, tuple[float, str]] = {}  # pack -> (until when, why): fail at once
+        self._waits: set[trio.CancelScope] = set()  # one per wait on the store, for close()
+        self._closed = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Fetcher]:
@@ -175,21 +204,32 @@ class Fetcher:
         """Stored bytes fetched and handed to their readers, not yet written to the cache."""
         return self._writing + self._batch_bytes
 
+    def close(self) -> None:
+        """Stop reading from the store: every wait on it ends now with ``FetcherClosed``
+        (its readers get the error), and so does every later load that the cache cannot
+        serve. Chunks in memory or in the cache are still served."""
+        self._closed = True
+        for scope in self._waits:
+            scope.cancel()
+
     def prefetch(self, locs: Iterable[Location]) -> None:
         """Start loading ``locs`` in the background, if not loaded or loading already."""
-        if self._nursery is None:
+        if self._nursery is None or self._closed:
             return
         todo = [loc for loc in locs if (loc.pack, loc.offset) not in self._memory
-                and (loc.pack, loc.offset) not in self._inflight]
+                and (loc.pack, loc.offset) not in self._inflight and not self._recently_failed(loc.pack)]
         for run in runs(todo):
-            if self._prefetching >= MAX_PREFETCH:
+            # each run holds a thread at most, and so does each abandoned one until its
+            # stalled request ends: a run is started only if a thread waits for it, so a
+            # reader waiting on a background load never waits for a thread as well
+            if self._prefetching + self.prefetch_workers.abandoned >= MAX_PREFETCH:
                 return
             self._prefetching += 1
             self._nursery.start_soon(self._prefetch_run, run, self._register(run))
 
     async def _prefetch_run(self, run: list[Location], loads: list[_Load]) -> None:
         try:
-            await self._load_run(run, loads)
+            await self._load_run(run, loads, self.prefetch_workers)
         except Exception as exc:  # a hint that failed; a reader will try again itself
             log.debug("prefetch of %s failed: %s", run[0].describe(), exc)
         finally:
@@ -214,6 +254,8 @@ class Fetcher:
                 raise load.error
 
     async def chunk(self, loc: Location) -> Plain:
+        """The verified plain bytes of ``loc``: from memory, the cache, a load under way
+        or the store, in that order."""
         key = (loc.pack, loc.offset)
         for attempt in range(2):
             data = self._memory.get(key)
@@ -228,7 +270,7 @@ class Fetcher:
             else:
                 await load.done.wait()
                 if load.error is not None and attempt == 0:
-                    continue  # someone else's load failed: try once ourselves
+                    continue  # someone else's load failed: try once ourselves (refused if the store failed)
             if load.error is not None:
                 raise load.error
             assert load.data is not None
@@ -244,8 +286,9 @@ class Fetcher:
         self.counters.in_flight += len(run)
         return loads
 
-    async def _load_run(self, run: list[Location], loads: list[_Load]) -> None:
-        """Resolve ``loads`` (one per chunk of ``run``); raises the first error met."""
+    async def _load_run(self, run: list[Location], loads: list[_Load], workers: WorkerPool | None = None) -> None:
+        """Resolve ``loads`` (one per chunk of ``run``); raises the first error met.
+        ``workers``: the pool for its store reads (default: ``store_workers``)."""
         try:
             waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads)}
             maybe_cached = self._maybe_cached(run)
@@ -256,11 +299,8 @@ class Fetcher:
                 _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
             behind = self.cache is not None and self._nursery is not None
             for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
-                got = None
-                if self._store_reads_inline() and _inline(part):
-                    got = self._store_resident(part) or await self._store_async(part)
-                if got is None:
-                    got = await self.store_workers.run(self._from_store, part, not behind)
+                got = await self._load_from_store(part, workers or self.store_workers,
+                                                  self.cache is not None and not behind)
                 part_loads = [waiting[(loc.pack, loc.offset)] for loc in part]
                 _settle(part, [data for _, data in got], waiting)
                 self._finish(part, part_loads)  # the readers go on while the cache is written
@@ -274,6 +314,66 @@ class Fetcher:
             raise
         finally:
             self._finish(run, loads)
+
+    async def _load_from_store(self, run: list[Location], workers: WorkerPool, write: bool) -> StoreRun:
+        """``run`` from the store within one deadline: on the trio thread if it can be
+        had there, else by ``_from_store`` on one of ``workers``. Refused at once while
+        its pack is remembered as failing; remembered when it fails for want of a store."""
+        pack = run[0].pack
+        self._refuse(pack)
+
+        async def read(give_up: float) -> StoreRun:
+            got = None
+            if self._store_reads_inline() and _inline(run):
+                got = self._store_resident(run) or await self._store_async(run)
+            if got is None:  # one that writes the cache is never left to write after the cache closed
+                got = await workers.run(self._from_store, run, write, give_up, abandon_on_cancel=not write)
+            return got
+        try:
+            got = await self._within_deadline(run[0].describe(), read)
+        except StoreUnavailable as exc:
+            now = time.monotonic()
+            self._failed = {p: f for p, f in self._failed.items() if f[0] > now}
+            self._failed[pack] = (now + FAILED_SECONDS, f"{exc} (failed moments ago; not asked again yet)")
+            raise
+        self._failed.clear()  # the store answers again
+        return got
+
+    async def store_call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a read from the store (of ``what``, for messages), on a store
+        worker thread, as a load of this fetcher's: ``StoreUnavailable`` once the deadline
+        has passed, ``FetcherClosed`` once the fetcher is closed."""
+        if self._closed:
+            raise FetcherClosed(CLOSED)
+        got = await self._within_deadline(what, lambda _give_up: self.store_workers.run(fn, *args,
+                                                                                      abandon_on_cancel=True))
+        self._failed.clear()  # the store answers again
+        return got
+
+    async def _within_deadline(self, what: str, wait: Callable[[float], Awaitable[T]]) -> T:
+        """``await wait(give_up)``, ended early by the deadline (``give_up`` is that instant
+        on ``time.monotonic()``, for retries in threads) or by ``close()``."""
+        with trio.CancelScope(deadline=trio.current_time() + self.deadline) as scope:
+            self._waits.add(scope)
+            try:
+                return await wait(time.monotonic() + self.deadline)
+            finally:
+                self._waits.discard(scope)
+        if self._closed:
+            raise FetcherClosed(f"{what}: {CLOSED}")
+        raise StoreUnavailable(f"{what}: not read from the store within {self.deadline:g} s")
+
+    def _recently_failed(self, pack: bytes) -> bool:
+        failed = self._failed.get(pack)
+        return failed is not None and time.monotonic() < failed[0]
+
+    def _refuse(self, pack: bytes) -> None:
+        """Raise instead of asking the store: the fetcher is closed, or ``pack`` failed
+        moments ago."""
+        if self._closed:
+            raise FetcherClosed(CLOSED)
+        if self._recently_failed(pack):
+            raise StoreUnavailable(self._failed[pack][1])
 
     def _finish(self, run: list[Location], loads: list[_Load]) -> None:
         """End the loads of ``run`` (one each) not ended yet: their readers wake, and the
@@ -349,22 +449,21 @@ class Fetcher:
         (outside ``running()``, no write-behind)."""
         return self.cache is None or self._nursery is not None
 
-    def _store_resident(self, run: list[Location]) -> list[tuple[bytes | memoryview, Plain]] | None:
+    def _store_resident(self, run: list[Location]) -> StoreRun | None:
         """On the trio thread: ``_from_store`` of a run of at most ``INLINE_BYTES`` that a
         store on a local disk has in the page cache (``Repository.read_run_resident``),
         without writing the cache; None for any other. A small read spares two thread
         hand-offs, which cost more than its pread and hash."""
         return self._counted_inline(run, self.repo.read_run_resident(run))
 
-    async def _store_async(self, run: list[Location]) -> list[tuple[bytes | memoryview, Plain]] | None:
+    async def _store_async(self, run: list[Location]) -> StoreRun | None:
         """On the trio thread: ``_from_store`` of a small run through a store that answers
         on the loop itself (``Repository.read_run_async``: plain HTTP), without writing the
         cache; None if it cannot or declines. A GET on a worker thread costs the daemon
         more in hand-offs than the GET itself."""
         return self._counted_inline(run, await self.repo.read_run_async(run))
 
-    def _counted_inline(self, run: list[Location], got: list[tuple[bytes | memoryview, Plain]] | None,
-                        ) -> list[tuple[bytes | memoryview, Plain]] | None:
+    def _counted_inline(self, run: list[Location], got: StoreRun | None) -> StoreRun | None:
         if got is not None:
             self.counters.inline += len(run)
             self.counters.misses += len(run)
@@ -427,13 +526,16 @@ class Fetcher:
             out.append(data)
         return out
 
-    def _from_store(self, run: list[Location], write: bool) -> list[tuple[bytes | memoryview, Plain]]:
+    def _from_store(self, run: list[Location], write: bool, give_up: float) -> StoreRun:
         """Runs in a worker thread: the stored and the verified plain bytes of ``run``
-        from the store, written through to the cache first if ``write``."""
+        from the store, written through to the cache first if ``write``; retried until
+        ``give_up`` (``time.monotonic()``)."""
+        if time.monotonic() >= give_up:
+            raise StoreUnavailable(f"{run[0].describe()}: abandoned before it started")  # nobody waits
         try:
-            got = self.repo.read_run(run)
+            got = self.repo.read_run(run, give_up=give_up)
         except ObjectNotFound:
-            got = [self.repo.read_verified(loc) for loc in run]  # moved by gc: one by one
+            got = [self.repo.read_verified(loc, give_up=give_up) for loc in run]  # moved by gc: one by one
         self.counters.misses += len(run)
         self.counters.bytes_fetched += sum(len(stored) for stored, _ in got)
         if write:

@@ -12,7 +12,8 @@ Threading: all handlers run on the trio thread of ``pyfuse3.main``; the model th
 hands blocking work to worker threads (see ``cafs.fetch``). A node the model needs from
 the store raises ``NodeNotLoaded``: ``_errors`` loads it in a worker thread and runs the
 handler again (handlers are idempotent; ``readdir`` resumes where it stopped), so a slow
-store delays only the requests that need it.
+store delays only the requests that need it, each for the store deadline at most
+(``Fetcher.store_call``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ MAX_NODE_LOADS = 4096  # per request: deeper than any path, more than any listin
 
 
 async def load_node(fs: SnapshotFS, missing: NodeNotLoaded) -> None:
-    data = await fs.fetcher.store_workers.run(fs.reader.load, missing.loc)
+    data = await fs.fetcher.store_call(f"node {missing.loc.describe()}", fs.reader.load, missing.loc)
     fs.reader.loaded(missing.loc, data)
 
 

@@ -11,6 +11,15 @@ serves.
 serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. ``auto_unmount`` makes
 libfuse's helper unmount if this process dies, even by ``kill -9``.
 
+A signal ends the mount promptly even while reads wait on a stalled store: every wait
+on the store ends at once (those reads get EIO, as does any later read that the cache
+cannot serve), the mount is detached (``fusermount3 -u -z``: it leaves /proc/mounts at
+once, and no new file can be opened), and the daemon keeps answering until the files
+still open are closed, which ends the kernel's connection, or for ``EXIT_GRACE``
+seconds at most. Answering after the detach matters: the kernel asks again at once,
+page by page, for what a failed readahead did not get, and a request left unanswered
+when the loop stops fails with ENOTCONN rather than EIO. The daemon then exits 0.
+
 Run as ``python -m cafs.mountd --ready-fd FD SOURCE MOUNTPOINT -o OPTIONS`` by
 ``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD.
 """
@@ -23,7 +32,9 @@ import ctypes.util
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -47,6 +58,7 @@ from cafs.stores import LocalStore
 log = logging.getLogger("cafs.mount")
 
 CACHE_FLUSH_SECONDS = 2.0
+EXIT_GRACE = 2.0  # seconds a signalled daemon answers the files still open after its detach
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
@@ -135,6 +147,22 @@ def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
                       mirrors=tuple(recorded_repo(url) for url in opts.mirrors))
 
 
+async def detach(mountpoint: str) -> bool:
+    """Lazily unmount ``mountpoint`` from another process (``fusermount3 -u -z``, or
+    ``umount -l`` without it), while this one keeps serving; whether that worked."""
+    tool = shutil.which("fusermount3")
+    cmd = [tool, "-u", "-z", mountpoint] if tool else ["umount", "-l", mountpoint]
+    try:
+        done = await trio.run_process(cmd, check=False, stdin=subprocess.DEVNULL, capture_stdout=True,
+                                      capture_stderr=True)
+    except OSError as exc:
+        log.warning("cannot detach %s: %s", mountpoint, exc)
+        return False
+    if done.returncode != 0:
+        log.warning("cannot detach %s: %s", mountpoint, done.stderr.decode(errors="replace").strip())
+    return done.returncode == 0
+
+
 def fuse_options(source: str, opts: MountOptions) -> set[str]:
     options = {f"fsname={display_source(source)}", "subtype=cafs", "ro", "auto_unmount",
                "default_permissions", "noatime"}
@@ -167,17 +195,32 @@ class CounterSync:
 
 
 async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None],
-                 counters: CounterSync) -> None:
+                 counters: CounterSync) -> bool:
+    """Serve until unmounted or signalled; whether the mount was detached already."""
+    detached = False
     async with fs.fetcher.running(), trio.open_nursery() as nursery:
         async def fuse_loop() -> None:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
+        async def stop() -> None:
+            nonlocal detached
+            fs.fetcher.close()  # else a read waiting on the store holds pyfuse3.main until its deadline
+            detached = await detach(mountpoint)
+            if detached:
+                await trio.sleep(EXIT_GRACE)  # cancelled when the last open file closes
+            pyfuse3.terminate()
+
         async def on_signals() -> None:
+            # the receiver stays open while stopping: a second signal must not kill the
+            # daemon with its default action before it has unmounted
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                stopping = False
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)
-                    pyfuse3.terminate()
+                    if not stopping:
+                        stopping = True
+                        nursery.start_soon(stop)
 
         async def flush_caches() -> None:
             while True:
@@ -191,6 +234,7 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         await trio.to_thread.run_sync(set_readahead, mountpoint, opts.readahead)
         log.info("serving %s@%d on %s", fs.snapshot.ref, fs.snapshot.jid, mountpoint)
         ready()
+    return detached
 
 
 def _flush(fs: SnapshotFS, pending: list[tuple[bytes, bytes]], counters: CounterSync) -> None:
@@ -223,12 +267,13 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
             return 32
         fuse_loop.install()
         try:
-            trio.run(_serve, fs, mountpoint, opts, ready, counters)
+            detached = trio.run(_serve, fs, mountpoint, opts, ready, counters)
         except BaseException:
             log.exception("the mount loop failed")
             pyfuse3.close(unmount=True)
             raise
-        pyfuse3.close(unmount=True)
+        # once detached, the mountpoint may be another mount's already: not unmounted again
+        pyfuse3.close(unmount=not detached)
         _flush(fs, fs.reader.take_pending(), counters)
         log.info("unmounted %s", mountpoint)
     return 0

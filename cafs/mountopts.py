@@ -4,7 +4,8 @@ cafs options: ``cache=DIR``, ``cache_size=SIZE``, ``cache_mode=auto|full|meta``,
 ``readahead=SIZE``, ``allow_other``, ``debug``, ``log=PATH|syslog``, ``mirror=URL``
 (repeatable: stores holding the same repository, read when the repository's own store
 fails; see ``cafs.sources``) and ``timeout=SECONDS`` (how long a read may wait for the
-stores, retries included, before it fails with EIO; default 30).
+stores, retries included, before it fails with EIO; default 30. One deadline per read:
+the kernel's page-by-page retries of a failed read fail at once, see ``cafs.fetch``).
 
 ``cache_mode``: ``full`` writes every fetched chunk through to the sparse chunk cache;
 ``meta`` caches metadata only and reads chunks from the store each time the kernel asks;

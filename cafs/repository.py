@@ -71,7 +71,7 @@ class Repository:
         self.primary = store
         self._resident = store if isinstance(store, ResidentReads) else None
         # a fast path bounded well inside the deadline: after it declines, the sources
-        # still have nearly all of the deadline for the ordinary read
+        # have the rest of the deadline (``read_run``'s ``give_up``) for the ordinary read
         self._trio_gets = store.trio_gets(min(TRIO_TIMEOUT, deadline / 4)) if isinstance(store, TrioReads) else None
         self.store: Store = RetryingStore(store, deadline=deadline)
         self.sources = Sources([store, *mirrors], deadline=deadline)
@@ -136,22 +136,24 @@ class Repository:
 
     # -- objects ------------------------------------------------------------------
 
-    def read_verified(self, loc: Location) -> tuple[bytes | memoryview, bytes]:
+    def read_verified(self, loc: Location, *, give_up: float | None = None) -> tuple[bytes | memoryview, bytes]:
         """The stored and the plain bytes of ``loc``, verified against its id: from its
         pack or, if gc moved it, from where the index says the object lives now."""
         try:
-            stored, plain = self.read_run([loc])[0]
+            stored, plain = self.read_run([loc], give_up=give_up)[0]
         except ObjectNotFound:
             moved = self.relocated(loc)
             if moved is None:
                 raise
-            stored, plain = self.read_run([moved])[0]
+            stored, plain = self.read_run([moved], give_up=give_up)[0]
         return stored, bytes(plain)  # one object's plain bytes are bytes already: no copy
 
-    def read_run(self, locs: Sequence[Location]) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
+    def read_run(self, locs: Sequence[Location], *,
+                 give_up: float | None = None) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
         """``read_verified`` of several objects of one pack in ascending offset order, in
         one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included). With
-        several, the stored bytes and a raw object's plain ones are views of that read."""
+        several, the stored bytes and a raw object's plain ones are views of that read.
+        ``give_up``: when retries stop (``Sources.read``), if not a deadline from now."""
         key, start, length = _run_range(locs)
 
         def attempt(store: Store) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
@@ -159,7 +161,7 @@ class Repository:
             if len(locs) == 1:
                 return [(data, decode_stored(locs[0], data))]
             return _split_run(locs, start, data)
-        return self.sources.read(attempt)
+        return self.sources.read(attempt, give_up=give_up)
 
     def advise_run(self, locs: Sequence[Location]) -> None:
         """Hint that ``locs`` (one pack, ascending) will be read soon: a primary store on a

@@ -10,7 +10,9 @@ period has passed the source is tried again in its own place, so reads return to
 primary as soon as it is back; a source in back-off is still tried, last, before a read
 gives up. When every source has failed and at least one failure may pass (unavailable
 store), the read waits (exponential back-off with full jitter) and goes round again
-until its deadline, then raises the last error. Bytes that fail verification are read
+until its deadline (``give_up``, a ``time.monotonic()`` instant, where the caller's
+deadline began earlier), then raises the last error; an attempt under way at the
+deadline ends by its store's own request timeout. Bytes that fail verification are read
 again ``CORRUPT_ROUNDS`` times at most (a flipped bit in transit heals, a damaged object
 does not). Failures no retry cures — an object missing everywhere (``ObjectNotFound``),
 refused credentials — are raised at once.
@@ -70,8 +72,9 @@ class Sources:
                              key=lambda i: self._health[i].retry_at)
         return ready + waiting
 
-    def read(self, fn: Callable[[Store], T]) -> T:
-        give_up = time.monotonic() + self.deadline
+    def read(self, fn: Callable[[Store], T], *, give_up: float | None = None) -> T:
+        if give_up is None:
+            give_up = time.monotonic() + self.deadline
         for round_no in itertools.count():
             error: Exception | None = None
             missing: ObjectNotFound | None = None

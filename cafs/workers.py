@@ -16,7 +16,11 @@ Contract:
   its own limiter: blocking work that must not wait behind another kind (cache reads
   behind a stalled store) gets a pool of its own.
 - Like ``trio.to_thread.run_sync``, a call is not cancellable: a cancelled caller waits
-  for ``fn`` to return, since abandoning it would leave its resources to nobody.
+  for ``fn`` to return, since abandoning it would leave its resources to nobody. Unless
+  ``abandon_on_cancel``: for a call whose result may simply be dropped (a store read
+  that allocates nothing but its answer), a cancelled caller leaves at once and ``fn``
+  finishes on its own, still holding its thread until then (``abandoned`` counts those,
+  so that a caller can keep from queueing behind them).
 - Threads start on demand and end after ``IDLE_SECONDS`` without work. They are daemon
   threads, so a call stalled in a store never keeps the process from exiting; nothing
   needs closing.
@@ -39,7 +43,7 @@ IDLE_SECONDS = 10.0
 
 
 class _Job(Generic[T]):
-    __slots__ = ("fn", "args", "token", "done", "result", "error")
+    __slots__ = ("fn", "args", "token", "done", "result", "error", "finished", "abandoned")
 
     def __init__(self, fn: Callable[..., T], args: tuple[Any, ...], token: trio.lowlevel.TrioToken) -> None:
         self.fn = fn
@@ -48,6 +52,7 @@ class _Job(Generic[T]):
         self.done = trio.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
+        self.finished = self.abandoned = False  # under the pool's lock
 
 
 class WorkerPool:
@@ -61,16 +66,33 @@ class WorkerPool:
         self._live = 0  # threads started and not yet ended
         self._busy = 0  # threads running a job
         self._backlog = 0  # jobs queued, not yet taken by a thread
+        self._abandoned = 0  # jobs whose callers left, queued or running
         self._finished: dict[trio.lowlevel.TrioToken, list[_Job[Any]]] = {}
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
         job: _Job[T] = _Job(fn, args, trio.lowlevel.current_trio_token())
         self._submit(job)
-        with trio.CancelScope(shield=True):
-            await job.done.wait()
+        with trio.CancelScope(shield=not abandon_on_cancel):
+            try:
+                await job.done.wait()
+            except trio.Cancelled:
+                self._abandon(job)
+                raise
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
+
+    @property
+    def abandoned(self) -> int:
+        """Calls whose callers left (``abandon_on_cancel``) that have not finished: each
+        holds a thread, or will."""
+        return self._abandoned
+
+    def _abandon(self, job: _Job[Any]) -> None:
+        with self._lock:
+            if not job.finished:
+                job.abandoned = True
+                self._abandoned += 1
 
     def _submit(self, job: _Job[Any]) -> None:
         with self._lock:
@@ -102,6 +124,8 @@ class WorkerPool:
             job.fn = job.args = None  # type: ignore[assignment]  # drop references early
             with self._lock:
                 self._busy -= 1
+                job.finished = True
+                self._abandoned -= job.abandoned
                 done = self._finished.setdefault(job.token, [])
                 wake = not done
                 done.append(job)

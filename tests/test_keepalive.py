@@ -1,11 +1,14 @@
 """The keep-alive GET client against a raw socket server that answers with canned bytes:
 the response shapes servers send (Content-Length, chunked, HTTP/1.0 up to the close, an
 interim 1xx), keep-alive reuse and reconnection, and broken responses, each of which
-must be StoreUnavailable, never a hang or wrong bytes."""
+must be StoreUnavailable, never a hang or wrong bytes; closing a connection ends a read
+stalled on it."""
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -106,3 +109,29 @@ def test_a_refused_connection_is_unavailable() -> None:
     gets = KeepAliveGets("http://127.0.0.1:9", None, timeout=2)
     with pytest.raises(StoreUnavailable, match="GET failed"):
         gets.get("/x", {}, "x")
+
+
+def test_closing_a_connection_ends_a_stalled_read_on_it_at_once(serve) -> None:
+    """At interpreter exit (or collection) every connection is closed; one that a thread
+    is still reading from, waiting on a stalled server, must not hold the close (and the
+    exit of a mount daemon) until its timeout."""
+    server, gets = serve(lambda conn, n: True)  # reads the request, never answers
+    gets._timeout = 60
+    failed: list[BaseException] = []
+
+    def stalled_get() -> None:
+        try:
+            gets.get("/x", {}, "x")
+        except (StoreUnavailable, ValueError) as exc:  # ValueError: closed before its read began
+            failed.append(exc)
+    reader = threading.Thread(target=stalled_get)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not server.requests:
+        assert time.monotonic() < deadline, "the GET never reached the server"
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    keepalive._close_all(gets._open)
+    reader.join(timeout=10)
+    assert time.monotonic() - t0 < 5, "closing waited for the stalled read"
+    assert failed and not reader.is_alive()

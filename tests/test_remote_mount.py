@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from mountfix import env, import_tree, make_repo, mounted, poll, run_cafs
+from mountfix import env, import_tree, is_mounted, make_repo, mounted, poll, run_cafs, wait_exit
 from treegen import assert_same_tree, make_tree
 
 BIG = 3 << 20
@@ -280,3 +282,147 @@ def test_a_mount_slower_than_a_minute_within_its_timeout_is_waited_for(served, t
         assert time.monotonic() - started > 60
         assert proxy.faults_fired == 7
         assert_same_tree(src, mnt)
+
+
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _eio_after(fn, *args) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until ``fn(*args)`` failed with EIO (anything else fails the test)."""
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        fn(*args)
+    assert failed.value.errno == errno.EIO, failed.value
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("mode", ["stall", "status"])
+def test_a_read_fails_once_within_the_timeout(served, tmp_path: Path, mode: str) -> None:
+    """One deadline per user read: the kernel's readahead and its page-by-page retries,
+    and a reader whose chunk was in a failed background load, do not each wait out a
+    deadline of their own; reading the same range again fails at once."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    big = max(_files(src), key=lambda p: p.stat().st_size).relative_to(src)
+    timeout = 2.0
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout={timeout}",
+                 expect_warnings=True):
+        os.close(os.open(mnt / big, os.O_RDONLY))  # its nodes are loaded
+        proxy.set_mode(mode, match=r"/packs/", status=500)
+        took = _eio_after(_pread, mnt / big, 0, 1 << 20)
+        took += _eio_after(_pread, mnt / big, 0, 1 << 20)
+        assert took < timeout + 2, f"two reads failed after {took:.1f} s with timeout={timeout}"
+        proxy.set_mode("pass")
+        # a failure is remembered for a moment (FAILED_SECONDS), then the store is asked again
+        poll(lambda: not isinstance(_try(_pread, mnt / big, 0, 1 << 20), OSError), 10,
+             "the read to succeed once the store is back")
+        assert _pread(mnt / big, 0, 1 << 20) == _pread(src / big, 0, 1 << 20)
+
+
+def test_stalled_background_loads_leave_the_store_to_other_reads(tmp_path: Path, nginx_server,
+                                                                 fault_proxy) -> None:
+    """Background loads (readahead) of a file whose packs stall never hold the threads
+    that other reads need: a listing that needs a node from a healthy pack answers
+    at once, not after the stalled loads' deadline."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "big").write_bytes(os.urandom(6 << 20))  # 12 packs of 512K: more runs than MAX_PREFETCH
+    for i in range(3):
+        (src / "sub" / f"f{i}").write_bytes(os.urandom(1000))
+    www = tmp_path / "www"
+    www.mkdir()
+    make_repo(www / "repo", tmp_path / "import-cache")
+    import_tree(src, www / "repo", "ds", tmp_path / "import-cache")
+    proxy = fault_proxy(nginx_server(www))
+    source, mnt = f"{proxy.url}/repo#ds", tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(source, mnt, f"cache={tmp_path / 'cache1'}"):
+        os.close(os.open(mnt / "big", os.O_RDONLY))
+        proxy.reset_seen()
+        assert _hash(mnt / "big") == _hash(src / "big")
+        big_packs = {s.path for s in proxy.seen() if "/packs/" in s.path}
+    timeout = 10.0
+    with mounted(source, mnt, f"cache={tmp_path / 'cache2'},timeout={timeout}", expect_warnings=True):
+        os.close(os.open(mnt / "big", os.O_RDONLY))
+        proxy.reset_seen()
+        proxy.set_mode("stall", match="|".join(re.escape(p) + "$" for p in big_packs))
+        reader = threading.Thread(target=_try, args=(_pread, mnt / "big", 0, 1 << 20))
+        reader.start()
+        try:
+            # runs of several chunks (a small one goes on the trio loop, not a thread)
+            poll(lambda: sum(_range_length(s.range) > (256 << 10) for s in proxy.seen()) >= 8, 10,
+                 "the readahead's runs to stall on the store")
+            t0 = time.monotonic()
+            assert sorted(os.listdir(mnt / "sub")) == ["f0", "f1", "f2"]
+            took = time.monotonic() - t0
+            assert took < timeout / 2, f"the listing waited {took:.1f} s for the stalled loads"
+        finally:
+            proxy.set_mode("pass")
+            reader.join(timeout=60)
+
+
+def _range_length(header: str | None) -> int:
+    """The length a ``Range: bytes=A-B`` header asks for; 0 without one."""
+    if not header:
+        return 0
+    first, _, last = header.removeprefix("bytes=").partition("-")
+    return int(last) - int(first) + 1
+
+
+def test_sigterm_unmounts_while_a_store_read_stalls(served, tmp_path: Path) -> None:
+    """SIGTERM ends a mount promptly though a read waits on a stalled store (with a
+    deadline far away): the read fails with EIO, the daemon exits 0, nothing stays
+    mounted."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    big = max(_files(src), key=lambda p: p.stat().st_size).relative_to(src)
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=60",
+                 expect_warnings=True) as m:
+        os.close(os.open(mnt / big, os.O_RDONLY))
+        proxy.set_mode("stall", match=r"/packs/")
+        result: list[object] = []
+        reader = threading.Thread(target=lambda: result.append(_try(_pread, mnt / big, 0, 1 << 20)))
+        reader.start()
+        try:
+            poll(lambda: any("/packs/" in s.path for s in proxy.seen()), 10, "the read to reach the store")
+            os.kill(m.pid, signal.SIGTERM)
+            poll(lambda: not is_mounted(mnt), 5, "the mount to go away after SIGTERM")
+            wait_exit(m.pid, 5)  # not after its stalled GETs time out (10 s)
+            log = m.log.read_bytes()[m.log_start:].decode(errors="replace")
+            assert "INFO cafs.mount: unmounted" in log and "the mount loop failed" not in log, log
+            reader.join(timeout=5)
+            assert not reader.is_alive(), "the stalled read did not end with the mount"
+            assert isinstance(result[0], OSError) and result[0].errno == errno.EIO, result
+        finally:
+            proxy.set_mode("pass")
+            reader.join(timeout=60)
+
+
+def test_sigterm_exits_though_a_file_stays_open(served, tmp_path: Path) -> None:
+    """A file held open keeps a detached mount's connection alive: the daemon still
+    exits after its short grace (EXIT_GRACE), not when the file is closed."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    small = next(p for p in _files(src) if p.stat().st_size > 0).relative_to(src)
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}") as m:
+        fd = os.open(mnt / small, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 10, 0) == _pread(src / small, 0, 10)
+            os.kill(m.pid, signal.SIGTERM)
+            poll(lambda: not is_mounted(mnt), 5, "the mount to go away after SIGTERM")
+            wait_exit(m.pid, 10)
+            log = m.log.read_bytes()[m.log_start:].decode(errors="replace")
+            assert "INFO cafs.mount: unmounted" in log, log
+        finally:
+            try:
+                os.close(fd)
+            except OSError as exc:  # the flush of a file whose filesystem is gone
+                assert exc.errno == errno.ENOTCONN, exc

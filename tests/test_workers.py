@@ -1,5 +1,5 @@
 """WorkerPool: results and errors reach the caller, the thread count bounds concurrency,
-calls are not cancellable, idle threads end, and one pool serves successive trio runs."""
+calls are not cancellable unless abandoned, idle threads end, and one pool serves successive trio runs."""
 
 from __future__ import annotations
 
@@ -77,6 +77,23 @@ async def test_a_cancelled_caller_waits_for_its_call() -> None:
         assert await pool.run(slow) == "done"
     assert finished.is_set()
     assert not scope.cancelled_caught  # the shield held: the call was not abandoned
+
+
+async def test_an_abandoning_caller_leaves_at_once_and_the_call_finishes() -> None:
+    pool = WorkerPool(1, "t")
+    release, finished = threading.Event(), threading.Event()
+
+    def stalled() -> None:
+        release.wait(10)
+        finished.set()
+
+    with trio.move_on_after(0.01) as scope:
+        await pool.run(stalled, abandon_on_cancel=True)
+    assert scope.cancelled_caught and not finished.is_set()
+    assert pool.abandoned == 1  # its thread is still taken
+    release.set()
+    assert await pool.run(lambda: "next") == "next"  # after the abandoned call, on its thread
+    assert finished.is_set() and pool.abandoned == 0
 
 
 def test_one_pool_serves_successive_runs_and_idle_threads_end(monkeypatch: pytest.MonkeyPatch) -> None:

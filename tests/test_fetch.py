@@ -1,0 +1,142 @@
+"""The fetcher against a store that stalls or fails: one deadline per load, a short
+memory of failed packs (so the kernel's retries do not each wait out a deadline),
+forgotten when the store answers again, and ``close()`` ending every wait at once.
+
+A ``LocalStore`` repository behind a wrapper that stalls (blocks until released) or
+fails (``StoreUnavailable``) reads of chosen packs; the wrapper counts the reads that
+reach it, so "at once" is asserted as "without asking the store", not as a time.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from mountfix import import_tree, make_repo
+from storewrap import PassThroughStore
+
+from cafs.errors import FetcherClosed, StoreUnavailable
+from cafs.fetch import Fetcher
+from cafs.format.location import Location
+from cafs.metacache import NodeReader
+from cafs.naming import find_snapshot
+from cafs.repository import Repository
+from cafs.stores import Store, open_store
+from cafs.tree import file_spans, resolve
+
+DEADLINE = 0.5
+
+
+class FaultyStore(PassThroughStore):
+    """Reads of packs named in ``stalled`` block until ``release`` is set; of packs in
+    ``failing``, raise ``StoreUnavailable``. ``pack_reads`` counts every pack read."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.stalled: set[str] = set()
+        self.failing: set[str] = set()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.pack_reads = 0
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        if key.startswith("packs/"):
+            self.pack_reads += 1
+            if key in self.stalled:
+                self.entered.set()
+                self.release.wait(60)
+                raise StoreUnavailable(f"{key}: stalled")
+            if key in self.failing:
+                raise StoreUnavailable(f"{key}: failing")
+        return self.inner.get(key, offset, length)
+
+
+CONTENT = {name: random.Random(name).randbytes(600 << 10) for name in ("a", "b")}  # packs of their own
+
+
+@pytest.fixture(scope="module")
+def repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("fetch")
+    src = base / "src"
+    src.mkdir()
+    for name, data in CONTENT.items():
+        (src / name).write_bytes(data)
+    repo = make_repo(base / "repo", base / "import-cache")
+    import_tree(src, repo, "snap", base / "import-cache")
+    return repo
+
+
+@pytest.fixture
+def store(repo_dir: Path) -> Iterator[FaultyStore]:
+    store = FaultyStore(open_store(str(repo_dir)))
+    try:
+        yield store
+    finally:
+        store.release.set()  # abandoned threads end
+
+
+def _first_chunks(store: FaultyStore, deadline: float) -> tuple[Fetcher, Location, Location]:
+    """A fetcher with ``deadline`` and no cache, and the first chunk of files a and b."""
+    repo = Repository.open(store, deadline=deadline)
+    snapshot = find_snapshot(repo, "snap")
+    reader = NodeReader(repo, None)
+    a, b = (file_spans(reader, resolve(reader, snapshot.root, name))[0] for name in (b"a", b"b"))
+    assert a.pack != b.pack
+    return Fetcher(repo, None), a, b
+
+
+def _key(loc: Location) -> str:
+    return f"packs/{loc.pack.hex()[:2]}/{loc.pack.hex()}"
+
+
+async def test_a_stalled_load_fails_at_its_deadline_and_its_pack_then_fails_at_once(
+        store: FaultyStore) -> None:
+    fetcher, a, _b = _first_chunks(store, DEADLINE)
+    store.stalled.add(_key(a))
+    with trio.fail_after(DEADLINE + 5):  # not after the stalled read, which lasts 60 s
+        with pytest.raises(StoreUnavailable, match="not read from the store within 0.5 s"):
+            await fetcher.chunk(a)
+    reads = store.pack_reads
+    with pytest.raises(StoreUnavailable, match="failed moments ago"):
+        await fetcher.chunk(a)  # what the kernel asks again, page by page
+    assert store.pack_reads == reads
+
+
+async def test_a_load_that_succeeds_forgets_the_failures(store: FaultyStore) -> None:
+    fetcher, a, b = _first_chunks(store, DEADLINE)
+    store.failing.add(_key(a))
+    with pytest.raises(StoreUnavailable):
+        await fetcher.chunk(a)
+    store.failing.clear()  # the store is back
+    assert bytes(await fetcher.chunk(b)) == CONTENT["b"][:b.length]
+    assert bytes(await fetcher.chunk(a)) == CONTENT["a"][:a.length]
+
+
+async def test_close_ends_a_stalled_load_and_refuses_new_ones(store: FaultyStore) -> None:
+    fetcher, a, b = _first_chunks(store, 60.0)
+    assert bytes(await fetcher.chunk(b)) == CONTENT["b"][:b.length]
+    store.stalled.add(_key(a))
+    failed: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await fetcher.chunk(a)
+        except FetcherClosed as exc:
+            failed.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.to_thread.run_sync(store.entered.wait, 10)
+            fetcher.close()
+    assert failed
+    reads = store.pack_reads
+    store.stalled.clear()
+    with pytest.raises(FetcherClosed):
+        await fetcher.chunk(a)
+    assert store.pack_reads == reads
+    assert bytes(await fetcher.chunk(b)) == CONTENT["b"][:b.length]  # what it holds is still served
