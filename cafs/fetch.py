@@ -51,8 +51,12 @@ thread.
 Write-through: while ``running()``, a run fetched from the store is handed to its
 readers first and written to the cache behind them. Runs are gathered into batches of
 ``WRITE_BATCH_BYTES`` (or whatever ``WRITE_BATCH_SECONDS`` gathered), each written by the
-``cache_writers`` pool in one job and one LMDB transaction: a small file's run alone
-cost more to hand over and record than to write. While under ``WRITE_BEHIND_BYTES`` wait
+``cache_writers`` pool (one thread) in one job and one LMDB transaction: a small file's
+run alone cost more to hand over and record than to write. One writer, not two: each of
+its syscalls gives up the GIL and takes it back from the trio thread, and a second
+writer doubled those switches (5,000 shuffled small files over HTTP: 40,000 context switches and
+10% more daemon CPU with two, 4 MiB batches 5% less than 1 MiB ones; large reads and
+``cafs prefetch`` were as fast with one). While under ``WRITE_BEHIND_BYTES`` wait
 to be written the readers go on; past that a load waits for its batch's write (a cache
 disk slower than the store holds the readers back instead of memory growing). Leaving
 ``running()`` writes the gathered batch and waits for every write handed over. Outside
@@ -96,10 +100,10 @@ INLINE_BYTES = 256 << 10
 Plain = bytes | memoryview  # a chunk's verified plain bytes: a view into its run's read, or its own
 CacheWrites = list[tuple[bytes, list[tuple[int, Stored]]]]  # (pack, [(offset, stored bytes)])
 StoreRun = list[tuple[bytes | memoryview, Plain]]  # a run's stored and verified plain bytes, chunk by chunk
-WRITE_BATCH_BYTES = 1 << 20
+WRITE_BATCH_BYTES = 4 << 20
 WRITE_BATCH_SECONDS = 0.05
 WRITE_BEHIND_BYTES = 64 << 20
-WRITER_THREADS = 2
+WRITER_THREADS = 1
 ADVISE_BYTES = 1 << 20
 
 
