@@ -325,11 +325,14 @@ class Fetcher:
         its pack is remembered as failing; remembered when it fails for want of a store."""
         pack = run[0].pack
         self._refuse(pack)
+        inline = self._store_reads_inline() and _inline(run)
+        if inline:  # from the page cache, which never waits: no deadline to keep
+            got = self._store_resident(run)
+            if got is not None:
+                return got
 
         async def read(give_up: float) -> StoreRun:
-            got = None
-            if self._store_reads_inline() and _inline(run):
-                got = self._store_resident(run) or await self._store_async(run)
+            got = await self._store_async(run) if inline else None
             if got is None:  # one that writes the cache is never left to write after the cache closed
                 got = await workers.run(self._from_store, run, write, give_up, abandon_on_cancel=not write)
             return got
