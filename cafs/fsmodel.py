@@ -32,6 +32,8 @@ import stat
 from dataclasses import dataclass, field
 from collections.abc import Iterator
 
+import trio
+
 from cafs.errors import PathNotFound
 from cafs.fetch import Fetcher
 from cafs.format.journal import Snapshot
@@ -85,6 +87,12 @@ class _DirAhead:
 
 
 @dataclass
+class _NodeLoad:
+    done: trio.Event
+    error: Exception | None = None
+
+
+@dataclass
 class OpenFile:
     ino: int
     size: int
@@ -127,6 +135,29 @@ class SnapshotFS:
         # kernel keeps the content it read (keep_cache), so once files are opened and not
         # read here it serves them itself, and loading ahead for an open would be waste.
         self._read_share = 1.0
+        self._node_loads: dict[bytes, _NodeLoad] = {}  # node id -> the load under way
+
+    async def load_node(self, loc: Location) -> None:
+        """Load node ``loc`` (one a call raised ``NodeNotLoaded`` for) from the store into
+        the reader's cache. Requests that need one node at once (a pool of readers
+        starting in one directory) share one load: the others wait for it and meet its
+        error, if any, rather than each asking the store and each waiting out a deadline."""
+        pending = self._node_loads.get(loc.id)
+        if pending is not None:
+            await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            return
+        load = self._node_loads[loc.id] = _NodeLoad(trio.Event())
+        try:
+            data = await self.fetcher.store_call(f"node {loc.describe()}", self.reader.load, loc)
+            self.reader.loaded(loc, data)
+        except Exception as exc:
+            load.error = exc
+            raise
+        finally:
+            del self._node_loads[loc.id]
+            load.done.set()
 
     # -- inodes -----------------------------------------------------------------------
 

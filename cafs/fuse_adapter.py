@@ -10,7 +10,8 @@ second read is served by the kernel's page cache without reaching this process.
 
 Threading: all handlers run on the trio thread of ``pyfuse3.main``; the model they call
 hands blocking work to worker threads (see ``cafs.fetch``). A node the model needs from
-the store raises ``NodeNotLoaded``: ``_errors`` loads it in a worker thread and runs the
+the store raises ``NodeNotLoaded``: ``_errors`` has it loaded (``SnapshotFS.load_node``:
+in a worker thread, one load for all the requests that need that node) and runs the
 handler again (handlers are idempotent; ``readdir`` resumes where it stopped), so a slow
 store delays only the requests that need it, each for the store deadline at most
 (``Fetcher.store_call``).
@@ -50,11 +51,6 @@ def errno_of(exc: BaseException) -> int:
 MAX_NODE_LOADS = 4096  # per request: deeper than any path, more than any listing's pages
 
 
-async def load_node(fs: SnapshotFS, missing: NodeNotLoaded) -> None:
-    data = await fs.fetcher.store_call(f"node {missing.loc.describe()}", fs.reader.load, missing.loc)
-    fs.reader.loaded(missing.loc, data)
-
-
 def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> T:
@@ -63,7 +59,7 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 try:
                     return await fn(*args)
                 except NodeNotLoaded as missing:
-                    await load_node(args[0].fs, missing)
+                    await args[0].fs.load_node(missing.loc)
             raise CafsError(f"{fn.__name__}: too many nodes to load for one request")
         except pyfuse3.FUSEError:
             raise
@@ -137,7 +133,7 @@ class CafsOperations(pyfuse3.Operations):
                     start = next_id
                 return
             except NodeNotLoaded as missing:  # resume after the entries already replied
-                await load_node(self.fs, missing)
+                await self.fs.load_node(missing.loc)
 
     async def releasedir(self, fh: int) -> None:
         return None

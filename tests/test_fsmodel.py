@@ -253,6 +253,29 @@ class _RecordingStore(PassThroughStore):
         return super().get(key, offset, length)
 
 
+async def test_requests_needing_one_node_at_once_load_it_once(imported: Imported, tmp_path: Path) -> None:
+    # A pool of readers starting in one directory: each lookup meets the same node not
+    # loaded yet. One store read serves them all.
+    store = _RecordingStore(open_store(str(imported.repo)))
+    repo = Repository.open(store)
+    root = tmp_path / "cache" / repo.config.repo_id
+    meta = MetaCache(root)
+    snapshot = find_snapshot(repo, "snap")
+    fs = SnapshotFS(snapshot, NodeReader(repo, meta, defer_writes=True, defer_fetches=True), Fetcher(repo, None))
+    node = snapshot.root.ref
+    assert node is not None
+    try:
+        store.pack_reads.clear()
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(fs.load_node, node)
+        assert fs.lookup(ROOT_INO, b"data")  # loaded: no NodeNotLoaded
+    finally:
+        meta.close()
+    assert [r for r in store.pack_reads if r[0] == pack_key(node.pack)] == [
+        (pack_key(node.pack), node.offset, node.stored_length)]
+
+
 async def test_readahead_of_reads_arriving_out_of_order_asks_the_store_in_large_runs(
         imported: Imported, tmp_path: Path) -> None:
     # The kernel's readahead sends several reads of a file at once, and they reach the
