@@ -485,7 +485,7 @@ def drop_page_cache() -> None:
 def cached(copies: Damaged, tmp_path: Path) -> Path:
     """A chunk cache of the whole snapshot: mounted with cache_mode=full, read, unmounted."""
     cache = tmp_path / "chunkcache"
-    with mounted(f"{copies.repo}#ds", tmp_path / "mnt", f"cache={cache},cache_mode=full") as _pid:
+    with mounted(f"{copies.repo}#ds", tmp_path / "mnt", f"cache={cache},cache_mode=full"):
         got = read_all(tmp_path / "mnt")
     assert got == read_all(copies.src)
     return cache
