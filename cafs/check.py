@@ -31,7 +31,7 @@ from cafs.format.index import decode_index
 from cafs.format.journal import Snapshot, decode_snapshot, journal_key, parse_jid
 from cafs.format.location import Location, verify_stored
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
-from cafs.format.pack import TAIL_LEN, PackTrailer, decode_trailer, pack_key, trailer_length
+from cafs.format.pack import PackTrailer, pack_key, trailer_of
 from cafs.ids import digest
 from cafs.repository import Repository
 
@@ -273,8 +273,7 @@ class Checker:
         """(bytes read, objects that fail, objects in all, body digest ok), or the error."""
         try:
             data = self.repo.store.get(pack_key(pack_id))
-            n = trailer_length(data[-TAIL_LEN:], f"pack {pack_id.hex()}")
-            trailer = decode_trailer(data[len(data) - TAIL_LEN - n:len(data) - TAIL_LEN], pack_id, len(data), "pack")
+            trailer = trailer_of(data, pack_id, f"pack {pack_id.hex()}")
         except (StoreError, FormatError) as exc:
             return exc
         view = memoryview(data)

@@ -27,6 +27,7 @@ spares a writer that takes no lock (``fsck --repair``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cafs.errors import CafsError, UsageError
@@ -34,9 +35,9 @@ from cafs.format.journal import journal_key
 from cafs.format.index import PackSummary
 from cafs.format.location import Location, decode_stored
 from cafs.format.nodes import Node, decode_node
-from cafs.format.pack import KIND_DATA, KIND_META, pack_key
+from cafs.format.pack import pack_key
 from cafs.locks import locked
-from cafs.packwriter import PackWriter, Uploader
+from cafs.packwriter import copy_into_new_packs
 from cafs.repository import Repository
 from cafs.stores.base import Temporaries
 from cafs.tree import reachable
@@ -128,11 +129,7 @@ def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.
             return result
         written = _repack(repo, repack, live, {e.id for p in kept for e in p.entries})
         result.reclaimed_bytes = gone - sum(p.length for p in written)
-        old_indexes = [key for key, _ in repo.store.list("index/")]
-        new_key = repo.write_index(kept + written)
-        for key in old_indexes:
-            if key != new_key:
-                repo.store.delete(key)
+        repo.replace_indexes(kept + written)
         for summary in doomed + repack:
             repo.delete_pack(summary.pack_id)
         return result
@@ -140,9 +137,7 @@ def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.
 
 def _repack(repo: Repository, packs: list[PackSummary], live: set[bytes], elsewhere: set[bytes]) -> list[PackSummary]:
     """Copy the live objects of ``packs`` verbatim into new packs; returns the new packs."""
-    uploader = Uploader(repo.pack_store)
-    try:
-        writers = {kind: PackWriter(uploader, kind, repo.config.pack_size) for kind in (KIND_DATA, KIND_META)}
+    def objects() -> Iterator[tuple[int, Location, bytes]]:
         copied: set[bytes] = set()
         for summary in packs:
             for loc in summary.entries:
@@ -150,11 +145,6 @@ def _repack(repo: Repository, packs: list[PackSummary], live: set[bytes], elsewh
                     continue
                 stored = repo.store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
                 decode_stored(loc, stored)  # never copy a damaged object over a good one
-                writers[summary.kind].add(loc.id, stored, loc.length, loc.codec)
                 copied.add(loc.id)
-        for writer in writers.values():
-            writer.seal()
-        uploader.drain()
-        return list(uploader.written)
-    finally:
-        uploader.close()
+                yield summary.kind, loc, stored
+    return copy_into_new_packs(repo.pack_store, repo.config.pack_size, objects())

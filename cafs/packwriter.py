@@ -31,11 +31,11 @@ import mmap
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from cafs.format.index import PackSummary
 from cafs.format.location import Location
-from cafs.format.pack import encode_trailer, pack_key
+from cafs.format.pack import KIND_DATA, KIND_META, encode_trailer, pack_key
 from cafs.ids import PackId, incremental_digest
 from cafs.stores import ObjectWriter, Store, StreamingWrites
 
@@ -310,3 +310,20 @@ class PackWriter:
         stream = self._stream or self.uploader.open(self._pack_id, self.kind, self.target)
         self.uploader.finish(stream, tuple(self._entries), self._end)
         self._open()
+
+
+def copy_into_new_packs(store: Store, pack_size: int,
+                        objects: Iterable[tuple[int, Location, bytes | memoryview]]) -> list[PackSummary]:
+    """Write each ``(pack kind, location, stored bytes)`` verbatim (same stored bytes,
+    codec and lengths) into new packs of its kind in ``store``; returns them, written."""
+    uploader = Uploader(store)
+    try:
+        writers = {kind: PackWriter(uploader, kind, pack_size) for kind in (KIND_DATA, KIND_META)}
+        for kind, loc, stored in objects:
+            writers[kind].add(loc.id, stored, loc.length, loc.codec)
+        for writer in writers.values():
+            writer.seal()
+        uploader.drain()
+        return list(uploader.written)
+    finally:
+        uploader.close()

@@ -30,10 +30,10 @@ from cafs.check import Problem, Report
 from cafs.errors import CafsError, IntegrityError, ObjectNotFound, StoreError
 from cafs.format.index import PackSummary
 from cafs.format.journal import decode_snapshot, parse_jid
-from cafs.format.location import verify_stored
-from cafs.format.pack import KIND_DATA, KIND_META, TAIL_LEN, decode_trailer, pack_key, trailer_length, verify_pack
+from cafs.format.location import Location, verify_stored
+from cafs.format.pack import pack_key, trailer_of, verify_pack
 from cafs.locks import locked
-from cafs.packwriter import PackWriter, Uploader
+from cafs.packwriter import copy_into_new_packs
 from cafs.repository import ObjectIndex, Repository
 
 DAMAGED_PREFIX = "damaged/"
@@ -106,48 +106,38 @@ def _salvage(repo: Repository, pack_ids: list[bytes], result: RepairResult) -> N
             index = repo.load_index()
             doomed = set(pack_ids)
             elsewhere = {e.id for s in index.packs.values() if s.pack_id not in doomed for e in s.entries}
-            uploader = Uploader(repo.pack_store)
-            try:
-                writers = {kind: PackWriter(uploader, kind, repo.config.pack_size) for kind in (KIND_DATA, KIND_META)}
-                bodies = {}
-                for pack_id in pack_ids:
-                    body = _salvage_one(repo, pack_id, index, elsewhere, writers, result)
-                    if body is not None:
-                        bodies[pack_id] = body
-                for writer in writers.values():
-                    writer.seal()
-                uploader.drain()
-                written = list(uploader.written)
-            finally:
-                uploader.close()
+            bodies = {p: body for p in pack_ids if (body := _present_body(repo, p, result)) is not None}
+            intact = [obj for p, body in bodies.items() for obj in _intact(p, body, index, elsewhere, result)]
+            written = copy_into_new_packs(repo.pack_store, repo.config.pack_size, intact)
             for pack_id, body in bodies.items():
                 repo.store.put(DAMAGED_PREFIX + pack_id.hex(), body)
-            old_indexes = [key for key, _ in repo.store.list("index/")]
-            new_key = repo.write_index([s for s in index.packs.values() if s.pack_id not in doomed] + written)
-            for key in old_indexes:
-                if key != new_key:
-                    repo.store.delete(key)
+            repo.replace_indexes([s for s in index.packs.values() if s.pack_id not in doomed] + written)
             for pack_id in bodies:
                 repo.delete_pack(pack_id)
     except (CafsError, StoreError) as exc:
         result.failed.append(f"salvaging pack(s) {', '.join(p.hex()[:16] for p in pack_ids)}: {exc}")
 
 
-def _salvage_one(repo: Repository, pack_id: bytes, index: ObjectIndex, elsewhere: set[bytes],
-                 writers: dict[int, PackWriter], result: RepairResult) -> bytes | None:
-    """Copy the intact objects of one damaged pack (none held elsewhere) to ``writers``;
-    returns the pack's bytes, to be set aside (None if it is missing)."""
+def _present_body(repo: Repository, pack_id: bytes, result: RepairResult) -> bytes | None:
+    """The whole damaged pack, to be set aside; None if it is missing (then it is only
+    dropped from the index)."""
     try:
-        data = repo.store.get(pack_key(pack_id))
+        return repo.store.get(pack_key(pack_id))
     except ObjectNotFound:
         result.repaired.append(f"pack {pack_id.hex()}: missing, no good copy; dropped from the index. "
                                "`cafs import --reread` of the same data stores its objects again")
         return None
-    summary = index.packs.get(pack_id) or _trailer_of(pack_id, data)
-    entries = summary.entries if summary else ()
-    view = memoryview(data)
-    copied = lost = 0
-    for loc in entries:
+
+
+def _intact(pack_id: bytes, body: bytes, index: ObjectIndex, elsewhere: set[bytes],
+            result: RepairResult) -> list[tuple[int, Location, memoryview]]:
+    """The objects of one damaged pack that still match their ids and that no other pack
+    holds, as ``(pack kind, location, stored bytes)``; adds them to ``elsewhere``."""
+    summary = index.packs.get(pack_id) or _listed_by_trailer(pack_id, body)
+    view = memoryview(body)
+    out: list[tuple[int, Location, memoryview]] = []
+    lost = 0
+    for loc in summary.entries if summary else ():
         if loc.id in elsewhere:
             continue
         stored = view[loc.offset:loc.end]
@@ -157,25 +147,23 @@ def _salvage_one(repo: Repository, pack_id: bytes, index: ObjectIndex, elsewhere
             lost += 1
             continue
         assert summary is not None
-        writers[summary.kind].add(loc.id, stored, loc.length, loc.codec)
+        out.append((summary.kind, loc, stored))
         elsewhere.add(loc.id)
-        copied += 1
     listing = "" if summary else " (neither an index nor its trailer lists its objects)"
     result.repaired.append(
-        f"pack {pack_id.hex()}: no good copy; {copied} intact object(s) copied to new packs, {lost} lost{listing}; "
+        f"pack {pack_id.hex()}: no good copy; {len(out)} intact object(s) copied to new packs, {lost} lost{listing}; "
         f"set aside as {DAMAGED_PREFIX}{pack_id.hex()}. `cafs import --reread` of the same data stores the "
         "lost ones again")
-    return data
+    return out
 
 
-def _trailer_of(pack_id: bytes, data: bytes) -> PackSummary | None:
+def _listed_by_trailer(pack_id: bytes, body: bytes) -> PackSummary | None:
     """The pack's own list of its objects, if its trailer still decodes."""
     try:
-        n = trailer_length(data[-TAIL_LEN:], f"pack {pack_id.hex()}")
-        trailer = decode_trailer(data[len(data) - TAIL_LEN - n:len(data) - TAIL_LEN], pack_id, len(data), "pack")
+        trailer = trailer_of(body, pack_id, f"pack {pack_id.hex()}")
     except CafsError:
         return None
-    return PackSummary(pack_id, len(data), trailer.kind, trailer.entries)
+    return PackSummary(pack_id, len(body), trailer.kind, trailer.entries)
 
 
 def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repository],

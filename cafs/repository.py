@@ -279,6 +279,15 @@ class Repository:
         self.store.put(key, data)
         return key
 
+    def replace_indexes(self, packs: list[PackSummary]) -> None:
+        """Write one index object covering exactly ``packs``, then delete every other
+        one: after a rewrite of packs, no index names a pack about to go."""
+        old = [key for key, _ in self.store.list("index/")]
+        new = self.write_index(packs)
+        for key in old:
+            if key != new:
+                self.store.delete(key)
+
     def delete_pack(self, pack_id: bytes) -> None:
         self.store.delete(pack_key(pack_id))
 

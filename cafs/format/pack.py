@@ -85,6 +85,17 @@ def decode_trailer(data: bytes, pack_id: bytes, pack_length: int, what: str) -> 
     return PackTrailer(kind, body_digest, tuple(entries))
 
 
+def trailer_of(data: bytes | memoryview, pack_id: bytes, what: str) -> PackTrailer:
+    """The trailer at the end of the whole pack ``data``, nothing else checked. Raises
+    FormatError (not a pack, a bad trailer)."""
+    view = memoryview(data)
+    n = trailer_length(bytes(view[-TAIL_LEN:]), what)
+    if n > len(view) - TAIL_LEN:
+        fail(what, f"trailer length {n} exceeds the pack")
+    end = len(view) - TAIL_LEN
+    return decode_trailer(bytes(view[end - n:end]), pack_id, len(view), what)
+
+
 def verify_pack(data: bytes | memoryview, pack_id: bytes, what: str) -> PackTrailer:
     """The trailer of the whole pack ``data``, raising unless every byte checks out: the
     trailer decodes, the body digest matches, and every object matches its id.
@@ -92,11 +103,7 @@ def verify_pack(data: bytes | memoryview, pack_id: bytes, what: str) -> PackTrai
     Raises FormatError (not a pack, a bad trailer) or IntegrityError (damaged bytes).
     """
     view = memoryview(data)
-    n = trailer_length(bytes(view[-TAIL_LEN:]), what)
-    if n > len(view) - TAIL_LEN:
-        fail(what, f"trailer length {n} exceeds the pack")
-    end = len(view) - TAIL_LEN
-    trailer = decode_trailer(bytes(view[end - n:end]), pack_id, len(view), what)
+    trailer = trailer_of(view, pack_id, what)
     if digest(view[:trailer.body_length]) != trailer.body_digest:
         raise IntegrityError(f"{what}: body digest differs")
     for loc in trailer.entries:
