@@ -28,8 +28,9 @@ transaction until the total is at most ``limit * EVICT_TO``, and once committed 
 the whole blocks they leave unused (a block shared with a recorded extent, or with a span
 this process is writing, is kept; without rounding, extents smaller than a block would
 free nothing). Bytes on disk exceed the total by the inserts in flight (written before
-they are recorded) and by the shared blocks at the ends of runs of extents. Nothing read from here is trusted: the
-caller verifies bytes against their id, and a damaged extent is dropped and refetched.
+they are recorded) and by the shared blocks at the ends of runs of extents. Nothing read
+from here is trusted: the caller verifies bytes against their id, and a damaged extent
+is dropped and refetched.
 All methods block (disk and LMDB): call them from worker threads, never hold a
 transaction across an ``await``.
 
@@ -378,8 +379,7 @@ class ChunkCache:
         O_DIRECT when there are enough of them and the filesystem allows, the rest
         through the page cache."""
         end = start + sum(len(p) for p in pieces)
-        first = -(-start // DIRECT_ALIGN) * DIRECT_ALIGN
-        last = end // DIRECT_ALIGN * DIRECT_ALIGN
+        first, last = _round_up(start, DIRECT_ALIGN), _round_down(end, DIRECT_ALIGN)
         buffered = [(start, end)]
         if self._direct and last - first >= DIRECT_MIN:
             stop = self._write_direct(entry, pieces, start, first, last)
@@ -495,12 +495,12 @@ class ChunkCache:
         None if the extent itself is being written again."""
         pack, start = key[:32], int.from_bytes(key[32:], "big")
         end = start + length
-        lo, hi = _round_down(start), _round_up(end)
+        lo, hi = _round_down(start, BLOCK), _round_up(end, BLOCK)
         for n_start, n_end in [*self._recorded_neighbours(txn, key), *self._writing.get(pack, ())]:
             if n_end <= start:
-                lo = max(lo, _round_up(n_end))
+                lo = max(lo, _round_up(n_end, BLOCK))
             elif n_start >= end:
-                hi = min(hi, _round_down(n_start))
+                hi = min(hi, _round_down(n_start, BLOCK))
             else:
                 return None
         return (lo, hi) if lo < hi else None
@@ -550,12 +550,12 @@ def _same_pack(cursor: lmdb.Cursor, key: bytes) -> Iterator[tuple[int, int]]:
         yield offset, offset + _EXTENT.unpack(cursor.value())[0]
 
 
-def _round_down(offset: int) -> int:
-    return offset // BLOCK * BLOCK
+def _round_down(offset: int, unit: int) -> int:
+    return offset // unit * unit
 
 
-def _round_up(offset: int) -> int:
-    return -(-offset // BLOCK) * BLOCK
+def _round_up(offset: int, unit: int) -> int:
+    return -(-offset // unit) * unit
 
 
 class _OpenPack:
