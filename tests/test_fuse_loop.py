@@ -8,6 +8,7 @@ import socket
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from cafs import fuse_loop
 
@@ -73,5 +74,82 @@ def test_install_gives_pyfuse3_the_view(monkeypatch: pytest.MonkeyPatch) -> None
     fuse_loop.install()
     view = pyfuse3.trio  # type: ignore[attr-defined]
     assert isinstance(view.lowlevel, fuse_loop._Lowlevel)
-    assert view.Lock is trio.Lock and view.ClosedResourceError is trio.ClosedResourceError
+    assert view.Lock is fuse_loop._BargingLock and view.ClosedResourceError is trio.ClosedResourceError
     assert view.lowlevel.current_trio_token is trio.lowlevel.current_trio_token
+
+
+async def test_a_free_lock_is_taken_without_letting_other_tasks_run() -> None:
+    lock = fuse_loop._BargingLock()
+    ran = False
+
+    async def other_task() -> None:
+        nonlocal ran
+        ran = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        for _ in range(10):
+            async with lock:
+                pass
+        assert not ran, "taking a free lock went through the scheduler"
+
+
+async def test_the_releasing_task_takes_the_lock_back_before_a_woken_waiter_runs() -> None:
+    lock = fuse_loop._BargingLock()
+    order: list[str] = []
+
+    async def waiter() -> None:
+        async with lock:
+            order.append("waiter")
+
+    async with trio.open_nursery() as nursery:
+        async with lock:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()  # the waiter is parked on the lock
+        async with lock:  # it was woken by the release, but has not run: taken back
+            order.append("holder")
+            await trio.testing.wait_all_tasks_blocked()  # it ran, found the lock held, parked again
+        # a trio.Lock would have handed it to the waiter at the first release
+    assert order == ["holder", "waiter"]
+
+
+async def test_every_waiter_gets_the_lock_in_turn() -> None:
+    lock = fuse_loop._BargingLock()
+    holders: list[int] = []
+    inside = 0
+
+    async def task(i: int) -> None:
+        nonlocal inside
+        async with lock:
+            inside += 1
+            assert inside == 1, "two tasks held the lock at once"
+            holders.append(i)
+            await trio.sleep(0)
+            inside -= 1
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(task, i)
+    assert sorted(holders) == list(range(20))
+
+
+async def test_a_cancelled_waiter_leaves_the_lock_to_the_others() -> None:
+    lock = fuse_loop._BargingLock()
+    got: list[str] = []
+
+    async def waiter(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            async with lock:
+                got.append(name)
+
+    first, second = trio.CancelScope(), trio.CancelScope()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            async with lock:
+                nursery.start_soon(waiter, "first", first)
+                nursery.start_soon(waiter, "second", second)
+                await trio.testing.wait_all_tasks_blocked()
+                first.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+    assert got == ["second"]
