@@ -7,7 +7,10 @@ Inode numbers: the root is 1. The first time a directory is looked into, it is g
 block of consecutive inode numbers, one per entry in name order (``base + index``).
 Numbers are therefore stable for the life of the mount, and the table's memory grows
 with the number of directories visited, not files; entries themselves are re-read from
-the (bounded) decoded-node cache when needed.
+the (bounded) decoded-node cache when needed. Hard links share one number, as on the
+source: the names of a file with a link count above 1 and the same source inode, content
+and attributes get the number of whichever of them was met first (``_linked``, one table
+entry per such file met), so ``rsync -H``, ``tar`` and ``du`` through the mount see links.
 
 Extended attributes of the root, besides ``user.cafs.id``: ``user.cafs.snapshot``
 (``REF@JID`` of the mounted snapshot), ``user.cafs.stats`` (counters, JSON),
@@ -136,6 +139,7 @@ class SnapshotFS:
         # read here it serves them itself, and loading ahead for an open would be waste.
         self._read_share = 1.0
         self._node_loads: dict[bytes, _NodeLoad] = {}  # node id -> the load under way
+        self._links: dict[tuple[object, ...], int] = {}  # a hard-linked file -> its inode
 
     async def load_node(self, loc: Location) -> None:
         """Load node ``loc`` (one a call raised ``NodeNotLoaded`` for) from the store into
@@ -189,7 +193,15 @@ class SnapshotFS:
         if found is None:
             raise PathNotFound(f"no entry {name!r} in inode {parent}")
         index, e = found
-        return block.base + index, e
+        return self._linked(block.base + index, e), e
+
+    def _linked(self, ino: int, e: Entry) -> int:
+        """The inode number of entry ``e`` at ``ino``: for a hard-linked file, the number
+        its first name met got. The key is more than the source inode, which a tree
+        spanning filesystems may repeat: files that agree on all of it are alike anyway."""
+        if e.nlink < 2 or not e.is_file:
+            return ino
+        return self._links.setdefault((e.ino, e.size, e.mtime_ns, e.mode, e.uid, e.gid, e.spans, e.ref), ino)
 
     def listdir(self, ino: int, start: int) -> Iterator[tuple[int, Entry, int]]:
         """``(inode, entry, next offset)`` from offset ``start`` of the listing of ``ino``:
@@ -206,7 +218,7 @@ class SnapshotFS:
             e = entry_at(self.reader, block.entry, index)
             if e is None:
                 return
-            yield block.base + index, e, DOTS + index + 1
+            yield self._linked(block.base + index, e), e, DOTS + index + 1
             index += 1
 
     def parent(self, ino: int) -> int:

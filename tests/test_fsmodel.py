@@ -141,13 +141,25 @@ def test_wrong_kinds_raise(fs: SnapshotFS) -> None:
 def test_inode_numbers_are_stable(fs: SnapshotFS, imported: Imported) -> None:
     rels = [rel for rel in manifest(imported.src)]
     first = {rel: resolve(fs, rel) for rel in rels}
-    assert len(set(first.values())) == len(first)
+    linked = {b"dups/copy0", b"dups/hardlink"}  # one file of two names
+    assert first[b"dups/copy0"] == first[b"dups/hardlink"]
+    assert len(set(first.values())) == len(first) - 1
     for ino in [ROOT_INO, *first.values()]:  # visit every directory's listing in between
         if fs.entry(ino).is_dir:
             list(fs.listdir(ino, 0))
     assert {rel: resolve(fs, rel) for rel in reversed(rels)} == first
     for rel, ino in first.items():
-        assert fs.entry(ino).name == rel.rpartition(b"/")[2]
+        if rel not in linked:
+            assert fs.entry(ino).name == rel.rpartition(b"/")[2]
+
+
+def test_hard_links_share_an_inode_whichever_name_is_met_first(fs: SnapshotFS) -> None:
+    dups = resolve(fs, b"dups")
+    listed = {e.name: ino for ino, e, _next in fs.listdir(dups, 0)}  # the listing meets copy0 first
+    assert listed[b"hardlink"] == listed[b"copy0"] == fs.lookup(dups, b"hardlink")[0]
+    assert len({listed[b"copy0"], listed[b"copy1"], listed[b"copy2"], listed[b"copy3"]}) == 4
+    attrs = fs.attributes(listed[b"hardlink"])
+    assert (attrs.ino, attrs.nlink) == (listed[b"copy0"], 2)
 
 
 # -- listings -------------------------------------------------------------------------------

@@ -179,10 +179,23 @@ def _drop_kernel_caches() -> bool:
     return True
 
 
-def test_inode_numbers_are_unique_and_stable(mnt: Mount) -> None:
+def _same_file_groups(inodes: dict[str, tuple[int, int]], root: Path) -> set[frozenset[str]]:
+    """The paths (relative to ``root``) grouped by the inode they share."""
+    groups: dict[tuple[int, int], set[str]] = {}
+    for path, key in inodes.items():
+        groups.setdefault(key, set()).add(os.path.relpath(path, root))
+    return {frozenset(g) for g in groups.values()}
+
+
+def test_inode_numbers_are_unique_but_for_hard_links_and_stable(dataset: Dataset, mnt: Mount) -> None:
     first = _inodes(mnt.path)
-    assert len({ino for _dev, ino in first.values()}) == len(first)
+    # names share an inode through the mount exactly when they share one on the source
+    assert _same_file_groups(first, mnt.path) == _same_file_groups(_inodes(dataset.src), dataset.src)
+    assert frozenset({"dups/copy0", "dups/hardlink"}) in _same_file_groups(first, mnt.path)
     assert len({dev for dev, _ino in first.values()}) == 1
+    listed = {e.name: e.inode() for e in os.scandir(mnt.path / "dups")}
+    assert listed["hardlink"] == listed["copy0"] == first[str(mnt.path / "dups/copy0")][1]
+    assert listed["copy1"] != listed["copy0"]  # the same bytes, but not a link
     assert {p: os.lstat(p).st_ino for p in first} == {p: ino for p, (_d, ino) in first.items()}
     assert _inodes(mnt.path) == first
     if _drop_kernel_caches():
