@@ -337,14 +337,12 @@ class Fetcher:
                 got = await workers.run(self._from_store, run, write, give_up, abandon_on_cancel=not write)
             return got
         try:
-            got = await self._within_deadline(run[0].describe(), read)
+            return await self._within_deadline(run[0].describe(), read)
         except StoreUnavailable as exc:
             now = time.monotonic()
             self._failed = {p: f for p, f in self._failed.items() if f[0] > now}
             self._failed[pack] = (now + FAILED_SECONDS, f"{exc} (failed moments ago; not asked again yet)")
             raise
-        self._failed.clear()  # the store answers again
-        return got
 
     async def store_call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, a read from the store (of ``what``, for messages), on a store
@@ -352,20 +350,22 @@ class Fetcher:
         has passed, ``FetcherClosed`` once the fetcher is closed."""
         if self._closed:
             raise FetcherClosed(CLOSED)
-        got = await self._within_deadline(what, lambda _give_up: self.store_workers.run(fn, *args,
-                                                                                      abandon_on_cancel=True))
-        self._failed.clear()  # the store answers again
-        return got
+        return await self._within_deadline(what, lambda _give_up: self.store_workers.run(fn, *args,
+                                                                                       abandon_on_cancel=True))
 
     async def _within_deadline(self, what: str, wait: Callable[[float], Awaitable[T]]) -> T:
-        """``await wait(give_up)``, ended early by the deadline (``give_up`` is that instant
-        on ``time.monotonic()``, for retries in threads) or by ``close()``."""
+        """``await wait(give_up)``, a read from the store, ended early by the deadline
+        (``give_up`` is that instant on ``time.monotonic()``, for retries in threads) or by
+        ``close()``. Once one succeeds, no pack is remembered as failing: the store answers
+        again."""
         with trio.CancelScope(deadline=trio.current_time() + self.deadline) as scope:
             self._waits.add(scope)
             try:
-                return await wait(time.monotonic() + self.deadline)
+                got = await wait(time.monotonic() + self.deadline)
             finally:
                 self._waits.discard(scope)
+            self._failed.clear()
+            return got
         if self._closed:
             raise FetcherClosed(f"{what}: {CLOSED}")
         raise StoreUnavailable(f"{what}: not read from the store within {self.deadline:g} s")

@@ -86,7 +86,8 @@ class _BargingLock:
 
 
 def trio_view(budget: int = BUDGET) -> types.ModuleType:
-    """A module with trio's attributes, but a ``lowlevel`` with the cheaper wait."""
+    """A module with trio's attributes, but a ``lowlevel`` with the cheaper wait and a
+    ``Lock`` that the task releasing it may take back at once."""
     view = types.ModuleType("cafs.fuse_loop.trio")
     view.__dict__.update((k, v) for k, v in vars(trio).items() if not k.startswith("__"))
     view.lowlevel = _Lowlevel(budget)  # type: ignore[attr-defined]
