@@ -96,13 +96,19 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root: /proc/kpageflags and page frame numbers are root-only", file=sys.stderr)
         return 2
+    failed = 0
     for path in args.files:
-        warm_read_mbps(path, args.bytes, 1)  # cache it
-        large, seen = large_folio_pages(path, args.bytes)
-        speed = warm_read_mbps(path, args.bytes, args.passes)
+        try:
+            warm_read_mbps(path, args.bytes, 1)  # cache it
+            large, seen = large_folio_pages(path, args.bytes)
+            speed = warm_read_mbps(path, args.bytes, args.passes)
+        except OSError as exc:
+            print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
+            failed += 1
+            continue
         share = large / seen if seen else 0.0
         print(f"{path}: {seen} pages cached, {share:.0%} in large folios; warm read {speed:.0f} MB/s")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
