@@ -38,7 +38,7 @@ from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_c
 from cafs.format.index import PackSummary, decode_index, encode_index
 from cafs.format.journal import (
     Snapshot, check_ref_name, decode_latest, decode_snapshot, encode_latest, encode_snapshot,
-    journal_key, latest_key, parse_jid,
+    is_ref_name, journal_key, latest_key, parse_jid,
 )
 from cafs.format.location import Location, decode_stored, plain_view
 from cafs.format.nodes import Entry
@@ -294,10 +294,13 @@ class Repository:
     # -- refs ---------------------------------------------------------------------
 
     def ref_names(self) -> list[str]:
+        """The refs with at least one journal entry. A directory under ``refs/`` whose
+        name no ref may have (put there by hand or by another tool) is not one: cafs never
+        wrote it, and counting it would make every listing of the repository fail."""
         names = set()
         for key, _ in self.keys("refs/"):
             parts = key.split("/")
-            if len(parts) == 3 and parse_jid(parts[2]) is not None:
+            if len(parts) == 3 and parse_jid(parts[2]) is not None and is_ref_name(parts[1]):
                 names.add(parts[1])
         return sorted(names)
 

@@ -279,6 +279,20 @@ def test_identical_copy_adds_no_data(cafs, repo: Path, src: Path, ds: str, tmp_p
     assert packs_bytes(repo) - stored_before < META_SLACK
 
 
+def test_a_directory_under_refs_that_no_ref_may_be_named_is_not_a_ref(cafs, repo: Path, ds: str) -> None:
+    # put there by hand or another tool: every listing of the repository failed on it
+    for bad in ("bad name", ".hidden", "-x"):
+        (repo / "refs" / bad).mkdir()
+        shutil.copy(repo / "refs" / "ds" / f"{1:020d}", repo / "refs" / bad / f"{1:020d}")
+    r = cafs("snapshots", repo, "--json")
+    assert r.code == 0, r.err
+    assert [s["ref"] for s in json.loads(r.out)] == ["ds"]
+    r = cafs("gc", repo, "--dry-run")
+    assert r.code == 0, r.err
+    r = cafs("fsck", repo)  # fsck still names what does not belong
+    assert r.code == 4 and "refs/bad name/" in r.out, r.out + r.err
+
+
 def test_reimport_unchanged_reads_nothing(cafs, repo: Path, src: Path, ds: str) -> None:
     stored_before = packs_bytes(repo)
     r = cafs("import", src, repo, "--name", "ds", "--no-progress")

@@ -34,8 +34,12 @@ MAX_JOURNAL_BYTES = 1 << 20
 _REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 
+def is_ref_name(name: str) -> bool:
+    return _REF_NAME.fullmatch(name) is not None
+
+
 def check_ref_name(name: str) -> str:
-    if not _REF_NAME.fullmatch(name):
+    if not is_ref_name(name):
         raise RefError(
             f"invalid ref name {name!r}: use 1-100 letters, digits, '.', '_' or '-' "
             "(no '/'), not starting with '.' or '-'"
