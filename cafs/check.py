@@ -12,10 +12,23 @@ What is checked, in order:
 4. with ``read_fraction`` > 0: the bytes of every chunk (or a random fraction of packs),
    read pack by pack in one pass each, decoded and matched against their ids, and each
    pack's body digest;
-5. packs that no snapshot references (reported, not an error).
+5. packs that no snapshot references (reported, not an error), only once every snapshot
+   was walked whole: while a node or journal entry is unreadable, the packs only it
+   references look unreferenced, so the report says it cannot tell (``None``) unless
+   every pack is referenced already.
 
 A problem names the object and what it affects: the snapshots and paths (the first few)
 that lose bytes. Repair (``repair.py``) works from this report. Nothing here writes.
+
+``Checker.run`` may be called again after a repair: it checks the repository as it is
+then (listings, trailers of new or resized packs, indexes, journals, every snapshot
+walked again), but does not fetch again a node it has verified, reread the trailer of a
+pack of the same id and length, or reread with ``read_fraction`` a pack whose every
+byte it has verified: ids name immutable bytes. So a second run costs what the first
+could not reach, which a repaired metadata pack makes readable.
+
+Caveats: that trust is in what this process verified; damage done to those objects
+between two runs of one ``Checker`` is seen by the next ``cafs fsck``, not by that run.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
-from cafs.format.index import decode_index
+from cafs.format.index import PackSummary, decode_index
 from cafs.format.journal import Snapshot, decode_snapshot, journal_key, parse_jid
 from cafs.format.location import Location, verify_stored
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
@@ -64,7 +77,10 @@ class Report:
     nodes: int = 0
     chunks: int = 0
     bytes_read: int = 0
-    unreferenced_packs: list[str] = field(default_factory=list)
+    # packs (hex) no snapshot references; None when that cannot be told: some snapshot was
+    # not walked whole (``unreadable_snapshots``) and some pack is not referenced by what was
+    unreferenced_packs: list[str] | None = field(default_factory=list)
+    unreadable_snapshots: list[str] = field(default_factory=list)  # ref@jid whose tree could not be read whole
 
     @property
     def clean(self) -> bool:
@@ -78,28 +94,41 @@ def _show(path: bytes) -> str:
 class Checker:
     def __init__(self, repo: Repository, *, progress: Callable[[str], None] | None = None) -> None:
         self.repo = repo
-        self.report = Report()
         self.progress = progress or (lambda _msg: None)
+        # What this Checker verified, kept across runs (see the module docstring).
+        self._nodes_ok: dict[bytes, TreeNode | DirIndexNode | FileNode] = {}
+        self._summaries: dict[bytes, PackSummary] = {}  # pack id -> its trailer, read whole
+        self._read_ok: set[bytes] = set()  # packs whose every byte matched (read_fraction)
+        self._start()
+
+    def _start(self) -> None:
+        """State of one run."""
+        self.report = Report()
         self.sizes: dict[bytes, int] = {}
         self.trailers: dict[bytes, PackTrailer] = {}
         self._by_pack_offset: dict[bytes, dict[int, Location]] = {}
         self._by_id: dict[bytes, Location] = {}
         self._pack_problem: dict[bytes, Problem] = {}
         self._object_problem: dict[bytes, Problem] = {}
-        self._nodes_ok: dict[bytes, TreeNode | DirIndexNode | FileNode] = {}
+        self._nodes_seen: set[bytes] = set()  # nodes counted in this run's report
         self._referenced_packs: set[bytes] = set()
+        self._unreadable: set[str] = set()
         self._set_aside: set[str] | None = None  # packs fsck --repair set aside (damaged/), listed on demand
         # chunk id -> (snapshot label, path) of the first few users, for --read-data reports
         self._chunk_users: dict[bytes, list[tuple[str, str]]] = defaultdict(list)
 
     def run(self, read_fraction: float = 0.0, seed: int | None = None) -> Report:
+        self._start()
         self._check_packs()
         self._check_indexes()
         for snap in self._journals():
             self._check_snapshot(snap)
         if read_fraction > 0:
             self._read_data(read_fraction, random.Random(seed))
-        self.report.unreferenced_packs = sorted(p.hex() for p in self.sizes if p not in self._referenced_packs)
+        unreferenced = sorted(p.hex() for p in self.sizes if p not in self._referenced_packs)
+        self.report.unreadable_snapshots = sorted(self._unreadable)
+        # A snapshot not walked whole may reference any pack not referenced so far.
+        self.report.unreferenced_packs = None if self._unreadable and unreferenced else unreferenced
         return self.report
 
     # -- packs and indexes ---------------------------------------------------------------
@@ -113,13 +142,15 @@ class Checker:
         self.report.packs = len(self.sizes)
         for n, (pack_id, size) in enumerate(sorted(self.sizes.items())):
             self.progress(f"pack trailers {n + 1}/{len(self.sizes)}")
-            try:
-                summary = self.repo.read_trailer(pack_id, size)
-            except (FormatError, StoreError) as exc:
-                kind = "truncated-pack" if "magic" in str(exc) or "exceeds" in str(exc) else "corrupt-pack"
-                self._pack_problem[pack_id] = self._problem(
-                    Problem(kind, pack_id.hex(), str(exc), pack=pack_id))
-                continue
+            summary = self._summaries.get(pack_id)
+            if summary is None or summary.length != size:
+                try:
+                    summary = self._summaries[pack_id] = self.repo.read_trailer(pack_id, size)
+                except (FormatError, StoreError) as exc:
+                    kind = "truncated-pack" if "magic" in str(exc) or "exceeds" in str(exc) else "corrupt-pack"
+                    self._pack_problem[pack_id] = self._problem(
+                        Problem(kind, pack_id.hex(), str(exc), pack=pack_id))
+                    continue
             trailer = PackTrailer(summary.kind, b"", summary.entries)
             self.trailers[pack_id] = trailer
             self._by_pack_offset[pack_id] = {loc.offset: loc for loc in summary.entries}
@@ -158,6 +189,7 @@ class Checker:
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
             except (CafsError, StoreError) as exc:
+                self._unreadable.add(f"{parts[1]}@{jid}")
                 self._problem(Problem("bad-journal", key, str(exc),
                                       affects={f"{parts[1]}@{jid}": ["/ (the whole snapshot)"]}))
         self.report.snapshots = len(snaps)
@@ -220,20 +252,24 @@ class Checker:
         # Snapshots of one ref share most of their nodes: each is read and verified once,
         # but walked again for every snapshot so problems name every snapshot they affect.
         problem = self._locate(loc)
-        if problem is None and loc.id in self._nodes_ok:
-            return self._nodes_ok[loc.id]
         if problem is None:
-            try:
-                node = decode_node(self.repo.read_object(loc), f"node {loc.id.hex()[:16]}")
-                self._nodes_ok[loc.id] = node
-                self.report.nodes += 1
+            node = self._nodes_ok.get(loc.id)
+            if node is None:
+                try:
+                    node = self._nodes_ok[loc.id] = decode_node(self.repo.read_object(loc),
+                                                                f"node {loc.id.hex()[:16]}")
+                except (FormatError, IntegrityError, StoreError) as exc:
+                    problem = self._object_problem.get(loc.id) or self._problem(
+                        Problem("corrupt-node", loc.id.hex(), str(exc), pack=loc.pack))
+                    self._object_problem[loc.id] = problem
+            if node is not None:
+                if loc.id not in self._nodes_seen:
+                    self._nodes_seen.add(loc.id)
+                    self.report.nodes += 1
                 return node
-            except (FormatError, IntegrityError, StoreError) as exc:
-                problem = self._object_problem.get(loc.id) or self._problem(
-                    Problem("corrupt-node", loc.id.hex(), str(exc), pack=loc.pack))
-                self._object_problem[loc.id] = problem
         assert problem is not None
         problem.affects.setdefault(label, []).append(_show(path) + " (and everything below)")
+        self._unreadable.add(label)
         return None
 
     def _dir_entries(self, loc: Location, label: str, path: bytes) -> list[Entry]:
@@ -262,6 +298,7 @@ class Checker:
         packs = sorted(self.trailers)
         if fraction < 1:
             packs = [p for p in packs if rng.random() < fraction]
+        packs = [p for p in packs if p not in self._read_ok]  # verified whole by an earlier run
         # Reading and hashing release the GIL: two packs at a time keep the disk and both
         # cores busy. Results are recorded on this thread, in pack order.
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
@@ -293,6 +330,7 @@ class Checker:
         length, bad, total, body_ok = outcome
         self.report.bytes_read += length
         if not bad and body_ok:
+            self._read_ok.add(pack_id)
             return
         problem = self._problem(Problem(
             "corrupt-pack", pack_id.hex(),

@@ -312,23 +312,36 @@ def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _fsck(ctx: Context, args: argparse.Namespace) -> int:
+    """The text report: the counts of the first check; an ``error:`` line for every problem
+    found (by the first check, or by a check after a repair round made more readable);
+    ``repaired:`` and ``not repaired:`` lines; the unreferenced packs of the last check
+    (or that they cannot be told while some snapshot cannot be read whole); the verdict.
+
+    ``--json`` gives one object: ``repository``, ``exit``, the counts (``snapshots``,
+    ``packs``, ``nodes``, ``chunks``, ``bytes_read``) of the first check; ``problems``
+    (every problem found, as above: ``kind``, ``subject``, ``detail``, ``affects``);
+    ``cache_problems``; ``repaired`` and ``unrepaired`` (lines); ``remaining`` (the
+    problems the last check found, described; null without --repair);
+    ``unreferenced_packs`` (pack ids of the last check, or null when that cannot be told:
+    some snapshot, named in ``unreadable_snapshots``, could not be read whole)."""
     from cafs.check import Checker
-    from cafs.repair import repair
+    from cafs.repair import repair_in_rounds
 
     if args.salvage and not args.repair:
         raise UsageError("--salvage is a kind of repair: give --repair too")
     repo = ctx.repo(args.repo)
     mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror] if args.repair else []
     status = [""]
+    checker = Checker(repo, progress=lambda m: status.__setitem__(0, m))
     with Progress(lambda _t: status[0]):
-        report = Checker(repo, progress=lambda m: status.__setitem__(0, m)).run(args.read_data)
+        report = checker.run(args.read_data)
     repaired: list[str] = []
     failed: list[str] = []
     if report.problems and args.repair:
-        result = repair(repo, report, mirrors, salvage=args.salvage)
-        repaired, failed = result.repaired, result.failed
         with Progress(lambda _t: status[0]):
-            after = Checker(repo, progress=lambda m: status.__setitem__(0, m)).run(args.read_data)
+            result, after = repair_in_rounds(repo, report, mirrors, lambda: checker.run(args.read_data),
+                                             salvage=args.salvage)
+        repaired, failed = result.repaired, result.failed
     else:
         after = report
     cache_problems, cache_repaired, cache_left = [], [], 0
@@ -356,7 +369,8 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
             "cache_problems": cache_problems,
             "repaired": repaired, "unrepaired": failed,
             "remaining": [p.describe() for p in after.problems] if args.repair else None,
-            "unreferenced_packs": report.unreferenced_packs}, indent=2))
+            "unreferenced_packs": after.unreferenced_packs,
+            "unreadable_snapshots": after.unreadable_snapshots}, indent=2))
         return code
     print(f"checked {repo.url}: {report.snapshots} snapshots, {report.packs} packs, {report.nodes} nodes, "
           f"{report.chunks} chunk references" + (f", {human_bytes(report.bytes_read)} of data read" if args.read_data else ""))
@@ -368,8 +382,11 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
         print(f"repaired: {line}")
     for line in failed:
         print(f"not repaired: {line}")
-    if report.unreferenced_packs:
-        print(f"{len(report.unreferenced_packs)} pack(s) no snapshot references (cafs gc reclaims them)")
+    if after.unreferenced_packs is None:
+        print("unreferenced packs cannot be told while a snapshot cannot be read whole: "
+              + ", ".join(after.unreadable_snapshots))
+    elif after.unreferenced_packs:
+        print(f"{len(after.unreferenced_packs)} pack(s) no snapshot references (cafs gc reclaims them)")
     print({FSCK_CLEAN: "no errors", FSCK_CORRECTED: "all errors corrected",
            FSCK_UNCORRECTED: f"{left} error(s) left uncorrected"}[code])
     return code

@@ -19,11 +19,19 @@
   that snapshot. A journal entry has no content id to check it against; being written
   once and never changed, the same repository's copy is the same entry.
 
-Returns what was repaired and what could not be; the caller re-checks.
+``repair`` makes one pass over a list of problems and returns what was repaired and what
+could not be. ``repair_in_rounds`` is what ``cafs fsck --repair`` runs: a check sees only
+as deep as the metadata it can read, so a missing or damaged metadata pack hides every
+problem below the nodes it holds. After each round it checks again and, if the round
+repaired anything, repairs what the check found that no earlier round tried (what the
+repair made visible); it stops when a check finds nothing new, when a round repairs
+nothing, or after ``MAX_REPAIR_ROUNDS`` rounds. A pack (a journal entry, an index object)
+is tried in one round only: what no mirror gave in one round, none gives in the next.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cafs.check import Problem, Report
@@ -37,6 +45,7 @@ from cafs.packwriter import copy_into_new_packs
 from cafs.repository import ObjectIndex, Repository
 
 DAMAGED_PREFIX = "damaged/"
+MAX_REPAIR_ROUNDS = 4  # each round can reach one more level of damaged metadata
 SALVAGEABLE = ("corrupt-pack", "truncated-pack", "missing-object", "corrupt-node", "corrupt-chunk", "missing-pack")
 
 
@@ -53,11 +62,42 @@ def verified_pack(repo: Repository, pack_id: bytes) -> bytes:
     return data
 
 
-def repair(repo: Repository, report: Report, mirrors: list[Repository], *, salvage: bool = False) -> RepairResult:
+def repair_in_rounds(repo: Repository, report: Report, mirrors: list[Repository], recheck: Callable[[], Report],
+                     *, salvage: bool = False) -> tuple[RepairResult, Report]:
+    """Repair what ``report`` found, ``recheck``, and go on while rounds uncover more (see
+    the module docstring). Returns what all rounds repaired and could not, and the last
+    check. ``report.problems`` gains what later checks found that no earlier one had, so
+    it lists every problem found."""
+    result = RepairResult()
+    tried: set[tuple[str, str]] = set()
+    todo = list(report.problems)
+    after = report
+    for _ in range(MAX_REPAIR_ROUNDS):
+        this = repair(repo, todo, mirrors, salvage=salvage)
+        result.repaired += this.repaired
+        result.failed += this.failed
+        tried.update(_repair_key(p) for p in todo)
+        after = recheck()
+        todo = [p for p in after.problems if _repair_key(p) not in tried]
+        report.problems += todo
+        if not todo or not this.repaired:
+            break
+    result.failed += [f"{p.kind} {p.subject}: found by the check after the last round of repair, not tried; "
+                      "run `cafs fsck --repair` again" for p in todo]
+    return result, after
+
+
+def _repair_key(problem: Problem) -> tuple[str, str]:
+    """What a repair of ``problem`` works on: its pack, or else the object it names."""
+    return ("pack", problem.pack.hex()) if problem.pack is not None else (problem.kind, problem.subject)
+
+
+def repair(repo: Repository, problems: Sequence[Problem], mirrors: list[Repository], *,
+           salvage: bool = False) -> RepairResult:
     result = RepairResult()
     done: set[bytes] = set()
     salvaged: list[bytes] = []
-    for problem in report.problems:
+    for problem in problems:
         if problem.kind == "bad-index":
             _rewrite_index(repo, problem, result)
         elif problem.kind == "bad-journal":

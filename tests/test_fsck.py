@@ -399,6 +399,39 @@ def test_json_lists_the_problems(cafs, copies: Damaged) -> None:
     assert doc["repaired"] and not doc["unrepaired"] and doc["remaining"] == []
 
 
+def test_one_repair_reaches_what_a_repaired_metadata_pack_hid(cafs, copies: Damaged, tmp_path: Path) -> None:
+    # The disk lost the root's metadata pack, a data pack below it and the index object.
+    # Without an index (a cache of trailers) only the walk from the root finds a missing
+    # pack, and the walk cannot pass the root until its pack is back: the data pack is
+    # seen, and replaced, only by a check after that repair, in the same run.
+    root = missing_root(copies)
+    data, _ = _big_pack(copies.layout)
+    assert copies.layout.kinds[data] == KIND_DATA
+    pack_path(copies.repo, data).unlink()
+    for index in (copies.repo / "index").iterdir():
+        index.unlink()
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED and root.subject in r.out and data.hex() not in r.out, r.out
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert f"error: missing-pack {data.hex()}" in r.out and f"repaired: pack {data.hex()}" in r.out, r.out
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    assert_extracts(cafs, copies.repo, copies.src, tmp_path / "out")
+
+
+def test_unreadable_snapshot_claims_no_unreferenced_packs(cafs, copies: Damaged) -> None:
+    # Below a lost root every pack looks unreferenced; gc would reclaim them all.
+    missing_root(copies)
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert "gc reclaims" not in r.out, r.out
+    assert f"unreferenced packs cannot be told while a snapshot cannot be read whole: {LABEL}" in r.out, r.out
+    code, doc = fsck_json(cafs, copies.repo)
+    assert code == FSCK_UNCORRECTED
+    assert doc["unreferenced_packs"] is None and doc["unreadable_snapshots"] == [LABEL], doc
+
+
 def test_missing_repository_is_operational_error(cafs, tmp_path: Path) -> None:
     r = fsck(cafs, tmp_path / "no-such-repo")
     assert r.code == FSCK_OPERATIONAL
