@@ -28,8 +28,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from cafs.errors import (
     CafsError, FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, RefError, RepositoryError, StoreError,
@@ -49,6 +50,7 @@ from cafs.stores import ObjectExists, ResidentReads, Store, StreamingWrites, Tri
 
 CONFIG_KEY = "config"
 RELOCATION_RELOAD = 10.0
+INDEX_READERS = 16  # index objects load_index reads at once from a remote store
 TRIO_TIMEOUT = 5.0  # seconds a read on the trio loop may take before the ordinary path has it
 
 
@@ -250,17 +252,15 @@ class Repository:
         trailers of packs no index covers (left by an interrupted import)."""
         index = ObjectIndex()
         present = self.list_packs()
-        for key, _size in self.keys("index/"):
-            try:
-                data = self.get(key)
-                if digest(data).hex() != key.rsplit("/", 1)[-1]:
-                    raise IntegrityError(f"index object {key} does not match its name")
-                for summary in decode_index(data, key):
-                    if summary.pack_id in present:
-                        index.add(summary)
-            except (FormatError, IntegrityError, StoreError) as exc:
+        keys = [key for key, _size in self.keys("index/")]
+        for got in self._index_objects(keys):  # in listing order: the first read names an object's location
+            if isinstance(got, CafsError):
                 if on_problem:
-                    on_problem(f"{exc}; reading pack trailers instead")
+                    on_problem(f"{got}; reading pack trailers instead")
+                continue
+            for summary in got:
+                if summary.pack_id in present:
+                    index.add(summary)
         for pack_id, size in present.items():
             if pack_id not in index.packs:
                 try:
@@ -269,6 +269,26 @@ class Repository:
                     if on_problem:
                         on_problem(f"skipping unreadable pack: {exc}")
         return index
+
+    def _index_objects(self, keys: list[str]) -> Iterator[list[PackSummary] | CafsError]:
+        """``_index_object`` of each key, in order. There is one object per import until gc
+        merges them, so from a remote store several are read at a time: one by one, each
+        would cost the store's first-byte latency. A local disk has none to hide."""
+        if self._resident is not None or len(keys) < 2:
+            yield from map(self._index_object, keys)
+            return
+        with ThreadPoolExecutor(max_workers=min(INDEX_READERS, len(keys))) as pool:
+            yield from pool.map(self._index_object, keys)
+
+    def _index_object(self, key: str) -> list[PackSummary] | CafsError:
+        """The packs an index object describes, verified, or why it cannot be read."""
+        try:
+            data = self.get(key)
+            if digest(data).hex() != key.rsplit("/", 1)[-1]:
+                raise IntegrityError(f"index object {key} does not match its name")
+            return decode_index(data, key)
+        except (FormatError, IntegrityError, StoreError) as exc:
+            return exc
 
     def write_index(self, packs: list[PackSummary]) -> str | None:
         """Write an index object covering ``packs``; returns its key (None if no packs)."""

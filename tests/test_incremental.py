@@ -4,6 +4,8 @@ ref, entry by entry and node by node, and that what it builds reads back byte-ex
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from cafs.metacache import MetaCache, NodeReader
 from cafs.repository import Repository
 from cafs.stores.local import LocalStore
 from cafs.tree import file_spans, resolve
+from storewrap import PassThroughStore
 from treegen import assert_same_tree
 
 
@@ -129,3 +132,42 @@ def test_names_that_change_kind_between_imports(r: Repo, tmp_path: Path, cafs) -
     res = cafs("get", f"{r.repo.url}#ds", tmp_path / "out")
     assert res.code == 0, res.err
     assert_same_tree(src, tmp_path / "out")
+
+
+class _SlowIndexReads(PassThroughStore):
+    """Index objects answer after a delay, as from a remote store; counts the reads of
+    them under way at once."""
+
+    def __init__(self, inner: LocalStore) -> None:
+        super().__init__(inner)
+        self._lock = threading.Lock()
+        self._now = 0
+        self.most = 0
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        if not key.startswith("index/"):
+            return super().get(key, offset, length)
+        with self._lock:
+            self._now += 1
+            self.most = max(self.most, self._now)
+        try:
+            time.sleep(0.05)
+            return super().get(key, offset, length)
+        finally:
+            with self._lock:
+                self._now -= 1
+
+
+def test_index_objects_of_a_remote_store_are_read_several_at_a_time(r: Repo, tmp_path: Path) -> None:
+    # one index object per import until gc merges them: read one by one, each would cost
+    # a remote store's first-byte latency
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(3000))
+        r.import_(src)
+    assert len(list((tmp_path / "repo" / "index").iterdir())) == 6
+    slow = _SlowIndexReads(LocalStore(tmp_path / "repo"))
+    got = Repository.open(slow).load_index()
+    assert slow.most > 1
+    assert got.objects == r.repo.load_index().objects and len(got.objects) == 6 + 6  # a chunk and a node each
