@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator, Sequence
 
 from cafs import sizes
-from cafs.errors import CafsError, RepositoryError, UsageError
+from cafs.errors import CafsError, NoSpaceError, RepositoryError, UsageError
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
@@ -408,7 +408,13 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.gc import collect
 
     repo = ctx.repo(args.repo)
-    r = collect(repo, dry_run=args.dry_run, repack_below=args.repack_below)
+    try:
+        r = collect(repo, dry_run=args.dry_run, repack_below=args.repack_below)
+    except NoSpaceError as exc:
+        # the disk that most needs a gc is a full one: say what gc itself must write
+        raise NoSpaceError(f"{exc}; gc writes a lock object of a few bytes first, and new packs before it "
+                           "deletes the ones it repacks: free a little space on that disk, or give "
+                           "--repack-below 0 to delete unreferenced packs only") from None
     unreferenced = len(r.deleted_packs) - r.repacked
     print(f"{r.snapshots} snapshot(s), {r.packs_total} pack(s): "
           f"{'would delete' if args.dry_run else 'deleted'} {unreferenced} unreferenced pack(s), "
@@ -764,13 +770,14 @@ def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def parse_fraction(text: str) -> float:
+def parse_fraction(text: str, zero: bool = False) -> float:
+    """A fraction in (0, 1], or [0, 1] with ``zero``, as ``0.1`` or ``10%``."""
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (0.1, 10%)") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: the fraction must be in (0, 1]")
+    if not (0 <= value if zero else 0 < value) or not value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the fraction must be in {'[' if zero else '('}0, 1]")
     return value
 
 
@@ -978,8 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("gc", "delete packs no snapshot references; repack mostly-garbage packs")
     sp.add_argument("repo")
     sp.add_argument("--dry-run", action="store_true")
-    sp.add_argument("--repack-below", type=parse_fraction, default=0.5, metavar="FRACTION",
-                    help="repack packs whose live bytes are below this share (default 0.5)")
+    sp.add_argument("--repack-below", type=lambda t: parse_fraction(t, zero=True), default=0.5, metavar="FRACTION",
+                    help="repack packs whose live bytes are below this share (default 0.5; 0: repack none, "
+                         "only delete unreferenced packs)")
     sp.set_defaults(func=cmd_gc)
 
     sp = command("copy", "copy snapshots, and the packs they need, to another repository (fill a mirror)")

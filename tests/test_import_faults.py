@@ -397,6 +397,35 @@ def test_get_completes_once_the_disk_has_room(cafs, repo: Path, small_tmpfs: Pat
     assert_same_tree(big_src, small_tmpfs / "out")
 
 
+def test_gc_on_a_full_disk_says_how_to_go_on_and_then_frees_it(cafs, small_tmpfs: Path, tmp_path: Path) -> None:
+    repo = small_tmpfs / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(2):  # two snapshots with nothing in common; the first is then forgotten
+        (src / "f").write_bytes(os.urandom(900_000))
+        assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    assert cafs("forget", repo, "ds", "--keep-last", "1").code == 0
+    filler = small_tmpfs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError):  # until the disk is full
+            while True:
+                os.write(fd, bytes(4096))
+    finally:
+        os.close(fd)
+    before = all_files(repo)
+    r = cafs("gc", repo)
+    assert_clean_error(r, 1, "no space left", "--repack-below 0")
+    assert all_files(repo) == before  # nothing lost, nothing half-written
+    os.truncate(filler, filler.stat().st_size - (64 << 10))  # a little room
+    r = cafs("gc", repo, "--repack-below", "0")
+    assert r.code == 0, r.err
+    assert shutil.disk_usage(small_tmpfs).free > 800_000  # the forgotten snapshot's bytes are free
+    r = cafs("fsck", repo, "--read-data")
+    assert r.code == 0, r.out + r.err
+
+
 class LosesFirstJournalAnswer(PassThroughStore):
     """A local store that writes the first journal entry, then reports the connection
     lost, as a server whose answer never arrived would."""
