@@ -776,7 +776,7 @@ def parse_fraction(text: str, zero: bool = False) -> float:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (0.1, 10%)") from None
-    if not (0 <= value if zero else 0 < value) or not value <= 1:
+    if not 0 <= value <= 1 or (value == 0 and not zero):
         raise argparse.ArgumentTypeError(f"{text!r}: the fraction must be in {'[' if zero else '('}0, 1]")
     return value
 
