@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 from cafs import sizes
 from cafs.errors import CafsError, NoSpaceError, RepositoryError, UsageError
+from cafs.fileio import raise_open_files_limit
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
@@ -1041,6 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if more is None or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, more).extend(extra)
+    raise_open_files_limit()  # deep trees take a descriptor per level
     try:
         with _context(args) as ctx:
             code = int(args.func(ctx, args))

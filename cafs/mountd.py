@@ -47,6 +47,7 @@ from cafs import fuse_loop
 from cafs.chunkcache import ChunkCache
 from cafs.errors import CafsError
 from cafs.fetch import Fetcher
+from cafs.fileio import raise_open_files_limit
 from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
@@ -255,6 +256,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
     """Mount and serve until unmounted. Returns an exit code; calls ``fail`` with a
     message if the mount could not be made, ``ready`` once it answers."""
     limit_malloc_arenas()  # before the first worker thread starts
+    raise_open_files_limit()  # a cache file per pack read, and the store's connections
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
     counters = CounterSync()
     with ExitStack() as stack:

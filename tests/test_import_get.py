@@ -550,3 +550,25 @@ def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, deep_dir: Path
     r = cafs("diff", f"{repo}#deep@1", f"{repo}#deep@2")
     assert r.code == 0 and r.out.count("\n") == 1 and r.out.startswith("M d/d/"), r.out[-200:]
     assert r.out.rstrip().endswith("/d/f")
+
+
+def test_a_tree_deeper_than_the_usual_open_files_limit(cafs_proc, repo: Path, deep_dir: Path) -> None:
+    """A descriptor is held per level of the walk: with the usual soft limit of 1024 open
+    files (and a hard limit above it), a tree 1,100 deep imports and extracts whole."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"the hard limit of open files here ({hard}) is too low to show this")
+
+    def usual_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    src = deep_dir / "deep"
+    _deep(src, 1100, b"bottom")
+    r = cafs_proc("import", src, repo, "--name", "deep", "--no-progress", preexec_fn=usual_soft_limit)
+    assert r.returncode == 0, r.stderr[-300:]
+    r = cafs_proc("get", f"{repo}#deep", deep_dir / "out", preexec_fn=usual_soft_limit)
+    assert r.returncode == 0, r.stderr[-300:]
+    r = subprocess.run(["diff", "-r", src, deep_dir / "out"], capture_output=True)
+    assert r.returncode == 0, r.stdout[-300:]
