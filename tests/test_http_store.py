@@ -61,6 +61,17 @@ def test_read_only_server_refuses_writes_clearly(nginx_server) -> None:
         HttpStore(server.url).put("config", b"x")
 
 
+def test_init_where_a_web_page_answers_for_config_names_it(nginx_server, tmp_path: Path) -> None:
+    """A server that answers any path with a page (a login portal, a site's fallback)
+    holds no repository: init says its config is not one, not that one exists."""
+    server = nginx_server(read_only=True)
+    (server.root / "repo").mkdir()
+    (server.root / "repo" / "config").write_text("<html><body>Please log in</body></html>\n")
+    r = run_cafs("init", server.url + "/repo", cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert "repo/config: not a cafs repository config" in r.stderr and "exists there already" not in r.stderr
+
+
 def test_unreachable_server_is_unavailable() -> None:
     with pytest.raises(StoreUnavailable, match="127.0.0.1:9"):
         HttpStore("http://127.0.0.1:9/repo", timeout=2).get("config")
