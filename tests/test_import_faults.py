@@ -7,6 +7,7 @@ a full disk is a clear line, never a traceback, and leaves the repository usable
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -327,6 +328,21 @@ def test_unknown_snapshot_or_path_is_a_clear_error(cafs, ds: str, repo: Path, tm
     assert_clean_error(r, r.code, needle)
     assert len(r.err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("jid", ["\u00b2", "\u0661", "-1", "", "1x"])
+def test_a_journal_id_that_is_not_ascii_digits_is_a_usage_error(cafs, ds: str, jid: str) -> None:
+    # '²' and the Arabic-Indic '١' are str.isdigit(): the first was a traceback, the other ref@1
+    r = cafs("ls", f"{ds}@{jid}")
+    assert_clean_error(r, 2, "the journal id after '@' must be a number")
+    assert len(r.err.splitlines()) == 1
+
+
+def test_a_journal_key_with_other_digits_is_not_a_snapshot(cafs, ds: str, repo: Path) -> None:
+    (repo / "refs" / "ds" / ("0" * 19 + "\u00b2")).write_bytes(b"")
+    r = cafs("snapshots", repo, "--json")
+    assert r.code == 0, r.err
+    assert [s["jid"] for s in json.loads(r.out)] == [1]
 
 
 # -- full disks ---------------------------------------------------------------------------
