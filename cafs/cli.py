@@ -177,6 +177,8 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
         result = run_import(repo, ctx.meta(repo), src, args.name, strict=args.strict, reread=args.reread,
                             counters_out=counters, on_problem=warn)
     _print_import_summary(result)
+    for s in result.left_out:
+        print(f"cafs: note: left out {s.describe()}", file=sys.stderr)
     if result.skipped:
         print(f"cafs: {len(result.skipped)} path(s) skipped:", file=sys.stderr)
         for s in result.skipped:

@@ -231,6 +231,40 @@ def test_file_changing_during_import_is_reported(cafs, repo: Path, tmp_path: Pat
 # -- wrong places and names ---------------------------------------------------------------
 
 
+def test_a_repository_inside_the_tree_is_left_out(cafs, tmp_path: Path) -> None:
+    # every import stored again the packs the import before it wrote
+    src = make_small_tree(tmp_path / "src")
+    repo = src / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    for _ in range(2):
+        r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+        assert_clean_error(r, 0, "left out 'repo': the repository")
+    assert "new 0 B, stored 0 B in 0 pack(s)" in r.out, r.out
+    r = cafs("ls", f"{repo}#ds")
+    assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["dir", "file"]
+    assert cafs("fsck", repo, "--read-data").code == 0
+
+
+def test_the_metadata_cache_inside_the_tree_is_left_out(cafs, repo: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_small_tree(tmp_path / "src")
+    monkeypatch.setenv("CAFS_CACHE_DIR", str(src / "cache"))
+    for _ in range(2):
+        r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+        assert_clean_error(r, 0, "its metadata cache")
+    r = cafs("ls", f"{repo}#ds", "-R")
+    assert not [line for line in r.out.splitlines() if "cache/" in line], r.out
+
+
+@pytest.mark.parametrize("where", [".", "packs"])
+def test_importing_the_repository_into_itself_is_refused(cafs, repo: Path, ds: str, where: str) -> None:
+    before = all_files(repo)
+    r = cafs("import", repo / where, repo, "--name", "self", "--no-progress")
+    assert_clean_error(r, 2, "inside the repository", "nothing imported")
+    assert all_files(repo) == before
+
+
+
 @pytest.mark.parametrize("kind", ["empty directory", "missing"])
 def test_import_into_a_non_repository(cafs, tmp_path: Path, kind: str) -> None:
     src = make_small_tree(tmp_path / "src")
