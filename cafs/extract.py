@@ -13,6 +13,10 @@ Contract:
   descriptors opened with ``O_NOFOLLOW``, names come from validated nodes (no ``/``,
   ``.``, ``..`` or NUL), and anything in the way of an entry (a symlink where a directory
   belongs, a directory where a file belongs) is removed, not followed.
+- Never writes into the repository it reads (on a local disk): a DEST that is the
+  repository or inside it is refused, and neither the repository's directory nor one
+  holding it is entered or removed on the way (a snapshot's ``config`` or ``packs``
+  would replace the repository's own).
 - Resumable like rsync: an existing file is kept where its bytes already match; each span
   is compared by hash and only missing or wrong spans are fetched and written. A re-run
   after an interruption fills only what is missing or wrong. Entries present in DEST but
@@ -62,6 +66,16 @@ class Extractor:
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
         self._links: dict[tuple[object, ...], _LinkGroup] = {}
+        # (st_dev, st_ino) of a local repository's directory and of every directory above it
+        self._repo_dir: tuple[int, int] | None = None
+        self._repo_holders: set[tuple[int, int]] = set()
+        root = repo.local_root
+        if root is not None and root.is_dir():
+            real = Path(os.path.realpath(root))
+            for d in (real, *real.parents):
+                st = os.stat(d)
+                self._repo_holders.add((st.st_dev, st.st_ino))
+            self._repo_dir = _dev_ino(os.stat(real))
 
     def close(self) -> None:
         for group in self._links.values():
@@ -71,6 +85,11 @@ class Extractor:
     def extract(self, entry: Entry, dest: Path) -> None:
         """Extract ``entry`` to ``dest``: a directory's contents go into ``dest``; a file or
         symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory)."""
+        root = self.repo.local_root
+        if root is not None and self._repo_dir is not None:
+            real, real_root = Path(os.path.realpath(dest)), Path(os.path.realpath(root))
+            if real == real_root or real_root in real.parents:
+                raise ExtractError(f"{dest}: in the repository {self.repo.url}; cafs get never writes there")
         try:
             if entry.is_dir:
                 if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
@@ -133,6 +152,10 @@ class Extractor:
                 try:
                     if child.is_dir:
                         sub = self._make_dir(dir_fd, child.name)
+                        if _dev_ino(os.fstat(sub)) == self._repo_dir:
+                            os.close(sub)
+                            raise ExtractError(f"{path}: is the repository {self.repo.url}; "
+                                               "cafs get never writes into it")
                         try:
                             self._enter_dir(sub)
                             stack.append((sub, child, path, iter(list_dir(self.reader, child))))
@@ -170,7 +193,7 @@ class Extractor:
             return False
         if stat.S_ISREG(st.st_mode) and self._is_already(dir_fd, name, st, entry):
             return True
-        _remove(dir_fd, name, st)
+        self._remove(dir_fd, name, st)
         return False
 
     def _is_already(self, dir_fd: int, name: bytes, st: os.stat_result, entry: Entry) -> bool:
@@ -238,7 +261,7 @@ class Extractor:
         st = _lstat(dir_fd, name)
         if st is None or (st.st_dev, st.st_ino) != group.dev_ino:
             if st is not None:
-                _remove(dir_fd, name, st)
+                self._remove(dir_fd, name, st)
             os.link(f"/proc/self/fd/{group.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
         group.left -= 1
         if group.left <= 0:  # every name of it is made: nothing more will link to it
@@ -269,7 +292,7 @@ class Extractor:
         st = _lstat(dir_fd, name)
         if st is not None:
             if not (stat.S_ISLNK(st.st_mode) and os.fsencode(os.readlink(name, dir_fd=dir_fd)) == entry.target):
-                _remove(dir_fd, name, st)
+                self._remove(dir_fd, name, st)
                 st = None
         if st is None:
             os.symlink(entry.target, name, dir_fd=dir_fd)
@@ -277,6 +300,14 @@ class Extractor:
             os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         self.counters.symlinks += 1
+
+    def _remove(self, dir_fd: int, name: bytes, st: os.stat_result) -> None:
+        """Remove what ``st`` says is at ``name``: a directory with all it holds, unless
+        it is the repository or holds it."""
+        if stat.S_ISDIR(st.st_mode) and _dev_ino(st) in self._repo_holders:
+            raise ExtractError(f"{os.fsdecode(name)!r} is in the way and holds the repository {self.repo.url}; "
+                               "cafs get never removes it")
+        _remove(dir_fd, name, st)
 
     def _set_attrs(self, fd: int, entry: Entry) -> None:
         if self.as_root:
@@ -306,6 +337,10 @@ def _remove(dir_fd: int, name: bytes, st: os.stat_result) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def _dev_ino(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:

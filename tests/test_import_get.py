@@ -423,6 +423,46 @@ def test_get_refuses_a_symlink_as_dest(cafs, ds: str, tmp_path: Path) -> None:
     assert os.listdir(outside) == []
 
 
+def repo_files(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("what, dest", [("tree", "."), ("tree", "packs/new"), ("file", "config"),
+                                        ("file", ".")])
+def test_get_into_the_repository_is_refused(cafs, repo: Path, tmp_path: Path, what: str, dest: str) -> None:
+    # a snapshot's own config and packs written over the repository's
+    src = tmp_path / "lookalike"
+    (src / "packs").mkdir(parents=True)
+    (src / "config").write_bytes(b"{}\n")
+    (src / "packs" / "junk").write_bytes(b"junk\n")
+    assert cafs("import", src, repo, "--name", "x", "--no-progress").code == 0
+    before = repo_files(repo)
+    r = cafs("get", f"{repo}#x" + (":config" if what == "file" else ""), repo / dest)
+    assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+    assert "in the repository" in r.err
+    assert repo_files(repo) == before
+    assert cafs("fsck", repo).code == 0
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_get_never_removes_or_enters_the_repository(cafs, repo: Path, tmp_path: Path, kind: str) -> None:
+    # a snapshot holding an entry named like the repository, extracted where the repository is
+    src = tmp_path / "src"
+    src.mkdir()
+    if kind == "file":
+        (src / repo.name).write_bytes(b"in the way\n")
+    else:
+        (src / repo.name).mkdir()
+        (src / repo.name / "config").write_bytes(b"{}\n")
+    assert cafs("import", src, repo, "--name", "x", "--no-progress").code == 0
+    before = repo_files(repo)
+    r = cafs("get", f"{repo}#x", repo.parent)
+    assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+    assert "repository" in r.err and "never" in r.err
+    assert repo_files(repo) == before
+    assert cafs("fsck", repo).code == 0
+
+
 def test_mtimes_before_1970_round_trip(cafs, repo: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "dir").mkdir(parents=True)
