@@ -95,7 +95,7 @@ class Extractor:
                 if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
                     raise ExtractError(f"{dest}: exists and is not a directory")
                 dest.mkdir(parents=True, exist_ok=True)
-                fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+                fd = self._open_dir(dest)
                 try:
                     self._fill_dir(fd, entry, dest)
                     self._set_attrs(fd, entry)
@@ -181,7 +181,20 @@ class Extractor:
             os.unlink(name, dir_fd=dir_fd)
         if st is None or not stat.S_ISDIR(st.st_mode):
             os.mkdir(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        return self._open_dir(name, dir_fd)
+
+    def _open_dir(self, name: bytes | Path, dir_fd: int | None = None) -> int:
+        """Open a directory, never through a symlink. Not as root, a directory of ours that
+        an earlier run gave a mode without read or search for its owner (the snapshot's
+        mode, 0o300 say) gets them back first; its mode is set again when it is done."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        try:
+            return os.open(name, flags, dir_fd=dir_fd)
+        except PermissionError:
+            if self.as_root:
+                raise
+        _add_owner_bits(name, dir_fd, stat.S_IRWXU, directory=True)
+        return os.open(name, flags, dir_fd=dir_fd)
 
     def _clear_for_file(self, dir_fd: int, name: bytes, entry: Entry) -> bool:
         """Remove what is at ``name`` unless it is a regular file that may be written in
@@ -278,13 +291,10 @@ class Extractor:
         except PermissionError:
             if self.as_root:
                 raise
-        # not root, and a read-only file (an earlier run gave it its mode) is in the way:
-        # make it writable to check and repair it; its mode is set again when it is done
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRUSR | stat.S_IWUSR)
-        finally:
-            os.close(fd)
+        # not root, and a file an earlier run gave a mode without read or write for its
+        # owner (0o444, 0o200, 0) is in the way: give them back to check and repair it;
+        # its mode is set again when it is done
+        _add_owner_bits(name, dir_fd, stat.S_IRUSR | stat.S_IWUSR, directory=False)
         return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
     def _make_symlink(self, dir_fd: int, name: bytes, entry: Entry) -> None:
@@ -337,6 +347,20 @@ def _remove(dir_fd: int, name: bytes, st: os.stat_result) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def _add_owner_bits(name: bytes | Path, dir_fd: int | None, bits: int, *, directory: bool) -> None:
+    """Add ``bits`` to the mode of the regular file or directory at ``name`` (never a
+    symlink), which need not be readable: through an ``O_PATH`` descriptor. Raises
+    PermissionError if it is not ours, or not of that type."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | bits)
+    finally:
+        os.close(fd)
 
 
 def _dev_ino(st: os.stat_result) -> tuple[int, int]:

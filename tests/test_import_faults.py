@@ -176,6 +176,33 @@ def test_get_as_non_root_resumes_over_read_only_files(nobody_base, cafs) -> None
     assert_same_tree(src, out / "tree")
 
 
+@pytest.mark.parametrize("mode", [0o300, 0o200, 0o000])
+def test_get_as_non_root_runs_again_over_modes_without_read_for_the_owner(nobody_base, cafs, mode: int) -> None:
+    # the second run met the first run's modes: 'Permission denied' opening a directory
+    # or file of its own that it had to look into
+    run, base = nobody_base
+    src = base / "src"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "inner").write_bytes(os.urandom(30_000))
+    (src / "file").write_bytes(os.urandom(40_000))
+    (src / "file").chmod(mode & 0o666)
+    (src / "dir").chmod(mode)
+    repo = base / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    out = base / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    for _ in range(2):
+        r = run("get", f"{repo}#ds", out / "tree")
+        assert_clean_error(r, 0)
+        r = run("get", f"{repo}#ds:dir", out / "dir")
+        assert_clean_error(r, 0)
+    (src / "dir").chmod(0o755)
+    (out / "tree" / "dir").chmod(0o755)
+    assert_same_tree(src, out / "tree")
+
+
 # -- special and changing files -----------------------------------------------------------
 
 
