@@ -30,6 +30,7 @@ from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
 from cafs.sources import DEFAULT_DEADLINE
 from cafs.stores import open_store
+from cafs.tree import show_path
 
 if TYPE_CHECKING:
     from cafs.format.nodes import Entry
@@ -46,23 +47,6 @@ def parse_size(text: str) -> int:
         return sizes.parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def show_path(path: bytes) -> str:
-    """A path for display, one line, unambiguous: UTF-8 where it decodes; a backslash,
-    other bytes (``\\xff``) and control characters (``\\n``) escaped."""
-    text = path.decode("utf-8", "surrogateescape")
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif "\udc80" <= ch <= "\udcff":
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        elif ch.isprintable() or ch == " ":
-            out.append(ch)
-        else:
-            out.append(repr(ch)[1:-1])
-    return "".join(out) or "."
 
 
 def add_read_mirrors(sp: argparse.ArgumentParser) -> None:
@@ -263,7 +247,7 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
     if not entry.is_file:
-        raise UsageError(f"{args.snapshot}: not a regular file")
+        raise UsageError(f"{show_path(os.fsencode(args.snapshot))}: not a regular file")
     if sys.stdout is None:
         raise CafsError("standard output is closed: nowhere to write the file")
     out = sys.stdout.buffer

@@ -44,7 +44,7 @@ from cafs.format.nodes import Entry
 from cafs.ids import digest
 from cafs.metacache import NodeReader
 from cafs.repository import Repository
-from cafs.tree import file_spans, list_dir
+from cafs.tree import file_spans, list_dir, show_path
 
 MAX_LINK_GROUPS = 256
 
@@ -375,6 +375,7 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
 
 
 def _os_error(exc: OSError, path: Path) -> CafsError:
+    shown = show_path(os.fsencode(path))  # one line, whatever the snapshot's names hold
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpaceError(f"{path}: no space left on device")
-    return ExtractError(f"{path}: {exc.strerror or exc}")
+        return NoSpaceError(f"{shown}: no space left on device")
+    return ExtractError(f"{shown}: {exc.strerror or exc}")

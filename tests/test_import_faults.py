@@ -391,6 +391,26 @@ def test_unknown_snapshot_or_path_is_a_clear_error(cafs, ds: str, repo: Path, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command, path, shown", [
+    ("ls", b"new\nline/x", "new\\nline/x: 'x' is under a non-directory"),
+    ("ls", b"no\nsuch", "no\\nsuch: no such file or directory"),
+    ("ls", b"bad\xff/x", "bad\\xff/x: 'x' is under a non-directory"),
+    ("cat", b"dir\nnl", "dir\\nnl: not a regular file")])
+def test_a_path_with_odd_bytes_is_named_on_one_line(cafs, repo: Path, tmp_path: Path, command: str,
+                                                    path: bytes, shown: str) -> None:
+    # the names came out raw: a newline broke the error in two, other bytes became U+FFFD
+    src = tmp_path / "src"
+    os.makedirs(os.fsencode(src) + b"/dir\nnl")
+    for name in (b"new\nline", b"bad\xff"):
+        with open(os.fsencode(src) + b"/" + name, "wb") as f:
+            f.write(b"x")
+    assert cafs("import", src, repo, "--name", "odd", "--no-progress").code == 0
+    r = cafs(command, f"{repo}#odd:" + os.fsdecode(path))
+    assert r.code in (1, 2)
+    assert_clean_error(r, r.code, shown)
+    assert len(r.err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("jid", ["\u00b2", "\u0661", "-1", "", "1x"])
 def test_a_journal_id_that_is_not_ascii_digits_is_a_usage_error(cafs, ds: str, jid: str) -> None:
     # '²' and the Arabic-Indic '١' are str.isdigit(): the first was a traceback, the other ref@1
