@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator, Sequence
 
 from cafs import sizes
-from cafs.errors import CafsError, NoSpaceError, RepositoryError, UsageError
+from cafs.errors import CafsError, NoSpaceError, RefError, RepositoryError, UsageError
 from cafs.fileio import raise_open_files_limit
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
@@ -191,6 +191,8 @@ def _print_import_summary(r: ImportResult) -> None:
 def cmd_snapshots(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
     snaps, damaged = repo.readable_snapshots(ref_name(args.name) if args.name else None)
+    if args.name and not snaps and not damaged:  # a ref has a snapshot as long as it exists
+        raise RefError(f"{repo.url}: no ref named {args.name!r}")
     code = _report_damaged_entries(damaged)
     if args.json:
         print(json.dumps([{"ref": s.ref, "jid": s.jid, "time_ns": s.time_ns, "root": s.root_id.hex(),

@@ -339,6 +339,14 @@ def test_bad_ref_name_is_rejected_and_writes_nothing(cafs, repo: Path, tmp_path:
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
 
 
+@pytest.mark.parametrize("json_out", [False, True])
+def test_snapshots_of_a_ref_the_repository_lacks_is_an_error(cafs, ds: str, repo: Path, json_out: bool) -> None:
+    # it said "no snapshots" (or []) and exit 0: a mistyped name looked like an empty ref
+    r = cafs("snapshots", repo, "nosuch", *(["--json"] if json_out else []))
+    assert_clean_error(r, 1, "no ref named 'nosuch'")
+    assert r.out == ""
+
+
 @pytest.mark.parametrize("command", ["snapshots", "forget", "ls", "ls-at-jid", "cat", "copy-all"])
 def test_an_invalid_ref_name_is_a_usage_error(cafs, repo: Path, tmp_path: Path, command: str) -> None:
     bad = "sp ace"
