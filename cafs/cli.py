@@ -262,6 +262,8 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.extract import Extractor
     from cafs.tree import resolve
+    if not args.dest:
+        raise UsageError("empty DEST: name the directory or file to extract to")
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
@@ -275,7 +277,7 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
 
     with Progress(render):
         try:
-            extractor.extract(entry, Path(args.dest))
+            extractor.extract(entry, Path(args.dest), into=args.dest.endswith("/"))
         finally:
             extractor.close()
     links = f" ({c.links} of them hard links)" if c.links else ""

@@ -82,9 +82,10 @@ class Extractor:
             os.close(group.fd)
         self._links.clear()
 
-    def extract(self, entry: Entry, dest: Path) -> None:
+    def extract(self, entry: Entry, dest: Path, *, into: bool = False) -> None:
         """Extract ``entry`` to ``dest``: a directory's contents go into ``dest``; a file or
-        symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory)."""
+        symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory,
+        or with ``into``, DEST given with a trailing slash: a directory, made if missing)."""
         root = self.repo.local_root
         if root is not None and self._repo_dir is not None:
             real, real_root = Path(os.path.realpath(dest)), Path(os.path.realpath(root))
@@ -102,8 +103,12 @@ class Extractor:
                 finally:
                     os.close(fd)
                 return
+            if into and not dest.is_symlink() and not dest.exists():
+                dest.mkdir(parents=True)
             if dest.is_dir() and not dest.is_symlink():
                 parent, name = dest, entry.name
+            elif into:
+                raise ExtractError(f"{dest}/: exists and is not a directory")
             else:
                 parent, name = dest.parent, os.fsencode(dest.name)
                 if not parent.is_dir():

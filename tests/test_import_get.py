@@ -130,6 +130,28 @@ def test_get_single_file_into_existing_directory(cafs, ds: str, src: Path, tmp_p
     assert_same_tree(src / "data" / "script.sh", tmp_path / "into" / "script.sh")
 
 
+def test_get_single_file_into_a_new_directory_named_with_a_slash(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    # 'DEST/' made a file named DEST, and wrote over a file DEST
+    r = cafs("get", f"{ds}:data/script.sh", f"{tmp_path / 'new' / 'into'}/")
+    assert r.code == 0, r.err
+    assert os.listdir(tmp_path / "new" / "into") == ["script.sh"]
+    assert_same_tree(src / "data" / "script.sh", tmp_path / "new" / "into" / "script.sh")
+    (tmp_path / "file").write_bytes(b"keep\n")
+    r = cafs("get", f"{ds}:data/script.sh", f"{tmp_path / 'file'}/")
+    assert r.code == 1 and "is not a directory" in r.err, r.err
+    assert (tmp_path / "file").read_bytes() == b"keep\n"
+
+
+def test_get_to_an_empty_dest_is_a_usage_error(cafs, ds: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # '' was the current directory
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    r = cafs("get", ds, "")
+    assert r.code == 2 and "empty DEST" in r.err, r.err
+    assert os.listdir(tmp_path / "cwd") == []
+
+
 def test_get_subdirectory(cafs, ds: str, src: Path, tmp_path: Path) -> None:
     r = cafs("get", f"{ds}:data", tmp_path / "data.copy")
     assert r.code == 0, r.err
