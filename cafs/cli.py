@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator, Sequence
 
 from cafs import sizes
-from cafs.errors import CafsError, NoSpaceError, RepositoryError, UsageError
+from cafs.errors import CafsError, NoSpaceError, RefError, RepositoryError, UsageError
 from cafs.fileio import raise_open_files_limit
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
@@ -30,6 +30,7 @@ from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository
 from cafs.sources import DEFAULT_DEADLINE
 from cafs.stores import open_store
+from cafs.tree import show_path
 
 if TYPE_CHECKING:
     from cafs.format.nodes import Entry
@@ -46,23 +47,6 @@ def parse_size(text: str) -> int:
         return sizes.parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def show_path(path: bytes) -> str:
-    """A path for display, one line, unambiguous: UTF-8 where it decodes; a backslash,
-    other bytes (``\\xff``) and control characters (``\\n``) escaped."""
-    text = path.decode("utf-8", "surrogateescape")
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif "\udc80" <= ch <= "\udcff":
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        elif ch.isprintable() or ch == " ":
-            out.append(ch)
-        else:
-            out.append(repr(ch)[1:-1])
-    return "".join(out) or "."
 
 
 def add_read_mirrors(sp: argparse.ArgumentParser) -> None:
@@ -177,6 +161,8 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
         result = run_import(repo, ctx.meta(repo), src, args.name, strict=args.strict, reread=args.reread,
                             counters_out=counters, on_problem=warn)
     _print_import_summary(result)
+    for s in result.left_out:
+        print(f"cafs: note: left out {s.describe()}", file=sys.stderr)
     if result.skipped:
         print(f"cafs: {len(result.skipped)} path(s) skipped:", file=sys.stderr)
         for s in result.skipped:
@@ -205,6 +191,8 @@ def _print_import_summary(r: ImportResult) -> None:
 def cmd_snapshots(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
     snaps, damaged = repo.readable_snapshots(ref_name(args.name) if args.name else None)
+    if args.name and not snaps and not damaged:  # a ref has a snapshot as long as it exists
+        raise RefError(f"{repo.url}: no ref named {args.name!r}")
     code = _report_damaged_entries(damaged)
     if args.json:
         print(json.dumps([{"ref": s.ref, "jid": s.jid, "time_ns": s.time_ns, "root": s.root_id.hex(),
@@ -261,7 +249,7 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
     if not entry.is_file:
-        raise UsageError(f"{args.snapshot}: not a regular file")
+        raise UsageError(f"{show_path(os.fsencode(args.snapshot))}: not a regular file")
     if sys.stdout is None:
         raise CafsError("standard output is closed: nowhere to write the file")
     out = sys.stdout.buffer
@@ -274,6 +262,8 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.extract import Extractor
     from cafs.tree import resolve
+    if not args.dest:
+        raise UsageError("empty DEST: name the directory or file to extract to")
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
@@ -287,7 +277,7 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
 
     with Progress(render):
         try:
-            extractor.extract(entry, Path(args.dest))
+            extractor.extract(entry, Path(args.dest), into=args.dest.endswith("/"))
         finally:
             extractor.close()
     links = f" ({c.links} of them hard links)" if c.links else ""

@@ -13,6 +13,10 @@ Contract:
   descriptors opened with ``O_NOFOLLOW``, names come from validated nodes (no ``/``,
   ``.``, ``..`` or NUL), and anything in the way of an entry (a symlink where a directory
   belongs, a directory where a file belongs) is removed, not followed.
+- Never writes into the repository it reads (on a local disk): a DEST that is the
+  repository or inside it is refused, and neither the repository's directory nor one
+  holding it is entered or removed on the way (a snapshot's ``config`` or ``packs``
+  would replace the repository's own).
 - Resumable like rsync: an existing file is kept where its bytes already match; each span
   is compared by hash and only missing or wrong spans are fetched and written. A re-run
   after an interruption fills only what is missing or wrong. Entries present in DEST but
@@ -40,7 +44,7 @@ from cafs.format.nodes import Entry
 from cafs.ids import digest
 from cafs.metacache import NodeReader
 from cafs.repository import Repository
-from cafs.tree import file_spans, list_dir
+from cafs.tree import file_spans, list_dir, show_path
 
 MAX_LINK_GROUPS = 256
 
@@ -62,29 +66,49 @@ class Extractor:
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
         self._links: dict[tuple[object, ...], _LinkGroup] = {}
+        # (st_dev, st_ino) of a local repository's directory and of every directory above it
+        self._repo_dir: tuple[int, int] | None = None
+        self._repo_holders: set[tuple[int, int]] = set()
+        root = repo.local_root
+        if root is not None and root.is_dir():
+            real = Path(os.path.realpath(root))
+            for d in (real, *real.parents):
+                st = os.stat(d)
+                self._repo_holders.add((st.st_dev, st.st_ino))
+            self._repo_dir = _dev_ino(os.stat(real))
 
     def close(self) -> None:
         for group in self._links.values():
             os.close(group.fd)
         self._links.clear()
 
-    def extract(self, entry: Entry, dest: Path) -> None:
+    def extract(self, entry: Entry, dest: Path, *, into: bool = False) -> None:
         """Extract ``entry`` to ``dest``: a directory's contents go into ``dest``; a file or
-        symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory)."""
+        symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory,
+        or with ``into``, DEST given with a trailing slash: a directory, made if missing)."""
+        root = self.repo.local_root
+        if root is not None and self._repo_dir is not None:
+            real, real_root = Path(os.path.realpath(dest)), Path(os.path.realpath(root))
+            if real == real_root or real_root in real.parents:
+                raise ExtractError(f"{dest}: in the repository {self.repo.url}; cafs get never writes there")
         try:
             if entry.is_dir:
                 if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
                     raise ExtractError(f"{dest}: exists and is not a directory")
                 dest.mkdir(parents=True, exist_ok=True)
-                fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+                fd = self._open_dir(dest)
                 try:
                     self._fill_dir(fd, entry, dest)
                     self._set_attrs(fd, entry)
                 finally:
                     os.close(fd)
                 return
+            if into and not dest.is_symlink() and not dest.exists():
+                dest.mkdir(parents=True)
             if dest.is_dir() and not dest.is_symlink():
                 parent, name = dest, entry.name
+            elif into:
+                raise ExtractError(f"{dest}/: exists and is not a directory")
             else:
                 parent, name = dest.parent, os.fsencode(dest.name)
                 if not parent.is_dir():
@@ -133,6 +157,10 @@ class Extractor:
                 try:
                     if child.is_dir:
                         sub = self._make_dir(dir_fd, child.name)
+                        if _dev_ino(os.fstat(sub)) == self._repo_dir:
+                            os.close(sub)
+                            raise ExtractError(f"{path}: is the repository {self.repo.url}; "
+                                               "cafs get never writes into it")
                         try:
                             self._enter_dir(sub)
                             stack.append((sub, child, path, iter(list_dir(self.reader, child))))
@@ -158,7 +186,20 @@ class Extractor:
             os.unlink(name, dir_fd=dir_fd)
         if st is None or not stat.S_ISDIR(st.st_mode):
             os.mkdir(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        return self._open_dir(name, dir_fd)
+
+    def _open_dir(self, name: bytes | Path, dir_fd: int | None = None) -> int:
+        """Open a directory, never through a symlink. Not as root, a directory of ours that
+        an earlier run gave a mode without read or search for its owner (the snapshot's
+        mode, 0o300 say) gets them back first; its mode is set again when it is done."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        try:
+            return os.open(name, flags, dir_fd=dir_fd)
+        except PermissionError:
+            if self.as_root:
+                raise
+        _add_owner_bits(name, dir_fd, stat.S_IRWXU, directory=True)
+        return os.open(name, flags, dir_fd=dir_fd)
 
     def _clear_for_file(self, dir_fd: int, name: bytes, entry: Entry) -> bool:
         """Remove what is at ``name`` unless it is a regular file that may be written in
@@ -170,7 +211,7 @@ class Extractor:
             return False
         if stat.S_ISREG(st.st_mode) and self._is_already(dir_fd, name, st, entry):
             return True
-        _remove(dir_fd, name, st)
+        self._remove(dir_fd, name, st)
         return False
 
     def _is_already(self, dir_fd: int, name: bytes, st: os.stat_result, entry: Entry) -> bool:
@@ -248,7 +289,7 @@ class Extractor:
         st = _lstat(dir_fd, name)
         if st is None or (st.st_dev, st.st_ino) != group.dev_ino:
             if st is not None:
-                _remove(dir_fd, name, st)
+                self._remove(dir_fd, name, st)
             os.link(f"/proc/self/fd/{group.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
         group.left -= 1
         if group.left <= 0:  # every name of it is made: nothing more will link to it
@@ -265,13 +306,10 @@ class Extractor:
         except PermissionError:
             if self.as_root:
                 raise
-        # not root, and a read-only file (an earlier run gave it its mode) is in the way:
-        # make it writable to check and repair it; its mode is set again when it is done
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRUSR | stat.S_IWUSR)
-        finally:
-            os.close(fd)
+        # not root, and a file an earlier run gave a mode without read or write for its
+        # owner (0o444, 0o200, 0) is in the way: give them back to check and repair it;
+        # its mode is set again when it is done
+        _add_owner_bits(name, dir_fd, stat.S_IRUSR | stat.S_IWUSR, directory=False)
         return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
     def _make_symlink(self, dir_fd: int, name: bytes, entry: Entry) -> None:
@@ -279,7 +317,7 @@ class Extractor:
         st = _lstat(dir_fd, name)
         if st is not None:
             if not (stat.S_ISLNK(st.st_mode) and os.fsencode(os.readlink(name, dir_fd=dir_fd)) == entry.target):
-                _remove(dir_fd, name, st)
+                self._remove(dir_fd, name, st)
                 st = None
         if st is None:
             os.symlink(entry.target, name, dir_fd=dir_fd)
@@ -287,6 +325,14 @@ class Extractor:
             os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         self.counters.symlinks += 1
+
+    def _remove(self, dir_fd: int, name: bytes, st: os.stat_result) -> None:
+        """Remove what ``st`` says is at ``name``: a directory with all it holds, unless
+        it is the repository or holds it."""
+        if stat.S_ISDIR(st.st_mode) and _dev_ino(st) in self._repo_holders:
+            raise ExtractError(f"{os.fsdecode(name)!r} is in the way and holds the repository {self.repo.url}; "
+                               "cafs get never removes it")
+        _remove(dir_fd, name, st)
 
     def _set_attrs(self, fd: int, entry: Entry) -> None:
         if self.as_root:
@@ -318,6 +364,24 @@ def _remove(dir_fd: int, name: bytes, st: os.stat_result) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+def _add_owner_bits(name: bytes | Path, dir_fd: int | None, bits: int, *, directory: bool) -> None:
+    """Add ``bits`` to the mode of the regular file or directory at ``name`` (never a
+    symlink), which need not be readable: through an ``O_PATH`` descriptor. Raises
+    PermissionError if it is not ours, or not of that type."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | bits)
+    finally:
+        os.close(fd)
+
+
+def _dev_ino(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -326,6 +390,7 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
 
 
 def _os_error(exc: OSError, path: Path) -> CafsError:
+    shown = show_path(os.fsencode(path))  # one line, whatever the snapshot's names hold
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpaceError(f"{path}: no space left on device")
-    return ExtractError(f"{path}: {exc.strerror or exc}")
+        return NoSpaceError(f"{shown}: no space left on device")
+    return ExtractError(f"{shown}: {exc.strerror or exc}")

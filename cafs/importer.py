@@ -22,6 +22,10 @@ Contract:
   after, or the bytes read differ from the size), or is not a regular file, directory or
   symlink is reported in ``ImportResult.skipped`` with its path and left out of the
   snapshot. With ``strict`` the import raises ``ImportAborted`` before committing.
+- The directories this import writes, the repository (on a local disk) and its metadata
+  cache, are never imported: when the tree holds them they are left out (each named in
+  ``ImportResult.left_out``), else every import would store the packs the one before it
+  wrote. A tree inside either is refused (``UsageError``).
 - Crash safety: packs are immutable and written before the index object, which is
   written before the journal entry that commits the ref. An import killed at any point
   leaves the ref as it was; packs it stored are found again (by their trailers) and
@@ -107,6 +111,7 @@ class ImportResult:
     stored_bytes: int  # bytes of packs written by this import
     packs: int
     seconds: float
+    left_out: list[Skipped] = field(default_factory=list)  # the repository or cache inside the tree
 
 
 # An entry of the previous snapshot as ``entry_fields`` gives it: compared, not decoded.
@@ -129,8 +134,11 @@ class _DirFrame:
 
 class Importer:
     def __init__(self, repo: Repository, meta: MetaCache, load_index: Callable[[], ObjectIndex],
-                 uploader: Uploader, reader: NodeReader, prev: Snapshot | None) -> None:
+                 uploader: Uploader, reader: NodeReader, prev: Snapshot | None,
+                 own_dirs: dict[tuple[int, int], str] | None = None) -> None:
         self.repo = repo
+        self.own_dirs = own_dirs or {}  # (st_dev, st_ino) of what this import writes: what it is
+        self.left_out: list[Skipped] = []
         self.meta: MetaCache | None = meta  # None once it failed: the nodes are in the repository anyway
         self._load_index = load_index
         self._index: ObjectIndex | None = None
@@ -278,6 +286,10 @@ class Importer:
             return None
         mode = st.st_mode
         if stat.S_ISDIR(mode):
+            own = self.own_dirs.get((st.st_dev, st.st_ino))
+            if own is not None:
+                self.left_out.append(Skipped(path, f"{own}, which this import writes"))
+                return None
             return self._open_dir(parent, name, path, st)
         if stat.S_ISREG(mode):
             return self._import_file(parent, name, path, st)
@@ -581,13 +593,39 @@ def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict
     started = time.monotonic()
     if not src.is_dir():
         raise UsageError(f"{src}: not a directory" if src.exists() else f"{src}: no such directory")
+    own = own_dirs(repo, meta)
+    for above in (src, *Path(os.path.realpath(src)).parents):
+        key = _dev_ino(above)
+        what = own.get(key) if key is not None else None
+        if what is not None:
+            raise UsageError(f"{src}: inside {what}; nothing imported")
     with locked(repo.store, "shared"):
-        return _import_locked(repo, meta, src, ref, strict, reread, counters_out, on_problem, started)
+        return _import_locked(repo, meta, src, ref, strict, reread, counters_out, on_problem, started, own)
+
+
+def own_dirs(repo: Repository, meta: MetaCache) -> dict[tuple[int, int], str]:
+    """The directories an import into ``repo`` writes, by ``(st_dev, st_ino)``: what
+    each is, for messages. Those that do not exist (a remote repository) are not."""
+    named = [(repo.local_root, f"the repository {repo.url}"), (meta.path, "its metadata cache")]
+    out: dict[tuple[int, int], str] = {}
+    for path, what in named:
+        key = _dev_ino(path) if path is not None else None
+        if key is not None:
+            out.setdefault(key, what)
+    return out
+
+
+def _dev_ino(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, strict: bool, reread: bool,
                    counters_out: list[Counters] | None, on_problem: Callable[[str], None] | None,
-                   started: float) -> ImportResult:
+                   started: float, own: dict[tuple[int, int], str]) -> ImportResult:
     try:
         prev = None if reread else repo.snapshot(ref)
     except CafsError:
@@ -595,7 +633,8 @@ def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, stric
     reader = NodeReader(repo, meta)
     uploader = Uploader(repo.pack_store)
     try:
-        importer = Importer(repo, meta, lambda: repo.load_index(on_problem=on_problem), uploader, reader, prev)
+        importer = Importer(repo, meta, lambda: repo.load_index(on_problem=on_problem), uploader, reader, prev,
+                            own)
         if counters_out is not None:
             counters_out.append(importer.counters)
         root = importer.import_tree(src)
@@ -612,5 +651,5 @@ def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, stric
     finally:
         uploader.close()
     return ImportResult(snap, importer.counters, importer.skipped, uploader.bytes_written,
-                        len(uploader.written), time.monotonic() - started)
+                        len(uploader.written), time.monotonic() - started, importer.left_out)
 

@@ -20,6 +20,7 @@ from cafs.repository import Repository
 from cafs.stores.access import redact
 
 _HEX = re.compile(r"[0-9a-f]{8,64}")
+_JID = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit also takes "²" (int() refuses it) and "١"
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def ref_name(text: str) -> str:
 def find_snapshot(repo: Repository, selector: str) -> Snapshot:
     name, at, jid_text = selector.partition("@")
     if at:
-        if not jid_text.isdigit():
+        if not _JID.fullmatch(jid_text):
             raise UsageError(f"{selector!r}: the journal id after '@' must be a number")
         return repo.snapshot(ref_name(name), int(jid_text))
     if _HEX.fullmatch(selector):

@@ -30,6 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 
 from cafs.errors import (
@@ -46,7 +47,7 @@ from cafs.format.nodes import Entry
 from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
 from cafs.ids import digest
 from cafs.sources import DEFAULT_DEADLINE, RetryingStore, Sources
-from cafs.stores import ObjectExists, ResidentReads, Store, StreamingWrites, TrioReads, open_store
+from cafs.stores import LocalStore, ObjectExists, ResidentReads, Store, StreamingWrites, TrioReads, open_store
 
 CONFIG_KEY = "config"
 RELOCATION_RELOAD = 10.0
@@ -85,6 +86,12 @@ class Repository:
     @property
     def url(self) -> str:
         return self.store.url
+
+    @property
+    def local_root(self) -> Path | None:
+        """The directory of a repository on a local disk (that imports must not read and
+        extractions must not write into), else None."""
+        return self.primary.root if isinstance(self.primary, LocalStore) else None
 
     @property
     def pack_store(self) -> Store:

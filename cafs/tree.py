@@ -15,6 +15,23 @@ from cafs.format.nodes import DirIndexNode, Entry, FileNode, Node, TreeNode
 from cafs.metacache import NodeReader
 
 
+def show_path(path: bytes) -> str:
+    """A path for display, one line, unambiguous: UTF-8 where it decodes; a backslash,
+    other bytes (``\\xff``) and control characters (``\\n``) escaped."""
+    text = path.decode("utf-8", "surrogateescape")
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out) or "."
+
+
 def list_dir(reader: NodeReader, d: Entry) -> Iterator[Entry]:
     """The entries of directory ``d`` in name order."""
     assert d.ref is not None
@@ -45,10 +62,10 @@ def resolve(reader: NodeReader, root: Entry, path: bytes) -> Entry:
     entry = root
     for part in (p for p in path.split(b"/") if p):
         if not entry.is_dir:
-            raise PathNotFound(f"{path.decode(errors='replace')}: {part.decode(errors='replace')!r} is under a non-directory")
+            raise PathNotFound(f"{show_path(path)}: '{show_path(part)}' is under a non-directory")
         found = lookup(reader, entry, part)
         if found is None:
-            raise PathNotFound(f"{path.decode(errors='replace')}: no such file or directory in the snapshot")
+            raise PathNotFound(f"{show_path(path)}: no such file or directory in the snapshot")
         entry = found
     return entry
 

@@ -7,6 +7,7 @@ a full disk is a clear line, never a traceback, and leaves the repository usable
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -175,6 +176,33 @@ def test_get_as_non_root_resumes_over_read_only_files(nobody_base, cafs) -> None
     assert_same_tree(src, out / "tree")
 
 
+@pytest.mark.parametrize("mode", [0o300, 0o200, 0o000])
+def test_get_as_non_root_runs_again_over_modes_without_read_for_the_owner(nobody_base, cafs, mode: int) -> None:
+    # the second run met the first run's modes: 'Permission denied' opening a directory
+    # or file of its own that it had to look into
+    run, base = nobody_base
+    src = base / "src"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "inner").write_bytes(os.urandom(30_000))
+    (src / "file").write_bytes(os.urandom(40_000))
+    (src / "file").chmod(mode & 0o666)
+    (src / "dir").chmod(mode)
+    repo = base / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    out = base / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    for _ in range(2):
+        r = run("get", f"{repo}#ds", out / "tree")
+        assert_clean_error(r, 0)
+        r = run("get", f"{repo}#ds:dir", out / "dir")
+        assert_clean_error(r, 0)
+    (src / "dir").chmod(0o755)
+    (out / "tree" / "dir").chmod(0o755)
+    assert_same_tree(src, out / "tree")
+
+
 # -- special and changing files -----------------------------------------------------------
 
 
@@ -230,6 +258,40 @@ def test_file_changing_during_import_is_reported(cafs, repo: Path, tmp_path: Pat
 # -- wrong places and names ---------------------------------------------------------------
 
 
+def test_a_repository_inside_the_tree_is_left_out(cafs, tmp_path: Path) -> None:
+    # every import stored again the packs the import before it wrote
+    src = make_small_tree(tmp_path / "src")
+    repo = src / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    for _ in range(2):
+        r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+        assert_clean_error(r, 0, "left out 'repo': the repository")
+    assert "new 0 B, stored 0 B in 0 pack(s)" in r.out, r.out
+    r = cafs("ls", f"{repo}#ds")
+    assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["dir", "file"]
+    assert cafs("fsck", repo, "--read-data").code == 0
+
+
+def test_the_metadata_cache_inside_the_tree_is_left_out(cafs, repo: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_small_tree(tmp_path / "src")
+    monkeypatch.setenv("CAFS_CACHE_DIR", str(src / "cache"))
+    for _ in range(2):
+        r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+        assert_clean_error(r, 0, "its metadata cache")
+    r = cafs("ls", f"{repo}#ds", "-R")
+    assert not [line for line in r.out.splitlines() if "cache/" in line], r.out
+
+
+@pytest.mark.parametrize("where", [".", "packs"])
+def test_importing_the_repository_into_itself_is_refused(cafs, repo: Path, ds: str, where: str) -> None:
+    before = all_files(repo)
+    r = cafs("import", repo / where, repo, "--name", "self", "--no-progress")
+    assert_clean_error(r, 2, "inside the repository", "nothing imported")
+    assert all_files(repo) == before
+
+
+
 @pytest.mark.parametrize("kind", ["empty directory", "missing"])
 def test_import_into_a_non_repository(cafs, tmp_path: Path, kind: str) -> None:
     src = make_small_tree(tmp_path / "src")
@@ -275,6 +337,14 @@ def test_bad_ref_name_is_rejected_and_writes_nothing(cafs, repo: Path, tmp_path:
     r = cafs("import", src, repo, f"--name={name}", "--no-progress")
     assert_clean_error(r, 2, "invalid ref name")
     assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_snapshots_of_a_ref_the_repository_lacks_is_an_error(cafs, ds: str, repo: Path, json_out: bool) -> None:
+    # it said "no snapshots" (or []) and exit 0: a mistyped name looked like an empty ref
+    r = cafs("snapshots", repo, "nosuch", *(["--json"] if json_out else []))
+    assert_clean_error(r, 1, "no ref named 'nosuch'")
+    assert r.out == ""
 
 
 @pytest.mark.parametrize("command", ["snapshots", "forget", "ls", "ls-at-jid", "cat", "copy-all"])
@@ -327,6 +397,41 @@ def test_unknown_snapshot_or_path_is_a_clear_error(cafs, ds: str, repo: Path, tm
     assert_clean_error(r, r.code, needle)
     assert len(r.err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, path, shown", [
+    ("ls", b"new\nline/x", "new\\nline/x: 'x' is under a non-directory"),
+    ("ls", b"no\nsuch", "no\\nsuch: no such file or directory"),
+    ("ls", b"bad\xff/x", "bad\\xff/x: 'x' is under a non-directory"),
+    ("cat", b"dir\nnl", "dir\\nnl: not a regular file")])
+def test_a_path_with_odd_bytes_is_named_on_one_line(cafs, repo: Path, tmp_path: Path, command: str,
+                                                    path: bytes, shown: str) -> None:
+    # the names came out raw: a newline broke the error in two, other bytes became U+FFFD
+    src = tmp_path / "src"
+    os.makedirs(os.fsencode(src) + b"/dir\nnl")
+    for name in (b"new\nline", b"bad\xff"):
+        with open(os.fsencode(src) + b"/" + name, "wb") as f:
+            f.write(b"x")
+    assert cafs("import", src, repo, "--name", "odd", "--no-progress").code == 0
+    r = cafs(command, f"{repo}#odd:" + os.fsdecode(path))
+    assert r.code in (1, 2)
+    assert_clean_error(r, r.code, shown)
+    assert len(r.err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("jid", ["\u00b2", "\u0661", "-1", "", "1x"])
+def test_a_journal_id_that_is_not_ascii_digits_is_a_usage_error(cafs, ds: str, jid: str) -> None:
+    # '²' and the Arabic-Indic '١' are str.isdigit(): the first was a traceback, the other ref@1
+    r = cafs("ls", f"{ds}@{jid}")
+    assert_clean_error(r, 2, "the journal id after '@' must be a number")
+    assert len(r.err.splitlines()) == 1
+
+
+def test_a_journal_key_with_other_digits_is_not_a_snapshot(cafs, ds: str, repo: Path) -> None:
+    (repo / "refs" / "ds" / ("0" * 19 + "\u00b2")).write_bytes(b"")
+    r = cafs("snapshots", repo, "--json")
+    assert r.code == 0, r.err
+    assert [s["jid"] for s in json.loads(r.out)] == [1]
 
 
 # -- full disks ---------------------------------------------------------------------------

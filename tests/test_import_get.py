@@ -130,6 +130,28 @@ def test_get_single_file_into_existing_directory(cafs, ds: str, src: Path, tmp_p
     assert_same_tree(src / "data" / "script.sh", tmp_path / "into" / "script.sh")
 
 
+def test_get_single_file_into_a_new_directory_named_with_a_slash(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    # 'DEST/' made a file named DEST, and wrote over a file DEST
+    r = cafs("get", f"{ds}:data/script.sh", f"{tmp_path / 'new' / 'into'}/")
+    assert r.code == 0, r.err
+    assert os.listdir(tmp_path / "new" / "into") == ["script.sh"]
+    assert_same_tree(src / "data" / "script.sh", tmp_path / "new" / "into" / "script.sh")
+    (tmp_path / "file").write_bytes(b"keep\n")
+    r = cafs("get", f"{ds}:data/script.sh", f"{tmp_path / 'file'}/")
+    assert r.code == 1 and "is not a directory" in r.err, r.err
+    assert (tmp_path / "file").read_bytes() == b"keep\n"
+
+
+def test_get_to_an_empty_dest_is_a_usage_error(cafs, ds: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # '' was the current directory
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    r = cafs("get", ds, "")
+    assert r.code == 2 and "empty DEST" in r.err, r.err
+    assert os.listdir(tmp_path / "cwd") == []
+
+
 def test_get_subdirectory(cafs, ds: str, src: Path, tmp_path: Path) -> None:
     r = cafs("get", f"{ds}:data", tmp_path / "data.copy")
     assert r.code == 0, r.err
@@ -421,6 +443,46 @@ def test_get_refuses_a_symlink_as_dest(cafs, ds: str, tmp_path: Path) -> None:
     assert r.code != 0
     assert str(tmp_path / "link") in r.err
     assert os.listdir(outside) == []
+
+
+def repo_files(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("what, dest", [("tree", "."), ("tree", "packs/new"), ("file", "config"),
+                                        ("file", ".")])
+def test_get_into_the_repository_is_refused(cafs, repo: Path, tmp_path: Path, what: str, dest: str) -> None:
+    # a snapshot's own config and packs written over the repository's
+    src = tmp_path / "lookalike"
+    (src / "packs").mkdir(parents=True)
+    (src / "config").write_bytes(b"{}\n")
+    (src / "packs" / "junk").write_bytes(b"junk\n")
+    assert cafs("import", src, repo, "--name", "x", "--no-progress").code == 0
+    before = repo_files(repo)
+    r = cafs("get", f"{repo}#x" + (":config" if what == "file" else ""), repo / dest)
+    assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+    assert "in the repository" in r.err
+    assert repo_files(repo) == before
+    assert cafs("fsck", repo).code == 0
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_get_never_removes_or_enters_the_repository(cafs, repo: Path, tmp_path: Path, kind: str) -> None:
+    # a snapshot holding an entry named like the repository, extracted where the repository is
+    src = tmp_path / "src"
+    src.mkdir()
+    if kind == "file":
+        (src / repo.name).write_bytes(b"in the way\n")
+    else:
+        (src / repo.name).mkdir()
+        (src / repo.name / "config").write_bytes(b"{}\n")
+    assert cafs("import", src, repo, "--name", "x", "--no-progress").code == 0
+    before = repo_files(repo)
+    r = cafs("get", f"{repo}#x", repo.parent)
+    assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+    assert "repository" in r.err and "never" in r.err
+    assert repo_files(repo) == before
+    assert cafs("fsck", repo).code == 0
 
 
 def test_mtimes_before_1970_round_trip(cafs, repo: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ CHECKSUM_LEN = 32
 JID_DIGITS = 20
 MAX_JOURNAL_BYTES = 1 << 20
 _REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+_JID_KEY = re.compile(r"[0-9]{%d}" % JID_DIGITS)  # not str.isdigit: it takes '²', which int() refuses
 
 
 def is_ref_name(name: str) -> bool:
@@ -65,7 +66,7 @@ def decode_latest(data: bytes) -> int | None:
 
 
 def parse_jid(key_tail: str) -> int | None:
-    if len(key_tail) == JID_DIGITS and key_tail.isdigit():
+    if _JID_KEY.fullmatch(key_tail):
         return int(key_tail)
     return None
 
