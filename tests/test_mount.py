@@ -850,3 +850,29 @@ def test_cafs_umount(dataset: Dataset, tmp_path: Path) -> None:
         wait_exit(m.pid)
     assert os.listdir(point) == []
 
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted at a new directory, holding one file; always unmounted."""
+    point = new_mountpoint(tmp_path, "tmpfs")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True, timeout=60)
+    try:
+        (point / "precious").write_bytes(b"only here")
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False, timeout=60)
+
+
+def test_cafs_umount_refuses_a_mount_of_another_filesystem(tmpfs: Path, tmp_path: Path) -> None:
+    r = run_cafs("umount", tmpfs, cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"cafs: {tmpfs}: not a cafs mount (tmpfs is mounted there); nothing unmounted"
+    assert os.path.ismount(tmpfs) and (tmpfs / "precious").read_bytes() == b"only here"
+
+
+def test_cafs_umount_of_a_directory_that_is_not_a_mount(tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    r = run_cafs("umount", point, cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"cafs: {point}: not mounted"
