@@ -876,3 +876,20 @@ def test_cafs_umount_of_a_directory_that_is_not_a_mount(tmp_path: Path) -> None:
     r = run_cafs("umount", point, cache=tmp_path / "cache")
     assert r.returncode == 1
     assert r.stderr.strip() == f"cafs: {point}: not mounted"
+
+
+def test_sigterm_after_a_lazy_unmount_leaves_what_is_mounted_there_now(dataset: Dataset, tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
+        with open(point / FILE, "rb"):  # keeps the lazily unmounted mount alive
+            subprocess.run(["umount", "-l", str(point)], check=True, timeout=60)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True,
+                           timeout=60)
+            try:
+                (point / "precious").write_bytes(b"only here")
+                os.kill(m.pid, signal.SIGTERM)
+                wait_exit(m.pid)
+                assert os.path.ismount(point) and (point / "precious").read_bytes() == b"only here"
+            finally:
+                subprocess.run(["umount", str(point)], check=False, timeout=60)
+    assert not os.path.ismount(point)
