@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cafs.errors import CafsError, UsageError
 from cafs.metacache import default_cache_dir
-from cafs.mountd import serve
+from cafs.mountd import serve, why_not
 from cafs.mountopts import MountOptions, format_options, parse_options
 from cafs.mounttable import CAFS_FSTYPE, top_mount
 from cafs.naming import find_snapshot, parse_spec
@@ -109,7 +109,7 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             err = open(cache_dir / "mountd.stderr", "ab")
         except OSError as exc:
-            raise MountError(f"cache directory {cache_dir}: cannot use it: {exc.strerror or exc}") from None
+            raise MountError(f"cache directory {cache_dir}: cannot use it: {why_not(exc)}") from None
         with err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), source, str(mountpoint),

@@ -96,6 +96,15 @@ def display_source(source: str) -> str:
     return shown.replace(",", "_").replace(" ", "_")
 
 
+def why_not(exc: OSError) -> str:
+    """Why a directory could not be made or a file in it opened, for a message; the
+    FileExistsError of ``Path.mkdir(exist_ok=True)`` means a file is where a directory
+    must be."""
+    if isinstance(exc, FileExistsError):
+        return f"{os.fsdecode(exc.filename)} is not a directory" if exc.filename else "not a directory"
+    return exc.strerror or str(exc)
+
+
 def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None:
     root = logging.getLogger("cafs")
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
@@ -107,8 +116,12 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None
         fmt = "cafs[%(process)d]: %(levelname)s %(name)s: %(message)s"
     else:
         path = Path(opts.log) if opts.log else cache_dir / "mount.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path)
+        except OSError as exc:
+            what = f"log={opts.log}" if opts.log else "log file"
+            raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
 

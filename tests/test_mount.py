@@ -729,6 +729,23 @@ def test_unusable_cache_directory_is_a_clear_error(dataset: Dataset, tmp_path: P
         unmount(point, mountd_pids(point))
 
 
+@pytest.mark.parametrize("option", ["cache", "log"])
+def test_a_file_where_the_cache_or_log_directory_goes_is_named(dataset: Dataset, tmp_path: Path,
+                                                                option: str) -> None:
+    point = new_mountpoint(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a directory")
+    options = f"cache={afile}" if option == "cache" else f"cache={tmp_path / 'cache'},log={afile / 'mount.log'}"
+    r = run_mount_helper(dataset.source, point, options)
+    try:
+        assert r.returncode == 32, r.stderr
+        line = _one_line(r.stderr)
+        assert f"{afile} is not a directory" in line and line.startswith(f"mount.cafs: {option}")
+        assert cafs_mounts(tmp_path) == [] and mountd_pids(point) == []
+    finally:
+        unmount(point, mountd_pids(point))
+
+
 def test_a_damaged_metadata_cache_is_set_aside(dataset: Dataset, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     meta = cache / _repo_id(dataset) / "meta.lmdb"
