@@ -666,7 +666,8 @@ def _one_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
                                   "missing snapshot", "no snapshot named", "missing mountpoint",
-                                  "option given twice", "invalid ref name"])
+                                  "option given twice", "invalid ref name", "mirror port out of range",
+                                  "mirror without a host"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
     cache = f"cache={tmp_path / 'cache'}"
@@ -682,6 +683,10 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         "option given twice": (dataset.source, point, f"{cache},cache_mode=full,cache_mode=meta", 1,
                                "cache_mode given twice"),
         "invalid ref name": (f"{dataset.repo}#sp ace", point, cache, 1, "invalid ref name"),
+        "mirror port out of range": (dataset.source, point, f"{cache},mirror=http://127.0.0.1:99999/m", 1,
+                                     "http://127.0.0.1:99999/m: not a valid URL"),
+        "mirror without a host": (dataset.source, point, f"{cache},mirror=http:///m", 1,
+                                  "http:///m: no host in the URL"),
     }[case]
     r = run_mount_helper(source, target, options)
     try:
