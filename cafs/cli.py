@@ -781,7 +781,8 @@ def cmd_mount(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_umount(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.mount_helper import unmount
 
-    return unmount(args.mountpoint)
+    unmount(args.mountpoint)
+    return EXIT_OK
 
 
 HELPER_TEMPLATE = """#!/bin/sh

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from cafs.errors import CafsError, UsageError
 from cafs.metacache import default_cache_dir
-from cafs.mountd import serve
+from cafs.mountd import serve, why_not
 from cafs.mountopts import MountOptions, format_options, parse_options
+from cafs.mounttable import CAFS_FSTYPE, top_mount
 from cafs.naming import find_snapshot, parse_spec
 from cafs.repository import Repository
 
@@ -108,7 +109,7 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             err = open(cache_dir / "mountd.stderr", "ab")
         except OSError as exc:
-            raise MountError(f"cache directory {cache_dir}: cannot use it: {exc.strerror or exc}") from None
+            raise MountError(f"cache directory {cache_dir}: cannot use it: {why_not(exc)}") from None
         with err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), source, str(mountpoint),
@@ -181,15 +182,22 @@ def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> in
     return 0
 
 
-def unmount(mountpoint: str) -> int:
-    """Unmount a cafs mount: fusermount3 -u, or umount(8) where that is missing."""
+def unmount(mountpoint: str) -> None:
+    """Unmount the cafs mount at ``mountpoint``: fusermount3 -u, or umount(8) where that
+    is missing. Raises ``MountError`` if no cafs mount is there (for root, fusermount3
+    unmounts any filesystem: a tmpfs and its files would be gone) or it cannot be
+    unmounted."""
+    path = os.path.realpath(mountpoint)  # as the kernel names it; a dead mount is not followed
+    top = top_mount(path)
+    if top is None:
+        raise MountError(f"{mountpoint}: {'not mounted' if os.path.lexists(path) else 'no such directory'}")
+    if top.fstype != CAFS_FSTYPE:
+        raise MountError(f"{mountpoint}: not a cafs mount ({top.fstype} is mounted there); nothing unmounted")
     tool = shutil.which("fusermount3")
-    cmd = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    cmd = [tool, "-u", path] if tool else ["umount", path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        print(f"cafs: cannot unmount {mountpoint}: {result.stderr.strip()}", file=sys.stderr)
-        return 1
-    return 0
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:

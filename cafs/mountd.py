@@ -19,6 +19,8 @@ still open are closed, which ends the kernel's connection, or for ``EXIT_GRACE``
 seconds at most. Answering after the detach matters: the kernel asks again at once,
 page by page, for what a failed readahead did not get, and a request left unanswered
 when the loop stops fails with ENOTCONN rather than EIO. The daemon then exits 0.
+It unmounts only its own mount (``Attachment``): one already gone from its path
+(``umount -l``) leaves alone whatever is mounted there now.
 
 Run as ``python -m cafs.mountd --ready-fd FD SOURCE MOUNTPOINT -o OPTIONS`` by
 ``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD.
@@ -37,6 +39,7 @@ import signal
 import subprocess
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 
@@ -52,6 +55,7 @@ from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
+from cafs.mounttable import mounted_at
 from cafs.naming import find_snapshot, parse_spec, recorded_repo, recorded_snapshot, recorded_source
 from cafs.repository import Repository
 from cafs.stores import LocalStore
@@ -92,6 +96,15 @@ def display_source(source: str) -> str:
     return shown.replace(",", "_").replace(" ", "_")
 
 
+def why_not(exc: OSError) -> str:
+    """Why a directory could not be made or a file in it opened, for a message; the
+    FileExistsError of ``Path.mkdir(exist_ok=True)`` means a file is where a directory
+    must be."""
+    if isinstance(exc, FileExistsError):
+        return f"{os.fsdecode(exc.filename)} is not a directory" if exc.filename else "not a directory"
+    return exc.strerror or str(exc)
+
+
 def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None:
     root = logging.getLogger("cafs")
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
@@ -103,21 +116,49 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None
         fmt = "cafs[%(process)d]: %(levelname)s %(name)s: %(message)s"
     else:
         path = Path(opts.log) if opts.log else cache_dir / "mount.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path)
+        except OSError as exc:
+            what = f"log={opts.log}" if opts.log else "log file"
+            raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
 
 
-def set_readahead(mountpoint: str, size: int) -> None:
+def set_readahead(device: int, size: int) -> None:
     """Raise the kernel readahead of the mount's bdi so sequential reads arrive large."""
-    st = os.stat(mountpoint)
-    path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
     try:
         with open(path, "w") as f:
             f.write(str(max(4, size // 1024)))
     except OSError as exc:
         log.warning("cannot set readahead via %s: %s", path, exc)
+
+
+@dataclass
+class Attachment:
+    """Where this daemon's mount is, so that it never unmounts another.
+
+    Unmounting is by path (``fusermount3 -u -z``, and libfuse's unmount in
+    ``pyfuse3.close``, for root a lazy umount2 of whatever is there), and once this
+    mount is gone from its path (``umount -l`` while a file is open) another filesystem
+    may be mounted there. The mount is known by its device (the st_dev of its root,
+    taken once it serves) and found in the mount table by it."""
+    device: int | None = None  # None until known
+    known: trio.Event = field(default_factory=trio.Event)
+    detached: bool = False  # detached by this daemon
+
+    def where(self) -> str | None:
+        """The path of this mount while it is there on top; None once it is not (or
+        its device is not known yet)."""
+        return None if self.device is None else mounted_at(self.device)
+
+    def to_unmount(self) -> bool:
+        """Whether ``pyfuse3.close`` should unmount: not if this daemon detached the
+        mount or it is gone from its path; yes before its device is known (it was
+        mounted a moment ago)."""
+        return not self.detached and (self.device is None or self.where() is not None)
 
 
 def build_fs(source: str, opts: MountOptions, stack: ExitStack) -> SnapshotFS:
@@ -196,19 +237,22 @@ class CounterSync:
 
 
 async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None],
-                 counters: CounterSync) -> bool:
-    """Serve until unmounted or signalled; whether the mount was detached already."""
-    detached = False
+                 counters: CounterSync, attachment: Attachment) -> None:
+    """Serve until unmounted or signalled."""
     async with fs.fetcher.running(), trio.open_nursery() as nursery:
         async def fuse_loop() -> None:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
         async def stop() -> None:
-            nonlocal detached
             fs.fetcher.close()  # else a read waiting on the store holds pyfuse3.main until its deadline
-            detached = await detach(mountpoint)
-            if detached:
+            await attachment.known.wait()
+            where = await trio.to_thread.run_sync(attachment.where)
+            if where is None:
+                log.info("%s: this mount was unmounted or covered already; not unmounting there", mountpoint)
+            else:
+                attachment.detached = await detach(where)
+            if attachment.detached:
                 await trio.sleep(EXIT_GRACE)  # cancelled when the last open file closes
             pyfuse3.terminate()
 
@@ -232,10 +276,12 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         nursery.start_soon(fuse_loop)
         nursery.start_soon(on_signals)
         nursery.start_soon(flush_caches)
-        await trio.to_thread.run_sync(set_readahead, mountpoint, opts.readahead)
+        # the stat runs in a worker: the root's attributes come from this very loop
+        attachment.device = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
+        attachment.known.set()
+        await trio.to_thread.run_sync(set_readahead, attachment.device, opts.readahead)
         log.info("serving %s@%d on %s", fs.snapshot.ref, fs.snapshot.jid, mountpoint)
         ready()
-    return detached
 
 
 def _flush(fs: SnapshotFS, pending: list[tuple[bytes, bytes]], counters: CounterSync) -> None:
@@ -268,14 +314,15 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
             fail(str(exc))
             return 32
         fuse_loop.install()
+        attachment = Attachment()
         try:
-            detached = trio.run(_serve, fs, mountpoint, opts, ready, counters)
+            trio.run(_serve, fs, mountpoint, opts, ready, counters, attachment)
         except BaseException:
             log.exception("the mount loop failed")
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=attachment.to_unmount())
             raise
         # once detached, the mountpoint may be another mount's already: not unmounted again
-        pyfuse3.close(unmount=not detached)
+        pyfuse3.close(unmount=attachment.to_unmount())
         _flush(fs, fs.reader.take_pending(), counters)
         log.info("unmounted %s", mountpoint)
     return 0

@@ -666,7 +666,8 @@ def _one_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
                                   "missing snapshot", "no snapshot named", "missing mountpoint",
-                                  "option given twice", "invalid ref name"])
+                                  "option given twice", "invalid ref name", "mirror port out of range",
+                                  "mirror without a host"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
     cache = f"cache={tmp_path / 'cache'}"
@@ -682,6 +683,10 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         "option given twice": (dataset.source, point, f"{cache},cache_mode=full,cache_mode=meta", 1,
                                "cache_mode given twice"),
         "invalid ref name": (f"{dataset.repo}#sp ace", point, cache, 1, "invalid ref name"),
+        "mirror port out of range": (dataset.source, point, f"{cache},mirror=http://127.0.0.1:99999/m", 1,
+                                     "http://127.0.0.1:99999/m: not a valid URL"),
+        "mirror without a host": (dataset.source, point, f"{cache},mirror=http:///m", 1,
+                                  "http:///m: no host in the URL"),
     }[case]
     r = run_mount_helper(source, target, options)
     try:
@@ -725,6 +730,23 @@ def test_unusable_cache_directory_is_a_clear_error(dataset: Dataset, tmp_path: P
         assert r.returncode == 32, r.stderr
         assert says in _one_line(r.stderr) and "Traceback" not in r.stderr
         assert cafs_mounts(tmp_path) == []
+    finally:
+        unmount(point, mountd_pids(point))
+
+
+@pytest.mark.parametrize("option", ["cache", "log"])
+def test_a_file_where_the_cache_or_log_directory_goes_is_named(dataset: Dataset, tmp_path: Path,
+                                                                option: str) -> None:
+    point = new_mountpoint(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a directory")
+    options = f"cache={afile}" if option == "cache" else f"cache={tmp_path / 'cache'},log={afile / 'mount.log'}"
+    r = run_mount_helper(dataset.source, point, options)
+    try:
+        assert r.returncode == 32, r.stderr
+        line = _one_line(r.stderr)
+        assert f"{afile} is not a directory" in line and line.startswith(f"mount.cafs: {option}")
+        assert cafs_mounts(tmp_path) == [] and mountd_pids(point) == []
     finally:
         unmount(point, mountd_pids(point))
 
@@ -850,3 +872,46 @@ def test_cafs_umount(dataset: Dataset, tmp_path: Path) -> None:
         wait_exit(m.pid)
     assert os.listdir(point) == []
 
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted at a new directory, holding one file; always unmounted."""
+    point = new_mountpoint(tmp_path, "tmpfs")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True, timeout=60)
+    try:
+        (point / "precious").write_bytes(b"only here")
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False, timeout=60)
+
+
+def test_cafs_umount_refuses_a_mount_of_another_filesystem(tmpfs: Path, tmp_path: Path) -> None:
+    r = run_cafs("umount", tmpfs, cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"cafs: {tmpfs}: not a cafs mount (tmpfs is mounted there); nothing unmounted"
+    assert os.path.ismount(tmpfs) and (tmpfs / "precious").read_bytes() == b"only here"
+
+
+def test_cafs_umount_of_a_directory_that_is_not_a_mount(tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    r = run_cafs("umount", point, cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"cafs: {point}: not mounted"
+
+
+def test_sigterm_after_a_lazy_unmount_leaves_what_is_mounted_there_now(dataset: Dataset, tmp_path: Path) -> None:
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
+        with open(point / FILE, "rb"):  # keeps the lazily unmounted mount alive
+            subprocess.run(["umount", "-l", str(point)], check=True, timeout=60)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True,
+                           timeout=60)
+            try:
+                (point / "precious").write_bytes(b"only here")
+                os.kill(m.pid, signal.SIGTERM)
+                wait_exit(m.pid)
+                assert os.path.ismount(point) and (point / "precious").read_bytes() == b"only here"
+            finally:
+                subprocess.run(["umount", str(point)], check=False, timeout=60)
+    assert not os.path.ismount(point)

@@ -6,6 +6,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cafs.errors import UsageError
+from cafs.stores.access import redact, split_url
 from cafs.stores.base import (
     ObjectExists, ObjectWriter, ResidentReads, Store, StreamingWrites, TrioReads, check_key,
 )
@@ -21,7 +22,7 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
     can still retry within the deadline."""
     if not url:
         raise UsageError("empty repository location")
-    scheme = urlsplit(url).scheme if "://" in url else ""
+    scheme = split_url(url).scheme if "://" in url else ""
     if scheme == "":
         return LocalStore(Path(url).absolute())
     if scheme == "file":
@@ -30,6 +31,8 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
             raise UsageError(f"{url}: a file:// URL needs a path")
         return LocalStore(Path(path))
     if scheme in ("http", "https"):
+        if not urlsplit(url).hostname:
+            raise UsageError(f"{redact(url)}: no host in the URL")
         from cafs.stores.access import access_for
         from cafs.stores.http import DEFAULT_TIMEOUT, HttpStore
         return HttpStore(url, access_for(url), timeout=_request_timeout(DEFAULT_TIMEOUT, deadline))

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cafs.errors import UsageError
 
@@ -82,8 +82,23 @@ def _why(exc: OSError | ssl.SSLError) -> str:
     return str(exc.strerror or exc) if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
+def split_url(url: str) -> SplitResult:
+    """``urlsplit(url)``, its port checked; a malformed URL (a port out of range or not a
+    number, an unclosed IPv6 bracket) is a ``UsageError`` naming it, without any user
+    information, not urllib's ValueError."""
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError as exc:
+        scheme, sep, rest = url.partition("://")
+        shown = f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
+        raise UsageError(f"{shown}: not a valid URL ({exc})") from None
+    return parts
+
+
 def refuse_userinfo(url: str) -> None:
-    if urlsplit(url).username is not None or "@" in urlsplit(url).netloc:
+    parts = split_url(url)
+    if parts.username is not None or "@" in parts.netloc:
         raise UsageError(
             f"{redact(url)}: credentials in a URL would show in ps, /proc/mounts and logs; "
             "put them in remotes.toml or CAFS_TOKEN / CAFS_USERNAME+CAFS_PASSWORD instead")
