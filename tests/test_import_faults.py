@@ -152,6 +152,18 @@ def test_strict_import_of_unreadable_file_commits_nothing(nobody_setup) -> None:
     assert journal_entries(repo) == []
 
 
+def _imported_with_out_for_nobody(cafs, base: Path, src: Path) -> tuple[Path, Path]:
+    """``src`` imported (as root) into a new repository as ``ds``, and a directory
+    ``nobody`` owns to extract it into."""
+    repo = base / "repo"
+    assert cafs("init", repo, "--pack-size", "512K").code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    out = base / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    return repo, out
+
+
 def test_get_as_non_root_resumes_over_read_only_files(nobody_base, cafs) -> None:
     run, base = nobody_base
     src = base / "src"
@@ -160,12 +172,7 @@ def test_get_as_non_root_resumes_over_read_only_files(nobody_base, cafs) -> None
     (src / "rodir").chmod(0o555)
     (src / "readonly").write_bytes(os.urandom(70_000))
     (src / "readonly").chmod(0o444)
-    repo = base / "repo"
-    assert cafs("init", repo, "--pack-size", "512K").code == 0
-    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
-    out = base / "out"
-    out.mkdir()
-    os.chown(out, NOBODY, NOBODY)
+    repo, out = _imported_with_out_for_nobody(cafs, base, src)
     r = run("get", f"{repo}#ds", out / "tree")
     assert r.code == 0, r.err
     with open(out / "tree" / "readonly", "r+b") as f:  # damage it (as root)
@@ -187,12 +194,7 @@ def test_get_as_non_root_runs_again_over_modes_without_read_for_the_owner(nobody
     (src / "file").write_bytes(os.urandom(40_000))
     (src / "file").chmod(mode & 0o666)
     (src / "dir").chmod(mode)
-    repo = base / "repo"
-    assert cafs("init", repo, "--pack-size", "512K").code == 0
-    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
-    out = base / "out"
-    out.mkdir()
-    os.chown(out, NOBODY, NOBODY)
+    repo, out = _imported_with_out_for_nobody(cafs, base, src)
     for _ in range(2):
         r = run("get", f"{repo}#ds", out / "tree")
         assert_clean_error(r, 0)
