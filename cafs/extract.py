@@ -66,16 +66,17 @@ class Extractor:
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
         self._links: dict[tuple[object, ...], _LinkGroup] = {}
-        # (st_dev, st_ino) of a local repository's directory and of every directory above it
+        # a local repository's real path, and (st_dev, st_ino) of its directory and of
+        # every directory above it
+        self._repo_real: Path | None = None
         self._repo_dir: tuple[int, int] | None = None
         self._repo_holders: set[tuple[int, int]] = set()
         root = repo.local_root
         if root is not None and root.is_dir():
-            real = Path(os.path.realpath(root))
-            for d in (real, *real.parents):
-                st = os.stat(d)
-                self._repo_holders.add((st.st_dev, st.st_ino))
-            self._repo_dir = _dev_ino(os.stat(real))
+            self._repo_real = Path(os.path.realpath(root))
+            holders = [_dev_ino(os.stat(d)) for d in (self._repo_real, *self._repo_real.parents)]
+            self._repo_dir = holders[0]
+            self._repo_holders = set(holders)
 
     def close(self) -> None:
         for group in self._links.values():
@@ -86,10 +87,9 @@ class Extractor:
         """Extract ``entry`` to ``dest``: a directory's contents go into ``dest``; a file or
         symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory,
         or with ``into``, DEST given with a trailing slash: a directory, made if missing)."""
-        root = self.repo.local_root
-        if root is not None and self._repo_dir is not None:
-            real, real_root = Path(os.path.realpath(dest)), Path(os.path.realpath(root))
-            if real == real_root or real_root in real.parents:
+        if self._repo_real is not None:
+            real = Path(os.path.realpath(dest))
+            if real == self._repo_real or self._repo_real in real.parents:
                 raise ExtractError(f"{dest}: in the repository {self.repo.url}; cafs get never writes there")
         try:
             if entry.is_dir:

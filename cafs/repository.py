@@ -109,8 +109,12 @@ class Repository:
         (``cafs copy`` gives a new mirror its source's id)."""
         config = check_config(RepoConfig(repo_id=repo_id or os.urandom(32).hex(), chunker=chunker,
                                          pack_size=pack_size))
-        if _exists(store.get, CONFIG_KEY):
-            decode_config(store.get(CONFIG_KEY), f"{store.url}/config")  # a web server's page for any path is not one
+        try:
+            existing = store.get(CONFIG_KEY)
+        except ObjectNotFound:
+            pass
+        else:
+            decode_config(existing, f"{store.url}/config")  # a web server's page for any path is not one
             raise RepositoryError(f"{store.url}: a repository exists there already")
         if any(True for _ in store.list("")):
             raise RepositoryError(f"{store.url}: not empty and not a repository; refusing to init there")

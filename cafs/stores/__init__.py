@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cafs.errors import UsageError
 from cafs.stores.access import redact, split_url
@@ -22,16 +21,17 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
     can still retry within the deadline."""
     if not url:
         raise UsageError("empty repository location")
-    scheme = split_url(url).scheme if "://" in url else ""
-    if scheme == "":
+    parts = split_url(url) if "://" in url else None
+    if parts is None or parts.scheme == "":
         return LocalStore(Path(url).absolute())
+    scheme = parts.scheme
     if scheme == "file":
-        path = urlsplit(url).path
+        path = parts.path
         if not path:
             raise UsageError(f"{url}: a file:// URL needs a path")
         return LocalStore(Path(path))
     if scheme in ("http", "https"):
-        if not urlsplit(url).hostname:
+        if not parts.hostname:
             raise UsageError(f"{redact(url)}: no host in the URL")
         from cafs.stores.access import access_for
         from cafs.stores.http import DEFAULT_TIMEOUT, HttpStore
