@@ -61,6 +61,9 @@ class Sources:
         self.deadline = deadline
         self._health = [_Health() for _ in stores]
         self._lock = threading.Lock()
+        # Jitter of its own: the module's shared generator is global state, which other
+        # code (hypothesis, a seeded simulation) may rely on being left alone.
+        self._jitter = random.Random()
 
     def order(self) -> list[int]:
         """Indexes of the sources to try: usable ones in configured order, then those in
@@ -99,14 +102,14 @@ class Sources:
             now = time.monotonic()
             if now >= give_up or not (passing or (corrupt and round_no < CORRUPT_ROUNDS)):
                 raise error
-            time.sleep(min(give_up - now, _backoff(round_no, _ROUND_DELAY) * random.random()))
+            time.sleep(min(give_up - now, _backoff(round_no, _ROUND_DELAY) * self._jitter.random()))
         raise AssertionError("unreachable")
 
     def _failed(self, i: int, exc: Exception) -> None:
         with self._lock:
             h = self._health[i]
             h.failures += 1
-            h.retry_at = time.monotonic() + _backoff(h.failures - 1, _SET_ASIDE) * random.uniform(0.5, 1.0)
+            h.retry_at = time.monotonic() + _backoff(h.failures - 1, _SET_ASIDE) * self._jitter.uniform(0.5, 1.0)
         if len(self.stores) > 1:
             log.warning("source %s failed (%s); trying the next", self.stores[i].url, exc)
 
