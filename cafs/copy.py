@@ -37,7 +37,8 @@ data (other chunk cut points), which ``CopyResult.config_differs`` reports.
 Only the ``Store`` protocol and ``Repository`` methods are used, so any two stores work.
 
 Raises: ``RepositoryError`` (SRC is not a repository; DST is neither a repository nor
-empty), ``RefError`` (unknown ref or jid), ``CopyConflict``, ``SourcePackDamaged``,
+empty; DST is of a format version older than SRC's entries, whose readers could not
+read them), ``RefError`` (unknown ref or jid), ``CopyConflict``, ``SourcePackDamaged``,
 ``CopyError`` (an object or pack missing from SRC), ``RepositoryLocked`` (a gc holds
 DST), ``NoSpaceError`` and other ``StoreError`` from either store.
 
@@ -68,6 +69,7 @@ from cafs.errors import (
     CafsError, FormatError, IntegrityError, NoSpaceError, ObjectNotFound, RefError, RepositoryError,
     UsageError,
 )
+from cafs.format import ENTRY_BLOCKS_SINCE
 from cafs.format.index import PackSummary
 from cafs.format.journal import Snapshot, check_ref_name, decode_snapshot, journal_key
 from cafs.format.location import Location
@@ -146,7 +148,7 @@ def open_destination(src: Repository, store: Store) -> tuple[Repository, bool]:
         if any(True for _ in store.list("")):
             raise  # not empty and not (readably) a repository: say why opening failed
     c = src.config
-    return Repository.init(store, c.chunker, c.pack_size, repo_id=c.repo_id), True
+    return Repository.init(store, c.chunker, c.pack_size, repo_id=c.repo_id, version=c.version), True
 
 
 def copy_snapshots(src: Repository, dst: Repository, wanted: Iterable[tuple[str, int]], *,
@@ -156,6 +158,10 @@ def copy_snapshots(src: Repository, dst: Repository, wanted: Iterable[tuple[str,
     the module docstring). ``read_node`` reads a node of SRC (default: from the store,
     verified; the command passes one that goes through the host's metadata cache)."""
     started = time.monotonic()
+    if dst.config.version < ENTRY_BLOCKS_SINCE <= src.config.version:
+        raise RepositoryError(
+            f"{dst.url}: repository format version {dst.config.version}, whose readers cannot read the "
+            f"entries of {src.url} (version {src.config.version}); copy into a new or empty repository instead")
     state = progress or CopyProgress()
     result = CopyResult(config_differs=(src.config.chunker, src.config.pack_size)
                         != (dst.config.chunker, dst.config.pack_size))

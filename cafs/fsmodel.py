@@ -233,8 +233,8 @@ class SnapshotFS:
     def attributes(self, ino: int, e: Entry | None = None) -> Attributes:
         e = e or self.entry(ino)
         size = DIR_SIZE if e.is_dir else e.size
-        return Attributes(ino, _KIND_BITS[e.kind] | e.mode, e.nlink, e.uid, e.gid, size,
-                          (size + 511) // 512, e.mtime_ns)
+        blocks = e.blocks if e.blocks is not None else (size + 511) // 512
+        return Attributes(ino, _KIND_BITS[e.kind] | e.mode, e.nlink, e.uid, e.gid, size, blocks, e.mtime_ns)
 
     def readlink(self, ino: int) -> bytes:
         e = self.entry(ino)

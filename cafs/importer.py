@@ -49,11 +49,12 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterable
 
 from cafs.errors import CafsError, FormatError, UsageError
+from cafs.format import ENTRY_BLOCKS_SINCE
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location, decode_location
 from cafs.format.nodes import (
     INLINE_SPANS, INT64, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
-    F_CONTENT, F_GID, F_INO, F_KIND, F_MODE, F_MTIME, F_NAME, F_NLINK, F_SIZE, F_UID,
+    F_BLOCKS, F_CONTENT, F_GID, F_INO, F_KIND, F_MODE, F_MTIME, F_NAME, F_NLINK, F_SIZE, F_UID,
     DirIndexNode, Entry, FileNode, Node, PageRef, decode_entry, encode_node, encode_tree, entry_fields,
 )
 from cafs.format.pack import KIND_DATA, KIND_META
@@ -154,6 +155,7 @@ class Importer:
         self._node_batch: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
         self._read_buf = _ReadBuffer()
+        self._with_blocks = repo.config.version >= ENTRY_BLOCKS_SINCE  # older readers take ten fields
 
     # The chunker and the compressor (and their modules) are made on first use: a
     # re-import of an unchanged tree needs neither, and is mostly start-up time.
@@ -267,7 +269,7 @@ class Importer:
                            else f"cannot stat: {exc.strerror}")
                 continue
             old = prev.get(name)
-            if old is not None and stat.S_ISREG(st.st_mode) and _unchanged_file(old, st):
+            if old is not None and stat.S_ISREG(st.st_mode) and _unchanged_file(old, st, self._blocks(st)):
                 self._count_reused(st)  # the common case of a re-import: taken as it was
                 entries.append(old)
                 continue
@@ -324,7 +326,7 @@ class Importer:
         name = frame.path.rsplit(b"/", 1)[-1]
         return _same_or_new(frame.prev_dir, Entry(
             name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(frame.entries),
-            2 + frame.subdirs, st.st_ino, ref=ref))
+            2 + frame.subdirs, st.st_ino, ref=ref, blocks=self._blocks(st)))
 
     def _store_dir(self, entries: list[Entry | PrevEntry]) -> Location:
         # Unchanged entries go into the new node as the previous snapshot's node held
@@ -352,14 +354,19 @@ class Importer:
         self.counters.symlinks += 1
         return _same_or_new(parent.prev.get(name), Entry(
             name, KIND_SYMLINK, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
-            len(target_b), st.st_nlink, st.st_ino, target=target_b))
+            len(target_b), st.st_nlink, st.st_ino, target=target_b, blocks=self._blocks(st)))
 
     # -- files --------------------------------------------------------------------
 
     def _file_entry(self, name: bytes, st: os.stat_result, spans: tuple[Location, ...] | None,
                     ref: Location | None) -> Entry:
         return Entry(name, KIND_FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st),
-                     st.st_size, st.st_nlink, st.st_ino, spans=spans, ref=ref)
+                     st.st_size, st.st_nlink, st.st_ino, spans=spans, ref=ref, blocks=self._blocks(st))
+
+    def _blocks(self, st: os.stat_result) -> int | None:
+        """What an entry records of ``st_blocks``: nothing in a repository of a format
+        older than entries with blocks."""
+        return st.st_blocks if self._with_blocks else None
 
     def _import_file(self, parent: _DirFrame, name: bytes, path: bytes,
                      st: os.stat_result) -> Entry | PrevEntry | None:
@@ -511,10 +518,12 @@ def _same_content(prev: PrevEntry, st: os.stat_result) -> bool:
                 and (prev[F_MTIME] == st.st_mtime_ns or prev[F_MTIME] == _mtime_ns(st)))
 
 
-def _unchanged_file(prev: PrevEntry, st: os.stat_result) -> bool:
-    """Whether a previous file entry is exactly what the file's entry would be now."""
+def _unchanged_file(prev: PrevEntry, st: os.stat_result, blocks: int | None) -> bool:
+    """Whether a previous file entry is exactly what the file's entry would be now, with
+    ``blocks`` what it records of ``st_blocks``."""
     return (_same_content(prev, st) and prev[F_MODE] == stat.S_IMODE(st.st_mode) and prev[F_UID] == st.st_uid
-            and prev[F_GID] == st.st_gid and prev[F_NLINK] == st.st_nlink)
+            and prev[F_GID] == st.st_gid and prev[F_NLINK] == st.st_nlink
+            and (prev[F_BLOCKS] if len(prev) > F_BLOCKS else None) == blocks)
 
 
 def _dir_ref(prev: PrevEntry | None) -> Location | None:

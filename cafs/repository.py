@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from cafs.errors import (
     CafsError, FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, RefError, RepositoryError, StoreError,
 )
+from cafs.format import FORMAT_VERSION
 from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_config, encode_config
 from cafs.format.index import PackSummary, decode_index, encode_index
 from cafs.format.journal import (
@@ -104,11 +105,13 @@ class Repository:
 
     @classmethod
     def init(cls, store: Store, chunker: ChunkerParams = ChunkerParams(),
-             pack_size: int = 64 << 20, *, repo_id: str | None = None) -> Repository:
-        """Create a repository in an empty store. ``repo_id`` is random unless given
-        (``cafs copy`` gives a new mirror its source's id)."""
+             pack_size: int = 64 << 20, *, repo_id: str | None = None,
+             version: int = FORMAT_VERSION) -> Repository:
+        """Create a repository in an empty store. ``repo_id`` is random unless given, and
+        ``version`` the newest format unless given (``cafs copy`` gives a new mirror its
+        source's id and version, so that what reads one reads the other)."""
         config = check_config(RepoConfig(repo_id=repo_id or os.urandom(32).hex(), chunker=chunker,
-                                         pack_size=pack_size))
+                                         pack_size=pack_size, version=version))
         try:
             existing = store.get(CONFIG_KEY)
         except ObjectNotFound:

@@ -18,6 +18,7 @@ import pytest
 
 from cafs.copy import CopyConflict, copy_snapshots, open_destination
 from cafs.errors import NoSpaceError, StoreError
+from cafs.format.config import ChunkerParams
 from cafs.format.index import decode_index
 from cafs.format.pack import KIND_DATA
 from cafs.locks import locked
@@ -218,6 +219,40 @@ def test_existing_destination_with_other_chunking(cafs, base: Base, src: Path, d
     assert r.code == 0, r.err
     assert_same_tree(base.tree, tmp_path / "out")
     fsck(cafs, dst)
+
+
+def _entries_with_blocks(repo: Path) -> tuple[int, int]:
+    """(entries recording st_blocks, entries) of every snapshot of ``repo``."""
+    from cafs.metacache import NodeReader
+    from cafs.tree import walk
+
+    r = Repository.open(LocalStore(repo))
+    reader = NodeReader(r, None)
+    seen = [e for ref in r.ref_names() for _, e in walk(reader, r.snapshot(ref).root)]
+    return sum(e.blocks is not None for e in seen), len(seen)
+
+
+def test_a_repository_of_format_2_stays_readable_by_its_makers(cafs, base: Base, tmp_path: Path) -> None:
+    old, mirror = tmp_path / "old", tmp_path / "mirror"
+    Repository.init(LocalStore(old), ChunkerParams(16 << 10, 64 << 10, 256 << 10), 128 << 10, version=2)  # as a cafs of format 2 made it
+    r = cafs("import", base.tree, old, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    with_blocks, total = _entries_with_blocks(old)
+    assert with_blocks == 0 and total > 20  # ten-field entries, which that cafs reads
+    copy_json(cafs, f"{old}#ds", mirror)
+    assert json.loads((mirror / "config").read_bytes())["version"] == 2  # a mirror keeps the version
+    r = cafs("get", f"{mirror}#ds", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(base.tree, tmp_path / "out")
+
+
+def test_snapshots_of_format_3_are_not_copied_into_a_repository_of_format_2(cafs, src: Path, dst: Path) -> None:
+    assert _entries_with_blocks(src)[0] > 20
+    Repository.init(LocalStore(dst), version=2)
+    r = cafs("copy", f"{src}#ds", dst)
+    assert r.code == 1
+    assert f"{dst}: repository format version 2" in r.err and "new or empty repository" in r.err
+    assert sorted(p.name for p in dst.iterdir()) == ["config"]  # nothing copied
 
 
 def test_summary_on_a_terminal_free_run(cafs, src: Path, dst: Path) -> None:

@@ -39,7 +39,8 @@ def entries(draw: st.DrawFn, name: bytes | None = None) -> Entry:
     kind = draw(st.sampled_from([KIND_DIR, KIND_FILE, KIND_SYMLINK]))
     common = dict(name=name if name is not None else draw(names), kind=kind, mode=draw(st.integers(0, 0o7777)),
                   uid=draw(u32), gid=draw(u32), mtime_ns=draw(st.integers(-(1 << 63), (1 << 63) - 1)),
-                  nlink=draw(st.integers(1, 1 << 20)), ino=draw(st.integers(0, (1 << 64) - 1)))
+                  nlink=draw(st.integers(1, 1 << 20)), ino=draw(st.integers(0, (1 << 64) - 1)),
+                  blocks=draw(st.none() | st.integers(0, (1 << 63) - 1)))  # None: a format-2 entry
     if kind == KIND_DIR:
         return Entry(size=draw(st.integers(0, 1 << 20)), ref=draw(locations()), **common)
     if kind == KIND_SYMLINK:
@@ -132,6 +133,16 @@ def test_entry_rejects_spans_that_disagree_with_size() -> None:
     loc = Location(b"a" * 32, b"p" * 32, 0, 10, 10, CODEC_RAW)
     with pytest.raises(FormatError, match="add up"):
         decode_entry(_entry(size=11, spans=(loc,)), "t")
+
+
+def test_entry_blocks_are_optional_and_checked() -> None:
+    assert len(_entry()) == 10 and decode_entry(_entry(), "t").blocks is None  # format 1-2
+    assert decode_entry(_entry(blocks=8), "t").blocks == 8
+    for bad in (-1, 1 << 63, "8", None):
+        with pytest.raises(FormatError, match="blocks"):
+            decode_entry(_entry(blocks=0)[:10] + [bad], "t")
+    with pytest.raises(FormatError, match="10 or 11 fields"):
+        decode_entry(_entry(blocks=0) + [0], "t")
 
 
 def test_entry_rejects_symlink_with_nul() -> None:
@@ -261,7 +272,10 @@ def test_bad_ref_names(name: str) -> None:
 def test_config_round_trip_and_rejects() -> None:
     c = RepoConfig("ab" * 32, ChunkerParams(1024, 4096, 16384), 1 << 20)
     assert decode_config(encode_config(c), "t") == c
+    older = RepoConfig("ab" * 32, version=2)
+    assert decode_config(encode_config(older), "t").version == 2  # what an import writes depends on it
     for bad in (b"", b"{}", b"not json", b'{"format": "cafs", "version": 99}',
+                encode_config(c).replace(b'"version": 3', b'"version": true'),
                 encode_config(c).replace(b'"pack_size": 1048576', b'"pack_size": 1')):
         with pytest.raises(RepositoryError):
             decode_config(bad, "t")

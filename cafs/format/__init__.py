@@ -5,6 +5,9 @@ The canonical description is docs/FORMAT.md; each submodule restates the part it
 any layout below bumps it.
 """
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # 1: journal entries had no checksum; such entries (and repositories) are still read
-READABLE_VERSIONS = (1, 2)
+# 2: entries had no blocks (st_blocks); such entries are still read, and an import into a
+#    repository of version 1 or 2 writes them so, for the readers of that version
+READABLE_VERSIONS = (1, 2, 3)
+ENTRY_BLOCKS_SINCE = 3

@@ -1,10 +1,10 @@
 """The repository config: the object ``config``, UTF-8 JSON, written once by ``cafs init``.
 
-    {"format": "cafs", "version": 2, "repo_id": "<64 hex digits>",
+    {"format": "cafs", "version": 3, "repo_id": "<64 hex digits>",
      "chunker": {"min_size": int, "avg_size": int, "max_size": int},
      "pack_size": int}
 
-``version`` is ``FORMAT_VERSION`` (2) when written; a reader takes any of
+``version`` is ``FORMAT_VERSION`` (3) when written; a reader takes any of
 ``READABLE_VERSIONS`` and refuses others. ``chunker`` holds the
 FastCDC parameters every import into the repository uses (same parameters, same cut
 points, so dedup works across imports). ``pack_size`` is the target pack size.
@@ -80,7 +80,8 @@ def decode_config(data: bytes, where: str) -> RepoConfig:
         raise bad(f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != "cafs":
         raise bad("no 'format': 'cafs'")
-    if doc.get("version") not in READABLE_VERSIONS:
+    version = doc.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # true == 1 in Python
         raise RepositoryError(f"{where}: repository format version {doc.get('version')!r}; this cafs reads versions "
                               + ", ".join(map(str, READABLE_VERSIONS)))
     try:
@@ -89,6 +90,7 @@ def decode_config(data: bytes, where: str) -> RepoConfig:
             repo_id=str(doc["repo_id"]),
             chunker=ChunkerParams(int(ch["min_size"]), int(ch["avg_size"]), int(ch["max_size"])),
             pack_size=int(doc["pack_size"]),
+            version=version,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise bad(f"missing or malformed field {exc}") from None

@@ -15,7 +15,9 @@ tree node.
 ``TAG_FILE`` (3): payload is the list of a file's spans (locations), used when a file has
 more than ``INLINE_SPANS`` chunks; smaller files keep their spans inline in the entry.
 
-An entry is ``[name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content]``:
+An entry is ``[name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content, blocks]``
+(format version 3; repositories of versions 1 and 2 hold entries of the first ten fields,
+and every reader takes both):
 
 - ``name``: 1-255 bytes, no ``/`` or NUL, not ``.`` or ``..`` (the root's name is empty);
 - ``kind``: 1 directory, 2 regular file, 3 symlink;
@@ -27,7 +29,10 @@ An entry is ``[name, kind, mode, uid, gid, mtime_ns, size, nlink, ino, content]`
 - ``ino``: the inode number the entry had on the importing host (used only to skip
   unchanged files on the next import of the same ref);
 - ``content``: directory: the location of its node; file: ``[0, [spans]]`` inline or
-  ``[1, location]`` of a file node; symlink: the target bytes (1-4096, no NUL, verbatim).
+  ``[1, location]`` of a file node; symlink: the target bytes (1-4096, no NUL, verbatim);
+- ``blocks``: ``st_blocks`` on the source (512-byte units allocated), which a mount
+  reports as it was, so ``du`` and a sparse file's allocation read the same through it.
+  An entry without it is reported as ``ceil(size / 512)`` blocks.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class Entry(NamedTuple):
     spans: tuple[Location, ...] | None = None  # a file's spans, when inline
     ref: Location | None = None  # a directory's node, or a large file's file node
     target: bytes | None = None  # a symlink's target
+    blocks: int | None = None  # st_blocks on the source; None in entries of format 1-2
 
     @property
     def is_dir(self) -> bool:
@@ -107,8 +113,11 @@ class Entry(NamedTuple):
                 content = [CONTENT_NODE, self.ref.encode()]
         else:
             content = self.target
-        return [self.name, self.kind, self.mode, self.uid, self.gid, self.mtime_ns,
-                self.size, self.nlink, self.ino, content]
+        fields = [self.name, self.kind, self.mode, self.uid, self.gid, self.mtime_ns,
+                  self.size, self.nlink, self.ino, content]
+        if self.blocks is not None:
+            fields.append(self.blocks)
+        return fields
 
 
 _U32 = 1 << 32
@@ -119,8 +128,13 @@ def decode_entry(value: Any, what: str, *, root: bool = False) -> Entry:
     # Fast path for valid file and directory entries: the same checks as
     # _decode_entry_checked, without building a message per field. Anything it does not
     # accept goes through the checked path, which names what is wrong.
-    if not root and type(value) is list and len(value) == 10:
+    n = len(value) if not root and type(value) is list else 0
+    blocks = None
+    if n == ENTRY_FIELDS:
+        name, kind, mode, uid, gid, mtime, size, nlink, ino, content, blocks = value
+    elif n == OLD_ENTRY_FIELDS:
         name, kind, mode, uid, gid, mtime, size, nlink, ino, content = value
+    if n == OLD_ENTRY_FIELDS or n == ENTRY_FIELDS and type(blocks) is int and 0 <= blocks <= INT64[1]:
         if (type(name) is bytes and 0 < len(name) <= MAX_NAME and b"/" not in name and b"\0" not in name
                 and name != b"." and name != b".." and type(kind) is int
                 and type(mode) is int and 0 <= mode <= 0o7777 and type(uid) is int and 0 <= uid < _U32
@@ -134,19 +148,21 @@ def decode_entry(value: Any, what: str, *, root: bool = False) -> Entry:
                 if len(items) == 1:  # most files are one chunk
                     span = decode_location(items[0], what)
                     if span.length == size:
-                        return Entry(name, KIND_FILE, mode, uid, gid, mtime, size, nlink, ino, (span,))
+                        return Entry(name, KIND_FILE, mode, uid, gid, mtime, size, nlink, ino, (span,), blocks=blocks)
                 else:
                     spans = tuple([decode_location(s, what) for s in items])
                     if sum([s.length for s in spans]) == size:
-                        return Entry(name, KIND_FILE, mode, uid, gid, mtime, size, nlink, ino, spans)
+                        return Entry(name, KIND_FILE, mode, uid, gid, mtime, size, nlink, ino, spans, blocks=blocks)
             elif kind == KIND_DIR:
                 return Entry(name, KIND_DIR, mode, uid, gid, mtime, size, nlink, ino, None,
-                             decode_location(content, what))
+                             decode_location(content, what), blocks=blocks)
     return _decode_entry_checked(value, what, root=root)
 
 
 def _decode_entry_checked(value: Any, what: str, *, root: bool = False) -> Entry:
-    f = expect_list(value, what, length=10)
+    f = expect_list(value, what)
+    if len(f) not in _ENTRY_LENGTHS:
+        fail(what, f"an entry has {OLD_ENTRY_FIELDS} or {ENTRY_FIELDS} fields, not {len(f)}")
     name = expect_bytes(f[0], what + " name", max_len=MAX_NAME)
     if root:
         if name:
@@ -163,6 +179,7 @@ def _decode_entry_checked(value: Any, what: str, *, root: bool = False) -> Entry
     nlink = expect_int(f[7], where + " nlink", lo=1, hi=(1 << 32) - 1)
     ino = expect_int(f[8], where + " ino", hi=(1 << 64) - 1)
     content = f[9]
+    blocks = expect_int(f[F_BLOCKS], where + " blocks") if len(f) == ENTRY_FIELDS else None
     spans = ref = target = None
     if kind == KIND_DIR:
         ref = decode_location(content, where + " node")
@@ -182,7 +199,7 @@ def _decode_entry_checked(value: Any, what: str, *, root: bool = False) -> Entry
             fail(where, "symlink target contains NUL")
         if size != len(target):
             fail(where, f"symlink size {size} != target length {len(target)}")
-    return Entry(name, kind, mode, uid, gid, mtime, size, nlink, ino, spans, ref, target)
+    return Entry(name, kind, mode, uid, gid, mtime, size, nlink, ino, spans, ref, target, blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +238,7 @@ Node = Union[TreeNode, DirIndexNode, FileNode]
 
 def encode_tree(entries: Sequence[Entry | list[Any]]) -> bytes:
     """A tree node's bytes. An entry may be given as ``entry_fields`` gave it (a list of
-    ten fields): it is written back as it was read, so a directory with a few changed
+    its fields): it is written back as it was read, so a directory with a few changed
     entries is encoded without decoding the unchanged ones."""
     return pack([TAG_TREE, [e if isinstance(e, list) else e.encode() for e in entries]])
 
@@ -237,13 +254,15 @@ def encode_node(node: Node) -> bytes:
 
 # Where each field sits in an entry's list, for code that reads entries as
 # ``entry_fields`` gives them, undecoded.
-F_NAME, F_KIND, F_MODE, F_UID, F_GID, F_MTIME, F_SIZE, F_NLINK, F_INO, F_CONTENT = range(10)
-ENTRY_FIELDS = 10
+F_NAME, F_KIND, F_MODE, F_UID, F_GID, F_MTIME, F_SIZE, F_NLINK, F_INO, F_CONTENT, F_BLOCKS = range(11)
+ENTRY_FIELDS = 11
+OLD_ENTRY_FIELDS = 10  # format versions 1 and 2: no blocks
+_ENTRY_LENGTHS = (OLD_ENTRY_FIELDS, ENTRY_FIELDS)
 
 
 def entry_fields(data: bytes | memoryview, what: str = "node") -> list[list[Any]] | None:
     """The entries of a tree node as msgpack decodes them, checked only for their shape
-    (each a list of ten fields whose name is bytes), or None if the node is not a tree
+    (each a list of ten or eleven fields whose name is bytes), or None if the node is not a tree
     node. For comparing many entries with what is on disk at a fraction of the cost of
     ``decode_node``; an entry used for anything more goes through ``decode_entry``."""
     top = unpack(data, what)
@@ -251,8 +270,8 @@ def entry_fields(data: bytes | memoryview, what: str = "node") -> list[list[Any]
         return None
     items = expect_list(top[1], what + " entries", max_len=PAGE_ENTRIES)
     for e in items:
-        if type(e) is not list or len(e) != ENTRY_FIELDS or type(e[F_NAME]) is not bytes:
-            fail(what, "an entry is not a list of ten fields with a bytes name")
+        if type(e) is not list or not OLD_ENTRY_FIELDS <= len(e) <= ENTRY_FIELDS or type(e[F_NAME]) is not bytes:
+            fail(what, "an entry is not a list of ten or eleven fields with a bytes name")
     return items
 
 
