@@ -130,6 +130,9 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
     print(f"created cafs repository {repo.url} (id {c.repo_id[:12]}, chunks "
           f"{human_bytes(c.chunker.min_size)}/{human_bytes(c.chunker.avg_size)}/{human_bytes(c.chunker.max_size)}, "
           f"packs {human_bytes(c.pack_size)})")
+    root = repo.local_root
+    if root is not None and "#" in str(root):
+        print(f"note: '#' begins the snapshot in REPO#NAME; name this repository {root.as_uri()}", file=sys.stderr)
     return EXIT_OK
 
 

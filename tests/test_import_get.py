@@ -315,6 +315,17 @@ def test_a_directory_under_refs_that_no_ref_may_be_named_is_not_a_ref(cafs, repo
     assert r.code == 4 and "refs/bad name/" in r.out, r.out + r.err
 
 
+def test_a_repository_whose_path_holds_a_hash_is_named_by_its_file_url(cafs, src: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "runs#2 100%"
+    r = cafs("init", repo)
+    assert r.code == 0 and repo.as_uri() in r.err, r.err  # file:///.../runs%232%20100%25
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    r = cafs("ls", f"{repo.as_uri()}#ds:data/sub")
+    assert r.code == 0 and "s00" in r.out, r.err
+    r = cafs("ls", f"file://elsewhere{repo}#ds")
+    assert r.code == 2 and "not on 'elsewhere'" in r.err
+
+
 def test_reimport_unchanged_reads_nothing(cafs, repo: Path, src: Path, ds: str) -> None:
     stored_before = packs_bytes(repo)
     r = cafs("import", src, repo, "--name", "ds", "--no-progress")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 from cafs.errors import UsageError
 from cafs.stores.access import redact, split_url
@@ -26,10 +28,7 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
         return LocalStore(Path(url).absolute())
     scheme = parts.scheme
     if scheme == "file":
-        path = parts.path
-        if not path:
-            raise UsageError(f"{url}: a file:// URL needs a path")
-        return LocalStore(Path(path))
+        return LocalStore(_file_url_path(url, parts.netloc, parts.path))
     if scheme in ("http", "https"):
         if not parts.hostname:
             raise UsageError(f"{redact(url)}: no host in the URL")
@@ -42,6 +41,16 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
         from cafs.stores.s3 import S3Store
         return S3Store(url, s3_settings(), timeout=_request_timeout(S3_TIMEOUT, deadline))
     raise UsageError(f"{url}: unknown repository URL scheme {scheme!r}")
+
+
+def _file_url_path(url: str, host: str, path: str) -> Path:
+    """The local path a ``file://`` URL names (RFC 8089): percent-escapes decoded, so
+    that ``%23`` names a directory with ``#`` in it, which ``REPO#NAME`` cannot."""
+    if host not in ("", "localhost"):
+        raise UsageError(f"{url}: a file:// URL names a path on this host, not on {host!r}")
+    if not path:
+        raise UsageError(f"{url}: a file:// URL needs a path")
+    return Path(os.fsdecode(unquote_to_bytes(path)))
 
 
 def _request_timeout(default: float, deadline: float | None) -> float:
