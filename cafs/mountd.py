@@ -36,6 +36,7 @@ import logging.handlers
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -66,6 +67,7 @@ CACHE_FLUSH_SECONDS = 2.0
 EXIT_GRACE = 2.0  # seconds a signalled daemon answers the files still open after its detach
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
+SYSLOG_SOCKET = "/dev/log"
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
@@ -105,14 +107,21 @@ def why_not(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None:
+def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
+                  syslog_socket: str = SYSLOG_SOCKET) -> None:
+    """Send the ``cafs`` loggers to stderr (foreground), syslog (``log=syslog``, or by
+    default when a syslog daemon listens) or a file (``log=PATH``, else ``mount.log`` in
+    the cache directory). Raises CafsError when the chosen place cannot take them."""
     root = logging.getLogger("cafs")
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
     fmt = "%(asctime)s cafs[%(process)d] %(levelname)s %(name)s: %(message)s"
+    if opts.log == "syslog" and not foreground and not _listening(syslog_socket):
+        # SysLogHandler ignores a socket nobody listens on: every message would be lost
+        raise CafsError(f"log=syslog: no syslog daemon listens on {syslog_socket}; use log=FILE")
     if foreground:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    elif opts.log == "syslog" or (opts.log is None and os.path.exists("/dev/log")):
-        handler = logging.handlers.SysLogHandler("/dev/log")
+    elif opts.log == "syslog" or (opts.log is None and _listening(syslog_socket)):
+        handler = logging.handlers.SysLogHandler(syslog_socket)
         fmt = "cafs[%(process)d]: %(levelname)s %(name)s: %(message)s"
     else:
         path = Path(opts.log) if opts.log else cache_dir / "mount.log"
@@ -124,6 +133,18 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool) -> None
             raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
+
+
+def _listening(path: str) -> bool:
+    """Whether a local socket at ``path`` takes connections (a syslog daemon's does)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as s:
+            try:
+                s.connect(path)
+            except OSError:
+                continue
+            return True
+    return False
 
 
 def set_readahead(device: int, size: int) -> None:

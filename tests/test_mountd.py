@@ -1,10 +1,20 @@
-"""The mount daemon's process set-up: glibc's malloc arenas are capped."""
+"""The mount daemon's process set-up: glibc's malloc arenas are capped; logs go where
+the options say, or the mount is refused."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
+
+from cafs.errors import CafsError
+from cafs.mountd import setup_logging
+from cafs.mountopts import parse_options
 
 # Threads allocate at once; glibc's own report (malloc_info) counts the arenas in use.
 _PROBE = textwrap.dedent("""
@@ -47,3 +57,32 @@ def test_the_arena_cap_holds_while_threads_allocate_at_once() -> None:
 def test_without_the_cap_threads_get_arenas_of_their_own() -> None:
     # shows the probe can see more than one arena, so the test above can fail
     assert arenas("free") > 1
+
+
+@pytest.fixture
+def cafs_logger():
+    logger = logging.getLogger("cafs")
+    before = list(logger.handlers)
+    yield logger
+    for h in logger.handlers[len(before):]:
+        logger.removeHandler(h)
+        h.close()
+
+
+def test_log_syslog_without_a_daemon_is_refused(tmp_path: Path, cafs_logger: logging.Logger) -> None:
+    # SysLogHandler takes a socket nobody listens on without a word: every line was lost
+    opts = parse_options("log=syslog")
+    with pytest.raises(CafsError, match=f"log=syslog: no syslog daemon listens on {tmp_path}/log"):
+        setup_logging(opts, tmp_path, False, syslog_socket=str(tmp_path / "log"))
+    setup_logging(parse_options(""), tmp_path, False, syslog_socket=str(tmp_path / "log"))  # default: a file
+    logging.getLogger("cafs.mount").warning("to the file")
+    assert "to the file" in (tmp_path / "mount.log").read_text()
+
+
+def test_log_syslog_reaches_a_listening_daemon(tmp_path: Path, cafs_logger: logging.Logger) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(str(tmp_path / "log"))
+        daemon.settimeout(5)
+        setup_logging(parse_options("log=syslog"), tmp_path, False, syslog_socket=str(tmp_path / "log"))
+        logging.getLogger("cafs.mount").warning("to syslog")
+        assert b"to syslog" in daemon.recv(4096)
