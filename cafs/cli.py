@@ -8,6 +8,7 @@ stderr); 130 interrupted. Long work shows progress on a terminal only.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import stat
@@ -41,6 +42,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
+GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
 
 def parse_size(text: str) -> int:
     try:
@@ -1026,6 +1028,20 @@ def _context(args: argparse.Namespace) -> Iterator[Context]:
         ctx.close()
 
 
+@contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Python's cycle collector every ``GC_EVERY`` new objects instead of every 700. A
+    command makes objects by the million (entries, locations, index records) and almost
+    none in cycles; at 700 the collector took about 6% of an import of 100,000 small files
+    (user CPU 1.72-1.88 s against 1.58-1.77 s at 10,000, four alternating runs)."""
+    before = gc.get_threshold()
+    gc.set_threshold(GC_EVERY, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1038,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, more).extend(extra)
     raise_open_files_limit()  # deep trees take a descriptor per level
     try:
-        with _context(args) as ctx:
+        with _fewer_collections(), _context(args) as ctx:
             code = int(args.func(ctx, args))
         if sys.stdout is not None:
             sys.stdout.flush()  # a full disk or a closed pipe is met here, not at exit
