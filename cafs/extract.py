@@ -258,24 +258,32 @@ class Extractor:
         rest fetched and written (runs of zeros not on disk yet are left as holes)."""
         on_disk = os.fstat(fd).st_size
         pos = 0
-        # The chunk read last: its id, verified bytes, and whether they are all zeros. A
-        # sparse file's holes are one chunk of zeros over and over (a 20 GiB hole took 8 s
-        # to read, decompress and hash again for each); it is read once.
-        last: tuple[bytes, bytes, bool] | None = None
+        # A sparse file's holes are one chunk of zeros over and over (a 20 GiB hole took
+        # 8 s to read, decompress and hash again for each): the chunk met last is kept,
+        # so a repeat is compared, not hashed, and read from the store once; a repeat of
+        # zeros over a hole already on disk (a re-run) is not even read back.
+        last: _Chunk | None = None
         for span in file_spans(self.reader, entry):
+            repeat = last if last is not None and last.id == span.id else None
+            if (repeat is not None and repeat.zeros and pos + span.length <= on_disk
+                    and _no_data_in(fd, pos, span.length)):
+                self.counters.bytes_kept += span.length
+                pos += span.length
+                continue
             existing = os.pread(fd, span.length, pos) if pos < on_disk else b""
-            if last is not None and last[0] == span.id:
-                kept = existing == last[1]
+            if repeat is not None:
+                kept = existing == repeat.data
             else:
                 kept = len(existing) == span.length and digest(existing) == span.id
+                if kept:
+                    last = _Chunk(span.id, existing)
             if kept:
                 self.counters.bytes_kept += span.length
             else:
-                if last is None or last[0] != span.id:
-                    data = self.repo.read_object(span)
-                    last = (span.id, data, data.count(0) == len(data))
-                if existing or not last[2]:
-                    pwrite_all(fd, last[1], pos)
+                chunk = repeat if repeat is not None else _Chunk(span.id, self.repo.read_object(span))
+                last = chunk
+                if existing or not chunk.zeros:
+                    pwrite_all(fd, chunk.data, pos)
                 self.counters.bytes_written += span.length
             pos += span.length
         os.ftruncate(fd, entry.size)
@@ -380,6 +388,30 @@ def _add_owner_bits(name: bytes | Path, dir_fd: int | None, bits: int, *, direct
 
 def _dev_ino(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+class _Chunk:
+    """A chunk's id and verified bytes; whether they are all zeros, found on first ask."""
+
+    def __init__(self, chunk_id: bytes, data: bytes) -> None:
+        self.id = chunk_id
+        self.data = data
+        self._zeros: bool | None = None
+
+    @property
+    def zeros(self) -> bool:
+        if self._zeros is None:
+            self._zeros = self.data.count(0) == len(self.data)
+        return self._zeros
+
+
+def _no_data_in(fd: int, start: int, length: int) -> bool:
+    """Whether bytes ``[start, start + length)`` of ``fd`` are a hole, which reads as
+    zeros. False where the filesystem cannot tell (it then reports data everywhere)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) >= start + length
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data from start to the end of the file
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
