@@ -639,3 +639,18 @@ def test_mount_refetches_a_cache_extent_damaged_behind_its_back(cafs, tmp_path: 
         drop_page_cache()
         assert (mnt / "huge").read_bytes() == data
         assert stats(mnt)["damaged_extents"] >= 1
+
+
+def test_a_local_file_that_fails_is_an_operational_error(cafs, copies: Damaged, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OSError from a local file (here the cache, as a user without read access to it
+    # meets it) is fsck(8)'s 8, not the 1 every other command gives, which means "corrected".
+    from cafs import cachecheck
+
+    def denied(*_args: object, **_kw: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "cache" / "data"))
+
+    monkeypatch.setattr(cachecheck, "check_cache", denied)
+    r = fsck(cafs, copies.repo, "--cache", tmp_path / "cache")
+    assert r.code == FSCK_OPERATIONAL, r.out + r.err
+    assert r.err.strip() == f"cafs fsck: {tmp_path / 'cache' / 'data'}: Permission denied", r.err
