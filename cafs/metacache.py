@@ -12,7 +12,9 @@ LMDB does not checksum its pages: a damaged page may only show when a read or wr
 meets it (``MetaCacheError`` with ``damaged``). A ``NodeReader`` then stops using the
 cache and reads every node from the repository, with one warning naming the cache and
 ``cafs fsck --cache --repair``, which moves the file aside (as ``open_mending`` does
-with a file LMDB refuses to open).
+with a file LMDB refuses to open). A file shorter than the pages its meta page says
+are in use (truncated) is refused at open like one LMDB refuses: LMDB itself would meet
+the missing pages as a SIGBUS that kills the process.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
         env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
                         subdir=True, readahead=False, metasync=False, sync=False)
         try:
+            _check_length(env, path / "meta.lmdb" / "data.mdb")
             return env, env.open_db(b"nodes")  # where a damaged page may show first
         except BaseException:
             env.close()
@@ -75,6 +78,23 @@ def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
     except (OSError, lmdb.Error) as exc:
         raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
                              damaged=isinstance(exc, _DAMAGED)) from None
+
+
+class _Truncated(lmdb.CorruptedError):  # so one of _DAMAGED
+    """The LMDB file is shorter than the pages its meta page says are in use."""
+
+
+def _check_length(env: lmdb.Environment, data: Path) -> None:
+    """Raise unless ``data`` holds every page the newest meta page says is in use.
+
+    LMDB maps the file and trusts it: a page past the end of a truncated file (a full
+    disk, a damaged filesystem, a careless copy) is a SIGBUS that kills the process,
+    with no error to catch. Committed pages are written before the meta page that names
+    them, and the file only grows, so a sound file is never shorter than this."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.stat(data).st_size
+    if size < needed:
+        raise _Truncated(f"{data}: {size} bytes, but its pages in use need {needed}: truncated")
 
 
 class MetaCache:

@@ -654,3 +654,25 @@ def test_a_local_file_that_fails_is_an_operational_error(cafs, copies: Damaged, 
     r = fsck(cafs, copies.repo, "--cache", tmp_path / "cache")
     assert r.code == FSCK_OPERATIONAL, r.out + r.err
     assert r.err.strip() == f"cafs fsck: {tmp_path / 'cache' / 'data'}: Permission denied", r.err
+
+
+def test_truncated_metadata_cache_is_moved_aside_not_a_crash(cafs, cafs_proc, copies: Damaged) -> None:
+    """LMDB maps its file: a page past the end of a truncated one is a SIGBUS that kills
+    the process. A file shorter than its meta page says is damaged, like one LMDB refuses."""
+    cache_dir = Path(os.environ["CAFS_CACHE_DIR"])
+    listing = cafs("ls", "-R", f"{copies.repo}#ds")  # fills the metadata cache
+    assert listing.code == 0, listing.err
+    data = cache_dir / copies.layout.repo_id / "meta.lmdb" / "data.mdb"
+    assert data.stat().st_size > 3 * 4096
+    os.truncate(data, 2 * 4096)  # both meta pages kept: LMDB opens it
+    r = cafs_proc("ls", "-R", f"{copies.repo}#ds")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout == listing.out and "truncated" in r.stderr, r.stderr
+    assert data.stat().st_size > 3 * 4096  # filled again by that ls
+    os.truncate(data, 2 * 4096)
+    r = cafs_proc("fsck", copies.repo, "--cache", cache_dir)
+    assert r.returncode == FSCK_UNCORRECTED and "truncated" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    r = cafs_proc("fsck", copies.repo, "--cache", cache_dir, "--repair")
+    assert r.returncode == FSCK_CORRECTED, (r.returncode, r.stdout, r.stderr)
+    r = cafs_proc("fsck", copies.repo, "--cache", cache_dir)
+    assert r.returncode == FSCK_CLEAN, (r.returncode, r.stdout, r.stderr)
