@@ -123,6 +123,8 @@ def _no_copy(problem: Problem) -> str:
 
 
 def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository], result: RepairResult) -> bool:
+    """Whether a mirror had a good copy (then written, or the failure to write it in
+    ``result.failed``: one pack this store cannot take stops no other repair)."""
     assert problem.pack is not None
     reasons = []
     for mirror in mirrors:
@@ -131,7 +133,12 @@ def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository],
         except (CafsError, StoreError) as exc:
             reasons.append(f"{mirror.url}: {exc}")
             continue
-        repo.store.put(pack_key(problem.pack), data)
+        try:
+            repo.store.put(pack_key(problem.pack), data)
+        except StoreError as exc:  # this store cannot take it (read-only, full): no other mirror helps
+            result.failed.append(f"pack {problem.pack.hex()}: the verified copy from {mirror.url} "
+                                 f"could not be written: {exc}")
+            return True
         result.repaired.append(f"pack {problem.pack.hex()}: replaced by the verified copy from {mirror.url}")
         return True
     for reason in reasons:
@@ -225,7 +232,11 @@ def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repositor
         except (CafsError, StoreError) as exc:
             reasons.append(f"{mirror.url}: {exc}")
             continue
-        repo.store.put(key, data)
+        try:
+            repo.store.put(key, data)
+        except StoreError as exc:
+            result.failed.append(f"{key}: the copy from {mirror.url} could not be written: {exc}")
+            return
         result.repaired.append(f"{key}: replaced by the copy from {mirror.url}")
         return
     why = "; ".join(reasons) if reasons else "no mirror given (--mirror URL)"

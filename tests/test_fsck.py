@@ -676,3 +676,22 @@ def test_truncated_metadata_cache_is_moved_aside_not_a_crash(cafs, cafs_proc, co
     assert r.returncode == FSCK_CORRECTED, (r.returncode, r.stdout, r.stderr)
     r = cafs_proc("fsck", copies.repo, "--cache", cache_dir)
     assert r.returncode == FSCK_CLEAN, (r.returncode, r.stdout, r.stderr)
+
+
+def test_a_pack_that_cannot_be_written_stops_no_other_repair(cafs, copies: Damaged, tmp_path: Path) -> None:
+    # Where one pack was, a directory now stands: the mirror's copy cannot be written
+    # there. The other missing pack is replaced all the same, and the report says both.
+    data = sorted(p for p, k in copies.layout.kinds.items() if k == KIND_DATA)
+    blocked, lost = data[0], data[1]
+    pack_path(copies.repo, blocked).unlink()
+    pack_path(copies.repo, blocked).mkdir()
+    pack_path(copies.repo, lost).unlink()
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"repaired: pack {lost.hex()}: replaced" in r.out, r.out
+    assert f"not repaired: pack {blocked.hex()}: the verified copy from" in r.out and "could not be written" in r.out
+    pack_path(copies.repo, blocked).rmdir()
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert fsck(cafs, copies.repo, "--read-data").code == FSCK_CLEAN
+    assert_extracts(cafs, copies.repo, copies.src, tmp_path / "out")
