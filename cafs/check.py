@@ -4,7 +4,8 @@ What is checked, in order:
 
 1. the config (by opening the repository) and every ref's journal entries;
 2. every pack's trailer (one ranged read of its tail), and that index objects agree with
-   the packs (a pack an index names but the store lacks, or of another length);
+   the packs (a pack an index names but the store lacks, or of another length, or whose
+   objects its trailer lists otherwise);
 3. every node reachable from every snapshot: it exists where its location says (the
    pack exists, the range lies inside it, the trailer lists that object there) or, if
    gc repacked that pack, in another pack with the same stored bytes; it decodes, and it
@@ -168,6 +169,7 @@ class Checker:
                 self._problem(Problem("bad-index", key, f"{exc} (an index is a cache of pack trailers; "
                                       "repair rewrites it)"))
                 continue
+            disagrees = False  # one problem per index object
             for p in packs:
                 size = self.sizes.get(p.pack_id)
                 if size is None and p.pack_id not in self._pack_problem:
@@ -176,6 +178,30 @@ class Checker:
                 elif size is not None and size != p.length and p.pack_id not in self._pack_problem:
                     self._pack_problem[p.pack_id] = self._problem(Problem(
                         "truncated-pack", p.pack_id.hex(), f"is {size} bytes, {key} says {p.length}", pack=p.pack_id))
+                elif size == p.length and not disagrees and (why := self._disagrees(p)) is not None:
+                    # an import deduplicates against what the index says: a chunk it
+                    # places wrongly would be a span of the next snapshot that reads nothing
+                    disagrees = True
+                    self._problem(Problem("bad-index", key, f"{why} (an index is a cache of pack trailers; "
+                                          "repair rewrites it)"))
+
+    def _disagrees(self, listed: PackSummary) -> str | None:
+        """Why an index's summary of a pack is not what the pack's trailer says, or None
+        (also when the trailer cannot be read: that pack's own problem is reported)."""
+        trailer = self.trailers.get(listed.pack_id)
+        if trailer is None:
+            return None
+        what = f"pack {listed.pack_id.hex()[:16]}"
+        if listed.kind != trailer.kind:
+            return f"says {what} is of kind {listed.kind}, its trailer {trailer.kind}"
+        extra = set(listed.entries) - set(trailer.entries)
+        if extra:
+            loc = min(extra, key=lambda e: e.offset)
+            return (f"lists {len(extra)} object(s) {what}'s trailer does not, such as "
+                    f"{loc.id.hex()[:16]} at offset {loc.offset}")
+        if len(listed.entries) != len(trailer.entries):
+            return f"lists {len(listed.entries)} object(s) in {what}, its trailer {len(trailer.entries)}"
+        return None
 
     # -- snapshots -----------------------------------------------------------------------
 

@@ -695,3 +695,29 @@ def test_a_pack_that_cannot_be_written_stops_no_other_repair(cafs, copies: Damag
     assert r.code == FSCK_CORRECTED, r.out + r.err
     assert fsck(cafs, copies.repo, "--read-data").code == FSCK_CLEAN
     assert_extracts(cafs, copies.repo, copies.src, tmp_path / "out")
+
+
+def test_index_that_disagrees_with_a_trailer_is_found_and_rewritten(cafs, copies: Damaged, tmp_path: Path) -> None:
+    # A well-formed index object (its name matches its bytes) that places a chunk at a
+    # wrong offset: the next import deduplicating against it would commit a snapshot
+    # whose span reads nothing. fsck compares every index with the trailers.
+    from cafs.format.index import PackSummary, encode_index
+    from cafs.ids import digest
+
+    pack, span = _big_pack(copies.layout)
+    entries = tuple(e._replace(offset=e.offset + 1) if e.id == span.id else e for e in copies.layout.entries[pack])
+    data = encode_index([PackSummary(pack, pack_path(copies.repo, pack).stat().st_size, KIND_DATA, entries)])
+    key = f"index/{digest(data).hex()}"
+    (copies.repo / key).write_bytes(data)
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"error: bad-index {key}: lists 1 object(s) pack {pack.hex()[:16]}'s trailer does not" in r.out, r.out
+    r = fsck(cafs, copies.repo, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert not (copies.repo / key).exists()
+    r = cafs("import", copies.src, copies.repo, "--name", "again", "--no-progress")
+    assert r.code == 0, r.err
+    assert fsck(cafs, copies.repo, "--read-data").code == FSCK_CLEAN
+    r = cafs("get", f"{copies.repo}#again", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(copies.src, tmp_path / "out")
