@@ -42,7 +42,7 @@ from typing import Callable
 
 from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
 from cafs.format.index import PackSummary, decode_index
-from cafs.format.journal import Snapshot, decode_snapshot, journal_key, parse_jid
+from cafs.format.journal import Snapshot, decode_snapshot, is_ref_name, journal_key, parse_jid
 from cafs.format.location import Location, verify_stored
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
 from cafs.format.pack import PackTrailer, pack_key, trailer_of
@@ -210,8 +210,8 @@ class Checker:
         for key, _size in self.repo.store.list("refs/"):
             parts = key.split("/")
             jid = parse_jid(parts[-1]) if len(parts) == 3 else None
-            if jid is None:
-                continue
+            if jid is None or not is_ref_name(parts[1]):
+                continue  # not a journal entry (what no ref may be named, cafs never wrote: see ref_names)
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
             except (CafsError, StoreError) as exc:

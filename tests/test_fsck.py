@@ -721,3 +721,16 @@ def test_index_that_disagrees_with_a_trailer_is_found_and_rewritten(cafs, copies
     r = cafs("get", f"{copies.repo}#again", tmp_path / "out")
     assert r.code == 0, r.err
     assert_same_tree(copies.src, tmp_path / "out")
+
+
+def test_what_no_ref_may_be_named_is_not_a_journal(cafs, copies: Damaged) -> None:
+    # Directories under refs/ that cafs never wrote (a name no ref may have) are skipped
+    # by every command that lists refs; fsck counted their files as damaged journal
+    # entries it could never repair, and exited 4 on a sound repository.
+    for name in ("bad name", ".hidden", "-dash"):
+        (copies.repo / "refs" / name).mkdir()
+        (copies.repo / "refs" / name / f"{1:020d}").write_bytes(b"not a journal entry")
+    (copies.repo / "refs" / "ds" / "notes.txt").write_bytes(b"junk")
+    r = fsck(cafs, copies.repo, "--read-data")
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    assert cafs("snapshots", copies.repo).code == 0
