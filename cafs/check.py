@@ -13,7 +13,9 @@ What is checked, in order:
 4. with ``read_fraction`` > 0: the bytes of every chunk (or a random fraction of packs),
    read pack by pack in one pass each, decoded and matched against their ids, and each
    pack's body digest;
-5. packs that no snapshot references (reported, not an error), only once every snapshot
+5. each ref's ``latest`` pointer: that it leads a reader that cannot list keys to the
+   ref's newest entry;
+6. packs that no snapshot references (reported, not an error), only once every snapshot
    was walked whole: while a node or journal entry is unreadable, the packs only it
    references look unreferenced, so the report says it cannot tell (``None``) unless
    every pack is referenced already.
@@ -40,9 +42,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
+from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError
 from cafs.format.index import PackSummary, decode_index
-from cafs.format.journal import Snapshot, decode_snapshot, is_ref_name, journal_key, parse_jid
+from cafs.format.journal import (
+    Snapshot, decode_latest, decode_snapshot, is_ref_name, journal_key, latest_key, parse_jid,
+)
 from cafs.format.location import Location, verify_stored
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
 from cafs.format.pack import PackTrailer, pack_key, trailer_of
@@ -55,7 +59,7 @@ READ_THREADS = 2
 
 @dataclass
 class Problem:
-    kind: str  # missing-pack, truncated-pack, corrupt-pack, corrupt-chunk, missing-object, corrupt-node, bad-journal, bad-index
+    kind: str  # missing-pack, truncated-pack, corrupt-pack, corrupt-chunk, missing-object, corrupt-node, bad-journal, bad-index, bad-latest
     subject: str  # the object: a pack id, a chunk id, a journal key
     detail: str
     pack: bytes | None = None  # the pack to fetch again to repair it, if any
@@ -114,6 +118,7 @@ class Checker:
         self._nodes_seen: set[bytes] = set()  # nodes counted in this run's report
         self._referenced_packs: set[bytes] = set()
         self._unreadable: set[str] = set()
+        self._listed_jids: dict[str, list[int]] = defaultdict(list)  # ref -> jids of its listed entries
         self._set_aside: set[str] | None = None  # packs fsck --repair set aside (damaged/), listed on demand
         # chunk id -> (snapshot label, path) of the first few users, for --read-data reports
         self._chunk_users: dict[bytes, list[tuple[str, str]]] = defaultdict(list)
@@ -124,6 +129,7 @@ class Checker:
         self._check_indexes()
         for snap in self._journals():
             self._check_snapshot(snap)
+        self._check_latest()
         if read_fraction > 0:
             self._read_data(read_fraction, random.Random(seed))
         unreferenced = sorted(p.hex() for p in self.sizes if p not in self._referenced_packs)
@@ -212,6 +218,7 @@ class Checker:
             jid = parse_jid(parts[-1]) if len(parts) == 3 else None
             if jid is None or not is_ref_name(parts[1]):
                 continue  # not a journal entry (what no ref may be named, cafs never wrote: see ref_names)
+            self._listed_jids[parts[1]].append(jid)
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
             except (CafsError, StoreError) as exc:
@@ -220,6 +227,34 @@ class Checker:
                                       affects={f"{parts[1]}@{jid}": ["/ (the whole snapshot)"]}))
         self.report.snapshots = len(snaps)
         return sorted(snaps, key=lambda s: (s.ref, s.jid))
+
+    def _check_latest(self) -> None:
+        """Each ref's ``latest`` pointer must lead a reader that cannot list keys to the
+        newest entry: no pointer is fine (repositories older than pointers), one that
+        names a jid the ref lacks, or stops short of the newest at a gap, is not: no
+        commit mends it, since a commit only ever advances the pointer."""
+        for name, jids in sorted(self._listed_jids.items()):
+            key = latest_key(name)
+            try:
+                pointer = decode_latest(self.repo.store.get(key))
+            except ObjectNotFound:
+                continue
+            except StoreError as exc:
+                self._problem(Problem("bad-latest", key, f"cannot be read: {exc}"))
+                continue
+            try:
+                found = self.repo.jids_after_latest(name)
+            except StoreError as exc:
+                self._problem(Problem("bad-latest", key, f"the entries after it cannot be probed: {exc}"))
+                continue
+            newest = max(jids)
+            if found and found[-1] >= newest:  # (beyond it: a commit since the listing)
+                continue
+            said = "is not a jid" if pointer is None else f"says {pointer}"
+            sees = f"snapshots up to {name}@{found[-1]} only" if found else f"no snapshot of {name}"
+            self._problem(Problem("bad-latest", key, f"{said}: a reader that cannot list keys (a web server "
+                                  f"without directory listings) finds {sees}, the newest being {name}@{newest} "
+                                  "(an advisory pointer; repair rewrites it)"))
 
     def _locate(self, loc: Location) -> Problem | None:
         """None if ``loc`` names an object that the pack holds there; else its problem."""

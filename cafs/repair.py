@@ -12,6 +12,8 @@
   again, and every snapshot that names them reads again. Order of writes, each safe to
   interrupt: new packs; the set-aside copy; the new index; the old indexes deleted; the
   pack deleted. Salvaging a missing pack only drops it from the index.
+- A ``latest`` pointer that leads readers without listings astray is rewritten to name
+  the ref's newest entry.
 - A damaged index object is removed and a fresh one written from the pack trailers it
   covered (an index is a cache of trailers; the packs are the data).
 - A journal entry that does not decode is replaced by the mirror's copy under the same
@@ -35,9 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cafs.check import Problem, Report
-from cafs.errors import CafsError, IntegrityError, ObjectNotFound, StoreError
+from cafs.errors import CafsError, IntegrityError, ObjectNotFound, RefError, StoreError
 from cafs.format.index import PackSummary
-from cafs.format.journal import decode_snapshot, parse_jid
+from cafs.format.journal import decode_snapshot, encode_latest, latest_key, parse_jid
 from cafs.format.location import Location, verify_stored
 from cafs.format.pack import pack_key, trailer_of, verify_pack
 from cafs.locks import locked
@@ -102,6 +104,8 @@ def repair(repo: Repository, problems: Sequence[Problem], mirrors: list[Reposito
             _rewrite_index(repo, problem, result)
         elif problem.kind == "bad-journal":
             _replace_journal(repo, problem, mirrors, result)
+        elif problem.kind == "bad-latest":
+            _rewrite_latest(repo, problem, result)
         elif problem.pack is not None and problem.pack not in done:
             done.add(problem.pack)
             if not _replace_pack(repo, problem, mirrors, result):
@@ -241,6 +245,19 @@ def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repositor
         return
     why = "; ".join(reasons) if reasons else "no mirror given (--mirror URL)"
     result.failed.append(f"{key}: no good copy ({why})")
+
+
+def _rewrite_latest(repo: Repository, problem: Problem, result: RepairResult) -> None:
+    name = problem.subject.split("/")[1]
+    try:
+        jids = repo.jids(name)
+        if not jids:
+            raise RefError(f"ref {name!r} has no journal entry left")
+        repo.store.put(latest_key(name), encode_latest(jids[-1]))  # replaced, not advanced: it may go down
+    except (CafsError, StoreError) as exc:
+        result.failed.append(f"{problem.subject}: {exc}")
+        return
+    result.repaired.append(f"{problem.subject}: now says {jids[-1]}, the newest entry")
 
 
 def _rewrite_index(repo: Repository, problem: Problem, result: RepairResult) -> None:

@@ -351,9 +351,11 @@ class Repository:
                     jids.append(jid)
         except ListingUnavailable:
             pass
-        return sorted(jids) or self._jids_after_latest(name)
+        return sorted(jids) or self.jids_after_latest(name)
 
-    def _jids_after_latest(self, name: str) -> list[int]:
+    def jids_after_latest(self, name: str) -> list[int]:
+        """The jids of ``name`` as a reader that cannot list keys finds them: the one
+        ``refs/NAME/latest`` names and those right after it, as long as they exist."""
         try:
             jid = decode_latest(self.get(latest_key(name)))
         except ObjectNotFound:

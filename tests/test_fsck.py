@@ -734,3 +734,29 @@ def test_what_no_ref_may_be_named_is_not_a_journal(cafs, copies: Damaged) -> Non
     r = fsck(cafs, copies.repo, "--read-data")
     assert r.code == FSCK_CLEAN, r.out + r.err
     assert cafs("snapshots", copies.repo).code == 0
+
+
+@pytest.mark.parametrize("pointer", [b"%020d\n" % 9, b"garbage\n"])
+def test_a_latest_pointer_that_misleads_readers_without_listings_is_rewritten(cafs, copies: Damaged,
+                                                                              pointer: bytes) -> None:
+    from cafs.errors import ListingUnavailable
+    from storewrap import PassThroughStore
+
+    class Unlisted(PassThroughStore):  # a web server without directory listings
+        def list(self, prefix: str):
+            raise ListingUnavailable(f"{self.url}: cannot list {prefix}")
+
+    def seen_without_listing() -> list[int]:
+        return Repository.open(Unlisted(open_store(str(copies.repo)))).jids("ds")
+
+    assert seen_without_listing() == [1]
+    (copies.repo / "refs" / "ds" / "latest").write_bytes(pointer)
+    assert seen_without_listing() == []  # "no ref named 'ds'" over such a server
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert "error: bad-latest refs/ds/latest:" in r.out and "finds no snapshot of ds" in r.out, r.out
+    r = fsck(cafs, copies.repo, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert "repaired: refs/ds/latest: now says 1" in r.out, r.out
+    assert seen_without_listing() == [1]
+    assert fsck(cafs, copies.repo).code == FSCK_CLEAN
