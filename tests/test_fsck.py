@@ -760,3 +760,27 @@ def test_a_latest_pointer_that_misleads_readers_without_listings_is_rewritten(ca
     assert "repaired: refs/ds/latest: now says 1" in r.out, r.out
     assert seen_without_listing() == [1]
     assert fsck(cafs, copies.repo).code == FSCK_CLEAN
+
+
+@pytest.mark.parametrize("damage", ["directory", "data-is-a-file"])
+def test_cache_file_that_is_not_a_file(cafs, copies: Damaged, tmp_path: Path, damage: str) -> None:
+    # A sparse cache file replaced by a directory (or the data directory by a file) is
+    # damage fsck --cache reports and repairs like missing bytes, not an OSError.
+    cache = tmp_path / "chunkcache"
+    r = cafs("prefetch", f"{copies.repo}#ds", "--cache", cache, "--no-progress")
+    assert r.code == 0, r.err
+    data = cache / copies.layout.repo_id / "data"
+    if damage == "directory":
+        victim = sorted(data.glob("*/*"))[0]
+        victim.unlink()
+        victim.mkdir()
+    else:
+        subprocess.run(["rm", "-rf", data], check=True)
+        data.write_bytes(b"")
+    r = fsck(cafs, copies.repo, "--cache", cache)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert "bytes missing from the sparse file" in r.out, r.out
+    r = fsck(cafs, copies.repo, "--cache", cache, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert fsck(cafs, copies.repo, "--cache", cache).code == FSCK_CLEAN
+    assert cafs("cache", "gc", "--size", "0", "--cache", cache).code == 0
