@@ -65,6 +65,7 @@ def default_cache_dir(env: dict[str, str]) -> Path:
 
 def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
     try:
+        _reserve_lock_file(path / "meta.lmdb")
         # Everything here is verified on use and can be refetched, so commits need
         # not be durable: sync=False keeps a write from costing an fsync.
         env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
@@ -78,6 +79,24 @@ def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
     except (OSError, lmdb.Error) as exc:
         raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
                              damaged=isinstance(exc, _DAMAGED)) from None
+
+
+LOCK_FILE_BYTES = 8192  # what LMDB makes of its default 126 readers (64 bytes each, and a header)
+
+
+def _reserve_lock_file(lmdb_dir: Path) -> None:
+    """Allocate the blocks of LMDB's lock file before LMDB maps and writes it.
+
+    LMDB sizes ``lock.mdb`` with ftruncate and writes it through a shared mapping; on a
+    full tmpfs (a cache under /tmp, a memory-backed volume) the first write to a page
+    that has no block yet is a SIGBUS that kills the process. Allocated here, a full
+    disk is an OSError (ENOSPC) instead."""
+    lmdb_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lmdb_dir / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(LOCK_FILE_BYTES, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
 
 
 class _Truncated(lmdb.CorruptedError):  # so one of _DAMAGED

@@ -488,6 +488,27 @@ def test_import_works_again_once_the_disk_has_room(cafs, small_tmpfs: Path, big_
     assert r.code == 0, r.out + r.err
 
 
+def test_a_metadata_cache_on_a_full_tmpfs_is_an_error_not_a_crash(cafs, repo: Path, small_tmpfs: Path,
+                                                                   big_src: Path) -> None:
+    # LMDB writes its lock file through a shared mapping: on a full tmpfs (a cache
+    # under /tmp) the first write to a page without a block was a SIGBUS.
+    assert cafs("import", big_src, repo, "--name", "ds", "--no-progress").code == 0
+    with open(small_tmpfs / "fill", "wb") as f:
+        try:
+            while True:
+                f.write(bytes(64 << 10))
+                f.flush()
+        except OSError:
+            pass
+    env = {**os.environ, "CAFS_CACHE_DIR": str(small_tmpfs / "cache")}
+    for args in (("ls", f"{repo}#ds"), ("cat", f"{repo}#ds:data/big")):
+        p = subprocess.run([sys.executable, "-m", "cafs.cli", *args], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert p.returncode == 1, (args, p.returncode, p.stderr)
+        assert "no space left" in p.stderr.lower() and str(small_tmpfs / "cache") in p.stderr, p.stderr
+        assert len(p.stderr.splitlines()) == 1, p.stderr
+
+
 def test_get_into_a_full_disk_fails_cleanly(cafs, repo: Path, small_tmpfs: Path, big_src: Path) -> None:
     assert cafs("import", big_src, repo, "--name", "ds", "--no-progress").code == 0
     r = cafs("get", f"{repo}#ds", small_tmpfs / "out")
