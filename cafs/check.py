@@ -65,6 +65,13 @@ class Problem:
     pack: bytes | None = None  # the pack to fetch again to repair it, if any
     affects: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> paths
 
+    def affect(self, snapshot: str, path: str) -> None:
+        """Name ``path`` of ``snapshot`` as affected, once: a file's spans are walked one
+        after another, so the same file comes again only right after itself."""
+        paths = self.affects.setdefault(snapshot, [])
+        if not paths or paths[-1] != path:
+            paths.append(path)
+
     def describe(self) -> str:
         line = f"{self.kind} {self.subject}: {self.detail}"
         for snap, paths in sorted(self.affects.items()):
@@ -305,7 +312,7 @@ class Checker:
                     self.report.chunks += 1
                     problem = self._locate(span)
                     if problem is not None:
-                        problem.affects.setdefault(label, []).append(_show(path))
+                        problem.affect(label, _show(path))
                     elif len(self._chunk_users[span.id]) < MAX_PATHS_PER_PROBLEM:
                         self._chunk_users[span.id].append((label, _show(path)))
 
@@ -329,7 +336,7 @@ class Checker:
                     self.report.nodes += 1
                 return node
         assert problem is not None
-        problem.affects.setdefault(label, []).append(_show(path) + " (and everything below)")
+        problem.affect(label, _show(path) + " (and everything below)")
         self._unreadable.add(label)
         return None
 
@@ -399,6 +406,6 @@ class Checker:
             + ("" if body_ok else "; body digest differs"), pack=pack_id))
         for loc in bad:
             for label, path in self._chunk_users.get(loc.id, []):
-                problem.affects.setdefault(label, []).append(path)
+                problem.affect(label, path)
             if loc.id in self._nodes_ok:
-                problem.affects.setdefault("(metadata)", []).append(f"node {loc.id.hex()[:16]}")
+                problem.affect("(metadata)", f"node {loc.id.hex()[:16]}")

@@ -784,3 +784,15 @@ def test_cache_file_that_is_not_a_file(cafs, copies: Damaged, tmp_path: Path, da
     assert r.code == FSCK_CORRECTED, r.out + r.err
     assert fsck(cafs, copies.repo, "--cache", cache).code == FSCK_CLEAN
     assert cafs("cache", "gc", "--size", "0", "--cache", cache).code == 0
+
+
+@pytest.mark.parametrize("name", ["truncated-pack", "flipped-data"])
+def test_an_affected_file_is_named_once(cafs, copies: Damaged, name: str) -> None:
+    # data/big has several chunks in the damaged pack: it was named once per chunk
+    # ("big, big, big, big, big (+2 more)"), crowding out the other files affected.
+    fault = ALL_FAULTS[name](copies)
+    code, doc = fsck_json(cafs, copies.repo, *(("--read-data",) if fault.read_data else ()))
+    assert code == FSCK_UNCORRECTED
+    (problem,) = [p for p in doc["problems"] if p["kind"] == fault.kind]
+    paths = problem["affects"][LABEL]
+    assert "data/big" in paths and len(paths) == len(set(paths)), paths
