@@ -223,8 +223,13 @@ class Checker:
         for key, _size in self.repo.store.list("refs/"):
             parts = key.split("/")
             jid = parse_jid(parts[-1]) if len(parts) == 3 else None
-            if jid is None or not is_ref_name(parts[1]):
-                continue  # not a journal entry (what no ref may be named, cafs never wrote: see ref_names)
+            if jid is None:
+                continue
+            if not is_ref_name(parts[1]):
+                # put there by hand or by another tool; every other command skips it (ref_names)
+                self._problem(Problem("bad-journal", key, f"not a journal entry: no ref may be named {parts[1]!r}, "
+                                      "so cafs never wrote it and nothing reads it; remove it"))
+                continue
             self._listed_jids[parts[1]].append(jid)
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))

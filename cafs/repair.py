@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from cafs.check import Problem, Report
 from cafs.errors import CafsError, IntegrityError, ObjectNotFound, RefError, StoreError
 from cafs.format.index import PackSummary
-from cafs.format.journal import decode_snapshot, encode_latest, latest_key, parse_jid
+from cafs.format.journal import decode_snapshot, encode_latest, is_ref_name, latest_key, parse_jid
 from cafs.format.location import Location, verify_stored
 from cafs.format.pack import pack_key, trailer_of, verify_pack
 from cafs.locks import locked
@@ -222,8 +222,8 @@ def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repositor
     key = problem.subject
     parts = key.split("/")
     jid = parse_jid(parts[-1]) if len(parts) == 3 else None
-    if jid is None:
-        result.failed.append(f"{key}: not a journal key")
+    if jid is None or not is_ref_name(parts[1]):
+        result.failed.append(f"{key}: not a journal key cafs writes; remove it by hand")
         return
     reasons = []
     for mirror in mirrors:

@@ -723,17 +723,27 @@ def test_index_that_disagrees_with_a_trailer_is_found_and_rewritten(cafs, copies
     assert_same_tree(copies.src, tmp_path / "out")
 
 
-def test_what_no_ref_may_be_named_is_not_a_journal(cafs, copies: Damaged) -> None:
+def test_what_no_ref_may_be_named_is_named_plainly(cafs, copies: Damaged) -> None:
     # Directories under refs/ that cafs never wrote (a name no ref may have) are skipped
-    # by every command that lists refs; fsck counted their files as damaged journal
-    # entries it could never repair, and exited 4 on a sound repository.
+    # by every other command; fsck names them (test_import_get), but as what they are,
+    # not as a snapshot it cannot read ("invalid object key", the whole snapshot lost,
+    # unreferenced packs no longer told) that a mirror could restore.
     for name in ("bad name", ".hidden", "-dash"):
         (copies.repo / "refs" / name).mkdir()
         (copies.repo / "refs" / name / f"{1:020d}").write_bytes(b"not a journal entry")
     (copies.repo / "refs" / "ds" / "notes.txt").write_bytes(b"junk")
     r = fsck(cafs, copies.repo, "--read-data")
-    assert r.code == FSCK_CLEAN, r.out + r.err
-    assert cafs("snapshots", copies.repo).code == 0
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    for name in ("bad name", ".hidden", "-dash"):
+        assert (f"error: bad-journal refs/{name}/{1:020d}: not a journal entry: no ref may be named {name!r}, "
+                "so cafs never wrote it and nothing reads it; remove it") in r.out, r.out
+    assert "invalid object key" not in r.out and "affects" not in r.out and "cannot be told" not in r.out, r.out
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"not repaired: refs/bad name/{1:020d}: not a journal key cafs writes; remove it by hand" in r.out, r.out
+    for name in ("bad name", ".hidden", "-dash"):
+        subprocess.run(["rm", "-r", copies.repo / "refs" / name], check=True)
+    assert fsck(cafs, copies.repo).code == FSCK_CLEAN
 
 
 @pytest.mark.parametrize("pointer", [b"%020d\n" % 9, b"garbage\n"])
