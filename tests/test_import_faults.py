@@ -436,6 +436,18 @@ def test_a_journal_key_with_other_digits_is_not_a_snapshot(cafs, ds: str, repo: 
     assert [s["jid"] for s in json.loads(r.out)] == [1]
 
 
+
+def test_a_journal_key_that_is_not_a_file_stops_the_commit_with_its_name(cafs, ds: str, repo: Path,
+                                                                         tmp_path: Path) -> None:
+    # A directory at the next jid's key: the exclusive put fails, the listing never
+    # shows it, and the commit took it for a concurrent import's entry 100 times over
+    # ("too many concurrent writers").
+    (repo / "refs" / "ds" / f"{2:020d}").mkdir()
+    r = cafs("import", tmp_path / "src", repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 1, f"refs/ds/{2:020d}", "does not show it")
+    assert len(r.err.splitlines()) == 1
+    assert "concurrent" not in r.err
+
 # -- full disks ---------------------------------------------------------------------------
 
 
