@@ -139,11 +139,13 @@ def _rebuild(root: Path, trailers: _Trailers, report: CacheReport) -> None:
     kept = 0
     try:
         data = root / "data"
-        for path in sorted(data.glob("*/*")) if data.exists() else []:
+        for path in sorted(data.glob("*/*")) if data.is_dir() else []:
             try:
                 pack = bytes.fromhex(path.name)
             except ValueError:
                 continue
+            if not path.is_file():
+                continue  # not a cache file: nothing to keep from it
             trailers.at(pack, 0)
             for loc in trailers._by_pack.get(pack, {}).values():
                 with open(path, "rb") as f:

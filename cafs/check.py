@@ -4,7 +4,8 @@ What is checked, in order:
 
 1. the config (by opening the repository) and every ref's journal entries;
 2. every pack's trailer (one ranged read of its tail), and that index objects agree with
-   the packs (a pack an index names but the store lacks, or of another length);
+   the packs (a pack an index names but the store lacks, or of another length, or whose
+   objects its trailer lists otherwise);
 3. every node reachable from every snapshot: it exists where its location says (the
    pack exists, the range lies inside it, the trailer lists that object there) or, if
    gc repacked that pack, in another pack with the same stored bytes; it decodes, and it
@@ -12,7 +13,9 @@ What is checked, in order:
 4. with ``read_fraction`` > 0: the bytes of every chunk (or a random fraction of packs),
    read pack by pack in one pass each, decoded and matched against their ids, and each
    pack's body digest;
-5. packs that no snapshot references (reported, not an error), only once every snapshot
+5. each ref's ``latest`` pointer: that it leads a reader that cannot list keys to the
+   ref's newest entry;
+6. packs that no snapshot references (reported, not an error), only once every snapshot
    was walked whole: while a node or journal entry is unreadable, the packs only it
    references look unreferenced, so the report says it cannot tell (``None``) unless
    every pack is referenced already.
@@ -39,9 +42,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cafs.errors import CafsError, FormatError, IntegrityError, StoreError
+from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError
 from cafs.format.index import PackSummary, decode_index
-from cafs.format.journal import Snapshot, decode_snapshot, journal_key, parse_jid
+from cafs.format.journal import (
+    Snapshot, decode_latest, decode_snapshot, is_ref_name, journal_key, latest_key, parse_jid,
+)
 from cafs.format.location import Location, verify_stored
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
 from cafs.format.pack import PackTrailer, pack_key, trailer_of
@@ -54,11 +59,18 @@ READ_THREADS = 2
 
 @dataclass
 class Problem:
-    kind: str  # missing-pack, truncated-pack, corrupt-pack, corrupt-chunk, missing-object, corrupt-node, bad-journal, bad-index
+    kind: str  # missing-pack, truncated-pack, corrupt-pack, corrupt-chunk, missing-object, corrupt-node, bad-journal, bad-index, bad-latest
     subject: str  # the object: a pack id, a chunk id, a journal key
     detail: str
     pack: bytes | None = None  # the pack to fetch again to repair it, if any
     affects: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> paths
+
+    def affect(self, snapshot: str, path: str) -> None:
+        """Name ``path`` of ``snapshot`` as affected, once: a file's spans are walked one
+        after another, so the same file comes again only right after itself."""
+        paths = self.affects.setdefault(snapshot, [])
+        if not paths or paths[-1] != path:
+            paths.append(path)
 
     def describe(self) -> str:
         line = f"{self.kind} {self.subject}: {self.detail}"
@@ -113,6 +125,7 @@ class Checker:
         self._nodes_seen: set[bytes] = set()  # nodes counted in this run's report
         self._referenced_packs: set[bytes] = set()
         self._unreadable: set[str] = set()
+        self._listed_jids: dict[str, list[int]] = defaultdict(list)  # ref -> jids of its listed entries
         self._set_aside: set[str] | None = None  # packs fsck --repair set aside (damaged/), listed on demand
         # chunk id -> (snapshot label, path) of the first few users, for --read-data reports
         self._chunk_users: dict[bytes, list[tuple[str, str]]] = defaultdict(list)
@@ -123,6 +136,7 @@ class Checker:
         self._check_indexes()
         for snap in self._journals():
             self._check_snapshot(snap)
+        self._check_latest()
         if read_fraction > 0:
             self._read_data(read_fraction, random.Random(seed))
         unreferenced = sorted(p.hex() for p in self.sizes if p not in self._referenced_packs)
@@ -168,6 +182,7 @@ class Checker:
                 self._problem(Problem("bad-index", key, f"{exc} (an index is a cache of pack trailers; "
                                       "repair rewrites it)"))
                 continue
+            disagrees = False  # one problem per index object
             for p in packs:
                 size = self.sizes.get(p.pack_id)
                 if size is None and p.pack_id not in self._pack_problem:
@@ -176,6 +191,30 @@ class Checker:
                 elif size is not None and size != p.length and p.pack_id not in self._pack_problem:
                     self._pack_problem[p.pack_id] = self._problem(Problem(
                         "truncated-pack", p.pack_id.hex(), f"is {size} bytes, {key} says {p.length}", pack=p.pack_id))
+                elif size == p.length and not disagrees and (why := self._disagrees(p)) is not None:
+                    # an import deduplicates against what the index says: a chunk it
+                    # places wrongly would be a span of the next snapshot that reads nothing
+                    disagrees = True
+                    self._problem(Problem("bad-index", key, f"{why} (an index is a cache of pack trailers; "
+                                          "repair rewrites it)"))
+
+    def _disagrees(self, listed: PackSummary) -> str | None:
+        """Why an index's summary of a pack is not what the pack's trailer says, or None
+        (also when the trailer cannot be read: that pack's own problem is reported)."""
+        trailer = self.trailers.get(listed.pack_id)
+        if trailer is None:
+            return None
+        what = f"pack {listed.pack_id.hex()[:16]}"
+        if listed.kind != trailer.kind:
+            return f"says {what} is of kind {listed.kind}, its trailer {trailer.kind}"
+        extra = set(listed.entries) - set(trailer.entries)
+        if extra:
+            loc = min(extra, key=lambda e: e.offset)
+            return (f"lists {len(extra)} object(s) {what}'s trailer does not, such as "
+                    f"{loc.id.hex()[:16]} at offset {loc.offset}")
+        if len(listed.entries) != len(trailer.entries):
+            return f"lists {len(listed.entries)} object(s) in {what}, its trailer {len(trailer.entries)}"
+        return None
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -186,6 +225,12 @@ class Checker:
             jid = parse_jid(parts[-1]) if len(parts) == 3 else None
             if jid is None:
                 continue
+            if not is_ref_name(parts[1]):
+                # put there by hand or by another tool; every other command skips it (ref_names)
+                self._problem(Problem("bad-journal", key, f"not a journal entry: no ref may be named {parts[1]!r}, "
+                                      "so cafs never wrote it and nothing reads it; remove it"))
+                continue
+            self._listed_jids[parts[1]].append(jid)
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
             except (CafsError, StoreError) as exc:
@@ -194,6 +239,34 @@ class Checker:
                                       affects={f"{parts[1]}@{jid}": ["/ (the whole snapshot)"]}))
         self.report.snapshots = len(snaps)
         return sorted(snaps, key=lambda s: (s.ref, s.jid))
+
+    def _check_latest(self) -> None:
+        """Each ref's ``latest`` pointer must lead a reader that cannot list keys to the
+        newest entry: no pointer is fine (repositories older than pointers), one that
+        names a jid the ref lacks, or stops short of the newest at a gap, is not: no
+        commit mends it, since a commit only ever advances the pointer."""
+        for name, jids in sorted(self._listed_jids.items()):
+            key = latest_key(name)
+            try:
+                pointer = decode_latest(self.repo.store.get(key))
+            except ObjectNotFound:
+                continue
+            except StoreError as exc:
+                self._problem(Problem("bad-latest", key, f"cannot be read: {exc}"))
+                continue
+            try:
+                found = self.repo.jids_after_latest(name)
+            except StoreError as exc:
+                self._problem(Problem("bad-latest", key, f"the entries after it cannot be probed: {exc}"))
+                continue
+            newest = max(jids)
+            if found and found[-1] >= newest:  # (beyond it: a commit since the listing)
+                continue
+            said = "is not a jid" if pointer is None else f"says {pointer}"
+            sees = f"snapshots up to {name}@{found[-1]} only" if found else f"no snapshot of {name}"
+            self._problem(Problem("bad-latest", key, f"{said}: a reader that cannot list keys (a web server "
+                                  f"without directory listings) finds {sees}, the newest being {name}@{newest} "
+                                  "(an advisory pointer; repair rewrites it)"))
 
     def _locate(self, loc: Location) -> Problem | None:
         """None if ``loc`` names an object that the pack holds there; else its problem."""
@@ -244,7 +317,7 @@ class Checker:
                     self.report.chunks += 1
                     problem = self._locate(span)
                     if problem is not None:
-                        problem.affects.setdefault(label, []).append(_show(path))
+                        problem.affect(label, _show(path))
                     elif len(self._chunk_users[span.id]) < MAX_PATHS_PER_PROBLEM:
                         self._chunk_users[span.id].append((label, _show(path)))
 
@@ -268,7 +341,7 @@ class Checker:
                     self.report.nodes += 1
                 return node
         assert problem is not None
-        problem.affects.setdefault(label, []).append(_show(path) + " (and everything below)")
+        problem.affect(label, _show(path) + " (and everything below)")
         self._unreadable.add(label)
         return None
 
@@ -338,6 +411,6 @@ class Checker:
             + ("" if body_ok else "; body digest differs"), pack=pack_id))
         for loc in bad:
             for label, path in self._chunk_users.get(loc.id, []):
-                problem.affects.setdefault(label, []).append(path)
+                problem.affect(label, path)
             if loc.id in self._nodes_ok:
-                problem.affects.setdefault("(metadata)", []).append(f"node {loc.id.hex()[:16]}")
+                problem.affect("(metadata)", f"node {loc.id.hex()[:16]}")

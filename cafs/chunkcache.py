@@ -181,6 +181,10 @@ class ChunkCache:
             return os.open(path, os.O_RDWR)
         except FileNotFoundError:
             return None
+        except (IsADirectoryError, NotADirectoryError):
+            if create:
+                raise
+            return None  # not a cache file there (damage): nothing of it cached
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpaceError(f"cache {self.root}: no space left on device") from None

@@ -305,6 +305,14 @@ def cmd_fsck(ctx: Context, args: argparse.Namespace) -> int:
     except CafsError as exc:
         print(f"cafs fsck: {exc}", file=sys.stderr)
         return FSCK_OPERATIONAL
+    except BrokenPipeError:
+        raise  # the reader went away: main's business
+    except OSError as exc:
+        # a local file (the cache, a spool) that cannot be read or written: main would
+        # give its exit 1, which to fsck(8) means "errors corrected"
+        what = os.fsdecode(exc.filename) if exc.filename else "fsck"
+        print(f"cafs fsck: {what}: {exc.strerror or exc}", file=sys.stderr)
+        return FSCK_OPERATIONAL
 
 
 def _fsck(ctx: Context, args: argparse.Namespace) -> int:

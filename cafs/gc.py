@@ -7,7 +7,8 @@ deduplicating against a pack while gc decides it is garbage.
 
 Liveness is by object id: every node and chunk reachable from a remaining snapshot.
 A pack with no live object is deleted; a pack whose live objects hold less than
-``repack_below`` of its bytes is repacked: its live objects are copied verbatim (same
+``repack_below`` of its objects' bytes (its trailer not counted, so a pack of live
+objects alone is never repacked) is repacked: its live objects are copied verbatim (same
 stored bytes, codec and lengths) into new packs, and the old pack is deleted. Spans that
 still name the old pack are then resolved by id through the index (see
 ``Repository.read_stored``), so no node or snapshot is rewritten and root ids stay.
@@ -112,9 +113,12 @@ def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.
         doomed, repack, kept = [], [], []
         for summary in index.packs.values():
             live_bytes = sum(e.stored_length for e in summary.entries if e.id in live)
+            # the share of the objects' bytes, not of the pack's: a small pack is mostly
+            # trailer, and a repack would make the same pack again, at every gc
+            body = sum(e.stored_length for e in summary.entries)
             if live_bytes == 0:
                 doomed.append(summary)
-            elif live_bytes < repack_below * summary.length:
+            elif live_bytes < repack_below * body:
                 repack.append(summary)
             else:
                 kept.append(summary)

@@ -12,7 +12,9 @@ LMDB does not checksum its pages: a damaged page may only show when a read or wr
 meets it (``MetaCacheError`` with ``damaged``). A ``NodeReader`` then stops using the
 cache and reads every node from the repository, with one warning naming the cache and
 ``cafs fsck --cache --repair``, which moves the file aside (as ``open_mending`` does
-with a file LMDB refuses to open).
+with a file LMDB refuses to open). A file shorter than the pages its meta page says
+are in use (truncated) is refused at open like one LMDB refuses: LMDB itself would meet
+the missing pages as a SIGBUS that kills the process.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ def default_cache_dir(env: dict[str, str]) -> Path:
 
 def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
     try:
+        _reserve_lock_file(path / "meta.lmdb")
         # Everything here is verified on use and can be refetched, so commits need
         # not be durable: sync=False keeps a write from costing an fsync.
         env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
                         subdir=True, readahead=False, metasync=False, sync=False)
         try:
+            _check_length(env, path / "meta.lmdb" / "data.mdb")
             return env, env.open_db(b"nodes")  # where a damaged page may show first
         except BaseException:
             env.close()
@@ -75,6 +79,41 @@ def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
     except (OSError, lmdb.Error) as exc:
         raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
                              damaged=isinstance(exc, _DAMAGED)) from None
+
+
+LOCK_FILE_BYTES = 8192  # what LMDB makes of its default 126 readers (64 bytes each, and a header)
+
+
+def _reserve_lock_file(lmdb_dir: Path) -> None:
+    """Allocate the blocks of LMDB's lock file before LMDB maps and writes it.
+
+    LMDB sizes ``lock.mdb`` with ftruncate and writes it through a shared mapping; on a
+    full tmpfs (a cache under /tmp, a memory-backed volume) the first write to a page
+    that has no block yet is a SIGBUS that kills the process. Allocated here, a full
+    disk is an OSError (ENOSPC) instead."""
+    lmdb_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lmdb_dir / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(LOCK_FILE_BYTES, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+class _Truncated(lmdb.CorruptedError):  # so one of _DAMAGED
+    """The LMDB file is shorter than the pages its meta page says are in use."""
+
+
+def _check_length(env: lmdb.Environment, data: Path) -> None:
+    """Raise unless ``data`` holds every page the newest meta page says is in use.
+
+    LMDB maps the file and trusts it: a page past the end of a truncated file (a full
+    disk, a damaged filesystem, a careless copy) is a SIGBUS that kills the process,
+    with no error to catch. Committed pages are written before the meta page that names
+    them, and the file only grows, so a sound file is never shorter than this."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.stat(data).st_size
+    if size < needed:
+        raise _Truncated(f"{data}: {size} bytes, but its pages in use need {needed}: truncated")
 
 
 class MetaCache:

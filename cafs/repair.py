@@ -12,6 +12,8 @@
   again, and every snapshot that names them reads again. Order of writes, each safe to
   interrupt: new packs; the set-aside copy; the new index; the old indexes deleted; the
   pack deleted. Salvaging a missing pack only drops it from the index.
+- A ``latest`` pointer that leads readers without listings astray is rewritten to name
+  the ref's newest entry.
 - A damaged index object is removed and a fresh one written from the pack trailers it
   covered (an index is a cache of trailers; the packs are the data).
 - A journal entry that does not decode is replaced by the mirror's copy under the same
@@ -35,9 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cafs.check import Problem, Report
-from cafs.errors import CafsError, IntegrityError, ObjectNotFound, StoreError
+from cafs.errors import CafsError, IntegrityError, ObjectNotFound, RefError, StoreError
 from cafs.format.index import PackSummary
-from cafs.format.journal import decode_snapshot, parse_jid
+from cafs.format.journal import decode_snapshot, encode_latest, is_ref_name, latest_key, parse_jid
 from cafs.format.location import Location, verify_stored
 from cafs.format.pack import pack_key, trailer_of, verify_pack
 from cafs.locks import locked
@@ -102,6 +104,8 @@ def repair(repo: Repository, problems: Sequence[Problem], mirrors: list[Reposito
             _rewrite_index(repo, problem, result)
         elif problem.kind == "bad-journal":
             _replace_journal(repo, problem, mirrors, result)
+        elif problem.kind == "bad-latest":
+            _rewrite_latest(repo, problem, result)
         elif problem.pack is not None and problem.pack not in done:
             done.add(problem.pack)
             if not _replace_pack(repo, problem, mirrors, result):
@@ -123,6 +127,8 @@ def _no_copy(problem: Problem) -> str:
 
 
 def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository], result: RepairResult) -> bool:
+    """Whether a mirror had a good copy (then written, or the failure to write it in
+    ``result.failed``: one pack this store cannot take stops no other repair)."""
     assert problem.pack is not None
     reasons = []
     for mirror in mirrors:
@@ -131,7 +137,12 @@ def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository],
         except (CafsError, StoreError) as exc:
             reasons.append(f"{mirror.url}: {exc}")
             continue
-        repo.store.put(pack_key(problem.pack), data)
+        try:
+            repo.store.put(pack_key(problem.pack), data)
+        except StoreError as exc:  # this store cannot take it (read-only, full): no other mirror helps
+            result.failed.append(f"pack {problem.pack.hex()}: the verified copy from {mirror.url} "
+                                 f"could not be written: {exc}")
+            return True
         result.repaired.append(f"pack {problem.pack.hex()}: replaced by the verified copy from {mirror.url}")
         return True
     for reason in reasons:
@@ -211,8 +222,8 @@ def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repositor
     key = problem.subject
     parts = key.split("/")
     jid = parse_jid(parts[-1]) if len(parts) == 3 else None
-    if jid is None:
-        result.failed.append(f"{key}: not a journal key")
+    if jid is None or not is_ref_name(parts[1]):
+        result.failed.append(f"{key}: not a journal key cafs writes; remove it by hand")
         return
     reasons = []
     for mirror in mirrors:
@@ -225,11 +236,28 @@ def _replace_journal(repo: Repository, problem: Problem, mirrors: list[Repositor
         except (CafsError, StoreError) as exc:
             reasons.append(f"{mirror.url}: {exc}")
             continue
-        repo.store.put(key, data)
+        try:
+            repo.store.put(key, data)
+        except StoreError as exc:
+            result.failed.append(f"{key}: the copy from {mirror.url} could not be written: {exc}")
+            return
         result.repaired.append(f"{key}: replaced by the copy from {mirror.url}")
         return
     why = "; ".join(reasons) if reasons else "no mirror given (--mirror URL)"
     result.failed.append(f"{key}: no good copy ({why})")
+
+
+def _rewrite_latest(repo: Repository, problem: Problem, result: RepairResult) -> None:
+    name = problem.subject.split("/")[1]
+    try:
+        jids = repo.jids(name)
+        if not jids:
+            raise RefError(f"ref {name!r} has no journal entry left")
+        repo.store.put(latest_key(name), encode_latest(jids[-1]))  # replaced, not advanced: it may go down
+    except (CafsError, StoreError) as exc:
+        result.failed.append(f"{problem.subject}: {exc}")
+        return
+    result.repaired.append(f"{problem.subject}: now says {jids[-1]}, the newest entry")
 
 
 def _rewrite_index(repo: Repository, problem: Problem, result: RepairResult) -> None:

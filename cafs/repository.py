@@ -53,6 +53,7 @@ from cafs.stores import LocalStore, ObjectExists, ResidentReads, Store, Streamin
 CONFIG_KEY = "config"
 RELOCATION_RELOAD = 10.0
 INDEX_READERS = 16  # index objects load_index reads at once from a remote store
+TAKEN_UNLISTED = 10  # commit attempts a jid may be found taken but not listed before commit gives up
 TRIO_TIMEOUT = 5.0  # seconds a read on the trio loop may take before the ordinary path has it
 
 
@@ -351,9 +352,11 @@ class Repository:
                     jids.append(jid)
         except ListingUnavailable:
             pass
-        return sorted(jids) or self._jids_after_latest(name)
+        return sorted(jids) or self.jids_after_latest(name)
 
-    def _jids_after_latest(self, name: str) -> list[int]:
+    def jids_after_latest(self, name: str) -> list[int]:
+        """The jids of ``name`` as a reader that cannot list keys finds them: the one
+        ``refs/NAME/latest`` names and those right after it, as long as they exist."""
         try:
             jid = decode_latest(self.get(latest_key(name)))
         except ObjectNotFound:
@@ -412,15 +415,22 @@ class Repository:
     def commit(self, name: str, root: Entry, *, source: bytes, stats: dict[str, int]) -> Snapshot:
         """Record a new snapshot of ``name``: the single commit point of an import."""
         check_ref_name(name)
+        taken: dict[int, int] = {}  # jid -> times its put found it taken
         for _attempt in range(100):
             jids = self.jids(name)
             snap = Snapshot(ref=name, jid=(jids[-1] + 1) if jids else 1, time_ns=time.time_ns(),
                             root=root, host=os.uname().nodename[:255], source=source[:4096], stats=stats)
             key, data = journal_key(name, snap.jid), encode_snapshot(snap)
+            if taken.get(snap.jid, 0) >= TAKEN_UNLISTED:
+                # taken, yet never listed: no concurrent import did that (a listing that
+                # lags behind a put catches up within these tries); trying on would not help
+                raise RefError(f"{self.url}: cannot commit {name}@{snap.jid}: something is at {key}, but the "
+                               f"listing of refs/{name}/ does not show it (not a file?); move it away")
             try:
                 self.store.put(key, data, exclusive=True)
             except ObjectExists:
                 if not self._holds(key, data):
+                    taken[snap.jid] = taken.get(snap.jid, 0) + 1
                     continue  # a concurrent import took that jid; take the next
                 # else our own entry: a retried put whose first answer was lost
             self.note_latest(name, snap.jid)

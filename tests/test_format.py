@@ -279,3 +279,14 @@ def test_config_round_trip_and_rejects() -> None:
                 encode_config(c).replace(b'"pack_size": 1048576', b'"pack_size": 1')):
         with pytest.raises(RepositoryError):
             decode_config(bad, "t")
+
+
+@pytest.mark.parametrize("field,value", [(b'"pack_size": 1048576', b'"pack_size": 1125899906842624'),
+                                         (b'"max_size": 16384', b'"max_size": 1024'),
+                                         (b'"repo_id": "' + b"ab" * 32, b'"repo_id": "' + b"zz" * 32)])
+def test_a_config_out_of_range_is_named(field: bytes, value: bytes) -> None:
+    # every command opens the config first: its one error line must say which object is bad
+    data = encode_config(RepoConfig("ab" * 32, ChunkerParams(1024, 4096, 16384), 1 << 20))
+    assert field in data
+    with pytest.raises(RepositoryError, match=r"^file:///r/config: not a cafs repository config \("):
+        decode_config(data.replace(field, value), "file:///r/config")

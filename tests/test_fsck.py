@@ -639,3 +639,170 @@ def test_mount_refetches_a_cache_extent_damaged_behind_its_back(cafs, tmp_path: 
         drop_page_cache()
         assert (mnt / "huge").read_bytes() == data
         assert stats(mnt)["damaged_extents"] >= 1
+
+
+def test_a_local_file_that_fails_is_an_operational_error(cafs, copies: Damaged, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OSError from a local file (here the cache, as a user without read access to it
+    # meets it) is fsck(8)'s 8, not the 1 every other command gives, which means "corrected".
+    from cafs import cachecheck
+
+    def denied(*_args: object, **_kw: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "cache" / "data"))
+
+    monkeypatch.setattr(cachecheck, "check_cache", denied)
+    r = fsck(cafs, copies.repo, "--cache", tmp_path / "cache")
+    assert r.code == FSCK_OPERATIONAL, r.out + r.err
+    assert r.err.strip() == f"cafs fsck: {tmp_path / 'cache' / 'data'}: Permission denied", r.err
+
+
+def test_truncated_metadata_cache_is_moved_aside_not_a_crash(cafs, cafs_proc, copies: Damaged) -> None:
+    """LMDB maps its file: a page past the end of a truncated one is a SIGBUS that kills
+    the process. A file shorter than its meta page says is damaged, like one LMDB refuses."""
+    cache_dir = Path(os.environ["CAFS_CACHE_DIR"])
+    listing = cafs("ls", "-R", f"{copies.repo}#ds")  # fills the metadata cache
+    assert listing.code == 0, listing.err
+    data = cache_dir / copies.layout.repo_id / "meta.lmdb" / "data.mdb"
+    assert data.stat().st_size > 3 * 4096
+    os.truncate(data, 2 * 4096)  # both meta pages kept: LMDB opens it
+    r = cafs_proc("ls", "-R", f"{copies.repo}#ds")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout == listing.out and "truncated" in r.stderr, r.stderr
+    assert data.stat().st_size > 3 * 4096  # filled again by that ls
+    os.truncate(data, 2 * 4096)
+    r = cafs_proc("fsck", copies.repo, "--cache", cache_dir)
+    assert r.returncode == FSCK_UNCORRECTED and "truncated" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    r = cafs_proc("fsck", copies.repo, "--cache", cache_dir, "--repair")
+    assert r.returncode == FSCK_CORRECTED, (r.returncode, r.stdout, r.stderr)
+    r = cafs_proc("fsck", copies.repo, "--cache", cache_dir)
+    assert r.returncode == FSCK_CLEAN, (r.returncode, r.stdout, r.stderr)
+
+
+def test_a_pack_that_cannot_be_written_stops_no_other_repair(cafs, copies: Damaged, tmp_path: Path) -> None:
+    # Where one pack was, a directory now stands: the mirror's copy cannot be written
+    # there. The other missing pack is replaced all the same, and the report says both.
+    data = sorted(p for p, k in copies.layout.kinds.items() if k == KIND_DATA)
+    blocked, lost = data[0], data[1]
+    pack_path(copies.repo, blocked).unlink()
+    pack_path(copies.repo, blocked).mkdir()
+    pack_path(copies.repo, lost).unlink()
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"repaired: pack {lost.hex()}: replaced" in r.out, r.out
+    assert f"not repaired: pack {blocked.hex()}: the verified copy from" in r.out and "could not be written" in r.out
+    pack_path(copies.repo, blocked).rmdir()
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert fsck(cafs, copies.repo, "--read-data").code == FSCK_CLEAN
+    assert_extracts(cafs, copies.repo, copies.src, tmp_path / "out")
+
+
+def test_index_that_disagrees_with_a_trailer_is_found_and_rewritten(cafs, copies: Damaged, tmp_path: Path) -> None:
+    # A well-formed index object (its name matches its bytes) that places a chunk at a
+    # wrong offset: the next import deduplicating against it would commit a snapshot
+    # whose span reads nothing. fsck compares every index with the trailers.
+    from cafs.format.index import PackSummary, encode_index
+    from cafs.ids import digest
+
+    pack, span = _big_pack(copies.layout)
+    entries = tuple(e._replace(offset=e.offset + 1) if e.id == span.id else e for e in copies.layout.entries[pack])
+    data = encode_index([PackSummary(pack, pack_path(copies.repo, pack).stat().st_size, KIND_DATA, entries)])
+    key = f"index/{digest(data).hex()}"
+    (copies.repo / key).write_bytes(data)
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"error: bad-index {key}: lists 1 object(s) pack {pack.hex()[:16]}'s trailer does not" in r.out, r.out
+    r = fsck(cafs, copies.repo, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert not (copies.repo / key).exists()
+    r = cafs("import", copies.src, copies.repo, "--name", "again", "--no-progress")
+    assert r.code == 0, r.err
+    assert fsck(cafs, copies.repo, "--read-data").code == FSCK_CLEAN
+    r = cafs("get", f"{copies.repo}#again", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(copies.src, tmp_path / "out")
+
+
+def test_what_no_ref_may_be_named_is_named_plainly(cafs, copies: Damaged) -> None:
+    # Directories under refs/ that cafs never wrote (a name no ref may have) are skipped
+    # by every other command; fsck names them (test_import_get), but as what they are,
+    # not as a snapshot it cannot read ("invalid object key", the whole snapshot lost,
+    # unreferenced packs no longer told) that a mirror could restore.
+    for name in ("bad name", ".hidden", "-dash"):
+        (copies.repo / "refs" / name).mkdir()
+        (copies.repo / "refs" / name / f"{1:020d}").write_bytes(b"not a journal entry")
+    (copies.repo / "refs" / "ds" / "notes.txt").write_bytes(b"junk")
+    r = fsck(cafs, copies.repo, "--read-data")
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    for name in ("bad name", ".hidden", "-dash"):
+        assert (f"error: bad-journal refs/{name}/{1:020d}: not a journal entry: no ref may be named {name!r}, "
+                "so cafs never wrote it and nothing reads it; remove it") in r.out, r.out
+    assert "invalid object key" not in r.out and "affects" not in r.out and "cannot be told" not in r.out, r.out
+    r = fsck(cafs, copies.repo, "--repair", "--mirror", copies.mirror)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"not repaired: refs/bad name/{1:020d}: not a journal key cafs writes; remove it by hand" in r.out, r.out
+    for name in ("bad name", ".hidden", "-dash"):
+        subprocess.run(["rm", "-r", copies.repo / "refs" / name], check=True)
+    assert fsck(cafs, copies.repo).code == FSCK_CLEAN
+
+
+@pytest.mark.parametrize("pointer", [b"%020d\n" % 9, b"garbage\n"])
+def test_a_latest_pointer_that_misleads_readers_without_listings_is_rewritten(cafs, copies: Damaged,
+                                                                              pointer: bytes) -> None:
+    from cafs.errors import ListingUnavailable
+    from storewrap import PassThroughStore
+
+    class Unlisted(PassThroughStore):  # a web server without directory listings
+        def list(self, prefix: str):
+            raise ListingUnavailable(f"{self.url}: cannot list {prefix}")
+
+    def seen_without_listing() -> list[int]:
+        return Repository.open(Unlisted(open_store(str(copies.repo)))).jids("ds")
+
+    assert seen_without_listing() == [1]
+    (copies.repo / "refs" / "ds" / "latest").write_bytes(pointer)
+    assert seen_without_listing() == []  # "no ref named 'ds'" over such a server
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert "error: bad-latest refs/ds/latest:" in r.out and "finds no snapshot of ds" in r.out, r.out
+    r = fsck(cafs, copies.repo, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert "repaired: refs/ds/latest: now says 1" in r.out, r.out
+    assert seen_without_listing() == [1]
+    assert fsck(cafs, copies.repo).code == FSCK_CLEAN
+
+
+@pytest.mark.parametrize("damage", ["directory", "data-is-a-file"])
+def test_cache_file_that_is_not_a_file(cafs, copies: Damaged, tmp_path: Path, damage: str) -> None:
+    # A sparse cache file replaced by a directory (or the data directory by a file) is
+    # damage fsck --cache reports and repairs like missing bytes, not an OSError.
+    cache = tmp_path / "chunkcache"
+    r = cafs("prefetch", f"{copies.repo}#ds", "--cache", cache, "--no-progress")
+    assert r.code == 0, r.err
+    data = cache / copies.layout.repo_id / "data"
+    if damage == "directory":
+        victim = sorted(data.glob("*/*"))[0]
+        victim.unlink()
+        victim.mkdir()
+    else:
+        subprocess.run(["rm", "-rf", data], check=True)
+        data.write_bytes(b"")
+    r = fsck(cafs, copies.repo, "--cache", cache)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert "bytes missing from the sparse file" in r.out, r.out
+    r = fsck(cafs, copies.repo, "--cache", cache, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert fsck(cafs, copies.repo, "--cache", cache).code == FSCK_CLEAN
+    assert cafs("cache", "gc", "--size", "0", "--cache", cache).code == 0
+
+
+@pytest.mark.parametrize("name", ["truncated-pack", "flipped-data"])
+def test_an_affected_file_is_named_once(cafs, copies: Damaged, name: str) -> None:
+    # data/big has several chunks in the damaged pack: it was named once per chunk
+    # ("big, big, big, big, big (+2 more)"), crowding out the other files affected.
+    fault = ALL_FAULTS[name](copies)
+    code, doc = fsck_json(cafs, copies.repo, *(("--read-data",) if fault.read_data else ()))
+    assert code == FSCK_UNCORRECTED
+    (problem,) = [p for p in doc["problems"] if p["kind"] == fault.kind]
+    paths = problem["affects"][LABEL]
+    assert "data/big" in paths and len(paths) == len(set(paths)), paths

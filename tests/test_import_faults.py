@@ -436,6 +436,18 @@ def test_a_journal_key_with_other_digits_is_not_a_snapshot(cafs, ds: str, repo: 
     assert [s["jid"] for s in json.loads(r.out)] == [1]
 
 
+
+def test_a_journal_key_that_is_not_a_file_stops_the_commit_with_its_name(cafs, ds: str, repo: Path,
+                                                                         tmp_path: Path) -> None:
+    # A directory at the next jid's key: the exclusive put fails, the listing never
+    # shows it, and the commit took it for a concurrent import's entry 100 times over
+    # ("too many concurrent writers").
+    (repo / "refs" / "ds" / f"{2:020d}").mkdir()
+    r = cafs("import", tmp_path / "src", repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 1, f"refs/ds/{2:020d}", "does not show it")
+    assert len(r.err.splitlines()) == 1
+    assert "concurrent" not in r.err
+
 # -- full disks ---------------------------------------------------------------------------
 
 
@@ -486,6 +498,27 @@ def test_import_works_again_once_the_disk_has_room(cafs, small_tmpfs: Path, big_
     assert_same_tree(big_src, tmp_path / "out")
     r = cafs("fsck", repo)
     assert r.code == 0, r.out + r.err
+
+
+def test_a_metadata_cache_on_a_full_tmpfs_is_an_error_not_a_crash(cafs, repo: Path, small_tmpfs: Path,
+                                                                   big_src: Path) -> None:
+    # LMDB writes its lock file through a shared mapping: on a full tmpfs (a cache
+    # under /tmp) the first write to a page without a block was a SIGBUS.
+    assert cafs("import", big_src, repo, "--name", "ds", "--no-progress").code == 0
+    with open(small_tmpfs / "fill", "wb") as f:
+        try:
+            while True:
+                f.write(bytes(64 << 10))
+                f.flush()
+        except OSError:
+            pass
+    env = {**os.environ, "CAFS_CACHE_DIR": str(small_tmpfs / "cache")}
+    for args in (("ls", f"{repo}#ds"), ("cat", f"{repo}#ds:data/big")):
+        p = subprocess.run([sys.executable, "-m", "cafs.cli", *args], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert p.returncode == 1, (args, p.returncode, p.stderr)
+        assert "no space left" in p.stderr.lower() and str(small_tmpfs / "cache") in p.stderr, p.stderr
+        assert len(p.stderr.splitlines()) == 1, p.stderr
 
 
 def test_get_into_a_full_disk_fails_cleanly(cafs, repo: Path, small_tmpfs: Path, big_src: Path) -> None:

@@ -94,4 +94,7 @@ def decode_config(data: bytes, where: str) -> RepoConfig:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise bad(f"missing or malformed field {exc}") from None
-    return check_config(config)
+    try:
+        return check_config(config)
+    except RepositoryError as exc:
+        raise bad(str(exc)) from None
