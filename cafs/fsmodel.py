@@ -23,7 +23,10 @@ three.
 
 Content ids (``user.cafs.id``): a directory's is its node id; a file's is the id of its
 single chunk (the BLAKE3 of its bytes) or, for a file of several chunks or none, the
-BLAKE3 of ``b"cafs-file-v1"`` followed by its chunk ids.
+BLAKE3 of ``b"cafs-file-v1"`` followed by its chunk ids. A symlink has no extended
+attributes: Linux allows ``user.*`` names on regular files and directories only, and
+answers ENODATA to any read of one on a symlink without asking the filesystem, so a name
+listed there could never be read (``rsync -X`` and ``getfattr -h`` failed on it).
 """
 
 from __future__ import annotations
@@ -346,6 +349,8 @@ class SnapshotFS:
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         e = self.entry(ino)
+        if e.is_symlink:
+            return {}  # see the module docstring: the kernel lets no one read it
         out = {b"user.cafs.id": self.content_id(e).hex().encode()}
         if ino == ROOT_INO:
             out[b"user.cafs.snapshot"] = f"{self.snapshot.ref}@{self.snapshot.jid}".encode()

@@ -589,7 +589,7 @@ def test_xattrs_of_directories_and_symlinks(fs: SnapshotFS) -> None:
     assert fs.xattrs(data)[b"user.cafs.id"] == ref.id.hex().encode()
     assert fs.xattrs(wide)[b"user.cafs.id"] != fs.xattrs(data)[b"user.cafs.id"]
     link = resolve(fs, b"links/relative")
-    assert fs.xattrs(link) == {b"user.cafs.id": blake3.blake3(b"../data/big").hexdigest().encode()}
+    assert fs.xattrs(link) == {}  # Linux lets no one read user.* names of a symlink
 
 
 def test_xattrs_of_the_root(fs: SnapshotFS) -> None:
