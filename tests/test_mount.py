@@ -328,6 +328,16 @@ def test_readlink_returns_exact_targets(dataset: Dataset, mnt: Mount) -> None:
     assert exc.value.errno == errno.EINVAL
 
 
+def test_a_name_longer_than_namemax_is_enametoolong(mnt: Mount) -> None:
+    namemax = os.statvfs(mnt.path).f_namemax
+    assert (mnt.path / "odd" / ("x" * namemax)).is_file()
+    for n in (namemax + 1, 1000):
+        for op in (os.stat, lambda p: os.open(p, os.O_RDONLY | os.O_CREAT)):
+            with pytest.raises(OSError) as exc:
+                op(mnt.path / "odd" / ("x" * n))
+            assert exc.value.errno == errno.ENAMETOOLONG, (n, exc.value)
+
+
 def test_statfs(dataset: Dataset, mnt: Mount) -> None:
     s = os.statvfs(mnt.path)
     items = manifest(dataset.src)
