@@ -23,7 +23,13 @@ three.
 
 Content ids (``user.cafs.id``): a directory's is its node id; a file's is the id of its
 single chunk (the BLAKE3 of its bytes) or, for a file of several chunks or none, the
-BLAKE3 of ``b"cafs-file-v1"`` followed by its chunk ids.
+BLAKE3 of ``b"cafs-file-v1"`` followed by its chunk ids. A symlink has no extended
+attributes: Linux allows ``user.*`` names on regular files and directories only, and
+answers ENODATA to any read of one on a symlink without asking the filesystem, so a name
+listed there could never be read (``rsync -X`` and ``getfattr -h`` failed on it).
+
+A name longer than ``NAME_MAX`` bytes (``f_namemax``) is ``NameTooLong``, not missing: no
+snapshot can hold it (``cafs.format.nodes.MAX_NAME``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from cafs.errors import PathNotFound
 from cafs.fetch import Fetcher
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location
-from cafs.format.nodes import Entry
+from cafs.format.nodes import MAX_NAME, Entry
 from cafs.ids import digest
 from cafs.metacache import NodeNotLoaded, NodeReader
 from cafs.tree import entry_at, file_spans, lookup_index
@@ -49,6 +55,7 @@ from cafs.tree import entry_at, file_spans, lookup_index
 ROOT_INO = 1
 BLOCK_SIZE = 1 << 20  # st_blksize: invites large reads from cp, Python's io and friends
 DIR_SIZE = 4096
+NAME_MAX = MAX_NAME  # f_namemax: longer names cannot be in a snapshot
 DOTS = 2  # a listing starts with "." and ".."
 SIBLING_SPREAD = 8  # how far apart files may be opened and still be a read in order
 READ_SHARE_WEIGHT = 1 / 8  # of each file closed, in the running share of files read
@@ -62,6 +69,10 @@ class NotADirectory(PathNotFound):
 
 class IsADirectory(PathNotFound):
     """A directory was opened as a file."""
+
+
+class NameTooLong(PathNotFound):
+    """A name looked up is longer than ``NAME_MAX`` bytes."""
 
 
 @dataclass
@@ -189,6 +200,8 @@ class SnapshotFS:
 
     def lookup(self, parent: int, name: bytes) -> tuple[int, Entry]:
         block = self._block(parent)
+        if len(name) > NAME_MAX:
+            raise NameTooLong(f"a name of {len(name)} bytes in inode {parent}")
         found = lookup_index(self.reader, block.entry, name)
         if found is None:
             raise PathNotFound(f"no entry {name!r} in inode {parent}")
@@ -346,6 +359,8 @@ class SnapshotFS:
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         e = self.entry(ino)
+        if e.is_symlink:
+            return {}  # see the module docstring: the kernel lets no one read it
         out = {b"user.cafs.id": self.content_id(e).hex().encode()}
         if ino == ROOT_INO:
             out[b"user.cafs.snapshot"] = f"{self.snapshot.ref}@{self.snapshot.jid}".encode()

@@ -2,11 +2,12 @@
 
 Every handler is wrapped by ``_errors``, the one place where cafs exceptions become
 errno: a missing path ENOENT, a non-directory ENOTDIR, a directory opened as a file
-EISDIR, anything that failed to verify or fetch EIO (logged). Every call that would
-change the filesystem gets EROFS, and so does an open for writing or with ``O_TRUNC``
-(``O_RDONLY | O_APPEND`` is a read-only open and succeeds). Content never changes, so
-entries and attributes carry long timeouts and files are opened with ``keep_cache``: a
-second read is served by the kernel's page cache without reaching this process.
+EISDIR, a name longer than ``f_namemax`` ENAMETOOLONG, anything that failed to verify or
+fetch EIO (logged). Every call that would change the filesystem gets EROFS, and so does
+an open for writing or with ``O_TRUNC`` (``O_RDONLY | O_APPEND`` is a read-only open and
+succeeds). Content never changes, so entries and attributes carry long timeouts and files
+are opened with ``keep_cache``: a second read is served by the kernel's page cache
+without reaching this process.
 
 Threading: all handlers run on the trio thread of ``pyfuse3.main``; the model they call
 hands blocking work to worker threads (see ``cafs.fetch``). A node the model needs from
@@ -30,7 +31,8 @@ import pyfuse3
 
 from cafs.errors import CafsError, PathNotFound
 from cafs.metacache import NodeNotLoaded
-from cafs.fsmodel import BLOCK_SIZE, Attributes, IsADirectory, NotADirectory, SnapshotFS
+from cafs.fsmodel import (BLOCK_SIZE, NAME_MAX, Attributes, IsADirectory, NameTooLong, NotADirectory,
+                          SnapshotFS)
 
 log = logging.getLogger("cafs.fuse")
 
@@ -43,6 +45,8 @@ def errno_of(exc: BaseException) -> int:
         return errno.ENOTDIR
     if isinstance(exc, IsADirectory):
         return errno.EISDIR
+    if isinstance(exc, NameTooLong):
+        return errno.ENAMETOOLONG
     if isinstance(exc, PathNotFound):
         return errno.ENOENT
     return errno.EIO
@@ -171,7 +175,7 @@ class CafsOperations(pyfuse3.Operations):
         s.f_bfree = s.f_bavail = 0
         s.f_files = total_entries
         s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
+        s.f_namemax = NAME_MAX
         return s
 
     @_errors

@@ -19,9 +19,12 @@ Contract:
   cut into the chunks of zeros a dense copy would give (``cafs.sparse``), so both are
   stored alike; ``Counters.hole_bytes`` counts them apart from ``read_bytes``.
 - A file that cannot be read, changes while being read (size or mtime differ before and
-  after, or the bytes read differ from the size), or is not a regular file, directory or
-  symlink is reported in ``ImportResult.skipped`` with its path and left out of the
-  snapshot. With ``strict`` the import raises ``ImportAborted`` before committing.
+  after, or the bytes read differ from the size), has more chunks than one file node may
+  list (``MAX_SPANS``, or a node over ``MAX_OBJECT_BYTES``: some 850,000 chunks, a sparse
+  file of terabytes say; readers refuse such a node, and with it the directory holding
+  it), or is not a regular file, directory or symlink is reported in
+  ``ImportResult.skipped`` with its path and left out of the snapshot. With ``strict``
+  the import raises ``ImportAborted`` before committing.
 - The directories this import writes, the repository (on a local disk) and its metadata
   cache, are never imported: when the tree holds them they are left out (each named in
   ``ImportResult.left_out``), else every import would store the packs the one before it
@@ -53,11 +56,12 @@ from cafs.format import ENTRY_BLOCKS_SINCE
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location, decode_location
 from cafs.format.nodes import (
-    INLINE_SPANS, INT64, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_TARGET, PAGE_ENTRIES,
+    INLINE_SPANS, INT64, KIND_DIR, KIND_FILE, KIND_SYMLINK, MAX_NAME, MAX_SPANS, MAX_TARGET, PAGE_ENTRIES,
     F_BLOCKS, F_CONTENT, F_GID, F_INO, F_KIND, F_MODE, F_MTIME, F_NAME, F_NLINK, F_SIZE, F_UID,
     DirIndexNode, Entry, FileNode, Node, PageRef, decode_entry, encode_node, encode_tree, entry_fields,
 )
 from cafs.format.pack import KIND_DATA, KIND_META
+from cafs.format.strict import MAX_OBJECT_BYTES
 from cafs.ids import digest
 from cafs.locks import locked
 from cafs.metacache import MetaCache, MetaCacheError, NodeReader
@@ -396,7 +400,13 @@ class Importer:
         if len(spans_list) <= INLINE_SPANS:
             spans, ref = tuple(spans_list), None
         else:
-            spans, ref = None, self._store_node(FileNode(tuple(spans_list)))
+            node = encode_node(FileNode(tuple(spans_list))) if len(spans_list) <= MAX_SPANS else b""
+            if not 0 < len(node) <= MAX_OBJECT_BYTES:
+                c.logical -= st.st_size  # its chunks stay unreferenced: gc removes them
+                self._skip(path, f"{len(spans_list)} chunks: more than one file node may list; "
+                                 "import it into a repository with larger chunks")
+                return None
+            spans, ref = None, self._store_node_bytes(node)
         if st.st_nlink > 1:
             self._links[link_key] = (spans, ref, st.st_size)
         c.files += 1

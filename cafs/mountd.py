@@ -231,6 +231,8 @@ def fuse_options(source: str, opts: MountOptions) -> set[str]:
                "default_permissions", "noatime"}
     if opts.allow_other:
         options.add("allow_other")
+    if opts.noexec:
+        options.add("noexec")
     return options
 
 

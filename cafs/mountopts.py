@@ -1,11 +1,13 @@
 """Mount options: parsing ``-o a=b,c`` into a frozen ``MountOptions``, strictly.
 
 cafs options: ``cache=DIR``, ``cache_size=SIZE``, ``cache_mode=auto|full|meta``,
-``readahead=SIZE``, ``allow_other``, ``debug``, ``log=PATH|syslog``, ``mirror=URL``
+``readahead=SIZE``, ``allow_other``, ``noexec``, ``debug``, ``log=PATH|syslog``, ``mirror=URL``
 (repeatable: stores holding the same repository, read when the repository's own store
 fails; see ``cafs.sources``) and ``timeout=SECONDS`` (how long a read may wait for the
 stores, retries included, before it fails with EIO; default 30. One deadline per read:
 the kernel's page-by-page retries of a failed read fail at once, see ``cafs.fetch``).
+``noexec`` is mount(8)'s: no file of the mount can be executed; ``exec`` (the default)
+and ``noexec`` are one option with two values, so both together are an error.
 
 ``cache_mode``: ``full`` writes every fetched chunk through to the sparse chunk cache;
 ``meta`` caches metadata only and reads chunks from the store each time the kernel asks;
@@ -15,10 +17,10 @@ already: copying would double the disk space and the I/O of a cold read for noth
 path wants ``cache_mode=full``. Generic mount(8) options that mean nothing to a
 read-only FUSE filesystem of ours are accepted and ignored: ``ro``, ``rw`` (the mount is
 read-only whatever is asked), ``defaults``, ``auto``, ``noauto``, ``user``, ``nouser``,
-``users``, ``nofail``, ``_netdev``, ``exec``, ``noexec``, ``suid``, ``nosuid``, ``dev``,
-``nodev``, ``atime``, ``noatime``, ``relatime``, ``x-*`` and ``comment=*``. Anything else
-is an error naming the option, and so is an option given twice with different values
-(the same value twice is accepted: fstab and ``-o`` often repeat one).
+``users``, ``nofail``, ``_netdev``, ``suid``, ``nosuid``, ``dev``, ``nodev`` (the mount is
+always ``nosuid,nodev``), ``atime``, ``noatime``, ``relatime``, ``x-*`` and ``comment=*``.
+Anything else is an error naming the option, and so is an option given twice with
+different values (the same value twice is accepted: fstab and ``-o`` often repeat one).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 24 * 3600.0
 
 _IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
-            "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
+            "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
             "strictatime", "lazytime", "async", "sync"}
 
 
@@ -51,6 +53,7 @@ class MountOptions:
     cache_size: int = DEFAULT_CACHE_SIZE
     readahead: int = DEFAULT_READAHEAD
     allow_other: bool = False
+    noexec: bool = False
     debug: bool = False
     log: str | None = None
     cache_mode: str = "auto"
@@ -103,6 +106,10 @@ def parse_options(text: str) -> MountOptions:
             if eq:
                 raise UsageError(f"mount option {key} takes no value")
             parsed: object = True
+        elif key in ("exec", "noexec"):
+            if eq:
+                raise UsageError(f"mount option {key} takes no value")
+            key, parsed = "noexec", key == "noexec"
         elif key == "mirror":
             if not value:
                 raise UsageError("mount option mirror needs a URL (mirror=https://...)")
@@ -137,6 +144,8 @@ def format_options(opts: MountOptions) -> str:
         items.append(f"cache={opts.cache}")
     if opts.allow_other:
         items.append("allow_other")
+    if opts.noexec:
+        items.append("noexec")
     if opts.debug:
         items.append("debug")
     if opts.log:

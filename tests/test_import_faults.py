@@ -222,6 +222,26 @@ def test_fifo_and_socket_are_skipped_and_named(cafs, repo: Path, tmp_path: Path)
     assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["regular"]
 
 
+def test_a_file_of_more_chunks_than_a_file_node_lists_is_skipped_and_named(cafs, tmp_path: Path) -> None:
+    # 1 GiB of hole cut into 1 KiB chunks of zeros: a file node of some 80 MB, over the
+    # 64 MiB readers accept; stored, it made the directory holding it unreadable (EIO)
+    repo = tmp_path / "repo"
+    r = cafs("init", repo, "--chunk-min", "256", "--chunk-avg", "512", "--chunk-max", "1K")
+    assert r.code == 0, r.err
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "regular").write_bytes(b"kept\n")
+    with open(src / "huge-sparse", "wb") as f:
+        f.truncate(1 << 30)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 3, "'huge-sparse': 1048576 chunks: more than one file node may list")
+    r = cafs("ls", f"{repo}#ds")
+    assert r.code == 0, r.err
+    assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["regular"]
+    r = cafs("fsck", repo)
+    assert r.code == 0, r.out + r.err
+
+
 WRITER = """
 import os, sys, time
 path, base, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
