@@ -7,7 +7,7 @@ fails; see ``cafs.sources``) and ``timeout=SECONDS`` (how long a read may wait f
 stores, retries included, before it fails with EIO; default 30. One deadline per read:
 the kernel's page-by-page retries of a failed read fail at once, see ``cafs.fetch``).
 ``noexec`` is mount(8)'s: no file of the mount can be executed; ``exec`` (the default)
-and ``noexec`` are one option with two values, so both together are an error.
+undoes it, and as with mount(8) the last of the two given wins (``user,exec`` in fstab).
 
 ``cache_mode``: ``full`` writes every fetched chunk through to the sparse chunk cache;
 ``meta`` caches metadata only and reads chunks from the store each time the kernel asks;
@@ -109,7 +109,8 @@ def parse_options(text: str) -> MountOptions:
         elif key in ("exec", "noexec"):
             if eq:
                 raise UsageError(f"mount option {key} takes no value")
-            key, parsed = "noexec", key == "noexec"
+            values["noexec"] = key == "noexec"  # mount(8)'s rule: the last one given wins
+            continue
         elif key == "mirror":
             if not value:
                 raise UsageError("mount option mirror needs a URL (mirror=https://...)")

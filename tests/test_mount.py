@@ -689,7 +689,7 @@ def _one_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
                                   "missing snapshot", "no snapshot named", "missing mountpoint",
-                                  "option given twice", "exec and noexec", "invalid ref name", "mirror port out of range",
+                                  "option given twice", "invalid ref name", "mirror port out of range",
                                   "mirror without a host"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
@@ -705,7 +705,6 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
         "missing mountpoint": (dataset.source, tmp_path / "absent", cache, 32, "absent"),
         "option given twice": (dataset.source, point, f"{cache},cache_mode=full,cache_mode=meta", 1,
                                "cache_mode given twice"),
-        "exec and noexec": (dataset.source, point, f"{cache},exec,noexec", 1, "noexec given twice"),
         "invalid ref name": (f"{dataset.repo}#sp ace", point, cache, 1, "invalid ref name"),
         "mirror port out of range": (dataset.source, point, f"{cache},mirror=http://127.0.0.1:99999/m", 1,
                                      "http://127.0.0.1:99999/m: not a valid URL"),

@@ -86,3 +86,10 @@ def test_log_syslog_reaches_a_listening_daemon(tmp_path: Path, cafs_logger: logg
         setup_logging(parse_options("log=syslog"), tmp_path, False, syslog_socket=str(tmp_path / "log"))
         logging.getLogger("cafs.mount").warning("to syslog")
         assert b"to syslog" in daemon.recv(4096)
+
+
+def test_exec_and_noexec_the_last_given_wins() -> None:
+    # as mount(8) takes them: fstab's "user" implies noexec, and "user,exec" undoes it
+    assert parse_options("noexec").noexec and not parse_options("").noexec
+    assert not parse_options("noexec,exec").noexec
+    assert parse_options("exec,cache_size=1G,noexec").noexec
