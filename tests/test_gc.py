@@ -438,7 +438,9 @@ def _kill_gc_once(repo: Path, rnd: random.Random, duration: float) -> str:
     with started("gc", repo) as gc:
         if how == "delay":
             try:
-                gc.wait(timeout=rnd.uniform(0.2, 1.0) * duration)  # the first fifth is Python starting
+                # the first fifth is Python starting; past 0.6 a gc that runs faster than
+                # the calibrating one (warm caches) had often finished: 1 kill in 8 tries
+                gc.wait(timeout=rnd.uniform(0.2, 0.6) * duration)
             except subprocess.TimeoutExpired:
                 pass
         elif how == "index-written":
