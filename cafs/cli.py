@@ -335,6 +335,10 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError("--salvage is a kind of repair: give --repair too")
     repo = ctx.repo(args.repo)
     mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror] if args.repair else []
+    for url, mirror in zip(args.mirror, mirrors):
+        if mirror.config.repo_id != repo.config.repo_id:  # its journal entries would be another dataset's
+            raise UsageError(f"--mirror {url} holds another repository (id {mirror.config.repo_id[:12]}, "
+                             f"not {repo.config.repo_id[:12]})")
     status = [""]
     checker = Checker(repo, progress=lambda m: status.__setitem__(0, m))
     with Progress(lambda _t: status[0]):

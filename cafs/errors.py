@@ -40,6 +40,11 @@ class ObjectNotFound(StoreError):
     """The store has no object of that name."""
 
 
+class OtherRepository(StoreError):
+    """A mirror holds another repository, or none: it is never read for this one. No
+    retry cures it, so a read moves on to the next source at once."""
+
+
 class NoSpaceError(StoreError):
     """The disk under a store, the cache or a destination is full."""
 

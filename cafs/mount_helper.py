@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cafs.errors import CafsError, UsageError
+from cafs.errors import CafsError, OtherRepository, StoreError, UsageError
 from cafs.metacache import default_cache_dir
 from cafs.mountd import serve, why_not
 from cafs.mountopts import MountOptions, format_options, parse_options
@@ -89,7 +89,15 @@ def check_source(source: str, opts: MountOptions) -> None:
     spec = parse_spec(source)
     if spec.path:
         raise UsageError(f"{source}: mount a snapshot (REPO#NAME), not a path inside one")
-    find_snapshot(Repository.at(spec.repo, mirrors=opts.mirrors, deadline=opts.timeout), spec.selector)
+    repo = Repository.at(spec.repo, mirrors=opts.mirrors, deadline=opts.timeout)
+    find_snapshot(repo, spec.selector)
+    for mirror in repo.mirrors:
+        try:
+            mirror.check()
+        except OtherRepository as exc:  # another repository, or none: a mistake to name now
+            raise UsageError(str(exc)) from None
+        except StoreError:
+            pass  # down now: read once it is back (and found to hold this repository)
 
 
 def ready_timeout(opts: MountOptions) -> float:

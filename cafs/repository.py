@@ -13,9 +13,10 @@ Every object read here is verified against its id before it is returned.
 
 Reads go through ``cafs.sources``: the repository's own store first, then any mirrors
 given to ``open``, with failover, retries and a deadline; corrupt bytes from one source
-count as that source's failure. Writes go to the repository's own store only
-(``store``: retried on ``StoreUnavailable`` until the deadline); ``primary`` is that
-store unwrapped.
+count as that source's failure. A mirror is read only once its config shows the same
+repository (``MirrorOf``): another repository answers the same names (``refs/``) with
+another dataset. Writes go to the repository's own store only (``store``: retried on
+``StoreUnavailable`` until the deadline); ``primary`` is that store unwrapped.
 
 A location is a hint. Objects are named by their content, so when ``cafs gc`` repacks a
 pack, the live objects move, verbatim (same stored bytes, codec and lengths), to new
@@ -34,7 +35,8 @@ from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 
 from cafs.errors import (
-    CafsError, FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, RefError, RepositoryError, StoreError,
+    CafsError, FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, OtherRepository, RefError,
+    RepositoryError, StoreError,
 )
 from cafs.format import FORMAT_VERSION
 from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_config, encode_config
@@ -70,6 +72,50 @@ class ObjectIndex:
             self.objects.setdefault(loc.id, loc)
 
 
+class MirrorOf:
+    """A mirror's store, read through only once its config names the repository it
+    mirrors (the same repo id): a mirror of another repository would serve another
+    dataset under the same ref names. Until then (and again after each failed check)
+    every read first reads the config; a mismatch, or no config, is ``OtherRepository``,
+    so ``Sources`` sets the mirror aside, says why, and reads on without it."""
+
+    def __init__(self, inner: Store, repo_id: str) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self._repo_id = repo_id
+        self._checked = False
+
+    def check(self) -> None:
+        """Raise OtherRepository unless the store holds repository ``repo_id`` (and
+        another StoreError when it cannot be asked)."""
+        if self._checked:
+            return
+        try:
+            config = decode_config(self.inner.get(CONFIG_KEY), f"{self.url}/config")
+        except ObjectNotFound:
+            raise OtherRepository(f"mirror {self.url}: not a cafs repository (no config)") from None
+        except RepositoryError as exc:
+            raise OtherRepository(f"mirror {exc}") from None
+        if config.repo_id != self._repo_id:
+            raise OtherRepository(f"mirror {self.url} holds another repository (id {config.repo_id[:12]}, "
+                                 f"not {self._repo_id[:12]})")
+        self._checked = True  # a plain flag: two threads checking at once both read the config
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.check()
+        return self.inner.get(key, offset, length)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        self.check()
+        return self.inner.list(prefix)
+
+    def put(self, key: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> None:
+        self.inner.put(key, data, exclusive=exclusive)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
 class Repository:
     def __init__(self, store: Store, config: RepoConfig, *, mirrors: Sequence[Store] = (),
                  deadline: float = DEFAULT_DEADLINE) -> None:
@@ -79,7 +125,8 @@ class Repository:
         # have the rest of the deadline (``read_run``'s ``give_up``) for the ordinary read
         self._trio_gets = store.trio_gets(min(TRIO_TIMEOUT, deadline / 4)) if isinstance(store, TrioReads) else None
         self.store: Store = RetryingStore(store, deadline=deadline)
-        self.sources = Sources([store, *mirrors], deadline=deadline)
+        self.mirrors = tuple(MirrorOf(m, config.repo_id) for m in mirrors)
+        self.sources = Sources([store, *self.mirrors], deadline=deadline)
         self.config = config
         self._relocations: ObjectIndex | None = None
         self._relocations_loaded = 0.0

@@ -326,6 +326,23 @@ def test_a_repository_whose_path_holds_a_hash_is_named_by_its_file_url(cafs, src
     assert r.code == 2 and "not on 'elsewhere'" in r.err
 
 
+def test_a_mirror_of_another_repository_is_never_read(cafs, repo: Path, ds: str, tmp_path: Path) -> None:
+    # a mirror answers the names its repository lacks: another repository's journal
+    # would have been taken for this one's (ls REPO#elsewhere@1 listed the other dataset)
+    other = tmp_path / "other"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "not-ours").write_bytes(b"x")
+    assert cafs("init", other).code == 0
+    assert cafs("import", tmp_path / "elsewhere", other, "--name", "elsewhere", "--no-progress").code == 0
+    r = cafs("ls", f"{repo}#elsewhere@1", "--mirror", other)
+    assert r.code == 1 and "not-ours" not in r.out, r.out
+    assert f"mirror file://{other} holds another repository" in r.err
+    r = cafs("ls", f"{ds}:data/sub", "--mirror", other)  # what the repository has is read as before
+    assert r.code == 0 and "s00" in r.out, r.err
+    r = cafs("fsck", repo, "--repair", "--mirror", other)
+    assert r.code == 2 and f"--mirror {other} holds another repository" in r.err
+
+
 def test_reimport_unchanged_reads_nothing(cafs, repo: Path, src: Path, ds: str) -> None:
     stored_before = packs_bytes(repo)
     r = cafs("import", src, repo, "--name", "ds", "--no-progress")

@@ -690,10 +690,12 @@ def _one_line(stderr: str) -> str:
 @pytest.mark.parametrize("case", ["unknown option", "malformed cache_size", "huge cache_size", "missing repository",
                                   "missing snapshot", "no snapshot named", "missing mountpoint",
                                   "option given twice", "invalid ref name", "mirror port out of range",
-                                  "mirror without a host"])
+                                  "mirror without a host", "mirror of another repository",
+                                  "mirror that is no repository"])
 def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
     point = new_mountpoint(tmp_path)
     cache = f"cache={tmp_path / 'cache'}"
+    Repository.init(open_store(str(tmp_path / "other")))
     source, target, options, code, says = {
         "unknown option": (dataset.source, point, f"{cache},bogus=1", 1, "bogus"),
         "malformed cache_size": (dataset.source, point, f"{cache},cache_size=lots", 1,
@@ -710,6 +712,11 @@ def test_mount_errors(dataset: Dataset, tmp_path: Path, case: str) -> None:
                                      "http://127.0.0.1:99999/m: not a valid URL"),
         "mirror without a host": (dataset.source, point, f"{cache},mirror=http:///m", 1,
                                   "http:///m: no host in the URL"),
+        # a mirror answers the names the repository lacks: another one's refs would be taken
+        "mirror of another repository": (dataset.source, point, f"{cache},mirror={tmp_path / 'other'}", 1,
+                                         f"mirror file://{tmp_path / 'other'} holds another repository"),
+        "mirror that is no repository": (dataset.source, point, f"{cache},mirror={tmp_path / 'typo'}", 1,
+                                         f"mirror file://{tmp_path / 'typo'}: not a cafs repository"),
     }[case]
     r = run_mount_helper(source, target, options)
     try:
