@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Iterator, Sequence
 
 from cafs import sizes
-from cafs.errors import CafsError, NoSpaceError, RefError, RepositoryError, UsageError
+from cafs.errors import CafsError, NoSpaceError, OtherRepository, RefError, RepositoryError, UsageError
 from cafs.fileio import raise_open_files_limit
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.naming import find_snapshot, parse_spec, recorded_snapshot, ref_name
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
-from cafs.repository import Repository
+from cafs.repository import Repository, same_repository
 from cafs.sources import DEFAULT_DEADLINE
 from cafs.stores import open_store
 from cafs.tree import show_path
@@ -336,9 +336,10 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
     mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror] if args.repair else []
     for url, mirror in zip(args.mirror, mirrors):
-        if mirror.config.repo_id != repo.config.repo_id:  # its journal entries would be another dataset's
-            raise UsageError(f"--mirror {url} holds another repository (id {mirror.config.repo_id[:12]}, "
-                             f"not {repo.config.repo_id[:12]})")
+        try:  # its journal entries would be another dataset's
+            same_repository(mirror.config, repo.config.repo_id, f"--mirror {url}")
+        except OtherRepository as exc:
+            raise UsageError(str(exc)) from None
     status = [""]
     checker = Checker(repo, progress=lambda m: status.__setitem__(0, m))
     with Progress(lambda _t: status[0]):

@@ -72,6 +72,13 @@ class ObjectIndex:
             self.objects.setdefault(loc.id, loc)
 
 
+def same_repository(config: RepoConfig, repo_id: str, what: str) -> None:
+    """Raise OtherRepository, naming ``what`` (the store ``config`` came from), unless
+    ``config`` is that of repository ``repo_id``."""
+    if config.repo_id != repo_id:
+        raise OtherRepository(f"{what} holds another repository (id {config.repo_id[:12]}, not {repo_id[:12]})")
+
+
 class MirrorOf:
     """A mirror's store, read through only once its config names the repository it
     mirrors (the same repo id): a mirror of another repository would serve another
@@ -96,9 +103,7 @@ class MirrorOf:
             raise OtherRepository(f"mirror {self.url}: not a cafs repository (no config)") from None
         except RepositoryError as exc:
             raise OtherRepository(f"mirror {exc}") from None
-        if config.repo_id != self._repo_id:
-            raise OtherRepository(f"mirror {self.url} holds another repository (id {config.repo_id[:12]}, "
-                                 f"not {self._repo_id[:12]})")
+        same_repository(config, self._repo_id, f"mirror {self.url}")
         self._checked = True  # a plain flag: two threads checking at once both read the config
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
