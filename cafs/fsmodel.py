@@ -165,8 +165,8 @@ class SnapshotFS:
             return
         load = self._node_loads[loc.id] = _NodeLoad(trio.Event())
         try:
-            data = await self.fetcher.store_call(f"node {loc.describe()}", self.reader.load, loc)
-            self.reader.loaded(loc, data)
+            nodes = await self.fetcher.store_call(f"node {loc.describe()}", self.reader.load, loc)
+            self.reader.loaded(nodes)
         except Exception as exc:
             load.error = exc
             raise

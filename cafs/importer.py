@@ -65,7 +65,7 @@ from cafs.format.strict import MAX_OBJECT_BYTES
 from cafs.ids import digest
 from cafs.locks import locked
 from cafs.metacache import MetaCache, MetaCacheError, NodeReader
-from cafs.packwriter import PackWriter, Uploader
+from cafs.packwriter import PackWriter, Uploader, target_size
 from cafs.repository import ObjectIndex, Repository
 from cafs.sparse import FdReader, ZeroRun, cut, holes, zeros_cut_at_max
 
@@ -154,8 +154,8 @@ class Importer:
         self.max_chunk = repo.config.chunker.max_size
         self._zero_chunks: bool | None = None  # whether zeros cut at max_chunk (sparse.py)
         self._zero_chunk: Location | None = None  # where that chunk of zeros is stored
-        self.data = PackWriter(uploader, KIND_DATA, repo.config.pack_size)
-        self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
+        self.data = PackWriter(uploader, KIND_DATA, target_size(KIND_DATA, repo.config.pack_size))
+        self.meta_packs = PackWriter(uploader, KIND_META, target_size(KIND_META, repo.config.pack_size))
         self._node_batch: list[tuple[bytes, bytes]] = []
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
         self._read_buf = _ReadBuffer()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import lmdb
 
 from cafs import cacheuse
-from cafs.errors import CafsError, IntegrityError, NoSpaceError
+from cafs.errors import CafsError, FormatError, IntegrityError, NoSpaceError, StoreError, StoreUnavailable
 from cafs.format.location import Location
 from cafs.format.nodes import Node, decode_node
 from cafs.ids import digest
@@ -38,6 +39,7 @@ log = logging.getLogger("cafs.metacache")
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with use
 DECODED_NODES = 4096
+WHOLE_PACK_AFTER = 2  # nodes needed from one remote metadata pack before it is read whole
 
 
 class MetaCacheError(CafsError):
@@ -199,10 +201,17 @@ class NodeReader:
 
     With ``defer_writes`` (the mount), nodes fetched from the repository are not written
     to LMDB at once: ``take_pending`` hands them over so the caller can write them from a
-    worker thread, keeping LMDB write transactions off its event loop. With
-    ``defer_fetches`` (the mount), a node that must come from the store raises
-    ``NodeNotLoaded`` instead, so that no store read ever runs on the event loop.
-    Not thread-safe, except ``load``."""
+    worker thread, keeping LMDB write transactions off its event loop; until then they
+    are read from memory. With ``defer_fetches`` (the mount), a node that must come from
+    the store raises ``NodeNotLoaded`` instead, so that no store read ever runs on the
+    event loop.
+
+    On a remote repository, the second node this reader needs from one metadata pack
+    brings the rest of that pack with it, in one read (``load``). A walk of a tree (find,
+    ls -R, a get, an incremental import) needs most nodes of the packs it meets; one
+    request per directory would cost it the store's first-byte latency (10-200 ms) per
+    directory, where this costs it about one per pack. A single lookup reads one node
+    alone, as before. Not thread-safe, except ``load``."""
 
     def __init__(self, repo: Repository, cache: MetaCache | None, *, defer_writes: bool = False,
                  defer_fetches: bool = False) -> None:
@@ -210,14 +219,21 @@ class NodeReader:
         self.cache = cache
         self.defer_writes = defer_writes
         self.defer_fetches = defer_fetches
-        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending: dict[bytes, bytes] = {}
         self._decoded: OrderedDict[bytes, Node] = OrderedDict()
+        self._whole_packs = repo.local_root is None  # a local disk has no latency to save
+        self._pack_reads: dict[bytes, int] = {}  # metadata pack -> its nodes read one by one
+        self._packs_read_whole: set[bytes] = set()
+        self._lock = threading.Lock()  # over the two above: ``load`` runs in worker threads
 
     def take_pending(self) -> list[tuple[bytes, bytes]]:
-        pending, self._pending = self._pending, []
-        return pending
+        pending, self._pending = self._pending, {}
+        return list(pending.items())
 
     def node_bytes(self, loc: Location) -> bytes:
+        pending = self._pending.get(loc.id)
+        if pending is not None:
+            return pending
         if self.cache is not None:
             try:
                 data = self.cache.get(loc.id)
@@ -229,9 +245,9 @@ class NodeReader:
                 self.give_up_cache(exc)
         if self.defer_fetches:
             raise NodeNotLoaded(loc)
-        data = self.repo.read_object(loc)
-        self._keep(loc, data)
-        return data
+        nodes = self.load(loc)
+        self._keep(nodes)
+        return nodes[0][1]
 
     def give_up_cache(self, exc: MetaCacheError) -> None:
         """Read on without the cache, which failed (``exc``): every node from the repository."""
@@ -241,21 +257,50 @@ class NodeReader:
             self.cache = None
             self._pending.clear()
 
-    def load(self, loc: Location) -> bytes:
-        """The node's verified bytes from the repository (thread-safe: for worker threads)."""
-        return self.repo.read_object(loc)
+    def load(self, loc: Location) -> list[tuple[Location, bytes]]:
+        """Node ``loc`` and its verified bytes from the repository, first, then those of
+        the other nodes of its pack when this reader reads that pack whole (see the class
+        docstring). Thread-safe: for worker threads."""
+        if self._read_whole(loc.pack):
+            try:
+                nodes = self.repo.read_nodes_of(loc.pack)
+            except StoreUnavailable:
+                raise  # a read of the one node would wait out the same store
+            except (FormatError, StoreError) as exc:  # read alone below (gc moved it, say)
+                log.debug("metadata pack %s not read whole: %s", loc.pack.hex(), exc)
+            else:
+                wanted = [node for node in nodes if node[0].id == loc.id]
+                if wanted:
+                    return wanted + [node for node in nodes if node[0].id != loc.id]
+        return [(loc, self.repo.read_object(loc))]
 
-    def loaded(self, loc: Location, data: bytes) -> None:
-        """Take a node ``load`` returned: decoded into memory, and on its way to LMDB."""
+    def _read_whole(self, pack: bytes) -> bool:
+        """Whether to read ``pack`` whole now: the second node needed from it, once."""
+        if not self._whole_packs:
+            return False
+        with self._lock:
+            if pack in self._packs_read_whole:
+                return False
+            reads = self._pack_reads[pack] = self._pack_reads.get(pack, 0) + 1
+            if reads < WHOLE_PACK_AFTER:
+                return False
+            del self._pack_reads[pack]
+            self._packs_read_whole.add(pack)
+            return True
+
+    def loaded(self, nodes: list[tuple[Location, bytes]]) -> None:
+        """Take what ``load`` returned: the first node decoded into memory, every one on
+        its way to LMDB."""
+        loc, data = nodes[0]
         self._remember(loc.id, decode_node(data, f"node {loc.id.hex()[:12]}"))
-        self._keep(loc, data)
+        self._keep(nodes)
 
-    def _keep(self, loc: Location, data: bytes) -> None:
+    def _keep(self, nodes: list[tuple[Location, bytes]]) -> None:
         if self.cache is not None and self.defer_writes:
-            self._pending.append((loc.id, data))
+            self._pending.update((loc.id, data) for loc, data in nodes)
         elif self.cache is not None:
             try:
-                self.cache.put_many([(loc.id, data)])
+                self.cache.put_many([(loc.id, data) for loc, data in nodes])
             except MetaCacheError as exc:
                 self.give_up_cache(exc)
             except CafsError:

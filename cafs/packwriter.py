@@ -41,6 +41,12 @@ from cafs.stores import ObjectWriter, Store, StreamingWrites
 
 SEGMENT = 8 << 20  # a multiple of the O_DIRECT alignment: whole segments go around the page cache
 FREE_BUFFERS = 2  # contiguous buffers kept for stores that take whole objects
+META_PACK_MAX = 16 << 20  # a remote walk reads a metadata pack whole (cafs.metacache)
+
+
+def target_size(kind: int, pack_size: int) -> int:
+    """The size to fill a new pack of ``kind`` to, in a repository of ``pack_size``."""
+    return min(pack_size, META_PACK_MAX) if kind == KIND_META else pack_size
 
 
 class _SegmentPool:
@@ -318,7 +324,7 @@ def copy_into_new_packs(store: Store, pack_size: int,
     codec and lengths) into new packs of its kind in ``store``; returns them, written."""
     uploader = Uploader(store)
     try:
-        writers = {kind: PackWriter(uploader, kind, pack_size) for kind in (KIND_DATA, KIND_META)}
+        writers = {kind: PackWriter(uploader, kind, target_size(kind, pack_size)) for kind in (KIND_DATA, KIND_META)}
         for kind, loc, stored in objects:
             writers[kind].add(loc.id, stored, loc.length, loc.codec)
         for writer in writers.values():

@@ -47,7 +47,7 @@ from cafs.format.journal import (
 )
 from cafs.format.location import Location, decode_stored, plain_view
 from cafs.format.nodes import Entry
-from cafs.format.pack import TAIL_LEN, decode_trailer, pack_key, trailer_length
+from cafs.format.pack import KIND_META, TAIL_LEN, decode_trailer, pack_key, trailer_length, trailer_of
 from cafs.ids import digest
 from cafs.sources import DEFAULT_DEADLINE, RetryingStore, Sources
 from cafs.stores import LocalStore, ObjectExists, ResidentReads, Store, StreamingWrites, TrioReads, open_store
@@ -293,6 +293,25 @@ class Repository:
     def read_object(self, loc: Location) -> bytes:
         """The plain bytes of a chunk or node, verified against its id."""
         return self.read_verified(loc)[1]
+
+    def read_nodes_of(self, pack_id: bytes) -> list[tuple[Location, bytes]]:
+        """Every node of metadata pack ``pack_id``, from one read of the whole pack: the
+        location and plain bytes of each that verifies against its id (one that does not
+        is left out; a read of it alone meets and reports it). Nothing for a data pack.
+        Raises as ``get`` (``ObjectNotFound`` for a pack gc has removed), and FormatError
+        for bytes that are not a pack."""
+        what = f"pack {pack_id.hex()}"
+        whole = memoryview(self.get(pack_key(pack_id)))
+        trailer = trailer_of(whole, pack_id, what)
+        if trailer.kind != KIND_META:
+            return []
+        nodes = []
+        for loc in trailer.entries:
+            try:
+                nodes.append((loc, decode_stored(loc, whole[loc.offset:loc.end])))
+            except IntegrityError:
+                continue
+        return nodes
 
     def read_trailer(self, pack_id: bytes, length: int) -> PackSummary:
         key = pack_key(pack_id)
