@@ -68,6 +68,7 @@ from cafs.metacache import MetaCache, MetaCacheError, NodeReader
 from cafs.packwriter import PackWriter, Uploader
 from cafs.repository import ObjectIndex, Repository
 from cafs.sparse import FdReader, ZeroRun, cut, holes, zeros_cut_at_max
+from cafs.tree import show_path
 
 if TYPE_CHECKING:
     from pyfastcdc import Chunk, FastCDC
@@ -89,7 +90,9 @@ class Skipped:
     reason: str
 
     def describe(self) -> str:
-        return f"{self.path.decode('utf-8', 'backslashreplace')!r}: {self.reason}"
+        """``'path': reason`` on one line, the path as ``show_path`` gives it (so a byte
+        0xff and the four characters ``\\xff`` differ) with ``'`` escaped too."""
+        return "'" + show_path(self.path).replace("'", "\\'") + f"': {self.reason}"
 
 
 @dataclass

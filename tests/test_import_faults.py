@@ -222,6 +222,17 @@ def test_fifo_and_socket_are_skipped_and_named(cafs, repo: Path, tmp_path: Path)
     assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["regular"]
 
 
+def test_skipped_paths_with_odd_bytes_are_named_unambiguously(cafs, repo: Path, tmp_path: Path) -> None:
+    # the byte 0xff and the four characters '\xff' were both printed as '\\xff'
+    src = os.fsencode(tmp_path / "src")
+    os.mkdir(src)
+    for name in (b"odd\xff", b"odd\\xff", b"new\nline", b"it's"):
+        os.mkfifo(src + b"/" + name)
+    r = cafs("import", os.fsdecode(src), repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 3, "'odd\\xff': fifo", "'odd\\\\xff': fifo", "'new\\nline': fifo", "'it\\'s': fifo")
+    assert len(r.err.splitlines()) == 5, r.err
+
+
 def test_a_file_of_more_chunks_than_a_file_node_lists_is_skipped_and_named(cafs, tmp_path: Path) -> None:
     # 1 GiB of hole cut into 1 KiB chunks of zeros: a file node of some 80 MB, over the
     # 64 MiB readers accept; stored, it made the directory holding it unreadable (EIO)
