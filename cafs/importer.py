@@ -36,7 +36,8 @@ Contract:
 
 Caveats: extended attributes, ACLs, atimes and ctimes are not recorded. A hard-linked
 file is stored once; each of its names becomes an entry with the same content and the
-link count seen on the source. An mtime outside int64 nanoseconds (after 2262 or before
+link count seen on the source (a name met after the file was written, its size or mtime
+no longer those its first name was read with, is read again). An mtime outside int64 nanoseconds (after 2262 or before
 1677) is recorded clamped to that range.
 """
 
@@ -160,7 +161,9 @@ class Importer:
         self.data = PackWriter(uploader, KIND_DATA, repo.config.pack_size)
         self.meta_packs = PackWriter(uploader, KIND_META, min(repo.config.pack_size, 16 << 20))
         self._node_batch: list[tuple[bytes, bytes]] = []
-        self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
+        # a hard-linked file read once, by (st_dev, st_ino): its spans or node, and the
+        # (size, mtime_ns) they are the content of
+        self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, tuple[int, int]]] = {}
         self._read_buf = _ReadBuffer()
         self._with_blocks = repo.config.version >= ENTRY_BLOCKS_SINCE  # older readers take ten fields
 
@@ -390,10 +393,10 @@ class Importer:
                 return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
-            spans, ref, size = self._links[link_key]
-            if size == st.st_size:
+            spans, ref, seen = self._links[link_key]
+            if seen == (st.st_size, st.st_mtime_ns):  # not written since its other name was read
                 c.files += 1
-                c.logical += size
+                c.logical += st.st_size
                 return self._file_entry(name, st, spans, ref)
         try:
             spans_list = self._read_file(parent.fd, name, st)
@@ -411,7 +414,7 @@ class Importer:
                 return None
             spans, ref = None, self._store_node_bytes(node)
         if st.st_nlink > 1:
-            self._links[link_key] = (spans, ref, st.st_size)
+            self._links[link_key] = (spans, ref, (st.st_size, st.st_mtime_ns))
         c.files += 1
         return self._file_entry(name, st, spans, ref)
 

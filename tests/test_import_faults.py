@@ -288,6 +288,34 @@ def test_file_changing_during_import_is_reported(cafs, repo: Path, tmp_path: Pat
     assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["steady"]
 
 
+def test_a_hard_link_written_between_its_names_is_read_again(cafs, repo: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The second name took the first name's chunks with its own, newer mtime: it read
+    # as the old bytes, and every later import kept them (same size, mtime and inode).
+    from cafs import importer
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "x").write_bytes(b"old bytes\n")
+    os.link(src / "a" / "x", src / "b" / "x")
+    read_file = importer.Importer._read_file
+
+    def write_after_the_first_read(self, dir_fd: int, name: bytes, st: os.stat_result):
+        spans = read_file(self, dir_fd, name, st)
+        if not self.counters.files:  # a/x was just read: a writer changes the file
+            with open(src / "a" / "x", "r+b") as f:
+                f.write(b"NEW")
+            os.utime(src / "a" / "x", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        return spans
+
+    monkeypatch.setattr(importer.Importer, "_read_file", write_after_the_first_read)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    assert cafs("cat", f"{repo}#ds:a/x").out == "old bytes\n"
+    assert cafs("cat", f"{repo}#ds:b/x").out == "NEW bytes\n"
+
+
 # -- wrong places and names ---------------------------------------------------------------
 
 
