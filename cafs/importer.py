@@ -3,8 +3,10 @@
 Contract:
 
 - The tree is walked through directory file descriptors (``openat``-style, ``O_NOFOLLOW``),
-  so no symlink is ever followed and path length is not limited by PATH_MAX. The
-  directory given on the command line may itself be a symlink to a directory.
+  so no symlink is ever followed and path length is not limited by PATH_MAX; only the
+  deepest levels' directories are held open (``cafs.dirfds``), so depth is not limited
+  by the number of open files either. The directory given on the command line may itself
+  be a symlink to a directory.
 - Each directory's entries are processed in bytewise name order, so the files of a
   directory land in packs in name order (reading a directory in order is a sequential
   pass over its packs).
@@ -52,6 +54,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterable
 
+from cafs.dirfds import CLOSED, close_above, open_below, open_parent
 from cafs.errors import CafsError, FormatError, UsageError
 from cafs.format import ENTRY_BLOCKS_SINCE
 from cafs.format.journal import Snapshot
@@ -129,7 +132,7 @@ PrevEntry = list[Any]
 
 @dataclass
 class _DirFrame:
-    fd: int
+    fd: int  # CLOSED while the walk is more than OPEN_DIRS levels below
     path: bytes
     st: os.stat_result
     names: list[bytes]
@@ -210,12 +213,16 @@ class Importer:
                 child = self._import_entries(top)
                 if child is not None:
                     stack.append(child)
+                    close_above(stack, first=1)  # the root stays open
                     continue
                 stack.pop()
                 try:
                     entry = self._finish_dir(top)
+                    if stack and stack[-1].fd == CLOSED:
+                        self._reopen(stack[-1], top.fd, stack[0].fd)
                 finally:
-                    os.close(top.fd)
+                    if top.fd != CLOSED:
+                        os.close(top.fd)
                 if stack:
                     stack[-1].entries.append(entry)
                     stack[-1].subdirs += 1
@@ -224,12 +231,35 @@ class Importer:
                     root = entry
         finally:
             for frame in stack:
-                os.close(frame.fd)
+                if frame.fd != CLOSED:
+                    os.close(frame.fd)
         assert root is not None
         self.data.seal()
         self.meta_packs.seal()
         self._flush_nodes()
         return root
+
+    def _reopen(self, frame: _DirFrame, child_fd: int, root_fd: int) -> None:
+        """Open ``frame``'s directory again (closed while the walk was deeper): from the
+        subdirectory ``child_fd`` the walk leaves (CLOSED if it was not found again
+        either), else by its path below the root; if it is not there any more, or cannot
+        be opened, the entries of ``frame`` not yet imported are skipped."""
+        want = (frame.st.st_dev, frame.st.st_ino)
+        why = "moved elsewhere while being imported"
+        try:
+            fd = open_parent(child_fd, want) if child_fd != CLOSED else None
+        except OSError:
+            fd = None
+        try:
+            if fd is None:
+                fd = open_below(root_fd, frame.path.split(b"/"), want)
+        except OSError as exc:
+            why = f"cannot open directory again: {exc.strerror}"
+        if fd is not None:
+            frame.fd = fd
+        elif frame.pos < len(frame.names):
+            self._skip(frame.path, f"{why}; its entries from '{show_path(frame.names[frame.pos])}' on are left out")
+            frame.pos = len(frame.names)
 
     def _frame(self, fd: int, path: bytes, st: os.stat_result, prev: Entry | PrevEntry | None,
                prev_ref: Location | None) -> _DirFrame:
