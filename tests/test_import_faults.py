@@ -353,6 +353,16 @@ def test_importing_the_repository_into_itself_is_refused(cafs, repo: Path, ds: s
 
 
 
+def test_an_empty_dir_to_import_is_a_usage_error(cafs, repo: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # '' (an unset variable in a script) was the current directory, imported whole
+    make_small_tree(tmp_path / "cwd")
+    monkeypatch.chdir(tmp_path / "cwd")
+    r = cafs("import", "", repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 2, "empty DIR")
+    assert journal_entries(repo) == []
+
+
 @pytest.mark.parametrize("kind", ["empty directory", "missing"])
 def test_import_into_a_non_repository(cafs, tmp_path: Path, kind: str) -> None:
     src = make_small_tree(tmp_path / "src")
