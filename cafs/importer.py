@@ -45,6 +45,7 @@ no longer those its first name was read with, is read again). An mtime outside i
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -346,7 +347,7 @@ class Importer:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent.fd)
         except OSError as exc:
-            self._skip(path, f"cannot open directory: {exc.strerror}")
+            self._skip(path, _not_opened(exc, "cannot open directory", _REPLACED_OPEN))
             return None
         try:
             prev = parent.prev.get(name)
@@ -385,7 +386,7 @@ class Importer:
         try:
             target = os.readlink(name, dir_fd=parent.fd)
         except OSError as exc:
-            self._skip(path, f"cannot read symlink: {exc.strerror}")
+            self._skip(path, _not_opened(exc, "cannot read symlink", (errno.EINVAL,)))  # EINVAL: no symlink
             return None
         target_b = os.fsencode(target)
         if not 1 <= len(target_b) <= MAX_TARGET:
@@ -632,11 +633,26 @@ def _open_file(dir_fd: int, name: bytes) -> int:
         if not _NOATIME:
             raise _FileSkipped("permission denied") from None
     except OSError as exc:
-        raise _FileSkipped(f"cannot open: {exc.strerror}") from None
+        raise _FileSkipped(_not_opened(exc, "cannot open", _REPLACED_OPEN)) from None
     try:  # O_NOATIME needs ownership; retry without it
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
-        raise _FileSkipped(f"cannot open: {exc.strerror}") from None
+        raise _FileSkipped(_not_opened(exc, "cannot open", _REPLACED_OPEN)) from None
+
+
+# what opening a name with O_NOFOLLOW (and O_DIRECTORY for a directory) gives when it
+# is now a symlink (ELOOP) or, where a directory was, something else (ENOTDIR)
+_REPLACED_OPEN = (errno.ELOOP, errno.ENOTDIR)
+
+
+def _not_opened(exc: OSError, doing: str, replaced: tuple[int, ...]) -> str:
+    """Why a name stat'ed a moment before could not be opened or read: it vanished, or
+    was replaced by something else (errnos ``replaced``) meanwhile; else ``exc`` itself."""
+    if isinstance(exc, FileNotFoundError):
+        return "vanished while importing"
+    if exc.errno in replaced:
+        return "replaced while importing"
+    return f"{doing}: {exc.strerror}"
 
 
 def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict: bool = False,

@@ -316,6 +316,38 @@ def test_a_hard_link_written_between_its_names_is_read_again(cafs, repo: Path, t
     assert cafs("cat", f"{repo}#ds:b/x").out == "NEW bytes\n"
 
 
+def test_what_is_replaced_or_removed_after_its_stat_is_named_as_such(cafs, repo: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # a file become a symlink was 'cannot open: Too many levels of symbolic links', a
+    # symlink become a file 'cannot read symlink: Invalid argument', and so on
+    from cafs import importer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("dir-gone", "dir-to-link", "file-gone", "file-to-link"):
+        (src / name).mkdir() if name.startswith("dir") else (src / name).write_bytes(b"x")
+    (src / "link-gone").symlink_to("x")
+    (src / "link-to-file").symlink_to("x")
+    import_entry = importer.Importer._import_entry
+
+    def change_after_stat(self, parent, name: bytes, st: os.stat_result):
+        path = src / os.fsdecode(name)
+        if name.startswith(b"dir"):
+            path.rmdir()
+        else:
+            path.unlink()
+        if name.endswith(b"-to-link"):
+            path.symlink_to("elsewhere")
+        elif name.endswith(b"-to-file"):
+            path.write_bytes(b"a file now")
+        return import_entry(self, parent, name, st)
+
+    monkeypatch.setattr(importer.Importer, "_import_entry", change_after_stat)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 3, *(f"'{name}': vanished while importing" for name in ("dir-gone", "file-gone", "link-gone")),
+                       *(f"'{name}': replaced while importing" for name in ("dir-to-link", "file-to-link", "link-to-file")))
+
+
 # -- wrong places and names ---------------------------------------------------------------
 
 
