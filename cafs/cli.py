@@ -141,6 +141,8 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.importer import run_import
     ref_name(args.name)
+    if not args.dir:  # Path("") is the current directory
+        raise UsageError("empty DIR: name the directory to import")
     src = Path(args.dir)
     repo = ctx.repo(args.repo)
     counters: list[Any] = []

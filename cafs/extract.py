@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cafs.dirfds import CLOSED, close_above, open_parent
 from cafs.errors import CafsError, ExtractError, NoSpaceError
 from cafs.fileio import pwrite_all
 from cafs.format.nodes import Entry
@@ -135,45 +136,63 @@ class Extractor:
 
     def _fill_dir(self, fd: int, d: Entry, where: Path) -> None:
         """Extract what ``d`` holds into the open directory ``fd`` (whose own attributes
-        the caller sets). Iterative, with one open descriptor per level: a tree may be
-        deeper than Python's recursion limit."""
+        the caller sets). Iterative, with one descriptor per level of which only the
+        deepest are open (``cafs.dirfds``): a tree may be deeper than Python's recursion
+        limit and than the number of files a process may open."""
         self._enter_dir(fd)
-        stack: list[tuple[int, Entry, Path, Iterator[Entry]]] = [(fd, d, where, iter(list_dir(self.reader, d)))]
+        stack = [_Level(fd, _dev_ino(os.fstat(fd)), d, where, iter(list_dir(self.reader, d)))]
         try:
             while stack:
-                dir_fd, _entry, dir_path, children = stack[-1]
-                child = next(children, None)
+                level = stack[-1]
+                child = next(level.children, None)
                 if child is None:
                     stack.pop()
                     if stack:  # a subdirectory is complete: its attributes last
-                        try:
-                            self._set_attrs(dir_fd, _entry)
-                        except OSError as exc:
-                            raise _os_error(exc, dir_path) from None
-                        finally:
-                            os.close(dir_fd)
+                        self._leave_dir(level, stack[-1])
                     continue
-                path = dir_path / os.fsdecode(child.name)
+                path = level.path / os.fsdecode(child.name)
                 try:
                     if child.is_dir:
-                        sub = self._make_dir(dir_fd, child.name)
-                        if _dev_ino(os.fstat(sub)) == self._repo_dir:
-                            os.close(sub)
-                            raise ExtractError(f"{path}: is the repository {self.repo.url}; "
-                                               "cafs get never writes into it")
-                        try:
-                            self._enter_dir(sub)
-                            stack.append((sub, child, path, iter(list_dir(self.reader, child))))
-                        except BaseException:
-                            os.close(sub)
-                            raise
+                        stack.append(self._sub_level(level.fd, child, path))
+                        close_above(stack, first=1)  # the caller's own stays open
                     else:
-                        self._extract_leaf(dir_fd, child.name, child, path)
+                        self._extract_leaf(level.fd, child.name, child, path)
                 except OSError as exc:
                     raise _os_error(exc, path) from None
         finally:
-            for dir_fd, *_ in stack[1:]:
-                os.close(dir_fd)
+            for level in stack[1:]:
+                if level.fd != CLOSED:
+                    os.close(level.fd)
+
+    def _sub_level(self, dir_fd: int, d: Entry, path: Path) -> _Level:
+        """Make (or keep) and open the subdirectory ``d`` of ``dir_fd``, to be filled."""
+        sub = self._make_dir(dir_fd, d.name)
+        try:
+            dev_ino = _dev_ino(os.fstat(sub))
+            if dev_ino == self._repo_dir:
+                raise ExtractError(f"{path}: is the repository {self.repo.url}; cafs get never writes into it")
+            self._enter_dir(sub)
+            return _Level(sub, dev_ino, d, path, iter(list_dir(self.reader, d)))
+        except BaseException:
+            os.close(sub)
+            raise
+
+    def _leave_dir(self, level: _Level, parent: _Level) -> None:
+        """Set the attributes of the filled ``level`` and close it, opening ``parent``
+        again first if it was closed while the walk was deeper (before the mode is set:
+        ``..`` needs search permission)."""
+        try:
+            if parent.fd == CLOSED:
+                fd = open_parent(level.fd, parent.dev_ino)
+                if fd is None:
+                    raise ExtractError(f"{show_path(os.fsencode(level.path))}: moved out of its directory while "
+                                       "being extracted; run cafs get again")
+                parent.fd = fd
+            self._set_attrs(level.fd, level.entry)
+        except OSError as exc:
+            raise _os_error(exc, level.path) from None
+        finally:
+            os.close(level.fd)
 
     def _enter_dir(self, fd: int) -> None:
         self.counters.dirs += 1
@@ -355,6 +374,18 @@ def _link_key(entry: Entry) -> tuple[object, ...]:
     filesystem with the same inode number, are never joined unless they are identical)."""
     return (entry.ino, entry.nlink, entry.size, entry.mode, entry.uid, entry.gid, entry.mtime_ns,
             entry.spans, entry.ref)
+
+
+@dataclass
+class _Level:
+    """A directory being filled: open (``CLOSED`` while the walk is more than
+    ``OPEN_DIRS`` levels below), its entry, its path for messages, what is left of it."""
+
+    fd: int
+    dev_ino: tuple[int, int]
+    entry: Entry
+    path: Path
+    children: Iterator[Entry]
 
 
 @dataclass

@@ -24,11 +24,10 @@ def raise_open_files_limit() -> int:
     """Raise this process's soft limit of open files to its hard limit, as far as the
     kernel allows; returns the soft limit in force afterwards.
 
-    A tree is imported and extracted through one directory descriptor per level, and a
-    mount keeps pack files of its cache open. The usual soft limit of 1024 stopped an
-    import of a tree nested about 1,010 deep, though the hard limit allows hundreds of
-    times more (restic and casync, in Go and C, raise theirs or keep no descriptor per
-    level). Children inherit the raised limit."""
+    A mount keeps pack files of its cache open, and get keeps up to MAX_LINK_GROUPS
+    hard-linked files open to link to; the walks of import and get hold a bounded number
+    of directories (``cafs.dirfds``). restic and casync, in Go and C, raise theirs too.
+    Children inherit the raised limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = NR_OPEN if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < target:

@@ -3,8 +3,10 @@
 Contract:
 
 - The tree is walked through directory file descriptors (``openat``-style, ``O_NOFOLLOW``),
-  so no symlink is ever followed and path length is not limited by PATH_MAX. The
-  directory given on the command line may itself be a symlink to a directory.
+  so no symlink is ever followed and path length is not limited by PATH_MAX; only the
+  deepest levels' directories are held open (``cafs.dirfds``), so depth is not limited
+  by the number of open files either. The directory given on the command line may itself
+  be a symlink to a directory.
 - Each directory's entries are processed in bytewise name order, so the files of a
   directory land in packs in name order (reading a directory in order is a sequential
   pass over its packs).
@@ -36,12 +38,14 @@ Contract:
 
 Caveats: extended attributes, ACLs, atimes and ctimes are not recorded. A hard-linked
 file is stored once; each of its names becomes an entry with the same content and the
-link count seen on the source. An mtime outside int64 nanoseconds (after 2262 or before
+link count seen on the source (a name met after the file was written, its size or mtime
+no longer those its first name was read with, is read again). An mtime outside int64 nanoseconds (after 2262 or before
 1677) is recorded clamped to that range.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -51,6 +55,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterable
 
+from cafs.dirfds import CLOSED, close_above, open_below, open_parent
 from cafs.errors import CafsError, FormatError, UsageError
 from cafs.format import ENTRY_BLOCKS_SINCE
 from cafs.format.journal import Snapshot
@@ -68,6 +73,7 @@ from cafs.metacache import MetaCache, MetaCacheError, NodeReader
 from cafs.packwriter import PackWriter, Uploader, target_size
 from cafs.repository import ObjectIndex, Repository
 from cafs.sparse import FdReader, ZeroRun, cut, holes, zeros_cut_at_max
+from cafs.tree import show_path
 
 if TYPE_CHECKING:
     from pyfastcdc import Chunk, FastCDC
@@ -89,7 +95,9 @@ class Skipped:
     reason: str
 
     def describe(self) -> str:
-        return f"{self.path.decode('utf-8', 'backslashreplace')!r}: {self.reason}"
+        """``'path': reason`` on one line, the path as ``show_path`` gives it (so a byte
+        0xff and the four characters ``\\xff`` differ) with ``'`` escaped too."""
+        return "'" + show_path(self.path).replace("'", "\\'") + f"': {self.reason}"
 
 
 @dataclass
@@ -125,7 +133,7 @@ PrevEntry = list[Any]
 
 @dataclass
 class _DirFrame:
-    fd: int
+    fd: int  # CLOSED while the walk is more than OPEN_DIRS levels below
     path: bytes
     st: os.stat_result
     names: list[bytes]
@@ -157,7 +165,9 @@ class Importer:
         self.data = PackWriter(uploader, KIND_DATA, target_size(KIND_DATA, repo.config.pack_size))
         self.meta_packs = PackWriter(uploader, KIND_META, target_size(KIND_META, repo.config.pack_size))
         self._node_batch: list[tuple[bytes, bytes]] = []
-        self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, int]] = {}
+        # a hard-linked file read once, by (st_dev, st_ino): its spans or node, and the
+        # (size, mtime_ns) they are the content of
+        self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, tuple[int, int]]] = {}
         self._read_buf = _ReadBuffer()
         self._with_blocks = repo.config.version >= ENTRY_BLOCKS_SINCE  # older readers take ten fields
 
@@ -204,12 +214,16 @@ class Importer:
                 child = self._import_entries(top)
                 if child is not None:
                     stack.append(child)
+                    close_above(stack, first=1)  # the root stays open
                     continue
                 stack.pop()
                 try:
                     entry = self._finish_dir(top)
+                    if stack and stack[-1].fd == CLOSED:
+                        self._reopen(stack[-1], top.fd, stack[0].fd)
                 finally:
-                    os.close(top.fd)
+                    if top.fd != CLOSED:
+                        os.close(top.fd)
                 if stack:
                     stack[-1].entries.append(entry)
                     stack[-1].subdirs += 1
@@ -218,12 +232,35 @@ class Importer:
                     root = entry
         finally:
             for frame in stack:
-                os.close(frame.fd)
+                if frame.fd != CLOSED:
+                    os.close(frame.fd)
         assert root is not None
         self.data.seal()
         self.meta_packs.seal()
         self._flush_nodes()
         return root
+
+    def _reopen(self, frame: _DirFrame, child_fd: int, root_fd: int) -> None:
+        """Open ``frame``'s directory again (closed while the walk was deeper): from the
+        subdirectory ``child_fd`` the walk leaves (CLOSED if it was not found again
+        either), else by its path below the root; if it is not there any more, or cannot
+        be opened, the entries of ``frame`` not yet imported are skipped."""
+        want = (frame.st.st_dev, frame.st.st_ino)
+        why = "moved elsewhere while being imported"
+        try:
+            fd = open_parent(child_fd, want) if child_fd != CLOSED else None
+        except OSError:
+            fd = None
+        try:
+            if fd is None:
+                fd = open_below(root_fd, frame.path.split(b"/"), want)
+        except OSError as exc:
+            why = f"cannot open directory again: {exc.strerror}"
+        if fd is not None:
+            frame.fd = fd
+        elif frame.pos < len(frame.names):
+            self._skip(frame.path, f"{why}; its entries from '{show_path(frame.names[frame.pos])}' on are left out")
+            frame.pos = len(frame.names)
 
     def _frame(self, fd: int, path: bytes, st: os.stat_result, prev: Entry | PrevEntry | None,
                prev_ref: Location | None) -> _DirFrame:
@@ -310,7 +347,7 @@ class Importer:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent.fd)
         except OSError as exc:
-            self._skip(path, f"cannot open directory: {exc.strerror}")
+            self._skip(path, _not_opened(exc, "cannot open directory", _REPLACED_OPEN))
             return None
         try:
             prev = parent.prev.get(name)
@@ -349,7 +386,7 @@ class Importer:
         try:
             target = os.readlink(name, dir_fd=parent.fd)
         except OSError as exc:
-            self._skip(path, f"cannot read symlink: {exc.strerror}")
+            self._skip(path, _not_opened(exc, "cannot read symlink", (errno.EINVAL,)))  # EINVAL: no symlink
             return None
         target_b = os.fsencode(target)
         if not 1 <= len(target_b) <= MAX_TARGET:
@@ -387,10 +424,10 @@ class Importer:
                 return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._links:
-            spans, ref, size = self._links[link_key]
-            if size == st.st_size:
+            spans, ref, seen = self._links[link_key]
+            if seen == (st.st_size, st.st_mtime_ns):  # not written since its other name was read
                 c.files += 1
-                c.logical += size
+                c.logical += st.st_size
                 return self._file_entry(name, st, spans, ref)
         try:
             spans_list = self._read_file(parent.fd, name, st)
@@ -408,7 +445,7 @@ class Importer:
                 return None
             spans, ref = None, self._store_node_bytes(node)
         if st.st_nlink > 1:
-            self._links[link_key] = (spans, ref, st.st_size)
+            self._links[link_key] = (spans, ref, (st.st_size, st.st_mtime_ns))
         c.files += 1
         return self._file_entry(name, st, spans, ref)
 
@@ -596,11 +633,26 @@ def _open_file(dir_fd: int, name: bytes) -> int:
         if not _NOATIME:
             raise _FileSkipped("permission denied") from None
     except OSError as exc:
-        raise _FileSkipped(f"cannot open: {exc.strerror}") from None
+        raise _FileSkipped(_not_opened(exc, "cannot open", _REPLACED_OPEN)) from None
     try:  # O_NOATIME needs ownership; retry without it
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
-        raise _FileSkipped(f"cannot open: {exc.strerror}") from None
+        raise _FileSkipped(_not_opened(exc, "cannot open", _REPLACED_OPEN)) from None
+
+
+# what opening a name with O_NOFOLLOW (and O_DIRECTORY for a directory) gives when it
+# is now a symlink (ELOOP) or, where a directory was, something else (ENOTDIR)
+_REPLACED_OPEN = (errno.ELOOP, errno.ENOTDIR)
+
+
+def _not_opened(exc: OSError, doing: str, replaced: tuple[int, ...]) -> str:
+    """Why a name stat'ed a moment before could not be opened or read: it vanished, or
+    was replaced by something else (errnos ``replaced``) meanwhile; else ``exc`` itself."""
+    if isinstance(exc, FileNotFoundError):
+        return "vanished while importing"
+    if exc.errno in replaced:
+        return "replaced while importing"
+    return f"{doing}: {exc.strerror}"
 
 
 def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict: bool = False,

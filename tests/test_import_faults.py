@@ -222,6 +222,17 @@ def test_fifo_and_socket_are_skipped_and_named(cafs, repo: Path, tmp_path: Path)
     assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["regular"]
 
 
+def test_skipped_paths_with_odd_bytes_are_named_unambiguously(cafs, repo: Path, tmp_path: Path) -> None:
+    # the byte 0xff and the four characters '\xff' were both printed as '\\xff'
+    src = os.fsencode(tmp_path / "src")
+    os.mkdir(src)
+    for name in (b"odd\xff", b"odd\\xff", b"new\nline", b"it's"):
+        os.mkfifo(src + b"/" + name)
+    r = cafs("import", os.fsdecode(src), repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 3, "'odd\\xff': fifo", "'odd\\\\xff': fifo", "'new\\nline': fifo", "'it\\'s': fifo")
+    assert len(r.err.splitlines()) == 5, r.err
+
+
 def test_a_file_of_more_chunks_than_a_file_node_lists_is_skipped_and_named(cafs, tmp_path: Path) -> None:
     # 1 GiB of hole cut into 1 KiB chunks of zeros: a file node of some 80 MB, over the
     # 64 MiB readers accept; stored, it made the directory holding it unreadable (EIO)
@@ -277,6 +288,66 @@ def test_file_changing_during_import_is_reported(cafs, repo: Path, tmp_path: Pat
     assert [line.rsplit("  ", 1)[1] for line in r.out.splitlines()] == ["steady"]
 
 
+def test_a_hard_link_written_between_its_names_is_read_again(cafs, repo: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The second name took the first name's chunks with its own, newer mtime: it read
+    # as the old bytes, and every later import kept them (same size, mtime and inode).
+    from cafs import importer
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "x").write_bytes(b"old bytes\n")
+    os.link(src / "a" / "x", src / "b" / "x")
+    read_file = importer.Importer._read_file
+
+    def write_after_the_first_read(self, dir_fd: int, name: bytes, st: os.stat_result):
+        spans = read_file(self, dir_fd, name, st)
+        if not self.counters.files:  # a/x was just read: a writer changes the file
+            with open(src / "a" / "x", "r+b") as f:
+                f.write(b"NEW")
+            os.utime(src / "a" / "x", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        return spans
+
+    monkeypatch.setattr(importer.Importer, "_read_file", write_after_the_first_read)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    assert cafs("cat", f"{repo}#ds:a/x").out == "old bytes\n"
+    assert cafs("cat", f"{repo}#ds:b/x").out == "NEW bytes\n"
+
+
+def test_what_is_replaced_or_removed_after_its_stat_is_named_as_such(cafs, repo: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # a file become a symlink was 'cannot open: Too many levels of symbolic links', a
+    # symlink become a file 'cannot read symlink: Invalid argument', and so on
+    from cafs import importer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("dir-gone", "dir-to-link", "file-gone", "file-to-link"):
+        (src / name).mkdir() if name.startswith("dir") else (src / name).write_bytes(b"x")
+    (src / "link-gone").symlink_to("x")
+    (src / "link-to-file").symlink_to("x")
+    import_entry = importer.Importer._import_entry
+
+    def change_after_stat(self, parent, name: bytes, st: os.stat_result):
+        path = src / os.fsdecode(name)
+        if name.startswith(b"dir"):
+            path.rmdir()
+        else:
+            path.unlink()
+        if name.endswith(b"-to-link"):
+            path.symlink_to("elsewhere")
+        elif name.endswith(b"-to-file"):
+            path.write_bytes(b"a file now")
+        return import_entry(self, parent, name, st)
+
+    monkeypatch.setattr(importer.Importer, "_import_entry", change_after_stat)
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 3, *(f"'{name}': vanished while importing" for name in ("dir-gone", "file-gone", "link-gone")),
+                       *(f"'{name}': replaced while importing" for name in ("dir-to-link", "file-to-link", "link-to-file")))
+
+
 # -- wrong places and names ---------------------------------------------------------------
 
 
@@ -312,6 +383,16 @@ def test_importing_the_repository_into_itself_is_refused(cafs, repo: Path, ds: s
     assert_clean_error(r, 2, "inside the repository", "nothing imported")
     assert all_files(repo) == before
 
+
+
+def test_an_empty_dir_to_import_is_a_usage_error(cafs, repo: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # '' (an unset variable in a script) was the current directory, imported whole
+    make_small_tree(tmp_path / "cwd")
+    monkeypatch.chdir(tmp_path / "cwd")
+    r = cafs("import", "", repo, "--name", "ds", "--no-progress")
+    assert_clean_error(r, 2, "empty DIR")
+    assert journal_entries(repo) == []
 
 
 @pytest.mark.parametrize("kind", ["empty directory", "missing"])

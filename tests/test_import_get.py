@@ -642,9 +642,29 @@ def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, deep_dir: Path
     assert r.out.rstrip().endswith("/d/f")
 
 
+def test_a_tree_deeper_than_the_hard_limit_of_open_files(cafs_proc, repo: Path, deep_dir: Path) -> None:
+    """Under ``ulimit -n 128`` (soft and hard), a tree 400 deep imports and extracts
+    whole: the walks keep a bounded number of directories open, not one per level."""
+    import resource
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    src = deep_dir / "deep"
+    _deep(src, 400, b"bottom")
+    r = cafs_proc("import", src, repo, "--name", "deep", "--no-progress", preexec_fn=few_files)
+    assert r.returncode == 0, r.stderr[-300:]
+    out = deep_dir / "out"
+    for _ in range(2):  # a second get walks the tree it made
+        r = cafs_proc("get", f"{repo}#deep", out, preexec_fn=few_files)
+        assert r.returncode == 0, r.stderr[-300:]
+    r = subprocess.run(["diff", "-r", src, out], capture_output=True)
+    assert r.returncode == 0, r.stdout[-300:]
+
+
 def test_a_tree_deeper_than_the_usual_open_files_limit(cafs_proc, repo: Path, deep_dir: Path) -> None:
-    """A descriptor is held per level of the walk: with the usual soft limit of 1024 open
-    files (and a hard limit above it), a tree 1,100 deep imports and extracts whole."""
+    """With the usual soft limit of 1024 open files (and a hard limit above it), a tree
+    1,100 deep imports and extracts whole."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
