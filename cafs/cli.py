@@ -251,6 +251,7 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
+    from cafs.readahead import read_in_order
     from cafs.tree import file_spans, resolve
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
@@ -260,8 +261,8 @@ def cmd_cat(ctx: Context, args: argparse.Namespace) -> int:
     if sys.stdout is None:
         raise CafsError("standard output is closed: nowhere to write the file")
     out = sys.stdout.buffer
-    for span in file_spans(reader, entry):
-        out.write(repo.read_object(span))
+    for data in read_in_order(repo, file_spans(reader, entry)):
+        out.write(data)
     out.flush()
     return EXIT_OK
 

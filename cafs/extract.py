@@ -41,11 +41,13 @@ from pathlib import Path
 from cafs.dirfds import CLOSED, close_above, open_parent
 from cafs.errors import CafsError, ExtractError, NoSpaceError
 from cafs.fileio import pwrite_all
+from cafs.format.location import Location
 from cafs.format.nodes import Entry
 from cafs.ids import digest
 from cafs.metacache import NodeReader
+from cafs.readahead import ChunksAhead
 from cafs.repository import Repository
-from cafs.tree import file_spans, list_dir, show_path
+from cafs.tree import file_spans, list_dir, show_path, walk
 
 MAX_LINK_GROUPS = 256
 
@@ -67,6 +69,7 @@ class Extractor:
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
         self._links: dict[tuple[object, ...], _LinkGroup] = {}
+        self._ahead: ChunksAhead | None = None  # while extracting from a remote repository
         # a local repository's real path, and (st_dev, st_ino) of its directory and of
         # every directory above it
         self._repo_real: Path | None = None
@@ -87,7 +90,43 @@ class Extractor:
     def extract(self, entry: Entry, dest: Path, *, into: bool = False) -> None:
         """Extract ``entry`` to ``dest``: a directory's contents go into ``dest``; a file or
         symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory,
-        or with ``into``, DEST given with a trailing slash: a directory, made if missing)."""
+        or with ``into``, DEST given with a trailing slash: a directory, made if missing).
+        From a remote repository, chunks are read ahead (``cafs.readahead``)."""
+        if self.repo.local_root is not None:  # a local disk has no latency to hide
+            self._extract(entry, dest, into=into)
+            return
+        self._ahead = ChunksAhead(self.repo, self._plan(entry, dest))
+        try:
+            self._extract(entry, dest, into=into)
+        finally:
+            self._ahead.close()
+            self._ahead = None
+
+    def _plan(self, top: Entry, dest: Path) -> Iterator[Location]:
+        """The chunks extracting ``top`` to ``dest`` will read, as far as DEST tells: those
+        of the files it lacks or has at another size, in the order they are written (a
+        file whose size is right is compared chunk by chunk first, and read alone)."""
+        if not top.is_dir:
+            yield from file_spans(self.reader, top)
+            return
+        linked: set[tuple[object, ...]] = set()
+        for path, entry in walk(self.reader, top):
+            if not entry.is_file or entry.size == 0:
+                continue
+            if entry.nlink > 1:  # its other names are links to the first, not read again
+                key = _link_key(entry)
+                if key in linked:
+                    continue
+                linked.add(key)
+            try:
+                st = os.lstat(os.path.join(os.fsencode(dest), path))
+                if stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
+                    continue
+            except OSError:
+                pass
+            yield from file_spans(self.reader, entry)
+
+    def _extract(self, entry: Entry, dest: Path, *, into: bool) -> None:
         if self._repo_real is not None:
             real = Path(os.path.realpath(dest))
             if real == self._repo_real or self._repo_real in real.parents:
@@ -299,13 +338,16 @@ class Extractor:
             if kept:
                 self.counters.bytes_kept += span.length
             else:
-                chunk = repeat if repeat is not None else _Chunk(span.id, self.repo.read_object(span))
+                chunk = repeat if repeat is not None else _Chunk(span.id, self._read_chunk(span))
                 last = chunk
                 if existing or not chunk.zeros:
                     pwrite_all(fd, chunk.data, pos)
                 self.counters.bytes_written += span.length
             pos += span.length
         os.ftruncate(fd, entry.size)
+
+    def _read_chunk(self, span: Location) -> bytes:
+        return self._ahead.read(span) if self._ahead is not None else self.repo.read_object(span)
 
     def _link_file(self, dir_fd: int, name: bytes, key: tuple[object, ...]) -> bool:
         """Make ``name`` a hard link of the file extracted first for ``key``; False if

@@ -24,8 +24,6 @@ import pytest
 from mountfix import env, import_tree, is_mounted, make_repo, mounted, poll, run_cafs, wait_exit
 from treegen import assert_same_tree, make_tree
 
-from cafs.format.pack import KIND_META, trailer_of
-
 BIG = 3 << 20
 
 
@@ -154,68 +152,6 @@ def test_lasting_fault_is_eio_then_heals(served, tmp_path: Path, mode: str) -> N
         proxy.set_mode("pass")
         # within seconds: a pack whose read failed is not asked again for FAILED_SECONDS
         poll(lambda: _hash_or_none(mnt / big.relative_to(src)) == _hash(big), 10, "the big read to heal")
-
-
-WALKED_DIRS = 120
-
-
-@pytest.fixture
-def many_dirs(tmp_path: Path, nginx_server, fault_proxy):
-    """A repository of WALKED_DIRS small directories behind a proxy, the source, and the
-    number of its metadata packs."""
-    src = tmp_path / "src"
-    for d in range(WALKED_DIRS):
-        sub = src / f"d{d % 4}" / f"s{d:03d}"
-        sub.mkdir(parents=True)
-        (sub / "f").write_bytes(b"%d" % d)
-    www = tmp_path / "www"
-    cache = tmp_path / "import-cache"
-    make_repo(www / "repo", cache)
-    import_tree(src, www / "repo", "ds", cache)
-    meta_packs = sum(trailer_of(p.read_bytes(), bytes.fromhex(p.name), p.name).kind == KIND_META
-                     for p in (www / "repo" / "packs").rglob("*") if p.is_file())
-    return src, fault_proxy(nginx_server(www)), meta_packs
-
-
-def _pack_reads(proxy) -> int:  # type: ignore[no-untyped-def]
-    return sum("/packs/" in seen.path for seen in proxy.seen())
-
-
-def _listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def test_a_walk_of_a_remote_mount_reads_metadata_packs_whole(many_dirs, tmp_path: Path) -> None:
-    """A walk (find, ls -R) of a remote tree costs about two requests per metadata pack,
-    not one per directory, each of which would wait out the store's first-byte latency."""
-    src, proxy, meta_packs = many_dirs
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}"):
-        proxy.reset_seen()
-        assert _listing(mnt) == _listing(src)
-        assert _pack_reads(proxy) <= 2 * meta_packs < WALKED_DIRS // 4
-
-
-def test_a_walk_of_a_remote_repository_by_command_reads_metadata_packs_whole(many_dirs, tmp_path: Path) -> None:
-    src, proxy, meta_packs = many_dirs
-    proxy.reset_seen()
-    r = run_cafs("ls", "-R", f"{proxy.url}/repo#ds", cache=tmp_path / "cache")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("\n") == len(_listing(src))
-    assert _pack_reads(proxy) <= 2 * meta_packs < WALKED_DIRS // 4
-
-
-def test_a_damaged_read_of_a_whole_metadata_pack_costs_no_answer(many_dirs, tmp_path: Path) -> None:
-    """The node a flipped byte lands on is read alone, and verified; every other one of
-    the pack is used."""
-    src, proxy, _meta_packs = many_dirs
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}"):
-        proxy.set_mode("flip_bytes", match=r"/packs/", ranged=False, times=1)
-        assert _listing(mnt) == _listing(src)
-        assert proxy.faults_fired == 1
 
 
 def test_import_to_a_failing_store_stops_clearly_and_resumes(served, tmp_path: Path) -> None:
