@@ -94,6 +94,22 @@ def test_import_get_fsck_over_http(nginx_server, tmp_path: Path) -> None:
     assert run_cafs("ls", f"{url}#ds@2", cache=cache).returncode == 0
 
 
+def test_a_path_with_spaces_and_non_ascii_names_one_directory(nginx_server, tmp_path: Path) -> None:
+    """``http://host/données/my repo`` and its percent-encoded spelling name the same
+    directory on the server, for reads, writes and exclusive writes (MOVE) alike."""
+    server = nginx_server()
+    raw, encoded = server.url + "/données/my repo", server.url + "/donn%C3%A9es/my%20repo"
+    src = make_tree(tmp_path / "src", big_file_size=300_000)
+    cache = tmp_path / "cache"
+    for args in (("init", raw, *SMALL), ("import", src, raw, "--name", "ds", "--no-progress"),
+                 ("get", f"{encoded}#ds", tmp_path / "out")):
+        r = run_cafs(*args, cache=cache)
+        assert r.returncode == 0, f"cafs {args}: {r.stdout}{r.stderr}"
+    assert_same_tree(src, tmp_path / "out")
+    assert [p.name for p in server.root.iterdir()] == ["données"]
+    assert [p.name for p in (server.root / "données").iterdir()] == ["my repo"]
+
+
 def test_any_static_server_serves_reads(tmp_path: Path) -> None:
     """Python's http.server: HTML listings, no Range support, no writes."""
     repo = tmp_path / "repo"

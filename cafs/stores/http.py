@@ -8,6 +8,10 @@ whose links name the entries (sizes then come from HEAD requests). A read the se
 redirects (3xx with ``Location``) is made again following up to ``MAX_REDIRECTS``
 redirects, without the credentials when one leads to another host.
 
+The URL's path is percent-encoded once, as UTF-8, when the store is opened (a raw
+``/données/my repo`` and ``/donn%C3%A9es/my%20repo`` name the same directory), so every
+request names an object the same way.
+
 Without a directory index (nginx without ``autoindex``: 403 for a directory URL), ``list``
 raises ``ListingUnavailable``; the repository then finds a ref's snapshots from its
 ``latest`` pointer (see ``cafs.repository``), so mounts and gets of ``REPO#NAME`` still
@@ -39,7 +43,7 @@ from collections.abc import Iterator
 from typing import cast
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError, SSLError
@@ -65,7 +69,7 @@ _TMP_PREFIX = ".tmp-"
 class HttpStore:
     def __init__(self, url: str, access: RemoteAccess = RemoteAccess(), *,
                  timeout: float = DEFAULT_TIMEOUT, connections: int = 16) -> None:
-        self.url = url.rstrip("/")
+        self.url = _encode_path(url).rstrip("/")
         self._base = self.url + "/"
         self._headers = access.headers()
         self._path = urlsplit(self._base).path
@@ -244,6 +248,18 @@ class HttpStore:
 
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _encode_path(url: str) -> str:
+    """``url`` with its path percent-encoded as UTF-8 (``/données/my repo`` becomes
+    ``/donn%C3%A9es/my%20repo``; escapes already there are kept), so that every client
+    sends one request target: urllib3 encodes a raw path itself, while the keep-alive GETs
+    and a MOVE's ``Destination`` header sent it as it was (a space: 400; ``é``: Latin-1
+    bytes, another directory on the server)."""
+    parts = urlsplit(url)
+    path = quote(_LONE_PERCENT.sub("%25", parts.path), safe="/%!$&'()*+,;=:@~")
+    return parts._replace(path=path).geturl()
 
 
 class _Links(HTMLParser):
