@@ -110,6 +110,13 @@ def test_a_path_with_spaces_and_non_ascii_names_one_directory(nginx_server, tmp_
     assert [p.name for p in (server.root / "données").iterdir()] == ["my repo"]
 
 
+@pytest.mark.parametrize("url", ["http://h/repo?token=x", "https://h/repo?", "http://h/repo#ds"])
+def test_a_query_or_fragment_in_a_store_url_is_refused(url: str) -> None:
+    with pytest.raises(UsageError, match="takes no query or fragment") as raised:
+        open_store(url)
+    assert "token" not in str(raised.value)
+
+
 def test_any_static_server_serves_reads(tmp_path: Path) -> None:
     """Python's http.server: HTML listings, no Range support, no writes."""
     repo = tmp_path / "repo"

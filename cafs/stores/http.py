@@ -48,8 +48,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError, SSLError
 
-from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable
-from cafs.stores.access import RemoteAccess
+from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
+from cafs.stores.access import RemoteAccess, redact
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.keepalive import KeepAliveGets
 from cafs.stores.trio_gets import TrioGets
@@ -69,6 +69,8 @@ _TMP_PREFIX = ".tmp-"
 class HttpStore:
     def __init__(self, url: str, access: RemoteAccess = RemoteAccess(), *,
                  timeout: float = DEFAULT_TIMEOUT, connections: int = 16) -> None:
+        """Raises ``UsageError`` for a URL with a query or fragment (keys are appended
+        to its path)."""
         self.url = _encode_path(url).rstrip("/")
         self._base = self.url + "/"
         self._headers = access.headers()
@@ -258,6 +260,9 @@ def _encode_path(url: str) -> str:
     and a MOVE's ``Destination`` header sent it as it was (a space: 400; ``é``: Latin-1
     bytes, another directory on the server)."""
     parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        shown = redact(url.split("?", 1)[0].split("#", 1)[0])  # a query may hold a secret
+        raise UsageError(f"{shown}?...: an http(s):// repository URL takes no query or fragment")
     path = quote(_LONE_PERCENT.sub("%25", parts.path), safe="/%!$&'()*+,;=:@~")
     return parts._replace(path=path).geturl()
 
