@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cannedhttp import canned_servers, trickle
 from fakehttp import FakeServer, QuietHandler
 from mountfix import env, mounted, run_cafs
 from nginx import free_port
@@ -138,6 +139,21 @@ def test_any_static_server_serves_reads(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_a_trickling_server_fails_a_command_within_its_timeout(tmp_path: Path) -> None:
+    """A server that sends a byte now and then: each socket wait is short, yet the
+    command must end within CAFS_TIMEOUT (plus one request), with one clear line."""
+    with canned_servers() as start:
+        server = start(trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n", b"[" * 400, 0.05))
+        url = f"http://127.0.0.1:{server.port}/repo"
+        with pytest.raises(StoreUnavailable, match="slower than"):
+            list(HttpStore(url, timeout=0.5).list(""))  # urllib3's requests, as the GETs
+        started = time.monotonic()
+        r = _cafs(["ls", f"{url}#ds"], tmp_path / "cache", {"CAFS_TIMEOUT": "2"})
+        elapsed = time.monotonic() - started
+    assert r.returncode == 1 and "slower than" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert elapsed < 10
 
 
 def test_credentials_never_in_urls() -> None:

@@ -25,8 +25,9 @@ an exclusive put is a PUT to a hidden temporary name followed by ``MOVE`` with
 ``If-None-Match`` on PUT, so that cannot be used); ``delete`` is a DELETE. Names starting
 with ``.`` are never listed, so an interrupted exclusive put leaves nothing visible.
 
-Errors: 404 is ``ObjectNotFound``; refused or reset connections, timeouts, short
-bodies and 5xx answers are ``StoreUnavailable`` (worth retrying: see ``cafs.sources``);
+Errors: 404 is ``ObjectNotFound``; refused or reset connections, timeouts (an answer
+that trickles in counts: ``cafs.stores.pace``), short bodies and 5xx answers are
+``StoreUnavailable`` (worth retrying: see ``cafs.sources``);
 refused credentials, certificate failures and refused writes are ``StoreError``.
 The store retries nothing itself. Messages name the object URL, never a credential.
 """
@@ -39,7 +40,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import cast
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
@@ -52,6 +54,7 @@ from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreE
 from cafs.stores.access import RemoteAccess, redact
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.keepalive import KeepAliveGets
+from cafs.stores.pace import Pace, read_body
 from cafs.stores.trio_gets import TrioGets
 
 log = logging.getLogger("cafs.stores.http")
@@ -66,6 +69,13 @@ LIST_THREADS = 8
 _TMP_PREFIX = ".tmp-"
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: Mapping[str, str]
+    data: bytes
+
+
 class HttpStore:
     def __init__(self, url: str, access: RemoteAccess = RemoteAccess(), *,
                  timeout: float = DEFAULT_TIMEOUT, connections: int = 16) -> None:
@@ -78,6 +88,7 @@ class HttpStore:
         # one TLS context for both clients: the same CAs and client certificate
         context = access.ssl_context() if urlsplit(url).scheme == "https" else None
         self._gets = KeepAliveGets(url, context, timeout)
+        self._timeout = timeout
         self._warned_ranges = False
         self._pool = urllib3.PoolManager(
             num_pools=2, maxsize=connections, retries=False,
@@ -159,22 +170,30 @@ class HttpStore:
     # -- helpers ------------------------------------------------------------------
 
     def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
-                 body: memoryview | None = None) -> urllib3.BaseHTTPResponse:
-        """One request; a GET or HEAD follows up to ``MAX_REDIRECTS`` redirects (urllib3
-        drops the credentials when one leads to another host), a write follows none."""
+                 body: memoryview | None = None) -> _Answer:
+        """One request, its whole answer read at ``cafs.stores.pace`` speed; a GET or HEAD
+        follows up to ``MAX_REDIRECTS`` redirects (urllib3 drops the credentials when one
+        leads to another host), a write follows none."""
         reads = method in ("GET", "HEAD")
         retries = _FOLLOW_REDIRECTS if reads else False
         try:
-            return self._pool.request(method, url, headers=headers if headers is not None else self._headers,
-                                      body=cast(bytes | None, body), redirect=reads, retries=retries)
+            pace = Pace(self._timeout)
+            resp = self._pool.request(method, url, headers=headers if headers is not None else self._headers,
+                                      body=cast(bytes | None, body), redirect=reads, retries=retries,
+                                      preload_content=False)
+            try:
+                data = read_body(resp, pace)
+            finally:
+                resp.release_conn()
         except MaxRetryError as exc:
             if isinstance(exc.reason, ResponseError):
                 raise StoreError(f"{url}: more than {MAX_REDIRECTS} redirects") from None
             raise StoreUnavailable(f"{url}: {method} failed: {_reason(exc)}") from None
         except SSLError as exc:
             raise StoreError(f"{url}: TLS failed: {_reason(exc)}") from None
-        except HTTPError as exc:
+        except (HTTPError, TimeoutError) as exc:
             raise StoreUnavailable(f"{url}: {method} failed: {_reason(exc)}") from None
+        return _Answer(resp.status, resp.headers, data)
 
     def _expect(self, status: int, url: str, ok: tuple[int, ...], *, writing: bool = False) -> None:
         if status in ok:
