@@ -162,6 +162,20 @@ def test_credentials_never_in_urls() -> None:
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["https://h.example.org/repo", "https://h:4430/repo", "https://h/data2/repo",
+                                 "https://h/database"])
+def test_a_remote_is_for_its_own_host_port_and_path_only(tmp_path: Path, url: str) -> None:
+    """``url = "https://h/data"`` gives its token to https://h/data and below, never to
+    another host or port whose name starts the same, nor to a neighbouring path."""
+    remotes = tmp_path / "remotes.toml"
+    remotes.write_text('[[remote]]\nurl = "https://h/data"\ntoken = "tok-h-1"\n'
+                       '[[remote]]\nurl = "https://h"\ntoken = "tok-h-2"\n')
+    assert access_for("https://h/data/repo", {"CAFS_REMOTES": str(remotes)}).token == "tok-h-1"
+    assert access_for("https://h/data", {"CAFS_REMOTES": str(remotes)}).token == "tok-h-1"
+    expected = "tok-h-2" if url.startswith("https://h/") else None
+    assert access_for(url, {"CAFS_REMOTES": str(remotes)}).token == expected
+
+
 def test_remotes_file_longest_prefix_and_env_override(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("tok-from-file\n")
