@@ -156,6 +156,27 @@ def test_a_trickling_server_fails_a_command_within_its_timeout(tmp_path: Path) -
     assert elapsed < 10
 
 
+def test_an_upload_slower_than_the_timeout_is_not_a_timeout() -> None:
+    """The pace of an answer starts at its head: a pack that takes longer than the
+    timeout to upload over a slow link, steadily, is stored, not reported as timed out."""
+    class SlowReader(QuietHandler):
+        def do_PUT(self) -> None:  # slowly, then the last 6 MiB at once (socket buffers
+            left = int(self.headers["Content-Length"])  # hold some: the answer comes soon after the upload)
+            while left > 6 << 20:
+                left -= len(self.rfile.read(1 << 20))
+                time.sleep(0.15)
+            self.rfile.read(left)
+            self.answer(201)
+
+    server = FakeServer(SlowReader)
+    try:
+        started = time.monotonic()
+        HttpStore(server.url + "/repo", timeout=0.5).put("packs/ab/one", bytes(16 << 20))
+        assert time.monotonic() - started > 1
+    finally:
+        server.close()
+
+
 def test_credentials_never_in_urls() -> None:
     with pytest.raises(UsageError, match="credentials in a URL") as info:
         open_store("https://alice:s3cret@example.com/repo")

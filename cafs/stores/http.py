@@ -42,7 +42,6 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import cast
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -54,7 +53,7 @@ from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreE
 from cafs.stores.access import RemoteAccess, redact
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.keepalive import KeepAliveGets
-from cafs.stores.pace import Pace, read_body
+from cafs.stores.pace import Pace, read_body, send_pieces
 from cafs.stores.trio_gets import TrioGets
 
 log = logging.getLogger("cafs.stores.http")
@@ -177,12 +176,14 @@ class HttpStore:
         reads = method in ("GET", "HEAD")
         retries = _FOLLOW_REDIRECTS if reads else False
         try:
-            pace = Pace(self._timeout)
-            resp = self._pool.request(method, url, headers=headers if headers is not None else self._headers,
-                                      body=cast(bytes | None, body), redirect=reads, retries=retries,
-                                      preload_content=False)
+            sent = dict(headers if headers is not None else self._headers)
+            if body is not None:
+                sent["Content-Length"] = str(len(body))
+            resp = self._pool.request(method, url, headers=sent,
+                                      body=None if body is None else send_pieces(body), redirect=reads,
+                                      retries=retries, preload_content=False)
             try:
-                data = read_body(resp, pace)
+                data = read_body(resp, Pace(self._timeout))  # from the head on: an upload may take long
             finally:
                 resp.release_conn()
         except MaxRetryError as exc:

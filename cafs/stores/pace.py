@@ -8,20 +8,26 @@ checked only between attempts. ``Pace`` bounds the answer: its first bytes withi
 (a slow link is fine; a trickle is not). Past that, a read raises ``TimeoutError``, an
 ``OSError`` like a socket timeout, which the stores report as ``StoreUnavailable``.
 
+Uploads are bounded per piece of ``SEND_SIZE`` bytes (``send_pieces``), not as a whole.
+
 Used by the keep-alive GETs (every raw read of the socket) and by the urllib3 requests of
-the HTTP and S3 stores (``read_body``: between the reads of a body, so there the bound
-may be overrun by one socket timeout). The head of an urllib3 answer is bounded only by
-the socket timeout per wait.
+the HTTP and S3 stores (``read_body``: from the answer's head on, between the reads of
+its body, so there the bound may be overrun by one socket timeout). The head of an
+urllib3 answer is bounded only by the socket timeout per wait (its request's body, a pack
+being uploaded, may take long on a slow link, and is not paced).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from typing import cast
 
 import urllib3
 
 MIN_RATE = 16 << 10  # bytes per second, on average, after the first ``timeout`` seconds
 READ_SIZE = 1 << 20
+SEND_SIZE = 1 << 20
 
 
 class Pace:
@@ -49,6 +55,16 @@ class Pace:
 
     def got(self, n: int) -> None:
         self.received += n
+
+
+def send_pieces(body: memoryview) -> Iterator[bytes]:
+    """``body`` in pieces of ``SEND_SIZE``, for urllib3 to send one by one (with an explicit
+    ``Content-Length``, else it sends them chunked). urllib3 sends a buffer whole with one
+    ``sendall``, whose timeout bounds the whole upload: a 64 MiB pack over a link slower
+    than 6.4 MB/s always failed with 'timed out' at the default 10 s. Each piece now has
+    the timeout to itself."""
+    for start in range(0, len(body), SEND_SIZE):
+        yield cast(bytes, body[start:start + SEND_SIZE])  # sent as it is, not copied; urllib3 says bytes
 
 
 def read_body(resp: urllib3.BaseHTTPResponse, pace: Pace, limit: int | None = None, *,

@@ -69,7 +69,6 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
 from urllib.parse import unquote_plus, urlsplit
 
 import urllib3
@@ -81,7 +80,7 @@ from cafs.stores.aws_config import S3Settings
 from cafs.stores.aws_instance import RefreshingCredentials
 from cafs.stores import awsxml
 from cafs.stores.base import ObjectExists, check_key
-from cafs.stores.pace import Pace, read_body
+from cafs.stores.pace import Pace, read_body, send_pieces
 from cafs.stores.sigv4 import (
     EMPTY_SHA256,
     UNSIGNED_PAYLOAD,
@@ -292,11 +291,14 @@ class S3Store:
         where = self._where(key)
         try:
             # urllib3 sends any buffer as it is (its annotation says bytes): no copy of parts
-            pace = Pace(self._timeout)
-            resp = self._pool.request(method, url, headers=hdrs, body=cast(bytes | None, body), redirect=False,
-                                      preload_content=False, decode_content=False)
+            if body is not None:
+                hdrs = {**hdrs, "content-length": str(len(body))}
+            resp = self._pool.request(method, url, headers=hdrs, body=None if body is None else send_pieces(body),
+                                      redirect=False, preload_content=False, decode_content=False)
             try:
-                data = read_body(resp, pace, limit + 1 if limit is not None else None, decode_content=False)
+                # paced from the head on: an upload before it may take long
+                data = read_body(resp, Pace(self._timeout), limit + 1 if limit is not None else None,
+                                 decode_content=False)
                 if limit is not None and len(data) > limit:
                     resp.close()  # unread bytes: the connection is not reusable
                     raise StoreError(f"{where}: {method} answer larger than {limit} bytes")
