@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -56,6 +57,21 @@ def send(data: bytes, keep: bool = True) -> Answer:
     def answer(conn: socket.socket, _n: int) -> bool:
         conn.sendall(data)
         return keep
+    return answer
+
+
+def trickle(head: bytes, body: bytes, every: float) -> Answer:
+    """An answer that sends ``head`` at once, then ``body`` a byte every ``every``
+    seconds; ends quietly when the client goes away."""
+    def answer(conn: socket.socket, _n: int) -> bool:
+        try:
+            conn.sendall(head)
+            for i in range(len(body)):
+                time.sleep(every)
+                conn.sendall(body[i:i + 1])
+        except OSError:
+            return False
+        return True
     return answer
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cannedhttp import canned_servers, trickle
 from fakehttp import FakeServer, QuietHandler
 from mountfix import env, mounted, run_cafs
 from nginx import free_port
@@ -94,6 +95,29 @@ def test_import_get_fsck_over_http(nginx_server, tmp_path: Path) -> None:
     assert run_cafs("ls", f"{url}#ds@2", cache=cache).returncode == 0
 
 
+def test_a_path_with_spaces_and_non_ascii_names_one_directory(nginx_server, tmp_path: Path) -> None:
+    """``http://host/données/my repo`` and its percent-encoded spelling name the same
+    directory on the server, for reads, writes and exclusive writes (MOVE) alike."""
+    server = nginx_server()
+    raw, encoded = server.url + "/données/my repo", server.url + "/donn%C3%A9es/my%20repo"
+    src = make_tree(tmp_path / "src", big_file_size=300_000)
+    cache = tmp_path / "cache"
+    for args in (("init", raw, *SMALL), ("import", src, raw, "--name", "ds", "--no-progress"),
+                 ("get", f"{encoded}#ds", tmp_path / "out")):
+        r = run_cafs(*args, cache=cache)
+        assert r.returncode == 0, f"cafs {args}: {r.stdout}{r.stderr}"
+    assert_same_tree(src, tmp_path / "out")
+    assert [p.name for p in server.root.iterdir()] == ["données"]
+    assert [p.name for p in (server.root / "données").iterdir()] == ["my repo"]
+
+
+@pytest.mark.parametrize("url", ["http://h/repo?token=x", "https://h/repo?", "http://h/repo#ds"])
+def test_a_query_or_fragment_in_a_store_url_is_refused(url: str) -> None:
+    with pytest.raises(UsageError, match="takes no query or fragment") as raised:
+        open_store(url)
+    assert "token" not in str(raised.value)
+
+
 def test_any_static_server_serves_reads(tmp_path: Path) -> None:
     """Python's http.server: HTML listings, no Range support, no writes."""
     repo = tmp_path / "repo"
@@ -117,10 +141,60 @@ def test_any_static_server_serves_reads(tmp_path: Path) -> None:
         proc.wait(timeout=10)
 
 
+def test_a_trickling_server_fails_a_command_within_its_timeout(tmp_path: Path) -> None:
+    """A server that sends a byte now and then: each socket wait is short, yet the
+    command must end within CAFS_TIMEOUT (plus one request), with one clear line."""
+    with canned_servers() as start:
+        server = start(trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n", b"[" * 400, 0.05))
+        url = f"http://127.0.0.1:{server.port}/repo"
+        with pytest.raises(StoreUnavailable, match="slower than"):
+            list(HttpStore(url, timeout=0.5).list(""))  # urllib3's requests, as the GETs
+        started = time.monotonic()
+        r = _cafs(["ls", f"{url}#ds"], tmp_path / "cache", {"CAFS_TIMEOUT": "2"})
+        elapsed = time.monotonic() - started
+    assert r.returncode == 1 and "slower than" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert elapsed < 10
+
+
+def test_an_upload_slower_than_the_timeout_is_not_a_timeout() -> None:
+    """The pace of an answer starts at its head: a pack that takes longer than the
+    timeout to upload over a slow link, steadily, is stored, not reported as timed out."""
+    class SlowReader(QuietHandler):
+        def do_PUT(self) -> None:  # slowly, then the last 6 MiB at once (socket buffers
+            left = int(self.headers["Content-Length"])  # hold some: the answer comes soon after the upload)
+            while left > 6 << 20:
+                left -= len(self.rfile.read(1 << 20))
+                time.sleep(0.15)
+            self.rfile.read(left)
+            self.answer(201)
+
+    server = FakeServer(SlowReader)
+    try:
+        started = time.monotonic()
+        HttpStore(server.url + "/repo", timeout=0.5).put("packs/ab/one", bytes(16 << 20))
+        assert time.monotonic() - started > 1
+    finally:
+        server.close()
+
+
 def test_credentials_never_in_urls() -> None:
     with pytest.raises(UsageError, match="credentials in a URL") as info:
         open_store("https://alice:s3cret@example.com/repo")
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["https://h.example.org/repo", "https://h:4430/repo", "https://h/data2/repo",
+                                 "https://h/database"])
+def test_a_remote_is_for_its_own_host_port_and_path_only(tmp_path: Path, url: str) -> None:
+    """``url = "https://h/data"`` gives its token to https://h/data and below, never to
+    another host or port whose name starts the same, nor to a neighbouring path."""
+    remotes = tmp_path / "remotes.toml"
+    remotes.write_text('[[remote]]\nurl = "https://h/data"\ntoken = "tok-h-1"\n'
+                       '[[remote]]\nurl = "https://h"\ntoken = "tok-h-2"\n')
+    assert access_for("https://h/data/repo", {"CAFS_REMOTES": str(remotes)}).token == "tok-h-1"
+    assert access_for("https://h/data", {"CAFS_REMOTES": str(remotes)}).token == "tok-h-1"
+    expected = "tok-h-2" if url.startswith("https://h/") else None
+    assert access_for(url, {"CAFS_REMOTES": str(remotes)}).token == expected
 
 
 def test_remotes_file_longest_prefix_and_env_override(tmp_path: Path) -> None:

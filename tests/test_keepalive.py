@@ -16,7 +16,7 @@ import pytest
 from cafs.errors import StoreUnavailable
 from cafs.stores import keepalive
 from cafs.stores.keepalive import KeepAliveGets
-from cannedhttp import Answer, CannedServer, canned_servers, send
+from cannedhttp import Answer, CannedServer, canned_servers, send, trickle
 
 @pytest.fixture
 def serve() -> Iterator[Callable[[Answer], tuple[CannedServer, KeepAliveGets]]]:
@@ -103,6 +103,17 @@ def test_a_stalled_server_times_out(serve) -> None:
     gets._timeout = 0.5
     with pytest.raises(StoreUnavailable, match="timed out"):
         gets.get("/x", {}, "x")
+
+
+def test_a_trickling_body_fails_within_the_timeout(serve) -> None:
+    """A byte now and then keeps every socket wait short: the answer as a whole is
+    bounded (its first bytes within the timeout, then cafs.stores.pace.MIN_RATE)."""
+    _server, gets = serve(trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n", b"x" * 400, 0.05))
+    gets._timeout = 0.5
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="slower than"):
+        gets.get("/x", {}, "x")
+    assert time.monotonic() - started < 2
 
 
 def test_a_refused_connection_is_unavailable() -> None:

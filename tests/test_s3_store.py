@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import urllib3
+from cannedhttp import canned_servers, trickle
 from fakehttp import FakeServer, QuietHandler
 from nginx import free_port
 from remote_fixtures import StartProxy
@@ -529,6 +530,16 @@ def test_full_store_is_no_space(moto: Moto, fault_proxy: StartProxy) -> None:
     proxy.set_mode("status", status=507, method="PUT")
     with pytest.raises(NoSpaceError, match=f"s3://{BUCKET}/t/full/k"):
         store.put("k", b"v")
+
+
+def test_a_trickling_answer_is_unavailable_within_the_timeout() -> None:
+    with canned_servers() as start:
+        server = start(trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n", b"x" * 400, 0.05))
+        store = S3Store("s3://bucket/repo", S3Settings(endpoint_url=f"http://127.0.0.1:{server.port}"), timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="slower than"):
+            store.get("config")
+        assert time.monotonic() - started < 2
 
 
 def test_refused_connection_is_unavailable() -> None:

@@ -10,7 +10,9 @@ a URL shows in ``ps``, in ``/proc/mounts``, in logs and in error messages. They 
    else ``~/.config/cafs/remotes.toml`` (users other than root), else
    ``/etc/cafs/remotes.toml``. Each ``[[remote]]`` table names a ``url`` prefix and any of
    ``token``, ``token_file``, ``username``, ``password``, ``password_file``, ``ca_file``,
-   ``cert_file``, ``key_file``; the longest prefix matching the repository URL applies.
+   ``cert_file``, ``key_file``; the longest prefix matching the repository URL applies,
+   where a prefix ends at a ``/`` (``https://h/data`` is for ``https://h/data/...``, not
+   for ``https://h/data2`` nor ``https://h.example.org``).
    Keep the file mode 0600: it holds secrets.
 
 The environment overrides the file field by field. ``RemoteAccess`` never shows a
@@ -146,7 +148,7 @@ def _from_file(url: str, path: Path) -> RemoteAccess:
         prefix = table.get("url")
         if not isinstance(prefix, str):
             raise UsageError(f"{path}: every [[remote]] needs a url")
-        if url.startswith(prefix.rstrip("/")) and (best is None or len(prefix) > len(str(best["url"]))):
+        if _covers(prefix, url) and (best is None or len(prefix) > len(str(best["url"]))):
             best = table
     if best is None:
         return RemoteAccess()
@@ -163,6 +165,14 @@ def _from_file(url: str, path: Path) -> RemoteAccess:
         else:
             raise UsageError(f"{path}: remote {best['url']}: unknown setting {key!r}")
     return RemoteAccess(**values)
+
+
+def _covers(prefix: str, url: str) -> bool:
+    """Whether a remote's ``url`` applies to the repository ``url``: the same URL, or one
+    below it (``https://h/data`` covers ``https://h/data/repo``, never ``https://h/data2``,
+    ``https://h.example.org`` or ``https://h:4430``: a token goes to its own server only)."""
+    base = prefix.rstrip("/")
+    return url.rstrip("/") == base or url.startswith(base + "/")
 
 
 def _tables(doc: dict[str, object], path: Path) -> list[dict[str, object]]:

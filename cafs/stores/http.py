@@ -8,6 +8,10 @@ whose links name the entries (sizes then come from HEAD requests). A read the se
 redirects (3xx with ``Location``) is made again following up to ``MAX_REDIRECTS``
 redirects, without the credentials when one leads to another host.
 
+The URL's path is percent-encoded once, as UTF-8, when the store is opened (a raw
+``/données/my repo`` and ``/donn%C3%A9es/my%20repo`` name the same directory), so every
+request names an object the same way.
+
 Without a directory index (nginx without ``autoindex``: 403 for a directory URL), ``list``
 raises ``ListingUnavailable``; the repository then finds a ref's snapshots from its
 ``latest`` pointer (see ``cafs.repository``), so mounts and gets of ``REPO#NAME`` still
@@ -21,8 +25,9 @@ an exclusive put is a PUT to a hidden temporary name followed by ``MOVE`` with
 ``If-None-Match`` on PUT, so that cannot be used); ``delete`` is a DELETE. Names starting
 with ``.`` are never listed, so an interrupted exclusive put leaves nothing visible.
 
-Errors: 404 is ``ObjectNotFound``; refused or reset connections, timeouts, short
-bodies and 5xx answers are ``StoreUnavailable`` (worth retrying: see ``cafs.sources``);
+Errors: 404 is ``ObjectNotFound``; refused or reset connections, timeouts (an answer
+that trickles in counts: ``cafs.stores.pace``), short bodies and 5xx answers are
+``StoreUnavailable`` (worth retrying: see ``cafs.sources``);
 refused credentials, certificate failures and refused writes are ``StoreError``.
 The store retries nothing itself. Messages name the object URL, never a credential.
 """
@@ -35,19 +40,20 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
-from typing import cast
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError, SSLError
 
-from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable
-from cafs.stores.access import RemoteAccess
+from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
+from cafs.stores.access import RemoteAccess, redact
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.keepalive import KeepAliveGets
+from cafs.stores.pace import Pace, read_body, send_pieces
 from cafs.stores.trio_gets import TrioGets
 
 log = logging.getLogger("cafs.stores.http")
@@ -62,16 +68,26 @@ LIST_THREADS = 8
 _TMP_PREFIX = ".tmp-"
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: Mapping[str, str]
+    data: bytes
+
+
 class HttpStore:
     def __init__(self, url: str, access: RemoteAccess = RemoteAccess(), *,
                  timeout: float = DEFAULT_TIMEOUT, connections: int = 16) -> None:
-        self.url = url.rstrip("/")
+        """Raises ``UsageError`` for a URL with a query or fragment (keys are appended
+        to its path)."""
+        self.url = _encode_path(url).rstrip("/")
         self._base = self.url + "/"
         self._headers = access.headers()
         self._path = urlsplit(self._base).path
         # one TLS context for both clients: the same CAs and client certificate
         context = access.ssl_context() if urlsplit(url).scheme == "https" else None
         self._gets = KeepAliveGets(url, context, timeout)
+        self._timeout = timeout
         self._warned_ranges = False
         self._pool = urllib3.PoolManager(
             num_pools=2, maxsize=connections, retries=False,
@@ -153,22 +169,32 @@ class HttpStore:
     # -- helpers ------------------------------------------------------------------
 
     def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
-                 body: memoryview | None = None) -> urllib3.BaseHTTPResponse:
-        """One request; a GET or HEAD follows up to ``MAX_REDIRECTS`` redirects (urllib3
-        drops the credentials when one leads to another host), a write follows none."""
+                 body: memoryview | None = None) -> _Answer:
+        """One request, its whole answer read at ``cafs.stores.pace`` speed; a GET or HEAD
+        follows up to ``MAX_REDIRECTS`` redirects (urllib3 drops the credentials when one
+        leads to another host), a write follows none."""
         reads = method in ("GET", "HEAD")
         retries = _FOLLOW_REDIRECTS if reads else False
         try:
-            return self._pool.request(method, url, headers=headers if headers is not None else self._headers,
-                                      body=cast(bytes | None, body), redirect=reads, retries=retries)
+            sent = dict(headers if headers is not None else self._headers)
+            if body is not None:
+                sent["Content-Length"] = str(len(body))
+            resp = self._pool.request(method, url, headers=sent,
+                                      body=None if body is None else send_pieces(body), redirect=reads,
+                                      retries=retries, preload_content=False)
+            try:
+                data = read_body(resp, Pace(self._timeout))  # from the head on: an upload may take long
+            finally:
+                resp.release_conn()
         except MaxRetryError as exc:
             if isinstance(exc.reason, ResponseError):
                 raise StoreError(f"{url}: more than {MAX_REDIRECTS} redirects") from None
             raise StoreUnavailable(f"{url}: {method} failed: {_reason(exc)}") from None
         except SSLError as exc:
             raise StoreError(f"{url}: TLS failed: {_reason(exc)}") from None
-        except HTTPError as exc:
+        except (HTTPError, TimeoutError) as exc:
             raise StoreUnavailable(f"{url}: {method} failed: {_reason(exc)}") from None
+        return _Answer(resp.status, resp.headers, data)
 
     def _expect(self, status: int, url: str, ok: tuple[int, ...], *, writing: bool = False) -> None:
         if status in ok:
@@ -244,6 +270,21 @@ class HttpStore:
 
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _encode_path(url: str) -> str:
+    """``url`` with its path percent-encoded as UTF-8 (``/données/my repo`` becomes
+    ``/donn%C3%A9es/my%20repo``; escapes already there are kept), so that every client
+    sends one request target: urllib3 encodes a raw path itself, while the keep-alive GETs
+    and a MOVE's ``Destination`` header sent it as it was (a space: 400; ``é``: Latin-1
+    bytes, another directory on the server)."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        shown = redact(url.split("?", 1)[0].split("#", 1)[0])  # a query may hold a secret
+        raise UsageError(f"{shown}?...: an http(s):// repository URL takes no query or fragment")
+    path = quote(_LONE_PERCENT.sub("%25", parts.path), safe="/%!$&'()*+,;=:@~")
+    return parts._replace(path=path).geturl()
 
 
 class _Links(HTMLParser):

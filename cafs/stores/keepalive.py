@@ -12,7 +12,11 @@ Errors: ``StoreError`` for a certificate that fails verification, ``StoreUnavail
 for everything else that goes wrong on the wire (refused, reset, timed out, a body
 shorter than its ``Content-Length``, a response that is not HTTP/1.x).
 
-Bounded: a status line or header line over ``MAX_LINE`` bytes, more than ``MAX_HEADERS``
+Bounded in time: the answer's first bytes must come within ``timeout`` seconds, the
+rest at ``cafs.stores.pace.MIN_RATE`` on average (a socket timeout alone let a server
+that trickles a byte now and then hold a GET for ever).
+
+Bounded in size: a status line or header line over ``MAX_LINE`` bytes, more than ``MAX_HEADERS``
 header or trailer lines, a chunk-size line that is not hex, or a body over ``MAX_BODY``
 is a broken response, not a reason to read without end. Bodies are ``Content-Length`` bytes, or chunked, or (HTTP/1.0 style)
 everything up to the close.
@@ -29,10 +33,14 @@ import socket
 import ssl
 import threading
 import weakref
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 from cafs.errors import StoreError, StoreUnavailable
+from cafs.stores.pace import Pace
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MAX_LINE = 64 << 10
 MAX_HEADERS = 200
@@ -45,12 +53,35 @@ class _Broken(Exception):
     """The response cannot be parsed; the message says how."""
 
 
-class _Connection:
-    __slots__ = ("sock", "rfile", "__weakref__")
+class _PacedSocket(io.RawIOBase):
+    """The socket's bytes, each wait bounded by what is left of the answer's ``Pace``."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, pace: Pace) -> None:
+        super().__init__()
         self.sock = sock
-        self.rfile = cast(io.BufferedReader, sock.makefile("rb", buffering=READ_BUFFER))
+        self.pace = pace
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        self.sock.settimeout(self.pace.left())
+        try:
+            n = self.sock.recv_into(buffer)
+        except TimeoutError:
+            self.pace.left()  # says so when the wait was cut short by the answer's pace
+            raise
+        self.pace.got(n)
+        return n
+
+
+class _Connection:
+    __slots__ = ("sock", "rfile", "pace", "__weakref__")
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock = sock
+        self.pace = Pace(timeout)
+        self.rfile = cast(io.BufferedReader, io.BufferedReader(_PacedSocket(sock, self.pace), READ_BUFFER))
 
     def close(self) -> None:
         # A thread still reading (a stalled GET, at interpreter exit) holds the buffered
@@ -87,6 +118,8 @@ class KeepAliveGets:
         for attempt in range(2):
             conn, reused = self._connection(what)
             try:
+                conn.pace.restart()
+                conn.sock.settimeout(self._timeout)
                 conn.sock.sendall(request)
                 status, body, will_close = _response(conn.rfile, conn.sock)
             except ssl.SSLCertVerificationError as exc:
@@ -118,7 +151,7 @@ class KeepAliveGets:
             raise StoreError(f"{what}: TLS failed: {exc.verify_message or exc}") from None
         except OSError as exc:
             raise StoreUnavailable(f"{what}: GET failed: {exc.strerror or exc}") from None
-        conn = _Connection(sock)
+        conn = _Connection(sock, self._timeout)
         self._local.conn = conn
         self._open.add(conn)
         self._local.closer = weakref.finalize(threading.current_thread(), conn.close)

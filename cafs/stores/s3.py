@@ -39,7 +39,7 @@ Payload hashes: ``UNSIGNED-PAYLOAD`` over HTTPS (TLS protects the body, and cafs
 every object by BLAKE3), the body's SHA-256 over plain HTTP, where S3 servers require it.
 
 Errors: a missing key (404, ``NoSuchKey``) is ``ObjectNotFound``; refused or reset
-connections, timeouts, short bodies, 5xx (``SlowDown``, ``InternalError``, ...), 408,
+connections, timeouts (an answer that trickles in counts: ``cafs.stores.pace``), short bodies, 5xx (``SlowDown``, ``InternalError``, ...), 408,
 429 and S3's ``RequestTimeout`` are ``StoreUnavailable`` (worth retrying: see
 ``cafs.sources``); a full MinIO disk (507, ``XMinioStorageFull``) or an exhausted Ceph
 quota (``QuotaExceeded``) is ``NoSpaceError``; everything else (access denied, a bad
@@ -69,7 +69,6 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
 from urllib.parse import unquote_plus, urlsplit
 
 import urllib3
@@ -81,6 +80,7 @@ from cafs.stores.aws_config import S3Settings
 from cafs.stores.aws_instance import RefreshingCredentials
 from cafs.stores import awsxml
 from cafs.stores.base import ObjectExists, check_key
+from cafs.stores.pace import Pace, read_body, send_pieces
 from cafs.stores.sigv4 import (
     EMPTY_SHA256,
     UNSIGNED_PAYLOAD,
@@ -125,6 +125,7 @@ class S3Store:
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self._settings = settings
         self._creds = settings.credentials
+        self._timeout = timeout
         self._threshold = max(multipart_threshold, 0)
         self._part_size = part_size
         self._part_threads = max(part_threads, 1)
@@ -290,10 +291,14 @@ class S3Store:
         where = self._where(key)
         try:
             # urllib3 sends any buffer as it is (its annotation says bytes): no copy of parts
-            resp = self._pool.request(method, url, headers=hdrs, body=cast(bytes | None, body), redirect=False,
-                                      preload_content=False, decode_content=False)
+            if body is not None:
+                hdrs = {**hdrs, "content-length": str(len(body))}
+            resp = self._pool.request(method, url, headers=hdrs, body=None if body is None else send_pieces(body),
+                                      redirect=False, preload_content=False, decode_content=False)
             try:
-                data = resp.read(limit + 1 if limit is not None else None, decode_content=False)
+                # paced from the head on: an upload before it may take long
+                data = read_body(resp, Pace(self._timeout), limit + 1 if limit is not None else None,
+                                 decode_content=False)
                 if limit is not None and len(data) > limit:
                     resp.close()  # unread bytes: the connection is not reusable
                     raise StoreError(f"{where}: {method} answer larger than {limit} bytes")
@@ -301,7 +306,7 @@ class S3Store:
                 resp.release_conn()
         except SSLError as exc:
             raise StoreError(f"{where}: TLS failed: {self._scrub(_reason(exc))}") from None
-        except HTTPError as exc:
+        except (HTTPError, TimeoutError) as exc:
             raise StoreUnavailable(f"{where}: {method} failed: {self._scrub(_reason(exc))}") from None
         return _Answer(resp.status, resp.headers, data)
 
