@@ -274,9 +274,8 @@ class Checker:
         if loc.pack in self._pack_problem:
             return self._pack_problem[loc.pack]
         moved = self._by_id.get(loc.id)
-        if (loc.pack not in self.sizes and moved is not None
-                and (moved.stored_length, moved.length, moved.codec) == (loc.stored_length, loc.length, loc.codec)):
-            self._referenced_packs.add(moved.pack)  # repacked by gc: found by id (see repository.py)
+        if loc.pack not in self.sizes and moved is not None and moved.length == loc.length:
+            self._referenced_packs.add(moved.pack)  # repacked by gc: found by id, in any form (repository.py)
             return None
         if loc.pack not in self.sizes:
             p = self._problem(Problem("missing-pack", loc.pack.hex(), self._missing_detail(loc.pack), pack=loc.pack))

@@ -154,8 +154,10 @@ def _inline(run: list[Location]) -> bool:
 
 
 def _cache_write(run: list[Location], stored: Sequence[bytes | memoryview]) -> tuple[bytes, list[tuple[int, Stored]]]:
-    """``run``'s entry in ``CacheWrites``: its pack and each chunk's offset and stored bytes."""
-    return run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored)]
+    """``run``'s entry in ``CacheWrites``: its pack and each chunk's offset and stored bytes.
+    The cache holds stored bytes as a location names them; an object gc moved may be
+    stored in another form where it was read (``Repository.relocated``): it is left out."""
+    return run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored) if len(b) == loc.stored_length]
 
 
 def _settle(run: list[Location], got: Sequence[Plain | None], waiting: dict[tuple[bytes, int], _Load]) -> None:
@@ -401,8 +403,9 @@ class Fetcher:
         assert self._nursery is not None
         if not self._batch:
             self._nursery.start_soon(self._write_soon)
-        self._batch.append(_cache_write(run, stored))
-        self._batch_bytes += sum(len(b) for b in stored)
+        entry = _cache_write(run, stored)
+        self._batch.append(entry)
+        self._batch_bytes += sum(len(b) for _, b in entry[1])
         if self._writing + self._batch_bytes > WRITE_BEHIND_BYTES:
             await self.cache_writers.run(self._insert, self._take_batch()[0])
         elif self._batch_bytes >= WRITE_BATCH_BYTES:

@@ -32,6 +32,7 @@ from cafs.format.nodes import DirIndexNode, FileNode, TreeNode, decode_node
 from cafs.format.pack import TAIL_LEN, decode_trailer, trailer_length
 from cafs.repository import Repository
 from cafs.stores import open_store
+from mountfix import mounted
 from treegen import assert_same_tree, make_tree, mutate_tree
 
 INIT_ARGS = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "512K")
@@ -493,3 +494,42 @@ def test_a_second_gc_changes_nothing(cafs, hist: History, forget_args: tuple[str
     assert r.code == 0, r.err
     assert "deleted 0 unreferenced pack(s), repacked 0; 0 B reclaimed" in r.out, r.out
     assert all_files(hist.repo) == before
+
+
+def test_a_chunk_stored_in_two_forms_stays_readable_after_gc(cafs, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts that compress a chunk differently (another zstd version or level) store it in
+    two forms; a copy brings both into one repository. gc keeps an object once, in either
+    form: a snapshot that names the form gc dropped still reads it, from the other."""
+    from cafs.format.location import CODEC_RAW
+    text = b"".join(b"line %d of a file that compresses well\n" % i for i in range(3000))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_bytes(text)
+    (b / "x").write_bytes(text)
+    (b / "g").write_bytes(os.urandom(1 << 20))
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    for repo in (r1, r2):
+        assert cafs("init", repo).code == 0
+    with monkeypatch.context() as m:
+        m.setattr("cafs.codec.Compressor.encode", lambda self, data: (CODEC_RAW, data))
+        assert cafs("import", a, r1, "--name", "a", "--no-progress").code == 0  # x stored raw
+    assert cafs("import", b, r2, "--name", "b", "--no-progress").code == 0  # x with zstd, beside g
+    (b / "g").unlink()
+    assert cafs("import", b, r2, "--name", "b", "--no-progress").code == 0  # b@2: x alone, same pack
+    r = cafs("copy", f"{r2}#b@2", r1, "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("gc", r1)  # the copied pack is mostly g, garbage in r1: repacked, and x is in r1 already
+    assert r.code == 0, r.err
+    r = cafs("fsck", r1, "--read-data")
+    assert r.code == 0, r.out + r.err
+    r = cafs("get", f"{r1}#b", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert (tmp_path / "out" / "x").read_bytes() == text
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(f"{r1}#b", mnt, f"cache={tmp_path / 'mount-cache'},cache_mode=full") as m:
+        assert (mnt / "x").read_bytes() == text
+        poll(lambda: m.stats()["cache_writes_pending"] == 0, "the cache writes")
+        assert m.stats()["cache_size"] == 0  # stored bytes of another form than the node names: not kept
