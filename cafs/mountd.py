@@ -89,13 +89,23 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
 
 def display_source(source: str) -> str:
-    """The source as shown in /proc/mounts: no credentials, no option separators."""
+    """The source as shown in /proc/mounts: as given, but without credentials.
+
+    mount(8) takes a line of fstab as mounted already only when /proc/mounts shows its
+    source as written, so ``mount -a`` run again would mount it once more (and fail as
+    busy) if the source were shown altered in any other way."""
     shown = source
     if "://" in shown:
         scheme, rest = shown.split("://", 1)
         host, slash, path = rest.partition("/")
         shown = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
-    return shown.replace(",", "_").replace(" ", "_")
+    return shown
+
+
+def fsname_option(source: str) -> str:
+    """The ``fsname=`` option for libfuse: its option parser splits at commas and takes
+    a backslash as an escape, so both are escaped with a backslash."""
+    return "fsname=" + display_source(source).replace("\\", "\\\\").replace(",", "\\,")
 
 
 def why_not(exc: OSError) -> str:
@@ -227,7 +237,7 @@ async def detach(mountpoint: str) -> bool:
 
 
 def fuse_options(source: str, opts: MountOptions) -> set[str]:
-    options = {f"fsname={display_source(source)}", "subtype=cafs", "ro", "auto_unmount",
+    options = {fsname_option(source), "subtype=cafs", "ro", "auto_unmount",
                "default_permissions", "noatime"}
     if opts.allow_other:
         options.add("allow_other")

@@ -736,6 +736,17 @@ def test_an_option_given_twice_with_one_value_is_accepted(dataset: Dataset, tmp_
         assert m.stats()["cache_limit"] == 256 * MiB  # cache_mode=full: a chunk cache
 
 
+def test_proc_mounts_shows_the_source_as_given(dataset: Dataset, tmp_path: Path) -> None:
+    # mount(8) takes an fstab line as mounted already only if /proc/mounts shows its source
+    # as written: else a second 'mount -a' mounts it again, and fails as busy
+    odd = tmp_path / "runs, v2\\b"
+    odd.symlink_to(dataset.repo)
+    source = f"{odd}#snap"
+    with mounted(source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
+        assert [e.source for e in cafs_mounts(tmp_path)] == [source]
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+
+
 def test_noexec_is_honoured(dataset: Dataset, mnt: Mount, tmp_path: Path) -> None:
     script = "modes/exec"  # 0o755, "#!/bin/sh" and exit 0
     assert subprocess.run([mnt.path / script], check=False).returncode == 0
