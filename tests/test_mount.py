@@ -736,6 +736,17 @@ def test_an_option_given_twice_with_one_value_is_accepted(dataset: Dataset, tmp_
         assert m.stats()["cache_limit"] == 256 * MiB  # cache_mode=full: a chunk cache
 
 
+def test_generic_options_mount8_hands_on_are_accepted(dataset: Dataset, tmp_path: Path) -> None:
+    # as 'mount -t cafs' passes them from fstab or -o (the context= family on SELinux hosts,
+    # a value with commas in double quotes)
+    cache = tmp_path / "cache, v2"
+    options = ('rw,nodiratime,_rnetdev,silent,iversion,dirsync,mand,norelatime,'
+               f'context="system_u:object_r:container_file_t:s0:c1,c2",cache="{cache}",cache_mode=full')
+    with mounted(dataset.source, new_mountpoint(tmp_path), options) as m:
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+        assert os.getxattr(m.path, "user.cafs.cache") == os.fsencode(cache)
+
+
 def test_proc_mounts_shows_the_source_as_given(dataset: Dataset, tmp_path: Path) -> None:
     # mount(8) takes an fstab line as mounted already only if /proc/mounts shows its source
     # as written: else a second 'mount -a' mounts it again, and fails as busy
