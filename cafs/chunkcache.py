@@ -314,7 +314,7 @@ class ChunkCache:
         """Write each ``(offset, stored bytes)`` of each ``(pack, extents)`` and record them
         all as cached, in one LMDB transaction. Extents of a pack that touch are written
         as one span. Raises NoSpaceError if the disk is full (nothing of this call is
-        recorded then)."""
+        recorded then, and what it wrote is punched out again)."""
         spans = [(pack, off, off + len(stored)) for pack, extents in batch for off, stored in extents]
         with self._records:
             self._announce(spans)
@@ -323,8 +323,24 @@ class ChunkCache:
         except BaseException:
             with self._records:
                 self._withdraw(spans)
+                self._unwrite(spans)
             raise
         self._record_batch(batch, spans)
+
+    def _unwrite(self, spans: list[tuple[bytes, int, int]]) -> None:
+        """Punch out what an insert that failed wrote (``_records`` held, ``spans``
+        withdrawn): nothing records those bytes, so no eviction would ever free them, and
+        on a full disk they would keep it full. A block shared with a recorded extent or a
+        span being written is kept, as is an extent another insert recorded meanwhile."""
+        try:
+            with self.env.begin(db=self.extents) as txn:
+                holes = [(pack, self._hole(txn, extent_key(pack, lo), hi - lo)) for pack, lo, hi in spans
+                         if txn.get(extent_key(pack, lo)) is None]
+        except lmdb.Error:
+            return  # nothing known of the neighbours: better to leave the bytes than to punch theirs
+        for pack, hole in holes:
+            if hole is not None:
+                self._punch(pack, *hole)
 
     def _write_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]]) -> None:
         try:
@@ -375,6 +391,7 @@ class ChunkCache:
                     victims = self._evict_in(txn, int(self.limit * EVICT_TO), fresh) if total > self.limit else []
             except lmdb.Error as exc:
                 self.counters.insert_failures += 1
+                self._unwrite(spans)
                 raise self._write_failed(exc, "an extent") from None
             self._punch_all(victims)
 

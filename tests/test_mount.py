@@ -628,6 +628,31 @@ def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
     assert allocated <= 9 * MiB
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 2 MiB at a new directory, for a cache whose disk fills; always unmounted."""
+    point = new_mountpoint(tmp_path, "small-disk")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True, timeout=60)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False, timeout=60)
+
+
+def test_a_full_cache_disk_keeps_no_bytes_the_cache_does_not_record(dataset: Dataset, small_disk: Path,
+                                                                     tmp_path: Path) -> None:
+    # an insert that fails for lack of space has written part of its bytes: nothing records
+    # them, so no eviction would free them, and the disk would stay full of them
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(small_disk), expect_warnings=True) as m:
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+        poll(lambda: m.stats()["cache_writes_pending"] == 0, 30, "the cache writes behind the reads")
+        s = m.stats()
+        allocated = sum(p.stat().st_blocks * 512 for p in small_disk.glob("*/data/*/*"))
+        assert s["cache_full"] >= 1 and s["errors"] == 0
+        assert allocated <= s["cache_size"] + 64 * 4096, (allocated, s["cache_size"])
+    assert m.log_problems() and all("no space left on device" in line for line in m.log_problems())
+
+
 def _damage_cache_files(cache: Path) -> int:
     """Flip one byte in every 512 of every cache file; returns how many files."""
     files = list(cache.glob("*/data/*/*"))
