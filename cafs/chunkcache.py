@@ -70,7 +70,7 @@ from pathlib import Path
 import lmdb
 
 from cafs.errors import CafsError, NoSpaceError
-from cafs.fileio import DIRECT_ALIGN, pwrite_all, read_resident
+from cafs.fileio import DIRECT_ALIGN, open_files_share, pwrite_all, read_resident
 
 EVICT_TO = 0.9
 _EXTENT = struct.Struct(">IQ")
@@ -83,6 +83,8 @@ RECORDED_SNAPSHOTS = 16
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 BLOCK = 4096  # what a punch frees whole; a block an extent shares is kept
 MAX_OPEN_PACKS = 256  # cache files kept open between uses
+# ... and at most this share of the open-files limit (a file may be open twice: O_DIRECT)
+OPEN_FILES_FRACTION = 8
 # shorter spans are written through the page cache: a small file's chunk, whose read
 # would wait for the disk, while its pages cost little
 DIRECT_MIN = 1 << 20
@@ -133,6 +135,7 @@ class ChunkCache:
         self._records = threading.Lock()
         self._writing: dict[bytes, list[tuple[int, int]]] = {}
         self._fds: OrderedDict[bytes, _OpenPack] = OrderedDict()  # least recently used first
+        self._open_share = open_files_share(OPEN_FILES_FRACTION)
         self._direct = True  # until the filesystem refuses O_DIRECT
         self._buffers = threading.local()  # each thread's aligned buffer for O_DIRECT writes
 
@@ -145,7 +148,8 @@ class ChunkCache:
     @contextmanager
     def _pack_file(self, pack: bytes, create: bool) -> Iterator[_OpenPack | None]:
         """A pack's open cache file (None if it does not exist and ``create`` is false),
-        held open for the block: at most ``MAX_OPEN_PACKS`` stay open between uses, and
+        held open for the block: at most ``MAX_OPEN_PACKS`` (and 1/``OPEN_FILES_FRACTION``
+        of the open-files limit) stay open between uses, and
         one another thread is using is closed only after it."""
         with self._lock:
             entry = self._fds.get(pack)
@@ -155,7 +159,7 @@ class ChunkCache:
                     entry = None
                 else:
                     entry = self._fds[pack] = _OpenPack(fd)
-                    while len(self._fds) > MAX_OPEN_PACKS:
+                    while len(self._fds) > min(MAX_OPEN_PACKS, self._open_share):
                         self._fds.popitem(last=False)[1].retire()
             else:
                 self._fds.move_to_end(pack)

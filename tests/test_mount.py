@@ -653,6 +653,35 @@ def test_a_full_cache_disk_keeps_no_bytes_the_cache_does_not_record(dataset: Dat
     assert m.log_problems() and all("no space left on device" in line for line in m.log_problems())
 
 
+@pytest.fixture(scope="module")
+def many_packs(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """A snapshot of 160 files of 24 KiB in packs of 64 KiB: about 60 packs."""
+    base = tmp_path_factory.mktemp("many-packs")
+    rnd = random.Random(7)
+    src = base / "src"
+    for i in range(160):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i:03d}").write_bytes(rnd.randbytes(24 << 10))
+    repo = make_repo(base / "repo", base / "import-cache", pack_size="64K")
+    source = import_tree(src, repo, "packs", base / "import-cache")
+    assert len([p for p in (repo / "packs").rglob("*") if p.is_file()]) > 50
+    return Dataset(src, repo, source, base / "import-cache")
+
+
+@pytest.mark.parametrize("mode", ["full", "meta"])
+def test_a_mount_under_a_low_open_files_limit_serves_every_read(many_packs: Dataset, tmp_path: Path,
+                                                                mode: str) -> None:
+    # the pools of pack files kept open (up to 256 cache files, each open twice, and 64 of
+    # the repository) must fit in the limit the daemon was started with
+    files = _regular_files(many_packs.src)
+    options = f"cache={tmp_path / 'cache'},cache_mode={mode}"
+    with mounted(many_packs.source, new_mountpoint(tmp_path), options, open_files=64) as m:
+        with ThreadPoolExecutor(4) as pool:
+            got = dict(zip(files, pool.map(lambda rel: sha(read_file(m.path / rel)), files)))
+        assert got == files
+        assert m.stats()["errors"] == 0
+
+
 def _damage_cache_files(cache: Path) -> int:
     """Flip one byte in every 512 of every cache file; returns how many files."""
     files = list(cache.glob("*/data/*/*"))
