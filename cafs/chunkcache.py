@@ -195,7 +195,10 @@ class ChunkCache:
             raise
 
     def close(self) -> None:
-        self.flush_touches()
+        try:
+            self.flush_touches()
+        except CafsError:
+            pass  # last-use times only: eviction order is approximate anyway
         with self._lock:
             for entry in self._fds.values():
                 entry.retire()
@@ -448,13 +451,17 @@ class ChunkCache:
             return entry.direct
 
     def drop(self, pack: bytes, offset: int) -> None:
-        """Forget one extent (its bytes were found damaged)."""
-        with self.env.begin(write=True) as txn:
-            value = txn.get(extent_key(pack, offset), db=self.extents)
-            if value is None:
-                return
-            txn.delete(extent_key(pack, offset), db=self.extents)
-            txn.put(_SIZE_KEY, _SIZE.pack(max(0, self._total(txn) - _EXTENT.unpack(value)[0])), db=self.stat)
+        """Forget one extent (its bytes were found damaged). Raises NoSpaceError or
+        CacheError if LMDB cannot be written."""
+        try:
+            with self.env.begin(write=True) as txn:
+                value = txn.get(extent_key(pack, offset), db=self.extents)
+                if value is None:
+                    return
+                txn.delete(extent_key(pack, offset), db=self.extents)
+                txn.put(_SIZE_KEY, _SIZE.pack(max(0, self._total(txn) - _EXTENT.unpack(value)[0])), db=self.stat)
+        except lmdb.Error as exc:
+            raise self._write_failed(exc, "a damaged extent") from None
 
     def _total(self, txn: lmdb.Transaction) -> int:
         value = txn.get(_SIZE_KEY, db=self.stat)
@@ -472,11 +479,18 @@ class ChunkCache:
         except lmdb.Error:
             return -1
 
-    def flush_touches(self) -> None:
-        """Write batched last-use times of extents read since the last flush."""
-        if self._touched:
+    def flush_touches(self) -> bool:
+        """Write batched last-use times of extents read since the last flush (those of a
+        flush that fails are dropped: eviction order is approximate anyway); whether
+        there were any. Raises NoSpaceError or CacheError if LMDB cannot be written."""
+        if not self._touched:
+            return False
+        try:
             with self.env.begin(write=True) as txn:
                 self._write_touches(txn)
+        except lmdb.Error as exc:
+            raise self._write_failed(exc, "when extents were last used") from None
+        return True
 
     def _write_touches(self, txn: lmdb.Transaction) -> None:
         touched, self._touched = self._touched, {}

@@ -42,6 +42,7 @@ from mountfix import (
     mountd_pids,
     mounted,
     poll,
+    process_alive,
     run_cafs,
     run_mount_helper,
     unmount,
@@ -651,6 +652,38 @@ def test_a_full_cache_disk_keeps_no_bytes_the_cache_does_not_record(dataset: Dat
         assert s["cache_full"] >= 1 and s["errors"] == 0
         assert allocated <= s["cache_size"] + 64 * 4096, (allocated, s["cache_size"])
     assert m.log_problems() and all("no space left on device" in line for line in m.log_problems())
+
+
+def _fill(disk: Path) -> None:
+    """Fill ``disk`` to the last block."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while f.write(bytes(4096)):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def test_a_mount_reading_its_cache_on_a_full_disk_keeps_serving(dataset: Dataset, small_disk: Path,
+                                                                 tmp_path: Path) -> None:
+    # every few seconds the daemon records when the cached chunks it read were last used;
+    # on a full disk that LMDB commit fails, and the daemon died of it, its mount with it
+    rels = ["data/text.txt", "data/f0004096", "data/f0016384", "data/half-dup"]
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(small_disk, "1M")) as m:
+        assert [read_file(m.path / rel) for rel in rels] == [read_file(dataset.src / rel) for rel in rels]
+    _fill(small_disk)
+    with mounted(dataset.source, point, full_cache(small_disk, "1M"), expect_warnings=True) as m:
+        for rel in rels:
+            assert read_file(m.path / rel) == read_file(dataset.src / rel)
+        said = "cannot record when cached chunks were used"
+        poll(lambda: said in "".join(m.log_problems()) or not process_alive(m.pid), 30,
+             "a flush of the last-use times")
+        assert process_alive(m.pid) and is_mounted(point)
+        assert m.stats()["cache_hits"] > 0
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+    assert sum(said in line for line in m.log_problems()) == 1  # not again at each flush
+    assert all("no space left" in line for line in m.log_problems())
 
 
 @pytest.fixture(scope="module")
