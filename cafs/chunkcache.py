@@ -70,7 +70,7 @@ from pathlib import Path
 import lmdb
 
 from cafs.errors import CafsError, NoSpaceError
-from cafs.fileio import DIRECT_ALIGN, pwrite_all, read_resident
+from cafs.fileio import DIRECT_ALIGN, open_files_share, pwrite_all, read_resident
 
 EVICT_TO = 0.9
 _EXTENT = struct.Struct(">IQ")
@@ -83,6 +83,8 @@ RECORDED_SNAPSHOTS = 16
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 BLOCK = 4096  # what a punch frees whole; a block an extent shares is kept
 MAX_OPEN_PACKS = 256  # cache files kept open between uses
+# ... and at most this share of the open-files limit (a file may be open twice: O_DIRECT)
+OPEN_FILES_FRACTION = 8
 # shorter spans are written through the page cache: a small file's chunk, whose read
 # would wait for the disk, while its pages cost little
 DIRECT_MIN = 1 << 20
@@ -133,6 +135,7 @@ class ChunkCache:
         self._records = threading.Lock()
         self._writing: dict[bytes, list[tuple[int, int]]] = {}
         self._fds: OrderedDict[bytes, _OpenPack] = OrderedDict()  # least recently used first
+        self._open_share = open_files_share(OPEN_FILES_FRACTION)
         self._direct = True  # until the filesystem refuses O_DIRECT
         self._buffers = threading.local()  # each thread's aligned buffer for O_DIRECT writes
 
@@ -145,7 +148,8 @@ class ChunkCache:
     @contextmanager
     def _pack_file(self, pack: bytes, create: bool) -> Iterator[_OpenPack | None]:
         """A pack's open cache file (None if it does not exist and ``create`` is false),
-        held open for the block: at most ``MAX_OPEN_PACKS`` stay open between uses, and
+        held open for the block: at most ``MAX_OPEN_PACKS`` (and 1/``OPEN_FILES_FRACTION``
+        of the open-files limit) stay open between uses, and
         one another thread is using is closed only after it."""
         with self._lock:
             entry = self._fds.get(pack)
@@ -155,7 +159,7 @@ class ChunkCache:
                     entry = None
                 else:
                     entry = self._fds[pack] = _OpenPack(fd)
-                    while len(self._fds) > MAX_OPEN_PACKS:
+                    while len(self._fds) > min(MAX_OPEN_PACKS, self._open_share):
                         self._fds.popitem(last=False)[1].retire()
             else:
                 self._fds.move_to_end(pack)
@@ -191,7 +195,10 @@ class ChunkCache:
             raise
 
     def close(self) -> None:
-        self.flush_touches()
+        try:
+            self.flush_touches()
+        except CafsError:
+            pass  # last-use times only: eviction order is approximate anyway
         with self._lock:
             for entry in self._fds.values():
                 entry.retire()
@@ -314,7 +321,7 @@ class ChunkCache:
         """Write each ``(offset, stored bytes)`` of each ``(pack, extents)`` and record them
         all as cached, in one LMDB transaction. Extents of a pack that touch are written
         as one span. Raises NoSpaceError if the disk is full (nothing of this call is
-        recorded then)."""
+        recorded then, and what it wrote is punched out again)."""
         spans = [(pack, off, off + len(stored)) for pack, extents in batch for off, stored in extents]
         with self._records:
             self._announce(spans)
@@ -323,8 +330,24 @@ class ChunkCache:
         except BaseException:
             with self._records:
                 self._withdraw(spans)
+                self._unwrite(spans)
             raise
         self._record_batch(batch, spans)
+
+    def _unwrite(self, spans: list[tuple[bytes, int, int]]) -> None:
+        """Punch out what an insert that failed wrote (``_records`` held, ``spans``
+        withdrawn): nothing records those bytes, so no eviction would ever free them, and
+        on a full disk they would keep it full. A block shared with a recorded extent or a
+        span being written is kept, as is an extent another insert recorded meanwhile."""
+        try:
+            with self.env.begin(db=self.extents) as txn:
+                holes = [(pack, self._hole(txn, extent_key(pack, lo), hi - lo)) for pack, lo, hi in spans
+                         if txn.get(extent_key(pack, lo)) is None]
+        except lmdb.Error:
+            return  # nothing known of the neighbours: better to leave the bytes than to punch theirs
+        for pack, hole in holes:
+            if hole is not None:
+                self._punch(pack, *hole)
 
     def _write_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]]) -> None:
         try:
@@ -375,6 +398,7 @@ class ChunkCache:
                     victims = self._evict_in(txn, int(self.limit * EVICT_TO), fresh) if total > self.limit else []
             except lmdb.Error as exc:
                 self.counters.insert_failures += 1
+                self._unwrite(spans)
                 raise self._write_failed(exc, "an extent") from None
             self._punch_all(victims)
 
@@ -427,13 +451,17 @@ class ChunkCache:
             return entry.direct
 
     def drop(self, pack: bytes, offset: int) -> None:
-        """Forget one extent (its bytes were found damaged)."""
-        with self.env.begin(write=True) as txn:
-            value = txn.get(extent_key(pack, offset), db=self.extents)
-            if value is None:
-                return
-            txn.delete(extent_key(pack, offset), db=self.extents)
-            txn.put(_SIZE_KEY, _SIZE.pack(max(0, self._total(txn) - _EXTENT.unpack(value)[0])), db=self.stat)
+        """Forget one extent (its bytes were found damaged). Raises NoSpaceError or
+        CacheError if LMDB cannot be written."""
+        try:
+            with self.env.begin(write=True) as txn:
+                value = txn.get(extent_key(pack, offset), db=self.extents)
+                if value is None:
+                    return
+                txn.delete(extent_key(pack, offset), db=self.extents)
+                txn.put(_SIZE_KEY, _SIZE.pack(max(0, self._total(txn) - _EXTENT.unpack(value)[0])), db=self.stat)
+        except lmdb.Error as exc:
+            raise self._write_failed(exc, "a damaged extent") from None
 
     def _total(self, txn: lmdb.Transaction) -> int:
         value = txn.get(_SIZE_KEY, db=self.stat)
@@ -451,11 +479,18 @@ class ChunkCache:
         except lmdb.Error:
             return -1
 
-    def flush_touches(self) -> None:
-        """Write batched last-use times of extents read since the last flush."""
-        if self._touched:
+    def flush_touches(self) -> bool:
+        """Write batched last-use times of extents read since the last flush (those of a
+        flush that fails are dropped: eviction order is approximate anyway); whether
+        there were any. Raises NoSpaceError or CacheError if LMDB cannot be written."""
+        if not self._touched:
+            return False
+        try:
             with self.env.begin(write=True) as txn:
                 self._write_touches(txn)
+        except lmdb.Error as exc:
+            raise self._write_failed(exc, "when extents were last used") from None
+        return True
 
     def _write_touches(self, txn: lmdb.Transaction) -> None:
         touched, self._touched = self._touched, {}

@@ -532,7 +532,10 @@ class Fetcher:
                     if not resident:
                         self.counters.damaged += 1
                         log.warning("cache extent damaged, refetching: %s", exc)
-                        cache.drop(loc.pack, loc.offset)
+                        try:
+                            cache.drop(loc.pack, loc.offset)
+                        except CafsError as why:  # met and dropped again by a later read
+                            log.warning("%s", why)
             out.append(data)
         return out
 

@@ -3,7 +3,8 @@
 ``pwrite_all`` writes a whole buffer at an offset, looping over short writes (``pwrite``
 may write less than asked, e.g. on a signal or near a quota). ``read_resident`` reads a
 range only if the page cache holds all of it (``RWF_NOWAIT``: it never waits for a disk,
-so an event loop may call it). ``DIRECT_ALIGN`` is the alignment used for ``O_DIRECT``
+so an event loop may call it). ``open_files_share`` bounds the pools of descriptors kept
+open by the open-files limit. ``DIRECT_ALIGN`` is the alignment used for ``O_DIRECT``
 offsets, lengths and buffers: a multiple of any logical block size in use (512 or 4096
 bytes). ``raise_open_files_limit`` lifts the process's soft limit of open files to its
 hard limit.
@@ -37,6 +38,18 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError):
             pass  # a ceiling below the hard limit: keep what we have
     return soft
+
+
+def open_files_share(fraction: int, least: int = 4) -> int:
+    """``1/fraction`` of this process's soft limit of open files, at least ``least``: the
+    most descriptors a pool that keeps files open between uses may hold, so that pools
+    sized for a generous limit do not take every descriptor under a low one (``ulimit -n``
+    with a low hard limit, which ``raise_open_files_limit`` cannot lift) and leave opens
+    elsewhere failing with EMFILE."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = NR_OPEN
+    return max(least, soft // fraction)
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

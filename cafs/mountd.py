@@ -89,13 +89,23 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
 
 def display_source(source: str) -> str:
-    """The source as shown in /proc/mounts: no credentials, no option separators."""
+    """The source as shown in /proc/mounts: as given, but without credentials.
+
+    mount(8) takes a line of fstab as mounted already only when /proc/mounts shows its
+    source as written, so ``mount -a`` run again would mount it once more (and fail as
+    busy) if the source were shown altered in any other way."""
     shown = source
     if "://" in shown:
         scheme, rest = shown.split("://", 1)
         host, slash, path = rest.partition("/")
         shown = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
-    return shown.replace(",", "_").replace(" ", "_")
+    return shown
+
+
+def fsname_option(source: str) -> str:
+    """The ``fsname=`` option for libfuse: its option parser splits at commas and takes
+    a backslash as an escape, so both are escaped with a backslash."""
+    return "fsname=" + display_source(source).replace("\\", "\\\\").replace(",", "\\,")
 
 
 def why_not(exc: OSError) -> str:
@@ -227,7 +237,7 @@ async def detach(mountpoint: str) -> bool:
 
 
 def fuse_options(source: str, opts: MountOptions) -> set[str]:
-    options = {f"fsname={display_source(source)}", "subtype=cafs", "ro", "auto_unmount",
+    options = {fsname_option(source), "subtype=cafs", "ro", "auto_unmount",
                "default_permissions", "noatime"}
     if opts.allow_other:
         options.add("allow_other")
@@ -236,31 +246,68 @@ def fuse_options(source: str, opts: MountOptions) -> set[str]:
     return options
 
 
-class CounterSync:
-    """Adds the fetch counters of a mount to its cache's persistent counters
-    (``ChunkCache.record_use``), each increment once: it remembers what it added."""
+class Complaint:
+    """A warning said once while a failure lasts, and a line once it is over: the flushes
+    below run every ``CACHE_FLUSH_SECONDS``, and on a full disk each fails alike."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing = False
+
+    def failed(self, exc: CafsError) -> None:
+        if not self.failing:
+            log.warning("cannot %s: %s (not said again until it works)", self.what, exc)
+        self.failing = True
+
+    def worked(self) -> None:
+        if self.failing:
+            log.info("can %s again", self.what)
+        self.failing = False
+
+
+class CacheFlush:
+    """Writes what a mount learnt to the host's cache every few seconds (in a worker
+    thread; calls are never concurrent): the nodes it fetched, when cached extents were
+    last used, and its fetch counters, added to the cache's persistent counters
+    (``ChunkCache.record_use``) each increment once: it remembers what it added. A
+    failure (the cache's disk full) costs the cache those records, never the mount."""
 
     def __init__(self) -> None:
         self.hits = self.misses = self.fetched = 0
+        self.nodes = Complaint("write fetched nodes to the cache")
+        self.touches = Complaint("record when cached chunks were used")
+        self.counters = Complaint("record the cache counters")
 
-    def flush(self, fs: SnapshotFS) -> None:
+    def flush(self, fs: SnapshotFS, pending: list[tuple[bytes, bytes]]) -> None:
+        if pending and fs.reader.cache is not None:
+            try:
+                fs.reader.cache.put_many(pending)
+                self.nodes.worked()
+            except CafsError as exc:
+                self.nodes.failed(exc)
         cache = fs.fetcher.cache
         if cache is None:
             return
+        try:
+            if cache.flush_touches():
+                self.touches.worked()
+        except CafsError as exc:
+            self.touches.failed(exc)
         c = fs.fetcher.counters
         hits, misses, fetched = c.hits, c.misses, c.bytes_fetched
         if (hits, misses, fetched) == (self.hits, self.misses, self.fetched):
             return
         try:
             cache.record_use(hits - self.hits, misses - self.misses, fetched - self.fetched)
+            self.counters.worked()
         except CafsError as exc:
-            log.warning("cannot record the cache counters: %s", exc)
+            self.counters.failed(exc)
             return
         self.hits, self.misses, self.fetched = hits, misses, fetched
 
 
 async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None],
-                 counters: CounterSync, attachment: Attachment) -> None:
+                 flusher: CacheFlush, attachment: Attachment) -> None:
     """Serve until unmounted or signalled."""
     async with fs.fetcher.running(), trio.open_nursery() as nursery:
         async def fuse_loop() -> None:
@@ -294,7 +341,7 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
             while True:
                 await trio.sleep(CACHE_FLUSH_SECONDS)
                 # taken on the trio thread, which is the only one that appends to it
-                await trio.to_thread.run_sync(_flush, fs, fs.reader.take_pending(), counters)
+                await trio.to_thread.run_sync(flusher.flush, fs, fs.reader.take_pending())
 
         nursery.start_soon(fuse_loop)
         nursery.start_soon(on_signals)
@@ -307,19 +354,6 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         ready()
 
 
-def _flush(fs: SnapshotFS, pending: list[tuple[bytes, bytes]], counters: CounterSync) -> None:
-    """Write what the mount learnt to the host's cache (runs in a worker thread); calls
-    are never concurrent."""
-    if pending and fs.reader.cache is not None:
-        try:
-            fs.reader.cache.put_many(pending)
-        except CafsError as exc:
-            log.warning("cannot write fetched nodes to the cache: %s", exc)
-    if fs.fetcher.cache is not None:
-        fs.fetcher.cache.flush_touches()
-    counters.flush(fs)
-
-
 def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
           ready: Callable[[], None], fail: Callable[[str], None]) -> int:
     """Mount and serve until unmounted. Returns an exit code; calls ``fail`` with a
@@ -327,7 +361,7 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
     limit_malloc_arenas()  # before the first worker thread starts
     raise_open_files_limit()  # a cache file per pack read, and the store's connections
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
-    counters = CounterSync()
+    flusher = CacheFlush()
     with ExitStack() as stack:
         try:
             setup_logging(opts, cache_dir, foreground)
@@ -339,14 +373,14 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
         fuse_loop.install()
         attachment = Attachment()
         try:
-            trio.run(_serve, fs, mountpoint, opts, ready, counters, attachment)
+            trio.run(_serve, fs, mountpoint, opts, ready, flusher, attachment)
         except BaseException:
             log.exception("the mount loop failed")
             pyfuse3.close(unmount=attachment.to_unmount())
             raise
         # once detached, the mountpoint may be another mount's already: not unmounted again
         pyfuse3.close(unmount=attachment.to_unmount())
-        _flush(fs, fs.reader.take_pending(), counters)
+        flusher.flush(fs, fs.reader.take_pending())
         log.info("unmounted %s", mountpoint)
     return 0
 

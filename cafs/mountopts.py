@@ -17,8 +17,14 @@ already: copying would double the disk space and the I/O of a cold read for noth
 path wants ``cache_mode=full``. Generic mount(8) options that mean nothing to a
 read-only FUSE filesystem of ours are accepted and ignored: ``ro``, ``rw`` (the mount is
 read-only whatever is asked), ``defaults``, ``auto``, ``noauto``, ``user``, ``nouser``,
-``users``, ``nofail``, ``_netdev``, ``suid``, ``nosuid``, ``dev``, ``nodev`` (the mount is
-always ``nosuid,nodev``), ``atime``, ``noatime``, ``relatime``, ``x-*`` and ``comment=*``.
+``users``, ``nofail``, ``_netdev``, ``_rnetdev``, ``suid``, ``nosuid``, ``dev``, ``nodev``
+(the mount is always ``nosuid,nodev``), the atime options (the mount is ``noatime``),
+``iversion``, ``mand``, ``silent``, ``loud``, ``sync``, ``async``, ``dirsync`` and their
+negations, ``x-*``, ``comment=*`` and the SELinux ``context=``, ``fscontext=``,
+``defcontext=`` and ``rootcontext=``. mount(8) hands a helper the options of these it was
+given, as ``-o ro,nodiratime,_netdev,...``, and quotes a value that holds commas in double
+quotes (``context="...:s0:c0,c1"``, ``cache="/a,b"``): a comma within quotes does not end
+an option, and the quotes are not part of the value.
 Anything else is an error naming the option, and so is an option given twice with
 different values (the same value twice is accepted: fstab and ``-o`` often repeat one).
 """
@@ -43,8 +49,12 @@ DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 24 * 3600.0
 
 _IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
-            "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
-            "strictatime", "lazytime", "async", "sync"}
+            "_rnetdev", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "norelatime",
+            "strictatime", "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime",
+            "iversion", "noiversion", "mand", "nomand", "silent", "loud", "async", "sync", "dirsync"}
+# SELinux labels: mount(8) passes them on to a helper only where SELinux is enabled; the
+# mount keeps the label its policy gives FUSE filesystems
+_IGNORED_VALUED = {"comment", "context", "fscontext", "defcontext", "rootcontext"}
 
 
 @dataclass(frozen=True)
@@ -94,13 +104,30 @@ _VALUED: dict[str, Callable[[str, str], object]] = {
 }
 
 
+def split_options(text: str) -> list[str]:
+    """``a=b,c`` split at the commas outside double quotes: mount(8) quotes a value that
+    holds commas (``context="system_u:object_r:t:s0:c0,c1"``)."""
+    items = [""]
+    quoted = False
+    for ch in text:
+        if ch == "," and not quoted:
+            items.append("")
+            continue
+        if ch == '"':
+            quoted = not quoted
+        items[-1] += ch
+    return [i for i in items if i]
+
+
 def parse_options(text: str) -> MountOptions:
     values: dict[str, object] = {}
     texts: dict[str, str] = {}  # as first given, for the message
     mirrors: list[str] = []
-    for item in (i for i in text.split(",") if i):
+    for item in split_options(text):
         key, eq, value = item.partition("=")
-        if key in _IGNORED or key.startswith("x-") or key == "comment":
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if key in _IGNORED or key.startswith("x-") or key in _IGNORED_VALUED:
             continue
         if key in ("allow_other", "debug"):
             if eq:
@@ -140,9 +167,9 @@ def format_options(opts: MountOptions) -> str:
     """The inverse of ``parse_options``, to hand options to the daemon process."""
     items = [f"cache_size={opts.cache_size}", f"readahead={opts.readahead}", f"cache_mode={opts.cache_mode}",
              f"timeout={opts.timeout!r}"]
-    items.extend(f"mirror={url}" for url in opts.mirrors)
+    items.extend(_valued("mirror", url) for url in opts.mirrors)
     if opts.cache is not None:
-        items.append(f"cache={opts.cache}")
+        items.append(_valued("cache", str(opts.cache)))
     if opts.allow_other:
         items.append("allow_other")
     if opts.noexec:
@@ -150,5 +177,10 @@ def format_options(opts: MountOptions) -> str:
     if opts.debug:
         items.append("debug")
     if opts.log:
-        items.append(f"log={opts.log}")
+        items.append(_valued("log", opts.log))
     return ",".join(items)
+
+
+def _valued(key: str, value: str) -> str:
+    """``key=value``, the value in double quotes if it holds a comma (see ``split_options``)."""
+    return f'{key}="{value}"' if "," in value else f"{key}={value}"

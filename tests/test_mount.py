@@ -42,6 +42,7 @@ from mountfix import (
     mountd_pids,
     mounted,
     poll,
+    process_alive,
     run_cafs,
     run_mount_helper,
     unmount,
@@ -628,6 +629,92 @@ def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
     assert allocated <= 9 * MiB
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 2 MiB at a new directory, for a cache whose disk fills; always unmounted."""
+    point = new_mountpoint(tmp_path, "small-disk")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True, timeout=60)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False, timeout=60)
+
+
+def test_a_full_cache_disk_keeps_no_bytes_the_cache_does_not_record(dataset: Dataset, small_disk: Path,
+                                                                     tmp_path: Path) -> None:
+    # an insert that fails for lack of space has written part of its bytes: nothing records
+    # them, so no eviction would free them, and the disk would stay full of them
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(small_disk), expect_warnings=True) as m:
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+        poll(lambda: m.stats()["cache_writes_pending"] == 0, 30, "the cache writes behind the reads")
+        s = m.stats()
+        allocated = sum(p.stat().st_blocks * 512 for p in small_disk.glob("*/data/*/*"))
+        assert s["cache_full"] >= 1 and s["errors"] == 0
+        assert allocated <= s["cache_size"] + 64 * 4096, (allocated, s["cache_size"])
+    assert m.log_problems() and all("no space left on device" in line for line in m.log_problems())
+
+
+def _fill(disk: Path) -> None:
+    """Fill ``disk`` to the last block."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while f.write(bytes(4096)):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def test_a_mount_reading_its_cache_on_a_full_disk_keeps_serving(dataset: Dataset, small_disk: Path,
+                                                                 tmp_path: Path) -> None:
+    # every few seconds the daemon records when the cached chunks it read were last used;
+    # on a full disk that LMDB commit fails, and the daemon died of it, its mount with it
+    rels = ["data/text.txt", "data/f0004096", "data/f0016384", "data/half-dup"]
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(small_disk, "1M")) as m:
+        assert [read_file(m.path / rel) for rel in rels] == [read_file(dataset.src / rel) for rel in rels]
+    _fill(small_disk)
+    with mounted(dataset.source, point, full_cache(small_disk, "1M"), expect_warnings=True) as m:
+        for rel in rels:
+            assert read_file(m.path / rel) == read_file(dataset.src / rel)
+        said = "cannot record when cached chunks were used"
+        poll(lambda: said in "".join(m.log_problems()) or not process_alive(m.pid), 30,
+             "a flush of the last-use times")
+        assert process_alive(m.pid) and is_mounted(point)
+        assert m.stats()["cache_hits"] > 0
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+    assert sum(said in line for line in m.log_problems()) == 1  # not again at each flush
+    assert all("no space left" in line for line in m.log_problems())
+
+
+@pytest.fixture(scope="module")
+def many_packs(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """A snapshot of 160 files of 24 KiB in packs of 64 KiB: about 60 packs."""
+    base = tmp_path_factory.mktemp("many-packs")
+    rnd = random.Random(7)
+    src = base / "src"
+    for i in range(160):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i:03d}").write_bytes(rnd.randbytes(24 << 10))
+    repo = make_repo(base / "repo", base / "import-cache", pack_size="64K")
+    source = import_tree(src, repo, "packs", base / "import-cache")
+    assert len([p for p in (repo / "packs").rglob("*") if p.is_file()]) > 50
+    return Dataset(src, repo, source, base / "import-cache")
+
+
+@pytest.mark.parametrize("mode", ["full", "meta"])
+def test_a_mount_under_a_low_open_files_limit_serves_every_read(many_packs: Dataset, tmp_path: Path,
+                                                                mode: str) -> None:
+    # the pools of pack files kept open (up to 256 cache files, each open twice, and 64 of
+    # the repository) must fit in the limit the daemon was started with
+    files = _regular_files(many_packs.src)
+    options = f"cache={tmp_path / 'cache'},cache_mode={mode}"
+    with mounted(many_packs.source, new_mountpoint(tmp_path), options, open_files=64) as m:
+        with ThreadPoolExecutor(4) as pool:
+            got = dict(zip(files, pool.map(lambda rel: sha(read_file(m.path / rel)), files)))
+        assert got == files
+        assert m.stats()["errors"] == 0
+
+
 def _damage_cache_files(cache: Path) -> int:
     """Flip one byte in every 512 of every cache file; returns how many files."""
     files = list(cache.glob("*/data/*/*"))
@@ -734,6 +821,28 @@ def test_an_option_given_twice_with_one_value_is_accepted(dataset: Dataset, tmp_
     with mounted(dataset.source, new_mountpoint(tmp_path), options) as m:
         assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
         assert m.stats()["cache_limit"] == 256 * MiB  # cache_mode=full: a chunk cache
+
+
+def test_generic_options_mount8_hands_on_are_accepted(dataset: Dataset, tmp_path: Path) -> None:
+    # as 'mount -t cafs' passes them from fstab or -o (the context= family on SELinux hosts,
+    # a value with commas in double quotes)
+    cache = tmp_path / "cache, v2"
+    options = ('rw,nodiratime,_rnetdev,silent,iversion,dirsync,mand,norelatime,'
+               f'context="system_u:object_r:container_file_t:s0:c1,c2",cache="{cache}",cache_mode=full')
+    with mounted(dataset.source, new_mountpoint(tmp_path), options) as m:
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+        assert os.getxattr(m.path, "user.cafs.cache") == os.fsencode(cache)
+
+
+def test_proc_mounts_shows_the_source_as_given(dataset: Dataset, tmp_path: Path) -> None:
+    # mount(8) takes an fstab line as mounted already only if /proc/mounts shows its source
+    # as written: else a second 'mount -a' mounts it again, and fails as busy
+    odd = tmp_path / "runs, v2\\b"
+    odd.symlink_to(dataset.repo)
+    source = f"{odd}#snap"
+    with mounted(source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
+        assert [e.source for e in cafs_mounts(tmp_path)] == [source]
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
 
 
 def test_noexec_is_honoured(dataset: Dataset, mnt: Mount, tmp_path: Path) -> None:

@@ -43,12 +43,13 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError
-from cafs.fileio import DIRECT_ALIGN, read_resident
+from cafs.fileio import DIRECT_ALIGN, open_files_share, read_resident
 from cafs.stores.base import ObjectExists, check_key
 
 TMP_PREFIX = ".tmp-"
 DROP_CACHE_MIN = 1 << 20
 OPEN_PACKS = 64
+OPEN_FILES_FRACTION = 16  # ... and at most this share of the open-files limit
 
 
 class _ReadDescriptors:
@@ -82,7 +83,7 @@ class LocalStore:
         self.root = root
         self.url = f"file://{root}"
         self.fsync = fsync
-        self._readers = _ReadDescriptors(OPEN_PACKS)
+        self._readers = _ReadDescriptors(min(OPEN_PACKS, open_files_share(OPEN_FILES_FRACTION)))
         weakref.finalize(self, self._readers.close)
 
     def _path(self, key: str) -> Path:
