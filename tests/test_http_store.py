@@ -160,19 +160,19 @@ def test_an_upload_slower_than_the_timeout_is_not_a_timeout() -> None:
     """The pace of an answer starts at its head: a pack that takes longer than the
     timeout to upload over a slow link, steadily, is stored, not reported as timed out."""
     class SlowReader(QuietHandler):
-        def do_PUT(self) -> None:  # slowly, then the last 6 MiB at once (socket buffers
-            left = int(self.headers["Content-Length"])  # hold some: the answer comes soon after the upload)
-            while left > 6 << 20:
+        def do_PUT(self) -> None:  # slowly, then the last 12 MiB at once: more than the socket
+            left = int(self.headers["Content-Length"])  # buffers hold, so the answer comes as the upload ends
+            while left > 12 << 20:
                 left -= len(self.rfile.read(1 << 20))
-                time.sleep(0.15)
+                time.sleep(0.2)
             self.rfile.read(left)
             self.answer(201)
 
     server = FakeServer(SlowReader)
     try:
-        started = time.monotonic()
-        HttpStore(server.url + "/repo", timeout=0.5).put("packs/ab/one", bytes(16 << 20))
-        assert time.monotonic() - started > 1
+        started = time.monotonic()  # a 4 s upload, in pieces that each take 0.2 s
+        HttpStore(server.url + "/repo", timeout=2.0).put("packs/ab/one", bytes(32 << 20))
+        assert time.monotonic() - started > 2.0
     finally:
         server.close()
 
