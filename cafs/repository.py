@@ -412,18 +412,31 @@ class Repository:
         return sorted(names)
 
     def jids(self, name: str) -> list[int]:
-        """The jids of ``name``, ascending. From a store that cannot list keys (or lists
-        none), the ``latest`` pointer and the entries after it: the newest ones only."""
+        """Every jid of ``name``, ascending, from a listing of its entries (a listing that
+        shows none: the ``latest`` pointer and the entries after it). Raises
+        ``ListingUnavailable`` from a store that cannot list keys: there only the newest
+        entries can be found (``newest_jids``), and an answer without the older ones
+        would say they are gone (``snapshots``, ``forget``)."""
+        return self._listed_jids(name) or self.jids_after_latest(name)
+
+    def newest_jids(self, name: str) -> list[int]:
+        """The jids of ``name`` a reader can find, ascending: every one, or from a store
+        that cannot list keys the newest ones only (``jids_after_latest``). Enough to
+        name a ref's newest snapshot, or the jid after it; not a whole journal."""
+        try:
+            listed = self._listed_jids(name)
+        except ListingUnavailable:
+            listed = []
+        return listed or self.jids_after_latest(name)
+
+    def _listed_jids(self, name: str) -> list[int]:
         check_ref_name(name)
         jids = []
-        try:
-            for key, _ in self.keys(f"refs/{name}/"):
-                jid = parse_jid(key.rsplit("/", 1)[-1])
-                if jid is not None:
-                    jids.append(jid)
-        except ListingUnavailable:
-            pass
-        return sorted(jids) or self.jids_after_latest(name)
+        for key, _ in self.keys(f"refs/{name}/"):
+            jid = parse_jid(key.rsplit("/", 1)[-1])
+            if jid is not None:
+                jids.append(jid)
+        return sorted(jids)
 
     def jids_after_latest(self, name: str) -> list[int]:
         """The jids of ``name`` as a reader that cannot list keys finds them: the one
@@ -456,7 +469,7 @@ class Repository:
     def snapshot(self, name: str, jid: int | None = None) -> Snapshot:
         check_ref_name(name)
         if jid is None:
-            jids = self.jids(name)
+            jids = self.newest_jids(name)
             if not jids:
                 raise RefError(f"{self.url}: no ref named {name!r}")
             jid = jids[-1]
@@ -488,7 +501,7 @@ class Repository:
         check_ref_name(name)
         taken: dict[int, int] = {}  # jid -> times its put found it taken
         for _attempt in range(100):
-            jids = self.jids(name)
+            jids = self.newest_jids(name)
             snap = Snapshot(ref=name, jid=(jids[-1] + 1) if jids else 1, time_ns=time.time_ns(),
                             root=root, host=os.uname().nodename[:255], source=source[:4096], stats=stats)
             key, data = journal_key(name, snap.jid), encode_snapshot(snap)

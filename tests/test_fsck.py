@@ -757,7 +757,7 @@ def test_a_latest_pointer_that_misleads_readers_without_listings_is_rewritten(ca
             raise ListingUnavailable(f"{self.url}: cannot list {prefix}")
 
     def seen_without_listing() -> list[int]:
-        return Repository.open(Unlisted(open_store(str(copies.repo)))).jids("ds")
+        return Repository.open(Unlisted(open_store(str(copies.repo)))).newest_jids("ds")
 
     assert seen_without_listing() == [1]
     (copies.repo / "refs" / "ds" / "latest").write_bytes(pointer)
