@@ -78,6 +78,7 @@ from cafs.format.pack import pack_key, verify_pack
 from cafs.locks import locked
 from cafs.naming import find_snapshot, ref_name
 from cafs.repository import Repository
+from cafs.sources import DEFAULT_DEADLINE
 from cafs.stores import ObjectExists, Store
 from cafs.tree import reachable
 
@@ -139,16 +140,18 @@ def select_snapshots(src: Repository, selector: str, *, every: bool) -> list[tup
     return wanted
 
 
-def open_destination(src: Repository, store: Store) -> tuple[Repository, bool]:
+def open_destination(src: Repository, store: Store, *,
+                     deadline: float = DEFAULT_DEADLINE) -> tuple[Repository, bool]:
     """(DST, whether it was created): an existing repository, or a new one in an empty
-    store with SRC's config, repo id included."""
+    store with SRC's config, repo id included; its writes retried until ``deadline``."""
     try:
-        return Repository.open(store), False
+        return Repository.open(store, deadline=deadline), False
     except RepositoryError:
         if any(True for _ in store.list("")):
             raise  # not empty and not (readably) a repository: say why opening failed
     c = src.config
-    return Repository.init(store, c.chunker, c.pack_size, repo_id=c.repo_id, version=c.version), True
+    return Repository.init(store, c.chunker, c.pack_size, repo_id=c.repo_id, version=c.version,
+                           deadline=deadline), True
 
 
 def copy_snapshots(src: Repository, dst: Repository, wanted: Iterable[tuple[str, int]], *,

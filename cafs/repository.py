@@ -159,10 +159,11 @@ class Repository:
     @classmethod
     def init(cls, store: Store, chunker: ChunkerParams = ChunkerParams(),
              pack_size: int = 64 << 20, *, repo_id: str | None = None,
-             version: int = FORMAT_VERSION) -> Repository:
+             version: int = FORMAT_VERSION, deadline: float = DEFAULT_DEADLINE) -> Repository:
         """Create a repository in an empty store. ``repo_id`` is random unless given, and
         ``version`` the newest format unless given (``cafs copy`` gives a new mirror its
-        source's id and version, so that what reads one reads the other)."""
+        source's id and version, so that what reads one reads the other). ``deadline``
+        bounds the store operations of the repository returned, as ``open``'s."""
         config = check_config(RepoConfig(repo_id=repo_id or os.urandom(32).hex(), chunker=chunker,
                                          pack_size=pack_size, version=version))
         try:
@@ -178,7 +179,7 @@ class Repository:
             store.put(CONFIG_KEY, encode_config(config), exclusive=True)
         except ObjectExists:
             raise RepositoryError(f"{store.url}: a repository exists there already") from None
-        return cls(store, config)
+        return cls(store, config, deadline=deadline)
 
     @classmethod
     def open(cls, store: Store, *, mirrors: Sequence[Store] = (),
