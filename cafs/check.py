@@ -49,7 +49,7 @@ from cafs.format.journal import (
 )
 from cafs.format.location import Location, verify_stored
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
-from cafs.format.pack import PackTrailer, pack_key, trailer_of
+from cafs.format.pack import PackTrailer, trailer_of
 from cafs.ids import digest
 from cafs.repository import Repository
 
@@ -380,21 +380,24 @@ class Checker:
                 self._record_pack(pack_id, outcome)
 
     def _verify_pack(self, pack_id: bytes) -> tuple[int, list[Location], int, bool] | CafsError:
-        """(bytes read, objects that fail, objects in all, body digest ok), or the error."""
+        """(bytes read, objects that fail, objects in all, body digest ok), or the error.
+        A pack that fails is read again (``Repository.read_pack``) and reported as the
+        last read found it: a byte flipped on the way is no damage of the repository."""
+        failed: list[tuple[int, list[Location], int, bool]] = []
+
+        def check(data: bytes) -> tuple[int, list[Location], int, bool]:
+            outcome = _verify_pack_bytes(pack_id, data)
+            if outcome[1] or not outcome[3]:
+                failed.append(outcome)
+                raise IntegrityError(f"pack {pack_id.hex()}: fails verification")
+            return outcome
+
         try:
-            data = self.repo.store.get(pack_key(pack_id))
-            trailer = trailer_of(data, pack_id, f"pack {pack_id.hex()}")
+            return self.repo.read_pack(pack_id, check)
+        except IntegrityError as exc:
+            return failed[-1] if failed else exc
         except (StoreError, FormatError) as exc:
             return exc
-        view = memoryview(data)
-        bad = []
-        for loc in trailer.entries:
-            try:
-                verify_stored(loc, view[loc.offset:loc.end])
-            except IntegrityError:
-                bad.append(loc)
-        body_ok = digest(view[:trailer.body_length]) == trailer.body_digest
-        return len(data), bad, len(trailer.entries), body_ok
 
     def _record_pack(self, pack_id: bytes, outcome: tuple[int, list[Location], int, bool] | CafsError) -> None:
         if isinstance(outcome, CafsError):
@@ -414,3 +417,18 @@ class Checker:
                 problem.affect(label, path)
             if loc.id in self._nodes_ok:
                 problem.affect("(metadata)", f"node {loc.id.hex()[:16]}")
+
+
+def _verify_pack_bytes(pack_id: bytes, data: bytes) -> tuple[int, list[Location], int, bool]:
+    """(length, objects that fail, objects in all, body digest ok) of a whole pack's
+    bytes; FormatError if its trailer does not decode."""
+    trailer = trailer_of(data, pack_id, f"pack {pack_id.hex()}")
+    view = memoryview(data)
+    bad = []
+    for loc in trailer.entries:
+        try:
+            verify_stored(loc, view[loc.offset:loc.end])
+        except IntegrityError:
+            bad.append(loc)
+    body_ok = digest(view[:trailer.body_length]) == trailer.body_digest
+    return len(data), bad, len(trailer.entries), body_ok

@@ -15,7 +15,9 @@ references readable in DST. In order:
    DST holds under the same key with the same length counts as present; one of another
    length (truncated) is replaced. Each pack is read whole from SRC and verified before
    it is written (``verify_pack``: trailer, body digest, every object against its id);
-   a damaged one raises ``SourcePackDamaged`` naming it, and nothing of it is written.
+   one that fails is read again (``Repository.read_pack``: a byte flipped on the way
+   heals), and one that keeps failing raises ``SourcePackDamaged`` naming it, and
+   nothing of it is written.
 4. Index objects naming the copied packs (one per ``INDEX_EVERY`` packs, each written
    after its packs), so DST finds objects by id without reading every pack's trailer.
 5. The journal entries, byte for byte, by exclusive put, in ascending jid per ref.
@@ -289,13 +291,11 @@ def _copy_packs(src: Repository, dst: Repository, packs: dict[bytes, int], jobs:
 
 def _copy_pack(src: Repository, dst: Repository, pack_id: bytes, state: CopyProgress) -> PackSummary:
     key = pack_key(pack_id)
-    try:
-        data = src.store.get(key)
+    try:  # bytes that fail are read again: a byte flipped on the way is no damaged pack
+        data, trailer = src.read_pack(pack_id, lambda d: (d, verify_pack(d, pack_id, f"pack {pack_id.hex()}")))
     except ObjectNotFound:
         raise CopyError(f"pack {pack_id.hex()} vanished from {src.url} during the copy (a gc there?); "
                         "run the copy again") from None
-    try:
-        trailer = verify_pack(data, pack_id, f"pack {pack_id.hex()}")
     except (FormatError, IntegrityError) as exc:
         raise SourcePackDamaged(
             f"{src.url}: damaged pack {pack_id.hex()} ({exc}); it was not copied and no snapshot "

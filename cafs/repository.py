@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from cafs.errors import (
     CafsError, FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, OtherRepository, RefError,
@@ -57,6 +58,8 @@ RELOCATION_RELOAD = 10.0
 INDEX_READERS = 16  # index objects load_index reads at once from a remote store
 TAKEN_UNLISTED = 10  # commit attempts a jid may be found taken but not listed before commit gives up
 TRIO_TIMEOUT = 5.0  # seconds a read on the trio loop may take before the ordinary path has it
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -129,7 +132,7 @@ class Repository:
         # a fast path bounded well inside the deadline: after it declines, the sources
         # have the rest of the deadline (``read_run``'s ``give_up``) for the ordinary read
         self._trio_gets = store.trio_gets(min(TRIO_TIMEOUT, deadline / 4)) if isinstance(store, TrioReads) else None
-        self.store: Store = RetryingStore(store, deadline=deadline)
+        self.store = RetryingStore(store, deadline=deadline)
         self.mirrors = tuple(MirrorOf(m, config.repo_id) for m in mirrors)
         self.sources = Sources([store, *self.mirrors], deadline=deadline)
         self.config = config
@@ -313,6 +316,14 @@ class Repository:
             except IntegrityError:
                 continue
         return nodes
+
+    def read_pack(self, pack_id: bytes, check: Callable[[bytes], T]) -> T:
+        """``check(the whole pack)``, read from the repository's own store (never a
+        mirror: what is checked is this repository). Bytes that ``check`` finds damaged
+        (it raises ``IntegrityError`` or ``FormatError``) are read again, as every verified
+        read is (``RetryingStore.read``): a byte flipped on the way heals, damage in the
+        store does not."""
+        return self.store.read(lambda s: check(s.get(pack_key(pack_id))))
 
     def read_trailer(self, pack_id: bytes, length: int) -> PackSummary:
         key = pack_key(pack_id)

@@ -806,3 +806,21 @@ def test_an_affected_file_is_named_once(cafs, copies: Damaged, name: str) -> Non
     (problem,) = [p for p in doc["problems"] if p["kind"] == fault.kind]
     paths = problem["affects"][LABEL]
     assert "data/big" in paths and len(paths) == len(set(paths)), paths
+
+
+PACK_OBJECT = r"/packs/../[0-9a-f]{64}$"  # a pack itself, not a listing
+
+
+def test_a_byte_flipped_in_transit_is_not_a_damaged_pack(cafs, copies: Damaged, nginx_server,
+                                                         fault_proxy) -> None:
+    """A pack whose bytes fail verification once, on the way (a proxy, a NIC), is read
+    again, as every verified read is: fsck --read-data finds the repository sound, and
+    --repair --salvage has nothing to set aside."""
+    proxy = fault_proxy(nginx_server(copies.repo.parent))
+    url = f"{proxy.url}/repo"
+    for args in ((), ("--repair", "--salvage")):
+        proxy.set_mode("flip_bytes", method="GET", match=PACK_OBJECT, ranged=False, times=1)
+        r = fsck(cafs, url, "--read-data", *args)
+        assert proxy.faults_fired == 1 + len(args) // 2
+        assert r.code == FSCK_CLEAN, r.out + r.err
+    assert not (copies.repo / "damaged").exists()
