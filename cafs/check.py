@@ -30,6 +30,12 @@ pack of the same id and length, or reread with ``read_fraction`` a pack whose ev
 byte it has verified: ids name immutable bytes. So a second run costs what the first
 could not reach, which a repaired metadata pack makes readable.
 
+A store that keeps failing (``StoreUnavailable``: 5xx answers, resets, timeouts until
+the deadline) tells nothing about the repository: the check stops with that error, which
+``cafs fsck`` reports as operational (exit 8), rather than calling a pack, node, index or
+journal entry it could not read damaged, which a repair would then act on. Other store
+errors (a range past the end, access denied to one object) are the object's problem.
+
 Caveats: that trust is in what this process verified; damage done to those objects
 between two runs of one ``Checker`` is seen by the next ``cafs fsck``, not by that run.
 """
@@ -42,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError
+from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
 from cafs.format.index import PackSummary, decode_index
 from cafs.format.journal import (
     Snapshot, decode_latest, decode_snapshot, is_ref_name, journal_key, latest_key, parse_jid,
@@ -160,6 +166,8 @@ class Checker:
             if summary is None or summary.length != size:
                 try:
                     summary = self._summaries[pack_id] = self.repo.read_trailer(pack_id, size)
+                except StoreUnavailable:
+                    raise  # the store failed until the deadline: no finding about the repository
                 except (FormatError, StoreError) as exc:
                     kind = "truncated-pack" if "magic" in str(exc) or "exceeds" in str(exc) else "corrupt-pack"
                     self._pack_problem[pack_id] = self._problem(
@@ -178,6 +186,8 @@ class Checker:
                 if digest(data).hex() != key.rsplit("/", 1)[-1]:
                     raise IntegrityError("content does not match its name")
                 packs = decode_index(data, key)
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except (FormatError, IntegrityError, StoreError) as exc:
                 self._problem(Problem("bad-index", key, f"{exc} (an index is a cache of pack trailers; "
                                       "repair rewrites it)"))
@@ -233,6 +243,8 @@ class Checker:
             self._listed_jids[parts[1]].append(jid)
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except (CafsError, StoreError) as exc:
                 self._unreadable.add(f"{parts[1]}@{jid}")
                 self._problem(Problem("bad-journal", key, str(exc),
@@ -251,11 +263,15 @@ class Checker:
                 pointer = decode_latest(self.repo.store.get(key))
             except ObjectNotFound:
                 continue
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except StoreError as exc:
                 self._problem(Problem("bad-latest", key, f"cannot be read: {exc}"))
                 continue
             try:
                 found = self.repo.jids_after_latest(name)
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except StoreError as exc:
                 self._problem(Problem("bad-latest", key, f"the entries after it cannot be probed: {exc}"))
                 continue
@@ -295,6 +311,8 @@ class Checker:
         if self._set_aside is None:
             try:
                 self._set_aside = {key.rsplit("/", 1)[-1] for key, _ in self.repo.store.list("damaged/")}
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except (CafsError, StoreError):
                 self._set_aside = set()
         if pack_id.hex() in self._set_aside:
@@ -331,6 +349,8 @@ class Checker:
                 try:
                     node = self._nodes_ok[loc.id] = decode_node(self.repo.read_object(loc),
                                                                 f"node {loc.id.hex()[:16]}")
+                except StoreUnavailable:
+                    raise  # no finding (see the module docstring)
                 except (FormatError, IntegrityError, StoreError) as exc:
                     problem = self._object_problem.get(loc.id) or self._problem(
                         Problem("corrupt-node", loc.id.hex(), str(exc), pack=loc.pack))
@@ -396,6 +416,8 @@ class Checker:
             return self.repo.read_pack(pack_id, check)
         except IntegrityError as exc:
             return failed[-1] if failed else exc
+        except StoreUnavailable:
+            raise  # no finding (see the module docstring)
         except (StoreError, FormatError) as exc:
             return exc
 

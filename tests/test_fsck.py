@@ -824,3 +824,19 @@ def test_a_byte_flipped_in_transit_is_not_a_damaged_pack(cafs, copies: Damaged, 
         assert proxy.faults_fired == 1 + len(args) // 2
         assert r.code == FSCK_CLEAN, r.out + r.err
     assert not (copies.repo / "damaged").exists()
+
+
+@pytest.mark.parametrize("read_data", [False, True], ids=["trailers", "read-data"])
+def test_a_store_that_keeps_failing_is_an_operational_error(cafs, copies: Damaged, nginx_server, fault_proxy,
+                                                             monkeypatch: pytest.MonkeyPatch, read_data: bool) -> None:
+    """A pack the server answers 503 for until the deadline is not a corrupt pack: fsck
+    cannot tell, says which request failed, and exits 8 (operational), not 4; nothing is
+    repaired or set aside."""
+    pack, _ = _big_pack(copies.layout)
+    proxy = fault_proxy(nginx_server(copies.repo.parent))
+    proxy.set_mode("status", status=503, match=pack.hex(), ranged=False if read_data else True)
+    monkeypatch.setenv("CAFS_TIMEOUT", "1")
+    r = fsck(cafs, f"{proxy.url}/repo", "--repair", "--salvage", *(["--read-data"] if read_data else []))
+    assert r.code == FSCK_OPERATIONAL, r.out + r.err
+    assert pack.hex() in r.err and "503" in r.err and "Traceback" not in r.err, r.err
+    assert "corrupt-pack" not in r.out and not (copies.repo / "damaged").exists(), r.out
