@@ -30,6 +30,12 @@ pack of the same id and length, or reread with ``read_fraction`` a pack whose ev
 byte it has verified: ids name immutable bytes. So a second run costs what the first
 could not reach, which a repaired metadata pack makes readable.
 
+A store that keeps failing (``StoreUnavailable``: 5xx answers, resets, timeouts until
+the deadline) tells nothing about the repository: the check stops with that error, which
+``cafs fsck`` reports as operational (exit 8), rather than calling a pack, node, index or
+journal entry it could not read damaged, which a repair would then act on. Other store
+errors (a range past the end, access denied to one object) are the object's problem.
+
 Caveats: that trust is in what this process verified; damage done to those objects
 between two runs of one ``Checker`` is seen by the next ``cafs fsck``, not by that run.
 """
@@ -42,14 +48,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError
+from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
 from cafs.format.index import PackSummary, decode_index
 from cafs.format.journal import (
     Snapshot, decode_latest, decode_snapshot, is_ref_name, journal_key, latest_key, parse_jid,
 )
 from cafs.format.location import Location, verify_stored
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
-from cafs.format.pack import PackTrailer, pack_key, trailer_of
+from cafs.format.pack import PackTrailer, trailer_of
 from cafs.ids import digest
 from cafs.repository import Repository
 
@@ -160,6 +166,8 @@ class Checker:
             if summary is None or summary.length != size:
                 try:
                     summary = self._summaries[pack_id] = self.repo.read_trailer(pack_id, size)
+                except StoreUnavailable:
+                    raise  # the store failed until the deadline: no finding about the repository
                 except (FormatError, StoreError) as exc:
                     kind = "truncated-pack" if "magic" in str(exc) or "exceeds" in str(exc) else "corrupt-pack"
                     self._pack_problem[pack_id] = self._problem(
@@ -178,6 +186,8 @@ class Checker:
                 if digest(data).hex() != key.rsplit("/", 1)[-1]:
                     raise IntegrityError("content does not match its name")
                 packs = decode_index(data, key)
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except (FormatError, IntegrityError, StoreError) as exc:
                 self._problem(Problem("bad-index", key, f"{exc} (an index is a cache of pack trailers; "
                                       "repair rewrites it)"))
@@ -233,6 +243,8 @@ class Checker:
             self._listed_jids[parts[1]].append(jid)
             try:
                 snaps.append(decode_snapshot(self.repo.store.get(journal_key(parts[1], jid)), parts[1], jid))
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except (CafsError, StoreError) as exc:
                 self._unreadable.add(f"{parts[1]}@{jid}")
                 self._problem(Problem("bad-journal", key, str(exc),
@@ -251,11 +263,15 @@ class Checker:
                 pointer = decode_latest(self.repo.store.get(key))
             except ObjectNotFound:
                 continue
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except StoreError as exc:
                 self._problem(Problem("bad-latest", key, f"cannot be read: {exc}"))
                 continue
             try:
                 found = self.repo.jids_after_latest(name)
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except StoreError as exc:
                 self._problem(Problem("bad-latest", key, f"the entries after it cannot be probed: {exc}"))
                 continue
@@ -294,6 +310,8 @@ class Checker:
         if self._set_aside is None:
             try:
                 self._set_aside = {key.rsplit("/", 1)[-1] for key, _ in self.repo.store.list("damaged/")}
+            except StoreUnavailable:
+                raise  # no finding (see the module docstring)
             except (CafsError, StoreError):
                 self._set_aside = set()
         if pack_id.hex() in self._set_aside:
@@ -330,6 +348,8 @@ class Checker:
                 try:
                     node = self._nodes_ok[loc.id] = decode_node(self.repo.read_object(loc),
                                                                 f"node {loc.id.hex()[:16]}")
+                except StoreUnavailable:
+                    raise  # no finding (see the module docstring)
                 except (FormatError, IntegrityError, StoreError) as exc:
                     problem = self._object_problem.get(loc.id) or self._problem(
                         Problem("corrupt-node", loc.id.hex(), str(exc), pack=loc.pack))
@@ -379,21 +399,26 @@ class Checker:
                 self._record_pack(pack_id, outcome)
 
     def _verify_pack(self, pack_id: bytes) -> tuple[int, list[Location], int, bool] | CafsError:
-        """(bytes read, objects that fail, objects in all, body digest ok), or the error."""
+        """(bytes read, objects that fail, objects in all, body digest ok), or the error.
+        A pack that fails is read again (``Repository.read_pack``) and reported as the
+        last read found it: a byte flipped on the way is no damage of the repository."""
+        failed: list[tuple[int, list[Location], int, bool]] = []
+
+        def check(data: bytes) -> tuple[int, list[Location], int, bool]:
+            outcome = _verify_pack_bytes(pack_id, data)
+            if outcome[1] or not outcome[3]:
+                failed.append(outcome)
+                raise IntegrityError(f"pack {pack_id.hex()}: fails verification")
+            return outcome
+
         try:
-            data = self.repo.store.get(pack_key(pack_id))
-            trailer = trailer_of(data, pack_id, f"pack {pack_id.hex()}")
+            return self.repo.read_pack(pack_id, check)
+        except IntegrityError as exc:
+            return failed[-1] if failed else exc
+        except StoreUnavailable:
+            raise  # no finding (see the module docstring)
         except (StoreError, FormatError) as exc:
             return exc
-        view = memoryview(data)
-        bad = []
-        for loc in trailer.entries:
-            try:
-                verify_stored(loc, view[loc.offset:loc.end])
-            except IntegrityError:
-                bad.append(loc)
-        body_ok = digest(view[:trailer.body_length]) == trailer.body_digest
-        return len(data), bad, len(trailer.entries), body_ok
 
     def _record_pack(self, pack_id: bytes, outcome: tuple[int, list[Location], int, bool] | CafsError) -> None:
         if isinstance(outcome, CafsError):
@@ -413,3 +438,18 @@ class Checker:
                 problem.affect(label, path)
             if loc.id in self._nodes_ok:
                 problem.affect("(metadata)", f"node {loc.id.hex()[:16]}")
+
+
+def _verify_pack_bytes(pack_id: bytes, data: bytes) -> tuple[int, list[Location], int, bool]:
+    """(length, objects that fail, objects in all, body digest ok) of a whole pack's
+    bytes; FormatError if its trailer does not decode."""
+    trailer = trailer_of(data, pack_id, f"pack {pack_id.hex()}")
+    view = memoryview(data)
+    bad = []
+    for loc in trailer.entries:
+        try:
+            verify_stored(loc, view[loc.offset:loc.end])
+        except IntegrityError:
+            bad.append(loc)
+    body_ok = digest(view[:trailer.body_length]) == trailer.body_digest
+    return len(data), bad, len(trailer.entries), body_ok

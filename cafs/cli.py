@@ -127,7 +127,7 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
         check_config(RepoConfig(defaults.repo_id, chunker, pack_size))
     except RepositoryError as exc:
         raise UsageError(str(exc)) from None
-    repo = Repository.init(open_store(args.repo), chunker, pack_size)
+    repo = Repository.init(open_store(args.repo, deadline=ctx.deadline), chunker, pack_size, deadline=ctx.deadline)
     c = repo.config
     print(f"created cafs repository {repo.url} (id {c.repo_id[:12]}, chunks "
           f"{human_bytes(c.chunker.min_size)}/{human_bytes(c.chunker.avg_size)}/{human_bytes(c.chunker.max_size)}, "
@@ -447,7 +447,7 @@ def cmd_copy(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"--jobs {args.jobs}: give 1 to 64")
     src = ctx.repo(spec.repo)
     wanted = select_snapshots(src, spec.selector, every=args.all)
-    dst, created = open_destination(src, open_store(args.dest))
+    dst, created = open_destination(src, open_store(args.dest, deadline=ctx.deadline), deadline=ctx.deadline)
     state = CopyProgress()
 
     def render(elapsed: float) -> str:

@@ -15,7 +15,9 @@ references readable in DST. In order:
    DST holds under the same key with the same length counts as present; one of another
    length (truncated) is replaced. Each pack is read whole from SRC and verified before
    it is written (``verify_pack``: trailer, body digest, every object against its id);
-   a damaged one raises ``SourcePackDamaged`` naming it, and nothing of it is written.
+   one that fails is read again (``Repository.read_pack``: a byte flipped on the way
+   heals), and one that keeps failing raises ``SourcePackDamaged`` naming it, and
+   nothing of it is written.
 4. Index objects naming the copied packs (one per ``INDEX_EVERY`` packs, each written
    after its packs), so DST finds objects by id without reading every pack's trailer.
 5. The journal entries, byte for byte, by exclusive put, in ascending jid per ref.
@@ -78,6 +80,7 @@ from cafs.format.pack import pack_key, verify_pack
 from cafs.locks import locked
 from cafs.naming import find_snapshot, ref_name
 from cafs.repository import Repository
+from cafs.sources import DEFAULT_DEADLINE
 from cafs.stores import ObjectExists, Store
 from cafs.tree import reachable
 
@@ -139,16 +142,18 @@ def select_snapshots(src: Repository, selector: str, *, every: bool) -> list[tup
     return wanted
 
 
-def open_destination(src: Repository, store: Store) -> tuple[Repository, bool]:
+def open_destination(src: Repository, store: Store, *,
+                     deadline: float = DEFAULT_DEADLINE) -> tuple[Repository, bool]:
     """(DST, whether it was created): an existing repository, or a new one in an empty
-    store with SRC's config, repo id included."""
+    store with SRC's config, repo id included; its writes retried until ``deadline``."""
     try:
-        return Repository.open(store), False
+        return Repository.open(store, deadline=deadline), False
     except RepositoryError:
         if any(True for _ in store.list("")):
             raise  # not empty and not (readably) a repository: say why opening failed
     c = src.config
-    return Repository.init(store, c.chunker, c.pack_size, repo_id=c.repo_id, version=c.version), True
+    return Repository.init(store, c.chunker, c.pack_size, repo_id=c.repo_id, version=c.version,
+                           deadline=deadline), True
 
 
 def copy_snapshots(src: Repository, dst: Repository, wanted: Iterable[tuple[str, int]], *,
@@ -286,13 +291,11 @@ def _copy_packs(src: Repository, dst: Repository, packs: dict[bytes, int], jobs:
 
 def _copy_pack(src: Repository, dst: Repository, pack_id: bytes, state: CopyProgress) -> PackSummary:
     key = pack_key(pack_id)
-    try:
-        data = src.store.get(key)
+    try:  # bytes that fail are read again: a byte flipped on the way is no damaged pack
+        data, trailer = src.read_pack(pack_id, lambda d: (d, verify_pack(d, pack_id, f"pack {pack_id.hex()}")))
     except ObjectNotFound:
         raise CopyError(f"pack {pack_id.hex()} vanished from {src.url} during the copy (a gc there?); "
                         "run the copy again") from None
-    try:
-        trailer = verify_pack(data, pack_id, f"pack {pack_id.hex()}")
     except (FormatError, IntegrityError) as exc:
         raise SourcePackDamaged(
             f"{src.url}: damaged pack {pack_id.hex()} ({exc}); it was not copied and no snapshot "

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from cafs.errors import CafsError, UsageError
 from cafs.format.journal import journal_key
@@ -40,6 +41,7 @@ from cafs.format.pack import pack_key
 from cafs.locks import locked
 from cafs.packwriter import copy_into_new_packs
 from cafs.repository import Repository
+from cafs.stores import Store
 from cafs.stores.base import Temporaries
 from cafs.tree import reachable
 
@@ -147,8 +149,15 @@ def _repack(repo: Repository, packs: list[PackSummary], live: set[bytes], elsewh
             for loc in summary.entries:
                 if loc.id not in live or loc.id in elsewhere or loc.id in copied:
                     continue
-                stored = repo.store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
-                decode_stored(loc, stored)  # never copy a damaged object over a good one
+                # never copy a damaged object over a good one; read again what fails on the way
+                stored = repo.store.read(partial(_verified, loc=loc))
                 copied.add(loc.id)
                 yield summary.kind, loc, stored
     return copy_into_new_packs(repo.pack_store, repo.config.pack_size, objects())
+
+
+def _verified(store: Store, loc: Location) -> bytes:
+    """The stored bytes of ``loc``, raising IntegrityError unless they match its id."""
+    stored = store.get(pack_key(loc.pack), loc.offset, loc.stored_length)
+    decode_stored(loc, stored)
+    return stored

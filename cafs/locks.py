@@ -10,6 +10,11 @@ it needs no atomic operation beyond put, list and delete, so it works on every s
 A holder refreshes its lock (rewrites ``time_ns``) every ``REFRESH`` seconds; a lock not
 refreshed for ``STALE`` seconds, or held by a process that no longer exists on this
 host, is stale and ignored (and removed by the next exclusive locker).
+
+A lock that is listed but cannot be read (the store fails to answer for it until the
+deadline) is not taken for no lock: its holder may be writing, so taking a lock then
+fails with the store's error. Only a lock gone between the listing and the read (its
+holder let go) or one that does not decode (not written by cafs) counts as none.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cafs.errors import CafsError, FormatError, StoreError
+from cafs.errors import CafsError, FormatError, ObjectNotFound, StoreError
 from cafs.format.strict import expect_int, expect_map, expect_str, pack, unpack
 from cafs.stores import Store
 
@@ -63,19 +68,30 @@ def _encode(kind: str) -> bytes:
                  "time_ns": time.time_ns()})
 
 
-def read_locks(store: Store) -> list[LockInfo]:
+def read_locks(store: Store, *, own: str | None = None) -> list[LockInfo]:
+    """The locks held on the repository, but ``own``. Raises the store's error for one
+    that is listed but cannot be read: whether it is held cannot be told."""
     locks = []
     for key, _size in store.list("locks/"):
+        if key == own:
+            continue
         try:
-            m = expect_map(unpack(store.get(key), key, max_bytes=4096), key,
+            data = store.get(key)
+        except ObjectNotFound:
+            continue  # released since the listing
+        except StoreError as exc:
+            raise type(exc)(f"{exc}: cannot tell whether that lock is held; nothing was done, "
+                            "try again later") from None
+        try:
+            m = expect_map(unpack(data, key, max_bytes=4096), key,
                            required={"v", "kind", "host", "pid", "time_ns"})
             kind = expect_str(m["kind"], key)
             if kind not in ("shared", "exclusive"):
                 raise FormatError(f"{key}: unknown lock kind {kind!r}")
             locks.append(LockInfo(key, kind, expect_str(m["host"], key), expect_int(m["pid"], key),
                                   expect_int(m["time_ns"], key)))
-        except (FormatError, StoreError):
-            continue  # vanished or garbage: not a lock anyone holds
+        except FormatError:
+            continue  # garbage: not a lock anyone holds
     return locks
 
 
@@ -85,9 +101,7 @@ def locked(store: Store, kind: str) -> Iterator[None]:
     key = f"locks/{os.urandom(16).hex()}"
     store.put(key, _encode(kind))
     try:
-        for other in read_locks(store):
-            if other.key == key:
-                continue
+        for other in read_locks(store, own=key):
             if other.stale():
                 if kind == "exclusive":
                     store.delete(other.key)

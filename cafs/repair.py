@@ -58,10 +58,12 @@ class RepairResult:
 
 
 def verified_pack(repo: Repository, pack_id: bytes) -> bytes:
-    """The whole pack ``pack_id`` from ``repo``, raising unless every byte checks out."""
-    data = repo.store.get(pack_key(pack_id))
-    verify_pack(data, pack_id, f"pack {pack_id.hex()} in {repo.url}")
-    return data
+    """The whole pack ``pack_id`` from ``repo``, raising unless every byte checks out
+    (read again when it does not: ``Repository.read_pack``)."""
+    def check(data: bytes) -> bytes:
+        verify_pack(data, pack_id, f"pack {pack_id.hex()} in {repo.url}")
+        return data
+    return repo.read_pack(pack_id, check)
 
 
 def repair_in_rounds(repo: Repository, report: Report, mirrors: list[Repository], recheck: Callable[[], Report],

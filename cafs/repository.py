@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from cafs.errors import (
     CafsError, FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, OtherRepository, RefError,
@@ -59,6 +60,8 @@ RELOCATION_RELOAD = 10.0
 INDEX_READERS = 16  # index objects load_index reads at once from a remote store
 TAKEN_UNLISTED = 10  # commit attempts a jid may be found taken but not listed before commit gives up
 TRIO_TIMEOUT = 5.0  # seconds a read on the trio loop may take before the ordinary path has it
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -131,7 +134,7 @@ class Repository:
         # a fast path bounded well inside the deadline: after it declines, the sources
         # have the rest of the deadline (``read_run``'s ``give_up``) for the ordinary read
         self._trio_gets = store.trio_gets(min(TRIO_TIMEOUT, deadline / 4)) if isinstance(store, TrioReads) else None
-        self.store: Store = RetryingStore(store, deadline=deadline)
+        self.store = RetryingStore(store, deadline=deadline)
         self.mirrors = tuple(MirrorOf(m, config.repo_id) for m in mirrors)
         self.sources = Sources([store, *self.mirrors], deadline=deadline)
         self.config = config
@@ -161,10 +164,11 @@ class Repository:
     @classmethod
     def init(cls, store: Store, chunker: ChunkerParams = ChunkerParams(),
              pack_size: int = 64 << 20, *, repo_id: str | None = None,
-             version: int = FORMAT_VERSION) -> Repository:
+             version: int = FORMAT_VERSION, deadline: float = DEFAULT_DEADLINE) -> Repository:
         """Create a repository in an empty store. ``repo_id`` is random unless given, and
         ``version`` the newest format unless given (``cafs copy`` gives a new mirror its
-        source's id and version, so that what reads one reads the other)."""
+        source's id and version, so that what reads one reads the other). ``deadline``
+        bounds the store operations of the repository returned, as ``open``'s."""
         config = check_config(RepoConfig(repo_id=repo_id or os.urandom(32).hex(), chunker=chunker,
                                          pack_size=pack_size, version=version))
         try:
@@ -180,7 +184,7 @@ class Repository:
             store.put(CONFIG_KEY, encode_config(config), exclusive=True)
         except ObjectExists:
             raise RepositoryError(f"{store.url}: a repository exists there already") from None
-        return cls(store, config)
+        return cls(store, config, deadline=deadline)
 
     @classmethod
     def open(cls, store: Store, *, mirrors: Sequence[Store] = (),
@@ -313,6 +317,14 @@ class Repository:
                 continue
         return nodes
 
+    def read_pack(self, pack_id: bytes, check: Callable[[bytes], T]) -> T:
+        """``check(the whole pack)``, read from the repository's own store (never a
+        mirror: what is checked is this repository). Bytes that ``check`` finds damaged
+        (it raises ``IntegrityError`` or ``FormatError``) are read again, as every verified
+        read is (``RetryingStore.read``): a byte flipped on the way heals, damage in the
+        store does not."""
+        return self.store.read(lambda s: check(s.get(pack_key(pack_id))))
+
     def read_trailer(self, pack_id: bytes, length: int) -> PackSummary:
         key = pack_key(pack_id)
         what = f"pack {pack_id.hex()}"
@@ -412,18 +424,31 @@ class Repository:
         return sorted(names)
 
     def jids(self, name: str) -> list[int]:
-        """The jids of ``name``, ascending. From a store that cannot list keys (or lists
-        none), the ``latest`` pointer and the entries after it: the newest ones only."""
+        """Every jid of ``name``, ascending, from a listing of its entries (a listing that
+        shows none: the ``latest`` pointer and the entries after it). Raises
+        ``ListingUnavailable`` from a store that cannot list keys: there only the newest
+        entries can be found (``newest_jids``), and an answer without the older ones
+        would say they are gone (``snapshots``, ``forget``)."""
+        return self._listed_jids(name) or self.jids_after_latest(name)
+
+    def newest_jids(self, name: str) -> list[int]:
+        """The jids of ``name`` a reader can find, ascending: every one, or from a store
+        that cannot list keys the newest ones only (``jids_after_latest``). Enough to
+        name a ref's newest snapshot, or the jid after it; not a whole journal."""
+        try:
+            listed = self._listed_jids(name)
+        except ListingUnavailable:
+            listed = []
+        return listed or self.jids_after_latest(name)
+
+    def _listed_jids(self, name: str) -> list[int]:
         check_ref_name(name)
         jids = []
-        try:
-            for key, _ in self.keys(f"refs/{name}/"):
-                jid = parse_jid(key.rsplit("/", 1)[-1])
-                if jid is not None:
-                    jids.append(jid)
-        except ListingUnavailable:
-            pass
-        return sorted(jids) or self.jids_after_latest(name)
+        for key, _ in self.keys(f"refs/{name}/"):
+            jid = parse_jid(key.rsplit("/", 1)[-1])
+            if jid is not None:
+                jids.append(jid)
+        return sorted(jids)
 
     def jids_after_latest(self, name: str) -> list[int]:
         """The jids of ``name`` as a reader that cannot list keys finds them: the one
@@ -456,7 +481,7 @@ class Repository:
     def snapshot(self, name: str, jid: int | None = None) -> Snapshot:
         check_ref_name(name)
         if jid is None:
-            jids = self.jids(name)
+            jids = self.newest_jids(name)
             if not jids:
                 raise RefError(f"{self.url}: no ref named {name!r}")
             jid = jids[-1]
@@ -488,7 +513,7 @@ class Repository:
         check_ref_name(name)
         taken: dict[int, int] = {}  # jid -> times its put found it taken
         for _attempt in range(100):
-            jids = self.jids(name)
+            jids = self.newest_jids(name)
             snap = Snapshot(ref=name, jid=(jids[-1] + 1) if jids else 1, time_ns=time.time_ns(),
                             root=root, host=os.uname().nodename[:255], source=source[:4096], stats=stats)
             key, data = journal_key(name, snap.jid), encode_snapshot(snap)

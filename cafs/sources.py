@@ -18,7 +18,8 @@ does not). Failures no retry cures — an object missing everywhere (``ObjectNot
 refused credentials — are raised at once.
 
 ``RetryingStore`` gives writes the same patience on one store: an operation that meets
-``StoreUnavailable`` is retried with back-off until the deadline.
+``StoreUnavailable`` is retried with back-off until the deadline; its ``read(fn)`` is
+``Sources.read`` of that one store, for reads that verify what they get.
 
 Thread-safe: the health table is guarded by a lock; reads themselves run unlocked.
 """
@@ -132,6 +133,13 @@ class RetryingStore:
 
     def _retry(self, fn: Callable[[], T]) -> T:
         return self._sources.read(lambda _store: fn())
+
+    def read(self, fn: Callable[[Store], T]) -> T:
+        """``fn(store)``, which reads and verifies, retried as ``Sources.read`` retries:
+        on ``StoreUnavailable`` until the deadline, and when it finds bytes that fail
+        verification (raises ``IntegrityError`` or ``FormatError``) ``CORRUPT_ROUNDS``
+        times at most, so a byte flipped on the way is not taken for a damaged object."""
+        return self._sources.read(fn)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._retry(lambda: self.inner.get(key, offset, length))

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,39 @@ def test_kill_9_mid_copy_then_resume(cafs, big_src: Path, dst: Path, tmp_path: P
     assert r.code == 0, r.err
     assert_same_tree(big_src / "tree", tmp_path / "out")
     fsck(cafs, dst)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+def test_a_stalled_destination_fails_within_cafs_timeout(cafs, src: Path, tmp_path: Path, nginx_server,
+                                                         fault_proxy, monkeypatch: pytest.MonkeyPatch,
+                                                         existing: bool) -> None:
+    """CAFS_TIMEOUT bounds the waits on DST as on SRC: a destination that stalls fails the
+    copy after about that long, not after the default 30 s."""
+    www = tmp_path / "www"
+    www.mkdir()
+    if existing:
+        assert cafs("init", www / "dst", *SMALL).code == 0
+    proxy = fault_proxy(nginx_server(www))
+    proxy.set_mode("stall", method="PUT", match=r"/locks/")
+    monkeypatch.setenv("CAFS_TIMEOUT", "2")
+    started = time.monotonic()
+    r = cafs("copy", f"{src}#ds", f"{proxy.url}/dst", "--no-progress")
+    assert r.code == 1 and "locks/" in r.err, r.out + r.err
+    assert time.monotonic() - started < 12, r.err
+    assert not (www / "dst" / "refs").exists()
+
+
+def test_a_byte_flipped_in_transit_is_read_again(cafs, base: Base, src: Path, dst: Path, tmp_path: Path,
+                                                 nginx_server, fault_proxy) -> None:
+    """A source pack whose bytes fail verification once, on the way, is read again rather
+    than called damaged: the copy completes, with the right bytes."""
+    proxy = fault_proxy(nginx_server(src.parent))
+    url = f"{proxy.url}/src"
+    assert cafs("ls", "-R", f"{url}#ds").code == 0  # the nodes in this host's cache: the copy reads packs only
+    proxy.set_mode("flip_bytes", method="GET", match=r"/packs/../[0-9a-f]{64}$", ranged=False, times=1)
+    r = cafs("copy", f"{url}#ds", dst, "--no-progress")
+    assert proxy.faults_fired == 1
+    assert r.code == 0, r.err
+    fsck(cafs, dst)
+    assert cafs("get", f"{dst}#ds", tmp_path / "out").code == 0
+    assert_same_tree(base.tree, tmp_path / "out")

@@ -757,7 +757,7 @@ def test_a_latest_pointer_that_misleads_readers_without_listings_is_rewritten(ca
             raise ListingUnavailable(f"{self.url}: cannot list {prefix}")
 
     def seen_without_listing() -> list[int]:
-        return Repository.open(Unlisted(open_store(str(copies.repo)))).jids("ds")
+        return Repository.open(Unlisted(open_store(str(copies.repo)))).newest_jids("ds")
 
     assert seen_without_listing() == [1]
     (copies.repo / "refs" / "ds" / "latest").write_bytes(pointer)
@@ -806,3 +806,37 @@ def test_an_affected_file_is_named_once(cafs, copies: Damaged, name: str) -> Non
     (problem,) = [p for p in doc["problems"] if p["kind"] == fault.kind]
     paths = problem["affects"][LABEL]
     assert "data/big" in paths and len(paths) == len(set(paths)), paths
+
+
+PACK_OBJECT = r"/packs/../[0-9a-f]{64}$"  # a pack itself, not a listing
+
+
+def test_a_byte_flipped_in_transit_is_not_a_damaged_pack(cafs, copies: Damaged, nginx_server,
+                                                         fault_proxy) -> None:
+    """A pack whose bytes fail verification once, on the way (a proxy, a NIC), is read
+    again, as every verified read is: fsck --read-data finds the repository sound, and
+    --repair --salvage has nothing to set aside."""
+    proxy = fault_proxy(nginx_server(copies.repo.parent))
+    url = f"{proxy.url}/repo"
+    for args in ((), ("--repair", "--salvage")):
+        proxy.set_mode("flip_bytes", method="GET", match=PACK_OBJECT, ranged=False, times=1)
+        r = fsck(cafs, url, "--read-data", *args)
+        assert proxy.faults_fired == 1 + len(args) // 2
+        assert r.code == FSCK_CLEAN, r.out + r.err
+    assert not (copies.repo / "damaged").exists()
+
+
+@pytest.mark.parametrize("read_data", [False, True], ids=["trailers", "read-data"])
+def test_a_store_that_keeps_failing_is_an_operational_error(cafs, copies: Damaged, nginx_server, fault_proxy,
+                                                             monkeypatch: pytest.MonkeyPatch, read_data: bool) -> None:
+    """A pack the server answers 503 for until the deadline is not a corrupt pack: fsck
+    cannot tell, says which request failed, and exits 8 (operational), not 4; nothing is
+    repaired or set aside."""
+    pack, _ = _big_pack(copies.layout)
+    proxy = fault_proxy(nginx_server(copies.repo.parent))
+    proxy.set_mode("status", status=503, match=pack.hex(), ranged=False if read_data else True)
+    monkeypatch.setenv("CAFS_TIMEOUT", "1")
+    r = fsck(cafs, f"{proxy.url}/repo", "--repair", "--salvage", *(["--read-data"] if read_data else []))
+    assert r.code == FSCK_OPERATIONAL, r.out + r.err
+    assert pack.hex() in r.err and "503" in r.err and "Traceback" not in r.err, r.err
+    assert "corrupt-pack" not in r.out and not (copies.repo / "damaged").exists(), r.out

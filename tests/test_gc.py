@@ -533,3 +533,23 @@ def test_a_chunk_stored_in_two_forms_stays_readable_after_gc(cafs, tmp_path: Pat
         assert (mnt / "x").read_bytes() == text
         poll(lambda: m.stats()["cache_writes_pending"] == 0, "the cache writes")
         assert m.stats()["cache_size"] == 0  # stored bytes of another form than the node names: not kept
+
+
+def test_a_lock_gc_cannot_read_stops_it(cafs, hist: History, nginx_server, fault_proxy,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import's lock that the server fails to hand out (500 until the deadline) is not
+    taken for no lock: gc cannot tell that nobody writes, so it deletes nothing."""
+    from cafs.locks import locked
+
+    assert cafs("forget", hist.repo, "ds", "--keep-last", "1").code == 0
+    server = nginx_server(hist.repo.parent)
+    proxy = fault_proxy(server)
+    before = pack_files(hist.repo)
+    monkeypatch.setenv("CAFS_TIMEOUT", "1")
+    with locked(open_store(f"{server.url}/repo"), "shared"):  # an import at work
+        proxy.set_mode("status", status=500, method="GET", match=r"/locks/.")
+        r = cafs("gc", f"{proxy.url}/repo")
+    assert r.code == 1, r.out
+    assert "locks/" in r.err and "500" in r.err and "Traceback" not in r.err, r.err
+    assert pack_files(hist.repo) == before
+    assert locks(hist.repo) == []

@@ -309,6 +309,26 @@ def test_server_without_listings_serves_named_snapshots(nginx_server, tmp_path: 
     assert r.returncode != 0 and "ds" in r.stderr
 
 
+def test_without_listings_older_snapshots_are_not_taken_for_gone(cafs, nginx_server, tmp_path: Path) -> None:
+    """A server without listings shows a ref's newest snapshots only (through
+    refs/NAME/latest): snapshots and forget of that ref say a listing is needed instead
+    of answering for the whole journal (only the newest; 'forgot 0'; 'has no snapshot 1')."""
+    repo = tmp_path / "www" / "repo"
+    src = make_tree(tmp_path / "src")
+    assert cafs("init", repo, *SMALL).code == 0
+    for _ in range(2):
+        assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    url = nginx_server(tmp_path / "www", listing=False).url + "/repo"
+    for args in (("snapshots", url, "ds"), ("snapshots", url, "ds", "--json"),
+                 ("forget", url, "ds", "--keep-last", "1"), ("forget", url, "ds", "--jid", "1")):
+        r = cafs(*args)
+        assert r.code == 1 and "no directory listing" in r.err and "Traceback" not in r.err, (args, r.out, r.err)
+        assert r.out == "", (args, r.out)
+    assert sorted(p.name for p in (repo / "refs" / "ds").iterdir()) == [f"{1:020d}", f"{2:020d}", "latest"]
+    r = cafs("ls", f"{url}#ds")  # what needs the newest only still works
+    assert r.code == 0, r.err
+
+
 class _Redirector:
     """An HTTP server on 127.0.0.1 that answers every request with ``status`` and a
     ``Location`` on ``target`` (same path and query), ``hops`` times through itself
