@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,13 +67,20 @@ def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+@contextmanager
+def _mounted_through(proxy, tmp_path: Path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """The repository mounted through ``proxy``, with a fresh cache."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}"):
+        yield mnt
+
+
 def test_a_walk_of_a_remote_mount_reads_metadata_packs_whole(many_dirs, tmp_path: Path) -> None:
     """A walk (find, ls -R) of a remote tree costs about two requests per metadata pack,
     not one per directory."""
     src, proxy, meta_packs = many_dirs
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}"):
+    with _mounted_through(proxy, tmp_path) as mnt:
         proxy.reset_seen()
         assert _listing(mnt) == _listing(src)
         assert _pack_reads(proxy) <= 2 * meta_packs < WALKED_DIRS // 4
@@ -90,9 +99,7 @@ def test_a_damaged_read_of_a_whole_metadata_pack_costs_no_answer(many_dirs, tmp_
     """The node a flipped byte lands on is read alone, and verified; every other one of
     the pack is used."""
     src, proxy, _meta_packs = many_dirs
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'}"):
+    with _mounted_through(proxy, tmp_path) as mnt:
         proxy.set_mode("flip_bytes", match=r"/packs/", ranged=False, times=1)
         assert _listing(mnt) == _listing(src)
         assert proxy.faults_fired == 1
