@@ -69,7 +69,7 @@ class Extractor:
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
         self._links: dict[tuple[object, ...], _LinkGroup] = {}
-        self._ahead: ChunksAhead | None = None  # while extracting from a remote repository
+        self._ahead: ChunksAhead | None = None  # while extracting
         # a local repository's real path, and (st_dev, st_ino) of its directory and of
         # every directory above it
         self._repo_real: Path | None = None
@@ -92,9 +92,6 @@ class Extractor:
         symlink becomes ``dest`` (or ``dest/name`` when ``dest`` is an existing directory,
         or with ``into``, DEST given with a trailing slash: a directory, made if missing).
         From a remote repository, chunks are read ahead (``cafs.readahead``)."""
-        if self.repo.local_root is not None:  # a local disk has no latency to hide
-            self._extract(entry, dest, into=into)
-            return
         self._ahead = ChunksAhead(self.repo, self._plan(entry, dest))
         try:
             self._extract(entry, dest, into=into)
@@ -347,7 +344,8 @@ class Extractor:
         os.ftruncate(fd, entry.size)
 
     def _read_chunk(self, span: Location) -> bytes:
-        return self._ahead.read(span) if self._ahead is not None else self.repo.read_object(span)
+        assert self._ahead is not None, "chunks are read within extract()"
+        return self._ahead.read(span)
 
     def _link_file(self, dir_fd: int, name: bytes, key: tuple[object, ...]) -> bool:
         """Make ``name`` a hard link of the file extracted first for ``key``; False if

@@ -17,6 +17,9 @@ by chunk as its chunks are asked for, so an error names the chunk it is about (a
 fails as a whole for one damaged chunk), except ``StoreUnavailable``, raised as it is:
 asking again would wait out the same store's deadline twice.
 
+From a repository on a local disk, nothing is read ahead: ``read`` reads each chunk
+alone, and ``plan`` is never advanced.
+
 Threads: ``plan`` is advanced only in the thread that calls ``read`` (it may read nodes
 through a ``NodeReader``, which is not thread-safe). The workers are daemon threads, so a
 read stalled in the store never keeps the process from exiting; ``close`` stops them
@@ -69,7 +72,8 @@ class ChunksAhead:
     def __init__(self, repo: Repository, plan: Iterable[Location], *, readers: int = READERS,
                  ahead_bytes: int = AHEAD_BYTES) -> None:
         self.repo = repo
-        self._plan: Iterator[Location] | None = iter(plan)
+        # a local disk has no latency to hide: every chunk is read alone, the plan never advanced
+        self._plan: Iterator[Location] | None = iter(plan) if repo.local_root is None else None
         self._readers = readers
         self._ahead_bytes = ahead_bytes
         self._slots: deque[_Slot] = deque()  # planned, in the order the reader will ask
@@ -173,13 +177,12 @@ def read_in_order(repo: Repository, spans: Sequence[Location]) -> Iterator[bytes
     """The verified plain bytes of ``spans``, one after the other (a file's chunks, for
     ``cafs cat``): read ahead from a remote repository; a repeat of the chunk before (a
     sparse file's zeros) is not read again."""
-    ahead = ChunksAhead(repo, spans) if repo.local_root is None else None
+    ahead = ChunksAhead(repo, spans)
     last: tuple[bytes, bytes] | None = None
     try:
         for span in spans:
             if last is None or last[0] != span.id:
-                last = (span.id, ahead.read(span) if ahead is not None else repo.read_object(span))
+                last = (span.id, ahead.read(span))
             yield last[1]
     finally:
-        if ahead is not None:
-            ahead.close()
+        ahead.close()
