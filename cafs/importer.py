@@ -11,7 +11,12 @@ Contract:
   directory land in packs in name order (reading a directory in order is a sequential
   pass over its packs).
 - Files are cut with FastCDC; each chunk's BLAKE3 id is looked up in the repository's
-  index and only new chunks are stored (zstd where it saves space). A file whose size,
+  index and only new chunks are stored (zstd where it saves space). Files up to
+  ``WHOLE_READ_MAX`` are read, cut, hashed and compressed on worker threads
+  (``cafs.chunkprep``), a few at once (at most ``PENDING_BYTES`` of them); larger ones are
+  cut on the importing thread and their chunks hashed and compressed on the workers. The
+  chunks are stored by the importing thread in the order the walk met their files, so
+  the packs are what a serial import writes, but for the random pack ids. A file whose size,
   mtime_ns and inode equal those recorded in the previous snapshot of the ref is not
   read again: its spans are reused. The previous snapshot's entries are compared in the
   form msgpack gives them (``entry_fields``) and are never decoded: a changed
@@ -49,12 +54,15 @@ import errno
 import os
 import stat
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterable
 
+from cafs.chunkprep import ChunkPrep, FileCut, Prepared
 from cafs.dirfds import CLOSED, close_above, open_below, open_parent
 from cafs.errors import CafsError, FormatError, UsageError
 from cafs.format import ENTRY_BLOCKS_SINCE
@@ -82,6 +90,7 @@ if TYPE_CHECKING:
 
 NODE_BATCH = 2000
 WHOLE_READ_MAX = 16 << 20  # files up to this size are read in one go and cut in memory
+PENDING_BYTES = 128 << 20  # of files being read on the workers at once (their read buffers)
 _NOATIME = getattr(os, "O_NOATIME", 0)
 
 
@@ -141,8 +150,21 @@ class _DirFrame:
     prev_dir: Entry | PrevEntry | None  # this directory's own entry there
     prev_ref: Location | None  # and its node
     pos: int = 0
-    entries: list[Entry | PrevEntry] = field(default_factory=list)  # a PrevEntry is unchanged
+    # a PrevEntry is unchanged; a _PendingFile is being read (its entry, or None, once settled)
+    entries: list[Entry | PrevEntry | _PendingFile] = field(default_factory=list)
     subdirs: int = 0
+
+
+@dataclass
+class _PendingFile:
+    """A file being read and cut on a worker; ``entry`` is made once the job is done."""
+
+    name: bytes
+    path: bytes
+    st: os.stat_result
+    fd: int  # open until settled
+    job: Future[FileCut]
+    entry: Entry | None = None  # None: not settled yet, or skipped
 
 
 class Importer:
@@ -168,7 +190,9 @@ class Importer:
         # a hard-linked file read once, by (st_dev, st_ino): its spans or node, and the
         # (size, mtime_ns) they are the content of
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, tuple[int, int]]] = {}
-        self._read_buf = _ReadBuffer()
+        self._pending: deque[_PendingFile] = deque()  # files being read on the workers, oldest first
+        self._pending_links: set[tuple[int, int]] = set()  # (st_dev, st_ino) of those with several names
+        self._pending_bytes = 0  # their sizes
         self._with_blocks = repo.config.version >= ENTRY_BLOCKS_SINCE  # older readers take ten fields
 
     # The chunker and the compressor (and their modules) are made on first use: a
@@ -183,6 +207,20 @@ class Importer:
     def compressor(self) -> Compressor:
         from cafs.codec import Compressor
         return Compressor()
+
+    @cached_property
+    def prep(self) -> ChunkPrep:
+        return ChunkPrep(self.cdc, self.objects)
+
+    def close(self) -> None:
+        """Stop the workers and close the files still being read (an import that failed)."""
+        for p in self._pending:
+            p.job.cancel()
+        if "prep" in self.__dict__:
+            self.prep.close()
+        for p in self._pending:
+            os.close(p.fd)
+        self._pending.clear()
 
     @property
     def objects(self) -> dict[bytes, Location]:
@@ -322,7 +360,7 @@ class Importer:
         return None
 
     def _import_entry(self, parent: _DirFrame, name: bytes,
-                      st: os.stat_result) -> Entry | PrevEntry | _DirFrame | None:
+                      st: os.stat_result) -> Entry | PrevEntry | _DirFrame | _PendingFile | None:
         path = _join(parent, name)
         if len(name) > MAX_NAME:
             self._skip(path, "name longer than 255 bytes")
@@ -358,15 +396,18 @@ class Importer:
             return None
 
     def _finish_dir(self, frame: _DirFrame) -> Entry | PrevEntry:
-        if (frame.prev_ref is not None and len(frame.entries) == len(frame.prev)
-                and all(type(e) is list for e in frame.entries)):
+        self._settle_all()
+        settled = (e.entry if isinstance(e, _PendingFile) else e for e in frame.entries)
+        entries = [e for e in settled if e is not None]
+        if (frame.prev_ref is not None and len(entries) == len(frame.prev)
+                and all(type(e) is list for e in entries)):
             ref = frame.prev_ref  # every entry is the previous snapshot's own: so is the node
         else:
-            ref = self._store_dir(frame.entries)
+            ref = self._store_dir(entries)
         st = frame.st
         name = frame.path.rsplit(b"/", 1)[-1]
         return _same_or_new(frame.prev_dir, Entry(
-            name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(frame.entries),
+            name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(entries),
             2 + frame.subdirs, st.st_ino, ref=ref, blocks=self._blocks(st)))
 
     def _store_dir(self, entries: list[Entry | PrevEntry]) -> Location:
@@ -410,7 +451,7 @@ class Importer:
         return st.st_blocks if self._with_blocks else None
 
     def _import_file(self, parent: _DirFrame, name: bytes, path: bytes,
-                     st: os.stat_result) -> Entry | PrevEntry | None:
+                     st: os.stat_result) -> Entry | PrevEntry | _PendingFile | None:
         c = self.counters
         c.current = path
         prev = parent.prev.get(name)
@@ -423,17 +464,47 @@ class Importer:
                 self._count_reused(st)
                 return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and link_key in self._pending_links:
+            self._settle_all()  # its other name is being read: take what that gives
         if st.st_nlink > 1 and link_key in self._links:
             spans, ref, seen = self._links[link_key]
             if seen == (st.st_size, st.st_mtime_ns):  # not written since its other name was read
                 c.files += 1
                 c.logical += st.st_size
                 return self._file_entry(name, st, spans, ref)
+        if st.st_size > WHOLE_READ_MAX:
+            self._settle_all()  # its chunks go into the packs after those of the files before it
+            try:
+                return self._file_done(name, path, st, self._read_large_file(parent.fd, name, st))
+            except _FileSkipped as why:
+                self._skip(path, str(why))
+                return None
+        while self._pending and (len(self._pending) >= self.prep.window
+                                 or self._pending_bytes + st.st_size > PENDING_BYTES):
+            self._settle_one()
         try:
-            spans_list = self._read_file(parent.fd, name, st)
+            fd = _open_file(parent.fd, name)
         except _FileSkipped as why:
             self._skip(path, str(why))
             return None
+        try:
+            _check_opened(fd, st)
+            pending = _PendingFile(name, path, st, fd, self.prep.file(fd, st.st_size))
+        except BaseException as exc:
+            os.close(fd)
+            if not isinstance(exc, _FileSkipped):
+                raise
+            self._skip(path, str(exc))
+            return None
+        self._pending.append(pending)
+        self._pending_bytes += st.st_size
+        if st.st_nlink > 1:
+            self._pending_links.add(link_key)
+        return pending
+
+    def _file_done(self, name: bytes, path: bytes, st: os.stat_result, spans_list: list[Location]) -> Entry | None:
+        """The entry of a file read as ``spans_list``, or None if it cannot be one."""
+        c = self.counters
         if len(spans_list) <= INLINE_SPANS:
             spans, ref = tuple(spans_list), None
         else:
@@ -445,7 +516,7 @@ class Importer:
                 return None
             spans, ref = None, self._store_node_bytes(node)
         if st.st_nlink > 1:
-            self._links[link_key] = (spans, ref, (st.st_size, st.st_mtime_ns))
+            self._links[(st.st_dev, st.st_ino)] = (spans, ref, (st.st_size, st.st_mtime_ns))
         c.files += 1
         return self._file_entry(name, st, spans, ref)
 
@@ -455,41 +526,63 @@ class Importer:
         c.reused_files += 1
         c.logical += st.st_size
 
-    def _read_file(self, dir_fd: int, name: bytes, st: os.stat_result) -> list[Location]:
+    # Files up to WHOLE_READ_MAX are read, cut, hashed and compressed on the workers of
+    # ``prep``, several at once; their chunks are stored here, in the order the files
+    # were met (``_settle_one``), so packs hold a directory's files in name order.
+
+    def _settle_one(self) -> None:
+        """Store the chunks of the oldest file being read and make its entry."""
+        p = self._pending.popleft()
+        self._pending_bytes -= p.st.st_size
+        try:
+            cut = p.job.result()
+        finally:
+            os.close(p.fd)
+            self._pending_links.discard((p.st.st_dev, p.st.st_ino))
+        try:
+            if cut.error is not None or cut.after is None:
+                self._skip(p.path, f"cannot read: {cut.error.strerror if cut.error else 'no answer'}")
+                return
+            spans = self._store_prepared(cut.chunks)
+            if _changed(p.st, cut.after, spans):
+                self._skip(p.path, CHANGED)
+                return
+            p.entry = self._file_done(p.name, p.path, p.st, spans)
+        finally:
+            cut.release()
+
+    def _settle_all(self) -> None:
+        while self._pending:
+            self._settle_one()
+
+    def _read_large_file(self, dir_fd: int, name: bytes, st: os.stat_result) -> list[Location]:
+        """The spans of a file larger than WHOLE_READ_MAX, cut here as it is read; its
+        chunks are hashed and compressed on the workers."""
         fd = _open_file(dir_fd, name)
         try:
-            before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino:
-                raise _FileSkipped("replaced while importing")
-            spans = self._chunk_file(fd, st.st_size)
+            _check_opened(fd, st)
+            spans = self._store_prepared(self.prep.in_order(self._cut_large(fd, st.st_size)))
             after = os.fstat(fd)
         except OSError as exc:
             raise _FileSkipped(f"cannot read: {exc.strerror}") from None
         finally:
             os.close(fd)
-        total = sum(s.length for s in spans)
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st.st_size:
-            raise _FileSkipped("changed while being read (size or mtime differ before and after)")
+        if _changed(st, after, spans):
+            raise _FileSkipped(CHANGED)
         return spans
 
-    def _chunk_file(self, fd: int, size: int) -> list[Location]:
-        # cut_buf over the whole file gives the same cut points as cut_stream, and costs a
-        # few microseconds instead of ~100 (cut_stream sets up a max-chunk-sized buffer per
-        # call), which is most of the time of a small file.
-        if size <= WHOLE_READ_MAX:
-            data = self._read_buf.read(fd, size + 1)  # one byte more: a file that grew is seen
-            return self._store_chunks(self.cdc.cut_buf(data))
+    def _cut_large(self, fd: int, size: int) -> Iterable[Chunk | ZeroRun]:
         gaps = holes(fd, size, 2 * self.max_chunk)
         if gaps and self._zeros_cut_at_max():
-            return self._store_chunks(cut(self.cdc, fd, self.max_chunk, gaps))
-        return self._store_chunks(self.cdc.cut_stream(FdReader(fd)))
+            return cut(self.cdc, fd, self.max_chunk, gaps)
+        return self.cdc.cut_stream(FdReader(fd))
 
     def _zeros_cut_at_max(self) -> bool:
         if self._zero_chunks is None:
             self._zero_chunks = zeros_cut_at_max(self.cdc, self.max_chunk)
         return self._zero_chunks
 
-    def _store_chunks(self, chunks: Iterable[Chunk | ZeroRun]) -> list[Location]:
+    def _store_prepared(self, chunks: Iterable[Prepared | ZeroRun]) -> list[Location]:
         c = self.counters
         spans: list[Location] = []
         for chunk in chunks:
@@ -499,10 +592,16 @@ class Importer:
                 spans += [self._zero_chunk] * chunk.count
                 c.logical += chunk.count * self.max_chunk
                 c.hole_bytes += chunk.count * self.max_chunk
-            else:
-                spans.append(self._store_chunk(chunk.data))
-                c.logical += chunk.length
-                c.read_bytes += chunk.length
+                continue
+            loc = self.objects.get(chunk.oid)
+            if loc is None:
+                assert chunk.stored is not None, "an id the index held is never dropped from it"
+                loc = self.data.add(chunk.oid, chunk.stored, chunk.length, chunk.codec)
+                self.objects[chunk.oid] = loc
+                c.new_bytes += chunk.length
+            spans.append(loc)
+            c.logical += chunk.length
+            c.read_bytes += chunk.length
         return spans
 
     def _store_chunk(self, data: bytes | memoryview) -> Location:
@@ -602,27 +701,23 @@ class _FileSkipped(Exception):
     pass
 
 
-class _ReadBuffer:
-    """The one buffer whole files are read into. A new bytes object per file would be
-    fresh memory each time, and on a VM that hands freed memory back to its host, fresh
-    pages cost more than the copy itself (benchmarks/README.md); a view of the previous
-    file's bytes must not be in use when the next file is read."""
+CHANGED = "changed while being read (size or mtime differ before and after)"
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
 
-    def read(self, fd: int, n: int) -> memoryview:
-        """Up to ``n`` bytes from ``fd``'s current position, fewer only at end of file."""
-        if len(self._buf) < n:
-            self._buf = bytearray(max(n, 2 * len(self._buf)))
-        view = memoryview(self._buf)[:n]
-        got = 0
-        while got < n:
-            k = os.readv(fd, [view[got:]])
-            if k == 0:
-                break
-            got += k
-        return view[:got]
+def _check_opened(fd: int, st: os.stat_result) -> None:
+    """That the file opened is the one ``st`` was taken of."""
+    try:
+        before = os.fstat(fd)
+    except OSError as exc:
+        raise _FileSkipped(f"cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(before.st_mode) or before.st_ino != st.st_ino:
+        raise _FileSkipped("replaced while importing")
+
+
+def _changed(st: os.stat_result, after: os.stat_result, spans: list[Location]) -> bool:
+    """Whether a file read as ``spans`` changed since ``st`` (taken before it was opened)."""
+    total = sum(s.length for s in spans)
+    return (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st.st_size
 
 
 def _open_file(dir_fd: int, name: bytes) -> int:
@@ -703,12 +798,14 @@ def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, stric
         prev = None
     reader = NodeReader(repo, meta)
     uploader = Uploader(repo.pack_store)
+    importer = Importer(repo, meta, lambda: repo.load_index(on_problem=on_problem), uploader, reader, prev, own)
     try:
-        importer = Importer(repo, meta, lambda: repo.load_index(on_problem=on_problem), uploader, reader, prev,
-                            own)
         if counters_out is not None:
             counters_out.append(importer.counters)
-        root = importer.import_tree(src)
+        try:
+            root = importer.import_tree(src)
+        finally:
+            importer.close()
         uploader.drain()
         if strict and importer.skipped:
             raise ImportAborted(

@@ -299,17 +299,17 @@ def test_a_hard_link_written_between_its_names_is_read_again(cafs, repo: Path, t
     (src / "b").mkdir()
     (src / "a" / "x").write_bytes(b"old bytes\n")
     os.link(src / "a" / "x", src / "b" / "x")
-    read_file = importer.Importer._read_file
+    file_done = importer.Importer._file_done
 
-    def write_after_the_first_read(self, dir_fd: int, name: bytes, st: os.stat_result):
-        spans = read_file(self, dir_fd, name, st)
-        if not self.counters.files:  # a/x was just read: a writer changes the file
+    def write_after_the_first_read(self, name: bytes, path: bytes, st: os.stat_result, spans):
+        entry = file_done(self, name, path, st, spans)
+        if self.counters.files == 1:  # a/x was just read: a writer changes the file
             with open(src / "a" / "x", "r+b") as f:
                 f.write(b"NEW")
             os.utime(src / "a" / "x", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-        return spans
+        return entry
 
-    monkeypatch.setattr(importer.Importer, "_read_file", write_after_the_first_read)
+    monkeypatch.setattr(importer.Importer, "_file_done", write_after_the_first_read)
     r = cafs("import", src, repo, "--name", "ds", "--no-progress")
     assert r.code == 0, r.err
     assert cafs("cat", f"{repo}#ds:a/x").out == "old bytes\n"
