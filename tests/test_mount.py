@@ -17,12 +17,14 @@ import os
 import random
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -50,7 +52,7 @@ from mountfix import (
 )
 from treegen import ODD_SYMLINK_TARGET, assert_same_tree, make_tree, manifest
 
-from cafs.metacache import NodeReader
+from cafs.metacache import MetaCache, NodeReader
 from cafs.naming import find_snapshot
 from cafs.repository import Repository
 from cafs.stores import open_store
@@ -629,15 +631,64 @@ def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
     assert allocated <= 9 * MiB
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 2 MiB at a new directory, for a cache whose disk fills; always unmounted."""
-    point = new_mountpoint(tmp_path, "small-disk")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True, timeout=60)
+@contextmanager
+def _tmpfs(point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``point`` for the block; always unmounted."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True, timeout=60)
     try:
         yield point
     finally:
         subprocess.run(["umount", str(point)], check=False, timeout=60)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 2 MiB at a new directory, for a cache whose disk fills; always unmounted."""
+    with _tmpfs(new_mountpoint(tmp_path, "small-disk"), "2m") as point:
+        yield point
+
+
+def _age_extents(cache_root: Path, seconds: int) -> None:
+    """Make every extent of the cache at ``cache_root`` look last used ``seconds`` ago."""
+    meta = MetaCache(cache_root)
+    try:
+        with meta.env.begin(write=True) as txn:
+            extents = meta.env.open_db(b"extents", txn=txn)
+            for key, value in list(txn.cursor(db=extents)):
+                length, when = struct.unpack(">IQ", value)
+                txn.put(key, struct.pack(">IQ", length, when - seconds), db=extents)
+    finally:
+        meta.close()
+
+
+def test_a_cache_limit_larger_than_its_disk_keeps_the_chunks_read_last(tmp_path: Path) -> None:
+    # the disk filled long before the limit: the insert that met ENOSPC turned caching off
+    # (30 s at a time, again and again), so the cache kept the first chunks ever read and
+    # took no later one; the least recently used must make room instead
+    rnd = random.Random(3)
+    cache = tmp_path / "import-cache"
+    repo = make_repo(tmp_path / "repo", cache)
+    sources = {}
+    for name, size in (("old", 6 * MiB), ("new", 3 * MiB)):  # 9 MiB, on a disk of 8
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(rnd.randbytes(size))
+        sources[name] = import_tree(tmp_path / name, repo, name, cache)
+    point = new_mountpoint(tmp_path)
+    with _tmpfs(new_mountpoint(tmp_path, "disk"), "8m") as disk:
+        options = full_cache(disk, "1G")
+        with mounted(sources["old"], point, options) as m:
+            assert read_file(m.path / "f") == read_file(tmp_path / "old" / "f")
+        _age_extents(disk / Repository.open(open_store(str(repo))).config.repo_id, 3600)
+        with mounted(sources["new"], point, options) as m:
+            assert read_file(m.path / "f") == read_file(tmp_path / "new" / "f")
+            poll(lambda: m.stats()["cache_writes_pending"] == 0, 30, "the cache writes behind the reads")
+            s = m.stats()
+            assert s["cache_full"] == s["errors"] == 0 and s["evictions"] > 0
+        with mounted(sources["new"], point, options) as m:
+            assert read_file(m.path / "f") == read_file(tmp_path / "new" / "f")
+            assert m.stats()["bytes_fetched"] == 0
+
+
 
 
 def test_a_full_cache_disk_keeps_no_bytes_the_cache_does_not_record(dataset: Dataset, small_disk: Path,
