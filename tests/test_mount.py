@@ -951,6 +951,24 @@ def test_a_file_where_the_cache_or_log_directory_goes_is_named(dataset: Dataset,
         unmount(point, mountd_pids(point))
 
 
+@pytest.mark.parametrize("option", ["cache", "log"])
+def test_a_cache_or_log_inside_the_mountpoint_is_refused(dataset: Dataset, tmp_path: Path, option: str) -> None:
+    # the daemon opened them before it mounted, then looked for new cache files through its
+    # own read-only mount: the mount came up and never cached a chunk ("Read-only file
+    # system; serving without caching" every 30 s), and its log was hidden beneath it
+    point = new_mountpoint(tmp_path)
+    inside = point / "sub" / ".." / "inner"
+    options = f"cache={inside}" if option == "cache" else f"cache={tmp_path / 'cache'},log={inside / 'mount.log'}"
+    r = run_mount_helper(dataset.source, point, options)
+    try:
+        assert r.returncode == 1, r.stderr
+        assert _one_line(r.stderr) == (f"mount.cafs: {option}={inside}{'/mount.log' if option == 'log' else ''} "
+                                       f"is inside the mountpoint {point}; put it outside")
+        assert cafs_mounts(tmp_path) == [] and mountd_pids(point) == []
+    finally:
+        unmount(point, mountd_pids(point))
+
+
 def test_a_damaged_metadata_cache_is_set_aside(dataset: Dataset, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     meta = cache / _repo_id(dataset) / "meta.lmdb"
