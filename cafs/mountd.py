@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -403,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mountpoint")
     p.add_argument("-o", dest="options", default="")
     args = p.parse_args(argv)
+    # A fatal signal ends the process with no exception to log (LMDB meeting a cache file
+    # truncated under it is a SIGBUS): its Python traceback goes to stderr, which
+    # cafs.mount_helper opened as CACHE/mountd.stderr, the one trace such a death leaves.
+    faulthandler.enable()
     ready_pipe = os.fdopen(args.ready_fd, "w")
 
     def report(line: str) -> None:

@@ -818,6 +818,20 @@ def test_kill_9_leaves_no_mount_and_the_cache_intact(dataset: Dataset, tmp_path:
         assert s["bytes_fetched"] == 0 and s["cache_hits"] > 0
 
 
+def test_a_daemon_killed_by_a_fatal_signal_leaves_its_traceback(dataset: Dataset, tmp_path: Path) -> None:
+    # LMDB maps the cache's file: truncated under a running mount, the daemon's next lookup
+    # is a SIGBUS, which kills it with no exception to log; nothing anywhere said why it died
+    cache = tmp_path / "cache"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(cache)) as m:
+        os.truncate(cache / _repo_id(dataset) / "meta.lmdb" / "data.mdb", 4096)
+        with pytest.raises(OSError):
+            read_file(m.path / "data/big")
+        wait_exit(m.pid)
+    said = (cache / "mountd.stderr").read_text()
+    assert "Fatal Python error: Bus error" in said and ("chunkcache.py" in said or "metacache.py" in said), said
+
+
 def _one_line(stderr: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
