@@ -429,6 +429,47 @@ def test_cafs_stats_of_a_mountpoint_lists_every_counter(mnt: Mount, tmp_path: Pa
     assert len({line.rindex(" ") for line in lines}) == 1  # the values in one column
 
 
+def _children(pid: int) -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and _ppid(name) == pid]
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_cafs_stats_of_a_stopped_daemon_says_so_in_bounded_time(dataset: Dataset, tmp_path: Path) -> None:
+    # the root's getxattr waited for the daemon's answer: a stopped or hung daemon held
+    # 'cafs stats MOUNTPOINT' forever
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
+        os.kill(m.pid, signal.SIGSTOP)
+        try:
+            r = run_cafs("stats", m.path, "--timeout", "0.5", cache=tmp_path / "c", timeout=60)
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == (f"cafs: {m.path}: the cafs mount did not answer within 0.5 s (its daemon, "
+                                    f"pid {m.pid}, is stopped); unmount it: cafs umount {m.path}")
+        assert run_cafs("stats", m.path, cache=tmp_path / "c").returncode == 0
+
+
+def test_cafs_stats_of_a_mount_whose_daemon_is_gone_says_so(dataset: Dataset, tmp_path: Path) -> None:
+    # with fusermount3's auto_unmount helper killed too, kill -9 leaves a dead mount:
+    # 'cafs stats' called it "neither a repository nor a cafs mount"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
+        for pid in [*_children(m.pid), m.pid]:
+            os.kill(pid, signal.SIGKILL)
+        wait_exit(m.pid)
+        r = run_cafs("stats", point, cache=tmp_path / "c", timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == (f"cafs: {point}: the cafs mount's daemon is gone (Transport endpoint is not "
+                                    f"connected); unmount it: cafs umount {point}")
+
+
 @pytest.mark.parametrize("rel", ["data/big", "data", "links/relative", ""])
 def test_unknown_xattr_is_enodata(mnt: Mount, rel: str) -> None:
     with pytest.raises(OSError) as exc:
