@@ -8,7 +8,8 @@ readahead (which must stat the mountpoint) runs in a worker thread while the loo
 serves.
 
 ``serve`` mounts, reports readiness through a callback once the filesystem answers,
-serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. ``auto_unmount`` makes
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. Once mounted it works
+from ``/``, so that it keeps no directory (nor the filesystem holding it) busy. ``auto_unmount`` makes
 libfuse's helper unmount if this process dies, even by ``kill -9``.
 
 A signal ends the mount promptly even while reads wait on a stalled store: every wait
@@ -371,6 +372,11 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
         except (CafsError, OSError, RuntimeError) as exc:
             fail(str(exc))
             return 32
+        # What a relative path named (the repository, the cache, the log) is open or made
+        # absolute by now. Left where the mount was started, the process would keep that
+        # directory busy for as long as it serves: its filesystem (a USB disk, another
+        # cafs mount) could not be unmounted.
+        os.chdir("/")
         fuse_loop.install()
         attachment = Attachment()
         try:

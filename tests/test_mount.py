@@ -859,6 +859,21 @@ def test_kill_9_leaves_no_mount_and_the_cache_intact(dataset: Dataset, tmp_path:
         assert s["bytes_fetched"] == 0 and s["cache_hits"] > 0
 
 
+def test_the_daemon_keeps_no_hold_on_the_directory_it_was_started_from(dataset: Dataset, tmp_path: Path) -> None:
+    # the daemon kept the mount helper's working directory as its own for as long as it
+    # served: 'cd /mnt/usb; mount -t cafs ...' left /mnt/usb (or another cafs mount)
+    # impossible to unmount, 'target is busy'
+    point = new_mountpoint(tmp_path)
+    with _tmpfs(new_mountpoint(tmp_path, "started-here"), "1m") as here:
+        source = os.path.relpath(dataset.repo, here) + "#snap"  # relative paths still work
+        options = f"cache={os.path.relpath(tmp_path / 'cache', here)},cache_mode=full"
+        with mounted(source, point, options, cwd=here) as m:
+            r = subprocess.run(["umount", str(here)], capture_output=True, text=True, timeout=60, check=False)
+            assert r.returncode == 0, r.stderr
+            assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+            assert m.stats()["bytes_fetched"] > 0 and (tmp_path / "cache" / _repo_id(dataset)).is_dir()
+
+
 def test_a_daemon_killed_by_a_fatal_signal_leaves_its_traceback(dataset: Dataset, tmp_path: Path) -> None:
     # LMDB maps the cache's file: truncated under a running mount, the daemon's next lookup
     # is a SIGBUS, which kills it with no exception to log; nothing anywhere said why it died
