@@ -123,7 +123,8 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
                   syslog_socket: str = SYSLOG_SOCKET) -> None:
     """Send the ``cafs`` loggers to stderr (foreground), syslog (``log=syslog``, or by
     default when a syslog daemon listens) or a file (``log=PATH``, else ``mount.log`` in
-    the cache directory). Raises CafsError when the chosen place cannot take them."""
+    the cache directory; made anew if it is rotated or deleted). Raises CafsError when
+    the chosen place cannot take them."""
     root = logging.getLogger("cafs")
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
     fmt = "%(asctime)s cafs[%(process)d] %(levelname)s %(name)s: %(message)s"
@@ -139,7 +140,9 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
         path = Path(opts.log) if opts.log else cache_dir / "mount.log"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path)
+            # reopened when the file is moved away or deleted (logrotate's default way),
+            # rather than written on into the rotated file until that is deleted
+            handler = logging.handlers.WatchedFileHandler(path)
         except OSError as exc:
             what = f"log={opts.log}" if opts.log else "log file"
             raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None

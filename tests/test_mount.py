@@ -874,6 +874,19 @@ def test_the_daemon_keeps_no_hold_on_the_directory_it_was_started_from(dataset: 
             assert m.stats()["bytes_fetched"] > 0 and (tmp_path / "cache" / _repo_id(dataset)).is_dir()
 
 
+def test_a_rotated_log_is_made_anew(dataset: Dataset, tmp_path: Path) -> None:
+    # logrotate moves the log aside and expects the next line in a new file at its path:
+    # the daemon wrote on into the moved file, which logrotate then compresses and deletes
+    log = tmp_path / "mount.log"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, f"{full_cache(tmp_path / 'cache')},log={log}") as m:
+        log.rename(tmp_path / "mount.log.1")
+        os.kill(m.pid, signal.SIGTERM)
+        wait_exit(m.pid)
+    assert f"unmounted {point}" in log.read_text()
+    assert f"unmounted {point}" not in (tmp_path / "mount.log.1").read_text()
+
+
 def test_a_daemon_killed_by_a_fatal_signal_leaves_its_traceback(dataset: Dataset, tmp_path: Path) -> None:
     # LMDB maps the cache's file: truncated under a running mount, the daemon's next lookup
     # is a SIGBUS, which kills it with no exception to log; nothing anywhere said why it died
