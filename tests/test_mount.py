@@ -674,12 +674,16 @@ def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
 
 @contextmanager
 def _tmpfs(point: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``point`` for the block; always unmounted."""
+    """A tmpfs of ``size`` at ``point`` for the block; always unmounted. A cache there holds
+    the daemon's stderr (mountd.stderr), inherited by libfuse's auto_unmount helper
+    (fusermount3), which may outlive the daemon for a moment: the disk is busy until then."""
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True, timeout=60)
     try:
         yield point
     finally:
-        subprocess.run(["umount", str(point)], check=False, timeout=60)
+        poll(lambda: not os.path.ismount(point)
+             or subprocess.run(["umount", str(point)], capture_output=True, check=False, timeout=60).returncode == 0,
+             30, f"{point} to be unmounted")
 
 
 @pytest.fixture
