@@ -10,6 +10,12 @@ the only copy of anything: everything in it can be fetched again from the reposi
 
 LMDB does not checksum its pages; a damaged file is detected when LMDB itself refuses it
 or a read fails, and by the verification of every value read.
+
+Mounts (and ``cafs prefetch``) may use the cache while it is checked: the size is
+compared with the extents of the same transaction, an extent that a mount evicts while
+it is read is not a problem, and the size a repair sets is summed in its own write
+transaction. Moving a damaged LMDB file aside while a mount has it open leaves that
+mount on the old file until it ends (each verifies what it reads).
 """
 
 from __future__ import annotations
@@ -91,29 +97,49 @@ def _check_contents(meta: MetaCache, cache: ChunkCache, trailers: _Trailers, rep
         if repair:
             meta.delete(key)
             report.repaired.append(f"dropped cached node {key.hex()[:16]}")
-    with meta.env.begin(db=cache.extents) as txn:
-        extents = [(bytes(k), _EXTENT.unpack(v)[0]) for k, v in txn.cursor()]
-    total = 0
+    # the extents and the recorded size from one transaction: mounts using the cache
+    # insert and evict while it is checked
+    with meta.env.begin() as txn:
+        extents = [(bytes(k), _EXTENT.unpack(v)[0]) for k, v in txn.cursor(db=cache.extents)]
+        recorded = int.from_bytes(txn.get(b"size", db=cache.stat) or bytes(8), "big")
+    total = sum(length for _key, length in extents)
+    if recorded != total:
+        report.problems.append(f"recorded cache size {recorded} differs from the extents' {total}")
+        if repair:
+            total = _recount(meta, cache)
+            report.repaired.append(f"cache size set to {total}")
     for key, length in extents:
         report.extents += 1
         pack, offset = key[:32], int.from_bytes(key[32:], "big")
-        why = _verify_extent(cache, trailers, pack, offset, length)
-        if why is None or not repair:
-            total += length  # what stays recorded
+        why = _check_extent(cache, trailers, pack, offset, length)
         if why is None:
             continue
         report.problems.append(f"cache extent {pack.hex()[:16]}@{offset}: {why}")
         if repair:
             cache.drop(pack, offset)
             report.repaired.append(f"dropped cache extent {pack.hex()[:16]}@{offset}")
-    recorded = cache.size()
-    if recorded != total:
-        report.problems.append(f"recorded cache size {recorded} differs from the extents' {total}")
-        if repair:
-            with meta.env.begin(write=True) as txn:
-                txn.put(b"size", total.to_bytes(8, "big"), db=cache.stat)
-            report.repaired.append(f"cache size set to {total}")
     cache.close()
+
+
+def _recount(meta: MetaCache, cache: ChunkCache) -> int:
+    """Set the recorded size to the sum of the extents, in one write transaction (so
+    that no insert or eviction of a mount comes between); returns it."""
+    with meta.env.begin(write=True) as txn:
+        total: int = sum(_EXTENT.unpack(v)[0] for _k, v in txn.cursor(db=cache.extents))
+        txn.put(b"size", total.to_bytes(8, "big"), db=cache.stat)
+    return total
+
+
+def _check_extent(cache: ChunkCache, trailers: _Trailers, pack: bytes, offset: int, length: int) -> str | None:
+    """Why the extent at ``(pack, offset)`` of ``length`` bytes is bad, or None. A mount
+    may evict it (and punch its bytes out) while it is read, or write it anew: it is bad
+    only if it fails twice while recorded as it was."""
+    why = None
+    for _attempt in range(2):
+        why = _verify_extent(cache, trailers, pack, offset, length)
+        if why is None or not cache.cached([(pack, offset, length)])[0]:
+            return None
+    return why
 
 
 def _verify_extent(cache: ChunkCache, trailers: _Trailers, pack: bytes, offset: int, length: int) -> str | None:

@@ -46,7 +46,9 @@ of CPU here, ``O_DIRECT`` 0.05-0.09 s. A filesystem that refuses ``O_DIRECT`` (E
 gets buffered writes throughout.
 
 Caveats: last-use times are kept in memory and written in batches, so the order of
-eviction is approximate across processes. If the disk is full, ``insert`` raises
+eviction is approximate across processes. If the disk fills before the limit is reached,
+``insert`` evicts least-recently-used extents to make room and tries once more; if the
+batch still does not fit (an empty cache, a disk full of other files) it raises
 ``NoSpaceError`` and the caller serves without caching.
 """
 
@@ -320,8 +322,34 @@ class ChunkCache:
     def insert_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]]) -> None:
         """Write each ``(offset, stored bytes)`` of each ``(pack, extents)`` and record them
         all as cached, in one LMDB transaction. Extents of a pack that touch are written
-        as one span. Raises NoSpaceError if the disk is full (nothing of this call is
-        recorded then, and what it wrote is punched out again)."""
+        as one span. If the disk is full, least-recently-used extents are evicted to make
+        room (``make_room``) and the batch is tried once more. Raises NoSpaceError if it
+        still does not fit (nothing of this call is recorded then, and what it wrote is
+        punched out again)."""
+        try:
+            self._insert_batch(batch)
+        except NoSpaceError:
+            if not self.make_room(sum(len(stored) for _pack, extents in batch for _off, stored in extents)):
+                raise
+            self._insert_batch(batch)
+
+    def make_room(self, needed: int) -> bool:
+        """Evict least-recently-used extents so that ``needed`` bytes more, and a tenth of
+        what stays, fit where the disk filled up before the limit (a limit larger than
+        the disk, or a disk others fill): the cache then stays as large as its disk allows,
+        and keeps the chunks read last rather than the first ones read. Whether anything
+        was evicted."""
+        try:
+            with self._records:
+                with self.env.begin(write=True) as txn:
+                    total = self._total(txn)
+                    victims = self._evict_in(txn, int(max(0, total - needed) * EVICT_TO)) if total else []
+                self._punch_all(victims)
+        except lmdb.Error:
+            return False  # a disk too full even for LMDB's pages: nothing to gain
+        return bool(victims)
+
+    def _insert_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]]) -> None:
         spans = [(pack, off, off + len(stored)) for pack, extents in batch for off, stored in extents]
         with self._records:
             self._announce(spans)

@@ -42,6 +42,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
+STATS_TIMEOUT = 10.0  # seconds `cafs stats MOUNTPOINT` waits for the mount's daemon
 GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
 
 def parse_size(text: str) -> int:
@@ -825,21 +826,25 @@ def cmd_install_mount_helper(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def mount_stats(path: str) -> dict[str, Any] | None:
-    """The counters of the cafs mount at ``path``, or None if it is not one."""
-    try:
-        return dict(json.loads(os.getxattr(path, "user.cafs.stats")))
-    except OSError:
-        return None
+def mount_stats(path: str, timeout: float = STATS_TIMEOUT) -> dict[str, Any] | None:
+    """The counters of the cafs mount at ``path``, or None if none is mounted there.
+    Raises ``MountNotAnswering`` if its daemon is gone or does not answer in ``timeout`` s."""
+    from cafs.mountquery import root_xattr
+
+    raw = root_xattr(path, "user.cafs.stats", timeout)
+    return None if raw is None else dict(json.loads(raw))
 
 
 def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.snapinfo import repo_space, snapshot_space
     from cafs.tree import resolve
-    if "#" not in args.target and os.path.isdir(args.target) and not os.path.exists(os.path.join(args.target, "config")):
-        counters = mount_stats(args.target)
-        if counters is None:
-            raise UsageError(f"{args.target}: neither a repository nor a cafs mount")
+    # a mountpoint is known from the mount table, before anything touches it: a daemon
+    # that is gone or hung would fail or hold every look at the path
+    counters = mount_stats(args.target, args.timeout) if "#" not in args.target else None
+    if counters is None and "#" not in args.target and os.path.isdir(args.target) \
+            and not os.path.exists(os.path.join(args.target, "config")):
+        raise UsageError(f"{args.target}: neither a repository nor a cafs mount")
+    if counters is not None:
         if args.json:
             print(json.dumps(counters, indent=2))
         else:
@@ -948,6 +953,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("stats", "space used by a repository or a snapshot; counters of a mount")
     sp.add_argument("target", metavar="REPO[#NAME]|MOUNTPOINT")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--timeout", type=float, default=STATS_TIMEOUT, metavar="SECONDS",
+                    help=f"how long to wait for a mount's answer (default {STATS_TIMEOUT:g})")
     sp.set_defaults(func=cmd_stats)
 
     sp = command("fsck", "check a repository; exit 0 clean, 1 corrected, 4 errors left, 8 operational error",

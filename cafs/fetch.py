@@ -23,8 +23,9 @@ succeeds from the store forgets every such failure (the store is back). ``close(
 (the mount going away) ends every wait on the store at once with ``FetcherClosed``, and
 every later load that the cache cannot serve.
 
-If the cache disk is full, chunks are served without caching and caching is retried
-after ``CACHE_RETRY_SECONDS``.
+If the cache disk is full even after the cache made room (``ChunkCache.insert_batch``
+evicts least-recently-used chunks first), chunks are served without caching and caching
+is retried after ``CACHE_RETRY_SECONDS``.
 
 ``prefetch(locs)`` starts loads in the background (readahead) while ``running()`` is
 active; the loads land in the in-memory LRU and the cache, and a reader asking for one of

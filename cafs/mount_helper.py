@@ -85,6 +85,22 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint}: mountpoint is busy (something is mounted there already)")
 
 
+def check_paths(mountpoint: Path, opts: MountOptions) -> None:
+    """Refuse a cache directory or log file inside the mountpoint: the daemon opens them
+    before it mounts, so they would be the directory beneath, hidden by the mount, while
+    each new cache file would be looked for in the read-only mount itself (every chunk
+    then fails to be cached, with a warning every 30 s)."""
+    top = os.path.realpath(mountpoint)
+    paths = [(f"cache={opts.cache}" if opts.cache else "the cache directory",
+              opts.cache or default_cache_dir(dict(os.environ)))]
+    if opts.log is not None and opts.log != "syslog":
+        paths.append((f"log={opts.log}", Path(opts.log)))
+    for what, path in paths:
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, top]) == top:
+            raise UsageError(f"{what} is inside the mountpoint {mountpoint}; put it outside")
+
+
 def check_source(source: str, opts: MountOptions) -> None:
     spec = parse_spec(source)
     if spec.path:
@@ -175,6 +191,7 @@ def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> in
     try:
         opts = parse_options(options)
         mnt = Path(mountpoint).absolute()
+        check_paths(mnt, opts)
         with mountpoint_locked(mnt) as release:
             check_mountpoint(mnt)
             check_source(source, opts)

@@ -8,7 +8,8 @@ readahead (which must stat the mountpoint) runs in a worker thread while the loo
 serves.
 
 ``serve`` mounts, reports readiness through a callback once the filesystem answers,
-serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. ``auto_unmount`` makes
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. Once mounted it works
+from ``/``, so that it keeps no directory (nor the filesystem holding it) busy. ``auto_unmount`` makes
 libfuse's helper unmount if this process dies, even by ``kill -9``.
 
 A signal ends the mount promptly even while reads wait on a stalled store: every wait
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -121,7 +123,8 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
                   syslog_socket: str = SYSLOG_SOCKET) -> None:
     """Send the ``cafs`` loggers to stderr (foreground), syslog (``log=syslog``, or by
     default when a syslog daemon listens) or a file (``log=PATH``, else ``mount.log`` in
-    the cache directory). Raises CafsError when the chosen place cannot take them."""
+    the cache directory; made anew if it is rotated or deleted). Raises CafsError when
+    the chosen place cannot take them."""
     root = logging.getLogger("cafs")
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
     fmt = "%(asctime)s cafs[%(process)d] %(levelname)s %(name)s: %(message)s"
@@ -137,7 +140,9 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
         path = Path(opts.log) if opts.log else cache_dir / "mount.log"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path)
+            # reopened when the file is moved away or deleted (logrotate's default way),
+            # rather than written on into the rotated file until that is deleted
+            handler = logging.handlers.WatchedFileHandler(path)
         except OSError as exc:
             what = f"log={opts.log}" if opts.log else "log file"
             raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None
@@ -370,6 +375,11 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
         except (CafsError, OSError, RuntimeError) as exc:
             fail(str(exc))
             return 32
+        # What a relative path named (the repository, the cache, the log) is open or made
+        # absolute by now. Left where the mount was started, the process would keep that
+        # directory busy for as long as it serves: its filesystem (a USB disk, another
+        # cafs mount) could not be unmounted.
+        os.chdir("/")
         fuse_loop.install()
         attachment = Attachment()
         try:
@@ -403,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mountpoint")
     p.add_argument("-o", dest="options", default="")
     args = p.parse_args(argv)
+    # A fatal signal ends the process with no exception to log (LMDB meeting a cache file
+    # truncated under it is a SIGBUS): its Python traceback goes to stderr, which
+    # cafs.mount_helper opened as CACHE/mountd.stderr, the one trace such a death leaves.
+    faulthandler.enable()
     ready_pipe = os.fdopen(args.ready_fd, "w")
 
     def report(line: str) -> None:

@@ -27,12 +27,14 @@ from pathlib import Path
 
 import pytest
 
+from cafs import cachecheck
 from cafs.cli import main as cafs_main
 from cafs.format.location import Location
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
 from cafs.format.pack import KIND_DATA, KIND_META, TAIL_LEN, decode_trailer, trailer_length
 from cafs.repository import Repository
 from cafs.stores import open_store
+from mountfix import run_cafs
 from treegen import assert_same_tree, make_tree
 
 INIT_ARGS = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "512K")
@@ -550,6 +552,36 @@ def _garble_lmdb_pages(cache: Path, repo_id: str) -> None:
     for i in range(20000, len(garbled)):
         garbled[i] ^= 0x5A
     data.write_bytes(garbled)
+
+
+@pytest.mark.parametrize("meanwhile", ["evicted", "inserted"])
+def test_a_cache_that_a_mount_uses_meanwhile_is_clean(cafs, repo: Path, cache_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, meanwhile: str) -> None:
+    # mounts evict and insert while fsck checks the cache: extents listed, then evicted
+    # before their bytes were read, were 'bytes missing from the sparse file', and a size
+    # read after inserts 'differed from the extents'' (a repair then set the size too low)
+    for name, seed in (("one", 1), ("two", 2)):
+        make_tree(tmp_path / name, seed=seed, big_file_size=1 << 20)
+        assert cafs("import", tmp_path / name, repo, "--name", name, "--no-progress").code == 0
+    assert cafs("prefetch", f"{repo}#one", "--no-progress").code == 0
+    at = cachecheck._Trailers.at
+    done = []
+
+    def at_while_used(self: cachecheck._Trailers, pack: bytes, offset: int) -> Location | None:
+        if not done:  # as the first extent is checked, another process uses the cache
+            done.append(True)
+            args = ["cache", "gc", "--size", "0"] if meanwhile == "evicted" else \
+                   ["prefetch", f"{repo}#two", "--no-progress"]
+            r = run_cafs(*args, cache=cache_dir)
+            assert r.returncode == 0, r.stderr
+        return at(self, pack, offset)
+
+    monkeypatch.setattr(cachecheck._Trailers, "at", at_while_used)
+    r = fsck(cafs, repo, "--cache", cache_dir)
+    assert done and r.code == FSCK_CLEAN, r.out
+    monkeypatch.setattr(cachecheck._Trailers, "at", at)
+    code, doc = fsck_json(cafs, repo, "--cache", cache_dir)
+    assert code == FSCK_CLEAN and doc["cache_problems"] == [], doc
 
 
 def test_damaged_cache_lmdb_is_rebuilt(cafs, copies: Damaged, cached: Path) -> None:

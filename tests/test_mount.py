@@ -17,12 +17,14 @@ import os
 import random
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -50,7 +52,7 @@ from mountfix import (
 )
 from treegen import ODD_SYMLINK_TARGET, assert_same_tree, make_tree, manifest
 
-from cafs.metacache import NodeReader
+from cafs.metacache import MetaCache, NodeReader
 from cafs.naming import find_snapshot
 from cafs.repository import Repository
 from cafs.stores import open_store
@@ -427,6 +429,47 @@ def test_cafs_stats_of_a_mountpoint_lists_every_counter(mnt: Mount, tmp_path: Pa
     assert len({line.rindex(" ") for line in lines}) == 1  # the values in one column
 
 
+def _children(pid: int) -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and _ppid(name) == pid]
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_cafs_stats_of_a_stopped_daemon_says_so_in_bounded_time(dataset: Dataset, tmp_path: Path) -> None:
+    # the root's getxattr waited for the daemon's answer: a stopped or hung daemon held
+    # 'cafs stats MOUNTPOINT' forever
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
+        os.kill(m.pid, signal.SIGSTOP)
+        try:
+            r = run_cafs("stats", m.path, "--timeout", "0.5", cache=tmp_path / "c", timeout=60)
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == (f"cafs: {m.path}: the cafs mount did not answer within 0.5 s (its daemon, "
+                                    f"pid {m.pid}, is stopped); unmount it: cafs umount {m.path}")
+        assert run_cafs("stats", m.path, cache=tmp_path / "c").returncode == 0
+
+
+def test_cafs_stats_of_a_mount_whose_daemon_is_gone_says_so(dataset: Dataset, tmp_path: Path) -> None:
+    # with fusermount3's auto_unmount helper killed too, kill -9 leaves a dead mount:
+    # 'cafs stats' called it "neither a repository nor a cafs mount"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
+        for pid in [*_children(m.pid), m.pid]:
+            os.kill(pid, signal.SIGKILL)
+        wait_exit(m.pid)
+        r = run_cafs("stats", point, cache=tmp_path / "c", timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == (f"cafs: {point}: the cafs mount's daemon is gone (Transport endpoint is not "
+                                    f"connected); unmount it: cafs umount {point}")
+
+
 @pytest.mark.parametrize("rel", ["data/big", "data", "links/relative", ""])
 def test_unknown_xattr_is_enodata(mnt: Mount, rel: str) -> None:
     with pytest.raises(OSError) as exc:
@@ -629,15 +672,68 @@ def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
     assert allocated <= 9 * MiB
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of 2 MiB at a new directory, for a cache whose disk fills; always unmounted."""
-    point = new_mountpoint(tmp_path, "small-disk")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], check=True, timeout=60)
+@contextmanager
+def _tmpfs(point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``point`` for the block; always unmounted. A cache there holds
+    the daemon's stderr (mountd.stderr), inherited by libfuse's auto_unmount helper
+    (fusermount3), which may outlive the daemon for a moment: the disk is busy until then."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True, timeout=60)
     try:
         yield point
     finally:
-        subprocess.run(["umount", str(point)], check=False, timeout=60)
+        poll(lambda: not os.path.ismount(point)
+             or subprocess.run(["umount", str(point)], capture_output=True, check=False, timeout=60).returncode == 0,
+             30, f"{point} to be unmounted")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 2 MiB at a new directory, for a cache whose disk fills; always unmounted."""
+    with _tmpfs(new_mountpoint(tmp_path, "small-disk"), "2m") as point:
+        yield point
+
+
+def _age_extents(cache_root: Path, seconds: int) -> None:
+    """Make every extent of the cache at ``cache_root`` look last used ``seconds`` ago."""
+    meta = MetaCache(cache_root)
+    try:
+        with meta.env.begin(write=True) as txn:
+            extents = meta.env.open_db(b"extents", txn=txn)
+            for key, value in list(txn.cursor(db=extents)):
+                length, when = struct.unpack(">IQ", value)
+                txn.put(key, struct.pack(">IQ", length, when - seconds), db=extents)
+    finally:
+        meta.close()
+
+
+def test_a_cache_limit_larger_than_its_disk_keeps_the_chunks_read_last(tmp_path: Path) -> None:
+    # the disk filled long before the limit: the insert that met ENOSPC turned caching off
+    # (30 s at a time, again and again), so the cache kept the first chunks ever read and
+    # took no later one; the least recently used must make room instead
+    rnd = random.Random(3)
+    cache = tmp_path / "import-cache"
+    repo = make_repo(tmp_path / "repo", cache)
+    sources = {}
+    for name, size in (("old", 6 * MiB), ("new", 3 * MiB)):  # 9 MiB, on a disk of 8
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(rnd.randbytes(size))
+        sources[name] = import_tree(tmp_path / name, repo, name, cache)
+    point = new_mountpoint(tmp_path)
+    with _tmpfs(new_mountpoint(tmp_path, "disk"), "8m") as disk:
+        options = full_cache(disk, "1G")
+        with mounted(sources["old"], point, options) as m:
+            assert read_file(m.path / "f") == read_file(tmp_path / "old" / "f")
+        _age_extents(disk / Repository.open(open_store(str(repo))).config.repo_id, 3600)
+        with mounted(sources["new"], point, options) as m:
+            assert read_file(m.path / "f") == read_file(tmp_path / "new" / "f")
+            poll(lambda: m.stats()["cache_writes_pending"] == 0, 30, "the cache writes behind the reads")
+            s = m.stats()
+            assert s["cache_full"] == s["errors"] == 0 and s["evictions"] > 0
+        with mounted(sources["new"], point, options) as m:
+            assert read_file(m.path / "f") == read_file(tmp_path / "new" / "f")
+            assert m.stats()["bytes_fetched"] == 0
+
+
 
 
 def test_a_full_cache_disk_keeps_no_bytes_the_cache_does_not_record(dataset: Dataset, small_disk: Path,
@@ -765,6 +861,48 @@ def test_kill_9_leaves_no_mount_and_the_cache_intact(dataset: Dataset, tmp_path:
         assert read_file(m.path / "data/big") == want
         s = m.stats()
         assert s["bytes_fetched"] == 0 and s["cache_hits"] > 0
+
+
+def test_the_daemon_keeps_no_hold_on_the_directory_it_was_started_from(dataset: Dataset, tmp_path: Path) -> None:
+    # the daemon kept the mount helper's working directory as its own for as long as it
+    # served: 'cd /mnt/usb; mount -t cafs ...' left /mnt/usb (or another cafs mount)
+    # impossible to unmount, 'target is busy'
+    point = new_mountpoint(tmp_path)
+    with _tmpfs(new_mountpoint(tmp_path, "started-here"), "1m") as here:
+        source = os.path.relpath(dataset.repo, here) + "#snap"  # relative paths still work
+        options = f"cache={os.path.relpath(tmp_path / 'cache', here)},cache_mode=full"
+        with mounted(source, point, options, cwd=here) as m:
+            r = subprocess.run(["umount", str(here)], capture_output=True, text=True, timeout=60, check=False)
+            assert r.returncode == 0, r.stderr
+            assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+            assert m.stats()["bytes_fetched"] > 0 and (tmp_path / "cache" / _repo_id(dataset)).is_dir()
+
+
+def test_a_rotated_log_is_made_anew(dataset: Dataset, tmp_path: Path) -> None:
+    # logrotate moves the log aside and expects the next line in a new file at its path:
+    # the daemon wrote on into the moved file, which logrotate then compresses and deletes
+    log = tmp_path / "mount.log"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, f"{full_cache(tmp_path / 'cache')},log={log}") as m:
+        log.rename(tmp_path / "mount.log.1")
+        os.kill(m.pid, signal.SIGTERM)
+        wait_exit(m.pid)
+    assert f"unmounted {point}" in log.read_text()
+    assert f"unmounted {point}" not in (tmp_path / "mount.log.1").read_text()
+
+
+def test_a_daemon_killed_by_a_fatal_signal_leaves_its_traceback(dataset: Dataset, tmp_path: Path) -> None:
+    # LMDB maps the cache's file: truncated under a running mount, the daemon's next lookup
+    # is a SIGBUS, which kills it with no exception to log; nothing anywhere said why it died
+    cache = tmp_path / "cache"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(cache)) as m:
+        os.truncate(cache / _repo_id(dataset) / "meta.lmdb" / "data.mdb", 4096)
+        with pytest.raises(OSError):
+            read_file(m.path / "data/big")
+        wait_exit(m.pid)
+    said = (cache / "mountd.stderr").read_text()
+    assert "Fatal Python error: Bus error" in said and ("chunkcache.py" in said or "metacache.py" in said), said
 
 
 def _one_line(stderr: str) -> str:
@@ -895,6 +1033,24 @@ def test_a_file_where_the_cache_or_log_directory_goes_is_named(dataset: Dataset,
         assert r.returncode == 32, r.stderr
         line = _one_line(r.stderr)
         assert f"{afile} is not a directory" in line and line.startswith(f"mount.cafs: {option}")
+        assert cafs_mounts(tmp_path) == [] and mountd_pids(point) == []
+    finally:
+        unmount(point, mountd_pids(point))
+
+
+@pytest.mark.parametrize("option", ["cache", "log"])
+def test_a_cache_or_log_inside_the_mountpoint_is_refused(dataset: Dataset, tmp_path: Path, option: str) -> None:
+    # the daemon opened them before it mounted, then looked for new cache files through its
+    # own read-only mount: the mount came up and never cached a chunk ("Read-only file
+    # system; serving without caching" every 30 s), and its log was hidden beneath it
+    point = new_mountpoint(tmp_path)
+    inside = point / "sub" / ".." / "inner"
+    options = f"cache={inside}" if option == "cache" else f"cache={tmp_path / 'cache'},log={inside / 'mount.log'}"
+    r = run_mount_helper(dataset.source, point, options)
+    try:
+        assert r.returncode == 1, r.stderr
+        assert _one_line(r.stderr) == (f"mount.cafs: {option}={inside}{'/mount.log' if option == 'log' else ''} "
+                                       f"is inside the mountpoint {point}; put it outside")
         assert cafs_mounts(tmp_path) == [] and mountd_pids(point) == []
     finally:
         unmount(point, mountd_pids(point))
