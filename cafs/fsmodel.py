@@ -50,7 +50,7 @@ from cafs.format.location import Location
 from cafs.format.nodes import MAX_NAME, Entry
 from cafs.ids import digest
 from cafs.metacache import NodeNotLoaded, NodeReader
-from cafs.tree import entry_at, file_spans, lookup_index
+from cafs.tree import entries_from, entry_at, file_spans, lookup_index
 
 ROOT_INO = 1
 BLOCK_SIZE = 1 << 20  # st_blksize: invites large reads from cp, Python's io and friends
@@ -226,13 +226,9 @@ class SnapshotFS:
         if start < DOTS:
             parent = self.parent(ino)
             yield parent, self.entry(parent)._replace(name=b".."), DOTS
-        index = max(start - DOTS, 0)
-        while True:
-            e = entry_at(self.reader, block.entry, index)
-            if e is None:
-                return
+        first = max(start - DOTS, 0)
+        for index, e in enumerate(entries_from(self.reader, block.entry, first), first):
             yield self._linked(block.base + index, e), e, DOTS + index + 1
-            index += 1
 
     def parent(self, ino: int) -> int:
         """The directory that holds inode ``ino``; the root is its own parent."""

@@ -127,19 +127,28 @@ def reachable(node_of: Callable[[Location], Node], root: Location, walked: set[b
 
 def entry_at(reader: NodeReader, d: Entry, index: int) -> Entry | None:
     """The ``index``-th entry (in name order) of directory ``d``, reading one page."""
+    return next(entries_from(reader, d, index), None)
+
+
+def entries_from(reader: NodeReader, d: Entry, index: int) -> Iterator[Entry]:
+    """The entries of directory ``d`` from the ``index``-th on, in name order, reading a
+    page at a time as the caller goes on. Indexes follow the pages' counts (what
+    ``lookup_index`` gives): a page holding fewer entries than its count ends the listing."""
     assert d.ref is not None
+    if index < 0:
+        return
     node = reader.node(d.ref)
-    if isinstance(node, DirIndexNode):
-        start = 0
-        for page in node.pages:
-            if index < start + page.count:
-                entries = _page(reader, page.ref, d).entries
-                return entries[index - start] if index - start < len(entries) else None
-            start += page.count
-        return None
-    if not isinstance(node, TreeNode):
+    if isinstance(node, TreeNode):
+        yield from node.entries[index:]
+        return
+    if not isinstance(node, DirIndexNode):
         raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
-    return node.entries[index] if 0 <= index < len(node.entries) else None
+    first = max(bisect.bisect_right(node.starts, index) - 1, 0)
+    for page, start in zip(node.pages[first:], node.starts[first:], strict=True):
+        entries, count = _page(reader, page.ref, d).entries, page.count
+        yield from entries[max(index - start, 0):count]
+        if len(entries) < count:
+            return
 
 
 def lookup_index(reader: NodeReader, d: Entry, name: bytes) -> tuple[int, Entry] | None:
@@ -148,11 +157,10 @@ def lookup_index(reader: NodeReader, d: Entry, name: bytes) -> tuple[int, Entry]
     node = reader.node(d.ref)
     start = 0
     if isinstance(node, DirIndexNode):
-        firsts = [p.first_name for p in node.pages]
-        i = bisect.bisect_right(firsts, name) - 1
+        i = bisect.bisect_right(node.firsts, name) - 1
         if i < 0:
             return None
-        start = sum(p.count for p in node.pages[:i])
+        start = node.starts[i]
         node = _page(reader, node.pages[i].ref, d)
     if not isinstance(node, TreeNode):
         raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")

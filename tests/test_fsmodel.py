@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -28,6 +29,7 @@ from cafs.chunkcache import ChunkCache
 from cafs.errors import PathNotFound
 from cafs.fetch import INLINE_BYTES, Fetcher, runs
 from cafs.format.location import CODEC_ZSTD, Location
+from cafs.format.nodes import PageRef
 from cafs.format.pack import pack_key
 from cafs.fsmodel import (DIR_SIZE, NAME_MAX, ROOT_INO, IsADirectory, NameTooLong, NotADirectory,
                           SnapshotFS)
@@ -205,6 +207,44 @@ def test_listdir_interleaved_listings(fs: SnapshotFS) -> None:
     seen_a += [e.name for _i, e, _n in a]
     assert seen_a == [b"f%06d" % i for i in range(1, WIDE + 1)]
     assert seen_b == seen_a[1500:]
+
+
+class _CountedField:
+    """A stand-in for a slot of ``PageRef`` that counts its reads."""
+
+    def __init__(self, slot: Any) -> None:
+        self.slot = slot
+        self.reads = 0
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        self.reads += 1
+        return self.slot.__get__(obj, owner)
+
+    def __set__(self, obj: object, value: object) -> None:
+        self.slot.__set__(obj, value)
+
+
+def test_listing_and_looking_up_a_paged_directory_take_each_page_once(fs: SnapshotFS,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pass over the pages of the index for each entry made listing a directory of n
+    # entries n * n / 2048 steps (the 200,000 names of one directory: 20 million).
+    wide = resolve(fs, b"wide")
+    list(fs.listdir(wide, 0))  # the index and its pages decoded, and cached
+    counts = _CountedField(PageRef.__dict__["count"])
+    firsts = _CountedField(PageRef.__dict__["first_name"])
+    monkeypatch.setattr(PageRef, "count", counts)
+    monkeypatch.setattr(PageRef, "first_name", firsts)
+    pages = -(-WIDE // 1024)
+    assert len(list(fs.listdir(wide, 0))) == WIDE + 2
+    assert len(list(fs.listdir(wide, WIDE - 10))) == 12
+    assert counts.reads <= 2 * pages  # each page's count read once per listing
+    counts.reads = 0
+    inodes = [fs.lookup(wide, b"f%06d" % i)[0] for i in range(1, WIDE + 1)]
+    assert counts.reads + firsts.reads == 0  # a lookup bisects; the index was decoded before
+    assert [fs.entry(ino).name for ino in inodes] == [b"f%06d" % i for i in range(1, WIDE + 1)]
+    assert counts.reads <= WIDE  # the count of the one page an entry is in
 
 
 # -- reads ----------------------------------------------------------------------------------
