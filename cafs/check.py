@@ -46,7 +46,7 @@ import random
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
 from cafs.format.index import PackSummary, decode_index
@@ -133,14 +133,14 @@ class Checker:
         self._unreadable: set[str] = set()
         self._listed_jids: dict[str, list[int]] = defaultdict(list)  # ref -> jids of its listed entries
         self._set_aside: set[str] | None = None  # packs fsck --repair set aside (damaged/), listed on demand
-        # chunk id -> (snapshot label, path) of the first few users, for --read-data reports
-        self._chunk_users: dict[bytes, list[tuple[str, str]]] = defaultdict(list)
+        self._snapshots: list[Snapshot] = []  # those whose journal entries decode
 
     def run(self, read_fraction: float = 0.0, seed: int | None = None) -> Report:
         self._start()
         self._check_packs()
         self._check_indexes()
-        for snap in self._journals():
+        self._snapshots = self._journals()
+        for snap in self._snapshots:
             self._check_snapshot(snap)
         self._check_latest()
         if read_fraction > 0:
@@ -322,21 +322,13 @@ class Checker:
     def _check_snapshot(self, snap: Snapshot) -> None:
         label = f"{snap.ref}@{snap.jid}"
         self.progress(f"snapshot {label}")
-        stack: list[tuple[bytes, Entry]] = [(b"", snap.root)]
-        while stack:
-            path, entry = stack.pop()
-            if entry.is_dir:
-                assert entry.ref is not None
-                for child in self._dir_entries(entry.ref, label, path):
-                    stack.append((path + b"/" + child.name if path else child.name, child))
-            elif entry.is_file:
-                for span in self._file_spans(entry, label, path):
-                    self.report.chunks += 1
-                    problem = self._locate(span)
-                    if problem is not None:
-                        problem.affect(label, _show(path))
-                    elif len(self._chunk_users[span.id]) < MAX_PATHS_PER_PROBLEM:
-                        self._chunk_users[span.id].append((label, _show(path)))
+        for path, spans in _files(snap.root, lambda loc, path: self._dir_entries(loc, label, path),
+                                  lambda entry, path: self._file_spans(entry, label, path)):
+            for span in spans:
+                self.report.chunks += 1
+                problem = self._locate(span)
+                if problem is not None:
+                    problem.affect(label, _show(path))
 
     def _node(self, loc: Location, label: str, path: bytes) -> TreeNode | DirIndexNode | FileNode | None:
         # Snapshots of one ref share most of their nodes: each is read and verified once,
@@ -393,10 +385,13 @@ class Checker:
         packs = [p for p in packs if p not in self._read_ok]  # verified whole by an earlier run
         # Reading and hashing release the GIL: two packs at a time keep the disk and both
         # cores busy. Results are recorded on this thread, in pack order.
+        bad: dict[bytes, Problem] = {}  # chunk id -> the problem of the pack that fails it
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             for n, (pack_id, outcome) in enumerate(zip(packs, pool.map(self._verify_pack, packs), strict=True)):
                 self.progress(f"read {n + 1}/{len(packs)} packs")
-                self._record_pack(pack_id, outcome)
+                self._record_pack(pack_id, outcome, bad)
+        if bad:
+            self._name_chunk_users(bad)
 
     def _verify_pack(self, pack_id: bytes) -> tuple[int, list[Location], int, bool] | CafsError:
         """(bytes read, objects that fail, objects in all, body digest ok), or the error.
@@ -420,7 +415,10 @@ class Checker:
         except (StoreError, FormatError) as exc:
             return exc
 
-    def _record_pack(self, pack_id: bytes, outcome: tuple[int, list[Location], int, bool] | CafsError) -> None:
+    def _record_pack(self, pack_id: bytes, outcome: tuple[int, list[Location], int, bool] | CafsError,
+                     bad_chunks: dict[bytes, Problem]) -> None:
+        """Report what reading ``pack_id`` whole found; its chunks that fail go into
+        ``bad_chunks``, whose users ``_name_chunk_users`` names once every pack is read."""
         if isinstance(outcome, CafsError):
             self._problem(Problem("corrupt-pack", pack_id.hex(), f"cannot read: {outcome}", pack=pack_id))
             return
@@ -434,10 +432,60 @@ class Checker:
             f"{len(bad)} of {total} objects do not match their ids"
             + ("" if body_ok else "; body digest differs"), pack=pack_id))
         for loc in bad:
-            for label, path in self._chunk_users.get(loc.id, []):
-                problem.affect(label, path)
             if loc.id in self._nodes_ok:
                 problem.affect("(metadata)", f"node {loc.id.hex()[:16]}")
+            else:
+                bad_chunks.setdefault(loc.id, problem)
+
+    def _name_chunk_users(self, bad: dict[bytes, Problem]) -> None:
+        """Name in each problem of ``bad`` (chunk id -> problem) the first few files that
+        hold that chunk (``MAX_PATHS_PER_PROBLEM`` spans of it), walking the snapshots
+        again over the nodes verified. Found now, for the few chunks that fail: noting
+        the first users of every chunk while checking held a path per chunk of the
+        repository in memory (gigabytes for tens of millions of files)."""
+        left = dict.fromkeys(bad, MAX_PATHS_PER_PROBLEM)  # spans of each chunk still to name
+        to_name = len(left) * MAX_PATHS_PER_PROBLEM
+        for snap in self._snapshots:
+            label = f"{snap.ref}@{snap.jid}"
+            for path, spans in _files(snap.root, self._verified_entries, self._verified_spans):
+                for span in spans:
+                    if left.get(span.id, 0) > 0 and self._locate(span) is None:
+                        left[span.id] -= 1
+                        to_name -= 1
+                        bad[span.id].affect(label, _show(path))
+                if not to_name:
+                    return
+
+    def _verified_entries(self, loc: Location, _path: bytes) -> list[Entry]:
+        node = self._nodes_ok.get(loc.id)
+        if isinstance(node, TreeNode):
+            return list(node.entries)
+        if isinstance(node, DirIndexNode):
+            return [e for page in node.pages for e in self._verified_entries(page.ref, _path)]
+        return []
+
+    def _verified_spans(self, entry: Entry, _path: bytes) -> tuple[Location, ...]:
+        if entry.spans is not None:
+            return entry.spans
+        assert entry.ref is not None
+        node = self._nodes_ok.get(entry.ref.id)
+        return node.spans if isinstance(node, FileNode) else ()
+
+
+def _files(root: Entry, entries_of: Callable[[Location, bytes], list[Entry]],
+           spans_of: Callable[[Entry, bytes], tuple[Location, ...]]) -> Iterator[tuple[bytes, tuple[Location, ...]]]:
+    """``(path, spans)`` of every file below the directory ``root``, depth first, the
+    entries of a directory (by its node's location and its path) and the spans of a file
+    as the callables give them."""
+    stack: list[tuple[bytes, Entry]] = [(b"", root)]
+    while stack:
+        path, entry = stack.pop()
+        if entry.is_dir:
+            assert entry.ref is not None
+            for child in entries_of(entry.ref, path):
+                stack.append((path + b"/" + child.name if path else child.name, child))
+        elif entry.is_file:
+            yield path, spans_of(entry, path)
 
 
 def _verify_pack_bytes(pack_id: bytes, data: bytes) -> tuple[int, list[Location], int, bool]:
