@@ -7,6 +7,7 @@ from a ``make_tree`` tree; the source tree is the oracle.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FunctionType, ModuleType
 from typing import Any
 
 import blake3
@@ -29,15 +31,16 @@ from cafs.chunkcache import ChunkCache
 from cafs.errors import PathNotFound
 from cafs.fetch import INLINE_BYTES, Fetcher, runs
 from cafs.format.location import CODEC_ZSTD, Location
-from cafs.format.nodes import PageRef
+from cafs.format.nodes import Entry, PageRef
 from cafs.format.pack import pack_key
 from cafs.fsmodel import (DIR_SIZE, NAME_MAX, ROOT_INO, IsADirectory, NameTooLong, NotADirectory,
                           SnapshotFS)
+from cafs import metacache
 from cafs.metacache import MetaCache, NodeReader
 from cafs.naming import find_snapshot
 from cafs.repository import Repository
 from cafs.stores import Store, open_store
-from cafs.tree import file_spans
+from cafs.tree import file_spans, list_dir, lookup, walk
 
 BIG = (2 << 20) + 4321
 WIDE = 3000  # three directory pages of 1024 entries
@@ -245,6 +248,39 @@ def test_listing_and_looking_up_a_paged_directory_take_each_page_once(fs: Snapsh
     assert counts.reads + firsts.reads == 0  # a lookup bisects; the index was decoded before
     assert [fs.entry(ino).name for ino in inodes] == [b"f%06d" % i for i in range(1, WIDE + 1)]
     assert counts.reads <= WIDE  # the count of the one page an entry is in
+
+
+def _held(root: object, kind: type) -> int:
+    """How many objects of ``kind`` are reachable from ``root``."""
+    seen, todo, n = {id(root)}, [root], 0
+    while todo:
+        for ref in gc.get_referents(todo.pop()):
+            if id(ref) not in seen and not isinstance(ref, (type, ModuleType, FunctionType)):
+                seen.add(id(ref))
+                todo.append(ref)
+                n += isinstance(ref, kind)
+    return n
+
+
+def test_decoded_nodes_are_bounded_by_the_entries_they_hold(imported: Imported, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reader kept the last 4096 nodes decoded, whatever they held: directory pages
+    # of 1024 entries (some 600 KB decoded) and file nodes of up to a million spans, so
+    # a mount walking a large dataset grew to gigabytes.
+    monkeypatch.setattr(metacache, "DECODED_ITEMS", 2000, raising=False)
+    repo = Repository.open(open_store(str(imported.repo)))
+    meta = MetaCache(tmp_path / "cache")
+    try:
+        reader = NodeReader(repo, meta)
+        root = find_snapshot(repo, "snap").root
+        wide = lookup(reader, root, b"wide")
+        assert wide is not None
+        assert len(list(list_dir(reader, wide))) == WIDE
+        assert len([e for _p, e in walk(reader, root)]) > WIDE
+        assert _held(reader, Entry) <= 2000
+        assert lookup(reader, wide, b"f%06d" % WIDE) is not None  # read again when needed
+    finally:
+        meta.close()
 
 
 # -- reads ----------------------------------------------------------------------------------
