@@ -834,6 +834,24 @@ def test_generic_options_mount8_hands_on_are_accepted(dataset: Dataset, tmp_path
         assert os.getxattr(m.path, "user.cafs.cache") == os.fsencode(cache)
 
 
+def test_cafs_mount_uses_the_cache_its_cache_option_names(dataset: Dataset, tmp_path: Path) -> None:
+    # 'cafs mount --cache DIR' (the --cache every command takes) was accepted and ignored:
+    # the mount used the default cache directory, filling a disk the user did not name
+    cache, default = tmp_path / "named, cache", tmp_path / "default-cache"
+    mnt = new_mountpoint(tmp_path)
+    r = run_cafs("mount", "--cache", cache, dataset.source, mnt, "-o", f"log={tmp_path / 'mnt.log'}", cache=default)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert os.getxattr(mnt, "user.cafs.cache") == os.fsencode(cache)
+        assert read_file(mnt / FILE) == read_file(dataset.src / FILE)
+    finally:
+        unmount(mnt, mountd_pids(mnt))
+    assert not default.exists()
+    r = run_cafs("mount", "--cache", cache, dataset.source, mnt, "-o", f"cache={default}", cache=default)
+    assert r.returncode == 1 and "mount option cache given twice with different values" in r.stderr, r.stderr
+    assert not is_mounted(mnt)
+
+
 def test_proc_mounts_shows_the_source_as_given(dataset: Dataset, tmp_path: Path) -> None:
     # mount(8) takes an fstab line as mounted already only if /proc/mounts shows its source
     # as written: else a second 'mount -a' mounts it again, and fails as busy
