@@ -155,17 +155,19 @@ def lookup_index(reader: NodeReader, d: Entry, name: bytes) -> tuple[int, Entry]
     """``(index, entry)`` of ``name`` in directory ``d``, reading at most one page."""
     assert d.ref is not None
     node = reader.node(d.ref)
-    start = 0
+    start, count = 0, None
     if isinstance(node, DirIndexNode):
         i = bisect.bisect_right(node.firsts, name) - 1
         if i < 0:
             return None
-        start = node.starts[i]
+        start, count = node.starts[i], node.pages[i].count
         node = _page(reader, node.pages[i].ref, d)
     if not isinstance(node, TreeNode):
         raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
     names = node.names
     i = bisect.bisect_left(names, name)
     if i < len(names) and names[i] == name:
+        if count is not None and i >= count:  # its index would be the next page's entry's
+            raise FormatError(f"directory {d.name!r}: a page holds more entries than the {count} its index says")
         return start + i, node.entries[i]
     return None
