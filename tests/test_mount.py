@@ -852,6 +852,22 @@ def test_cafs_mount_uses_the_cache_its_cache_option_names(dataset: Dataset, tmp_
     assert not is_mounted(mnt)
 
 
+def test_a_source_starting_with_a_dash_mounts(dataset: Dataset, tmp_path: Path) -> None:
+    # the daemon was started as 'mountd --ready-fd N SOURCE MNT -o ...': a SOURCE such as
+    # '-repo#snap' (a repository at a relative path) was taken for an option, and the
+    # daemon exited with a usage message in mountd.stderr (mount exit 32)
+    (tmp_path / "-repo").symlink_to(dataset.repo)
+    mnt = new_mountpoint(tmp_path)
+    source = "-repo#" + dataset.source.partition("#")[2]
+    r = run_cafs("mount", "-o", f"log={tmp_path / 'mnt.log'}", "--", source, mnt, cache=tmp_path / "cache",
+                 cwd=tmp_path)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert read_file(mnt / FILE) == read_file(dataset.src / FILE)
+    finally:
+        unmount(mnt, mountd_pids(mnt))
+
+
 def test_proc_mounts_shows_the_source_as_given(dataset: Dataset, tmp_path: Path) -> None:
     # mount(8) takes an fstab line as mounted already only if /proc/mounts shows its source
     # as written: else a second 'mount -a' mounts it again, and fails as busy
