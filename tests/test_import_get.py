@@ -15,12 +15,17 @@ import shutil
 import stat
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cafs.cli import show_path
+from cafs.importer import run_import
+from cafs.metacache import MetaCache
+from cafs.repository import Repository
+from cafs.stores import open_store
 from treegen import assert_same_tree, make_tree, manifest, mutate_tree
 
 PACK_SIZE = 512 << 10
@@ -591,18 +596,19 @@ def test_import_of_more_directories_than_open_files_allowed(cafs_proc, repo: Pat
     assert_same_tree(src, out)
 
 
-def _deep(root: Path, depth: int, content: bytes) -> None:
-    """``root/d/d/.../d/f`` with ``depth`` directories: made through descriptors, since
-    the path is longer than Python's recursion (os.makedirs) allows."""
+def _deep(root: Path, depth: int, content: bytes, name: str = "d") -> None:
+    """``root/d/d/.../d/f`` with ``depth`` directories (each called ``name``): made
+    through descriptors, since the path is longer than Python's recursion (os.makedirs)
+    allows."""
     root.mkdir(exist_ok=True)
     fd = os.open(root, os.O_RDONLY)
     try:
         for _ in range(depth):
             try:
-                os.mkdir("d", dir_fd=fd)
+                os.mkdir(name, dir_fd=fd)
             except FileExistsError:
                 pass
-            sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY, dir_fd=fd)
             os.close(fd)
             fd = sub
         f = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
@@ -622,6 +628,25 @@ def deep_dir(tmp_path: Path) -> Iterator[Path]:
         yield top
     finally:
         subprocess.run(["rm", "-rf", str(top)], check=True)
+
+
+def test_importing_a_deep_tree_of_long_names_holds_the_path_of_one_directory(repo: Path, deep_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    # Every directory of the walk kept its whole path: the sum grows with the square of
+    # the depth (a tree 2,000 deep with names of 255 bytes held 500 MB of paths; 400 deep,
+    # as here, 20 MB).
+    src = deep_dir / "deep"
+    _deep(src, 400, b"bottom", name="n" * 255)
+    meta = MetaCache(tmp_path / "meta")
+    tracemalloc.start()
+    try:
+        result = run_import(Repository.open(open_store(str(repo))), meta, src, "deep")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        meta.close()
+    assert result.snapshot is not None and not result.skipped and result.counters.dirs == 401
+    assert peak < 8 << 20, peak
 
 
 def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, deep_dir: Path) -> None:
