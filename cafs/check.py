@@ -508,17 +508,29 @@ class Checker:
 def _files(root: Entry, entries_of: Callable[[Location, bytes], list[Entry]],
            spans_of: Callable[[Entry, bytes], tuple[Location, ...]]) -> Iterator[tuple[bytes, tuple[Location, ...]]]:
     """``(path, spans)`` of every file below the directory ``root``, depth first, the
-    entries of a directory (by its node's location and its path) and the spans of a file
-    as the callables give them."""
-    stack: list[tuple[bytes, Entry]] = [(b"", root)]
-    while stack:
-        path, entry = stack.pop()
+    entries of a directory in reverse name order; the entries of a directory (by its
+    node's location and its path) and the spans of a file as the callables give them.
+    Holds one path, of the directory being walked (as ``cafs.tree.walk`` does)."""
+    assert root.ref is not None
+    path = b""
+    levels = [reversed(entries_of(root.ref, path))]
+    names: list[bytes] = []  # of the directories entered
+    while levels:
+        entry = next(levels[-1], None)
+        if entry is None:
+            levels.pop()
+            if names:  # back in the directory above
+                name = names.pop()
+                path = path[:len(path) - len(name) - 1] if len(path) > len(name) else b""
+            continue
+        entry_path = path + b"/" + entry.name if path else entry.name
         if entry.is_dir:
             assert entry.ref is not None
-            for child in entries_of(entry.ref, path):
-                stack.append((path + b"/" + child.name if path else child.name, child))
+            levels.append(reversed(entries_of(entry.ref, entry_path)))
+            names.append(entry.name)
+            path = entry_path
         elif entry.is_file:
-            yield path, spans_of(entry, path)
+            yield entry_path, spans_of(entry, entry_path)
 
 
 def _verify_pack_bytes(pack_id: bytes, data: bytes) -> tuple[int, list[Location], int, bool]:
