@@ -46,7 +46,7 @@ import random
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 from cafs.errors import CafsError, FormatError, IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
 from cafs.format.index import PackSummary, decode_index
@@ -54,13 +54,47 @@ from cafs.format.journal import (
     Snapshot, decode_latest, decode_snapshot, is_ref_name, journal_key, latest_key, parse_jid,
 )
 from cafs.format.location import Location, verify_stored
-from cafs.format.nodes import DirIndexNode, Entry, FileNode, TreeNode, decode_node
+from cafs.format.nodes import DirIndexNode, Entry, FileNode, Node, TreeNode, decode_node
 from cafs.format.pack import PackTrailer, trailer_of
 from cafs.ids import digest
+from cafs.metacache import DecodedNodes
 from cafs.repository import Repository
 
 MAX_PATHS_PER_PROBLEM = 5
 READ_THREADS = 2
+
+
+class _VerifiedNodes:
+    """The nodes a checker verified, by id: kept as their plain bytes, and decoded again
+    when walked again once they fell out of a bounded set of decoded nodes
+    (``DecodedNodes``). Kept decoded, the nodes of a whole repository took some 600 bytes
+    per entry, five times their bytes (6 GB for ten million files). Reading and verifying
+    a node is still done once; walking the snapshots of one ref may decode it again."""
+
+    def __init__(self) -> None:
+        self._bytes: dict[bytes, bytes] = {}
+        self._decoded = DecodedNodes()
+
+    def __contains__(self, node_id: bytes) -> bool:
+        return node_id in self._bytes
+
+    def add(self, node_id: bytes, data: bytes) -> Node:
+        """The node of the verified bytes ``data``, kept if it decodes (else FormatError)."""
+        node = self._decode(node_id, data)
+        self._bytes[node_id] = data
+        return node
+
+    def get(self, node_id: bytes) -> Node | None:
+        node = self._decoded.get(node_id)
+        if node is not None:
+            return node
+        data = self._bytes.get(node_id)
+        return None if data is None else self._decode(node_id, data)
+
+    def _decode(self, node_id: bytes, data: bytes) -> Node:
+        node = decode_node(data, f"node {node_id.hex()[:16]}")
+        self._decoded.put(node_id, node)
+        return node
 
 
 @dataclass
@@ -114,7 +148,7 @@ class Checker:
         self.repo = repo
         self.progress = progress or (lambda _msg: None)
         # What this Checker verified, kept across runs (see the module docstring).
-        self._nodes_ok: dict[bytes, TreeNode | DirIndexNode | FileNode] = {}
+        self._nodes_ok = _VerifiedNodes()
         self._summaries: dict[bytes, PackSummary] = {}  # pack id -> its trailer, read whole
         self._read_ok: set[bytes] = set()  # packs whose every byte matched (read_fraction)
         self._start()
@@ -133,14 +167,14 @@ class Checker:
         self._unreadable: set[str] = set()
         self._listed_jids: dict[str, list[int]] = defaultdict(list)  # ref -> jids of its listed entries
         self._set_aside: set[str] | None = None  # packs fsck --repair set aside (damaged/), listed on demand
-        # chunk id -> (snapshot label, path) of the first few users, for --read-data reports
-        self._chunk_users: dict[bytes, list[tuple[str, str]]] = defaultdict(list)
+        self._snapshots: list[Snapshot] = []  # those whose journal entries decode
 
     def run(self, read_fraction: float = 0.0, seed: int | None = None) -> Report:
         self._start()
         self._check_packs()
         self._check_indexes()
-        for snap in self._journals():
+        self._snapshots = self._journals()
+        for snap in self._snapshots:
             self._check_snapshot(snap)
         self._check_latest()
         if read_fraction > 0:
@@ -322,21 +356,13 @@ class Checker:
     def _check_snapshot(self, snap: Snapshot) -> None:
         label = f"{snap.ref}@{snap.jid}"
         self.progress(f"snapshot {label}")
-        stack: list[tuple[bytes, Entry]] = [(b"", snap.root)]
-        while stack:
-            path, entry = stack.pop()
-            if entry.is_dir:
-                assert entry.ref is not None
-                for child in self._dir_entries(entry.ref, label, path):
-                    stack.append((path + b"/" + child.name if path else child.name, child))
-            elif entry.is_file:
-                for span in self._file_spans(entry, label, path):
-                    self.report.chunks += 1
-                    problem = self._locate(span)
-                    if problem is not None:
-                        problem.affect(label, _show(path))
-                    elif len(self._chunk_users[span.id]) < MAX_PATHS_PER_PROBLEM:
-                        self._chunk_users[span.id].append((label, _show(path)))
+        for path, spans in _files(snap.root, lambda loc, path: self._dir_entries(loc, label, path),
+                                  lambda entry, path: self._file_spans(entry, label, path)):
+            for span in spans:
+                self.report.chunks += 1
+                problem = self._locate(span)
+                if problem is not None:
+                    problem.affect(label, _show(path))
 
     def _node(self, loc: Location, label: str, path: bytes) -> TreeNode | DirIndexNode | FileNode | None:
         # Snapshots of one ref share most of their nodes: each is read and verified once,
@@ -346,8 +372,7 @@ class Checker:
             node = self._nodes_ok.get(loc.id)
             if node is None:
                 try:
-                    node = self._nodes_ok[loc.id] = decode_node(self.repo.read_object(loc),
-                                                                f"node {loc.id.hex()[:16]}")
+                    node = self._nodes_ok.add(loc.id, self.repo.read_object(loc))
                 except StoreUnavailable:
                     raise  # no finding (see the module docstring)
                 except (FormatError, IntegrityError, StoreError) as exc:
@@ -393,10 +418,13 @@ class Checker:
         packs = [p for p in packs if p not in self._read_ok]  # verified whole by an earlier run
         # Reading and hashing release the GIL: two packs at a time keep the disk and both
         # cores busy. Results are recorded on this thread, in pack order.
+        bad: dict[bytes, Problem] = {}  # chunk id -> the problem of the pack that fails it
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             for n, (pack_id, outcome) in enumerate(zip(packs, pool.map(self._verify_pack, packs), strict=True)):
                 self.progress(f"read {n + 1}/{len(packs)} packs")
-                self._record_pack(pack_id, outcome)
+                self._record_pack(pack_id, outcome, bad)
+        if bad:
+            self._name_chunk_users(bad)
 
     def _verify_pack(self, pack_id: bytes) -> tuple[int, list[Location], int, bool] | CafsError:
         """(bytes read, objects that fail, objects in all, body digest ok), or the error.
@@ -420,7 +448,10 @@ class Checker:
         except (StoreError, FormatError) as exc:
             return exc
 
-    def _record_pack(self, pack_id: bytes, outcome: tuple[int, list[Location], int, bool] | CafsError) -> None:
+    def _record_pack(self, pack_id: bytes, outcome: tuple[int, list[Location], int, bool] | CafsError,
+                     bad_chunks: dict[bytes, Problem]) -> None:
+        """Report what reading ``pack_id`` whole found; its chunks that fail go into
+        ``bad_chunks``, whose users ``_name_chunk_users`` names once every pack is read."""
         if isinstance(outcome, CafsError):
             self._problem(Problem("corrupt-pack", pack_id.hex(), f"cannot read: {outcome}", pack=pack_id))
             return
@@ -434,10 +465,72 @@ class Checker:
             f"{len(bad)} of {total} objects do not match their ids"
             + ("" if body_ok else "; body digest differs"), pack=pack_id))
         for loc in bad:
-            for label, path in self._chunk_users.get(loc.id, []):
-                problem.affect(label, path)
             if loc.id in self._nodes_ok:
                 problem.affect("(metadata)", f"node {loc.id.hex()[:16]}")
+            else:
+                bad_chunks.setdefault(loc.id, problem)
+
+    def _name_chunk_users(self, bad: dict[bytes, Problem]) -> None:
+        """Name in each problem of ``bad`` (chunk id -> problem) the first few files that
+        hold that chunk (``MAX_PATHS_PER_PROBLEM`` spans of it), walking the snapshots
+        again over the nodes verified. Found now, for the few chunks that fail: noting
+        the first users of every chunk while checking held a path per chunk of the
+        repository in memory (gigabytes for tens of millions of files)."""
+        left = dict.fromkeys(bad, MAX_PATHS_PER_PROBLEM)  # spans of each chunk still to name
+        to_name = len(left) * MAX_PATHS_PER_PROBLEM
+        for snap in self._snapshots:
+            label = f"{snap.ref}@{snap.jid}"
+            for path, spans in _files(snap.root, self._verified_entries, self._verified_spans):
+                for span in spans:
+                    if left.get(span.id, 0) > 0 and self._locate(span) is None:
+                        left[span.id] -= 1
+                        to_name -= 1
+                        bad[span.id].affect(label, _show(path))
+                if not to_name:
+                    return
+
+    def _verified_entries(self, loc: Location, _path: bytes) -> list[Entry]:
+        node = self._nodes_ok.get(loc.id)
+        if isinstance(node, TreeNode):
+            return list(node.entries)
+        if isinstance(node, DirIndexNode):
+            return [e for page in node.pages for e in self._verified_entries(page.ref, _path)]
+        return []
+
+    def _verified_spans(self, entry: Entry, _path: bytes) -> tuple[Location, ...]:
+        if entry.spans is not None:
+            return entry.spans
+        assert entry.ref is not None
+        node = self._nodes_ok.get(entry.ref.id)
+        return node.spans if isinstance(node, FileNode) else ()
+
+
+def _files(root: Entry, entries_of: Callable[[Location, bytes], list[Entry]],
+           spans_of: Callable[[Entry, bytes], tuple[Location, ...]]) -> Iterator[tuple[bytes, tuple[Location, ...]]]:
+    """``(path, spans)`` of every file below the directory ``root``, depth first, the
+    entries of a directory in reverse name order; the entries of a directory (by its
+    node's location and its path) and the spans of a file as the callables give them.
+    Holds one path, of the directory being walked (as ``cafs.tree.walk`` does)."""
+    assert root.ref is not None
+    path = b""
+    levels = [reversed(entries_of(root.ref, path))]
+    names: list[bytes] = []  # of the directories entered
+    while levels:
+        entry = next(levels[-1], None)
+        if entry is None:
+            levels.pop()
+            if names:  # back in the directory above
+                name = names.pop()
+                path = path[:len(path) - len(name) - 1] if len(path) > len(name) else b""
+            continue
+        entry_path = path + b"/" + entry.name if path else entry.name
+        if entry.is_dir:
+            assert entry.ref is not None
+            levels.append(reversed(entries_of(entry.ref, entry_path)))
+            names.append(entry.name)
+            path = entry_path
+        elif entry.is_file:
+            yield entry_path, spans_of(entry, entry_path)
 
 
 def _verify_pack_bytes(pack_id: bytes, data: bytes) -> tuple[int, list[Location], int, bool]:

@@ -796,8 +796,12 @@ def parse_fraction(text: str, zero: bool = False) -> float:
 
 def cmd_mount(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.mount_helper import mount
+    from cafs.mountopts import valued_option
 
-    return mount(args.source, args.mountpoint, ",".join(args.options), foreground=args.foreground)
+    options = list(args.options)
+    if args.cache is not None:  # the --cache of every command: -o cache=DIR (both, differing: an error)
+        options.append(valued_option("cache", str(Path(args.cache).absolute())))
+    return mount(args.source, args.mountpoint, ",".join(options), foreground=args.foreground)
 
 
 def cmd_umount(ctx: Context, args: argparse.Namespace) -> int:

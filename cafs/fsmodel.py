@@ -43,14 +43,14 @@ from collections.abc import Iterator
 
 import trio
 
-from cafs.errors import PathNotFound
+from cafs.errors import FormatError, PathNotFound
 from cafs.fetch import Fetcher
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location
 from cafs.format.nodes import MAX_NAME, Entry
 from cafs.ids import digest
 from cafs.metacache import NodeNotLoaded, NodeReader
-from cafs.tree import entry_at, file_spans, lookup_index
+from cafs.tree import entries_from, entry_at, file_spans, lookup_index
 
 ROOT_INO = 1
 BLOCK_SIZE = 1 << 20  # st_blksize: invites large reads from cp, Python's io and friends
@@ -91,6 +91,20 @@ class Attributes:
 class _DirBlock:
     entry: Entry
     base: int
+
+    @property
+    def size(self) -> int:
+        """The inode numbers the block holds: one per entry the directory says it has."""
+        return max(self.entry.size, 1)
+
+    def ino(self, index: int, dir_ino: int) -> int:
+        """The inode number of entry ``index``; FormatError if the directory holds more
+        entries than its size says (not written by cafs): that number would be another
+        directory's, and its attributes and bytes would be served for this name."""
+        if index >= self.size:
+            raise FormatError(f"directory inode {dir_ino}: holds more entries than the {self.entry.size} "
+                              "its entry says; not a snapshot cafs wrote")
+        return self.base + index
 
 
 @dataclass
@@ -192,7 +206,7 @@ class SnapshotFS:
             if not e.is_dir:
                 raise NotADirectory(f"inode {ino} is not a directory")
             block = _DirBlock(e, self._next_ino)
-            self._next_ino += max(e.size, 1)
+            self._next_ino += block.size
             self._blocks[ino] = block
             self._bases.append(block.base)
             self._owners.append(ino)
@@ -206,7 +220,7 @@ class SnapshotFS:
         if found is None:
             raise PathNotFound(f"no entry {name!r} in inode {parent}")
         index, e = found
-        return self._linked(block.base + index, e), e
+        return self._linked(block.ino(index, parent), e), e
 
     def _linked(self, ino: int, e: Entry) -> int:
         """The inode number of entry ``e`` at ``ino``: for a hard-linked file, the number
@@ -226,13 +240,9 @@ class SnapshotFS:
         if start < DOTS:
             parent = self.parent(ino)
             yield parent, self.entry(parent)._replace(name=b".."), DOTS
-        index = max(start - DOTS, 0)
-        while True:
-            e = entry_at(self.reader, block.entry, index)
-            if e is None:
-                return
-            yield self._linked(block.base + index, e), e, DOTS + index + 1
-            index += 1
+        first = max(start - DOTS, 0)
+        for index, e in enumerate(entries_from(self.reader, block.entry, first), first):
+            yield self._linked(block.ino(index, ino), e), e, DOTS + index + 1
 
     def parent(self, ino: int) -> int:
         """The directory that holds inode ``ino``; the root is its own parent."""

@@ -143,7 +143,8 @@ PrevEntry = list[Any]
 @dataclass
 class _DirFrame:
     fd: int  # CLOSED while the walk is more than OPEN_DIRS levels below
-    path: bytes
+    name: bytes  # in its parent; b"" for the root
+    parent: _DirFrame | None
     st: os.stat_result
     names: list[bytes]
     prev: dict[bytes, PrevEntry]  # the previous snapshot's entries of this directory
@@ -153,6 +154,24 @@ class _DirFrame:
     # a PrevEntry is unchanged; a _PendingFile is being read (its entry, or None, once settled)
     entries: list[Entry | PrevEntry | _PendingFile] = field(default_factory=list)
     subdirs: int = 0
+    _path: bytes | None = None  # kept while this is the deepest frame (see ``path``)
+
+    @property
+    def path(self) -> bytes:
+        """Its path in the imported tree, made from the names up the walk. Only the deepest
+        frame keeps it (``forget_path``): kept by every frame, the paths of a tree 2,000
+        deep with names of 255 bytes took 500 MB (the sum of their lengths grows with the
+        square of the depth)."""
+        if self._path is None:
+            names, frame = [], self
+            while frame.parent is not None:
+                names.append(frame.name)
+                frame = frame.parent
+            self._path = b"/".join(reversed(names))
+        return self._path
+
+    def forget_path(self) -> None:
+        self._path = None
 
 
 @dataclass
@@ -241,7 +260,7 @@ class Importer:
         try:
             root_st = os.fstat(root_fd)
             prev_root = self.prev.root if self.prev else None
-            stack = [self._frame(root_fd, b"", root_st, prev_root, prev_root.ref if prev_root else None)]
+            stack = [self._frame(root_fd, b"", None, root_st, prev_root, prev_root.ref if prev_root else None)]
         except BaseException:
             os.close(root_fd)
             raise
@@ -251,6 +270,7 @@ class Importer:
                 top = stack[-1]
                 child = self._import_entries(top)
                 if child is not None:
+                    top.forget_path()
                     stack.append(child)
                     close_above(stack, first=1)  # the root stays open
                     continue
@@ -300,8 +320,8 @@ class Importer:
             self._skip(frame.path, f"{why}; its entries from '{show_path(frame.names[frame.pos])}' on are left out")
             frame.pos = len(frame.names)
 
-    def _frame(self, fd: int, path: bytes, st: os.stat_result, prev: Entry | PrevEntry | None,
-               prev_ref: Location | None) -> _DirFrame:
+    def _frame(self, fd: int, name: bytes, parent: _DirFrame | None, st: os.stat_result,
+               prev: Entry | PrevEntry | None, prev_ref: Location | None) -> _DirFrame:
         names = _names(fd)
         prev_entries: dict[bytes, PrevEntry] = {}
         if prev_ref is not None:
@@ -310,7 +330,7 @@ class Importer:
             except CafsError:
                 prev_ref = None  # an unreadable previous snapshot only costs re-reading
         self.counters.dirs += 1
-        return _DirFrame(fd, path, st, names, prev_entries, prev if prev_ref else None, prev_ref)
+        return _DirFrame(fd, name, parent, st, names, prev_entries, prev if prev_ref else None, prev_ref)
 
     def _prev_fields(self, ref: Location) -> list[PrevEntry]:
         """The entries of a previous directory node, or of all the pages of its index."""
@@ -389,7 +409,7 @@ class Importer:
             return None
         try:
             prev = parent.prev.get(name)
-            return self._frame(fd, path, os.fstat(fd), prev, _dir_ref(prev))
+            return self._frame(fd, name, parent, os.fstat(fd), prev, _dir_ref(prev))
         except OSError as exc:
             os.close(fd)
             self._skip(path, f"cannot list directory: {exc.strerror}")
@@ -405,7 +425,7 @@ class Importer:
         else:
             ref = self._store_dir(entries)
         st = frame.st
-        name = frame.path.rsplit(b"/", 1)[-1]
+        name = frame.name
         return _same_or_new(frame.prev_dir, Entry(
             name, KIND_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, _mtime_ns(st), len(entries),
             2 + frame.subdirs, st.st_ino, ref=ref, blocks=self._blocks(st)))

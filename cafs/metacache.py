@@ -31,14 +31,14 @@ import lmdb
 from cafs import cacheuse
 from cafs.errors import CafsError, FormatError, IntegrityError, NoSpaceError, StoreError, StoreUnavailable
 from cafs.format.location import Location
-from cafs.format.nodes import Node, decode_node
+from cafs.format.nodes import DirIndexNode, Node, TreeNode, decode_node
 from cafs.ids import digest
 from cafs.repository import Repository
 
 log = logging.getLogger("cafs.metacache")
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with use
-DECODED_NODES = 4096
+DECODED_ITEMS = 1 << 18  # entries, spans and pages kept decoded: some 160 MB (about 600 bytes each)
 WHOLE_PACK_AFTER = 2  # nodes needed from one remote metadata pack before it is read whole
 
 
@@ -186,6 +186,44 @@ class MetaCache:
             raise self._failed("writing", exc) from None
 
 
+def node_weight(node: Node) -> int:
+    """What a decoded node holds, in the items ``DECODED_ITEMS`` counts."""
+    if isinstance(node, TreeNode):
+        return 1 + len(node.entries)
+    if isinstance(node, DirIndexNode):
+        return 1 + len(node.pages)
+    return 1 + len(node.spans)
+
+
+class DecodedNodes:
+    """Decoded nodes by id, the least recently used dropped once they hold more than
+    ``budget`` items (``node_weight``); the newest is kept whatever its size. Weighed, not
+    counted: a directory page holds up to 1024 entries and a file node up to a million
+    spans, so a bound of 4096 nodes let a mount hold gigabytes."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = DECODED_ITEMS if budget is None else budget
+        self.weight = 0
+        self._nodes: OrderedDict[bytes, tuple[Node, int]] = OrderedDict()
+
+    def get(self, node_id: bytes) -> Node | None:
+        hit = self._nodes.get(node_id)
+        if hit is None:
+            return None
+        self._nodes.move_to_end(node_id)
+        return hit[0]
+
+    def put(self, node_id: bytes, node: Node) -> None:
+        old = self._nodes.pop(node_id, None)
+        if old is not None:
+            self.weight -= old[1]
+        weight = node_weight(node)
+        self._nodes[node_id] = (node, weight)
+        self.weight += weight
+        while self.weight > self.budget and len(self._nodes) > 1:
+            self.weight -= self._nodes.popitem(last=False)[1][1]
+
+
 class NodeNotLoaded(CafsError):
     """A node is neither in memory nor in LMDB, and this reader does not go to the store
     itself: the caller loads it (``NodeReader.load``, in a worker thread), hands it over
@@ -220,7 +258,7 @@ class NodeReader:
         self.defer_writes = defer_writes
         self.defer_fetches = defer_fetches
         self._pending: dict[bytes, bytes] = {}
-        self._decoded: OrderedDict[bytes, Node] = OrderedDict()
+        self._decoded = DecodedNodes()
         self._whole_packs = repo.local_root is None  # a local disk has no latency to save
         self._pack_reads: dict[bytes, int] = {}  # metadata pack -> its nodes read one by one
         self._packs_read_whole: set[bytes] = set()
@@ -309,16 +347,13 @@ class NodeReader:
     def node(self, loc: Location) -> Node:
         hit = self._decoded.get(loc.id)
         if hit is not None:
-            self._decoded.move_to_end(loc.id)
             return hit
         node = decode_node(self.node_bytes(loc), f"node {loc.id.hex()[:12]}")
         self._remember(loc.id, node)
         return node
 
     def _remember(self, node_id: bytes, node: Node) -> None:
-        self._decoded[node_id] = node
-        if len(self._decoded) > DECODED_NODES:
-            self._decoded.popitem(last=False)
+        self._decoded.put(node_id, node)
 
 
-__all__ = ["MetaCache", "NodeReader", "NodeNotLoaded", "default_cache_dir", "IntegrityError"]
+__all__ = ["DecodedNodes", "MetaCache", "NodeReader", "NodeNotLoaded", "default_cache_dir", "IntegrityError"]

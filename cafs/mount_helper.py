@@ -136,8 +136,10 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
             raise MountError(f"cache directory {cache_dir}: cannot use it: {why_not(exc)}") from None
         with err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), source, str(mountpoint),
-                 "-o", format_options(opts)],
+                # "--": a SOURCE may start with "-" (a relative repository path), and
+                # would be taken for an option
+                [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), "-o", format_options(opts),
+                 "--", source, str(mountpoint)],
                 pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True, close_fds=True,
             )

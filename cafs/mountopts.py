@@ -167,9 +167,9 @@ def format_options(opts: MountOptions) -> str:
     """The inverse of ``parse_options``, to hand options to the daemon process."""
     items = [f"cache_size={opts.cache_size}", f"readahead={opts.readahead}", f"cache_mode={opts.cache_mode}",
              f"timeout={opts.timeout!r}"]
-    items.extend(_valued("mirror", url) for url in opts.mirrors)
+    items.extend(valued_option("mirror", url) for url in opts.mirrors)
     if opts.cache is not None:
-        items.append(_valued("cache", str(opts.cache)))
+        items.append(valued_option("cache", str(opts.cache)))
     if opts.allow_other:
         items.append("allow_other")
     if opts.noexec:
@@ -177,10 +177,10 @@ def format_options(opts: MountOptions) -> str:
     if opts.debug:
         items.append("debug")
     if opts.log:
-        items.append(_valued("log", opts.log))
+        items.append(valued_option("log", opts.log))
     return ",".join(items)
 
 
-def _valued(key: str, value: str) -> str:
+def valued_option(key: str, value: str) -> str:
     """``key=value``, the value in double quotes if it holds a comma (see ``split_options``)."""
     return f'{key}="{value}"' if "," in value else f"{key}={value}"

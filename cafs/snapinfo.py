@@ -30,40 +30,48 @@ def diff_trees(reader: NodeReader, a: Entry, b: Entry, prefix: bytes = b"") -> I
     """``(mark, path)`` for every difference: ``+`` added, ``-`` removed, ``M`` changed
     (content, type, mode, owner, or a file's or symlink's mtime), in path order.
     Subtrees whose node ids are equal are skipped without being read. Iterative: a
-    tree may be deeper than Python's recursion limit."""
-    stack = [_dir_pairs(reader, a, b, prefix)]
+    tree may be deeper than Python's recursion limit. Holds one path, that of the
+    directories compared (as ``cafs.tree.walk`` does)."""
+    path = prefix
+    stack = [_dir_pairs(reader, a, b)]
+    names: list[bytes] = []  # of the directories entered below the top
     while stack:
         pair = next(stack[-1], None)
         if pair is None:
             stack.pop()
+            if names:  # back in the directory above
+                name = names.pop()
+                path = path[:len(path) - len(name) - 1] if len(path) > len(name) else b""
             continue
-        path, ea, eb = pair
+        name, ea, eb = pair
+        sub = _join(path, name)
         if eb is None:
             assert ea is not None
-            yield from (("-", p) for p, _ in walk(reader, ea, path))
+            yield from (("-", p) for p, _ in walk(reader, ea, sub))
         elif ea is None:
-            yield from (("+", p) for p, _ in walk(reader, eb, path))
+            yield from (("+", p) for p, _ in walk(reader, eb, sub))
         elif ea.kind != eb.kind:
-            yield from (("-", p) for p, _ in walk(reader, ea, path))
-            yield from (("+", p) for p, _ in walk(reader, eb, path))
+            yield from (("-", p) for p, _ in walk(reader, ea, sub))
+            yield from (("+", p) for p, _ in walk(reader, eb, sub))
         elif ea.is_dir:
             if (ea.mode, ea.uid, ea.gid) != (eb.mode, eb.uid, eb.gid):
-                yield "M", path
-            stack.append(_dir_pairs(reader, ea, eb, path))
+                yield "M", sub
+            stack.append(_dir_pairs(reader, ea, eb))
+            names.append(name)
+            path = sub
         elif ((ea.mode, ea.uid, ea.gid, ea.mtime_ns, ea.size) != (eb.mode, eb.uid, eb.gid, eb.mtime_ns, eb.size)
               or _content_key(reader, ea) != _content_key(reader, eb)):
-            yield "M", path
+            yield "M", sub
 
 
-def _dir_pairs(reader: NodeReader, a: Entry, b: Entry,
-               prefix: bytes) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
-    """``(path, entry in a, entry in b)`` for every name in either directory, in name
+def _dir_pairs(reader: NodeReader, a: Entry, b: Entry) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+    """``(name, entry in a, entry in b)`` for every name in either directory, in name
     order; nothing if their nodes are the same."""
     if a.ref is not None and b.ref is not None and a.ref.id == b.ref.id:
         return iter(())
     old = {e.name: e for e in list_dir(reader, a)}
     new = {e.name: e for e in list_dir(reader, b)}
-    return ((_join(prefix, name), old.get(name), new.get(name)) for name in sorted(old.keys() | new.keys()))
+    return ((name, old.get(name), new.get(name)) for name in sorted(old.keys() | new.keys()))
 
 
 @dataclass

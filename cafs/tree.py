@@ -83,15 +83,31 @@ def file_spans(reader: NodeReader, f: Entry) -> tuple[Location, ...]:
 
 
 def walk(reader: NodeReader, top: Entry, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
-    """``(path, entry)`` for ``top`` and everything below it, parents before children."""
-    stack = [(prefix, top)]
-    while stack:
-        path, entry = stack.pop()
-        yield path, entry
-        if entry.is_dir:
-            children = list(list_dir(reader, entry))
-            for child in reversed(children):
-                stack.append((path + b"/" + child.name if path else child.name, child))
+    """``(path, entry)`` for ``top`` and everything below it, parents before children,
+    in name order. Holds one path, that of the directory being listed (and at each level
+    above it the entries left): a path for each entry left, kept until walked, took
+    memory growing with the square of the depth (a GB for a tree 2,000 deep with names
+    of 255 bytes and a file beside each directory)."""
+    yield prefix, top
+    if not top.is_dir:
+        return
+    path = prefix
+    levels = [iter(list(list_dir(reader, top)))]
+    names: list[bytes] = []  # of the directories entered below ``top``
+    while levels:
+        child = next(levels[-1], None)
+        if child is None:
+            levels.pop()
+            if names:  # back in the directory above
+                name = names.pop()
+                path = path[:len(path) - len(name) - 1] if len(path) > len(name) else b""
+            continue
+        child_path = path + b"/" + child.name if path else child.name
+        yield child_path, child
+        if child.is_dir:
+            levels.append(iter(list(list_dir(reader, child))))
+            names.append(child.name)
+            path = child_path
 
 
 def reachable(node_of: Callable[[Location], Node], root: Location, walked: set[bytes]) -> Iterator[Location]:
@@ -127,37 +143,47 @@ def reachable(node_of: Callable[[Location], Node], root: Location, walked: set[b
 
 def entry_at(reader: NodeReader, d: Entry, index: int) -> Entry | None:
     """The ``index``-th entry (in name order) of directory ``d``, reading one page."""
+    return next(entries_from(reader, d, index), None)
+
+
+def entries_from(reader: NodeReader, d: Entry, index: int) -> Iterator[Entry]:
+    """The entries of directory ``d`` from the ``index``-th on, in name order, reading a
+    page at a time as the caller goes on. Indexes follow the pages' counts (what
+    ``lookup_index`` gives): a page holding fewer entries than its count ends the listing."""
     assert d.ref is not None
+    if index < 0:
+        return
     node = reader.node(d.ref)
-    if isinstance(node, DirIndexNode):
-        start = 0
-        for page in node.pages:
-            if index < start + page.count:
-                entries = _page(reader, page.ref, d).entries
-                return entries[index - start] if index - start < len(entries) else None
-            start += page.count
-        return None
-    if not isinstance(node, TreeNode):
+    if isinstance(node, TreeNode):
+        yield from node.entries[index:]
+        return
+    if not isinstance(node, DirIndexNode):
         raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
-    return node.entries[index] if 0 <= index < len(node.entries) else None
+    first = max(bisect.bisect_right(node.starts, index) - 1, 0)
+    for page, start in zip(node.pages[first:], node.starts[first:], strict=True):
+        entries, count = _page(reader, page.ref, d).entries, page.count
+        yield from entries[max(index - start, 0):count]
+        if len(entries) < count:
+            return
 
 
 def lookup_index(reader: NodeReader, d: Entry, name: bytes) -> tuple[int, Entry] | None:
     """``(index, entry)`` of ``name`` in directory ``d``, reading at most one page."""
     assert d.ref is not None
     node = reader.node(d.ref)
-    start = 0
+    start, count = 0, None
     if isinstance(node, DirIndexNode):
-        firsts = [p.first_name for p in node.pages]
-        i = bisect.bisect_right(firsts, name) - 1
+        i = bisect.bisect_right(node.firsts, name) - 1
         if i < 0:
             return None
-        start = sum(p.count for p in node.pages[:i])
+        start, count = node.starts[i], node.pages[i].count
         node = _page(reader, node.pages[i].ref, d)
     if not isinstance(node, TreeNode):
         raise FormatError(f"directory {d.name!r}: node {d.ref.id.hex()[:12]} is not a directory node")
     names = node.names
     i = bisect.bisect_left(names, name)
     if i < len(names) and names[i] == name:
+        if count is not None and i >= count:  # its index would be the next page's entry's
+            raise FormatError(f"directory {d.name!r}: a page holds more entries than the {count} its index says")
         return start + i, node.entries[i]
     return None

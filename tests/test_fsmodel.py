@@ -7,6 +7,7 @@ from a ``make_tree`` tree; the source tree is the oracle.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import stat
@@ -15,6 +16,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FunctionType, ModuleType
+from typing import Any
 
 import blake3
 import pytest
@@ -25,17 +28,20 @@ from storewrap import PassThroughStore
 from treegen import make_tree, manifest
 
 from cafs.chunkcache import ChunkCache
-from cafs.errors import PathNotFound
+from cafs.errors import FormatError, PathNotFound
 from cafs.fetch import INLINE_BYTES, Fetcher, runs
 from cafs.format.location import CODEC_ZSTD, Location
+from cafs.format.journal import Snapshot
+from cafs.format.nodes import KIND_DIR, KIND_FILE, DirIndexNode, Entry, Node, PageRef, TreeNode
 from cafs.format.pack import pack_key
 from cafs.fsmodel import (DIR_SIZE, NAME_MAX, ROOT_INO, IsADirectory, NameTooLong, NotADirectory,
                           SnapshotFS)
+from cafs import metacache
 from cafs.metacache import MetaCache, NodeReader
 from cafs.naming import find_snapshot
 from cafs.repository import Repository
 from cafs.stores import Store, open_store
-from cafs.tree import file_spans
+from cafs.tree import file_spans, list_dir, lookup, walk
 
 BIG = (2 << 20) + 4321
 WIDE = 3000  # three directory pages of 1024 entries
@@ -205,6 +211,135 @@ def test_listdir_interleaved_listings(fs: SnapshotFS) -> None:
     seen_a += [e.name for _i, e, _n in a]
     assert seen_a == [b"f%06d" % i for i in range(1, WIDE + 1)]
     assert seen_b == seen_a[1500:]
+
+
+class _CountedField:
+    """A stand-in for a slot of ``PageRef`` that counts its reads."""
+
+    def __init__(self, slot: Any) -> None:
+        self.slot = slot
+        self.reads = 0
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        self.reads += 1
+        return self.slot.__get__(obj, owner)
+
+    def __set__(self, obj: object, value: object) -> None:
+        self.slot.__set__(obj, value)
+
+
+def test_listing_and_looking_up_a_paged_directory_take_each_page_once(fs: SnapshotFS,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pass over the pages of the index for each entry made listing a directory of n
+    # entries n * n / 2048 steps (the 200,000 names of one directory: 20 million).
+    wide = resolve(fs, b"wide")
+    list(fs.listdir(wide, 0))  # the index and its pages decoded, and cached
+    counts = _CountedField(PageRef.__dict__["count"])
+    firsts = _CountedField(PageRef.__dict__["first_name"])
+    monkeypatch.setattr(PageRef, "count", counts)
+    monkeypatch.setattr(PageRef, "first_name", firsts)
+    pages = -(-WIDE // 1024)
+    assert len(list(fs.listdir(wide, 0))) == WIDE + 2
+    assert len(list(fs.listdir(wide, WIDE - 10))) == 12
+    assert counts.reads <= 2 * pages  # each page's count read once per listing
+    counts.reads = 0
+    inodes = [fs.lookup(wide, b"f%06d" % i)[0] for i in range(1, WIDE + 1)]
+    # a lookup bisects (the index was decoded before) and reads the count of its page
+    assert firsts.reads == 0 and counts.reads <= WIDE
+    counts.reads = 0
+    assert [fs.entry(ino).name for ino in inodes] == [b"f%06d" % i for i in range(1, WIDE + 1)]
+    assert counts.reads <= WIDE  # the count of the one page an entry is in
+
+
+def _held(root: object, kind: type) -> int:
+    """How many objects of ``kind`` are reachable from ``root``."""
+    seen, todo, n = {id(root)}, [root], 0
+    while todo:
+        for ref in gc.get_referents(todo.pop()):
+            if id(ref) not in seen and not isinstance(ref, (type, ModuleType, FunctionType)):
+                seen.add(id(ref))
+                todo.append(ref)
+                n += isinstance(ref, kind)
+    return n
+
+
+def test_decoded_nodes_are_bounded_by_the_entries_they_hold(imported: Imported, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reader kept the last 4096 nodes decoded, whatever they held: directory pages
+    # of 1024 entries (some 600 KB decoded) and file nodes of up to a million spans, so
+    # a mount walking a large dataset grew to gigabytes.
+    monkeypatch.setattr(metacache, "DECODED_ITEMS", 2000, raising=False)
+    repo = Repository.open(open_store(str(imported.repo)))
+    meta = MetaCache(tmp_path / "cache")
+    try:
+        reader = NodeReader(repo, meta)
+        root = find_snapshot(repo, "snap").root
+        wide = lookup(reader, root, b"wide")
+        assert wide is not None
+        assert len(list(list_dir(reader, wide))) == WIDE
+        assert len([e for _p, e in walk(reader, root)]) > WIDE
+        assert _held(reader, Entry) <= 2000
+        assert lookup(reader, wide, b"f%06d" % WIDE) is not None  # read again when needed
+    finally:
+        meta.close()
+
+
+class _Nodes:
+    """A reader over nodes made in the test, by id: what a hostile writer may commit."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[bytes, Node] = {}
+
+    def add(self, node: Node) -> Location:
+        loc = Location(bytes([len(self.nodes) + 1]) * 32, b"p" * 32, 0, 1, 1, 0)
+        self.nodes[loc.id] = node
+        return loc
+
+    def node(self, loc: Location) -> Node:
+        return self.nodes[loc.id]
+
+
+def _dir(name: bytes, size: int, ref: Location) -> Entry:
+    return Entry(name, KIND_DIR, 0o755, 0, 0, 0, size, 2, 0, ref=ref)
+
+
+def _file(name: bytes, length: int) -> Entry:
+    return Entry(name, KIND_FILE, 0o644, 0, 0, 0, length, 1, 0, spans=())
+
+
+def test_a_directory_holding_more_entries_than_its_size_is_an_error_not_another_file() -> None:
+    # A directory's inode numbers are a block of its size; an entry beyond it got the
+    # number of an entry of the next directory's block, whose attributes (and bytes) a
+    # stat (and read) of it then served.
+    nodes = _Nodes()
+    a = nodes.add(TreeNode((_file(b"x", 1), _file(b"y", 2))))
+    b = nodes.add(TreeNode((_file(b"p", 3), _file(b"q", 4))))
+    root = nodes.add(TreeNode((_dir(b"a", 1, a), _dir(b"b", 2, b))))  # a says it holds one entry
+    snap = Snapshot("ds", 1, 0, Entry(b"", KIND_DIR, 0o755, 0, 0, 0, 2, 4, 0, ref=root))
+    fs = SnapshotFS(snap, nodes, None)  # type: ignore[arg-type]  # no read: no fetcher
+    ino_a, ino_b = fs.lookup(ROOT_INO, b"a")[0], fs.lookup(ROOT_INO, b"b")[0]
+    assert fs.attributes(fs.lookup(ino_a, b"x")[0]).size == 1
+    with pytest.raises(FormatError, match="holds more entries"):
+        fs.lookup(ino_a, b"y")
+    assert fs.attributes(fs.lookup(ino_b, b"p")[0]).size == 3
+    with pytest.raises(FormatError, match="holds more entries"):
+        list(fs.listdir(ino_a, 0))
+
+
+def test_a_page_holding_more_entries_than_its_count_is_an_error() -> None:
+    nodes = _Nodes()
+    first = nodes.add(TreeNode((_file(b"a", 1), _file(b"b", 2))))  # the index says 1
+    second = nodes.add(TreeNode((_file(b"c", 3),)))
+    big = nodes.add(DirIndexNode((PageRef(b"a", 1, first), PageRef(b"c", 1, second))))
+    root = nodes.add(TreeNode((_dir(b"d", 2, big),)))
+    snap = Snapshot("ds", 1, 0, Entry(b"", KIND_DIR, 0o755, 0, 0, 0, 1, 3, 0, ref=root))
+    fs = SnapshotFS(snap, nodes, None)  # type: ignore[arg-type]
+    d = fs.lookup(ROOT_INO, b"d")[0]
+    assert fs.attributes(fs.lookup(d, b"c")[0]).size == 3
+    with pytest.raises(FormatError, match="more entries than the 1 its index says"):
+        fs.lookup(d, b"b")  # it would have been given c's inode number
 
 
 # -- reads ----------------------------------------------------------------------------------

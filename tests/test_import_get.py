@@ -15,12 +15,19 @@ import shutil
 import stat
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cafs.cli import show_path
+from cafs.importer import run_import
+from cafs.check import Checker
+from cafs.metacache import MetaCache, NodeReader
+from cafs.repository import Repository
+from cafs.snapinfo import diff_trees, snapshot_space
+from cafs.stores import open_store
 from treegen import assert_same_tree, make_tree, manifest, mutate_tree
 
 PACK_SIZE = 512 << 10
@@ -591,18 +598,19 @@ def test_import_of_more_directories_than_open_files_allowed(cafs_proc, repo: Pat
     assert_same_tree(src, out)
 
 
-def _deep(root: Path, depth: int, content: bytes) -> None:
-    """``root/d/d/.../d/f`` with ``depth`` directories: made through descriptors, since
-    the path is longer than Python's recursion (os.makedirs) allows."""
+def _deep(root: Path, depth: int, content: bytes, name: str = "d") -> None:
+    """``root/d/d/.../d/f`` with ``depth`` directories (each called ``name``): made
+    through descriptors, since the path is longer than Python's recursion (os.makedirs)
+    allows."""
     root.mkdir(exist_ok=True)
     fd = os.open(root, os.O_RDONLY)
     try:
         for _ in range(depth):
             try:
-                os.mkdir("d", dir_fd=fd)
+                os.mkdir(name, dir_fd=fd)
             except FileExistsError:
                 pass
-            sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY, dir_fd=fd)
             os.close(fd)
             fd = sub
         f = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
@@ -622,6 +630,77 @@ def deep_dir(tmp_path: Path) -> Iterator[Path]:
         yield top
     finally:
         subprocess.run(["rm", "-rf", str(top)], check=True)
+
+
+def test_importing_a_deep_tree_of_long_names_holds_the_path_of_one_directory(repo: Path, deep_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    # Every directory of the walk kept its whole path: the sum grows with the square of
+    # the depth (a tree 2,000 deep with names of 255 bytes held 500 MB of paths; 400 deep,
+    # as here, 20 MB).
+    src = deep_dir / "deep"
+    _deep(src, 400, b"bottom", name="n" * 255)
+    meta = MetaCache(tmp_path / "meta")
+    tracemalloc.start()
+    try:
+        result = run_import(Repository.open(open_store(str(repo))), meta, src, "deep")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        meta.close()
+    assert result.snapshot is not None and not result.skipped and result.counters.dirs == 401
+    assert peak < 8 << 20, peak
+
+
+def _deep_with_files_beside(root: Path, depth: int, name: bytes) -> None:
+    """``depth`` directories called ``name`` one in another, and files ``a`` and ``z``
+    beside each (one of them is walked after the directory, whichever way a walk goes)."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for i in range(depth):
+            for file in ("a", "z"):
+                f = os.open(file, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+                os.write(f, b"%d" % i)
+                os.close(f)
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("walker", ["stats", "fsck", "diff"])
+def test_walking_a_deep_tree_of_long_names_holds_the_path_of_one_directory(repo: Path, deep_dir: Path,
+                                                                         tmp_path: Path, walker: str) -> None:
+    # The walks of stats (tree.walk), fsck and diff kept a path for every entry left to
+    # walk, and a file beside each directory is left at every level on the way down: the
+    # memory grew with the square of the depth (stats of a tree 2,000 deep with names of
+    # 255 bytes: 979 MB; here, 400 deep, some 20 MB).
+    src = deep_dir / "deep"
+    _deep_with_files_beside(src, 400, b"n" * 255)
+    (deep_dir / "empty").mkdir()
+    meta = MetaCache(tmp_path / "meta")
+    try:
+        repository = Repository.open(open_store(str(repo)))
+        snap = run_import(repository, meta, src, "deep").snapshot
+        empty = run_import(repository, meta, deep_dir / "empty", "empty").snapshot
+        assert snap is not None and empty is not None
+        reader = NodeReader(repository, meta)
+        tracemalloc.start()
+        try:
+            if walker == "stats":
+                assert snapshot_space(reader, snap.root).files == 800
+            elif walker == "fsck":
+                assert Checker(repository).run().chunks == 800
+            else:
+                assert sum(1 for _ in diff_trees(reader, empty.root, snap.root)) == 1200
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        meta.close()
+    assert peak < 8 << 20, peak
 
 
 def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, deep_dir: Path) -> None:

@@ -972,6 +972,40 @@ def test_generic_options_mount8_hands_on_are_accepted(dataset: Dataset, tmp_path
         assert os.getxattr(m.path, "user.cafs.cache") == os.fsencode(cache)
 
 
+def test_cafs_mount_uses_the_cache_its_cache_option_names(dataset: Dataset, tmp_path: Path) -> None:
+    # 'cafs mount --cache DIR' (the --cache every command takes) was accepted and ignored:
+    # the mount used the default cache directory, filling a disk the user did not name
+    cache, default = tmp_path / "named, cache", tmp_path / "default-cache"
+    mnt = new_mountpoint(tmp_path)
+    r = run_cafs("mount", "--cache", cache, dataset.source, mnt, "-o", f"log={tmp_path / 'mnt.log'}", cache=default)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert os.getxattr(mnt, "user.cafs.cache") == os.fsencode(cache)
+        assert read_file(mnt / FILE) == read_file(dataset.src / FILE)
+    finally:
+        unmount(mnt, mountd_pids(mnt))
+    assert not default.exists()
+    r = run_cafs("mount", "--cache", cache, dataset.source, mnt, "-o", f"cache={default}", cache=default)
+    assert r.returncode == 1 and "mount option cache given twice with different values" in r.stderr, r.stderr
+    assert not is_mounted(mnt)
+
+
+def test_a_source_starting_with_a_dash_mounts(dataset: Dataset, tmp_path: Path) -> None:
+    # the daemon was started as 'mountd --ready-fd N SOURCE MNT -o ...': a SOURCE such as
+    # '-repo#snap' (a repository at a relative path) was taken for an option, and the
+    # daemon exited with a usage message in mountd.stderr (mount exit 32)
+    (tmp_path / "-repo").symlink_to(dataset.repo)
+    mnt = new_mountpoint(tmp_path)
+    source = "-repo#" + dataset.source.partition("#")[2]
+    r = run_cafs("mount", "-o", f"log={tmp_path / 'mnt.log'}", "--", source, mnt, cache=tmp_path / "cache",
+                 cwd=tmp_path)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert read_file(mnt / FILE) == read_file(dataset.src / FILE)
+    finally:
+        unmount(mnt, mountd_pids(mnt))
+
+
 def test_proc_mounts_shows_the_source_as_given(dataset: Dataset, tmp_path: Path) -> None:
     # mount(8) takes an fstab line as mounted already only if /proc/mounts shows its source
     # as written: else a second 'mount -a' mounts it again, and fails as busy

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, NamedTuple, Union
 
 from cafs.format.location import Location, decode_location
@@ -222,10 +223,19 @@ class PageRef:
 @dataclass(frozen=True, slots=True)
 class DirIndexNode:
     pages: tuple[PageRef, ...]
+    # Kept beside the pages so that finding the page of a name or of an index bisects:
+    # a pass over the pages for each entry made listing a directory of n entries cost
+    # n * n / 2048 steps (minutes for a million).
+    firsts: tuple[bytes, ...] = field(init=False, repr=False, compare=False)  # each page's first name
+    starts: tuple[int, ...] = field(init=False, repr=False, compare=False)  # the index of its first entry
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "firsts", tuple(p.first_name for p in self.pages))
+        object.__setattr__(self, "starts", tuple(accumulate((p.count for p in self.pages[:-1]), initial=0)))
 
     @property
     def count(self) -> int:
-        return sum(p.count for p in self.pages)
+        return self.starts[-1] + self.pages[-1].count if self.pages else 0
 
 
 @dataclass(frozen=True, slots=True)
