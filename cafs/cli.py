@@ -683,13 +683,14 @@ def prefetch_paths(base: bytes, paths: list[str], mount: MountInfo | None) -> li
 def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.chunkcache import ChunkCache
     from cafs.errors import PathNotFound
-    from cafs.mountopts import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE
+    from cafs.mountopts import DEFAULT_CACHE_SIZE, MAX_CACHE_SIZE, MIN_CACHE_SIZE
     from cafs.prefetch import MAX_JOBS, PlanProgress, PrefetchState, cache_share, plan, prefetch
 
     if not 1 <= args.jobs <= MAX_JOBS:
         raise UsageError(f"--jobs {args.jobs}: give 1 to {MAX_JOBS}")
-    if args.cache_size is not None and args.cache_size < MIN_CACHE_SIZE:
-        raise UsageError(f"--cache-size {args.cache_size}: at least {MIN_CACHE_SIZE} bytes")
+    if args.cache_size is not None and not MIN_CACHE_SIZE <= args.cache_size <= MAX_CACHE_SIZE:
+        # the upper bound as for a mount's cache_size: the cache records its limit in 64 bits
+        raise UsageError(f"--cache-size {args.cache_size}: between {MIN_CACHE_SIZE} bytes and 1E")
     mount = find_mount(args.target) if os.path.exists(args.target) else None
     if mount is not None:
         if args.cache or args.cache_size is not None:
