@@ -815,6 +815,8 @@ exec {python} -m cafs.mount_helper "$@"
 
 def cmd_install_mount_helper(ctx: Context, args: argparse.Namespace) -> int:
     dest = Path(args.dest)
+    if not dest.name:  # '' or '/': no file name to write the helper under
+        raise UsageError(f"--dest {args.dest!r}: name the file to install the mount helper as")
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         tmp.write_text(HELPER_TEMPLATE.format(python=sys.executable))
