@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import stat
 import sys
@@ -65,7 +66,7 @@ def store_deadline(env: dict[str, str]) -> float:
         seconds = float(text)
     except ValueError:
         seconds = 0.0
-    if seconds <= 0:
+    if not (math.isfinite(seconds) and seconds > 0):  # nan passed 'seconds <= 0', then broke time.sleep
         raise UsageError(f"CAFS_TIMEOUT={text!r}: a number of seconds above 0")
     return seconds
 
