@@ -29,3 +29,19 @@ def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(cafs, tmp_path:
     monkeypatch.setenv("CAFS_TIMEOUT", value)
     r = cafs("ls", "http://127.0.0.1:9/repo#ds")
     assert r.code == 2 and "CAFS_TIMEOUT" in r.err and len(r.err.splitlines()) == 1, r.err
+
+
+@pytest.mark.parametrize("where", ["dangling symlink", "under /proc"])
+def test_a_cache_directory_that_cannot_be_made_is_an_error_not_a_hang(cafs_proc, repo: Path, tmp_path: Path,
+                                                                      where: str) -> None:
+    # a cache on a scratch disk that is not mounted: hold() retried mkdir for ever at 100% CPU
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    if where == "dangling symlink":
+        cache = tmp_path / "scratch-cache"
+        cache.symlink_to(tmp_path / "unmounted" / "cache")
+    else:
+        cache = Path("/proc/no-such-cafs-cache")
+    r = cafs_proc("import", tmp_path / "src", repo, "--name", "ds", "--no-progress", "--cache", cache, timeout=60)
+    assert r.returncode == 1 and str(cache) in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
