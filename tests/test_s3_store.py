@@ -194,6 +194,20 @@ def test_settings_refused(home: Path, env: dict[str, str], message: str) -> None
     assert "FILESECRET" not in str(info.value) and "WORKSECRET" not in str(info.value)
 
 
+@pytest.mark.parametrize("config", [
+    "[profile dev]\nrole_arn = arn:aws:iam::123456789012:role/dev\nsource_profile = dev\n",
+    "[profile dev]\nsso_session = corp\nsso_account_id = 123456789012\n",
+], ids=["role", "sso"])
+def test_a_profile_with_keys_and_a_role_is_refused_not_used_as_its_keys(tmp_path: Path, config: str) -> None:
+    # the AWS SDKs assume the role (or use SSO) even where the profile holds keys as well;
+    # cafs signed with the bare keys instead: another identity, and a late "access denied"
+    write(tmp_path / ".aws" / "credentials", "[dev]\naws_access_key_id = DEVID\naws_secret_access_key = DEVSECRET\n")
+    write(tmp_path / ".aws" / "config", config)
+    with pytest.raises(UsageError, match="profile 'dev' gets credentials by (role_arn|sso_session)") as info:
+        s3_settings({"HOME": str(tmp_path), "AWS_PROFILE": "dev"})
+    assert "DEVSECRET" not in str(info.value)
+
+
 # -- addressing and URLs ----------------------------------------------------------------
 
 

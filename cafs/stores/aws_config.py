@@ -26,9 +26,10 @@ places, resolved once when a store is opened (never at import time).
 
 Raises ``UsageError`` for half a key pair in the environment, an ``AWS_PROFILE`` that
 neither file has, an unreadable or malformed file, a credential helper or web identity
-that gives no credentials, and a profile that names only a way of getting credentials
-cafs does not implement (SSO, ``role_arn`` with a ``source_profile``): say so rather than
-fall back to anonymous requests that fail later as "access denied".
+that gives no credentials, and a profile that names a way of getting credentials cafs
+does not implement (SSO, ``role_arn`` with a ``source_profile``), even beside keys of its
+own (the AWS SDKs would use the role, not the keys): say so rather than fall back to
+anonymous requests, or another identity, that fail later as "access denied".
 
 Secrets never leave ``Credentials`` (whose ``repr`` hides them); ``credentials_from``
 says where they came from, for messages, without them.
@@ -107,6 +108,15 @@ def _credentials(env: Mapping[str, str], profile: str, sts: str, *files: tuple[P
     if web is not None:
         return web, web.source
     for path, values in files:
+        # before the profile's keys: the AWS SDKs assume the role (or use SSO) even where
+        # the profile holds keys too (a role's source_profile may be the profile itself),
+        # so those keys are not who the profile means to be
+        other = [k for k in _UNSUPPORTED if values.get(k)]
+        if other:
+            raise UsageError(
+                f"{path}: profile {profile!r} gets credentials by {other[0]}, which cafs does not "
+                "implement; export them instead (aws configure export-credentials --format env)")
+    for path, values in files:
         key_id, secret = values.get("aws_access_key_id"), values.get("aws_secret_access_key")
         if key_id or secret:
             if not (key_id and secret):
@@ -117,12 +127,6 @@ def _credentials(env: Mapping[str, str], profile: str, sts: str, *files: tuple[P
         if values.get("credential_process"):
             helper = process_credentials(values["credential_process"], f"profile {profile!r} in {path}")
             return helper, helper.source
-    for path, values in files:
-        other = [k for k in _UNSUPPORTED if values.get(k)]
-        if other:
-            raise UsageError(
-                f"{path}: profile {profile!r} gets credentials by {other[0]}, which cafs does not "
-                "implement; export them instead (aws configure export-credentials --format env)")
     instance = instance_credentials(env)
     if instance is not None:
         return instance, instance.source
