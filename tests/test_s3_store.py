@@ -746,6 +746,9 @@ def test_credential_process_credentials_are_used_and_refreshed(moto: Moto, tmp_p
      "printed no credentials AWS's way .*Version is not 1"),
     ("print('{\"Version\": 1, \"AccessKeyId\": \"AKID\"}')", "printed no credentials .*no 'SecretAccessKey'"),
     ("print('SEKRET')", "printed no credentials"),
+    # a number for the token was taken, and failed when the first request was signed
+    ("print('{\"Version\": 1, \"AccessKeyId\": \"AKID\", \"SecretAccessKey\": \"SEKRET\", \"SessionToken\": 5}')",
+     "printed no credentials .*not a string"),
 ])
 def test_credential_process_failures_are_clear_usage_errors(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(UsageError, match=message) as info:
