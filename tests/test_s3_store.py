@@ -239,6 +239,16 @@ def test_bad_urls_are_usage_errors(url: str) -> None:
     assert "secret" not in str(info.value)
 
 
+def test_a_ca_file_that_cannot_be_read_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    # it was found only by the first request: "TLS failed: [Errno 2] No such file or directory"
+    missing = tmp_path / "no-ca.pem"
+    with pytest.raises(UsageError, match=f"CA file {missing}: cannot be used"):
+        S3Store("s3://bucket/p", S3Settings(endpoint_url="https://127.0.0.1:9", ca_file=str(missing)))
+    with pytest.raises(UsageError, match=f"CA file {missing}"):
+        S3Store("s3://bucket/p", S3Settings(ca_file=str(missing)))  # AWS itself
+    S3Store("s3://bucket/p", S3Settings(endpoint_url="http://127.0.0.1:9", ca_file=str(missing)))  # no TLS
+
+
 def test_store_url_is_normalized() -> None:
     assert S3Store("s3://bucket/a/b/").url == "s3://bucket/a/b"
     assert S3Store("s3://bucket").url == "s3://bucket"
