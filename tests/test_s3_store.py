@@ -208,6 +208,16 @@ def test_a_profile_with_keys_and_a_role_is_refused_not_used_as_its_keys(tmp_path
     assert "DEVSECRET" not in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["garbage without a section\n", "[default]\n  indented = continuation\n= no key\n"],
+                         ids=["no-section", "no-key"])
+def test_a_malformed_config_file_is_one_line(tmp_path: Path, text: str) -> None:
+    # configparser's messages span lines (file, line, the line itself): three lines of stderr
+    conf = write(tmp_path / "config", text)
+    with pytest.raises(UsageError, match=f"{conf}: cannot read the AWS settings") as info:
+        s3_settings({"HOME": str(tmp_path), "AWS_CONFIG_FILE": str(conf), "AWS_EC2_METADATA_DISABLED": "true"})
+    assert "\n" not in str(info.value)
+
+
 # -- addressing and URLs ----------------------------------------------------------------
 
 

@@ -163,7 +163,8 @@ def _section(path: Path, names: list[str]) -> dict[str, str] | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
-        raise UsageError(f"{path}: cannot read the AWS settings: {getattr(exc, 'strerror', None) or exc}") from None
+        why = " ".join(str(getattr(exc, "strerror", None) or exc).split())  # configparser's span lines
+        raise UsageError(f"{path}: cannot read the AWS settings: {why}") from None
     for name in names:
         if parser.has_section(name):
             return {k: v.strip() for k, v in parser.items(name)}
