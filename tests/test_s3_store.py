@@ -218,6 +218,18 @@ def test_a_malformed_config_file_is_one_line(tmp_path: Path, text: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("file,section,hint", [
+    ("config", "[work]", r"has \[work\]; the config file names it \[profile work\]"),
+    ("credentials", "[profile work]", r"has \[profile work\]; the credentials file names it \[work\]"),
+], ids=["config", "credentials"])
+def test_a_profile_named_the_other_files_way_is_pointed_out(tmp_path: Path, file: str, section: str,
+                                                           hint: str) -> None:
+    # "is in neither" while the file plainly has a [work] section
+    write(tmp_path / ".aws" / file, f"{section}\nregion = eu-west-1\n")
+    with pytest.raises(UsageError, match=f"'work' is in neither .*{hint}"):
+        s3_settings({"HOME": str(tmp_path), "AWS_PROFILE": "work"})
+
+
 # -- addressing and URLs ----------------------------------------------------------------
 
 

@@ -74,7 +74,8 @@ def s3_settings(env: Mapping[str, str] | None = None) -> S3Settings:
     conf_file = _section(conf_path, ["default", "profile default"] if profile == "default"
                          else [f"profile {profile}"])
     if env.get("AWS_PROFILE") and creds_file is None and conf_file is None:
-        raise UsageError(f"AWS profile {profile!r} is in neither {cred_path} nor {conf_path}")
+        raise UsageError(f"AWS profile {profile!r} is in neither {cred_path} nor {conf_path}"
+                         + _misnamed(profile, cred_path, conf_path))
     conf = conf_file or {}
 
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or conf.get("region") or DEFAULT_REGION
@@ -169,6 +170,16 @@ def _section(path: Path, names: list[str]) -> dict[str, str] | None:
         if parser.has_section(name):
             return {k: v.strip() for k, v in parser.items(name)}
     return None
+
+
+def _misnamed(profile: str, cred_path: Path, conf_path: Path) -> str:
+    """A hint for a profile whose section is named the other file's way (as the AWS CLI
+    reads them: ``[NAME]`` in the credentials file, ``[profile NAME]`` in the config)."""
+    if _section(conf_path, [profile]) is not None:
+        return f" ({conf_path} has [{profile}]; the config file names it [profile {profile}])"
+    if _section(cred_path, [f"profile {profile}"]) is not None:
+        return f" ({cred_path} has [profile {profile}]; the credentials file names it [{profile}])"
+    return ""
 
 
 def _nested(block: str) -> dict[str, str]:
