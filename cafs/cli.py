@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import re
 import stat
 import sys
 import time
@@ -50,6 +51,17 @@ def parse_size(text: str) -> int:
         return sizes.parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(text: str, what: str, instead: str) -> Path:
+    """``text`` as a local path; a URL is a ``UsageError`` (``Path`` would take
+    ``s3://bucket/x`` for the directory ``s3:/bucket/x`` below the current one)."""
+    if _URL.match(text):
+        raise UsageError(f"{what} {text}: a URL; {what} is a local path ({instead})")
+    return Path(text)
 
 
 def add_read_mirrors(sp: argparse.ArgumentParser) -> None:
@@ -144,7 +156,7 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     ref_name(args.name)
     if not args.dir:  # Path("") is the current directory
         raise UsageError("empty DIR: name the directory to import")
-    src = Path(args.dir)
+    src = local_path(args.dir, "DIR", "import reads a directory of this host; cafs copy copies between repositories")
     repo = ctx.repo(args.repo)
     counters: list[Any] = []
     show = sys.stderr.isatty() and not args.no_progress
@@ -273,6 +285,7 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.tree import resolve
     if not args.dest:
         raise UsageError("empty DEST: name the directory or file to extract to")
+    dest = local_path(args.dest, "DEST", "cafs copy fills another repository")
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
@@ -286,7 +299,7 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
 
     with Progress(render):
         try:
-            extractor.extract(entry, Path(args.dest), into=args.dest.endswith("/"))
+            extractor.extract(entry, dest, into=args.dest.endswith("/"))
         finally:
             extractor.close()
     links = f" ({c.links} of them hard links)" if c.links else ""

@@ -3,6 +3,7 @@ the documented exit code (2 for usage), never a traceback. Runs ``cafs`` in-proc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,19 @@ def test_a_cache_directory_that_cannot_be_made_is_an_error_not_a_hang(cafs_proc,
     r = cafs_proc("import", tmp_path / "src", repo, "--name", "ds", "--no-progress", "--cache", cache, timeout=60)
     assert r.returncode == 1 and str(cache) in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["get", "import"])
+@pytest.mark.parametrize("url", ["s3://bucket/out", "file:///tmp/out", "https://host/out"])
+def test_a_url_where_a_local_path_belongs_is_a_usage_error(cafs, repo: Path, tmp_path: Path, command: str,
+                                                           url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'cafs get REPO#ds s3://bucket/out' extracted into ./s3:/bucket/out and exited 0
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    assert cafs("import", tmp_path / "src", repo, "--name", "ds", "--no-progress").code == 0
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    args = ("get", f"{repo}#ds", url) if command == "get" else ("import", url, repo, "--name", "ds2", "--no-progress")
+    r = cafs(*args)
+    assert r.code == 2 and url in r.err and "a URL" in r.err and len(r.err.splitlines()) == 1, r.err
+    assert os.listdir(tmp_path / "cwd") == []
