@@ -32,6 +32,7 @@ from pathlib import Path
 from cafs.errors import CafsError
 
 LOCK_NAME = "in-use"
+MAKE_TRIES = 100  # a directory cleared as fast as it is made, again and again, is no race
 ASIDE_PREFIX = ".cleared-"  # dot first: never taken for a repository's cache
 
 
@@ -46,13 +47,16 @@ class CacheInUse(CafsError):
 
 def hold(root: Path) -> int:
     """Take the shared lock of the cache at ``root``, creating the directory; returns
-    the descriptor whose closing releases it."""
+    the descriptor whose closing releases it. Raises OSError for a directory that cannot
+    be made (a path through a dangling symlink, say, or under /proc)."""
+    tries = 0
     while True:
         try:
             root.mkdir(parents=True, exist_ok=True)
             fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except (FileExistsError, FileNotFoundError):
-            if root.is_dir() or not root.exists():
+            tries += 1
+            if tries < MAKE_TRIES and (root.is_dir() or not root.exists()):
                 continue  # made by another process and cleared at once: make it again
             raise
         try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
+import re
 import stat
 import sys
 import time
@@ -52,6 +54,17 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(text: str, what: str, instead: str) -> Path:
+    """``text`` as a local path; a URL is a ``UsageError`` (``Path`` would take
+    ``s3://bucket/x`` for the directory ``s3:/bucket/x`` below the current one)."""
+    if _URL.match(text):
+        raise UsageError(f"{what} {text}: a URL; {what} is a local path ({instead})")
+    return Path(text)
+
+
 def add_read_mirrors(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--mirror", dest="source_mirrors", action="append", default=[], metavar="URL",
                     help="a mirror of the repository, read when its own store fails (repeatable)")
@@ -66,7 +79,7 @@ def store_deadline(env: dict[str, str]) -> float:
         seconds = float(text)
     except ValueError:
         seconds = 0.0
-    if seconds <= 0:
+    if not (math.isfinite(seconds) and seconds > 0):  # nan passed 'seconds <= 0', then broke time.sleep
         raise UsageError(f"CAFS_TIMEOUT={text!r}: a number of seconds above 0")
     return seconds
 
@@ -144,7 +157,7 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     ref_name(args.name)
     if not args.dir:  # Path("") is the current directory
         raise UsageError("empty DIR: name the directory to import")
-    src = Path(args.dir)
+    src = local_path(args.dir, "DIR", "import reads a directory of this host; cafs copy copies between repositories")
     repo = ctx.repo(args.repo)
     counters: list[Any] = []
     show = sys.stderr.isatty() and not args.no_progress
@@ -273,6 +286,7 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.tree import resolve
     if not args.dest:
         raise UsageError("empty DEST: name the directory or file to extract to")
+    dest = local_path(args.dest, "DEST", "cafs copy fills another repository")
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
@@ -286,7 +300,7 @@ def cmd_get(ctx: Context, args: argparse.Namespace) -> int:
 
     with Progress(render):
         try:
-            extractor.extract(entry, Path(args.dest), into=args.dest.endswith("/"))
+            extractor.extract(entry, dest, into=args.dest.endswith("/"))
         finally:
             extractor.close()
     links = f" ({c.links} of them hard links)" if c.links else ""
@@ -684,13 +698,14 @@ def prefetch_paths(base: bytes, paths: list[str], mount: MountInfo | None) -> li
 def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.chunkcache import ChunkCache
     from cafs.errors import PathNotFound
-    from cafs.mountopts import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE
+    from cafs.mountopts import DEFAULT_CACHE_SIZE, MAX_CACHE_SIZE, MIN_CACHE_SIZE
     from cafs.prefetch import MAX_JOBS, PlanProgress, PrefetchState, cache_share, plan, prefetch
 
     if not 1 <= args.jobs <= MAX_JOBS:
         raise UsageError(f"--jobs {args.jobs}: give 1 to {MAX_JOBS}")
-    if args.cache_size is not None and args.cache_size < MIN_CACHE_SIZE:
-        raise UsageError(f"--cache-size {args.cache_size}: at least {MIN_CACHE_SIZE} bytes")
+    if args.cache_size is not None and not MIN_CACHE_SIZE <= args.cache_size <= MAX_CACHE_SIZE:
+        # the upper bound as for a mount's cache_size: the cache records its limit in 64 bits
+        raise UsageError(f"--cache-size {args.cache_size}: between {MIN_CACHE_SIZE} bytes and 1E")
     mount = find_mount(args.target) if os.path.exists(args.target) else None
     if mount is not None:
         if args.cache or args.cache_size is not None:
@@ -819,6 +834,8 @@ exec {python} -m cafs.mount_helper "$@"
 
 def cmd_install_mount_helper(ctx: Context, args: argparse.Namespace) -> int:
     dest = Path(args.dest)
+    if not dest.name:  # '' or '/': no file name to write the helper under
+        raise UsageError(f"--dest {args.dest!r}: name the file to install the mount helper as")
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         tmp.write_text(HELPER_TEMPLATE.format(python=sys.executable))

@@ -218,6 +218,7 @@ def test_prefetch_meets_a_damaged_pack(dataset: Dataset, tmp_path: Path) -> None
     (["../up"], "'..'"),
     (["/abs"], "needs a MOUNTPOINT"),
     (["--cache-size", "1K"], "--cache-size"),
+    (["--cache-size", "2000000T"], "--cache-size"),  # past 64 bits: was a struct.error traceback
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_exit_2(dataset: Dataset, tmp_path: Path, args: list[str], message: str) -> None:

@@ -194,6 +194,42 @@ def test_settings_refused(home: Path, env: dict[str, str], message: str) -> None
     assert "FILESECRET" not in str(info.value) and "WORKSECRET" not in str(info.value)
 
 
+@pytest.mark.parametrize("config", [
+    "[profile dev]\nrole_arn = arn:aws:iam::123456789012:role/dev\nsource_profile = dev\n",
+    "[profile dev]\nsso_session = corp\nsso_account_id = 123456789012\n",
+], ids=["role", "sso"])
+def test_a_profile_with_keys_and_a_role_is_refused_not_used_as_its_keys(tmp_path: Path, config: str) -> None:
+    # the AWS SDKs assume the role (or use SSO) even where the profile holds keys as well;
+    # cafs signed with the bare keys instead: another identity, and a late "access denied"
+    write(tmp_path / ".aws" / "credentials", "[dev]\naws_access_key_id = DEVID\naws_secret_access_key = DEVSECRET\n")
+    write(tmp_path / ".aws" / "config", config)
+    with pytest.raises(UsageError, match="profile 'dev' gets credentials by (role_arn|sso_session)") as info:
+        s3_settings({"HOME": str(tmp_path), "AWS_PROFILE": "dev"})
+    assert "DEVSECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["garbage without a section\n", "[default]\n  indented = continuation\n= no key\n"],
+                         ids=["no-section", "no-key"])
+def test_a_malformed_config_file_is_one_line(tmp_path: Path, text: str) -> None:
+    # configparser's messages span lines (file, line, the line itself): three lines of stderr
+    conf = write(tmp_path / "config", text)
+    with pytest.raises(UsageError, match=f"{conf}: cannot read the AWS settings") as info:
+        s3_settings({"HOME": str(tmp_path), "AWS_CONFIG_FILE": str(conf), "AWS_EC2_METADATA_DISABLED": "true"})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("file,section,hint", [
+    ("config", "[work]", r"has \[work\]; the config file names it \[profile work\]"),
+    ("credentials", "[profile work]", r"has \[profile work\]; the credentials file names it \[work\]"),
+], ids=["config", "credentials"])
+def test_a_profile_named_the_other_files_way_is_pointed_out(tmp_path: Path, file: str, section: str,
+                                                           hint: str) -> None:
+    # "is in neither" while the file plainly has a [work] section
+    write(tmp_path / ".aws" / file, f"{section}\nregion = eu-west-1\n")
+    with pytest.raises(UsageError, match=f"'work' is in neither .*{hint}"):
+        s3_settings({"HOME": str(tmp_path), "AWS_PROFILE": "work"})
+
+
 # -- addressing and URLs ----------------------------------------------------------------
 
 
@@ -223,6 +259,16 @@ def test_bad_urls_are_usage_errors(url: str) -> None:
     with pytest.raises(UsageError) as info:
         S3Store(url)
     assert "secret" not in str(info.value)
+
+
+def test_a_ca_file_that_cannot_be_read_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    # it was found only by the first request: "TLS failed: [Errno 2] No such file or directory"
+    missing = tmp_path / "no-ca.pem"
+    with pytest.raises(UsageError, match=f"CA file {missing}: cannot be used"):
+        S3Store("s3://bucket/p", S3Settings(endpoint_url="https://127.0.0.1:9", ca_file=str(missing)))
+    with pytest.raises(UsageError, match=f"CA file {missing}"):
+        S3Store("s3://bucket/p", S3Settings(ca_file=str(missing)))  # AWS itself
+    S3Store("s3://bucket/p", S3Settings(endpoint_url="http://127.0.0.1:9", ca_file=str(missing)))  # no TLS
 
 
 def test_store_url_is_normalized() -> None:
@@ -732,6 +778,9 @@ def test_credential_process_credentials_are_used_and_refreshed(moto: Moto, tmp_p
      "printed no credentials AWS's way .*Version is not 1"),
     ("print('{\"Version\": 1, \"AccessKeyId\": \"AKID\"}')", "printed no credentials .*no 'SecretAccessKey'"),
     ("print('SEKRET')", "printed no credentials"),
+    # a number for the token was taken, and failed when the first request was signed
+    ("print('{\"Version\": 1, \"AccessKeyId\": \"AKID\", \"SecretAccessKey\": \"SEKRET\", \"SessionToken\": 5}')",
+     "printed no credentials .*not a string"),
 ])
 def test_credential_process_failures_are_clear_usage_errors(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(UsageError, match=message) as info:

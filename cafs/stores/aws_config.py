@@ -26,9 +26,10 @@ places, resolved once when a store is opened (never at import time).
 
 Raises ``UsageError`` for half a key pair in the environment, an ``AWS_PROFILE`` that
 neither file has, an unreadable or malformed file, a credential helper or web identity
-that gives no credentials, and a profile that names only a way of getting credentials
-cafs does not implement (SSO, ``role_arn`` with a ``source_profile``): say so rather than
-fall back to anonymous requests that fail later as "access denied".
+that gives no credentials, and a profile that names a way of getting credentials cafs
+does not implement (SSO, ``role_arn`` with a ``source_profile``), even beside keys of its
+own (the AWS SDKs would use the role, not the keys): say so rather than fall back to
+anonymous requests, or another identity, that fail later as "access denied".
 
 Secrets never leave ``Credentials`` (whose ``repr`` hides them); ``credentials_from``
 says where they came from, for messages, without them.
@@ -73,7 +74,8 @@ def s3_settings(env: Mapping[str, str] | None = None) -> S3Settings:
     conf_file = _section(conf_path, ["default", "profile default"] if profile == "default"
                          else [f"profile {profile}"])
     if env.get("AWS_PROFILE") and creds_file is None and conf_file is None:
-        raise UsageError(f"AWS profile {profile!r} is in neither {cred_path} nor {conf_path}")
+        raise UsageError(f"AWS profile {profile!r} is in neither {cred_path} nor {conf_path}"
+                         + _misnamed(profile, cred_path, conf_path))
     conf = conf_file or {}
 
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or conf.get("region") or DEFAULT_REGION
@@ -107,6 +109,15 @@ def _credentials(env: Mapping[str, str], profile: str, sts: str, *files: tuple[P
     if web is not None:
         return web, web.source
     for path, values in files:
+        # before the profile's keys: the AWS SDKs assume the role (or use SSO) even where
+        # the profile holds keys too (a role's source_profile may be the profile itself),
+        # so those keys are not who the profile means to be
+        other = [k for k in _UNSUPPORTED if values.get(k)]
+        if other:
+            raise UsageError(
+                f"{path}: profile {profile!r} gets credentials by {other[0]}, which cafs does not "
+                "implement; export them instead (aws configure export-credentials --format env)")
+    for path, values in files:
         key_id, secret = values.get("aws_access_key_id"), values.get("aws_secret_access_key")
         if key_id or secret:
             if not (key_id and secret):
@@ -117,12 +128,6 @@ def _credentials(env: Mapping[str, str], profile: str, sts: str, *files: tuple[P
         if values.get("credential_process"):
             helper = process_credentials(values["credential_process"], f"profile {profile!r} in {path}")
             return helper, helper.source
-    for path, values in files:
-        other = [k for k in _UNSUPPORTED if values.get(k)]
-        if other:
-            raise UsageError(
-                f"{path}: profile {profile!r} gets credentials by {other[0]}, which cafs does not "
-                "implement; export them instead (aws configure export-credentials --format env)")
     instance = instance_credentials(env)
     if instance is not None:
         return instance, instance.source
@@ -159,11 +164,22 @@ def _section(path: Path, names: list[str]) -> dict[str, str] | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
-        raise UsageError(f"{path}: cannot read the AWS settings: {getattr(exc, 'strerror', None) or exc}") from None
+        why = " ".join(str(getattr(exc, "strerror", None) or exc).split())  # configparser's span lines
+        raise UsageError(f"{path}: cannot read the AWS settings: {why}") from None
     for name in names:
         if parser.has_section(name):
             return {k: v.strip() for k, v in parser.items(name)}
     return None
+
+
+def _misnamed(profile: str, cred_path: Path, conf_path: Path) -> str:
+    """A hint for a profile whose section is named the other file's way (as the AWS CLI
+    reads them: ``[NAME]`` in the credentials file, ``[profile NAME]`` in the config)."""
+    if _section(conf_path, [profile]) is not None:
+        return f" ({conf_path} has [{profile}]; the config file names it [profile {profile}])"
+    if _section(cred_path, [f"profile {profile}"]) is not None:
+        return f" ({cred_path} has [profile {profile}]; the credentials file names it [{profile}])"
+    return ""
 
 
 def _nested(block: str) -> dict[str, str]:

@@ -75,7 +75,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, SSLError
 
 from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
-from cafs.stores.access import redact, refuse_userinfo
+from cafs.stores.access import RemoteAccess, redact, refuse_userinfo
 from cafs.stores.aws_config import S3Settings
 from cafs.stores.aws_instance import RefreshingCredentials
 from cafs.stores import awsxml
@@ -137,10 +137,12 @@ class S3Store:
         # the endpoint's own path, then /BUCKET unless the host names the bucket
         self._root = parts.path.rstrip("/") + ("" if host_bucket else "/" + uri_encode(self.bucket))
         self._sign_payload = parts.scheme == "http"
+        # made now, as for an HTTP store: a CA file that cannot be read is a usage error
+        # naming it, not a "TLS failed: No such file or directory" on the first request
+        context = RemoteAccess(ca_file=settings.ca_file).ssl_context() if parts.scheme == "https" else None
         self._pool = urllib3.PoolManager(
             num_pools=2, maxsize=connections, retries=False,
-            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
-            cert_reqs="CERT_REQUIRED", ca_certs=settings.ca_file)
+            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout), ssl_context=context)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self._endpoint!r}, region={self._settings.region!r})"

@@ -46,6 +46,13 @@ class Credentials:
     secret_access_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # what a credential helper or a metadata service printed: a number where a string
+        # belongs would fail only when a request is signed, as an AttributeError
+        for value in (self.access_key_id, self.secret_access_key, self.session_token):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"a credential is a {type(value).__name__}, not a string")
+
     def __repr__(self) -> str:
         return "Credentials(***)"
 
