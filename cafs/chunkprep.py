@@ -13,7 +13,7 @@ Contract:
   ``FileCut``: the prepared chunks in file order and the file's ``fstat`` after the read.
   The caller owns ``fd`` (opens it, closes it once the job is done or cancelled) and must
   ``release`` the ``FileCut`` once it no longer uses its chunks' bytes (they may be views
-  of a read buffer that is then reused).
+  of a read buffer that is then reused); ``release`` drops the chunks.
 - ``ChunkPrep.in_order(items)`` prepares a stream of chunks (a large file cut on the
   calling thread) on the workers and yields them in the stream's order, with at most
   ``window`` in flight; ``ZeroRun``s pass through. The stream's chunk bytes are copied
@@ -66,7 +66,11 @@ class FileCut:
         self._pool = pool
 
     def release(self) -> None:
-        """Give the read buffer back; the chunks' bytes are not to be used after this."""
+        """Give the read buffer back and let go of the chunks: their bytes are not to be
+        used after this. The job's Future keeps this FileCut as long as the caller keeps
+        the job (an importer: until the file's directory is done), so the chunks' stored
+        bytes must not stay with it, or a directory's compressed data stays in memory."""
+        self.chunks = []
         buffer, self._buffer = self._buffer, None
         if buffer is not None:
             self._pool.give(buffer)

@@ -184,3 +184,27 @@ def test_files_are_read_on_several_workers(r: Repo, tmp_path: Path, monkeypatch:
     result = run_import(r.repo, r.meta, src, "ds")
     assert result.snapshot is not None and not result.skipped
     assert not started.broken  # two files were being read at the same moment
+
+
+def test_a_directory_of_many_files_is_imported_in_bounded_memory(r: Repo, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compressed chunks of a file are let go once they are in a pack, not held (by
+    the finished job) until the directory's node is made: a directory of many files of
+    compressible data took memory in proportion to all of it."""
+    import tracemalloc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(400):
+        (src / f"f{i:03d}").write_bytes(os.urandom(50_000).hex().encode())  # compresses to about half
+    monkeypatch.setattr(chunkprep.os, "sched_getaffinity", lambda pid: {0, 1})
+    _write(tmp_path / "warm" / "f", 1000)
+    run_import(r.repo, r.meta, tmp_path / "warm", "warm")  # modules loaded on first use are not counted
+    tracemalloc.start()
+    try:
+        result = run_import(r.repo, r.meta, src, "ds")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not result.skipped and result.stored_bytes > 16 << 20
+    assert peak < result.stored_bytes // 3  # a few files in flight, not the whole directory
