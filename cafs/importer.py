@@ -210,7 +210,7 @@ class Importer:
 
     @cached_property
     def prep(self) -> ChunkPrep:
-        return ChunkPrep(self.cdc, self.objects)
+        return ChunkPrep(self.cdc, self.objects, PENDING_BYTES)
 
     def close(self) -> None:
         """Stop the workers and close the files still being read (an import that failed)."""

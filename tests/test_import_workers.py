@@ -208,3 +208,38 @@ def test_a_directory_of_many_files_is_imported_in_bounded_memory(r: Repo, tmp_pa
         tracemalloc.stop()
     assert not result.skipped and result.stored_bytes > 16 << 20
     assert peak < result.stored_bytes // 3  # a few files in flight, not the whole directory
+
+
+def test_the_read_buffers_hold_no_more_than_the_files_in_flight_may(r: Repo, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files near WHOLE_READ_MAX after small ones: each read buffer kept the largest file
+    it had read, doubled, so all of them held several times PENDING_BYTES."""
+    src = tmp_path / "src"
+    data = os.urandom(250_000)
+    whole = importer.WHOLE_READ_MAX
+    for d in range(3):
+        for i in range(18):
+            (src / f"d{d}").mkdir(parents=True, exist_ok=True)
+            (src / f"d{d}" / f"a{i:02d}").write_bytes(data[i:i + 1000])
+        for i in range(8):  # a buffer holds each of these, then one byte more is wanted
+            (src / f"d{d}" / f"b{i:02d}").write_bytes(data[d + i:][:whole - 1 - d])
+            (src / f"d{d}" / f"c{i:02d}").write_bytes(data[d + i + 1:][:whole])
+    monkeypatch.setattr(chunkprep.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(importer, "PENDING_BYTES", 3 * whole)
+    monkeypatch.setattr(chunkprep, "GRANULE", 4096, raising=False)
+    buffers: dict[int, chunkprep.ReadBuffer] = {}
+    most = 0
+    read = chunkprep.ReadBuffer.read
+
+    def counted(self, fd: int, n: int):  # type: ignore[no-untyped-def]
+        nonlocal most
+        view = read(self, fd, n)
+        buffers[id(self)] = self
+        most = max(most, sum(len(b._buf) for b in buffers.values()))
+        return view
+
+    monkeypatch.setattr(chunkprep.ReadBuffer, "read", counted)
+    result = run_import(r.repo, r.meta, src, "ds")
+    assert result.snapshot is not None and not result.skipped
+    window = 2 * 8 + 2
+    assert most <= importer.PENDING_BYTES + window * 4096
