@@ -243,3 +243,52 @@ def test_the_read_buffers_hold_no_more_than_the_files_in_flight_may(r: Repo, tmp
     assert result.snapshot is not None and not result.skipped
     window = 2 * 8 + 2
     assert most <= importer.PENDING_BYTES + window * 4096
+
+
+def test_ctrl_c_while_waiting_for_a_file_closes_it_only_once_its_worker_is_done(
+        r: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the importing thread waits for a file's job (KeyboardInterrupt out of
+    the wait): the file was closed at once, under the worker still reading it, whose
+    descriptor another open may then reuse."""
+    src = tmp_path / "src"
+    _write(src / "a", 50_000)
+    ino = os.stat(src / "a").st_ino
+    closing = threading.Event()
+    still_open = []
+
+    class Interrupted:  # the job's Future, as SIGINT leaves a wait for it
+        def __init__(self, job) -> None:  # type: ignore[no-untyped-def]
+            self.job = job
+
+        def result(self):  # type: ignore[no-untyped-def]
+            if not self.job.done():
+                raise KeyboardInterrupt
+            return self.job.result()
+
+        def cancel(self) -> bool:
+            return bool(self.job.cancel())
+
+    file, close, cut_file = chunkprep.ChunkPrep.file, chunkprep.ChunkPrep.close, chunkprep.ChunkPrep._cut_file
+
+    def reading(self, fd: int, size: int, buffer):  # type: ignore[no-untyped-def]
+        closing.wait(10)  # still reading when the import gives up
+        try:
+            still_open.append(os.fstat(fd).st_ino == ino)
+        except OSError:
+            still_open.append(False)
+        return cut_file(self, fd, size, buffer)
+
+    def closed(self) -> None:  # type: ignore[no-untyped-def]
+        closing.set()
+        close(self)
+
+    monkeypatch.setattr(chunkprep.ChunkPrep, "file", lambda self, fd, size: Interrupted(file(self, fd, size)))
+    monkeypatch.setattr(chunkprep.ChunkPrep, "_cut_file", reading)
+    monkeypatch.setattr(chunkprep.ChunkPrep, "close", closed)
+    gc.collect()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        run_import(r.repo, r.meta, src, "ds")
+    assert still_open == [True]
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert r.repo.snapshots("ds") == []  # nothing committed
