@@ -13,7 +13,7 @@ Contract:
   ``FileCut``: the prepared chunks in file order and the file's ``fstat`` after the read.
   The caller owns ``fd`` (opens it, closes it once the job is done or cancelled) and must
   ``release`` the ``FileCut`` once it no longer uses its chunks' bytes (they may be views
-  of a read buffer that is then reused).
+  of a read buffer that is then reused); ``release`` drops the chunks.
 - ``ChunkPrep.in_order(items)`` prepares a stream of chunks (a large file cut on the
   calling thread) on the workers and yields them in the stream's order, with at most
   ``window`` in flight; ``ZeroRun``s pass through. The stream's chunk bytes are copied
@@ -23,7 +23,10 @@ Contract:
   stays there) held the id when it was prepared; the caller stores the chunk only if its
   index still lacks the id when it commits it.
 - At most ``window`` whole-file jobs hold a read buffer at once: ``file`` waits for a
-  free buffer, so callers keep fewer jobs than that in flight (``window``).
+  free buffer, so callers keep fewer jobs than that in flight (``window``). The read
+  buffers hold at most ``buffer_bytes`` in all, or, if more, what the jobs in flight
+  need (each its file's size and a byte, rounded up to ``GRANULE``): the caller bounds
+  memory by bounding the sizes of the files it has in flight.
 - ``close`` cancels what has not started and waits for what has.
 """
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from cafs.codec import Compressor
 
 MAX_WORKERS = 8  # past this, the thread that orders and packs the chunks is the limit
+GRANULE = 256 << 10  # read buffers grow in steps of this, so files of about one size share them
 
 
 class Prepared(NamedTuple):
@@ -66,7 +70,11 @@ class FileCut:
         self._pool = pool
 
     def release(self) -> None:
-        """Give the read buffer back; the chunks' bytes are not to be used after this."""
+        """Give the read buffer back and let go of the chunks: their bytes are not to be
+        used after this. The job's Future keeps this FileCut as long as the caller keeps
+        the job (an importer: until the file's directory is done), so the chunks' stored
+        bytes must not stay with it, or a directory's compressed data stays in memory."""
+        self.chunks = []
         buffer, self._buffer = self._buffer, None
         if buffer is not None:
             self._pool.give(buffer)
@@ -80,10 +88,14 @@ class ReadBuffer:
     def __init__(self) -> None:
         self._buf = bytearray()
 
+    @property
+    def capacity(self) -> int:
+        return len(self._buf)
+
     def read(self, fd: int, n: int) -> memoryview:
         """Up to ``n`` bytes from ``fd``'s current position, fewer only at end of file."""
         if len(self._buf) < n:
-            self._buf = bytearray(max(n, 2 * len(self._buf)))
+            self._buf = bytearray(_rounded(n))  # no more: the pool bounds what all buffers hold
         view = memoryview(self._buf)[:n]
         got = 0
         while got < n:
@@ -93,36 +105,71 @@ class ReadBuffer:
             got += k
         return view[:got]
 
+    def empty(self) -> None:
+        """Let go of the memory (views handed out keep it until they go)."""
+        self._buf = bytearray()
+
+
+def _rounded(n: int) -> int:
+    return -(-n // GRANULE) * GRANULE
+
+
+def _capacity(buffer: ReadBuffer) -> int:
+    return buffer.capacity
+
 
 class _BufferPool:
-    def __init__(self, size: int) -> None:
+    """``size`` read buffers that hold at most ``limit`` bytes in all, or what the reads
+    in progress need if that is more. A read of ``n`` bytes takes a free buffer that holds
+    them if there is one, else the largest (it grows least), and free buffers are emptied,
+    largest first, while the buffers would hold more than ``limit``: each kept the
+    largest file it had read, doubled, so ``size`` buffers came to hold twice
+    WHOLE_READ_MAX each, several times what the importer lets be in flight."""
+
+    def __init__(self, size: int, limit: int) -> None:
         self._free = [ReadBuffer() for _ in range(size)]
+        self._held = dict.fromkeys(self._free, 0)  # what each holds, or will once its read grows it
+        self._limit = limit
         self._cond = threading.Condition()
 
-    def take(self) -> ReadBuffer:
+    def take(self, n: int) -> ReadBuffer:
+        """A buffer to read ``n`` bytes into; waits for a free one."""
         with self._cond:
             while not self._free:
                 self._cond.wait()
-            return self._free.pop()
+            fits = [b for b in self._free if b.capacity >= n]
+            buffer = min(fits, key=_capacity) if fits else max(self._free, key=_capacity)
+            self._free.remove(buffer)
+            self._held[buffer] = max(buffer.capacity, _rounded(n))
+            excess = sum(self._held.values()) - self._limit
+            for idle in sorted(self._free, key=_capacity, reverse=True):
+                if excess <= 0:
+                    break
+                excess -= self._held[idle]
+                idle.empty()
+                self._held[idle] = 0
+            return buffer
 
     def give(self, buffer: ReadBuffer) -> None:
         with self._cond:
+            self._held[buffer] = buffer.capacity
             self._free.append(buffer)
             self._cond.notify()
 
 
 class ChunkPrep:
-    def __init__(self, cdc: FastCDC, known: Container[bytes], workers: int | None = None) -> None:
+    def __init__(self, cdc: FastCDC, known: Container[bytes], buffer_bytes: int,
+                 workers: int | None = None) -> None:
         self.workers = max(1, min(workers or len(os.sched_getaffinity(0)), MAX_WORKERS))
         self.window = 2 * self.workers + 2  # jobs in flight: the workers never wait on the caller
         self._cdc = cdc
         self._known = known
-        self._buffers = _BufferPool(self.window)
+        self._buffers = _BufferPool(self.window, buffer_bytes)
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cafs-cut")
 
     def file(self, fd: int, size: int) -> Future[FileCut]:
-        buffer = self._buffers.take()
+        buffer = self._buffers.take(size + 1)
         try:
             return self._pool.submit(self._cut_file, fd, size, buffer)
         except BaseException:

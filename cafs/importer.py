@@ -229,7 +229,7 @@ class Importer:
 
     @cached_property
     def prep(self) -> ChunkPrep:
-        return ChunkPrep(self.cdc, self.objects)
+        return ChunkPrep(self.cdc, self.objects, PENDING_BYTES)
 
     def close(self) -> None:
         """Stop the workers and close the files still being read (an import that failed)."""
@@ -552,13 +552,15 @@ class Importer:
 
     def _settle_one(self) -> None:
         """Store the chunks of the oldest file being read and make its entry."""
-        p = self._pending.popleft()
+        p = self._pending[0]
+        # The file stays pending until its job is done: if this wait is interrupted
+        # (Ctrl-C), close() closes the file once the workers stopped, not under a worker
+        # still reading it (whose descriptor another open could then reuse).
+        cut = p.job.result()
+        self._pending.popleft()
         self._pending_bytes -= p.st.st_size
-        try:
-            cut = p.job.result()
-        finally:
-            os.close(p.fd)
-            self._pending_links.discard((p.st.st_dev, p.st.st_ino))
+        os.close(p.fd)
+        self._pending_links.discard((p.st.st_dev, p.st.st_ino))
         try:
             if cut.error is not None or cut.after is None:
                 self._skip(p.path, f"cannot read: {cut.error.strerror if cut.error else 'no answer'}")

@@ -184,3 +184,111 @@ def test_files_are_read_on_several_workers(r: Repo, tmp_path: Path, monkeypatch:
     result = run_import(r.repo, r.meta, src, "ds")
     assert result.snapshot is not None and not result.skipped
     assert not started.broken  # two files were being read at the same moment
+
+
+def test_a_directory_of_many_files_is_imported_in_bounded_memory(r: Repo, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compressed chunks of a file are let go once they are in a pack, not held (by
+    the finished job) until the directory's node is made: a directory of many files of
+    compressible data took memory in proportion to all of it."""
+    import tracemalloc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(400):
+        (src / f"f{i:03d}").write_bytes(os.urandom(50_000).hex().encode())  # compresses to about half
+    monkeypatch.setattr(chunkprep.os, "sched_getaffinity", lambda pid: {0, 1})
+    _write(tmp_path / "warm" / "f", 1000)
+    run_import(r.repo, r.meta, tmp_path / "warm", "warm")  # modules loaded on first use are not counted
+    tracemalloc.start()
+    try:
+        result = run_import(r.repo, r.meta, src, "ds")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not result.skipped and result.stored_bytes > 16 << 20
+    assert peak < result.stored_bytes // 3  # a few files in flight, not the whole directory
+
+
+def test_the_read_buffers_hold_no_more_than_the_files_in_flight_may(r: Repo, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files near WHOLE_READ_MAX after small ones: each read buffer kept the largest file
+    it had read, doubled, so all of them held several times PENDING_BYTES."""
+    src = tmp_path / "src"
+    data = os.urandom(250_000)
+    whole = importer.WHOLE_READ_MAX
+    for d in range(3):
+        for i in range(18):
+            (src / f"d{d}").mkdir(parents=True, exist_ok=True)
+            (src / f"d{d}" / f"a{i:02d}").write_bytes(data[i:i + 1000])
+        for i in range(8):  # a buffer holds each of these, then one byte more is wanted
+            (src / f"d{d}" / f"b{i:02d}").write_bytes(data[d + i:][:whole - 1 - d])
+            (src / f"d{d}" / f"c{i:02d}").write_bytes(data[d + i + 1:][:whole])
+    monkeypatch.setattr(chunkprep.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(importer, "PENDING_BYTES", 3 * whole)
+    monkeypatch.setattr(chunkprep, "GRANULE", 4096, raising=False)
+    buffers: dict[int, chunkprep.ReadBuffer] = {}
+    most = 0
+    read = chunkprep.ReadBuffer.read
+
+    def counted(self, fd: int, n: int):  # type: ignore[no-untyped-def]
+        nonlocal most
+        view = read(self, fd, n)
+        buffers[id(self)] = self
+        most = max(most, sum(len(b._buf) for b in buffers.values()))
+        return view
+
+    monkeypatch.setattr(chunkprep.ReadBuffer, "read", counted)
+    result = run_import(r.repo, r.meta, src, "ds")
+    assert result.snapshot is not None and not result.skipped
+    window = 2 * 8 + 2
+    assert most <= importer.PENDING_BYTES + window * 4096
+
+
+def test_ctrl_c_while_waiting_for_a_file_closes_it_only_once_its_worker_is_done(
+        r: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the importing thread waits for a file's job (KeyboardInterrupt out of
+    the wait): the file was closed at once, under the worker still reading it, whose
+    descriptor another open may then reuse."""
+    src = tmp_path / "src"
+    _write(src / "a", 50_000)
+    ino = os.stat(src / "a").st_ino
+    closing = threading.Event()
+    still_open = []
+
+    class Interrupted:  # the job's Future, as SIGINT leaves a wait for it
+        def __init__(self, job) -> None:  # type: ignore[no-untyped-def]
+            self.job = job
+
+        def result(self):  # type: ignore[no-untyped-def]
+            if not self.job.done():
+                raise KeyboardInterrupt
+            return self.job.result()
+
+        def cancel(self) -> bool:
+            return bool(self.job.cancel())
+
+    file, close, cut_file = chunkprep.ChunkPrep.file, chunkprep.ChunkPrep.close, chunkprep.ChunkPrep._cut_file
+
+    def reading(self, fd: int, size: int, buffer):  # type: ignore[no-untyped-def]
+        closing.wait(10)  # still reading when the import gives up
+        try:
+            still_open.append(os.fstat(fd).st_ino == ino)
+        except OSError:
+            still_open.append(False)
+        return cut_file(self, fd, size, buffer)
+
+    def closed(self) -> None:  # type: ignore[no-untyped-def]
+        closing.set()
+        close(self)
+
+    monkeypatch.setattr(chunkprep.ChunkPrep, "file", lambda self, fd, size: Interrupted(file(self, fd, size)))
+    monkeypatch.setattr(chunkprep.ChunkPrep, "_cut_file", reading)
+    monkeypatch.setattr(chunkprep.ChunkPrep, "close", closed)
+    gc.collect()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        run_import(r.repo, r.meta, src, "ds")
+    assert still_open == [True]
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert r.repo.snapshots("ds") == []  # nothing committed
