@@ -19,6 +19,7 @@ from cafs.metacache import MetaCache, NodeReader
 from cafs.repository import Repository
 from cafs.stores.local import LocalStore
 from cafs.tree import file_spans, resolve, walk
+from fdcount import open_below
 from treegen import assert_same_tree
 
 SMALL = ChunkerParams(min_size=4 << 10, avg_size=16 << 10, max_size=64 << 10)
@@ -47,19 +48,6 @@ def r(tmp_path: Path) -> Iterator[Repo]:
 def small_whole_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     # files above 200 KB take the large-file path (cut on the importing thread)
     monkeypatch.setattr(importer, "WHOLE_READ_MAX", 200 << 10)
-
-
-def _open_below(root: Path) -> int:
-    """How many of this process's descriptors are open on files below ``root`` (only the
-    import's, whatever other tests' threads open or close meanwhile)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue  # closed since it was listed
-        count += target.startswith(f"{root}/")
-    return count
 
 
 def _write(path: Path, size: int) -> None:
@@ -149,7 +137,7 @@ def test_files_that_fail_or_change_on_the_workers_are_skipped_by_name(r: Repo, t
     ]
     assert result.snapshot is not None
     assert [path for path, _ in walk(r.reader, result.snapshot.root)] == [b"", b"a", b"z"]
-    assert _open_below(src) == 0
+    assert open_below(src) == 0
 
 
 def test_a_failed_import_closes_the_files_in_flight(r: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,7 +156,7 @@ def test_a_failed_import_closes_the_files_in_flight(r: Repo, tmp_path: Path, mon
     monkeypatch.setattr(importer.Importer, "_store_prepared", failing)
     with pytest.raises(RuntimeError, match="boom"):
         run_import(r.repo, r.meta, src, "ds")
-    assert _open_below(src) == 0
+    assert open_below(src) == 0
     assert not [t for t in threading.enumerate() if t.name.startswith("cafs-cut")]
 
 
@@ -296,5 +284,5 @@ def test_ctrl_c_while_waiting_for_a_file_closes_it_only_once_its_worker_is_done(
     with pytest.raises(KeyboardInterrupt):
         run_import(r.repo, r.meta, src, "ds")
     assert still_open == [True]
-    assert _open_below(src) == 0
+    assert open_below(src) == 0
     assert r.repo.snapshots("ds") == []  # nothing committed

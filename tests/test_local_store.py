@@ -8,19 +8,7 @@ import os
 from pathlib import Path
 
 from cafs.stores.local import OPEN_PACKS, LocalStore
-
-
-def _open_below(root: Path) -> int:
-    """How many of this process's descriptors are open on files below ``root``: only the
-    store's, whatever other tests left to close in threads of their own meanwhile."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue  # closed since it was listed
-        count += target.startswith(f"{root}/")
-    return count
+from fdcount import open_below
 
 
 def test_resident_reads_keep_at_most_open_packs_objects_open(tmp_path: Path) -> None:
@@ -28,17 +16,17 @@ def test_resident_reads_keep_at_most_open_packs_objects_open(tmp_path: Path) -> 
     bodies = {f"packs/{i:03}": os.urandom(5000 + i) for i in range(OPEN_PACKS + 20)}
     for key, body in bodies.items():
         store.put(key, body)
-    assert _open_below(tmp_path) == 0
+    assert open_below(tmp_path) == 0
     for _ in range(2):
         for key, body in bodies.items():
             store.advise(key, 100, 1000)
             got = store.get_resident(key, 100, 1000)
             assert got is not None and bytes(got) == body[100:1100], key
-            assert _open_below(tmp_path) <= OPEN_PACKS
-    assert _open_below(tmp_path) == OPEN_PACKS
+            assert open_below(tmp_path) <= OPEN_PACKS
+    assert open_below(tmp_path) == OPEN_PACKS
     del store
     gc.collect()
-    assert _open_below(tmp_path) == 0
+    assert open_below(tmp_path) == 0
 
 
 def test_an_open_object_still_reads_after_delete_and_a_missing_one_is_none(tmp_path: Path) -> None:
