@@ -351,6 +351,8 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
 
     if args.salvage and not args.repair:
         raise UsageError("--salvage is a kind of repair: give --repair too")
+    if args.mirror and not args.repair:  # else it was silently not used
+        raise UsageError("--mirror gives good copies to --repair: give --repair too")
     repo = ctx.repo(args.repo)
     mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror] if args.repair else []
     for url, mirror in zip(args.mirror, mirrors):
@@ -425,6 +427,9 @@ def cmd_forget(ctx: Context, args: argparse.Namespace) -> int:
     repo = ctx.repo(args.repo)
     if (args.keep_last is None) == (not args.jid):
         raise UsageError("forget needs exactly one of --keep-last N or --jid J")
+    bad = [j for j in args.jid if j < 1]
+    if bad:
+        raise UsageError(f"--jid {bad[0]}: journal ids start at 1")
     removed = forget(repo, ref_name(args.name), keep_last=args.keep_last, jids=args.jid)
     print(f"forgot {len(removed)} snapshot(s) of {args.name}: {', '.join(map(str, removed)) or 'none'}"
           + ("; run cafs gc to reclaim space" if removed else ""))
@@ -984,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--read-data", nargs="?", type=parse_fraction, const=1.0, default=0.0, metavar="FRACTION",
                     help="also read and verify chunk bytes (all, or a random fraction of packs)")
     sp.add_argument("--repair", action="store_true", help="replace damaged packs and journal entries by verified copies from --mirror, rewrite bad indexes, drop bad cache entries")
-    sp.add_argument("--mirror", action="append", default=[], metavar="URL", help="a repository holding good copies")
+    sp.add_argument("--mirror", action="append", default=[], metavar="URL", help="with --repair: a repository holding good copies")
     sp.add_argument("--salvage", action="store_true",
                     help="with --repair: a damaged pack no mirror has intact gives its intact objects to new packs "
                          "and is set aside under damaged/ (then `cafs import --reread` stores the lost ones again)")

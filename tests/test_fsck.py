@@ -366,6 +366,12 @@ def test_salvage_needs_repair(cafs, copies: Damaged) -> None:
     assert r.code == 2 and "--repair" in r.err, r.out + r.err
 
 
+def test_a_mirror_without_repair_is_a_usage_error(cafs, copies: Damaged) -> None:
+    # it was accepted and never read: a check that looked like one healing from the mirror
+    r = fsck(cafs, copies.repo, "--mirror", copies.mirror)
+    assert r.code == 2 and "--mirror" in r.err and "--repair" in r.err and len(r.err.splitlines()) == 1, r.err
+
+
 def test_repair_skips_a_damaged_mirror_copy(cafs, copies: Damaged) -> None:
     fault = truncated_pack(copies)
     flip(pack_path(copies.mirror, bytes.fromhex(fault.subject)), 100)  # the mirror's copy is bad too

@@ -299,6 +299,14 @@ def test_forget_refuses_the_newest(cafs, hist: History, args: tuple[str, ...], c
     assert all_files(hist.repo) == before
 
 
+@pytest.mark.parametrize("jid", ["0", "-1"])
+def test_forget_of_a_jid_below_1_is_a_usage_error(cafs, hist: History, jid: str) -> None:
+    before = all_files(hist.repo)  # exit 1, "no snapshot [-1]", as if the journal lacked it
+    r = cafs("forget", hist.repo, "ds", "--jid", jid)
+    assert r.code == 2 and f"--jid {jid}" in r.err and len(r.err.splitlines()) == 1, r.err
+    assert all_files(hist.repo) == before
+
+
 # -- locks ----------------------------------------------------------------------------------
 
 
