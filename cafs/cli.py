@@ -351,8 +351,8 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
 
     if args.salvage and not args.repair:
         raise UsageError("--salvage is a kind of repair: give --repair too")
-    if args.mirror and not args.repair:  # else it was silently not used
-        raise UsageError("--mirror gives good copies to --repair: give --repair too")
+    if args.mirror and not args.repair:  # a check reads the repository alone: say so, rather than seem to heal
+        print(f"cafs: --mirror is read by --repair only; this check reads {args.repo} alone", file=sys.stderr)
     repo = ctx.repo(args.repo)
     mirrors = [Repository.at(url, deadline=ctx.deadline) for url in args.mirror] if args.repair else []
     for url, mirror in zip(args.mirror, mirrors):
