@@ -59,6 +59,7 @@ from cafs.format.pack import PackTrailer, trailer_of
 from cafs.ids import digest
 from cafs.metacache import DecodedNodes
 from cafs.repository import Repository
+from cafs.tree import depth_first
 
 MAX_PATHS_PER_PROBLEM = 5
 READ_THREADS = 2
@@ -510,27 +511,18 @@ def _files(root: Entry, entries_of: Callable[[Location, bytes], list[Entry]],
     """``(path, spans)`` of every file below the directory ``root``, depth first, the
     entries of a directory in reverse name order; the entries of a directory (by its
     node's location and its path) and the spans of a file as the callables give them.
-    Holds one path, of the directory being walked (as ``cafs.tree.walk`` does)."""
+    Holds one path, of the directory being walked (``cafs.tree.depth_first``)."""
     assert root.ref is not None
-    path = b""
-    levels = [reversed(entries_of(root.ref, path))]
-    names: list[bytes] = []  # of the directories entered
-    while levels:
-        entry = next(levels[-1], None)
-        if entry is None:
-            levels.pop()
-            if names:  # back in the directory above
-                name = names.pop()
-                path = path[:len(path) - len(name) - 1] if len(path) > len(name) else b""
-            continue
-        entry_path = path + b"/" + entry.name if path else entry.name
-        if entry.is_dir:
-            assert entry.ref is not None
-            levels.append(reversed(entries_of(entry.ref, entry_path)))
-            names.append(entry.name)
-            path = entry_path
-        elif entry.is_file:
-            yield entry_path, spans_of(entry, entry_path)
+
+    def below(entry: Entry, path: bytes) -> Iterator[Entry] | None:
+        if not entry.is_dir:
+            return None
+        assert entry.ref is not None
+        return reversed(entries_of(entry.ref, path))
+
+    for path, entry in depth_first(reversed(entries_of(root.ref, b"")), b"", lambda e: e.name, below):
+        if entry.is_file:
+            yield path, spans_of(entry, path)
 
 
 def _verify_pack_bytes(pack_id: bytes, data: bytes) -> tuple[int, list[Location], int, bool]:

@@ -11,11 +11,7 @@ from collections.abc import Iterator
 from cafs.format.nodes import Entry
 from cafs.metacache import NodeReader
 from cafs.repository import Repository
-from cafs.tree import file_spans, list_dir, walk
-
-
-def _join(prefix: bytes, name: bytes) -> bytes:
-    return prefix + b"/" + name if prefix else name
+from cafs.tree import depth_first, file_spans, list_dir, walk
 
 
 def _content_key(reader: NodeReader, e: Entry) -> object:
@@ -26,25 +22,23 @@ def _content_key(reader: NodeReader, e: Entry) -> object:
     return None
 
 
+_Pair = tuple[bytes, Entry | None, Entry | None]  # a name, and its entry in each of two directories
+
+
 def diff_trees(reader: NodeReader, a: Entry, b: Entry, prefix: bytes = b"") -> Iterator[tuple[str, bytes]]:
     """``(mark, path)`` for every difference: ``+`` added, ``-`` removed, ``M`` changed
     (content, type, mode, owner, or a file's or symlink's mtime), in path order.
     Subtrees whose node ids are equal are skipped without being read. Iterative: a
     tree may be deeper than Python's recursion limit. Holds one path, that of the
-    directories compared (as ``cafs.tree.walk`` does)."""
-    path = prefix
-    stack = [_dir_pairs(reader, a, b)]
-    names: list[bytes] = []  # of the directories entered below the top
-    while stack:
-        pair = next(stack[-1], None)
-        if pair is None:
-            stack.pop()
-            if names:  # back in the directory above
-                name = names.pop()
-                path = path[:len(path) - len(name) - 1] if len(path) > len(name) else b""
-            continue
-        name, ea, eb = pair
-        sub = _join(path, name)
+    directories compared (``cafs.tree.depth_first``)."""
+
+    def below(pair: _Pair, path: bytes) -> Iterator[_Pair] | None:
+        _name, ea, eb = pair
+        if ea is None or eb is None or not (ea.is_dir and eb.is_dir):
+            return None
+        return _dir_pairs(reader, ea, eb)
+
+    for sub, (_name, ea, eb) in depth_first(_dir_pairs(reader, a, b), prefix, lambda pair: pair[0], below):
         if eb is None:
             assert ea is not None
             yield from (("-", p) for p, _ in walk(reader, ea, sub))
@@ -56,15 +50,12 @@ def diff_trees(reader: NodeReader, a: Entry, b: Entry, prefix: bytes = b"") -> I
         elif ea.is_dir:
             if (ea.mode, ea.uid, ea.gid) != (eb.mode, eb.uid, eb.gid):
                 yield "M", sub
-            stack.append(_dir_pairs(reader, ea, eb))
-            names.append(name)
-            path = sub
         elif ((ea.mode, ea.uid, ea.gid, ea.mtime_ns, ea.size) != (eb.mode, eb.uid, eb.gid, eb.mtime_ns, eb.size)
               or _content_key(reader, ea) != _content_key(reader, eb)):
             yield "M", sub
 
 
-def _dir_pairs(reader: NodeReader, a: Entry, b: Entry) -> Iterator[tuple[bytes, Entry | None, Entry | None]]:
+def _dir_pairs(reader: NodeReader, a: Entry, b: Entry) -> Iterator[_Pair]:
     """``(name, entry in a, entry in b)`` for every name in either directory, in name
     order; nothing if their nodes are the same."""
     if a.ref is not None and b.ref is not None and a.ref.id == b.ref.id:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from cafs.errors import FormatError, PathNotFound
 from cafs.format.location import Location
 from cafs.format.nodes import DirIndexNode, Entry, FileNode, Node, TreeNode
 from cafs.metacache import NodeReader
+
+T = TypeVar("T")
 
 
 def show_path(path: bytes) -> str:
@@ -84,30 +87,46 @@ def file_spans(reader: NodeReader, f: Entry) -> tuple[Location, ...]:
 
 def walk(reader: NodeReader, top: Entry, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
     """``(path, entry)`` for ``top`` and everything below it, parents before children,
-    in name order. Holds one path, that of the directory being listed (and at each level
-    above it the entries left): a path for each entry left, kept until walked, took
-    memory growing with the square of the depth (a GB for a tree 2,000 deep with names
-    of 255 bytes and a file beside each directory)."""
+    in name order (paths held as ``depth_first`` holds them)."""
     yield prefix, top
-    if not top.is_dir:
-        return
+    if top.is_dir:
+        yield from depth_first(
+            _listed(reader, top), prefix, lambda e: e.name,
+            lambda e, _path: _listed(reader, e) if e.is_dir else None)
+
+
+def _listed(reader: NodeReader, d: Entry) -> Iterator[Entry]:
+    return iter(list(list_dir(reader, d)))
+
+
+def depth_first(top: Iterator[T], prefix: bytes, name_of: Callable[[T], bytes],
+                children_of: Callable[[T, bytes], Iterator[T] | None]) -> Iterator[tuple[bytes, T]]:
+    """``(path, item)`` for each item of ``top`` (the items of the directory at
+    ``prefix``) and, depth first, below it: after an item is yielded, ``children_of(item,
+    its path)`` gives the items of the directory it is, or None if it is none. Holds one
+    path, that of the directory being listed (and at each level above it the items left):
+    a path for each item left, kept until walked, took memory growing with the square of
+    the depth (a GB for a tree 2,000 deep with names of 255 bytes and a file beside each
+    directory)."""
     path = prefix
-    levels = [iter(list(list_dir(reader, top)))]
-    names: list[bytes] = []  # of the directories entered below ``top``
+    levels = [top]
+    names: list[bytes] = []  # of the directories entered below ``prefix``
     while levels:
-        child = next(levels[-1], None)
-        if child is None:
+        item = next(levels[-1], None)
+        if item is None:
             levels.pop()
             if names:  # back in the directory above
                 name = names.pop()
                 path = path[:len(path) - len(name) - 1] if len(path) > len(name) else b""
             continue
-        child_path = path + b"/" + child.name if path else child.name
-        yield child_path, child
-        if child.is_dir:
-            levels.append(iter(list(list_dir(reader, child))))
-            names.append(child.name)
-            path = child_path
+        name = name_of(item)
+        item_path = path + b"/" + name if path else name
+        yield item_path, item
+        children = children_of(item, item_path)
+        if children is not None:
+            levels.append(children)
+            names.append(name)
+            path = item_path
 
 
 def reachable(node_of: Callable[[Location], Node], root: Location, walked: set[bytes]) -> Iterator[Location]:
