@@ -211,7 +211,6 @@ class Importer:
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, tuple[int, int]]] = {}
         self._pending: deque[_PendingFile] = deque()  # files being read on the workers, oldest first
         self._pending_links: set[tuple[int, int]] = set()  # (st_dev, st_ino) of those with several names
-        self._pending_bytes = 0  # their sizes
         self._with_blocks = repo.config.version >= ENTRY_BLOCKS_SINCE  # older readers take ten fields
 
     # The chunker and the compressor (and their modules) are made on first use: a
@@ -499,8 +498,14 @@ class Importer:
             except _FileSkipped as why:
                 self._skip(path, str(why))
                 return None
+        return self._read_in_background(parent, name, path, st)
+
+    def _read_in_background(self, parent: _DirFrame, name: bytes, path: bytes,
+                            st: os.stat_result) -> _PendingFile | None:
+        """Open a file of at most WHOLE_READ_MAX bytes and have a worker read it, once
+        the files already in flight leave room for it; None if it is skipped."""
         while self._pending and (len(self._pending) >= self.prep.window
-                                 or self._pending_bytes + st.st_size > PENDING_BYTES):
+                                 or sum(p.st.st_size for p in self._pending) + st.st_size > PENDING_BYTES):
             self._settle_one()
         try:
             fd = _open_file(parent.fd, name)
@@ -517,9 +522,8 @@ class Importer:
             self._skip(path, str(exc))
             return None
         self._pending.append(pending)
-        self._pending_bytes += st.st_size
         if st.st_nlink > 1:
-            self._pending_links.add(link_key)
+            self._pending_links.add((st.st_dev, st.st_ino))
         return pending
 
     def _file_done(self, name: bytes, path: bytes, st: os.stat_result, spans_list: list[Location]) -> Entry | None:
@@ -558,7 +562,6 @@ class Importer:
         # still reading it (whose descriptor another open could then reuse).
         cut = p.job.result()
         self._pending.popleft()
-        self._pending_bytes -= p.st.st_size
         os.close(p.fd)
         self._pending_links.discard((p.st.st_dev, p.st.st_ino))
         try:
