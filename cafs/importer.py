@@ -210,7 +210,6 @@ class Importer:
         # (size, mtime_ns) they are the content of
         self._links: dict[tuple[int, int], tuple[tuple[Location, ...] | None, Location | None, tuple[int, int]]] = {}
         self._pending: deque[_PendingFile] = deque()  # files being read on the workers, oldest first
-        self._pending_links: set[tuple[int, int]] = set()  # (st_dev, st_ino) of those with several names
         self._with_blocks = repo.config.version >= ENTRY_BLOCKS_SINCE  # older readers take ten fields
 
     # The chunker and the compressor (and their modules) are made on first use: a
@@ -483,7 +482,7 @@ class Importer:
                 self._count_reused(st)
                 return self._file_entry(name, st, old.spans, old.ref)
         link_key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and link_key in self._pending_links:
+        if st.st_nlink > 1 and any((p.st.st_dev, p.st.st_ino) == link_key for p in self._pending):
             self._settle_all()  # its other name is being read: take what that gives
         if st.st_nlink > 1 and link_key in self._links:
             spans, ref, seen = self._links[link_key]
@@ -522,8 +521,6 @@ class Importer:
             self._skip(path, str(exc))
             return None
         self._pending.append(pending)
-        if st.st_nlink > 1:
-            self._pending_links.add((st.st_dev, st.st_ino))
         return pending
 
     def _file_done(self, name: bytes, path: bytes, st: os.stat_result, spans_list: list[Location]) -> Entry | None:
@@ -563,7 +560,6 @@ class Importer:
         cut = p.job.result()
         self._pending.popleft()
         os.close(p.fd)
-        self._pending_links.discard((p.st.st_dev, p.st.st_ino))
         try:
             if cut.error is not None or cut.after is None:
                 self._skip(p.path, f"cannot read: {cut.error.strerror if cut.error else 'no answer'}")
