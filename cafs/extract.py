@@ -24,8 +24,9 @@ Contract:
 - Holes: a run of zeros not yet on disk is not written, so sparse files stay sparse.
 - Hard links: entries that were one file with several names when imported (the same
   inode number and link count, and equal content and attributes) become one file with
-  several names again, as the first of them extracted. Up to ``MAX_LINK_GROUPS`` such
-  files are held open at once to link to; beyond that a name gets its own copy.
+  several names again, as the first of them extracted. Such files are held open to link
+  their other names to, up to a quarter of the open-files limit at once (5,000 under a
+  limit of 20,000); beyond that a name gets its own copy.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from cafs.dirfds import CLOSED, close_above, open_parent
 from cafs.errors import CafsError, ExtractError, NoSpaceError
-from cafs.fileio import pwrite_all
+from cafs.fileio import open_files_share, pwrite_all
 from cafs.format.location import Location
 from cafs.format.nodes import Entry
 from cafs.ids import digest
@@ -49,7 +50,7 @@ from cafs.readahead import ChunksAhead
 from cafs.repository import Repository
 from cafs.tree import file_spans, list_dir, show_path, walk
 
-MAX_LINK_GROUPS = 256
+LINK_GROUPS_SHARE = 4  # of the open-files limit: files held open to link their other names to
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Extractor:
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
         self._links: dict[tuple[object, ...], _LinkGroup] = {}
+        # A dataset deduplicated with hard links (rdfind, hardlink) has thousands of
+        # groups whose names lie far apart in the walk; 256 made the rest copies.
+        self._link_groups_max = open_files_share(LINK_GROUPS_SHARE, least=16)
         self._ahead: ChunksAhead | None = None  # while extracting
         # a local repository's real path, and (st_dev, st_ino) of its directory and of
         # every directory above it
@@ -300,7 +304,7 @@ class Extractor:
             else:
                 self._fill(fd, entry)
             self._set_attrs(fd, entry)
-            if link_key is not None and len(self._links) < MAX_LINK_GROUPS:
+            if link_key is not None and len(self._links) < self._link_groups_max:
                 st = os.fstat(fd)
                 self._links[link_key] = _LinkGroup(os.open(f"/proc/self/fd/{fd}", os.O_PATH),
                                                    (st.st_dev, st.st_ino), entry.nlink - 1)

@@ -25,7 +25,7 @@ def raise_open_files_limit() -> int:
     """Raise this process's soft limit of open files to its hard limit, as far as the
     kernel allows; returns the soft limit in force afterwards.
 
-    A mount keeps pack files of its cache open, and get keeps up to MAX_LINK_GROUPS
+    A mount keeps pack files of its cache open, and get keeps a share of the limit in
     hard-linked files open to link to; the walks of import and get hold a bounded number
     of directories (``cafs.dirfds``). restic and casync, in Go and C, raise theirs too.
     Children inherit the raised limit."""

@@ -424,6 +424,28 @@ def test_get_restores_hard_links(cafs, ds: str, src: Path, tmp_path: Path) -> No
     assert_same_tree(src, out)
 
 
+def test_get_restores_many_hard_link_groups_far_apart(cafs, tmp_path: Path) -> None:
+    """A tree deduplicated with hard links (rdfind, hardlink): 600 files in one directory,
+    each with a second name in another, so every group is open at once during the get."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    groups = 600
+    for i in range(groups):
+        (src / "a" / f"f{i:04d}").write_bytes(b"%d" % i)
+        os.link(src / "a" / f"f{i:04d}", src / "b" / f"f{i:04d}")
+    repo = tmp_path / "repo"
+    assert cafs("init", repo).code == 0
+    assert cafs("import", src, repo, "--name", "d", "--no-progress").code == 0
+    out = tmp_path / "out"
+    r = cafs("get", f"{repo}#d", out)
+    assert r.code == 0, r.err
+    assert f"{groups} of them hard links" in r.err, r.err
+    for i in range(groups):
+        assert os.stat(out / "a" / f"f{i:04d}").st_ino == os.stat(out / "b" / f"f{i:04d}").st_ino
+    assert_same_tree(src, out)
+
+
 def test_get_never_writes_through_a_hard_link(cafs, tmp_path: Path) -> None:
     """Names already in DEST that are hard links (to each other, from an earlier get of a
     snapshot where they were one file, or to a file outside DEST) are replaced, never
