@@ -3,7 +3,11 @@
 Checks that the LMDB environment opens and reads; that every cached node matches its
 id; that every chunk extent lies in its sparse file and its bytes match the chunk the
 pack's trailer names at that offset; and that the recorded cache size is the sum of the
-extents. Repair drops what does not verify and fixes the size; an LMDB file that does
+extents. An extent of a pack the repository no longer has (``cafs gc`` removed or
+repacked it) is no damage: it cannot be checked against a trailer, so it is counted
+(``CacheReport.gone``), not reported, and a repair leaves it (a mount of a snapshot that
+was forgotten, or whose spans still name a repacked pack, reads it, verified against the
+chunk id as every cached read is; the cache evicts it in time). Repair drops what does not verify and fixes the size; an LMDB file that does
 not open or read is moved aside (``meta.lmdb.damaged-<time>``) and rebuilt from what can
 be verified: the sparse files are scanned against the packs' trailers. The cache is never
 the only copy of anything: everything in it can be fetched again from the repository.
@@ -43,6 +47,7 @@ class CacheReport:
     repaired: list[str] = field(default_factory=list)
     nodes: int = 0
     extents: int = 0
+    gone: int = 0  # extents of packs the repository no longer has: not checked
 
 
 class _Trailers:
@@ -50,6 +55,10 @@ class _Trailers:
         self.repo = repo
         self.sizes = repo.list_packs()
         self._by_pack: dict[bytes, dict[int, Location]] = {}
+
+    def gone(self, pack: bytes) -> bool:
+        """Whether the repository has no pack ``pack`` (as listed when the check began)."""
+        return pack not in self.sizes
 
     def at(self, pack: bytes, offset: int) -> Location | None:
         if pack not in self._by_pack:
@@ -111,6 +120,9 @@ def _check_contents(meta: MetaCache, cache: ChunkCache, trailers: _Trailers, rep
     for key, length in extents:
         report.extents += 1
         pack, offset = key[:32], int.from_bytes(key[32:], "big")
+        if trailers.gone(pack):
+            report.gone += 1
+            continue
         why = _check_extent(cache, trailers, pack, offset, length)
         if why is None:
             continue

@@ -342,7 +342,8 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
     ``--json`` gives one object: ``repository``, ``exit``, the counts (``snapshots``,
     ``packs``, ``nodes``, ``chunks``, ``bytes_read``) of the first check; ``problems``
     (every problem found, as above: ``kind``, ``subject``, ``detail``, ``affects``);
-    ``cache_problems``; ``repaired`` and ``unrepaired`` (lines); ``remaining`` (the
+    ``cache_problems``; ``cache_gone_extents`` (cached extents of packs the repository no
+    longer has, not checked; null without --cache); ``repaired`` and ``unrepaired`` (lines); ``remaining`` (the
     problems the last check found, described; null without --repair);
     ``unreferenced_packs`` (pack ids of the last check, or null when that cannot be told:
     some snapshot, named in ``unreadable_snapshots``, could not be read whole)."""
@@ -373,14 +374,14 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
         repaired, failed = result.repaired, result.failed
     else:
         after = report
-    cache_problems, cache_repaired, cache_left = [], [], 0
+    cache_problems, cache_repaired, cache_left, cache_gone = [], [], 0, None
     if args.cache is not None:
         from cafs.cachecheck import check_cache
 
         cache_dir = ctx.cache_dir
         ctx.close()  # the check opens the cache's LMDB itself
         cr = check_cache(repo, cache_dir, repair=args.repair)
-        cache_problems, cache_repaired = cr.problems, cr.repaired
+        cache_problems, cache_repaired, cache_gone = cr.problems, cr.repaired, cr.gone
         if cache_problems and args.repair:
             cache_left = len(check_cache(repo, cache_dir, repair=False).problems)
         else:
@@ -395,7 +396,7 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
             "nodes": report.nodes, "chunks": report.chunks, "bytes_read": report.bytes_read,
             "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail, "affects": p.affects}
                          for p in report.problems],
-            "cache_problems": cache_problems,
+            "cache_problems": cache_problems, "cache_gone_extents": cache_gone,
             "repaired": repaired, "unrepaired": failed,
             "remaining": [p.describe() for p in after.problems] if args.repair else None,
             "unreferenced_packs": after.unreferenced_packs,
@@ -407,6 +408,9 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
         print(f"error: {p.describe()}")
     for line in cache_problems:
         print(f"error: cache: {line}")
+    if cache_gone:
+        print(f"cache: {cache_gone} extent(s) of packs the repository no longer has (removed or repacked by "
+              "gc): not checked, not an error; the cache evicts them in time, least recently used first")
     for line in repaired:
         print(f"repaired: {line}")
     for line in failed:

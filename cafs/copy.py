@@ -171,7 +171,7 @@ def copy_snapshots(src: Repository, dst: Repository, wanted: Iterable[tuple[str,
     result = CopyResult(config_differs=(src.config.chunker, src.config.pack_size)
                         != (dst.config.chunker, dst.config.pack_size))
     entries = _read_entries(src, sorted(set(wanted)))
-    with locked(dst.store, "shared"):
+    with locked(dst.store, "shared") as lock:
         todo = _entries_to_copy(dst, entries, result)
         if todo:
             state.stage = "finding the packs the snapshots need"
@@ -182,6 +182,7 @@ def copy_snapshots(src: Repository, dst: Repository, wanted: Iterable[tuple[str,
             state.stage = "copying packs"
             _copy_packs(src, dst, missing, jobs, index_every, state, result)
             state.stage = "writing journal entries"
+            lock.check()  # a gc that took the lock for stale may have removed the copied packs
             _write_entries(dst, todo, result)
     result.seconds = time.monotonic() - started
     return result

@@ -108,7 +108,7 @@ def live_objects(repo: Repository) -> tuple[int, set[bytes]]:
 def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.5) -> GcResult:
     """Delete packs no snapshot references; repack those whose live share of bytes is
     below ``repack_below``. See the module docstring for the order of writes."""
-    with locked(repo.store, "exclusive"):
+    with locked(repo.store, "exclusive") as lock:
         index = repo.load_index()
         result = GcResult(packs_total=len(index.packs))
         result.snapshots, live = live_objects(repo)
@@ -135,6 +135,7 @@ def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.
             return result
         written = _repack(repo, repack, live, {e.id for p in kept for e in p.entries})
         result.reclaimed_bytes = gone - sum(p.length for p in written)
+        lock.check()  # without it, an import may have begun to use what is about to go
         repo.replace_indexes(kept + written)
         for summary in doomed + repack:
             repo.delete_pack(summary.pack_id)

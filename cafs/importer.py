@@ -76,7 +76,7 @@ from cafs.format.nodes import (
 from cafs.format.pack import KIND_DATA, KIND_META
 from cafs.format.strict import MAX_OBJECT_BYTES
 from cafs.ids import digest
-from cafs.locks import locked
+from cafs.locks import HeldLock, locked
 from cafs.metacache import MetaCache, MetaCacheError, NodeReader
 from cafs.packwriter import PackWriter, Uploader, target_size
 from cafs.repository import ObjectIndex, Repository
@@ -786,8 +786,8 @@ def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict
         what = own.get(key) if key is not None else None
         if what is not None:
             raise UsageError(f"{src}: inside {what}; nothing imported")
-    with locked(repo.store, "shared"):
-        return _import_locked(repo, meta, src, ref, strict, reread, counters_out, on_problem, started, own)
+    with locked(repo.store, "shared") as lock:
+        return _import_locked(repo, meta, src, ref, strict, reread, counters_out, on_problem, started, own, lock)
 
 
 def own_dirs(repo: Repository, meta: MetaCache) -> dict[tuple[int, int], str]:
@@ -812,7 +812,7 @@ def _dev_ino(path: Path) -> tuple[int, int] | None:
 
 def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, strict: bool, reread: bool,
                    counters_out: list[Counters] | None, on_problem: Callable[[str], None] | None,
-                   started: float, own: dict[tuple[int, int], str]) -> ImportResult:
+                   started: float, own: dict[tuple[int, int], str], lock: HeldLock) -> ImportResult:
     try:
         prev = None if reread else repo.snapshot(ref)
     except CafsError:
@@ -832,6 +832,7 @@ def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, stric
             raise ImportAborted(
                 f"--strict: {len(importer.skipped)} path(s) could not be imported; nothing committed:\n  "
                 + "\n  ".join(s.describe() for s in importer.skipped[:50]))
+        lock.check()  # a gc that took the lock for stale may have removed the new packs
         repo.write_index(uploader.written)
         c = importer.counters
         stats = {"files": c.files, "dirs": c.dirs, "symlinks": c.symlinks, "bytes": c.logical, "new_bytes": c.new_bytes,

@@ -8,8 +8,25 @@ other and both back off, so a gc never runs beside an import (the scheme restic 
 it needs no atomic operation beyond put, list and delete, so it works on every store).
 
 A holder refreshes its lock (rewrites ``time_ns``) every ``REFRESH`` seconds; a lock not
-refreshed for ``STALE`` seconds, or held by a process that no longer exists on this
-host, is stale and ignored (and removed by the next exclusive locker).
+refreshed for ``STALE`` seconds, or held by a process that no longer exists, is stale and
+ignored (and removed by the next exclusive locker).
+
+Whether the process exists is asked only where its pid means the same process: on the
+same machine, since the same boot, in the same pid namespace. A host name does not say
+so: containers with the host's network (Kubernetes ``hostNetwork``, ``docker --network
+host``) share its name but not its pids, and cloned machines share names too. So
+``host`` is the node name followed by `` boot=<boot id> pidns=<pid namespace inode>``
+(``/proc/sys/kernel/random/boot_id``, ``/proc/self/ns/pid``); a lock whose ``host`` does
+not end so (an older cafs, or a system without those files) is judged by its age alone.
+The field keeps its type, so an older cafs reads such a lock as one of another host and
+leaves it alone.
+
+A holder that lost its lock (an exclusive locker took it for stale and removed it:
+after ``STALE`` seconds without a refresh, as when the holder was suspended or its store
+was away that long, or across hosts whose clocks differ by that much) may have had what
+it wrote removed with it. ``HeldLock.check`` says so (``LockLost``): an import calls it
+before it commits, a gc before it deletes anything. The refresher never puts back a lock
+it finds gone, nor one it could not refresh for ``STALE - REFRESH`` seconds.
 
 A lock that is listed but cannot be read (the store fails to answer for it until the
 deadline) is not taken for no lock: its holder may be writing, so taking a lock then
@@ -20,6 +37,7 @@ holder let go) or one that does not decode (not written by cafs) counts as none.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +56,35 @@ class RepositoryLocked(CafsError):
     """Another process holds a conflicting lock."""
 
 
+class LockLost(CafsError):
+    """The lock this process held was removed by another (taken for stale), or could not
+    be refreshed for so long that it may have been: what it guarded may be gone."""
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _this_host() -> str:
+    """``host`` of the locks this process writes (see the module docstring)."""
+    name = os.uname().nodename[:160]
+    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return name
+    if not boot or not re.fullmatch(r"[0-9a-f-]{1,64}", boot):
+        return name
+    return f"{name} boot={boot} pidns={pidns}"
+
+
+_SPACE = re.compile(r"(?P<name>.*) boot=[0-9a-f-]{1,64} pidns=[0-9]{1,20}")
+
+
 @dataclass(frozen=True)
 class LockInfo:
     key: str
@@ -48,12 +95,15 @@ class LockInfo:
 
     def describe(self) -> str:
         age = (time.time_ns() - self.time_ns) / 1e9
-        return f"{self.kind} lock of pid {self.pid} on {self.host}, refreshed {age:.0f} s ago"
+        space = _SPACE.fullmatch(self.host)
+        host = space["name"] if space else self.host
+        return f"{self.kind} lock of pid {self.pid} on {host}, refreshed {age:.0f} s ago"
 
     def stale(self) -> bool:
         if (time.time_ns() - self.time_ns) / 1e9 > STALE:
             return True
-        if self.host == os.uname().nodename:
+        # the pid is asked about only where it names the same process (module docstring)
+        if _SPACE.fullmatch(self.host) and self.host == _this_host():
             try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
@@ -64,7 +114,7 @@ class LockInfo:
 
 
 def _encode(kind: str) -> bytes:
-    return pack({"v": 1, "kind": kind, "host": os.uname().nodename[:255], "pid": os.getpid(),
+    return pack({"v": 1, "kind": kind, "host": _this_host(), "pid": os.getpid(),
                  "time_ns": time.time_ns()})
 
 
@@ -95,10 +145,62 @@ def read_locks(store: Store, *, own: str | None = None) -> list[LockInfo]:
     return locks
 
 
+class HeldLock:
+    """A lock this process holds (what ``locked`` yields); refreshed by a thread."""
+
+    def __init__(self, store: Store, key: str, kind: str) -> None:
+        self.store = store
+        self.key = key
+        self.kind = kind
+        self._refreshed = time.monotonic()  # when the last write of the lock began
+        self._lost: str | None = None
+        self._stop = threading.Event()
+
+    def check(self) -> None:
+        """Raise LockLost unless the lock is still held: it is in the store, and it was
+        refreshed recently enough that no other process can have taken it for stale.
+        Raises the store's error when it cannot be told."""
+        self._check_age()
+        if self._lost is None:
+            try:
+                self.store.get(self.key)
+            except ObjectNotFound:
+                self._lost = "removed by another process, which took it for stale"
+        if self._lost is not None:
+            raise LockLost(f"{self.store.url}: lost this process's {self.kind} lock ({self.key}): {self._lost}; "
+                           "what it wrote may have been removed with it (a gc); nothing more was done, run it again")
+
+    def _check_age(self) -> None:
+        since = time.monotonic() - self._refreshed
+        if self._lost is None and since >= STALE - REFRESH:
+            self._lost = f"not refreshed for {since:.0f} s"
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(REFRESH):
+            self._check_age()
+            if self._lost is not None:
+                return  # never put back a lock another process may have taken for stale
+            began = time.monotonic()
+            try:
+                self.store.get(self.key)
+            except ObjectNotFound:
+                self._lost = "removed by another process, which took it for stale"
+                return
+            except StoreError:
+                continue  # the next refresh may succeed
+            try:
+                self.store.put(self.key, _encode(self.kind))
+            except StoreError:
+                continue
+            self._refreshed = began
+
+
 @contextmanager
-def locked(store: Store, kind: str) -> Iterator[None]:
-    """Hold a ``shared`` or ``exclusive`` lock on the repository for the block."""
+def locked(store: Store, kind: str) -> Iterator[HeldLock]:
+    """Hold a ``shared`` or ``exclusive`` lock on the repository for the block; call the
+    ``HeldLock``'s ``check`` before a write that must not happen without it."""
     key = f"locks/{os.urandom(16).hex()}"
+    held = HeldLock(store, key, kind)
     store.put(key, _encode(kind))
     try:
         for other in read_locks(store, own=key):
@@ -108,22 +210,12 @@ def locked(store: Store, kind: str) -> Iterator[None]:
                 continue
             if kind == "exclusive" or other.kind == "exclusive":
                 raise RepositoryLocked(f"{store.url}: in use ({other.describe()}); try again later")
-        stop = threading.Event()
-        refresher = threading.Thread(target=_refresh, args=(store, key, kind, stop), daemon=True,
-                                     name="cafs-lock")
+        refresher = threading.Thread(target=held._refresh, daemon=True, name="cafs-lock")
         refresher.start()
         try:
-            yield
+            yield held
         finally:
-            stop.set()
+            held._stop.set()
             refresher.join()
     finally:
         store.delete(key)
-
-
-def _refresh(store: Store, key: str, kind: str, stop: threading.Event) -> None:
-    while not stop.wait(REFRESH):
-        try:
-            store.put(key, _encode(kind))
-        except StoreError:
-            pass  # the next refresh may succeed; a lock that goes stale only weakens safety later

@@ -155,13 +155,14 @@ def _replace_pack(repo: Repository, problem: Problem, mirrors: list[Repository],
 def _salvage(repo: Repository, pack_ids: list[bytes], result: RepairResult) -> None:
     """Salvage damaged packs that have no good copy (see the module docstring)."""
     try:
-        with locked(repo.store, "exclusive"):
+        with locked(repo.store, "exclusive") as lock:
             index = repo.load_index()
             doomed = set(pack_ids)
             elsewhere = {e.id for s in index.packs.values() if s.pack_id not in doomed for e in s.entries}
             bodies = {p: body for p in pack_ids if (body := _present_body(repo, p, result)) is not None}
             intact = [obj for p, body in bodies.items() for obj in _intact(p, body, index, elsewhere, result)]
             written = copy_into_new_packs(repo.pack_store, repo.config.pack_size, intact)
+            lock.check()
             for pack_id, body in bodies.items():
                 repo.store.put(DAMAGED_PREFIX + pack_id.hex(), body)
             repo.replace_indexes([s for s in index.packs.values() if s.pack_id not in doomed] + written)

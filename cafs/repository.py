@@ -21,8 +21,9 @@ another dataset. Writes go to the repository's own store only (``store``: retrie
 A location is a hint. Objects are named by their content, so when ``cafs gc`` repacks a
 pack, the live objects move, verbatim (same stored bytes, codec and lengths), to new
 packs, and the old pack is deleted. A read whose pack is gone finds the object by id in
-the repository index (reloaded at most every ``RELOCATION_RELOAD`` seconds), in whatever
-form it is stored there: hosts that compress differently (another zstd version or
+the repository index (reloaded every ``RELOCATION_RELOAD`` seconds at most, and at once
+when it still names a pack a read found gone: another gc moved the objects on), in
+whatever form it is stored there: hosts that compress differently (another zstd version or
 level) store one chunk in two forms, and gc keeps an object once, in either.
 """
 
@@ -141,6 +142,7 @@ class Repository:
         self._relocations: ObjectIndex | None = None
         self._relocations_loaded = 0.0
         self._relocations_lock = threading.Lock()
+        self._reloaded_for: set[bytes] = set()  # missing packs the index was loaded again for
 
     @property
     def url(self) -> str:
@@ -221,7 +223,14 @@ class Repository:
             moved = self.relocated(loc)
             if moved is None:
                 raise
-            stored, plain = self.read_run([moved], give_up=give_up)[0]
+            try:
+                stored, plain = self.read_run([moved], give_up=give_up)[0]
+            except ObjectNotFound:
+                # moved on again since the index was loaded (another gc): that index is stale
+                again = self.relocated(loc, gone=moved.pack)
+                if again is None or again.pack == moved.pack:
+                    raise
+                stored, plain = self.read_run([again], give_up=give_up)[0]
         return stored, bytes(plain)  # one object's plain bytes are bytes already: no copy
 
     def read_run(self, locs: Sequence[Location], *,
@@ -279,17 +288,28 @@ class Repository:
             gets.failed()
             return None
 
-    def relocated(self, loc: Location) -> Location | None:
-        """Where the object of ``loc`` lives now, if its pack is gone; else None."""
+    def relocated(self, loc: Location, *, gone: bytes | None = None) -> Location | None:
+        """Where the object of ``loc`` lives now, if its pack is gone; else None. The index
+        is loaded again if older than ``RELOCATION_RELOAD`` seconds, or if it still names
+        pack ``gone`` (``loc``'s by default), which a read has just found missing: once per
+        such pack, as a store may list a pack that it then does not give."""
+        gone = loc.pack if gone is None else gone
         with self._relocations_lock:
             now = time.monotonic()
-            if self._relocations is None or now - self._relocations_loaded > RELOCATION_RELOAD:
+            index = self._relocations
+            if index is None or now - self._relocations_loaded > RELOCATION_RELOAD:
+                self._reloaded_for.clear()
+                index = None
+            elif gone in index.packs and gone not in self._reloaded_for:
+                self._reloaded_for.add(gone)
+                index = None
+            if index is None:
                 try:
-                    self._relocations = self.load_index()
+                    index = self.load_index()
                 except ListingUnavailable:
-                    self._relocations = ObjectIndex()  # nothing to search without a listing
-                self._relocations_loaded = now
-            moved = self._relocations.objects.get(loc.id)
+                    index = ObjectIndex()  # nothing to search without a listing
+                self._relocations, self._relocations_loaded = index, now
+            moved = index.objects.get(loc.id)
         if moved is None or moved.pack == loc.pack or moved.length != loc.length:
             return None
         return moved  # perhaps in another form (codec, stored length): the read verifies it by id

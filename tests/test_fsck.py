@@ -630,6 +630,33 @@ def test_a_cache_that_a_mount_uses_meanwhile_is_clean(cafs, repo: Path, cache_di
     assert code == FSCK_CLEAN and doc["cache_problems"] == [], doc
 
 
+@pytest.mark.parametrize("repair", [False, True], ids=["check", "repair"])
+def test_a_cache_of_packs_gc_removed_is_clean(cafs, repo: Path, cache_dir: Path, tmp_path: Path,
+                                              repair: bool) -> None:
+    # a host cached ds@1; the ref moved on, ds@1 was forgotten and gc removed its packs:
+    # every cached extent of them was 'no such chunk in the repository', exit 4, on a
+    # healthy cache (and --repair dropped bytes a mount of ds@1 may still be reading)
+    for seed in (1, 2):
+        make_tree(tmp_path / f"t{seed}", seed=seed, big_file_size=1 << 20)
+        assert cafs("import", tmp_path / f"t{seed}", repo, "--name", "ds", "--no-progress").code == 0
+        if seed == 1:
+            assert cafs("prefetch", f"{repo}#ds@1", "--no-progress").code == 0
+    assert cafs("forget", repo, "ds", "--jid", "1").code == 0
+    r = cafs("gc", repo)
+    assert r.code == 0 and "deleted 0 unreferenced" not in r.out, r.out + r.err
+    repo_id = Repository.open(open_store(str(repo))).config.repo_id
+    in_repo = {p.name for p in (repo / "packs").glob("*/*")}
+    cached_packs = {p.name for p in (cache_dir / repo_id / "data").glob("*/*")}
+    assert cached_packs - in_repo, "no cached pack was removed: the test proves nothing"
+    args = ("--cache", cache_dir, "--repair") if repair else ("--cache", cache_dir)
+    r = fsck(cafs, repo, *args)
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    assert "error:" not in r.out and re.search(r"cache: \d+ extent\(s\) of packs the repository no longer has", r.out), r.out
+    code, doc = fsck_json(cafs, repo, "--cache", cache_dir)
+    assert code == FSCK_CLEAN and doc["cache_problems"] == [] and doc["cache_gone_extents"] > 0, doc
+    assert {p.name for p in (cache_dir / repo_id / "data").glob("*/*")} == cached_packs  # nothing dropped
+
+
 def test_damaged_cache_lmdb_is_rebuilt(cafs, copies: Damaged, cached: Path) -> None:
     _garble_lmdb(cached, copies.layout.repo_id)
     r = fsck(cafs, copies.repo, "--cache", cached)
