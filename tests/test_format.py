@@ -222,9 +222,31 @@ def test_truncated_pack_is_detected() -> None:
 @given(st.lists(st.tuples(ids, st.integers(0, 1 << 30), st.sampled_from([0, 1]), st.lists(locations(), max_size=5)),
                 max_size=5))
 def test_index_round_trip(rows: list[tuple[bytes, int, int, list[Location]]]) -> None:
-    packs = [PackSummary(pid, length, kind, tuple(loc._replace(pack=pid) for loc in locs))
-             for pid, length, kind, locs in rows]
+    packs = [PackSummary(pid, max((loc.end for loc in locs), default=0) + TAIL_LEN + extra, kind,
+                         tuple(loc._replace(pack=pid) for loc in locs))
+             for pid, extra, kind, locs in rows]
     assert decode_index(encode_index(packs)) == packs
+
+
+def _index_with_entry(entry: object, pack_length: int = 1000) -> bytes:
+    return msgpack.packb([1, [[b"p" * 32, pack_length, 0, [entry]]]])
+
+
+@pytest.mark.parametrize("entry", [[], [b"i" * 32], [b"i" * 32, 0, 5, 5], [b"i" * 32, 0, 5, 5, 0, 0], None, 7,
+                                   [b"i" * 32, b"p" * 32, 0, 5, 5, 0]])
+def test_index_entry_of_another_shape_is_a_format_error(entry: object) -> None:
+    # an index object is read by import, gc, copy and fsck: a malformed one is a finding
+    # of fsck and is passed over by the others, never a traceback
+    with pytest.raises(FormatError, match="entry"):
+        decode_index(_index_with_entry(entry))
+
+
+def test_index_entry_past_its_pack_is_refused() -> None:
+    assert decode_index(_index_with_entry([b"i" * 32, 0, 5, 5, 0], 5 + TAIL_LEN))[0].entries[0].end == 5
+    with pytest.raises(FormatError, match="past the body"):
+        decode_index(_index_with_entry([b"i" * 32, 0, 5, 5, 0], 4 + TAIL_LEN))
+    with pytest.raises(FormatError, match="past the body"):
+        decode_index(_index_with_entry([b"i" * 32, 1 << 40, 5, 5, 0], 1 << 30))
 
 
 @given(entries(name=b""), st.integers(1, 1 << 40), st.text(max_size=50), st.binary(max_size=100))

@@ -801,6 +801,36 @@ def test_index_that_disagrees_with_a_trailer_is_found_and_rewritten(cafs, copies
     assert_same_tree(copies.src, tmp_path / "out")
 
 
+@pytest.mark.parametrize("entry", [[], "past its pack"])
+def test_an_index_entry_of_another_shape_is_passed_over(cafs, copies: Damaged, tmp_path: Path, entry: object) -> None:
+    # A well-named index object (its name matches its bytes) whose entry is no location
+    # in its pack: an import passes it over (reads the trailers, deduplicates against
+    # nothing it says), fsck names it, repair rewrites it; never a traceback.
+    import msgpack
+
+    from cafs.ids import digest
+
+    pack, span = _big_pack(copies.layout)
+    length = pack_path(copies.repo, pack).stat().st_size
+    if entry == "past its pack":
+        entry = [span.id, length, span.stored_length, span.length, span.codec]
+    data = msgpack.packb([1, [[pack, length, KIND_DATA, [entry]]]])
+    key = f"index/{digest(data).hex()}"
+    (copies.repo / key).write_bytes(data)
+    r = cafs("import", copies.src, copies.repo, "--name", "again", "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("get", f"{copies.repo}#again", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(copies.src, tmp_path / "out")
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"error: bad-index {key}: " in r.out and "Traceback" not in r.err, r.out + r.err
+    r = fsck(cafs, copies.repo, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert not (copies.repo / key).exists()
+    assert fsck(cafs, copies.repo, "--read-data").code == FSCK_CLEAN
+
+
 def test_what_no_ref_may_be_named_is_named_plainly(cafs, copies: Damaged) -> None:
     # Directories under refs/ that cafs never wrote (a name no ref may have) are skipped
     # by every other command; fsck names them (test_import_get), but as what they are,
