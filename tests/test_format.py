@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import struct
+import tracemalloc
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -196,6 +199,44 @@ def test_decompression_bomb_is_refused() -> None:
     loc = Location(digest(b"\0" * 100), b"p" * 32, 0, len(bomb), 100, CODEC_ZSTD)
     with pytest.raises(IntegrityError, match="declares"):
         decode_stored(loc, bomb)
+
+
+def _peak_memory_of(decode: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError):
+            decode()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("empty", [b"\x90", b"\x80"])  # an empty array, an empty map
+@pytest.mark.parametrize("decode", ["node", "index", "trailer"])
+def test_a_few_mib_of_empty_containers_do_not_take_a_hundred(empty: bytes, decode: str) -> None:
+    # 2 MiB of one-byte empty arrays decoded to 2 million lists (130 MB) before any check
+    # (a node of 64 MiB, a few KiB as a zstd frame, to 5 GB): the bytes are in a node's
+    # entries, an index's packs or a trailer's entries, where arrays belong
+    n = 2 << 20
+    many = b"\xdd" + struct.pack(">I", n) + empty * n
+    data = {"node": b"\x92\x01" + many, "index": b"\x92\x01" + many,
+            "trailer": b"\x94\x01\x00\xc4\x20" + b"d" * 32 + many}[decode]
+    run = {"node": lambda: decode_node(data), "index": lambda: decode_index(data),
+           "trailer": lambda: decode_trailer(data, b"p" * 32, len(data) + TAIL_LEN, "t")}[decode]
+    assert _peak_memory_of(run) < 8 * len(data)
+
+
+def test_large_objects_of_many_small_arrays_still_decode() -> None:
+    # what the limit on arrays per byte must let through: a file node, a directory index
+    # and an index object of several MiB
+    spans = tuple(Location(digest(b"%d" % i), b"p" * 32, i * 1000, 1000, 1000, CODEC_RAW) for i in range(20_000))
+    node: DirIndexNode | FileNode = FileNode(spans)
+    assert len(encode_node(node)) > 1 << 20 and decode_node(encode_node(node)) == node
+    node = DirIndexNode(tuple(PageRef(b"%06d" % i, 1, loc) for i, loc in enumerate(spans)))
+    assert len(encode_node(node)) > 1 << 20 and decode_node(encode_node(node)) == node
+    packs = [PackSummary(digest(b"%d" % i), 1000, 0, ()) for i in range(40_000)]  # the fewest bytes per array
+    packs[0] = PackSummary(b"p" * 32, 30_000_000, 0, spans)
+    assert len(encode_index(packs)) > 1 << 20 and decode_index(encode_index(packs)) == packs
 
 
 @given(st.lists(st.tuples(ids, st.binary(max_size=300)), max_size=20))
