@@ -948,3 +948,45 @@ def test_a_store_that_keeps_failing_is_an_operational_error(cafs, copies: Damage
     assert r.code == FSCK_OPERATIONAL, r.out + r.err
     assert pack.hex() in r.err and "503" in r.err and "Traceback" not in r.err, r.err
     assert "corrupt-pack" not in r.out and not (copies.repo / "damaged").exists(), r.out
+
+
+def test_nodes_that_do_not_fit_where_they_are_are_found(cafs, repo: Path, tmp_path: Path) -> None:
+    # Nodes that verify against their ids but that no reader can use where a snapshot
+    # has them (written by a hostile or buggy writer): cafs get, cat, stats and a mount
+    # fail on those paths, so fsck must not call the repository clean.
+    from cafs.format.nodes import DirIndexNode, PageRef
+    from forge import Forger, directory, file, large_file
+
+    f = Forger(repo)
+    good = f.chunk(b"good bytes\n")
+    sub = f.node(TreeNode((file(b"inner", [good]),)))
+    spans = f.node(FileNode((good,) * 20))
+    page_a = f.node(TreeNode((file(b"a", [good]), file(b"b", [good]))))
+    page_c = f.node(TreeNode((file(b"c", [good]),)))
+    entries = (
+        file(b"0-good", [good]),
+        directory(b"1-dir-of-spans", spans, 1),
+        large_file(b"2-file-of-a-tree", sub, 11),
+        large_file(b"3-file-of-other-size", spans, 5),
+        directory(b"4-more-than-its-size", sub, 0),
+        directory(b"5-paged", f.node(DirIndexNode((PageRef(b"a", 1, page_a), PageRef(b"c", 1, page_c)))), 3),
+        directory(b"6-good-dir", sub, 1),
+        large_file(b"7-good-large-file", spans, 20 * good.length),
+    )
+    f.commit("forged", f.node(TreeNode(entries)), len(entries))
+
+    r = fsck(cafs, repo, "--read-data")
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    problems = [line for line in r.out.splitlines() if line.startswith("error: ")]
+    affected = re.findall(r"^    affects forged@1: (.*)$", r.out, re.M)
+    assert len(problems) == 5 and all(p.startswith("error: bad-node ") for p in problems), r.out
+    assert sorted(affected) == ["1-dir-of-spans (and everything below)", "2-file-of-a-tree",
+                                "3-file-of-other-size", "4-more-than-its-size", "5-paged"], r.out
+    assert "is a file node where a directory's node belongs" in r.out
+    assert "holds spans of 220 bytes, its file's entry says 5" in r.out
+    assert "is a directory page of 2 entries from b'a'; its index says 1 from b'a'" in r.out
+    r = fsck(cafs, repo, "--repair")
+    assert r.code == FSCK_UNCORRECTED and r.out.count(": no repair known") == 5, r.out
+    for path in ("0-good", "6-good-dir/inner", "7-good-large-file"):
+        r = cafs("cat", f"{repo}#forged:{path}")
+        assert r.code == 0 and r.out == "good bytes\n" * (20 if path.startswith("7") else 1), r.err
