@@ -677,6 +677,37 @@ def test_mount_on_damaged_cache_lmdb_serves_correct_bytes(copies: Damaged, cache
         assert_same_tree(copies.src, mnt)
 
 
+def _shorten_cache_values(cache: Path, repo_id: str) -> None:
+    """Every value of the chunk cache's LMDB databases three bytes long: damage LMDB
+    itself does not see (it checksums nothing), as a flipped length in a page makes."""
+    import lmdb
+
+    env = lmdb.open(str(cache / repo_id / "meta.lmdb"), max_dbs=8)
+    try:
+        for name in (b"extents", b"cachestat"):
+            db = env.open_db(name)
+            with env.begin(write=True, db=db) as txn:
+                for key, _value in list(txn.cursor()):
+                    txn.put(key, b"\x01\x02\x03")
+    finally:
+        env.close()
+
+
+def test_cache_values_of_another_length_are_damage(cafs, copies: Damaged, cached: Path, tmp_path: Path) -> None:
+    # they were a struct.error: a mount's xattrs (its pid, its stats) failed with EIO,
+    # and fsck --cache stopped with a traceback instead of rebuilding the cache
+    _shorten_cache_values(cached, copies.layout.repo_id)
+    mnt = tmp_path / "mnt"
+    with mounted(f"{copies.repo}#ds", mnt, f"cache={cached},cache_mode=full"):
+        assert_same_tree(copies.src, mnt)
+        assert stats(mnt)["cache_size"] == -1
+    r = fsck(cafs, copies.repo, "--cache", cached)
+    assert r.code == FSCK_UNCORRECTED and "meta.lmdb: damaged (a cache record of 3 bytes" in r.out, r.out + r.err
+    r = fsck(cafs, copies.repo, "--cache", cached, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert fsck(cafs, copies.repo, "--cache", cached).code == FSCK_CLEAN
+
+
 def test_mount_refuses_to_serve_a_corrupt_pack(copies: Damaged, tmp_path: Path) -> None:
     # a chunk in the data pack shared by the most files: its neighbours must still read
     layout = copies.layout
