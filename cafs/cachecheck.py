@@ -32,7 +32,7 @@ from pathlib import Path
 
 import lmdb
 
-from cafs.chunkcache import _EXTENT, ChunkCache, extent_key
+from cafs.chunkcache import _EXTENT, ChunkCache, extent_key, unpack_record
 from cafs.errors import CafsError, IntegrityError, StoreError
 from cafs.format.location import Location, decode_stored
 from cafs.ids import digest
@@ -109,7 +109,7 @@ def _check_contents(meta: MetaCache, cache: ChunkCache, trailers: _Trailers, rep
     # the extents and the recorded size from one transaction: mounts using the cache
     # insert and evict while it is checked
     with meta.env.begin() as txn:
-        extents = [(bytes(k), _EXTENT.unpack(v)[0]) for k, v in txn.cursor(db=cache.extents)]
+        extents = [(bytes(k), unpack_record(_EXTENT, v)[0]) for k, v in txn.cursor(db=cache.extents)]
         recorded = int.from_bytes(txn.get(b"size", db=cache.stat) or bytes(8), "big")
     total = sum(length for _key, length in extents)
     if recorded != total:
@@ -137,7 +137,7 @@ def _recount(meta: MetaCache, cache: ChunkCache) -> int:
     """Set the recorded size to the sum of the extents, in one write transaction (so
     that no insert or eviction of a mount comes between); returns it."""
     with meta.env.begin(write=True) as txn:
-        total: int = sum(_EXTENT.unpack(v)[0] for _k, v in txn.cursor(db=cache.extents))
+        total: int = sum(unpack_record(_EXTENT, v)[0] for _k, v in txn.cursor(db=cache.extents))
         txn.put(b"size", total.to_bytes(8, "big"), db=cache.stat)
     return total
 

@@ -9,7 +9,10 @@ What is checked, in order:
 3. every node reachable from every snapshot: it exists where its location says (the
    pack exists, the range lies inside it, the trailer lists that object there) or, if
    gc repacked that pack, in another pack with the same stored bytes; it decodes, and it
-   matches its id; every file span likewise, without reading its bytes;
+   matches its id; it is of the kind its place needs (a directory's node or page, a
+   file's node), agrees with the entry naming it (a directory's entry count, a file's
+   size) and with its directory index (each page's count and first name, in name
+   order); every file span likewise, without reading its bytes;
 4. with ``read_fraction`` > 0: the bytes of every chunk (or a random fraction of packs),
    read pack by pack in one pass each, decoded and matched against their ids, and each
    pack's body digest;
@@ -100,7 +103,7 @@ class _VerifiedNodes:
 
 @dataclass
 class Problem:
-    kind: str  # missing-pack, truncated-pack, corrupt-pack, corrupt-chunk, missing-object, corrupt-node, bad-journal, bad-index, bad-latest
+    kind: str  # missing-pack, truncated-pack, corrupt-pack, corrupt-chunk, missing-object, corrupt-node, bad-node, bad-journal, bad-index, bad-latest
     subject: str  # the object: a pack id, a chunk id, a journal key
     detail: str
     pack: bytes | None = None  # the pack to fetch again to repair it, if any
@@ -163,6 +166,7 @@ class Checker:
         self._by_id: dict[bytes, Location] = {}
         self._pack_problem: dict[bytes, Problem] = {}
         self._object_problem: dict[bytes, Problem] = {}
+        self._bad_nodes: dict[tuple[bytes, str], Problem] = {}  # (node id, what is wrong) -> its problem
         self._nodes_seen: set[bytes] = set()  # nodes counted in this run's report
         self._referenced_packs: set[bytes] = set()
         self._unreadable: set[str] = set()
@@ -357,7 +361,7 @@ class Checker:
     def _check_snapshot(self, snap: Snapshot) -> None:
         label = f"{snap.ref}@{snap.jid}"
         self.progress(f"snapshot {label}")
-        for path, spans in _files(snap.root, lambda loc, path: self._dir_entries(loc, label, path),
+        for path, spans in _files(snap.root, lambda d, path: self._dir_entries(d, label, path),
                                   lambda entry, path: self._file_spans(entry, label, path)):
             for span in spans:
                 self.report.chunks += 1
@@ -390,25 +394,72 @@ class Checker:
         self._unreadable.add(label)
         return None
 
-    def _dir_entries(self, loc: Location, label: str, path: bytes) -> list[Entry]:
-        node = self._node(loc, label, path)
+    def _dir_entries(self, d: Entry, label: str, path: bytes) -> list[Entry]:
+        """The entries of directory ``d``, as far as they can be read; a node that
+        verifies but is no directory's, or disagrees with its index or with ``d``, is a
+        problem (``bad-node``), which readers of the snapshot meet as an error."""
+        assert d.ref is not None
+        node = self._node(d.ref, label, path)
+        if node is None:
+            return []
+        if isinstance(node, FileNode):
+            self._bad_node(d.ref, label, _show(path) + " (and everything below)",
+                           "is a file node where a directory's node belongs", walked=False)
+            return []
+        complete = True
         if isinstance(node, TreeNode):
-            return list(node.entries)
-        if isinstance(node, DirIndexNode):
-            out: list[Entry] = []
+            out = list(node.entries)
+        else:
+            out = []
             for page in node.pages:
                 sub = self._node(page.ref, label, path)
-                if isinstance(sub, TreeNode):
-                    out.extend(sub.entries)
-            return out
-        return []
+                if sub is None:  # a problem already, naming this directory
+                    complete = False
+                    continue
+                if not isinstance(sub, TreeNode):
+                    self._bad_node(page.ref, label, _show(path) + " (and everything below)",
+                                   "is no tree node, but a page of a directory", walked=False)
+                    complete = False
+                    continue
+                if len(sub.entries) != page.count or sub.names[0] != page.first_name:
+                    first = sub.names[0][:80] if sub.names else b""
+                    self._bad_node(page.ref, label, _show(path), f"is a directory page of {len(sub.entries)} entries "
+                                   f"from {first!r}; its index says {page.count} from {page.first_name[:80]!r}")
+                elif out and not out[-1].name < sub.names[0]:
+                    self._bad_node(page.ref, label, _show(path), "is a directory page whose names do not follow the "
+                                   "previous page's")
+                out.extend(sub.entries)
+        if complete and len(out) != d.size:
+            self._bad_node(d.ref, label, _show(path), f"holds {len(out)} entries, its directory's entry says {d.size}")
+        return out
 
     def _file_spans(self, entry: Entry, label: str, path: bytes) -> tuple[Location, ...]:
         if entry.spans is not None:
             return entry.spans
         assert entry.ref is not None
         node = self._node(entry.ref, label, path)
-        return node.spans if isinstance(node, FileNode) else ()
+        if node is None:
+            return ()
+        if not isinstance(node, FileNode):
+            self._bad_node(entry.ref, label, _show(path), "is a directory node where a file's spans belong",
+                           walked=False)
+            return ()
+        if (total := sum(s.length for s in node.spans)) != entry.size:
+            self._bad_node(entry.ref, label, _show(path), f"holds spans of {total} bytes, its file's entry says "
+                           f"{entry.size}")
+        return node.spans
+
+    def _bad_node(self, loc: Location, label: str, shown: str, why: str, *, walked: bool = True) -> None:
+        """Report node ``loc``, which verified, as not fitting where the path ``shown`` of
+        snapshot ``label`` has it; unless ``walked``, what it references was not walked."""
+        problem = self._bad_nodes.get((loc.id, why))
+        if problem is None:
+            problem = self._bad_nodes[loc.id, why] = self._problem(Problem(
+                "bad-node", loc.id.hex(), f"{why}: not a snapshot cafs wrote, and no copy of the node can differ "
+                "(import the data again)"))
+        problem.affect(label, shown)
+        if not walked:
+            self._unreadable.add(label)
 
     # -- data ------------------------------------------------------------------------------
 
@@ -490,12 +541,16 @@ class Checker:
                 if not to_name:
                     return
 
-    def _verified_entries(self, loc: Location, _path: bytes) -> list[Entry]:
+    def _verified_entries(self, d: Entry, _path: bytes) -> list[Entry]:
+        assert d.ref is not None
+        return self._verified_node_entries(d.ref)
+
+    def _verified_node_entries(self, loc: Location) -> list[Entry]:
         node = self._nodes_ok.get(loc.id)
         if isinstance(node, TreeNode):
             return list(node.entries)
         if isinstance(node, DirIndexNode):
-            return [e for page in node.pages for e in self._verified_entries(page.ref, _path)]
+            return [e for page in node.pages for e in self._verified_node_entries(page.ref)]
         return []
 
     def _verified_spans(self, entry: Entry, _path: bytes) -> tuple[Location, ...]:
@@ -506,21 +561,20 @@ class Checker:
         return node.spans if isinstance(node, FileNode) else ()
 
 
-def _files(root: Entry, entries_of: Callable[[Location, bytes], list[Entry]],
+def _files(root: Entry, entries_of: Callable[[Entry, bytes], list[Entry]],
            spans_of: Callable[[Entry, bytes], tuple[Location, ...]]) -> Iterator[tuple[bytes, tuple[Location, ...]]]:
     """``(path, spans)`` of every file below the directory ``root``, depth first, the
     entries of a directory in reverse name order; the entries of a directory (by its
-    node's location and its path) and the spans of a file as the callables give them.
+    entry and its path) and the spans of a file as the callables give them.
     Holds one path, of the directory being walked (``cafs.tree.depth_first``)."""
     assert root.ref is not None
 
     def below(entry: Entry, path: bytes) -> Iterator[Entry] | None:
         if not entry.is_dir:
             return None
-        assert entry.ref is not None
-        return reversed(entries_of(entry.ref, path))
+        return reversed(entries_of(entry, path))
 
-    for path, entry in depth_first(reversed(entries_of(root.ref, b"")), b"", lambda e: e.name, below):
+    for path, entry in depth_first(reversed(entries_of(root, b"")), b"", lambda e: e.name, below):
         if entry.is_file:
             yield path, spans_of(entry, path)
 

@@ -30,7 +30,8 @@ this process is writing, is kept; without rounding, extents smaller than a block
 free nothing). Bytes on disk exceed the total by the inserts in flight (written before
 they are recorded) and by the shared blocks at the ends of runs of extents. Nothing read
 from here is trusted: the caller verifies bytes against their id, and a damaged extent
-is dropped and refetched.
+is dropped and refetched; a record of the wrong length is a damaged LMDB file
+(``unpack_record``).
 All methods block (disk and LMDB): call them from worker threads, never hold a
 transaction across an ``await``.
 
@@ -96,6 +97,15 @@ DIRECT_BUFFER = 1 << 20  # bytes per O_DIRECT write, the size of each thread's a
 
 class CacheError(CafsError):
     """The chunk cache could not be read or written (never fatal to a read)."""
+
+
+def unpack_record(fmt: struct.Struct, value: bytes | memoryview) -> tuple[int, ...]:
+    """``fmt.unpack(value)``. A value of another length is damage that LMDB itself does
+    not see (it checksums nothing): raised as LMDB raises its own, ``lmdb.CorruptedError``,
+    which every reader of the cache already meets as a damaged cache."""
+    if len(value) != fmt.size:
+        raise lmdb.CorruptedError(f"a cache record of {len(value)} bytes, not {fmt.size}")
+    return fmt.unpack(value)
 
 
 def extent_key(pack: bytes, offset: int) -> bytes:
@@ -215,7 +225,7 @@ class ChunkCache:
         key = extent_key(pack, offset)
         with self.env.begin(db=self.extents) as txn:
             value = txn.get(key)
-        if value is None or _EXTENT.unpack(value)[0] != length:
+        if value is None or unpack_record(_EXTENT, value)[0] != length:
             return None
         with self._pack_file(pack, create=False) as entry:
             if entry is None:
@@ -251,14 +261,14 @@ class ChunkCache:
         with self.env.begin(db=self.extents) as txn:
             for pack, offset, length in extents:
                 value = txn.get(extent_key(pack, offset))
-                out.append(value is not None and _EXTENT.unpack(value)[0] == length)
+                out.append(value is not None and unpack_record(_EXTENT, value)[0] == length)
         return out
 
     def usage(self) -> CacheUsage:
         with self.env.begin(db=self.stat) as txn:
             def value(key: bytes) -> int | None:
                 raw = txn.get(key)
-                return _SIZE.unpack(raw)[0] if raw is not None else None
+                return unpack_record(_SIZE, raw)[0] if raw is not None else None
 
             hits, misses, fetched = (value(k) or 0 for k in _USE_KEYS)
             extents = txn.stat(self.extents)["entries"]
@@ -272,7 +282,7 @@ class ChunkCache:
                 for key, delta in zip(_USE_KEYS, (hits, misses, fetched)):
                     if delta:
                         raw = txn.get(key)
-                        txn.put(key, _SIZE.pack((_SIZE.unpack(raw)[0] if raw else 0) + delta))
+                        txn.put(key, _SIZE.pack((unpack_record(_SIZE, raw)[0] if raw else 0) + delta))
                 txn.put(_LIMIT_KEY, _SIZE.pack(self.limit))
         except lmdb.Error as exc:
             raise self._write_failed(exc, "its counters") from None
@@ -309,7 +319,7 @@ class ChunkCache:
                 key = bytes(key)
                 if not key.startswith(_SNAPSHOT_PREFIX):
                     break
-                out.append((key, _SIZE.unpack(value)[0]))
+                out.append((key, unpack_record(_SIZE, value)[0]))
         return sorted(out, key=lambda kv: -kv[1])
 
     # -- writes ---------------------------------------------------------------------
@@ -487,13 +497,13 @@ class ChunkCache:
                 if value is None:
                     return
                 txn.delete(extent_key(pack, offset), db=self.extents)
-                txn.put(_SIZE_KEY, _SIZE.pack(max(0, self._total(txn) - _EXTENT.unpack(value)[0])), db=self.stat)
+                txn.put(_SIZE_KEY, _SIZE.pack(max(0, self._total(txn) - unpack_record(_EXTENT, value)[0])), db=self.stat)
         except lmdb.Error as exc:
             raise self._write_failed(exc, "a damaged extent") from None
 
     def _total(self, txn: lmdb.Transaction) -> int:
         value = txn.get(_SIZE_KEY, db=self.stat)
-        return _SIZE.unpack(value)[0] if value else 0
+        return unpack_record(_SIZE, value)[0] if value else 0
 
     def size(self) -> int:
         with self.env.begin() as txn:
@@ -525,7 +535,7 @@ class ChunkCache:
         for key, when in touched.items():
             value = txn.get(key, db=self.extents)
             if value is not None:
-                txn.put(key, _EXTENT.pack(_EXTENT.unpack(value)[0], when), db=self.extents)
+                txn.put(key, _EXTENT.pack(unpack_record(_EXTENT, value)[0], when), db=self.extents)
 
     def evict(self, target: int) -> None:
         """Remove least-recently-used extents until the total is at most ``target``."""
@@ -543,7 +553,7 @@ class ChunkCache:
         total = self._total(txn)
         if total <= target:
             return []
-        items = sorted((_EXTENT.unpack(v)[1], k in fresh, bytes(k), _EXTENT.unpack(v)[0])
+        items = sorted((unpack_record(_EXTENT, v)[1], k in fresh, bytes(k), unpack_record(_EXTENT, v)[0])
                        for k, v in txn.cursor(db=self.extents))
         forgotten = []
         for _when, _fresh, key, length in items:
@@ -614,7 +624,7 @@ def _same_pack(cursor: lmdb.Cursor, key: bytes) -> Iterator[tuple[int, int]]:
     """The ``(start, end)`` of the extent at ``cursor`` if it is of ``key``'s pack."""
     if cursor.key()[:32] == key[:32]:
         offset = int.from_bytes(cursor.key()[32:], "big")
-        yield offset, offset + _EXTENT.unpack(cursor.value())[0]
+        yield offset, offset + unpack_record(_EXTENT, cursor.value())[0]
 
 
 def _round_down(offset: int, unit: int) -> int:

@@ -50,6 +50,7 @@ from cafs.stores import Store
 
 REFRESH = 60.0
 STALE = 30 * 60.0
+PID_MAX = (1 << 31) - 1  # pid_t; a lock naming another pid (0 is a process group) is no lock
 
 
 class RepositoryLocked(CafsError):
@@ -138,7 +139,7 @@ def read_locks(store: Store, *, own: str | None = None) -> list[LockInfo]:
             kind = expect_str(m["kind"], key)
             if kind not in ("shared", "exclusive"):
                 raise FormatError(f"{key}: unknown lock kind {kind!r}")
-            locks.append(LockInfo(key, kind, expect_str(m["host"], key), expect_int(m["pid"], key),
+            locks.append(LockInfo(key, kind, expect_str(m["host"], key), expect_int(m["pid"], key, lo=1, hi=PID_MAX),
                                   expect_int(m["time_ns"], key)))
         except FormatError:
             continue  # garbage: not a lock anyone holds

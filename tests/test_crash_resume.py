@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,6 +148,22 @@ def test_repeated_kills_then_resume(cafs, repo: Path, src: Path, tmp_path: Path)
 def test_stale_lock_of_a_killed_import_does_not_block(cafs, repo: Path, src: Path) -> None:
     assert kill_when(src, repo, packs_at_least(1)(repo)) == -signal.SIGKILL
     assert complete_files(repo, "locks") != []  # the killed import's lock is left behind
+    r = cafs("gc", repo, "--dry-run")
+    assert r.code == 0, r.err
+
+
+@pytest.mark.parametrize("pid", [0, 1 << 31, 1 << 40])
+def test_a_lock_of_no_possible_process_does_not_block(cafs, repo: Path, src: Path, pid: int) -> None:
+    # a lock of this host naming a pid no process can have: os.kill raised OverflowError,
+    # a traceback from every import and gc (pid 0 named this process's own group, alive)
+    import msgpack
+
+    lock = repo / "locks" / ("ab" * 16)
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_bytes(msgpack.packb({"v": 1, "kind": "exclusive", "host": os.uname().nodename, "pid": pid,
+                                    "time_ns": time.time_ns()}))
+    r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
     r = cafs("gc", repo, "--dry-run")
     assert r.code == 0, r.err
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import struct
+import tracemalloc
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -198,6 +201,44 @@ def test_decompression_bomb_is_refused() -> None:
         decode_stored(loc, bomb)
 
 
+def _peak_memory_of(decode: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError):
+            decode()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("empty", [b"\x90", b"\x80"])  # an empty array, an empty map
+@pytest.mark.parametrize("decode", ["node", "index", "trailer"])
+def test_a_few_mib_of_empty_containers_do_not_take_a_hundred(empty: bytes, decode: str) -> None:
+    # 2 MiB of one-byte empty arrays decoded to 2 million lists (130 MB) before any check
+    # (a node of 64 MiB, a few KiB as a zstd frame, to 5 GB): the bytes are in a node's
+    # entries, an index's packs or a trailer's entries, where arrays belong
+    n = 2 << 20
+    many = b"\xdd" + struct.pack(">I", n) + empty * n
+    data = {"node": b"\x92\x01" + many, "index": b"\x92\x01" + many,
+            "trailer": b"\x94\x01\x00\xc4\x20" + b"d" * 32 + many}[decode]
+    run = {"node": lambda: decode_node(data), "index": lambda: decode_index(data),
+           "trailer": lambda: decode_trailer(data, b"p" * 32, len(data) + TAIL_LEN, "t")}[decode]
+    assert _peak_memory_of(run) < 8 * len(data)
+
+
+def test_large_objects_of_many_small_arrays_still_decode() -> None:
+    # what the limit on arrays per byte must let through: a file node, a directory index
+    # and an index object of several MiB
+    spans = tuple(Location(digest(b"%d" % i), b"p" * 32, i * 1000, 1000, 1000, CODEC_RAW) for i in range(20_000))
+    node: DirIndexNode | FileNode = FileNode(spans)
+    assert len(encode_node(node)) > 1 << 20 and decode_node(encode_node(node)) == node
+    node = DirIndexNode(tuple(PageRef(b"%06d" % i, 1, loc) for i, loc in enumerate(spans)))
+    assert len(encode_node(node)) > 1 << 20 and decode_node(encode_node(node)) == node
+    packs = [PackSummary(digest(b"%d" % i), 1000, 0, ()) for i in range(40_000)]  # the fewest bytes per array
+    packs[0] = PackSummary(b"p" * 32, 30_000_000, 0, spans)
+    assert len(encode_index(packs)) > 1 << 20 and decode_index(encode_index(packs)) == packs
+
+
 @given(st.lists(st.tuples(ids, st.binary(max_size=300)), max_size=20))
 def test_pack_trailer_round_trip(objects: list[tuple[bytes, bytes]]) -> None:
     body = b"".join(o[1] for o in objects)
@@ -222,9 +263,31 @@ def test_truncated_pack_is_detected() -> None:
 @given(st.lists(st.tuples(ids, st.integers(0, 1 << 30), st.sampled_from([0, 1]), st.lists(locations(), max_size=5)),
                 max_size=5))
 def test_index_round_trip(rows: list[tuple[bytes, int, int, list[Location]]]) -> None:
-    packs = [PackSummary(pid, length, kind, tuple(loc._replace(pack=pid) for loc in locs))
-             for pid, length, kind, locs in rows]
+    packs = [PackSummary(pid, max((loc.end for loc in locs), default=0) + TAIL_LEN + extra, kind,
+                         tuple(loc._replace(pack=pid) for loc in locs))
+             for pid, extra, kind, locs in rows]
     assert decode_index(encode_index(packs)) == packs
+
+
+def _index_with_entry(entry: object, pack_length: int = 1000) -> bytes:
+    return msgpack.packb([1, [[b"p" * 32, pack_length, 0, [entry]]]])
+
+
+@pytest.mark.parametrize("entry", [[], [b"i" * 32], [b"i" * 32, 0, 5, 5], [b"i" * 32, 0, 5, 5, 0, 0], None, 7,
+                                   [b"i" * 32, b"p" * 32, 0, 5, 5, 0]])
+def test_index_entry_of_another_shape_is_a_format_error(entry: object) -> None:
+    # an index object is read by import, gc, copy and fsck: a malformed one is a finding
+    # of fsck and is passed over by the others, never a traceback
+    with pytest.raises(FormatError, match="entry"):
+        decode_index(_index_with_entry(entry))
+
+
+def test_index_entry_past_its_pack_is_refused() -> None:
+    assert decode_index(_index_with_entry([b"i" * 32, 0, 5, 5, 0], 5 + TAIL_LEN))[0].entries[0].end == 5
+    with pytest.raises(FormatError, match="past the body"):
+        decode_index(_index_with_entry([b"i" * 32, 0, 5, 5, 0], 4 + TAIL_LEN))
+    with pytest.raises(FormatError, match="past the body"):
+        decode_index(_index_with_entry([b"i" * 32, 1 << 40, 5, 5, 0], 1 << 30))
 
 
 @given(entries(name=b""), st.integers(1, 1 << 40), st.text(max_size=50), st.binary(max_size=100))

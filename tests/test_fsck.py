@@ -704,6 +704,37 @@ def test_mount_on_damaged_cache_lmdb_serves_correct_bytes(copies: Damaged, cache
         assert_same_tree(copies.src, mnt)
 
 
+def _shorten_cache_values(cache: Path, repo_id: str) -> None:
+    """Every value of the chunk cache's LMDB databases three bytes long: damage LMDB
+    itself does not see (it checksums nothing), as a flipped length in a page makes."""
+    import lmdb
+
+    env = lmdb.open(str(cache / repo_id / "meta.lmdb"), max_dbs=8)
+    try:
+        for name in (b"extents", b"cachestat"):
+            db = env.open_db(name)
+            with env.begin(write=True, db=db) as txn:
+                for key, _value in list(txn.cursor()):
+                    txn.put(key, b"\x01\x02\x03")
+    finally:
+        env.close()
+
+
+def test_cache_values_of_another_length_are_damage(cafs, copies: Damaged, cached: Path, tmp_path: Path) -> None:
+    # they were a struct.error: a mount's xattrs (its pid, its stats) failed with EIO,
+    # and fsck --cache stopped with a traceback instead of rebuilding the cache
+    _shorten_cache_values(cached, copies.layout.repo_id)
+    mnt = tmp_path / "mnt"
+    with mounted(f"{copies.repo}#ds", mnt, f"cache={cached},cache_mode=full"):
+        assert_same_tree(copies.src, mnt)
+        assert stats(mnt)["cache_size"] == -1
+    r = fsck(cafs, copies.repo, "--cache", cached)
+    assert r.code == FSCK_UNCORRECTED and "meta.lmdb: damaged (a cache record of 3 bytes" in r.out, r.out + r.err
+    r = fsck(cafs, copies.repo, "--cache", cached, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert fsck(cafs, copies.repo, "--cache", cached).code == FSCK_CLEAN
+
+
 def test_mount_refuses_to_serve_a_corrupt_pack(copies: Damaged, tmp_path: Path) -> None:
     # a chunk in the data pack shared by the most files: its neighbours must still read
     layout = copies.layout
@@ -828,6 +859,36 @@ def test_index_that_disagrees_with_a_trailer_is_found_and_rewritten(cafs, copies
     assert_same_tree(copies.src, tmp_path / "out")
 
 
+@pytest.mark.parametrize("entry", [[], "past its pack"])
+def test_an_index_entry_of_another_shape_is_passed_over(cafs, copies: Damaged, tmp_path: Path, entry: object) -> None:
+    # A well-named index object (its name matches its bytes) whose entry is no location
+    # in its pack: an import passes it over (reads the trailers, deduplicates against
+    # nothing it says), fsck names it, repair rewrites it; never a traceback.
+    import msgpack
+
+    from cafs.ids import digest
+
+    pack, span = _big_pack(copies.layout)
+    length = pack_path(copies.repo, pack).stat().st_size
+    if entry == "past its pack":
+        entry = [span.id, length, span.stored_length, span.length, span.codec]
+    data = msgpack.packb([1, [[pack, length, KIND_DATA, [entry]]]])
+    key = f"index/{digest(data).hex()}"
+    (copies.repo / key).write_bytes(data)
+    r = cafs("import", copies.src, copies.repo, "--name", "again", "--no-progress")
+    assert r.code == 0, r.err
+    r = cafs("get", f"{copies.repo}#again", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(copies.src, tmp_path / "out")
+    r = fsck(cafs, copies.repo)
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    assert f"error: bad-index {key}: " in r.out and "Traceback" not in r.err, r.out + r.err
+    r = fsck(cafs, copies.repo, "--repair")
+    assert r.code == FSCK_CORRECTED, r.out + r.err
+    assert not (copies.repo / key).exists()
+    assert fsck(cafs, copies.repo, "--read-data").code == FSCK_CLEAN
+
+
 def test_what_no_ref_may_be_named_is_named_plainly(cafs, copies: Damaged) -> None:
     # Directories under refs/ that cafs never wrote (a name no ref may have) are skipped
     # by every other command; fsck names them (test_import_get), but as what they are,
@@ -945,3 +1006,45 @@ def test_a_store_that_keeps_failing_is_an_operational_error(cafs, copies: Damage
     assert r.code == FSCK_OPERATIONAL, r.out + r.err
     assert pack.hex() in r.err and "503" in r.err and "Traceback" not in r.err, r.err
     assert "corrupt-pack" not in r.out and not (copies.repo / "damaged").exists(), r.out
+
+
+def test_nodes_that_do_not_fit_where_they_are_are_found(cafs, repo: Path, tmp_path: Path) -> None:
+    # Nodes that verify against their ids but that no reader can use where a snapshot
+    # has them (written by a hostile or buggy writer): cafs get, cat, stats and a mount
+    # fail on those paths, so fsck must not call the repository clean.
+    from cafs.format.nodes import DirIndexNode, PageRef
+    from forge import Forger, directory, file, large_file
+
+    f = Forger(repo)
+    good = f.chunk(b"good bytes\n")
+    sub = f.node(TreeNode((file(b"inner", [good]),)))
+    spans = f.node(FileNode((good,) * 20))
+    page_a = f.node(TreeNode((file(b"a", [good]), file(b"b", [good]))))
+    page_c = f.node(TreeNode((file(b"c", [good]),)))
+    entries = (
+        file(b"0-good", [good]),
+        directory(b"1-dir-of-spans", spans, 1),
+        large_file(b"2-file-of-a-tree", sub, 11),
+        large_file(b"3-file-of-other-size", spans, 5),
+        directory(b"4-more-than-its-size", sub, 0),
+        directory(b"5-paged", f.node(DirIndexNode((PageRef(b"a", 1, page_a), PageRef(b"c", 1, page_c)))), 3),
+        directory(b"6-good-dir", sub, 1),
+        large_file(b"7-good-large-file", spans, 20 * good.length),
+    )
+    f.commit("forged", f.node(TreeNode(entries)), len(entries))
+
+    r = fsck(cafs, repo, "--read-data")
+    assert r.code == FSCK_UNCORRECTED, r.out + r.err
+    problems = [line for line in r.out.splitlines() if line.startswith("error: ")]
+    affected = re.findall(r"^    affects forged@1: (.*)$", r.out, re.M)
+    assert len(problems) == 5 and all(p.startswith("error: bad-node ") for p in problems), r.out
+    assert sorted(affected) == ["1-dir-of-spans (and everything below)", "2-file-of-a-tree",
+                                "3-file-of-other-size", "4-more-than-its-size", "5-paged"], r.out
+    assert "is a file node where a directory's node belongs" in r.out
+    assert "holds spans of 220 bytes, its file's entry says 5" in r.out
+    assert "is a directory page of 2 entries from b'a'; its index says 1 from b'a'" in r.out
+    r = fsck(cafs, repo, "--repair")
+    assert r.code == FSCK_UNCORRECTED and r.out.count(": no repair known") == 5, r.out
+    for path in ("0-good", "6-good-dir/inner", "7-good-large-file"):
+        r = cafs("cat", f"{repo}#forged:{path}")
+        assert r.code == 0 and r.out == "good bytes\n" * (20 if path.startswith("7") else 1), r.err

@@ -2,6 +2,9 @@
 
     index := msgpack [1, [[pack_id, pack_length, kind, [[id, offset, stored_length, length, codec], ...]], ...]]
 
+An entry that ends past its pack's body (beyond ``pack_length - TAIL_LEN``) makes the
+whole index object refused.
+
 Stored at ``index/<hex BLAKE3 of the bytes>`` (content-addressed: a reader verifies it).
 An import writes one index object covering the packs it wrote, before it commits the
 ref. Packs that no index object covers (left by an interrupted import) are learned from
@@ -13,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cafs.format.location import decode_location, Location
-from cafs.format.pack import KIND_META, MAX_PACK_ENTRIES
-from cafs.format.strict import expect_bytes, expect_int, expect_list, pack, unpack
+from cafs.format.pack import KIND_META, MAX_PACK_ENTRIES, TAIL_LEN
+from cafs.format.strict import expect_bytes, expect_int, expect_list, fail, pack, unpack
 
 INDEX_VERSION = 1
 MAX_INDEX_BYTES = 256 << 20
@@ -45,9 +48,12 @@ def decode_index(data: bytes, what: str = "index") -> list[PackSummary]:
         pack_id = expect_bytes(f[0], what + " pack id", min_len=32, max_len=32)
         length = expect_int(f[1], what + " pack length")
         kind = expect_int(f[2], what + " pack kind", hi=KIND_META)
-        entries = tuple(
-            decode_location([e[0], pack_id, *e[1:]] if isinstance(e, list) else e, what + " entry")
-            for e in expect_list(f[3], what + " entries", max_len=MAX_PACK_ENTRIES)
-        )
-        out.append(PackSummary(pack_id, length, kind, entries))
+        entries = []
+        for e in expect_list(f[3], what + " entries", max_len=MAX_PACK_ENTRIES):
+            e = expect_list(e, what + " entry", length=5)
+            loc = decode_location([e[0], pack_id, *e[1:]], what + " entry")
+            if loc.end > length - TAIL_LEN:
+                fail(what, f"entry at {loc.offset} lies past the body of pack {pack_id.hex()[:12]} ({length} bytes)")
+            entries.append(loc)
+        out.append(PackSummary(pack_id, length, kind, tuple(entries)))
     return out

@@ -1,7 +1,7 @@
 """Bounded, strict msgpack decoding of untrusted bytes.
 
-``unpack`` refuses oversized input, maps, ext types and anything else outside the shapes
-cafs writes, and turns every decoder failure into ``FormatError`` naming ``what``. The
+``unpack`` refuses oversized input, ext types, more arrays and maps than objects of that
+size hold, and turns every decoder failure into ``FormatError`` naming ``what``. The
 small ``expect_*`` helpers check one field each so decoders read as a list of checks.
 """
 
@@ -14,6 +14,15 @@ import msgpack
 from cafs.errors import FormatError
 
 MAX_OBJECT_BYTES = 64 << 20
+# An array or map costs far more decoded than encoded: an empty one is one byte, and a
+# Python list of some 70 (16 MiB of them took 1.2 GB; a zstd frame of a few KiB holds
+# 64 MiB of them). An object of more than CONTAINERS_FREE_BELOW bytes may hold at most one
+# array or map per BYTES_PER_CONTAINER bytes, which every object cafs writes that large
+# keeps well within (a location alone is over 70 bytes; a tree node of 1024 entries
+# without spans, three arrays each, is some 30 KiB), so decoding takes at most a few
+# times the object's size.
+CONTAINERS_FREE_BELOW = 1 << 20
+BYTES_PER_CONTAINER = 16
 
 
 def pack(obj: Any) -> bytes:
@@ -23,6 +32,18 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes | memoryview, what: str, *, max_bytes: int = MAX_OBJECT_BYTES) -> Any:
     if len(data) > max_bytes:
         fail(what, f"{len(data)} bytes is over the limit of {max_bytes}")
+    hooks: dict[str, Any] = {}
+    if len(data) > CONTAINERS_FREE_BELOW:
+        left = len(data) // BYTES_PER_CONTAINER
+
+        def count(container: Any) -> Any:
+            nonlocal left
+            left -= 1
+            if left < 0:
+                fail(what, f"more arrays and maps than {len(data)} bytes of cafs metadata hold")
+            return container
+
+        hooks = {"list_hook": count, "object_hook": count}
     try:
         return msgpack.unpackb(
             data,
@@ -30,6 +51,7 @@ def unpack(data: bytes | memoryview, what: str, *, max_bytes: int = MAX_OBJECT_B
             use_list=True,
             strict_map_key=True,
             max_ext_len=0,
+            **hooks,
         )
     except FormatError:
         raise
