@@ -19,7 +19,9 @@ work.
 
 Writes use WebDAV as nginx's dav module provides it: ``put`` is a PUT (the server writes
 a temporary file and renames it, so readers see all of an object or nothing; missing
-parent collections are made with MKCOL when the server does not create them itself);
+parent collections, the repository's own included, are made with MKCOL when the server
+does not create them itself: it answers 409, or nginx without ``create_full_put_path``
+500); a body the server finds too large (413) is a ``StoreError`` that says so;
 an exclusive put is a PUT to a hidden temporary name followed by ``MOVE`` with
 ``Overwrite: F``, which the server refuses with 412 when the key exists (nginx ignores
 ``If-None-Match`` on PUT, so that cannot be used); ``delete`` is a DELETE. Names starting
@@ -228,15 +230,38 @@ class HttpStore:
         if resp.status == 409:  # a parent collection is missing and the server will not make it
             self._make_parents(url)
             resp = self._request("PUT", url, headers=self._headers, body=body)
+        elif resp.status == 500 and self._made_missing_parents(url):
+            # nginx without create_full_put_path: its rename into the missing directory fails
+            resp = self._request("PUT", url, headers=self._headers, body=body)
+        if resp.status == 413:
+            raise StoreError(f"{url}: the server refuses a body of {len(body)} bytes as too large (413); "
+                             "let it take objects of any size (nginx: client_max_body_size 0)")
         self._expect(resp.status, url, (200, 201, 204), writing=True)
 
-    def _make_parents(self, url: str) -> None:
-        rel = url[len(self._base):].split("/")[:-1]
-        for i in range(1, len(rel) + 1):
-            where = self._base + "/".join(rel[:i]) + "/"
-            resp = self._request("MKCOL", where)
-            if resp.status not in (201, 405):  # 405: exists already
-                self._expect(resp.status, where, (201,), writing=True)
+    def _make_parents(self, url: str) -> bool:
+        """Make the collections missing above ``url`` with MKCOL, deepest first, going up
+        while the server answers 409 (its parent is missing too): the repository's own
+        directory and those above it as well, for ``init`` of a new URL. Whether any was
+        missing. Raises ``StoreError`` when the server will not make one."""
+        parent = url[:url.rstrip("/").rfind("/") + 1]
+        if urlsplit(parent).path in ("", "/"):
+            return False
+        resp = self._request("MKCOL", parent)
+        if resp.status == 409:
+            self._make_parents(parent)
+            resp = self._request("MKCOL", parent)
+        if resp.status == 405:  # exists already
+            return False
+        self._expect(resp.status, parent, (201,), writing=True)
+        return True
+
+    def _made_missing_parents(self, url: str) -> bool:
+        """After a 500 to a PUT: whether a missing parent collection was the cause (and is
+        now made), so that the PUT is worth sending again; False for any other failure."""
+        try:
+            return self._make_parents(url)
+        except StoreError:
+            return False  # the 500 stands
 
     def _list_one(self, prefix: str) -> tuple[builtins.list[tuple[str, int]], builtins.list[str]]:
         where = self._base + prefix
