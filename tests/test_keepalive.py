@@ -58,6 +58,20 @@ def test_interim_response_then_the_real_one(serve) -> None:
     assert gets.get("/x", {}, "x")[:2] == (200, b"ok")
 
 
+def test_interim_responses_without_end_are_a_broken_response(serve) -> None:
+    """Each '100 Continue' arrives in time, so no timeout ever fired: the GET (and the
+    command, or a mount's worker thread) went on for ever."""
+    def flood(conn: socket.socket, _n: int) -> bool:
+        try:
+            while True:
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 64)
+        except OSError:
+            return False
+    _server, gets = serve(flood)
+    with pytest.raises(StoreUnavailable, match="more than 8 interim"):
+        gets.get("/x", {}, "x")
+
+
 def test_connection_close_reconnects_for_the_next_request(serve) -> None:
     server, gets = serve(send(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
                               keep=False))

@@ -19,7 +19,8 @@ rest at ``cafs.stores.pace.MIN_RATE`` on average (a socket timeout alone let a s
 that trickles a byte now and then hold a GET for ever).
 
 Bounded in size: a status line or header line over ``MAX_LINE`` bytes, more than ``MAX_HEADERS``
-header or trailer lines, a chunk-size line that is not hex, or a body over ``MAX_BODY``
+header or trailer lines, more than ``MAX_INTERIM`` interim responses (a server that sends
+``100 Continue`` without end kept a GET going for ever: each arrives in time), a chunk-size line that is not hex, or a body over ``MAX_BODY``
 is a broken response, not a reason to read without end. Bodies are ``Content-Length`` bytes, or chunked, or (HTTP/1.0 style)
 everything up to the close. With ``limit`` (the most bytes the caller can use: a ranged
 read needs at most its end, even from a server that ignores ``Range``), a longer body is
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 
 MAX_LINE = 64 << 10
 MAX_HEADERS = 200
+MAX_INTERIM = 8  # 1xx responses before the real one (100 Continue, 103 Early Hints)
 MAX_BODY = 1 << 32
 READ_BUFFER = 64 << 10
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
@@ -198,8 +200,9 @@ class _Closed(Exception):
 def _response(rfile: io.BufferedReader, sock: socket.socket, limit: int | None) -> tuple[Reply, bool]:
     """Read one response to a GET: ``(reply, whether the connection closes)``; at most
     ``limit`` bytes of its body (then the connection closes: the rest is not read)."""
+    interim = 0
     while True:
-        line = _line(rfile, first=True)
+        line = _line(rfile, first=not interim)
         ack_now(sock)
         version, _, rest = line.partition(b" ")
         code = rest[:3]
@@ -209,6 +212,9 @@ def _response(rfile: io.BufferedReader, sock: socket.socket, limit: int | None) 
         head = _headers(rfile)
         if not 100 <= status < 200:
             break  # an interim 1xx response is followed by the real one
+        interim += 1
+        if interim > MAX_INTERIM:
+            raise _Broken(f"more than {MAX_INTERIM} interim (1xx) responses")
     close = head.close
     if version == b"HTTP/1.0":
         close = close is not False  # 1.0 closes unless it says keep-alive
