@@ -30,8 +30,9 @@ What the server does:
   with a relative ``Location`` (``absolute_redirect off``, so redirects keep going
   through a proxy). Names starting with ``.`` are NOT listed by autoindex (but served).
 - WebDAV writes (unless ``read_only``): ``PUT`` (201 created, 204 replaced; missing
-  parent directories are created; the body goes to a temp file under ``tmp`` and is
-  renamed into place, so a reader never sees half a file; were ``tmp`` and ``root`` on
+  parent directories are created, unless ``full_put_path=False``: then 409; a body over
+  ``max_body``, nginx's ``client_max_body_size`` (default ``"0"``: no limit), answers
+  413; the body goes to a temp file under ``tmp`` and is renamed into place, so a reader never sees half a file; were ``tmp`` and ``root`` on
   different filesystems nginx would copy to ``NAME.0000000001`` beside the target first,
   visible in listings), ``DELETE`` (a directory needs a trailing ``/``; deleting ``/`` is
   refused with 409, ``min_delete_depth 1``), ``MKCOL`` (trailing ``/`` required; 405 if
@@ -169,7 +170,7 @@ class NginxServer:
     def __init__(self, root: Path, tmp: Path, *, read_only: bool = False, tls: bool = False,
                  client_certs: bool = False, basic_auth: tuple[str, str] | None = None,
                  bearer_token: str | None = None, port: int | None = None,
-                 listing: bool = True) -> None:
+                 listing: bool = True, max_body: str = "0", full_put_path: bool = True) -> None:
         if basic_auth is not None and bearer_token is not None:
             raise ValueError("basic_auth and bearer_token are mutually exclusive")
         if bearer_token is not None and not _TOKEN_RE.fullmatch(bearer_token):
@@ -184,6 +185,8 @@ class NginxServer:
         self.basic_auth = basic_auth
         self.bearer_token = bearer_token
         self.listing = listing  # False: no autoindex, a directory URL answers 403
+        self.max_body = max_body  # client_max_body_size: "0" is no limit; nginx's own default is "1m"
+        self.full_put_path = full_put_path  # False: a PUT below a missing directory answers 409
         self._port = port
         self._proc: subprocess.Popen[bytes] | None = None
         self.conf = self.prefix / "nginx.conf"
@@ -305,13 +308,13 @@ class NginxServer:
         lines += ["    location / {",
                   f"      autoindex {'on' if self.listing else 'off'};",
                   "      autoindex_format json;",
-                  "      client_max_body_size 0;"]
+                  f"      client_max_body_size {self.max_body};"]
         if self.basic_auth is not None:
             lines += ['      auth_basic "cafs";',
                       f"      auth_basic_user_file {p / 'htpasswd'};"]
         if not self.read_only:
             lines += ["      dav_methods PUT DELETE MKCOL COPY MOVE;",
-                      "      create_full_put_path on;",
+                      f"      create_full_put_path {'on' if self.full_put_path else 'off'};",
                       "      dav_access user:rw group:r all:r;",
                       "      min_delete_depth 1;"]
         lines += ["    }", "  }", "}", ""]

@@ -19,14 +19,21 @@ work.
 
 Writes use WebDAV as nginx's dav module provides it: ``put`` is a PUT (the server writes
 a temporary file and renames it, so readers see all of an object or nothing; missing
-parent collections are made with MKCOL when the server does not create them itself);
+parent collections, the repository's own included, are made with MKCOL when the server
+does not create them itself: it answers 409, or nginx without ``create_full_put_path``
+500); a body the server finds too large (413) is a ``StoreError`` that says so;
 an exclusive put is a PUT to a hidden temporary name followed by ``MOVE`` with
 ``Overwrite: F``, which the server refuses with 412 when the key exists (nginx ignores
 ``If-None-Match`` on PUT, so that cannot be used); ``delete`` is a DELETE. Names starting
 with ``.`` are never listed, so an interrupted exclusive put leaves nothing visible.
 
+A partial (206) answer must name the range asked for in its ``Content-Range`` (more bytes
+from the same offset are cut to the range); a ranged read never takes more of a body than
+its end, so a server that ignores ranges, or sends a body without end, costs that much.
+
 Errors: 404 is ``ObjectNotFound``; refused or reset connections, timeouts (an answer
-that trickles in counts: ``cafs.stores.pace``), short bodies and 5xx answers are
+that trickles in counts: ``cafs.stores.pace``), short bodies, answers of another range
+(or several, or compressed: ``cafs.stores.keepalive``) and 5xx answers are
 ``StoreUnavailable`` (worth retrying: see ``cafs.sources``);
 refused credentials, certificate failures and refused writes are ``StoreError``.
 The store retries nothing itself. Messages name the object URL, never a credential.
@@ -109,17 +116,21 @@ class HttpStore:
             self._expect(self._request("HEAD", where).status, where, (200,))
             return b""
         headers = dict(self._headers)
-        if offset or length is not None:
+        ranged = bool(offset) or length is not None
+        if ranged:
             end = "" if length is None else str(offset + length - 1)
             headers["Range"] = f"bytes={offset}-{end}"
-        status, data = self._gets.get(self._path + key, headers, where)
+        limit = None if length is None else offset + length  # enough even for a server that ignores Range
+        status, data, content_range = self._gets.get(self._path + key, headers, where, limit=limit)
         if status in _REDIRECTS:
-            resp = self._request("GET", where, headers=headers)
-            status, data = resp.status, resp.data
+            resp = self._request("GET", where, headers=headers, limit=limit)
+            status, data, content_range = resp.status, resp.data, resp.headers.get("Content-Range")
         if status == 416:
             raise StoreError(f"{where}: range {offset}+{length} lies past the end of the object: truncated?")
         self._expect(status, where, (200, 206))
-        if status == 200 and (offset or length is not None):
+        if status == 206:
+            data = _asked_part(data, content_range, offset, length, where)
+        elif ranged:
             if not self._warned_ranges:
                 self._warned_ranges = True
                 log.warning("%s ignores Range requests: every read transfers whole objects "
@@ -169,10 +180,11 @@ class HttpStore:
     # -- helpers ------------------------------------------------------------------
 
     def _request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
-                 body: memoryview | None = None) -> _Answer:
-        """One request, its whole answer read at ``cafs.stores.pace`` speed; a GET or HEAD
-        follows up to ``MAX_REDIRECTS`` redirects (urllib3 drops the credentials when one
-        leads to another host), a write follows none."""
+                 body: memoryview | None = None, limit: int | None = None) -> _Answer:
+        """One request, its whole answer (its first ``limit`` bytes, the connection then
+        closed) read at ``cafs.stores.pace`` speed; a GET or HEAD follows up to
+        ``MAX_REDIRECTS`` redirects (urllib3 drops the credentials when one leads to another
+        host), a write follows none."""
         reads = method in ("GET", "HEAD")
         retries = _FOLLOW_REDIRECTS if reads else False
         try:
@@ -183,7 +195,9 @@ class HttpStore:
                                       body=None if body is None else send_pieces(body), redirect=reads,
                                       retries=retries, preload_content=False)
             try:
-                data = read_body(resp, Pace(self._timeout))  # from the head on: an upload may take long
+                data = read_body(resp, Pace(self._timeout), limit)  # from the head on: an upload may take long
+                if limit is not None and len(data) >= limit:
+                    resp.close()  # the rest of the body is left unread: the connection is not reusable
             finally:
                 resp.release_conn()
         except MaxRetryError as exc:
@@ -216,15 +230,38 @@ class HttpStore:
         if resp.status == 409:  # a parent collection is missing and the server will not make it
             self._make_parents(url)
             resp = self._request("PUT", url, headers=self._headers, body=body)
+        elif resp.status == 500 and self._made_missing_parents(url):
+            # nginx without create_full_put_path: its rename into the missing directory fails
+            resp = self._request("PUT", url, headers=self._headers, body=body)
+        if resp.status == 413:
+            raise StoreError(f"{url}: the server refuses a body of {len(body)} bytes as too large (413); "
+                             "let it take objects of any size (nginx: client_max_body_size 0)")
         self._expect(resp.status, url, (200, 201, 204), writing=True)
 
-    def _make_parents(self, url: str) -> None:
-        rel = url[len(self._base):].split("/")[:-1]
-        for i in range(1, len(rel) + 1):
-            where = self._base + "/".join(rel[:i]) + "/"
-            resp = self._request("MKCOL", where)
-            if resp.status not in (201, 405):  # 405: exists already
-                self._expect(resp.status, where, (201,), writing=True)
+    def _make_parents(self, url: str) -> bool:
+        """Make the collections missing above ``url`` with MKCOL, deepest first, going up
+        while the server answers 409 (its parent is missing too): the repository's own
+        directory and those above it as well, for ``init`` of a new URL. Whether any was
+        missing. Raises ``StoreError`` when the server will not make one."""
+        parent = url[:url.rstrip("/").rfind("/") + 1]
+        if urlsplit(parent).path in ("", "/"):
+            return False
+        resp = self._request("MKCOL", parent)
+        if resp.status == 409:
+            self._make_parents(parent)
+            resp = self._request("MKCOL", parent)
+        if resp.status == 405:  # exists already
+            return False
+        self._expect(resp.status, parent, (201,), writing=True)
+        return True
+
+    def _made_missing_parents(self, url: str) -> bool:
+        """After a 500 to a PUT: whether a missing parent collection was the cause (and is
+        now made), so that the PUT is worth sending again; False for any other failure."""
+        try:
+            return self._make_parents(url)
+        except StoreError:
+            return False  # the 500 stands
 
     def _list_one(self, prefix: str) -> tuple[builtins.list[tuple[str, int]], builtins.list[str]]:
         where = self._base + prefix
@@ -270,6 +307,33 @@ class HttpStore:
 
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def _asked_part(data: bytes, content_range: str | None, offset: int, length: int | None, where: str) -> bytes:
+    """The bytes ``[offset, offset+length)`` of a partial (206) answer whose body is
+    ``data``, after checking its ``Content-Range`` says they are the ones asked for: a
+    server (or a cache in front of it) that answers another range, or none it names, sends
+    bytes that belong elsewhere. Raises ``StoreUnavailable`` for such a broken answer and
+    leaves ``StoreError`` for an object shorter than asked to the caller."""
+    asked = f"bytes {offset}-{'' if length is None else offset + length - 1}"
+    match = _CONTENT_RANGE.fullmatch((content_range or "").strip())
+    if match is None:
+        said = "no Content-Range" if content_range is None else f"Content-Range {content_range[:80]!r}"
+        raise StoreUnavailable(f"{where}: asked for {asked}, the server answered 206 with {said}")
+    first, last, total = int(match[1]), int(match[2]), match[3]
+    if first != offset or last < first:
+        raise StoreUnavailable(f"{where}: asked for {asked}, the server answered {match[0]}")
+    named = last - first + 1
+    if len(data) < (named if length is None else min(named, length)):
+        raise StoreUnavailable(f"{where}: the server answered {match[0]} with a body of {len(data)} bytes")
+    if length is None:
+        if total != str(last + 1):
+            raise StoreUnavailable(f"{where}: asked for {asked}, the server answered only {match[0]}")
+        return data
+    if named < length and total != str(last + 1):
+        raise StoreUnavailable(f"{where}: asked for {asked}, the server answered only {match[0]}")
+    return data[:length]
 _LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 

@@ -6,8 +6,10 @@ parsing headers through the ``email`` package. This client writes the request in
 ``Content-Length``, ``Transfer-Encoding`` and ``Connection`` headers. Writes and listings
 stay on urllib3.
 
-``get(target, headers, what)`` returns ``(status, body)``. A keep-alive connection the
-server closed meanwhile is reopened and the request sent once more (GET is idempotent).
+``get(target, headers, what, limit=)`` returns a ``Reply``: the status, the body, and the
+``Content-Range`` header (for the caller to check that a partial answer holds the bytes it
+asked for). A keep-alive connection the server closed meanwhile is reopened and the
+request sent once more (GET is idempotent).
 Errors: ``StoreError`` for a certificate that fails verification, ``StoreUnavailable``
 for everything else that goes wrong on the wire (refused, reset, timed out, a body
 shorter than its ``Content-Length``, a response that is not HTTP/1.x).
@@ -17,9 +19,18 @@ rest at ``cafs.stores.pace.MIN_RATE`` on average (a socket timeout alone let a s
 that trickles a byte now and then hold a GET for ever).
 
 Bounded in size: a status line or header line over ``MAX_LINE`` bytes, more than ``MAX_HEADERS``
-header or trailer lines, a chunk-size line that is not hex, or a body over ``MAX_BODY``
+header or trailer lines, more than ``MAX_INTERIM`` interim responses (a server that sends
+``100 Continue`` without end kept a GET going for ever: each arrives in time), a chunk-size line that is not hex, or a body over ``MAX_BODY``
 is a broken response, not a reason to read without end. Bodies are ``Content-Length`` bytes, or chunked, or (HTTP/1.0 style)
-everything up to the close.
+everything up to the close. With ``limit`` (the most bytes the caller can use: a ranged
+read needs at most its end, even from a server that ignores ``Range``), a longer body is
+read only that far and its connection closed, so a server that sends an endless or huge
+body to a small read costs ``limit`` bytes, not ``MAX_BODY``.
+
+Bodies are taken as they are sent: the request accepts only the ``identity`` encoding, and
+a body (of a 2xx answer) sent with another ``Content-Encoding`` (a compressing proxy), or
+as ``multipart/byteranges`` (several ranges, where one was asked), is a broken response,
+not bytes to return.
 
 A connection is closed when its thread ends or when this object is collected (or the
 interpreter exits), whichever comes first: no socket outlives its use, and closing one
@@ -33,7 +44,7 @@ import socket
 import ssl
 import threading
 import weakref
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from cafs.errors import StoreError, StoreUnavailable
@@ -44,9 +55,25 @@ if TYPE_CHECKING:
 
 MAX_LINE = 64 << 10
 MAX_HEADERS = 200
+MAX_INTERIM = 8  # 1xx responses before the real one (100 Continue, 103 Early Hints)
 MAX_BODY = 1 << 32
 READ_BUFFER = 64 << 10
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+class Reply(NamedTuple):
+    status: int
+    body: bytes
+    content_range: str | None  # the header's value, if the answer had one
+
+
+class _Head(NamedTuple):
+    length: int | None  # Content-Length
+    chunked: bool
+    close: bool | None  # Connection: close / keep-alive / not said
+    content_range: str | None
+    encoding: bytes | None  # Content-Encoding, lower case
+    multipart: bool  # Content-Type: multipart/byteranges
 
 
 class _Broken(Exception):
@@ -111,8 +138,9 @@ class KeepAliveGets:
         self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
         weakref.finalize(self, _close_all, self._open)
 
-    def get(self, target: str, headers: dict[str, str], what: str) -> tuple[int, bytes]:
-        lines = [f"GET {target} HTTP/1.1", f"Host: {self._host_header}"]
+    def get(self, target: str, headers: dict[str, str], what: str, *, limit: int | None = None) -> Reply:
+        """``limit``: read at most that many bytes of the body (see the module docstring)."""
+        lines = [f"GET {target} HTTP/1.1", f"Host: {self._host_header}", "Accept-Encoding: identity"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         for attempt in range(2):
@@ -121,7 +149,7 @@ class KeepAliveGets:
                 conn.pace.restart()
                 conn.sock.settimeout(self._timeout)
                 conn.sock.sendall(request)
-                status, body, will_close = _response(conn.rfile, conn.sock)
+                reply, will_close = _response(conn.rfile, conn.sock, limit)
             except ssl.SSLCertVerificationError as exc:
                 self._drop()
                 raise StoreError(f"{what}: TLS failed: {exc.verify_message or exc}") from None
@@ -135,7 +163,7 @@ class KeepAliveGets:
                 raise StoreUnavailable(f"{what}: GET failed: {exc or type(exc).__name__}") from None
             if will_close:
                 self._drop()
-            return status, body
+            return reply
         raise AssertionError("unreachable")
 
     def _connection(self, what: str) -> tuple[_Connection, bool]:
@@ -169,28 +197,42 @@ class _Closed(Exception):
     """The server closed the connection before the response began."""
 
 
-def _response(rfile: io.BufferedReader, sock: socket.socket) -> tuple[int, bytes, bool]:
-    """Read one response to a GET: ``(status, body, whether the connection closes)``."""
+def _response(rfile: io.BufferedReader, sock: socket.socket, limit: int | None) -> tuple[Reply, bool]:
+    """Read one response to a GET: ``(reply, whether the connection closes)``; at most
+    ``limit`` bytes of its body (then the connection closes: the rest is not read)."""
+    interim = 0
     while True:
-        line = _line(rfile, first=True)
+        line = _line(rfile, first=not interim)
         ack_now(sock)
         version, _, rest = line.partition(b" ")
         code = rest[:3]
         if not version.startswith(b"HTTP/1.") or not code.isdigit():
             raise _Broken(f"not an HTTP/1.x status line: {line[:80]!r}")
         status = int(code)
-        length, chunked, close = _headers(rfile)
+        head = _headers(rfile)
         if not 100 <= status < 200:
             break  # an interim 1xx response is followed by the real one
+        interim += 1
+        if interim > MAX_INTERIM:
+            raise _Broken(f"more than {MAX_INTERIM} interim (1xx) responses")
+    close = head.close
     if version == b"HTTP/1.0":
         close = close is not False  # 1.0 closes unless it says keep-alive
+    if 200 <= status < 300 and head.encoding not in (None, b"identity"):
+        raise _Broken(f"a body sent with Content-Encoding {head.encoding[:40].decode('latin-1')!r}, "
+                      "though only identity was accepted (a compressing proxy?)")
+    if status == 206 and head.multipart:
+        raise _Broken("several ranges (multipart/byteranges) where one was asked for")
     if status in (204, 304):
-        return status, b"", bool(close)
-    if chunked:
-        return status, _chunked(rfile), bool(close)
-    if length is None:
-        return status, _read(rfile, None), True
-    return status, _read(rfile, length), bool(close)
+        return Reply(status, b"", head.content_range), bool(close)
+    if head.chunked:
+        body, cut = _chunked(rfile, limit)
+        return Reply(status, body, head.content_range), bool(close) or cut
+    if head.length is None:
+        body = _read(rfile, None, limit)
+        return Reply(status, body, head.content_range), True
+    body = _read(rfile, head.length, limit)
+    return Reply(status, body, head.content_range), bool(close) or len(body) < head.length
 
 
 def host_header(host: str, port: int, default_port: int) -> str:
@@ -214,15 +256,16 @@ def ack_now(sock: socket.socket) -> None:
             pass  # a hint; the response still arrives
 
 
-def _headers(rfile: io.BufferedReader) -> tuple[int | None, bool, bool | None]:
-    """``(Content-Length, chunked, Connection: close / keep-alive / not said)``."""
+def _headers(rfile: io.BufferedReader) -> _Head:
     length: int | None = None
-    chunked = False
+    chunked = multipart = False
     close: bool | None = None
+    content_range: str | None = None
+    encoding: bytes | None = None
     for _ in range(MAX_HEADERS):
         line = _line(rfile)
         if line in (b"\r\n", b"\n"):
-            return length, chunked, close
+            return _Head(length, chunked, close, content_range, encoding, multipart)
         name, sep, value = line.partition(b":")
         if not sep:
             raise _Broken(f"a header line without a colon: {line[:80]!r}")
@@ -236,6 +279,12 @@ def _headers(rfile: io.BufferedReader) -> tuple[int | None, bool, bool | None]:
         elif name == b"connection":
             tokens = value.lower()
             close = True if b"close" in tokens else False if b"keep-alive" in tokens else close
+        elif name == b"content-range":
+            content_range = value.decode("latin-1")
+        elif name == b"content-encoding":
+            encoding = value.lower()
+        elif name == b"content-type":
+            multipart = value.lower().startswith(b"multipart/byteranges")
     raise _Broken(f"more than {MAX_HEADERS} header lines")
 
 
@@ -250,10 +299,17 @@ def _line(rfile: io.BufferedReader, *, first: bool = False) -> bytes:
     return line
 
 
-def _read(rfile: io.BufferedReader, n: int | None) -> bytes:
-    if n is not None and n > MAX_BODY:
+def _read(rfile: io.BufferedReader, n: int | None, limit: int | None = None) -> bytes:
+    """A body of ``n`` bytes (None: up to the close), or its first ``limit`` bytes."""
+    if n is not None and n > MAX_BODY and (limit is None or limit > MAX_BODY):
         raise _Broken(f"a body of {n} bytes, over the limit of {MAX_BODY}")
-    data = rfile.read(MAX_BODY if n is None else n)
+    want = MAX_BODY if n is None else n
+    if limit is not None and limit < want:
+        data = rfile.read(limit)
+        if n is not None and len(data) != limit:
+            raise _Broken(f"the body ended after {len(data)} of {n} bytes")
+        return data
+    data = rfile.read(want)
     if n is None and len(data) == MAX_BODY and rfile.peek(1):
         raise _Broken(f"a body over the limit of {MAX_BODY} bytes")
     if n is not None and len(data) != n:
@@ -261,7 +317,8 @@ def _read(rfile: io.BufferedReader, n: int | None) -> bytes:
     return data
 
 
-def _chunked(rfile: io.BufferedReader) -> bytes:
+def _chunked(rfile: io.BufferedReader, limit: int | None) -> tuple[bytes, bool]:
+    """A chunked body, and whether it was cut at ``limit`` (the rest left unread)."""
     parts: list[bytes] = []
     total = 0
     while True:
@@ -272,6 +329,9 @@ def _chunked(rfile: io.BufferedReader) -> bytes:
             raise _Broken(f"a chunk size that is not hex: {size_line[:40]!r}") from None
         if size == 0:
             break
+        if limit is not None and total + size >= limit:
+            parts.append(_read(rfile, size, limit - total))
+            return b"".join(parts), True
         total += size
         if total > MAX_BODY:
             raise _Broken(f"a chunked body over the limit of {MAX_BODY} bytes")
@@ -280,7 +340,7 @@ def _chunked(rfile: io.BufferedReader) -> bytes:
             raise _Broken("a chunk not followed by CRLF")
     for _ in range(MAX_HEADERS):  # trailers: ignored
         if _line(rfile) in (b"\r\n", b"\n"):
-            return b"".join(parts)
+            return b"".join(parts), False
     raise _Broken(f"more than {MAX_HEADERS} trailer lines")
 
 
