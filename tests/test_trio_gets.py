@@ -5,6 +5,7 @@ failure and the bound on connections."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -109,3 +110,35 @@ async def test_no_more_connections_than_allowed(serve: Serve) -> None:
         assert await gets.get("k", 0, 5) is None  # declined at once: no second connection
         assert time.monotonic() - started < 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_host_name_is_looked_up_without_stalling_the_loop(serve: Serve, monkeypatch) -> None:
+    """A slow resolver (1 s here) must not stall the loop that serves the mount's other
+    requests: the name is looked up on a thread while other tasks run."""
+    server, _ = serve(send(PARTIAL))
+    real = socket.getaddrinfo
+    looked_up: list[str] = []
+
+    def slow_resolver(host, port, family=0, type=0, proto=0, flags=0):  # noqa: A002 (socket's names)
+        if not flags & socket.AI_NUMERICHOST:
+            looked_up.append(host.decode() if isinstance(host, bytes) else host)
+            time.sleep(1.0)
+        return [info for info in real(host, port, family, type, proto, flags) if info[0] == socket.AF_INET]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_resolver)
+    gets = TrioGets("localhost", server.port, "/repo/", {}, timeout=30)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        got = await gets.get("k", 10, 5)
+        nursery.cancel_scope.cancel()
+    assert got is not None and bytes(got) == b"hello"
+    assert looked_up == ["localhost"]
+    assert ticks >= 5  # the loop ran on while the name was looked up

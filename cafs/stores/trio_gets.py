@@ -33,6 +33,7 @@ import os
 import socket
 import time
 import weakref
+from typing import Any
 
 import trio
 
@@ -103,21 +104,35 @@ class TrioGets:
         self._resume_at = time.monotonic() + self._backoff
 
     async def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET6 if ":" in self._address[0] else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A host name is looked up on a worker thread (trio's getaddrinfo): connect() on
+        # a name resolves it in place, and a slow resolver then stalls the loop that
+        # serves every FUSE request of the mount, cached reads and ls included.
+        infos = await trio.socket.getaddrinfo(*self._address, type=socket.SOCK_STREAM)
+        error = OSError(f"{self._address[0]}: no address")
+        for family, _type, _proto, _name, address in infos:  # as create_connection: each in turn
             try:
-                sock.connect(self._address)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+                return await _connected(family, address)
+            except OSError as exc:
+                error = exc
+        raise error
+
+
+async def _connected(family: int, address: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # Plain non-blocking sockets waited on through trio's I/O manager, rather than trio's
