@@ -25,7 +25,8 @@ Contract:
 - Hard links: entries that were one file with several names when imported (the same
   inode number and link count, and equal content and attributes) become one file with
   several names again, as the first of them extracted. Up to ``MAX_LINK_GROUPS`` such
-  files are held open at once to link to; beyond that a name gets its own copy.
+  files (and at most 1/``LINK_FILES_FRACTION`` of the open-files limit) are held open at
+  once to link to; beyond that a name gets its own copy.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from cafs.dirfds import CLOSED, close_above, open_parent
 from cafs.errors import CafsError, ExtractError, NoSpaceError
-from cafs.fileio import pwrite_all
+from cafs.fileio import open_files_share, pwrite_all
 from cafs.format.location import Location
 from cafs.format.nodes import Entry
 from cafs.ids import digest
@@ -50,6 +51,9 @@ from cafs.repository import Repository
 from cafs.tree import file_spans, list_dir, show_path, walk
 
 MAX_LINK_GROUPS = 256
+# ... and at most this share of the open-files limit: under 'ulimit -n 64' the files held
+# to link to took every descriptor, and the next pack or directory failed to open
+LINK_FILES_FRACTION = 4
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Extractor:
         self.counters = ExtractCounters()
         self.as_root = os.geteuid() == 0
         self._links: dict[tuple[object, ...], _LinkGroup] = {}
+        self._max_links = min(MAX_LINK_GROUPS, open_files_share(LINK_FILES_FRACTION, least=0))
         self._ahead: ChunksAhead | None = None  # while extracting
         # a local repository's real path, and (st_dev, st_ino) of its directory and of
         # every directory above it
@@ -300,7 +305,7 @@ class Extractor:
             else:
                 self._fill(fd, entry)
             self._set_attrs(fd, entry)
-            if link_key is not None and len(self._links) < MAX_LINK_GROUPS:
+            if link_key is not None and len(self._links) < self._max_links:
                 st = os.fstat(fd)
                 self._links[link_key] = _LinkGroup(os.open(f"/proc/self/fd/{fd}", os.O_PATH),
                                                    (st.st_dev, st.st_ino), entry.nlink - 1)
