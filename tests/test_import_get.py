@@ -625,6 +625,33 @@ def test_import_of_more_directories_than_open_files_allowed(cafs_proc, repo: Pat
     assert_same_tree(src, out)
 
 
+def test_importing_a_large_directory_holds_its_entries_not_what_reading_each_file_took(
+        repo: Path, tmp_path: Path) -> None:
+    # Each small file read on a worker stayed in its directory's list of entries until the
+    # directory was done, with its job's Future, its stat results and its path: some 4 KB
+    # a file, 450 MB of peak RSS for a directory of 100,000 files (here, 10,000: 40 MB).
+    src = tmp_path / "flat"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        for i in range(10_000):
+            f = os.open(f"f{i:06d}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+            os.write(f, b"%d\n" % i)
+            os.close(f)
+    finally:
+        os.close(fd)
+    meta = MetaCache(tmp_path / "meta")
+    tracemalloc.start()
+    try:
+        result = run_import(Repository.open(open_store(str(repo))), meta, src, "flat")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        meta.close()
+    assert result.counters.files == 10_000
+    assert peak < 20 << 20, peak
+
+
 def _deep(root: Path, depth: int, content: bytes, name: str = "d") -> None:
     """``root/d/d/.../d/f`` with ``depth`` directories (each called ``name``): made
     through descriptors, since the path is longer than Python's recursion (os.makedirs)
