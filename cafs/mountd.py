@@ -275,7 +275,9 @@ class CacheFlush:
     thread; calls are never concurrent): the nodes it fetched, when cached extents were
     last used, and its fetch counters, added to the cache's persistent counters
     (``ChunkCache.record_use``) each increment once: it remembers what it added. A
-    failure (the cache's disk full) costs the cache those records, never the mount."""
+    failure (the cache's disk full) costs the cache those records, never the mount.
+    Each flush first frees the cache's reader slots that dead processes left taken
+    (``MetaCache.free_stale_readers``)."""
 
     def __init__(self) -> None:
         self.hits = self.misses = self.fetched = 0
@@ -284,6 +286,11 @@ class CacheFlush:
         self.counters = Complaint("record the cache counters")
 
     def flush(self, fs: SnapshotFS, pending: list[tuple[bytes, bytes]]) -> None:
+        if fs.reader.cache is not None:
+            # while this mount keeps the cache open, slots of LMDB's reader table that
+            # killed processes left taken are not freed by LMDB: without this, they pile
+            # up until no other process can open the cache (cafs.metacache)
+            fs.reader.cache.free_stale_readers()
         if pending and fs.reader.cache is not None:
             try:
                 fs.reader.cache.put_many(pending)
