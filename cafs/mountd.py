@@ -8,7 +8,9 @@ readahead (which must stat the mountpoint) runs in a worker thread while the loo
 serves.
 
 ``serve`` mounts, reports readiness through a callback once the filesystem answers,
-serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. Once mounted it works
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. SIGUSR1 logs the
+mount's counters (those of ``cafs stats``); its default action would have ended the
+daemon, with no line in the log to say why the mount was gone. Once mounted it works
 from ``/``, so that it keeps no directory (nor the filesystem holding it) busy. ``auto_unmount`` makes
 libfuse's helper unmount if this process dies, even by ``kill -9``.
 
@@ -33,6 +35,7 @@ import argparse
 import ctypes
 import ctypes.util
 import faulthandler
+import json
 import logging
 import logging.handlers
 import os
@@ -341,9 +344,12 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         async def on_signals() -> None:
             # the receiver stays open while stopping: a second signal must not kill the
             # daemon with its default action before it has unmounted
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
                 stopping = False
                 async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        log.info("signal %d: counters %s", signum, json.dumps(fs.stats()))
+                        continue
                     log.info("signal %d: unmounting", signum)
                     if not stopping:
                         stopping = True

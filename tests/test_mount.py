@@ -1245,6 +1245,20 @@ def test_sigterm_unmounts_and_the_daemon_exits_0(dataset: Dataset, tmp_path: Pat
         unmount(point, [])
 
 
+def test_sigusr1_logs_the_counters_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path) -> None:
+    """SIGUSR1's default action ended the daemon: the mount was gone, files open on it
+    read ENOTCONN, and its log did not say why. It now logs the counters."""
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
+        with open(m.path / "data/big", "rb") as f:
+            head = f.read(MiB)
+            os.kill(m.pid, signal.SIGUSR1)
+            poll(lambda: "counters {" in m.log.read_text(), 30, "the counters in the mount's log")
+            assert head + f.read() == read_file(dataset.src / "data/big")
+        assert process_alive(m.pid) and is_mounted(m.path)
+    line = next(line for line in m.log.read_text().splitlines() if "counters {" in line)
+    assert json.loads(line.partition("counters ")[2])["bytes_read"] >= MiB
+
+
 def test_cafs_umount(dataset: Dataset, tmp_path: Path) -> None:
     point = new_mountpoint(tmp_path)
     with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
