@@ -151,8 +151,9 @@ class _DirFrame:
     prev_dir: Entry | PrevEntry | None  # this directory's own entry there
     prev_ref: Location | None  # and its node
     pos: int = 0
-    # a PrevEntry is unchanged; a _PendingFile is being read (its entry, or None, once settled)
-    entries: list[Entry | PrevEntry | _PendingFile] = field(default_factory=list)
+    # a PrevEntry is unchanged; a _PendingFile is being read, and is replaced by its entry
+    # (None: skipped) once settled
+    entries: list[Entry | PrevEntry | _PendingFile | None] = field(default_factory=list)
     subdirs: int = 0
     _path: bytes | None = None  # kept while this is the deepest frame (see ``path``)
 
@@ -184,6 +185,17 @@ class _PendingFile:
     fd: int  # open until settled
     job: Future[FileCut]
     entry: Entry | None = None  # None: not settled yet, or skipped
+    # the list and index where it waits in its directory's entries: settled, it leaves
+    # its entry there and goes. Kept there, each file read held its job, its stat results
+    # and its path (some 4 KB) until the directory was done: 450 MB for a directory of
+    # 100,000 files, 4 GB for one of a million.
+    place: tuple[list[Entry | PrevEntry | _PendingFile | None], int] | None = None
+
+    def settled(self) -> None:
+        if self.place is not None:
+            entries, index = self.place
+            entries[index] = self.entry
+            self.place = None
 
 
 class Importer:
@@ -373,6 +385,8 @@ class Importer:
             child = self._import_entry(frame, name, st)
             if isinstance(child, _DirFrame):
                 return child
+            if isinstance(child, _PendingFile):
+                child.place = (entries, len(entries))
             if child is not None:
                 entries.append(child)
         return None
@@ -571,6 +585,7 @@ class Importer:
             p.entry = self._file_done(p.name, p.path, p.st, spans)
         finally:
             cut.release()
+            p.settled()
 
     def _settle_all(self) -> None:
         while self._pending:

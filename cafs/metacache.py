@@ -15,6 +15,13 @@ cache and reads every node from the repository, with one warning naming the cach
 with a file LMDB refuses to open). A file shorter than the pages its meta page says
 are in use (truncated) is refused at open like one LMDB refuses: LMDB itself would meet
 the missing pages as a SIGBUS that kills the process.
+
+A process killed inside read transactions (``kill -9``, the OOM killer, a busy mount)
+leaves their slots in LMDB's reader table (126) taken for as long as any other process
+keeps the file open; once all are taken, no process can begin a transaction, nor open
+the file (py-lmdb begins one to open it). So opening frees the slots of dead processes
+(``reader_check``), so does a read that finds the table full, and a mount does every
+few seconds (``free_stale_readers``).
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
         env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
                         subdir=True, readahead=False, metasync=False, sync=False)
         try:
+            env.reader_check()  # slots of dead processes: see the module docstring
             _check_length(env, path / "meta.lmdb" / "data.mdb")
             return env, env.open_db(b"nodes")  # where a damaged page may show first
         except BaseException:
@@ -155,11 +163,19 @@ class MetaCache:
 
     def get(self, node_id: bytes) -> bytes | None:
         try:
-            with self.env.begin(db=self.nodes_db) as txn:
-                data = txn.get(node_id)
+            try:
+                return self._get(node_id)
+            except lmdb.ReadersFullError:
+                if not self.free_stale_readers():
+                    raise
+                return self._get(node_id)
         except lmdb.Error as exc:
             raise self._failed("reading", exc) from None
-        return bytes(data) if data is not None else None
+
+    def _get(self, node_id: bytes) -> bytes | None:
+        with self.env.begin(db=self.nodes_db) as txn:
+            data = txn.get(node_id)
+            return bytes(data) if data is not None else None
 
     def _failed(self, doing: str, exc: lmdb.Error) -> MetaCacheError:
         return MetaCacheError(f"{doing} the metadata cache in {self.path}: {exc}", damaged=isinstance(exc, _DAMAGED))
@@ -177,6 +193,15 @@ class MetaCache:
             if "No space left" in str(exc):
                 raise NoSpaceError(f"no space left on device for the metadata cache: {exc}") from None
             raise self._failed("writing", exc) from None
+
+    def free_stale_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction (see
+        the module docstring); how many. A long-lived holder (a mount) calls it now and
+        then, so that such slots never pile up while it keeps the file open."""
+        try:
+            return int(self.env.reader_check())
+        except lmdb.Error:
+            return 0  # the next read meets and reports what is wrong
 
     def delete(self, node_id: bytes) -> None:
         try:

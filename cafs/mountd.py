@@ -8,7 +8,9 @@ readahead (which must stat the mountpoint) runs in a worker thread while the loo
 serves.
 
 ``serve`` mounts, reports readiness through a callback once the filesystem answers,
-serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. Once mounted it works
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. SIGUSR1 logs the
+mount's counters (those of ``cafs stats``); its default action would have ended the
+daemon, with no line in the log to say why the mount was gone. Once mounted it works
 from ``/``, so that it keeps no directory (nor the filesystem holding it) busy. ``auto_unmount`` makes
 libfuse's helper unmount if this process dies, even by ``kill -9``.
 
@@ -33,6 +35,7 @@ import argparse
 import ctypes
 import ctypes.util
 import faulthandler
+import json
 import logging
 import logging.handlers
 import os
@@ -275,7 +278,9 @@ class CacheFlush:
     thread; calls are never concurrent): the nodes it fetched, when cached extents were
     last used, and its fetch counters, added to the cache's persistent counters
     (``ChunkCache.record_use``) each increment once: it remembers what it added. A
-    failure (the cache's disk full) costs the cache those records, never the mount."""
+    failure (the cache's disk full) costs the cache those records, never the mount.
+    Each flush first frees the cache's reader slots that dead processes left taken
+    (``MetaCache.free_stale_readers``)."""
 
     def __init__(self) -> None:
         self.hits = self.misses = self.fetched = 0
@@ -284,6 +289,11 @@ class CacheFlush:
         self.counters = Complaint("record the cache counters")
 
     def flush(self, fs: SnapshotFS, pending: list[tuple[bytes, bytes]]) -> None:
+        if fs.reader.cache is not None:
+            # while this mount keeps the cache open, slots of LMDB's reader table that
+            # killed processes left taken are not freed by LMDB: without this, they pile
+            # up until no other process can open the cache (cafs.metacache)
+            fs.reader.cache.free_stale_readers()
         if pending and fs.reader.cache is not None:
             try:
                 fs.reader.cache.put_many(pending)
@@ -334,9 +344,12 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         async def on_signals() -> None:
             # the receiver stays open while stopping: a second signal must not kill the
             # daemon with its default action before it has unmounted
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
                 stopping = False
                 async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        log.info("signal %d: counters %s", signum, json.dumps(fs.stats()))
+                        continue
                     log.info("signal %d: unmounting", signum)
                     if not stopping:
                         stopping = True

@@ -1100,6 +1100,49 @@ def test_a_damaged_metadata_cache_is_set_aside(dataset: Dataset, tmp_path: Path)
     assert list((cache / _repo_id(dataset)).glob("meta.lmdb.damaged-*"))
 
 
+def _take_every_reader_slot(lmdb_dir: Path) -> None:
+    """What processes killed inside LMDB read transactions (kill -9, the OOM killer, of a
+    busy mount or prefetch) leave behind: their slots in LMDB's reader table (126) stay
+    taken as long as another process keeps the file open. Here one process begins read
+    transactions until the table is full, and is killed."""
+    code = ("import lmdb, os, signal\n"
+            f"env = lmdb.open({os.fspath(lmdb_dir)!r}, max_dbs=8, map_size=1 << 40)\n"
+            "txns = []\n"
+            "try:\n"
+            "    while True:\n"
+            "        txns.append(env.begin())\n"
+            "except lmdb.ReadersFullError:\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -signal.SIGKILL
+
+
+def test_reader_slots_of_killed_processes_are_freed_by_a_mount(dataset: Dataset, tmp_path: Path) -> None:
+    """Once killed processes held every reader slot of a cache a mount kept open, every
+    command using that cache failed ('cannot open the metadata cache: MDB_READERS_FULL'),
+    another mount of the repository too, until the mount was gone. The mount now frees
+    the slots of dead processes as it flushes its cache records."""
+    cache = tmp_path / "cache"
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(cache)) as m:
+        assert read_file(m.path / "data/text.txt") == read_file(dataset.src / "data/text.txt")
+        _take_every_reader_slot(cache / _repo_id(dataset) / "meta.lmdb")
+        poll(lambda: run_cafs("ls", dataset.source, "--cache", cache, cache=cache).returncode == 0, 60,
+             "cafs ls to open the cache again")
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+
+
+def test_a_cache_held_open_reads_on_once_killed_processes_took_every_reader_slot(tmp_path: Path) -> None:
+    """A process that holds the cache (an import, a mount) and meets a full reader table
+    frees the slots of dead processes and reads on, rather than giving up its cache."""
+    node = b"node bytes"
+    meta = MetaCache(tmp_path / "cache")
+    try:
+        meta.put_many([(blake3.blake3(node).digest(), node)])
+        _take_every_reader_slot(tmp_path / "cache" / "meta.lmdb")
+        assert meta.get(blake3.blake3(node).digest()) == node
+    finally:
+        meta.close()
+
+
 def test_mount_on_a_busy_mountpoint_fails(dataset: Dataset, tmp_path: Path) -> None:
     point = new_mountpoint(tmp_path)
     with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:
@@ -1200,6 +1243,20 @@ def test_sigterm_unmounts_and_the_daemon_exits_0(dataset: Dataset, tmp_path: Pat
             proc.kill()
             proc.wait()
         unmount(point, [])
+
+
+def test_sigusr1_logs_the_counters_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path) -> None:
+    """SIGUSR1's default action ended the daemon: the mount was gone, files open on it
+    read ENOTCONN, and its log did not say why. It now logs the counters."""
+    with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
+        with open(m.path / "data/big", "rb") as f:
+            head = f.read(MiB)
+            os.kill(m.pid, signal.SIGUSR1)
+            poll(lambda: "counters {" in m.log.read_text(), 30, "the counters in the mount's log")
+            assert head + f.read() == read_file(dataset.src / "data/big")
+        assert process_alive(m.pid) and is_mounted(m.path)
+    line = next(line for line in m.log.read_text().splitlines() if "counters {" in line)
+    assert json.loads(line.partition("counters ")[2])["bytes_read"] >= MiB
 
 
 def test_cafs_umount(dataset: Dataset, tmp_path: Path) -> None:
