@@ -39,6 +39,7 @@ from remote_fixtures import StartProxy
 from treegen import assert_same_tree, make_tree
 
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
+from cafs.sources import RetryingStore
 from cafs.stores import ObjectExists, open_store
 from cafs.stores.aws_config import S3Settings, s3_settings
 from cafs.stores.aws_instance import RefreshingCredentials
@@ -309,6 +310,73 @@ def test_xml_answers_are_utf8_without_doctype() -> None:
                 "<a>x</a>".encode("utf-16"), b"<a>"):
         with pytest.raises(ValueError):
             parse_xml(bad)
+
+
+class _MultipartServer:
+    """Enough of S3's multipart protocol for one upload, answering CompleteMultipartUpload
+    with ``completes`` in turn (the last one from then on); records the requests."""
+
+    def __init__(self, completes: list[bytes]) -> None:
+        outer = self
+        self.completes = completes
+        self.requests: list[str] = []
+
+        class Handler(QuietHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _read(self) -> None:
+                left = int(self.headers.get("Content-Length") or 0)
+                while left:
+                    left -= len(self.rfile.read(min(left, 1 << 20)))
+                outer.requests.append(f"{self.command} {self.path}")
+
+            def do_POST(self) -> None:
+                self._read()
+                if self.path.endswith("?uploads="):
+                    return self.answer(200, b"<InitiateMultipartUploadResult><UploadId>U1</UploadId>"
+                                            b"</InitiateMultipartUploadResult>")
+                body = outer.completes.pop(0) if len(outer.completes) > 1 else outer.completes[0]
+                self.answer(200, body)
+
+            def do_PUT(self) -> None:
+                self._read()
+                self.answer(200, b"", {"ETag": '"etag"'})
+
+            def do_DELETE(self) -> None:
+                self._read()
+                self.answer(204)
+
+        self._http = FakeServer(Handler)
+        self.url = self._http.url
+
+    def close(self) -> None:
+        self._http.close()
+
+
+KEEPALIVE = b"\n\r\n\r   \n"  # what S3 and MinIO send while a CompleteMultipartUpload runs
+DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+COMPLETED = (b'<CompleteMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+             b"<Key>repo/packs/aa/big</Key><ETag>\"x-2\"</ETag></CompleteMultipartUploadResult>")
+FAILED = b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
+
+
+@pytest.mark.parametrize("completes,aborts", [
+    ([KEEPALIVE + DECLARATION + COMPLETED], 0),
+    ([KEEPALIVE + DECLARATION + FAILED, DECLARATION + COMPLETED], 1),
+], ids=["completed", "failed-then-completed"])
+def test_a_complete_answer_kept_alive_with_whitespace_is_read(completes: list[bytes], aborts: int) -> None:
+    """A slow CompleteMultipartUpload answers 200 at once and whitespace until it is done,
+    then its result or an <Error>: a completed upload is a stored pack, and a failure one
+    to retry, not 'malformed XML' that stopped the import."""
+    server = _MultipartServer(completes)
+    try:
+        store = RetryingStore(S3Store("s3://bkt/repo", S3Settings(endpoint_url=server.url),
+                                      multipart_threshold=MIN_PART_SIZE, part_size=MIN_PART_SIZE), deadline=20)
+        store.put("packs/aa/big", bytes(MIN_PART_SIZE + 1))
+    finally:
+        server.close()
+    assert sum(r.startswith("POST /bkt/repo/packs/aa/big?uploadId=") for r in server.requests) == aborts + 1
+    assert sum(r.startswith("DELETE") for r in server.requests) == aborts
 
 
 # -- a real moto server -----------------------------------------------------------------
