@@ -20,10 +20,10 @@ packs that stay and the new ones; (3) the old index objects are deleted; (4) the
 unreferenced and repacked packs are deleted. At every point every live object exists
 in some pack, and every index names only packs that exist.
 
-gc also removes what writers killed in the middle of an object left on a local disk
-(``.tmp-*`` files, ``stores.base.Temporaries``) once nothing has written to them for
-``STALE_TEMPORARY_SECONDS``: under the exclusive lock no import writes, and the age
-spares a writer that takes no lock (``fsck --repair``).
+gc also removes what writers killed in the middle of an object left (``.tmp-*`` files
+on a local disk, unfinished multipart uploads in S3: ``stores.base.Temporaries``) once
+nothing has written to them for ``STALE_TEMPORARY_SECONDS``: under the exclusive lock
+no import writes, and the age spares a writer that takes no lock (``fsck --repair``).
 """
 
 from __future__ import annotations
@@ -124,8 +124,11 @@ def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.
                 repack.append(summary)
             else:
                 kept.append(summary)
-        if not dry_run and isinstance(repo.primary, Temporaries):
-            result.temporaries, result.temporary_bytes = repo.primary.remove_temporaries("", STALE_TEMPORARY_SECONDS)
+        primary = repo.primary
+        if not dry_run and isinstance(primary, Temporaries):
+            # retried as any store operation is: removing is idempotent
+            result.temporaries, result.temporary_bytes = repo.store.read(
+                lambda _store: primary.remove_temporaries("", STALE_TEMPORARY_SECONDS))
         result.deleted_packs = sorted(p.pack_id.hex() for p in doomed + repack)
         result.repacked = len(repack)
         gone = sum(p.length for p in doomed + repack)

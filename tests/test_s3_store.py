@@ -39,6 +39,7 @@ from remote_fixtures import StartProxy
 from treegen import assert_same_tree, make_tree
 
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
+from cafs.sources import RetryingStore
 from cafs.stores import ObjectExists, open_store
 from cafs.stores.aws_config import S3Settings, s3_settings
 from cafs.stores.aws_instance import RefreshingCredentials
@@ -309,6 +310,73 @@ def test_xml_answers_are_utf8_without_doctype() -> None:
                 "<a>x</a>".encode("utf-16"), b"<a>"):
         with pytest.raises(ValueError):
             parse_xml(bad)
+
+
+class _MultipartServer:
+    """Enough of S3's multipart protocol for one upload, answering CompleteMultipartUpload
+    with ``completes`` in turn (the last one from then on); records the requests."""
+
+    def __init__(self, completes: list[bytes]) -> None:
+        outer = self
+        self.completes = completes
+        self.requests: list[str] = []
+
+        class Handler(QuietHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _read(self) -> None:
+                left = int(self.headers.get("Content-Length") or 0)
+                while left:
+                    left -= len(self.rfile.read(min(left, 1 << 20)))
+                outer.requests.append(f"{self.command} {self.path}")
+
+            def do_POST(self) -> None:
+                self._read()
+                if self.path.endswith("?uploads="):
+                    return self.answer(200, b"<InitiateMultipartUploadResult><UploadId>U1</UploadId>"
+                                            b"</InitiateMultipartUploadResult>")
+                body = outer.completes.pop(0) if len(outer.completes) > 1 else outer.completes[0]
+                self.answer(200, body)
+
+            def do_PUT(self) -> None:
+                self._read()
+                self.answer(200, b"", {"ETag": '"etag"'})
+
+            def do_DELETE(self) -> None:
+                self._read()
+                self.answer(204)
+
+        self._http = FakeServer(Handler)
+        self.url = self._http.url
+
+    def close(self) -> None:
+        self._http.close()
+
+
+KEEPALIVE = b"\n\r\n\r   \n"  # what S3 and MinIO send while a CompleteMultipartUpload runs
+DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+COMPLETED = (b'<CompleteMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+             b"<Key>repo/packs/aa/big</Key><ETag>\"x-2\"</ETag></CompleteMultipartUploadResult>")
+FAILED = b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
+
+
+@pytest.mark.parametrize("completes,aborts", [
+    ([KEEPALIVE + DECLARATION + COMPLETED], 0),
+    ([KEEPALIVE + DECLARATION + FAILED, DECLARATION + COMPLETED], 1),
+], ids=["completed", "failed-then-completed"])
+def test_a_complete_answer_kept_alive_with_whitespace_is_read(completes: list[bytes], aborts: int) -> None:
+    """A slow CompleteMultipartUpload answers 200 at once and whitespace until it is done,
+    then its result or an <Error>: a completed upload is a stored pack, and a failure one
+    to retry, not 'malformed XML' that stopped the import."""
+    server = _MultipartServer(completes)
+    try:
+        store = RetryingStore(S3Store("s3://bkt/repo", S3Settings(endpoint_url=server.url),
+                                      multipart_threshold=MIN_PART_SIZE, part_size=MIN_PART_SIZE), deadline=20)
+        store.put("packs/aa/big", bytes(MIN_PART_SIZE + 1))
+    finally:
+        server.close()
+    assert sum(r.startswith("POST /bkt/repo/packs/aa/big?uploadId=") for r in server.requests) == aborts + 1
+    assert sum(r.startswith("DELETE") for r in server.requests) == aborts
 
 
 # -- a real moto server -----------------------------------------------------------------
@@ -633,6 +701,102 @@ def test_cli_end_to_end(moto: Moto, tmp_path: Path) -> None:
     run("fsck", repo, "--read-data")
     packs = S3Store(repo, moto.settings()).list("packs/")
     assert sum(1 for _ in packs) > 3
+
+
+def _uploads(moto: Moto, prefix: str) -> list[str]:
+    """The keys of the unfinished multipart uploads under ``prefix``, as the server lists them."""
+    r = moto.request("GET", f"/{BUCKET}", query=canonical_query([("prefix", prefix), ("uploads", "")]))
+    assert r.status == 200, r.data
+    return re.findall(r"<Key>([^<]*)</Key>", r.data.decode())
+
+
+def test_gc_aborts_the_upload_an_import_killed_mid_pack_left(moto: Moto, fault_proxy: StartProxy,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of an import in the middle of a multipart upload leaves its parts in the
+    bucket, billed, invisible to listings; the import run again does not need them, and
+    gc aborts them (under its exclusive lock no import is writing)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(20 << 20))  # one pack above the 16 MiB threshold: 2 parts
+    repo = f"s3://{BUCKET}/killed/repo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(aws_env(moto, tmp_path), CAFS_CACHE_DIR=str(tmp_path / "cache"))
+
+    def cafs(*args: str | Path, endpoint: str = moto.endpoint) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "cafs.cli", *map(str, args)],
+                                env={**env, "AWS_ENDPOINT_URL_S3": endpoint},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ok(proc: subprocess.Popen[bytes]) -> None:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (out + err).decode()
+
+    ok(cafs("init", repo, "--pack-size", "24M"))
+    proxy = fault_proxy(moto.endpoint)
+    proxy.set_mode("stall", match=r"partNumber=2")
+    imp = cafs("import", src, repo, "--name", "ds", "--no-progress", endpoint=proxy.url)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(s.fault for s in proxy.seen()):
+            assert imp.poll() is None, imp.communicate()
+            assert time.monotonic() < deadline, "the import never sent its second part"
+            time.sleep(POLL)
+    finally:
+        imp.kill()
+        imp.communicate()
+    proxy.set_mode("pass")
+    assert len(_uploads(moto, "killed/repo/")) == 1
+    ok(cafs("import", src, repo, "--name", "ds", "--no-progress"))  # resumes: uploads the pack whole
+    assert len(_uploads(moto, "killed/repo/")) == 1  # the killed one's parts are still there
+    # gc spares an upload begun less than an hour ago (a live writer's): count this one stale
+    from cafs import gc
+    from cafs.cli import main
+    monkeypatch.setattr(gc, "STALE_TEMPORARY_SECONDS", -3600.0)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["gc", repo]) == 0
+    assert _uploads(moto, "killed/repo/") == []
+    ok(cafs("fsck", repo, "--read-data"))
+
+
+def test_only_stale_uploads_under_the_prefix_are_aborted() -> None:
+    """By the server's clock (its Date header), over several pages of the listing; an
+    upload of a foreign name, or one begun within ``older_than``, stays."""
+    date = "Tue, 24 Nov 2026 12:00:00 GMT"
+
+    def page(uploads: list[tuple[str, str, str]], more: str = "") -> bytes:
+        body = "".join(f"<Upload><Key>{k}</Key><UploadId>{u}</UploadId><Initiated>{t}</Initiated></Upload>"
+                       for k, u, t in uploads)
+        truncated = f"<IsTruncated>true</IsTruncated>{more}" if more else "<IsTruncated>false</IsTruncated>"
+        doc = f'<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{truncated}{body}</ListMultipartUploadsResult>'
+        return doc.encode()
+
+    pages = [page([("repo/packs/aa/old", "u1", "2026-11-24T10:00:00.000Z"),
+                   ("repo/packs/bb/fresh", "u2", "2026-11-24T11:30:00.000Z")],
+                  "<NextKeyMarker>repo/packs/bb/fresh</NextKeyMarker><NextUploadIdMarker>u2</NextUploadIdMarker>"),
+             page([("repo/packs/cc/a%20b", "u3", "2026-11-24T09:00:00.000Z"),
+                   ("repo/index/old", "u4", "2026-11-23T09:00:00.000Z")])]
+    parts = b"<ListPartsResult><IsTruncated>false</IsTruncated><Part><Size>5242880</Size></Part><Part><Size>100</Size></Part></ListPartsResult>"
+
+    def answer(conn: Any, n: int) -> bool:
+        request = server.requests[-1].split(b"\r\n")[0].decode()
+        if request.startswith("GET /bkt?") and "uploads=" in request:
+            body = pages[1 if "key-marker=repo%2Fpacks%2Fbb%2Ffresh" in request else 0]
+        elif request.startswith("GET "):
+            body = parts
+        else:
+            conn.sendall(f"HTTP/1.1 204 No Content\r\nDate: {date}\r\n\r\n".encode())
+            return True
+        conn.sendall(f"HTTP/1.1 200 OK\r\nDate: {date}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        return True
+
+    with canned_servers() as start:
+        server = start(answer)
+        store = S3Store("s3://bkt/repo", S3Settings(endpoint_url=f"http://127.0.0.1:{server.port}"))
+        assert store.remove_temporaries("", 3600) == (2, 2 * 5242980)
+        aborted = [r.split(b"\r\n")[0].decode() for r in server.requests if r.startswith(b"DELETE")]
+        assert aborted == ["DELETE /bkt/repo/packs/aa/old?uploadId=u1 HTTP/1.1",
+                           "DELETE /bkt/repo/index/old?uploadId=u4 HTTP/1.1"]
 
 
 # -- credentials from the instance (IMDSv2) or the container (ECS) ---------------------------

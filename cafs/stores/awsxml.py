@@ -11,7 +11,10 @@ NS = re.compile(r"^\{[^}]*\}")
 
 def parse_xml(data: bytes) -> ET.Element:
     """Parse an answer. It must be UTF-8 (as AWS sends) and have no DOCTYPE; parsing text,
-    not bytes, makes expat ignore any other declared encoding. Raises ValueError."""
+    not bytes, makes expat ignore any other declared encoding. Whitespace before the XML
+    declaration is skipped: S3 (and MinIO) keep a slow CompleteMultipartUpload's 200
+    answer alive with spaces and newlines before its body, which expat refuses ("XML or
+    text declaration not at start of entity"). Raises ValueError."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -19,7 +22,7 @@ def parse_xml(data: bytes) -> ET.Element:
     if "<!DOCTYPE" in text:
         raise ValueError("an XML answer with a DOCTYPE")
     try:
-        return ET.fromstring(text.removeprefix("\ufeff"))
+        return ET.fromstring(text.removeprefix("\ufeff").lstrip(" \t\r\n"))
     except ET.ParseError as exc:
         raise ValueError(f"malformed XML: {exc}") from None
 

@@ -101,7 +101,8 @@ class StreamingWrites(Protocol):
 @runtime_checkable
 class Temporaries(Protocol):
     """What a store adds when a writer killed mid-object leaves its temporary file behind
-    (a local disk: ``.tmp-*`` beside the final names), for gc to remove."""
+    (a local disk: ``.tmp-*`` beside the final names; S3: an unfinished multipart
+    upload), for gc to remove."""
 
     def remove_temporaries(self, prefix: str, older_than: float) -> tuple[int, int]:
         """Remove temporary files under ``prefix`` not written to for ``older_than``

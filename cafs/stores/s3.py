@@ -34,6 +34,13 @@ Operations:
   other tools) are skipped. A page's XML is bounded (``MAX_XML``) and may not carry a
   DOCTYPE, so no entity tricks reach the parser.
 - ``delete``: DELETE; a missing key is fine.
+- ``remove_temporaries`` (``stores.base.Temporaries``, for gc): the multipart uploads
+  under the prefix that a writer killed mid-pack (``kill -9``, a lost host) never
+  completed nor aborted, which S3 keeps, and bills, until they are aborted:
+  ListMultipartUploads, ListParts for their size, AbortMultipartUpload for each begun
+  more than ``older_than`` seconds ago by the server's clock (its ``Date`` header, so a
+  host with a wrong clock spares a live upload too). A listing of uploads the credentials
+  may not make (403) removes nothing.
 
 Payload hashes: ``UNSIGNED-PAYLOAD`` over HTTPS (TLS protects the body, and cafs checks
 every object by BLAKE3), the body's SHA-256 over plain HTTP, where S3 servers require it.
@@ -63,12 +70,14 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import logging
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from urllib.parse import unquote_plus, urlsplit
 
 import urllib3
@@ -89,6 +98,8 @@ from cafs.stores.sigv4 import (
     sign,
     uri_encode,
 )
+
+log = logging.getLogger("cafs.stores.s3")
 
 DEFAULT_TIMEOUT = 10.0  # per request and per socket operation; cafs.sources adds a deadline
 MULTIPART_THRESHOLD = 16 * 2**20
@@ -227,6 +238,76 @@ class S3Store:
             return
         self._expect(ans, key, (200, 204))
 
+    def remove_temporaries(self, prefix: str, older_than: float) -> tuple[int, int]:
+        """Abort the multipart uploads under ``prefix`` begun more than ``older_than``
+        seconds ago (see the module); returns (uploads, bytes of their parts)."""
+        if prefix and not prefix.endswith("/"):
+            raise StoreError(f"prefix {prefix!r} must end with '/'")
+        removed = size = 0
+        key_marker = upload_marker = ""
+        seen: set[tuple[str, str]] = set()
+        while True:
+            query = [("uploads", ""), ("prefix", self.prefix + prefix), ("encoding-type", "url")]
+            if key_marker or upload_marker:
+                query += [("key-marker", key_marker), ("upload-id-marker", upload_marker)]
+            ans = self._call("GET", None, query=query)
+            if ans.status == 403 and _error_code(ans) in ("AccessDenied", ""):
+                log.warning("%s: unfinished uploads cannot be listed (%s); parts of interrupted "
+                            "uploads stay until a lifecycle rule removes them", self.url, ans.status)
+                return removed, size
+            self._expect(ans, None, (200,))
+            root = self._xml(ans, None, "ListMultipartUploadsResult")
+            cutoff = _server_time(ans) - older_than
+            for item in awsxml.children(root, "Upload"):
+                name, upload_id = unquote_plus(awsxml.text(item, "Key")), awsxml.text(item, "UploadId")
+                if not name.startswith(self.prefix) or not upload_id:
+                    continue
+                try:
+                    check_key(name[len(self.prefix):])
+                    begun = datetime.fromisoformat(awsxml.text(item, "Initiated")).timestamp()
+                except (StoreError, ValueError):
+                    continue  # not ours, or no time to judge its age by
+                if begun >= cutoff:
+                    continue  # perhaps a live writer's
+                parts = self._upload_size(name[len(self.prefix):], upload_id)
+                abort = self._call("DELETE", name[len(self.prefix):], query=[("uploadId", upload_id)])
+                if abort.status == 404:
+                    continue  # finished or aborted meanwhile
+                self._expect(abort, name[len(self.prefix):], (200, 204))
+                removed, size = removed + 1, size + parts
+            if awsxml.text(root, "IsTruncated").lower() != "true":
+                return removed, size
+            next_key = unquote_plus(awsxml.text(root, "NextKeyMarker"))
+            next_upload = awsxml.text(root, "NextUploadIdMarker")
+            if not next_key or (next_key, next_upload) in seen:
+                raise StoreError(f"{self.url}/{prefix}: the listing of uploads does not advance")
+            seen.add((next_key, next_upload))
+            key_marker, upload_marker = next_key, next_upload
+
+    def _upload_size(self, key: str, upload_id: str) -> int:
+        """The bytes of the parts an unfinished upload holds, as far as it can tell: the
+        size is for the report only, so an answer it cannot read ends the count."""
+        size = 0
+        marker = ""
+        for _page in range(MAX_PARTS // 1000 + 1):
+            query = [("uploadId", upload_id)] + ([("part-number-marker", marker)] if marker else [])
+            ans = self._call("GET", key, query=query)
+            try:
+                root = awsxml.parse_xml(ans.data)  # not checked by name: moto says ListPartsResponse
+            except ValueError:
+                return size
+            if ans.status != 200:
+                return size
+            for part in awsxml.children(root, "Part"):
+                try:
+                    size += int(awsxml.text(part, "Size"))
+                except ValueError:
+                    pass
+            if awsxml.text(root, "IsTruncated").lower() != "true":
+                break
+            marker = awsxml.text(root, "NextPartNumberMarker")
+        return size
+
     # -- multipart ---------------------------------------------------------------
 
     def _put_multipart(self, key: str, view: memoryview, exclusive: bool) -> None:
@@ -255,7 +336,7 @@ class S3Store:
             try:
                 self._call("DELETE", key, query=[("uploadId", upload_id)])
             except StoreError:
-                pass  # the bucket's lifecycle rule for incomplete uploads cleans up
+                pass  # gc aborts it later (remove_temporaries), or a lifecycle rule does
             raise
 
     def _put_part(self, key: str, upload_id: str, number: int, piece: memoryview) -> str:
@@ -419,6 +500,14 @@ def _endpoint(bucket: str, settings: S3Settings) -> tuple[str, bool]:
     if settings.addressing_style == "path" or not _DNS_BUCKET.fullmatch(bucket):
         return f"https://s3.{region}.{domain}", False
     return f"https://{bucket}.s3.{region}.{domain}", True
+
+
+def _server_time(ans: _Answer) -> float:
+    """The server's clock at its answer (its ``Date`` header), else this host's."""
+    try:
+        return parsedate_to_datetime(ans.headers.get("Date", "")).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return datetime.now(UTC).timestamp()
 
 
 def _error_code(ans: _Answer) -> str:
