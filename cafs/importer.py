@@ -574,7 +574,7 @@ class Importer:
                 return
             spans = self._store_prepared(cut.chunks)
             if _changed(p.st, cut.after, spans):
-                self._skip(p.path, CHANGED)
+                self._skip(p.path, _why_changed(p.st, cut.after, spans))
                 return
             p.entry = self._file_done(p.name, p.path, p.st, spans)
         finally:
@@ -597,7 +597,7 @@ class Importer:
         finally:
             os.close(fd)
         if _changed(st, after, spans):
-            raise _FileSkipped(CHANGED)
+            raise _FileSkipped(_why_changed(st, after, spans))
         return spans
 
     def _cut_large(self, fd: int, size: int) -> Iterable[Chunk | ZeroRun]:
@@ -762,6 +762,17 @@ def _changed(st: os.stat_result, after: os.stat_result, spans: list[Location]) -
     """Whether a file read as ``spans`` changed since ``st`` (taken before it was opened)."""
     total = sum(s.length for s in spans)
     return (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st.st_size
+
+
+def _why_changed(st: os.stat_result, after: os.stat_result, spans: list[Location]) -> str:
+    """What to say of a file ``_changed`` found changed: a file whose size and mtime
+    stayed as they were but that reads another number of bytes is no ordinary file (a
+    /proc or /sys file says 0 or 4096 and reads what it holds now)."""
+    total = sum(s.length for s in spans)
+    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and total != st.st_size:
+        return (f"reads {total} bytes where its size says {st.st_size} (a /proc or /sys file?); "
+                "copy it to an ordinary file to import it")
+    return CHANGED
 
 
 def _open_file(dir_fd: int, name: bytes) -> int:
