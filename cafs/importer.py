@@ -18,7 +18,11 @@ Contract:
   chunks are stored by the importing thread in the order the walk met their files, so
   the packs are what a serial import writes, but for the random pack ids. A file whose size,
   mtime_ns and inode equal those recorded in the previous snapshot of the ref is not
-  read again: its spans are reused. The previous snapshot's entries are compared in the
+  read again: its spans are reused, unless its mtime is a whole second within
+  ``COARSE_MTIME_NS`` (2 s) before that snapshot's import began, up to now:
+  a filesystem that keeps whole seconds or two (FAT, ext3, HFS+, many network ones)
+  gives a file written again in the same second the same mtime, so such a file is read
+  again once. The previous snapshot's entries are compared in the
   form msgpack gives them (``entry_fields``) and are never decoded: a changed
   directory's node holds its unchanged entries as the previous node held them
   (``encode_tree``), and a directory whose entries are all unchanged keeps its node.
@@ -92,6 +96,7 @@ NODE_BATCH = 2000
 WHOLE_READ_MAX = 16 << 20  # files up to this size are read in one go and cut in memory
 PENDING_BYTES = 128 << 20  # of files being read on the workers at once (their read buffers)
 _NOATIME = getattr(os, "O_NOATIME", 0)
+COARSE_MTIME_NS = 2_000_000_000  # the coarsest mtimes a filesystem keeps (FAT's two seconds)
 
 
 class ImportAborted(CafsError):
@@ -210,6 +215,8 @@ class Importer:
         self._index: ObjectIndex | None = None
         self.reader = reader
         self.prev = prev
+        # whole-second mtimes in this range may hide a write after ``prev`` read the file
+        self._racy = (trusted_before(prev), time.time_ns())
         self.counters = Counters()
         self.skipped: list[Skipped] = []
         self.max_chunk = repo.config.chunker.max_size
@@ -378,7 +385,8 @@ class Importer:
                            else f"cannot stat: {exc.strerror}")
                 continue
             old = prev.get(name)
-            if old is not None and stat.S_ISREG(st.st_mode) and _unchanged_file(old, st, self._blocks(st)):
+            if (old is not None and stat.S_ISREG(st.st_mode)
+                    and _unchanged_file(old, st, self._blocks(st), self._racy)):
                 self._count_reused(st)  # the common case of a re-import: taken as it was
                 entries.append(old)
                 continue
@@ -487,7 +495,7 @@ class Importer:
         c = self.counters
         c.current = path
         prev = parent.prev.get(name)
-        if prev is not None and _same_content(prev, st):
+        if prev is not None and _same_content(prev, st, self._racy):
             try:  # the same content with other metadata (mode, owner, links)
                 old = decode_entry(prev, "entry")
             except FormatError:
@@ -580,7 +588,7 @@ class Importer:
                 return
             spans = self._store_prepared(cut.chunks)
             if _changed(p.st, cut.after, spans):
-                self._skip(p.path, CHANGED)
+                self._skip(p.path, _why_changed(p.st, cut.after, spans))
                 return
             p.entry = self._file_done(p.name, p.path, p.st, spans)
         finally:
@@ -604,7 +612,7 @@ class Importer:
         finally:
             os.close(fd)
         if _changed(st, after, spans):
-            raise _FileSkipped(CHANGED)
+            raise _FileSkipped(_why_changed(st, after, spans))
         return spans
 
     def _cut_large(self, fd: int, size: int) -> Iterable[Chunk | ZeroRun]:
@@ -693,18 +701,33 @@ def _join(parent: _DirFrame, name: bytes) -> bytes:
     return parent.path + b"/" + name if parent.path else name
 
 
-def _same_content(prev: PrevEntry, st: os.stat_result) -> bool:
+def trusted_before(prev: Snapshot | None) -> int:
+    """The time before which a whole-second mtime recorded in ``prev`` is trusted: when
+    its import began (``started_ns`` in its stats; its commit time for snapshots written
+    before imports recorded that), less ``COARSE_MTIME_NS``."""
+    if prev is None:
+        return INT64[0]
+    return prev.stats.get("started_ns", prev.time_ns) - COARSE_MTIME_NS
+
+
+def _same_content(prev: PrevEntry, st: os.stat_result, racy: tuple[int, int]) -> bool:
     """Whether a previous file entry has the size, inode and mtime the file has now: the
-    sign that its content was not written since (as restic and rsync take it)."""
+    sign that its content was not written since (as restic and rsync take it). Not for
+    a whole-second mtime from ``COARSE_MTIME_NS`` before the previous import began up to
+    now (``racy``): on a filesystem keeping whole seconds (FAT: 2 s) a write just after
+    that import read the file leaves the mtime as it was. (A date past now, 2100 say,
+    is no write's since then.)"""
+    mtime = prev[F_MTIME]
     return bool(prev[F_SIZE] == st.st_size and prev[F_INO] == st.st_ino and prev[F_KIND] == KIND_FILE
-                and (prev[F_MTIME] == st.st_mtime_ns or prev[F_MTIME] == _mtime_ns(st)))
+                and (mtime == st.st_mtime_ns or mtime == _mtime_ns(st))
+                and (mtime % 1_000_000_000 != 0 or not racy[0] <= mtime <= racy[1]))
 
 
-def _unchanged_file(prev: PrevEntry, st: os.stat_result, blocks: int | None) -> bool:
+def _unchanged_file(prev: PrevEntry, st: os.stat_result, blocks: int | None, racy: tuple[int, int]) -> bool:
     """Whether a previous file entry is exactly what the file's entry would be now, with
     ``blocks`` what it records of ``st_blocks``."""
-    return (_same_content(prev, st) and prev[F_MODE] == stat.S_IMODE(st.st_mode) and prev[F_UID] == st.st_uid
-            and prev[F_GID] == st.st_gid and prev[F_NLINK] == st.st_nlink
+    return (_same_content(prev, st, racy) and prev[F_MODE] == stat.S_IMODE(st.st_mode)
+            and prev[F_UID] == st.st_uid and prev[F_GID] == st.st_gid and prev[F_NLINK] == st.st_nlink
             and (prev[F_BLOCKS] if len(prev) > F_BLOCKS else None) == blocks)
 
 
@@ -756,6 +779,17 @@ def _changed(st: os.stat_result, after: os.stat_result, spans: list[Location]) -
     return (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st.st_size
 
 
+def _why_changed(st: os.stat_result, after: os.stat_result, spans: list[Location]) -> str:
+    """What to say of a file ``_changed`` found changed: a file whose size and mtime
+    stayed as they were but that reads another number of bytes is no ordinary file (a
+    /proc or /sys file says 0 or 4096 and reads what it holds now)."""
+    total = sum(s.length for s in spans)
+    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and total != st.st_size:
+        return (f"reads {total} bytes where its size says {st.st_size} (a /proc or /sys file?); "
+                "copy it to an ordinary file to import it")
+    return CHANGED
+
+
 def _open_file(dir_fd: int, name: bytes) -> int:
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
@@ -793,6 +827,7 @@ def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict
     ``reread``, nothing is taken from the previous snapshot: every file is read, and every
     chunk and node the index lacks is stored (what ``fsck --repair`` found lost)."""
     started = time.monotonic()
+    started_ns = time.time_ns()
     if not src.is_dir():
         raise UsageError(f"{src}: not a directory" if src.exists() else f"{src}: no such directory")
     own = own_dirs(repo, meta)
@@ -802,7 +837,8 @@ def run_import(repo: Repository, meta: MetaCache, src: Path, ref: str, *, strict
         if what is not None:
             raise UsageError(f"{src}: inside {what}; nothing imported")
     with locked(repo.store, "shared") as lock:
-        return _import_locked(repo, meta, src, ref, strict, reread, counters_out, on_problem, started, own, lock)
+        return _import_locked(repo, meta, src, ref, strict, reread, counters_out, on_problem, started, started_ns,
+                              own, lock)
 
 
 def own_dirs(repo: Repository, meta: MetaCache) -> dict[tuple[int, int], str]:
@@ -827,7 +863,8 @@ def _dev_ino(path: Path) -> tuple[int, int] | None:
 
 def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, strict: bool, reread: bool,
                    counters_out: list[Counters] | None, on_problem: Callable[[str], None] | None,
-                   started: float, own: dict[tuple[int, int], str], lock: HeldLock) -> ImportResult:
+                   started: float, started_ns: int, own: dict[tuple[int, int], str],
+                   lock: HeldLock) -> ImportResult:
     try:
         prev = None if reread else repo.snapshot(ref)
     except CafsError:
@@ -851,7 +888,8 @@ def _import_locked(repo: Repository, meta: MetaCache, src: Path, ref: str, stric
         repo.write_index(uploader.written)
         c = importer.counters
         stats = {"files": c.files, "dirs": c.dirs, "symlinks": c.symlinks, "bytes": c.logical, "new_bytes": c.new_bytes,
-                 "stored_bytes": uploader.bytes_written, "skipped": len(importer.skipped)}
+                 "stored_bytes": uploader.bytes_written, "skipped": len(importer.skipped),
+                 "started_ns": started_ns}
         snap = repo.commit(ref, root, source=os.fsencode(str(src.absolute())), stats=stats)
     finally:
         uploader.close()

@@ -701,3 +701,11 @@ def test_a_commit_whose_answer_was_lost_is_recorded_once(tmp_path: Path) -> None
     assert result.snapshot is not None and result.snapshot.jid == 1
     assert repo.jids("ds") == [1]
     assert len(journal_entries(tmp_path / "repo")) == 1
+
+
+def test_a_proc_file_of_size_zero_is_skipped_saying_what_it_is(cafs, repo: Path) -> None:
+    # /proc files say size 0 and read what they hold: never an empty file in the
+    # snapshot, and not "changed while being read" either
+    r = cafs("import", "/proc/sys/kernel/random", repo, "--name", "proc", "--no-progress")
+    assert_clean_error(r, 3, "'poolsize': reads ", " bytes where its size says 0 (a /proc or /sys file?)")
+    assert "changed while being read" not in r.err

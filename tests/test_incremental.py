@@ -171,3 +171,38 @@ def test_index_objects_of_a_remote_store_are_read_several_at_a_time(r: Repo, tmp
     got = Repository.open(slow).load_index()
     assert slow.most > 1
     assert got.objects == r.repo.load_index().objects and len(got.objects) == 6 + 6  # a chunk and a node each
+
+
+def _fat_mtime(path: Path, seconds: int) -> None:
+    """Set ``path``'s mtime as FAT records any write within the two seconds from
+    ``seconds`` (even): a whole, even second."""
+    os.utime(path, (seconds, seconds))
+
+
+def test_a_file_written_again_within_the_mtime_granule_is_read_again(r: Repo, tmp_path: Path) -> None:
+    # On FAT a file's mtime is kept in 2-second steps: written, imported, and written
+    # again with the same size within those two seconds, it looks untouched.
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "labels.csv"
+    granule = int(time.time()) // 2 * 2
+    f.write_bytes(b"cat,1\n")
+    _fat_mtime(f, granule)
+    r.import_(src)
+    f.write_bytes(b"dog,2\n")
+    _fat_mtime(f, granule)
+    second = r.import_(src)
+    assert second.snapshot is not None
+    entry = r.entry(second.snapshot, "labels.csv")
+    assert b"".join(r.repo.read_object(s) for s in file_spans(r.reader, entry)) == b"dog,2\n"
+
+
+def test_a_whole_second_mtime_long_before_the_import_is_trusted(r: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "old.bin"
+    f.write_bytes(b"x" * 100)
+    _fat_mtime(f, int(time.time()) - 3600)
+    r.import_(src)
+    again = r.import_(src)
+    assert again.counters.reused_files == 1 and again.counters.read_bytes == 0

@@ -2,7 +2,10 @@
 
 Objects are files under the root at their key's path. A put writes a temporary file in
 the target directory, fsyncs it and renames it into place (exclusive puts hard-link it
-into place instead, which fails if the name exists), so a reader never sees a partial
+into place instead, which fails if the name exists; on a filesystem without hard links,
+FAT or exFAT, they rename it with ``RENAME_NOREPLACE``, and where that is refused too, a
+FUSE driver of those, they rename it after checking that the name is free, which two
+writers at once could both pass), so a reader never sees a partial
 object and a crash leaves at most a stray ``.tmp-*`` file, which ``list`` skips and
 ``remove_temporaries`` (``Temporaries``, for gc) removes once it is stale. A listing
 fails on any directory it cannot read (one skipped would hide the objects it holds).
@@ -236,7 +239,7 @@ class _LocalWriter:
                 os.close(fd)
             if exclusive:
                 try:
-                    os.link(self._tmp, self._path)
+                    _place_new(self._tmp, self._path)
                 except FileExistsError:
                     raise ObjectExists(f"{self._store.url}: {self._key} exists already") from None
                 finally:
@@ -254,6 +257,47 @@ class _LocalWriter:
             self._tmp.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+# what link() gives on a filesystem that has no hard links (FAT, exFAT)
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Give the file ``tmp`` the name ``path``, which must not exist yet (FileExistsError
+    if it does); ``tmp`` may keep its name too."""
+    try:
+        os.link(tmp, path)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+    if _rename_noreplace(tmp, path):
+        return
+    if os.path.lexists(path):  # not atomic: the best a filesystem without either allows
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+    os.rename(tmp, path)
+
+
+def _rename_noreplace(tmp: Path, path: Path) -> bool:
+    """``renameat2(RENAME_NOREPLACE)``; False if the filesystem (or libc) has no such
+    rename, FileExistsError if ``path`` exists."""
+    import ctypes  # here: needed only where hard links are missing
+    import ctypes.util
+
+    try:
+        renameat2 = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
+    except AttributeError:  # a libc older than glibc 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(path))
 
 
 def _write_direct(fd: int, view: memoryview) -> memoryview:
