@@ -37,7 +37,10 @@ def fat_mount(kind: str, tmp: Path) -> Iterator[Path]:
     with open(image, "wb") as f:
         f.truncate(IMAGE_BYTES)
     _run(tools[0], str(image))
-    loop = _run("losetup", "-f", "--show", str(image))
+    try:
+        loop = _run("losetup", "-f", "--show", str(image))
+    except subprocess.CalledProcessError as exc:  # a container without loop devices
+        pytest.skip(f"no loop device for a {kind} image: {exc.stderr.strip()}")
     try:
         if kind == "exfat":
             _run(tools[1], loop, str(mnt))
