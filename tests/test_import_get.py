@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cafs.cli import show_path
-from cafs.importer import run_import
+from cafs.importer import ImportResult, run_import
 from cafs.check import Checker
 from cafs.metacache import MetaCache, NodeReader
 from cafs.repository import Repository
@@ -647,6 +647,18 @@ def test_import_of_more_directories_than_open_files_allowed(cafs_proc, repo: Pat
     assert_same_tree(src, out)
 
 
+def import_traced(repo: Path, src: Path, meta_dir: Path, ref: str) -> tuple[ImportResult, int]:
+    """Import ``src`` in this process; the result and the peak of memory traced meanwhile."""
+    meta = MetaCache(meta_dir)
+    tracemalloc.start()
+    try:
+        result = run_import(Repository.open(open_store(str(repo))), meta, src, ref)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        meta.close()
+
+
 def test_importing_a_large_directory_holds_its_entries_not_what_reading_each_file_took(
         repo: Path, tmp_path: Path) -> None:
     # Each small file read on a worker stayed in its directory's list of entries until the
@@ -662,14 +674,7 @@ def test_importing_a_large_directory_holds_its_entries_not_what_reading_each_fil
             os.close(f)
     finally:
         os.close(fd)
-    meta = MetaCache(tmp_path / "meta")
-    tracemalloc.start()
-    try:
-        result = run_import(Repository.open(open_store(str(repo))), meta, src, "flat")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        meta.close()
+    result, peak = import_traced(repo, src, tmp_path / "meta", "flat")
     assert result.counters.files == 10_000
     assert peak < 20 << 20, peak
 
@@ -715,14 +720,7 @@ def test_importing_a_deep_tree_of_long_names_holds_the_path_of_one_directory(rep
     # as here, 20 MB).
     src = deep_dir / "deep"
     _deep(src, 400, b"bottom", name="n" * 255)
-    meta = MetaCache(tmp_path / "meta")
-    tracemalloc.start()
-    try:
-        result = run_import(Repository.open(open_store(str(repo))), meta, src, "deep")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        meta.close()
+    result, peak = import_traced(repo, src, tmp_path / "meta", "deep")
     assert result.snapshot is not None and not result.skipped and result.counters.dirs == 401
     assert peak < 8 << 20, peak
 
