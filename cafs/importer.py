@@ -182,24 +182,24 @@ class _DirFrame:
 
 @dataclass
 class _PendingFile:
-    """A file being read and cut on a worker; ``entry`` is made once the job is done."""
+    """A file being read and cut on a worker; settled, its entry takes its place."""
 
     name: bytes
     path: bytes
     st: os.stat_result
     fd: int  # open until settled
     job: Future[FileCut]
-    entry: Entry | None = None  # None: not settled yet, or skipped
     # the list and index where it waits in its directory's entries: settled, it leaves
     # its entry there and goes. Kept there, each file read held its job, its stat results
     # and its path (some 4 KB) until the directory was done: 450 MB for a directory of
     # 100,000 files, 4 GB for one of a million.
     place: tuple[list[Entry | PrevEntry | _PendingFile | None], int] | None = None
 
-    def settled(self) -> None:
+    def settle(self, entry: Entry | None) -> None:
+        """Leave ``entry`` (None: skipped) in this file's place."""
         if self.place is not None:
             entries, index = self.place
-            entries[index] = self.entry
+            entries[index] = entry
             self.place = None
 
 
@@ -437,8 +437,11 @@ class Importer:
 
     def _finish_dir(self, frame: _DirFrame) -> Entry | PrevEntry:
         self._settle_all()
-        settled = (e.entry if isinstance(e, _PendingFile) else e for e in frame.entries)
-        entries = [e for e in settled if e is not None]
+        entries: list[Entry | PrevEntry] = []
+        for e in frame.entries:
+            assert not isinstance(e, _PendingFile), "a settled file leaves its entry in its place"
+            if e is not None:
+                entries.append(e)
         if (frame.prev_ref is not None and len(entries) == len(frame.prev)
                 and all(type(e) is list for e in entries)):
             ref = frame.prev_ref  # every entry is the previous snapshot's own: so is the node
@@ -582,18 +585,19 @@ class Importer:
         cut = p.job.result()
         self._pending.popleft()
         os.close(p.fd)
+        entry = None
         try:
             if cut.error is not None or cut.after is None:
                 self._skip(p.path, f"cannot read: {cut.error.strerror if cut.error else 'no answer'}")
                 return
             spans = self._store_prepared(cut.chunks)
-            if _changed(p.st, cut.after, spans):
-                self._skip(p.path, _why_changed(p.st, cut.after, spans))
+            if (why := _change(p.st, cut.after, spans)) is not None:
+                self._skip(p.path, why)
                 return
-            p.entry = self._file_done(p.name, p.path, p.st, spans)
+            entry = self._file_done(p.name, p.path, p.st, spans)
         finally:
             cut.release()
-            p.settled()
+            p.settle(entry)
 
     def _settle_all(self) -> None:
         while self._pending:
@@ -611,8 +615,8 @@ class Importer:
             raise _FileSkipped(f"cannot read: {exc.strerror}") from None
         finally:
             os.close(fd)
-        if _changed(st, after, spans):
-            raise _FileSkipped(_why_changed(st, after, spans))
+        if (why := _change(st, after, spans)) is not None:
+            raise _FileSkipped(why)
         return spans
 
     def _cut_large(self, fd: int, size: int) -> Iterable[Chunk | ZeroRun]:
@@ -773,21 +777,18 @@ def _check_opened(fd: int, st: os.stat_result) -> None:
         raise _FileSkipped("replaced while importing")
 
 
-def _changed(st: os.stat_result, after: os.stat_result, spans: list[Location]) -> bool:
-    """Whether a file read as ``spans`` changed since ``st`` (taken before it was opened)."""
+def _change(st: os.stat_result, after: os.stat_result, spans: list[Location]) -> str | None:
+    """Why a file read as ``spans`` is not the file ``st`` was taken of (before it was
+    opened; ``after`` once read), or None if it is. A file whose size and mtime stayed as
+    they were but that reads another number of bytes is no ordinary file (a /proc or /sys
+    file says 0 or 4096 and reads what it holds now)."""
     total = sum(s.length for s in spans)
-    return (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st.st_size
-
-
-def _why_changed(st: os.stat_result, after: os.stat_result, spans: list[Location]) -> str:
-    """What to say of a file ``_changed`` found changed: a file whose size and mtime
-    stayed as they were but that reads another number of bytes is no ordinary file (a
-    /proc or /sys file says 0 or 4096 and reads what it holds now)."""
-    total = sum(s.length for s in spans)
-    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and total != st.st_size:
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        return CHANGED
+    if total != st.st_size:
         return (f"reads {total} bytes where its size says {st.st_size} (a /proc or /sys file?); "
                 "copy it to an ordinary file to import it")
-    return CHANGED
+    return None
 
 
 def _open_file(dir_fd: int, name: bytes) -> int:
