@@ -36,6 +36,7 @@ holder let go) or one that does not decode (not written by cafs) counts as none.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -70,8 +71,10 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+@functools.cache
 def _this_host() -> str:
-    """``host`` of the locks this process writes (see the module docstring)."""
+    """``host`` of the locks this process writes (see the module docstring); the same
+    for the life of the process, so read once."""
     name = os.uname().nodename[:160]
     boot = _read_text("/proc/sys/kernel/random/boot_id")
     try:
@@ -163,13 +166,17 @@ class HeldLock:
         Raises the store's error when it cannot be told."""
         self._check_age()
         if self._lost is None:
-            try:
-                self.store.get(self.key)
-            except ObjectNotFound:
-                self._lost = "removed by another process, which took it for stale"
+            self._check_present()
         if self._lost is not None:
             raise LockLost(f"{self.store.url}: lost this process's {self.kind} lock ({self.key}): {self._lost}; "
                            "what it wrote may have been removed with it (a gc); nothing more was done, run it again")
+
+    def _check_present(self) -> None:
+        """Mark the lock lost if the store no longer has it; the store's errors propagate."""
+        try:
+            self.store.get(self.key)
+        except ObjectNotFound:
+            self._lost = "removed by another process, which took it for stale"
 
     def _check_age(self) -> None:
         since = time.monotonic() - self._refreshed
@@ -183,12 +190,11 @@ class HeldLock:
                 return  # never put back a lock another process may have taken for stale
             began = time.monotonic()
             try:
-                self.store.get(self.key)
-            except ObjectNotFound:
-                self._lost = "removed by another process, which took it for stale"
-                return
+                self._check_present()
             except StoreError:
                 continue  # the next refresh may succeed
+            if self._lost is not None:
+                return
             try:
                 self.store.put(self.key, _encode(self.kind))
             except StoreError:
