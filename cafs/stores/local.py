@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import threading
 import time
@@ -44,6 +45,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from cafs.errors import NoSpaceError, ObjectNotFound, StoreError
 from cafs.fileio import DIRECT_ALIGN, open_files_share, read_resident
@@ -285,19 +287,30 @@ def _rename_noreplace(tmp: Path, path: Path) -> bool:
     """``renameat2(RENAME_NOREPLACE)``; False if the filesystem (or libc) has no such
     rename, FileExistsError if ``path`` exists."""
     import ctypes  # here: needed only where hard links are missing
-    import ctypes.util
 
-    try:
-        renameat2 = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
-    except AttributeError:  # a libc older than glibc 2.28
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(path))
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2``, None if it has none (older than glibc 2.28); looked up once,
+    as finding libc runs ldconfig."""
+    import ctypes.util
+
+    try:
+        renameat2 = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
+    except AttributeError:
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
 
 
 def _write_direct(fd: int, view: memoryview) -> memoryview:
