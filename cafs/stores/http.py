@@ -308,6 +308,7 @@ class HttpStore:
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def _asked_part(data: bytes, content_range: str | None, offset: int, length: int | None, where: str) -> bytes:
@@ -334,7 +335,6 @@ def _asked_part(data: bytes, content_range: str | None, offset: int, length: int
     if named < length and total != str(last + 1):
         raise StoreUnavailable(f"{where}: asked for {asked}, the server answered only {match[0]}")
     return data[:length]
-_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def _encode_path(url: str) -> str:

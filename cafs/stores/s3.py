@@ -262,18 +262,19 @@ class S3Store:
                 name, upload_id = unquote_plus(awsxml.text(item, "Key")), awsxml.text(item, "UploadId")
                 if not name.startswith(self.prefix) or not upload_id:
                     continue
+                key = name[len(self.prefix):]
                 try:
-                    check_key(name[len(self.prefix):])
+                    check_key(key)
                     begun = datetime.fromisoformat(awsxml.text(item, "Initiated")).timestamp()
                 except (StoreError, ValueError):
                     continue  # not ours, or no time to judge its age by
                 if begun >= cutoff:
                     continue  # perhaps a live writer's
-                parts = self._upload_size(name[len(self.prefix):], upload_id)
-                abort = self._call("DELETE", name[len(self.prefix):], query=[("uploadId", upload_id)])
+                parts = self._upload_size(key, upload_id)
+                abort = self._call("DELETE", key, query=[("uploadId", upload_id)])
                 if abort.status == 404:
                     continue  # finished or aborted meanwhile
-                self._expect(abort, name[len(self.prefix):], (200, 204))
+                self._expect(abort, key, (200, 204))
                 removed, size = removed + 1, size + parts
             if awsxml.text(root, "IsTruncated").lower() != "true":
                 return removed, size
