@@ -13,35 +13,19 @@ import pytest
 
 from cafs import chunkprep, importer
 from cafs.format.config import ChunkerParams
-from cafs.format.nodes import Entry
 from cafs.importer import run_import
-from cafs.metacache import MetaCache, NodeReader
-from cafs.repository import Repository
-from cafs.stores.local import LocalStore
-from cafs.tree import file_spans, resolve, walk
+from cafs.tree import file_spans, walk
 from fdcount import open_below
+from localrepo import LocalRepo, local_repo
 from treegen import assert_same_tree
 
 SMALL = ChunkerParams(min_size=4 << 10, avg_size=16 << 10, max_size=64 << 10)
 
 
-class Repo:
-    def __init__(self, path: Path, cache: Path) -> None:
-        self.repo = Repository.init(LocalStore(path), SMALL)
-        self.meta = MetaCache(cache)
-        self.reader = NodeReader(self.repo, self.meta)
-
-    def entry(self, root: Entry, path: str) -> Entry:
-        return resolve(self.reader, root, path.encode())
-
-
 @pytest.fixture
-def r(tmp_path: Path) -> Iterator[Repo]:
-    repo = Repo(tmp_path / "repo", tmp_path / "meta")
-    try:
+def r(tmp_path: Path) -> Iterator[LocalRepo]:
+    with local_repo(tmp_path, SMALL) as repo:
         yield repo
-    finally:
-        repo.meta.close()
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +39,7 @@ def _write(path: Path, size: int) -> None:
     path.write_bytes(os.urandom(size))
 
 
-def test_packs_hold_the_files_in_the_order_of_the_walk(r: Repo, tmp_path: Path) -> None:
+def test_packs_hold_the_files_in_the_order_of_the_walk(r: LocalRepo, tmp_path: Path) -> None:
     src = tmp_path / "src"
     sizes = [5_000, 150_000, 700_000, 1, 90_000, 0, 300_000, 60_000, 20_000, 400_000, 7]
     names = []
@@ -69,7 +53,7 @@ def test_packs_hold_the_files_in_the_order_of_the_walk(r: Repo, tmp_path: Path) 
     assert not result.skipped and result.snapshot is not None
     offsets = []
     for name in sorted(names):  # bytewise: d/f.. then d/g/inner, as the walk meets them
-        spans = file_spans(r.reader, r.entry(result.snapshot.root, name))
+        spans = file_spans(r.reader, r.entry(result.snapshot, name))
         offsets += [(s.pack, s.offset) for s in spans]
     assert len({p for p, _ in offsets}) == 1  # one pack: so offsets are the order written
     assert offsets == sorted(offsets)
@@ -89,7 +73,7 @@ def test_the_tree_reads_back_byte_exact(tmp_path: Path, cafs) -> None:
     assert_same_tree(src, tmp_path / "out")
 
 
-def test_a_hard_link_is_read_once_even_while_its_first_name_is_in_flight(r: Repo, tmp_path: Path,
+def test_a_hard_link_is_read_once_even_while_its_first_name_is_in_flight(r: LocalRepo, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     _write(src / "a", 100_000)
@@ -105,11 +89,11 @@ def test_a_hard_link_is_read_once_even_while_its_first_name_is_in_flight(r: Repo
     result = run_import(r.repo, r.meta, src, "ds")
     assert result.snapshot is not None and not result.skipped
     assert reads == [os.stat(src / "a").st_ino]
-    a, b = (r.entry(result.snapshot.root, n) for n in ("a", "b"))
+    a, b = (r.entry(result.snapshot, n) for n in ("a", "b"))
     assert file_spans(r.reader, a) == file_spans(r.reader, b) and a.nlink == b.nlink == 2
 
 
-def test_files_that_fail_or_change_on_the_workers_are_skipped_by_name(r: Repo, tmp_path: Path,
+def test_files_that_fail_or_change_on_the_workers_are_skipped_by_name(r: LocalRepo, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     for name in ("a", "bad", "grows", "z"):
@@ -140,7 +124,7 @@ def test_files_that_fail_or_change_on_the_workers_are_skipped_by_name(r: Repo, t
     assert open_below(src) == 0
 
 
-def test_a_failed_import_closes_the_files_in_flight(r: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_import_closes_the_files_in_flight(r: LocalRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     for i in range(30):
         _write(src / f"f{i:02d}", 30_000)
@@ -160,7 +144,7 @@ def test_a_failed_import_closes_the_files_in_flight(r: Repo, tmp_path: Path, mon
     assert not [t for t in threading.enumerate() if t.name.startswith("cafs-cut")]
 
 
-def test_files_are_read_on_several_workers(r: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_files_are_read_on_several_workers(r: LocalRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     for i in range(20):
         _write(src / f"f{i:02d}", 30_000)
@@ -182,7 +166,7 @@ def test_files_are_read_on_several_workers(r: Repo, tmp_path: Path, monkeypatch:
     assert not started.broken  # two files were being read at the same moment
 
 
-def test_a_directory_of_many_files_is_imported_in_bounded_memory(r: Repo, tmp_path: Path,
+def test_a_directory_of_many_files_is_imported_in_bounded_memory(r: LocalRepo, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The compressed chunks of a file are let go once they are in a pack, not held (by
     the finished job) until the directory's node is made: a directory of many files of
@@ -206,7 +190,7 @@ def test_a_directory_of_many_files_is_imported_in_bounded_memory(r: Repo, tmp_pa
     assert peak < result.stored_bytes // 3  # a few files in flight, not the whole directory
 
 
-def test_the_read_buffers_hold_no_more_than_the_files_in_flight_may(r: Repo, tmp_path: Path,
+def test_the_read_buffers_hold_no_more_than_the_files_in_flight_may(r: LocalRepo, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Files near WHOLE_READ_MAX after small ones: each read buffer kept the largest file
     it had read, doubled, so all of them held several times PENDING_BYTES."""
@@ -242,7 +226,7 @@ def test_the_read_buffers_hold_no_more_than_the_files_in_flight_may(r: Repo, tmp
 
 
 def test_ctrl_c_while_waiting_for_a_file_closes_it_only_once_its_worker_is_done(
-        r: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        r: LocalRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while the importing thread waits for a file's job (KeyboardInterrupt out of
     the wait): the file was closed at once, under the worker still reading it, whose
     descriptor another open may then reuse."""

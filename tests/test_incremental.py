@@ -11,40 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from cafs.format.journal import Snapshot
-from cafs.format.nodes import DirIndexNode, Entry
-from cafs.importer import ImportResult, run_import
-from cafs.metacache import MetaCache, NodeReader
+from cafs.format.nodes import DirIndexNode
 from cafs.repository import Repository
 from cafs.stores.local import LocalStore
-from cafs.tree import file_spans, resolve
+from cafs.tree import file_spans
 from storewrap import PassThroughStore
+from localrepo import LocalRepo, local_repo
 from treegen import assert_same_tree
 
 
-class Repo:
-    def __init__(self, path: Path, cache: Path) -> None:
-        self.repo = Repository.init(LocalStore(path))
-        self.meta = MetaCache(cache)
-        self.reader = NodeReader(self.repo, self.meta)
-
-    def import_(self, src: Path) -> ImportResult:
-        result = run_import(self.repo, self.meta, src, "ds")
-        assert not result.skipped
-        return result
-
-    def entry(self, snap: Snapshot | None, path: str) -> Entry:
-        assert snap is not None
-        return resolve(self.reader, snap.root, path.encode())
-
-
 @pytest.fixture
-def r(tmp_path: Path) -> Iterator[Repo]:
-    repo = Repo(tmp_path / "repo", tmp_path / "meta")
-    try:
+def r(tmp_path: Path) -> Iterator[LocalRepo]:
+    with local_repo(tmp_path) as repo:
         yield repo
-    finally:
-        repo.meta.close()
 
 
 def _files(d: Path, n: int, size: int = 100) -> None:
@@ -53,7 +32,7 @@ def _files(d: Path, n: int, size: int = 100) -> None:
         (d / f"f{i:05d}").write_bytes(os.urandom(size))
 
 
-def test_an_unchanged_directory_keeps_its_node_when_a_sibling_changes(r: Repo, tmp_path: Path, cafs) -> None:
+def test_an_unchanged_directory_keeps_its_node_when_a_sibling_changes(r: LocalRepo, tmp_path: Path, cafs) -> None:
     src = tmp_path / "src"
     _files(src / "a", 5)
     _files(src / "b" / "deep", 5)
@@ -70,7 +49,7 @@ def test_an_unchanged_directory_keeps_its_node_when_a_sibling_changes(r: Repo, t
     assert_same_tree(src, tmp_path / "out")
 
 
-def test_a_mode_change_alone_keeps_the_content_without_reading(r: Repo, tmp_path: Path, cafs) -> None:
+def test_a_mode_change_alone_keeps_the_content_without_reading(r: LocalRepo, tmp_path: Path, cafs) -> None:
     src = tmp_path / "src"
     _files(src, 3, size=5000)
     first = r.import_(src).snapshot
@@ -85,7 +64,7 @@ def test_a_mode_change_alone_keeps_the_content_without_reading(r: Repo, tmp_path
     assert_same_tree(src, tmp_path / "out")
 
 
-def test_a_directory_of_several_pages_is_compared_across_all_of_them(r: Repo, tmp_path: Path, cafs) -> None:
+def test_a_directory_of_several_pages_is_compared_across_all_of_them(r: LocalRepo, tmp_path: Path, cafs) -> None:
     src = tmp_path / "src"
     _files(src / "big", 2500, size=10)  # three pages of at most 1024 entries
     first = r.import_(src).snapshot
@@ -110,7 +89,7 @@ def test_a_directory_of_several_pages_is_compared_across_all_of_them(r: Repo, tm
     assert_same_tree(src, tmp_path / "out")
 
 
-def test_names_that_change_kind_between_imports(r: Repo, tmp_path: Path, cafs) -> None:
+def test_names_that_change_kind_between_imports(r: LocalRepo, tmp_path: Path, cafs) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "was-file").write_bytes(b"file")
@@ -158,7 +137,7 @@ class _SlowIndexReads(PassThroughStore):
                 self._now -= 1
 
 
-def test_index_objects_of_a_remote_store_are_read_several_at_a_time(r: Repo, tmp_path: Path) -> None:
+def test_index_objects_of_a_remote_store_are_read_several_at_a_time(r: LocalRepo, tmp_path: Path) -> None:
     # one index object per import until gc merges them: read one by one, each would cost
     # a remote store's first-byte latency
     src = tmp_path / "src"
@@ -179,7 +158,7 @@ def _fat_mtime(path: Path, seconds: int) -> None:
     os.utime(path, (seconds, seconds))
 
 
-def test_a_file_written_again_within_the_mtime_granule_is_read_again(r: Repo, tmp_path: Path) -> None:
+def test_a_file_written_again_within_the_mtime_granule_is_read_again(r: LocalRepo, tmp_path: Path) -> None:
     # On FAT a file's mtime is kept in 2-second steps: written, imported, and written
     # again with the same size within those two seconds, it looks untouched.
     src = tmp_path / "src"
@@ -197,7 +176,7 @@ def test_a_file_written_again_within_the_mtime_granule_is_read_again(r: Repo, tm
     assert b"".join(r.repo.read_object(s) for s in file_spans(r.reader, entry)) == b"dog,2\n"
 
 
-def test_a_whole_second_mtime_long_before_the_import_is_trusted(r: Repo, tmp_path: Path) -> None:
+def test_a_whole_second_mtime_long_before_the_import_is_trusted(r: LocalRepo, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     f = src / "old.bin"
