@@ -27,7 +27,10 @@ larger): an insert that passes it removes least-recently-used extents in its own
 transaction until the total is at most ``limit * EVICT_TO``, and once committed punches
 the whole blocks they leave unused (a block shared with a recorded extent, or with a span
 this process is writing, is kept; without rounding, extents smaller than a block would
-free nothing). Bytes on disk exceed the total by the inserts in flight (written before
+free nothing), or deletes the pack's cache file when no extent of it is left and this
+process is writing none: the one way to free space on a filesystem that cannot punch
+holes (exFAT, some network filesystems; the mount's log says so once), and no empty
+sparse files pile up elsewhere. Bytes on disk exceed the total by the inserts in flight (written before
 they are recorded) and by the shared blocks at the ends of runs of extents. Nothing read
 from here is trusted: the caller verifies bytes against their id, and a damaged extent
 is dropped and refetched; a record of the wrong length is a damaged LMDB file
@@ -59,6 +62,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import logging
 import mmap
 import os
 import struct
@@ -74,6 +78,8 @@ import lmdb
 
 from cafs.errors import CafsError, NoSpaceError
 from cafs.fileio import DIRECT_ALIGN, open_files_share, pwrite_all, read_resident
+
+log = logging.getLogger("cafs.cache")
 
 EVICT_TO = 0.9
 _EXTENT = struct.Struct(">IQ")
@@ -149,6 +155,7 @@ class ChunkCache:
         self._fds: OrderedDict[bytes, _OpenPack] = OrderedDict()  # least recently used first
         self._open_share = open_files_share(OPEN_FILES_FRACTION)
         self._direct = True  # until the filesystem refuses O_DIRECT
+        self._punch_refused = False  # said once: evictions free space only with whole packs
         self._buffers = threading.local()  # each thread's aligned buffer for O_DIRECT writes
 
     # -- files ----------------------------------------------------------------------
@@ -564,7 +571,16 @@ class ChunkCache:
             forgotten.append((key, length))
         txn.put(_SIZE_KEY, _SIZE.pack(max(0, total)), db=self.stat)
         # after every deletion, so that neighbours evicted together free the block they share
-        return [_Victim(key, length, self._hole(txn, key, length)) for key, length in forgotten]
+        emptied = {key[:32] for key, _length in forgotten if self._emptied(txn, key[:32])}
+        return [_Victim(key, length, self._hole(txn, key, length), key[:32] in emptied)
+                for key, length in forgotten]
+
+    def _emptied(self, txn: lmdb.Transaction, pack: bytes) -> bool:
+        """Whether ``pack`` has no recorded extent left and no span this process writes."""
+        if pack in self._writing:
+            return False
+        cursor = txn.cursor(db=self.extents)
+        return not (cursor.set_range(pack) and cursor.key()[:32] == pack)
 
     def _hole(self, txn: lmdb.Transaction, key: bytes, length: int) -> tuple[int, int] | None:
         """The whole blocks that forgetting extent ``key`` of ``length`` bytes frees:
@@ -595,8 +611,10 @@ class ChunkCache:
             yield from _same_pack(cursor, key)
 
     def _punch_all(self, victims: list[_Victim]) -> None:
+        for pack in {v.key[:32] for v in victims if v.emptied}:
+            self._delete_file(pack)
         for victim in victims:
-            if victim.hole is not None:
+            if victim.hole is not None and not victim.emptied:
                 self._punch(victim.key[:32], *victim.hole)
         self.counters.evictions += len(victims)
         self.counters.evicted_bytes += sum(v.length for v in victims)
@@ -607,17 +625,35 @@ class ChunkCache:
                 return
             try:
                 _fallocate(entry.fd, _FALLOC_PUNCH, lo, hi - lo)
-            except OSError:
-                pass  # the extent is already forgotten; a later read refetches
+            except OSError as exc:  # the extent is already forgotten; a later read refetches
+                if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS) and not self._punch_refused:
+                    self._punch_refused = True
+                    log.warning("cache %s: its filesystem cannot punch holes (%s), so evicted chunks free "
+                                "their space only once every chunk of their pack is evicted; the cache may "
+                                "take more than cache_size on disk", self.root, exc.strerror)
+
+    def _delete_file(self, pack: bytes) -> None:
+        """Delete the cache file of a pack none of whose extents is recorded
+        (``_records`` held); a descriptor another thread is using closes after it."""
+        with self._lock:
+            entry = self._fds.pop(pack, None)
+            if entry is not None:
+                entry.retire()
+        try:
+            os.unlink(self._path(pack))
+        except OSError:
+            pass  # gone already, or damage in the cache directory that reads step around
 
 
 @dataclass(frozen=True)
 class _Victim:
-    """An evicted extent and the blocks to punch for it (None: none)."""
+    """An evicted extent and the blocks to punch for it (None: none), or whether its
+    pack's cache file is to be deleted instead: no extent of the pack is left."""
 
     key: bytes
     length: int
     hole: tuple[int, int] | None
+    emptied: bool = False
 
 
 def _same_pack(cursor: lmdb.Cursor, key: bytes) -> Iterator[tuple[int, int]]:

@@ -198,3 +198,49 @@ def test_resident_reads_never_wait_for_the_disk(cache: ChunkCache, tmp_path: Pat
         time.sleep(0.01)
     assert cache.read(pack, size, size, resident=True) == data
     assert resident_bytes(path) == 0  # and what it read left the page cache
+
+
+def _cache_files(root: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_blocks * 512 for f in root.glob("data/*/*")}
+
+
+def test_a_pack_whose_every_extent_is_evicted_loses_its_file(tmp_path: Path) -> None:
+    # Nothing of the pack is cached any more: an empty sparse file of its size is clutter,
+    # and on a filesystem that cannot punch holes the only way to free its blocks.
+    meta = MetaCache(tmp_path / "cache")
+    small = ChunkCache(tmp_path / "cache", meta.env, 300 * 1024)
+    old, new = b"\1" * 32, b"\2" * 32
+    try:
+        small.insert(old, [(i * 65536, content(1, i) * 16) for i in range(3)])
+        small.insert(new, [(i * 65536, content(2, i) * 16) for i in range(4)])
+        assert small.counters.evictions >= 3
+        assert not any(small.contains(old, i * 65536) for i in range(3))
+        assert list(_cache_files(tmp_path / "cache")) == [new.hex()]
+        assert small.read(new, 3 * 65536, 65536) == content(2, 3) * 16
+        small.insert(old, [(0, content(1, 0) * 16)])  # cached again: the file comes back
+        assert small.read(old, 0, 65536) == content(1, 0) * 16
+    finally:
+        small.close()
+        meta.close()
+
+
+def test_a_cache_on_exfat_stays_near_its_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # exFAT punches no holes: evicting extents freed nothing, and the cache grew past
+    # cache_size without a word until the disk was full.
+    from fatfs import fat_mount
+
+    limit = 4 << 20
+    meta = MetaCache(tmp_path / "meta")
+    with fat_mount("exfat", tmp_path) as mnt:
+        small = ChunkCache(mnt / "cache", meta.env, limit)
+        try:
+            for p in range(8):
+                small.insert(bytes([p]) * 32, [(i * 65536, content(p, i) * 16) for i in range(24)])  # 1.5 MiB
+                small.insert(bytes([p]) * 32, [(0, content(p, 0) * 16)])
+            on_disk = sum(_cache_files(mnt / "cache").values())
+            assert on_disk <= limit + (3 << 20), f"{on_disk} bytes on disk for a limit of {limit}"
+            assert small.read(bytes([7]) * 32, 23 * 65536, 65536) == content(7, 23) * 16
+        finally:
+            small.close()
+            meta.close()
+    assert "cannot punch holes" in caplog.text
