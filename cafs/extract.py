@@ -12,7 +12,9 @@ Contract:
 - Never writes outside DEST: everything below DEST is reached through directory file
   descriptors opened with ``O_NOFOLLOW``, names come from validated nodes (no ``/``,
   ``.``, ``..`` or NUL), and anything in the way of an entry (a symlink where a directory
-  belongs, a directory where a file belongs) is removed, not followed.
+  belongs, a directory where a file belongs) is removed, not followed. DEST itself is
+  never followed either: a symlink to a directory there is refused (whatever is
+  extracted), unless it is the very symlink being extracted.
 - Never writes into the repository it reads (on a local disk): a DEST that is the
   repository or inside it is refused, and neither the repository's directory nor one
   holding it is entered or removed on the way (a snapshot's ``config`` or ``packs``
@@ -144,6 +146,9 @@ class Extractor:
                 finally:
                     os.close(fd)
                 return
+            if dest.is_symlink() and dest.is_dir() and not self._is_symlink_of(dest, entry):
+                raise ExtractError(f"{dest}: a symlink to a directory; cafs get neither writes through "
+                                   "nor replaces it: give the directory itself")
             if into and not dest.is_symlink() and not dest.exists():
                 dest.mkdir(parents=True)
             if dest.is_dir() and not dest.is_symlink():
@@ -164,6 +169,11 @@ class Extractor:
                 os.close(fd)
         except OSError as exc:
             raise _os_error(exc, dest) from None
+
+    @staticmethod
+    def _is_symlink_of(dest: Path, entry: Entry) -> bool:
+        """Whether ``dest`` is the symlink ``entry`` already (an earlier get of it)."""
+        return entry.is_symlink and os.readlink(os.fsencode(dest)) == entry.target
 
     def _extract_leaf(self, dir_fd: int, name: bytes, entry: Entry, path: Path) -> None:
         """A file (written, or linked to an earlier name of it) or a symlink."""

@@ -529,6 +529,30 @@ def test_get_refuses_a_symlink_as_dest(cafs, ds: str, tmp_path: Path) -> None:
     assert os.listdir(outside) == []
 
 
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_get_of_a_file_never_replaces_a_symlink_to_a_directory_as_dest(cafs, ds: str, tmp_path: Path,
+                                                                        slash: str) -> None:
+    # the user's symlink (/scratch -> /mnt/nvme/scratch, say) was deleted and a file put
+    # in its place
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    r = cafs("get", f"{ds}:data/script.sh", f"{tmp_path / 'link'}{slash}")
+    assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+    assert "symlink to a directory" in r.err
+    assert os.readlink(tmp_path / "link") == str(elsewhere)
+    assert os.listdir(elsewhere) == []
+
+
+def test_get_of_a_symlink_to_a_directory_again_keeps_it(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()  # where links/to-dir (../data) points from tmp_path/out
+    (tmp_path / "out").mkdir()
+    for _run in range(2):
+        r = cafs("get", f"{ds}:links/to-dir", tmp_path / "out" / "to-dir")
+        assert r.code == 0, r.err
+    assert_same_tree(src / "links" / "to-dir", tmp_path / "out" / "to-dir")
+
+
 def repo_files(repo: Path) -> dict[str, bytes]:
     return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
 
