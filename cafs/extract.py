@@ -23,7 +23,8 @@ Contract:
   is compared by hash and only missing or wrong spans are fetched and written. A re-run
   after an interruption fills only what is missing or wrong. Entries present in DEST but
   not in the snapshot are left alone.
-- Holes: a run of zeros not yet on disk is not written, so sparse files stay sparse.
+- Holes: zeros not yet on disk are not written, whole chunks of them or the pieces
+  between 4 KiB boundaries of the file within a chunk, so sparse files stay sparse.
 - Hard links: entries that were one file with several names when imported (the same
   inode number and link count, and equal content and attributes) become one file with
   several names again, as the first of them extracted. Such files are held open to link
@@ -53,6 +54,8 @@ from cafs.repository import Repository
 from cafs.tree import file_spans, list_dir, show_path, walk
 
 LINK_GROUPS_SHARE = 4  # of the open-files limit: files held open to link their other names to
+HOLE_BLOCK = 4096  # zeros not yet on disk between multiples of this are left as holes
+_ZERO_BLOCK = bytes(HOLE_BLOCK)
 
 
 @dataclass
@@ -351,8 +354,10 @@ class Extractor:
             else:
                 chunk = repeat if repeat is not None else _Chunk(span.id, self._read_chunk(span))
                 last = chunk
-                if existing or not chunk.zeros:
+                if existing:
                     pwrite_all(fd, chunk.data, pos)
+                elif not chunk.zeros:
+                    _write_leaving_holes(fd, chunk.data, pos)
                 self.counters.bytes_written += span.length
             pos += span.length
         os.ftruncate(fd, entry.size)
@@ -488,6 +493,25 @@ class _Chunk:
         if self._zeros is None:
             self._zeros = self.data.count(0) == len(self.data)
         return self._zeros
+
+
+def _write_leaving_holes(fd: int, data: bytes, pos: int) -> None:
+    """Write ``data`` at ``pos``, where the file holds nothing yet, except its pieces of
+    zeros between ``HOLE_BLOCK`` boundaries of the file, which are left as holes (``cp
+    --sparse``): a chunk is up to a few MiB, and a sparse file's data is often much less
+    than that apart."""
+    view = memoryview(data)
+    start = 0  # of what is still to be written
+    i = 0
+    while i < len(view):
+        j = min(len(view), i + HOLE_BLOCK - (pos + i) % HOLE_BLOCK)  # the next boundary
+        if view[i:j] == _ZERO_BLOCK[:j - i]:
+            if i > start:
+                pwrite_all(fd, view[start:i], pos + start)
+            start = j
+        i = j
+    if start < len(view):
+        pwrite_all(fd, view[start:], pos + start)
 
 
 def _no_data_in(fd: int, start: int, length: int) -> bool:
