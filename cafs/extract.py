@@ -18,7 +18,8 @@ Contract:
 - Never writes into the repository it reads (on a local disk): a DEST that is the
   repository or inside it is refused, and neither the repository's directory nor one
   holding it is entered or removed on the way (a snapshot's ``config`` or ``packs``
-  would replace the repository's own).
+  would replace the repository's own). Nor is a directory in the way removed when a
+  filesystem is mounted on it or below it: its files are not DEST's.
 - Resumable like rsync: an existing file is kept where its bytes already match; each span
   is compared by hash and only missing or wrong spans are fetched and written. A re-run
   after an interruption fills only what is missing or wrong. Entries present in DEST but
@@ -49,6 +50,7 @@ from cafs.format.location import Location
 from cafs.format.nodes import Entry
 from cafs.ids import digest
 from cafs.metacache import NodeReader
+from cafs.mounttable import mounts
 from cafs.readahead import ChunksAhead
 from cafs.repository import Repository
 from cafs.tree import file_spans, list_dir, show_path, walk
@@ -414,10 +416,18 @@ class Extractor:
 
     def _remove(self, dir_fd: int, name: bytes, st: os.stat_result) -> None:
         """Remove what ``st`` says is at ``name``: a directory with all it holds, unless
-        it is the repository or holds it."""
-        if stat.S_ISDIR(st.st_mode) and _dev_ino(st) in self._repo_holders:
-            raise ExtractError(f"{os.fsdecode(name)!r} is in the way and holds the repository {self.repo.url}; "
-                               "cafs get never removes it")
+        it is the repository or holds it, or a filesystem is mounted on it or below it
+        (whose files are not DEST's to remove)."""
+        if stat.S_ISDIR(st.st_mode):
+            if _dev_ino(st) in self._repo_holders:
+                raise ExtractError(f"{os.fsdecode(name)!r} is in the way and holds the repository "
+                                   f"{self.repo.url}; cafs get never removes it")
+            where = os.path.join(os.readlink(b"/proc/self/fd/%d" % dir_fd), name)
+            mounted = [m.mountpoint for m in mounts()
+                       if os.fsencode(m.mountpoint) == where or os.fsencode(m.mountpoint).startswith(where + b"/")]
+            if mounted:
+                raise ExtractError(f"{show_path(where)}: in the way, and a filesystem is mounted on "
+                                   f"{show_path(os.fsencode(mounted[0]))}; cafs get never removes it")
         _remove(dir_fd, name, st)
 
     def _set_attrs(self, fd: int, entry: Entry) -> None:

@@ -553,6 +553,24 @@ def test_get_of_a_symlink_to_a_directory_again_keeps_it(cafs, ds: str, src: Path
     assert_same_tree(src / "links" / "to-dir", tmp_path / "out" / "to-dir")
 
 
+def test_get_never_removes_a_directory_with_a_filesystem_mounted_in_it(cafs, ds: str, tmp_path: Path) -> None:
+    # a directory where the snapshot has a file was removed with all it held, the files
+    # of a filesystem mounted below it too (then the mount point failed with EBUSY)
+    dest = tmp_path / "out"
+    mnt = dest / "data" / "big" / "mnt"
+    mnt.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs")
+    try:
+        (mnt / "precious").write_bytes(b"precious\n")
+        r = cafs("get", ds, dest)
+        assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+        assert "mounted" in r.err and "never removes" in r.err
+        assert (mnt / "precious").read_bytes() == b"precious\n"
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+
+
 def repo_files(repo: Path) -> dict[str, bytes]:
     return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
 
