@@ -23,7 +23,8 @@ Contract:
 - Resumable like rsync: an existing file is kept where its bytes already match; each span
   is compared by hash and only missing or wrong spans are fetched and written. A re-run
   after an interruption fills only what is missing or wrong. Entries present in DEST but
-  not in the snapshot are left alone.
+  not in the snapshot are left alone. A program running from DEST (which cannot be
+  written, ETXTBSY) is kept if it is the entry already, else replaced by a new file.
 - Holes: zeros not yet on disk are not written, whole chunks of them or the pieces
   between 4 KiB boundaries of the file within a chunk, so sparse files stay sparse.
 - Hard links: entries that were one file with several names when imported (the same
@@ -312,7 +313,12 @@ class Extractor:
     def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path,
                     link_key: tuple[object, ...] | None = None) -> None:
         kept = self._clear_for_file(dir_fd, name, entry)
-        fd = self._open_for_writing(dir_fd, name)
+        try:
+            fd = self._open_for_writing(dir_fd, name)
+        except OSError as exc:
+            if exc.errno != errno.ETXTBSY:
+                raise
+            fd, kept = self._open_running(dir_fd, name, entry)
         try:
             if kept:
                 self.counters.bytes_kept += entry.size
@@ -399,6 +405,17 @@ class Extractor:
         # its mode is set again when it is done
         _add_owner_bits(name, dir_fd, stat.S_IRUSR | stat.S_IWUSR, directory=False)
         return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+    def _open_running(self, dir_fd: int, name: bytes, entry: Entry) -> tuple[int, bool]:
+        """The file at ``name`` is a program running (ETXTBSY: it cannot be opened for
+        writing): kept if it is ``entry`` already, opened read-only to set its
+        attributes; else replaced by a new file, the program keeping the old one. The
+        descriptor, and whether it was kept."""
+        st = _lstat(dir_fd, name)
+        if st is not None and stat.S_ISREG(st.st_mode) and self._is_already(dir_fd, name, st, entry):
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd), True
+        os.unlink(name, dir_fd=dir_fd)
+        return self._open_for_writing(dir_fd, name), False
 
     def _make_symlink(self, dir_fd: int, name: bytes, entry: Entry) -> None:
         assert entry.target is not None

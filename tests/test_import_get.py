@@ -571,6 +571,33 @@ def test_get_never_removes_a_directory_with_a_filesystem_mounted_in_it(cafs, ds:
         subprocess.run(["umount", mnt], check=True)
 
 
+def test_get_over_a_program_running_from_dest(cafs, repo: Path, tmp_path: Path) -> None:
+    # a program running from DEST could not be opened for writing (ETXTBSY): a re-run of
+    # the very snapshot it came from failed with "Text file busy", and so did an update
+    src = tmp_path / "src"
+    src.mkdir()
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    shutil.copy(sleep, src / "tool")
+    assert cafs("import", src, repo, "--name", "env", "--no-progress").code == 0
+    dest = tmp_path / "out"
+    assert cafs("get", f"{repo}#env", dest).code == 0
+    running = subprocess.Popen([dest / "tool", "60"])
+    try:
+        r = cafs("get", f"{repo}#env", dest)
+        assert r.code == 0, r.err
+        assert get_counts(r.err)[0] == 0  # kept, not written
+        (src / "tool").write_bytes(b"#!/bin/sh\nexit 0\n")
+        assert cafs("import", src, repo, "--name", "env", "--no-progress").code == 0
+        r = cafs("get", f"{repo}#env", dest)
+        assert r.code == 0, r.err
+        assert_same_tree(src, dest)
+        assert os.readlink(f"/proc/{running.pid}/exe").endswith(" (deleted)")  # it keeps its file
+    finally:
+        running.kill()
+        running.wait()
+
+
 def repo_files(repo: Path) -> dict[str, bytes]:
     return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
 
