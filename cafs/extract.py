@@ -12,16 +12,21 @@ Contract:
 - Never writes outside DEST: everything below DEST is reached through directory file
   descriptors opened with ``O_NOFOLLOW``, names come from validated nodes (no ``/``,
   ``.``, ``..`` or NUL), and anything in the way of an entry (a symlink where a directory
-  belongs, a directory where a file belongs) is removed, not followed.
+  belongs, a directory where a file belongs) is removed, not followed. DEST itself is
+  never followed either: a symlink to a directory there is refused (whatever is
+  extracted), unless it is the very symlink being extracted.
 - Never writes into the repository it reads (on a local disk): a DEST that is the
   repository or inside it is refused, and neither the repository's directory nor one
   holding it is entered or removed on the way (a snapshot's ``config`` or ``packs``
-  would replace the repository's own).
+  would replace the repository's own). Nor is a directory in the way removed when a
+  filesystem is mounted on it or below it: its files are not DEST's.
 - Resumable like rsync: an existing file is kept where its bytes already match; each span
   is compared by hash and only missing or wrong spans are fetched and written. A re-run
   after an interruption fills only what is missing or wrong. Entries present in DEST but
-  not in the snapshot are left alone.
-- Holes: a run of zeros not yet on disk is not written, so sparse files stay sparse.
+  not in the snapshot are left alone. A program running from DEST (which cannot be
+  written, ETXTBSY) is kept if it is the entry already, else replaced by a new file.
+- Holes: zeros not yet on disk are not written, whole chunks of them or the pieces
+  between 4 KiB boundaries of the file within a chunk, so sparse files stay sparse.
 - Hard links: entries that were one file with several names when imported (the same
   inode number and link count, and equal content and attributes) become one file with
   several names again, as the first of them extracted. Such files are held open to link
@@ -46,11 +51,14 @@ from cafs.format.location import Location
 from cafs.format.nodes import Entry
 from cafs.ids import digest
 from cafs.metacache import NodeReader
+from cafs.mounttable import mounts
 from cafs.readahead import ChunksAhead
 from cafs.repository import Repository
 from cafs.tree import file_spans, list_dir, show_path, walk
 
 LINK_GROUPS_SHARE = 4  # of the open-files limit: files held open to link their other names to
+HOLE_BLOCK = 4096  # zeros not yet on disk between multiples of this are left as holes
+_ZERO_BLOCK = bytes(HOLE_BLOCK)
 
 
 @dataclass
@@ -144,6 +152,9 @@ class Extractor:
                 finally:
                     os.close(fd)
                 return
+            if dest.is_symlink() and dest.is_dir() and not self._is_symlink_of(dest, entry):
+                raise ExtractError(f"{dest}: a symlink to a directory; cafs get neither writes through "
+                                   "nor replaces it: give the directory itself")
             if into and not dest.is_symlink() and not dest.exists():
                 dest.mkdir(parents=True)
             if dest.is_dir() and not dest.is_symlink():
@@ -164,6 +175,11 @@ class Extractor:
                 os.close(fd)
         except OSError as exc:
             raise _os_error(exc, dest) from None
+
+    @staticmethod
+    def _is_symlink_of(dest: Path, entry: Entry) -> bool:
+        """Whether ``dest`` is the symlink ``entry`` already (an earlier get of it)."""
+        return entry.is_symlink and os.readlink(os.fsencode(dest)) == entry.target
 
     def _extract_leaf(self, dir_fd: int, name: bytes, entry: Entry, path: Path) -> None:
         """A file (written, or linked to an earlier name of it) or a symlink."""
@@ -297,7 +313,12 @@ class Extractor:
     def _write_file(self, dir_fd: int, name: bytes, entry: Entry, path: Path,
                     link_key: tuple[object, ...] | None = None) -> None:
         kept = self._clear_for_file(dir_fd, name, entry)
-        fd = self._open_for_writing(dir_fd, name)
+        try:
+            fd = self._open_for_writing(dir_fd, name)
+        except OSError as exc:
+            if exc.errno != errno.ETXTBSY:
+                raise
+            fd, kept = self._open_running(dir_fd, name, entry)
         try:
             if kept:
                 self.counters.bytes_kept += entry.size
@@ -341,8 +362,10 @@ class Extractor:
             else:
                 chunk = repeat if repeat is not None else _Chunk(span.id, self._read_chunk(span))
                 last = chunk
-                if existing or not chunk.zeros:
+                if existing:
                     pwrite_all(fd, chunk.data, pos)
+                elif not chunk.zeros:
+                    _write_leaving_holes(fd, chunk.data, pos)
                 self.counters.bytes_written += span.length
             pos += span.length
         os.ftruncate(fd, entry.size)
@@ -383,6 +406,17 @@ class Extractor:
         _add_owner_bits(name, dir_fd, stat.S_IRUSR | stat.S_IWUSR, directory=False)
         return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
+    def _open_running(self, dir_fd: int, name: bytes, entry: Entry) -> tuple[int, bool]:
+        """The file at ``name`` is a program running (ETXTBSY: it cannot be opened for
+        writing): kept if it is ``entry`` already, opened read-only to set its
+        attributes; else replaced by a new file, the program keeping the old one. The
+        descriptor, and whether it was kept."""
+        st = _lstat(dir_fd, name)
+        if st is not None and stat.S_ISREG(st.st_mode) and self._is_already(dir_fd, name, st, entry):
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd), True
+        os.unlink(name, dir_fd=dir_fd)
+        return self._open_for_writing(dir_fd, name), False
+
     def _make_symlink(self, dir_fd: int, name: bytes, entry: Entry) -> None:
         assert entry.target is not None
         st = _lstat(dir_fd, name)
@@ -399,10 +433,18 @@ class Extractor:
 
     def _remove(self, dir_fd: int, name: bytes, st: os.stat_result) -> None:
         """Remove what ``st`` says is at ``name``: a directory with all it holds, unless
-        it is the repository or holds it."""
-        if stat.S_ISDIR(st.st_mode) and _dev_ino(st) in self._repo_holders:
-            raise ExtractError(f"{os.fsdecode(name)!r} is in the way and holds the repository {self.repo.url}; "
-                               "cafs get never removes it")
+        it is the repository or holds it, or a filesystem is mounted on it or below it
+        (whose files are not DEST's to remove)."""
+        if stat.S_ISDIR(st.st_mode):
+            if _dev_ino(st) in self._repo_holders:
+                raise ExtractError(f"{os.fsdecode(name)!r} is in the way and holds the repository "
+                                   f"{self.repo.url}; cafs get never removes it")
+            where = os.path.join(os.readlink(b"/proc/self/fd/%d" % dir_fd), name)
+            mounted = [m.mountpoint for m in mounts()
+                       if os.fsencode(m.mountpoint) == where or os.fsencode(m.mountpoint).startswith(where + b"/")]
+            if mounted:
+                raise ExtractError(f"{show_path(where)}: in the way, and a filesystem is mounted on "
+                                   f"{show_path(os.fsencode(mounted[0]))}; cafs get never removes it")
         _remove(dir_fd, name, st)
 
     def _set_attrs(self, fd: int, entry: Entry) -> None:
@@ -478,6 +520,25 @@ class _Chunk:
         if self._zeros is None:
             self._zeros = self.data.count(0) == len(self.data)
         return self._zeros
+
+
+def _write_leaving_holes(fd: int, data: bytes, pos: int) -> None:
+    """Write ``data`` at ``pos``, where the file holds nothing yet, except its pieces of
+    zeros between ``HOLE_BLOCK`` boundaries of the file, which are left as holes (``cp
+    --sparse``): a chunk is up to a few MiB, and a sparse file's data is often much less
+    than that apart."""
+    view = memoryview(data)
+    start = 0  # of what is still to be written
+    i = 0
+    while i < len(view):
+        j = min(len(view), i + HOLE_BLOCK - (pos + i) % HOLE_BLOCK)  # the next boundary
+        if view[i:j] == _ZERO_BLOCK[:j - i]:
+            if i > start:
+                pwrite_all(fd, view[start:i], pos + start)
+            start = j
+        i = j
+    if start < len(view):
+        pwrite_all(fd, view[start:], pos + start)
 
 
 def _no_data_in(fd: int, start: int, length: int) -> bool:

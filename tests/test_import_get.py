@@ -529,6 +529,75 @@ def test_get_refuses_a_symlink_as_dest(cafs, ds: str, tmp_path: Path) -> None:
     assert os.listdir(outside) == []
 
 
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_get_of_a_file_never_replaces_a_symlink_to_a_directory_as_dest(cafs, ds: str, tmp_path: Path,
+                                                                        slash: str) -> None:
+    # the user's symlink (/scratch -> /mnt/nvme/scratch, say) was deleted and a file put
+    # in its place
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    r = cafs("get", f"{ds}:data/script.sh", f"{tmp_path / 'link'}{slash}")
+    assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+    assert "symlink to a directory" in r.err
+    assert os.readlink(tmp_path / "link") == str(elsewhere)
+    assert os.listdir(elsewhere) == []
+
+
+def test_get_of_a_symlink_to_a_directory_again_keeps_it(cafs, ds: str, src: Path, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()  # where links/to-dir (../data) points from tmp_path/out
+    (tmp_path / "out").mkdir()
+    for _run in range(2):
+        r = cafs("get", f"{ds}:links/to-dir", tmp_path / "out" / "to-dir")
+        assert r.code == 0, r.err
+    assert_same_tree(src / "links" / "to-dir", tmp_path / "out" / "to-dir")
+
+
+def test_get_never_removes_a_directory_with_a_filesystem_mounted_in_it(cafs, ds: str, tmp_path: Path) -> None:
+    # a directory where the snapshot has a file was removed with all it held, the files
+    # of a filesystem mounted below it too (then the mount point failed with EBUSY)
+    dest = tmp_path / "out"
+    mnt = dest / "data" / "big" / "mnt"
+    mnt.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs")
+    try:
+        (mnt / "precious").write_bytes(b"precious\n")
+        r = cafs("get", ds, dest)
+        assert r.code == 1 and len(r.err.splitlines()) == 1, r.err
+        assert "mounted" in r.err and "never removes" in r.err
+        assert (mnt / "precious").read_bytes() == b"precious\n"
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+
+
+def test_get_over_a_program_running_from_dest(cafs, repo: Path, tmp_path: Path) -> None:
+    # a program running from DEST could not be opened for writing (ETXTBSY): a re-run of
+    # the very snapshot it came from failed with "Text file busy", and so did an update
+    src = tmp_path / "src"
+    src.mkdir()
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    shutil.copy(sleep, src / "tool")
+    assert cafs("import", src, repo, "--name", "env", "--no-progress").code == 0
+    dest = tmp_path / "out"
+    assert cafs("get", f"{repo}#env", dest).code == 0
+    running = subprocess.Popen([dest / "tool", "60"])
+    try:
+        r = cafs("get", f"{repo}#env", dest)
+        assert r.code == 0, r.err
+        assert get_counts(r.err)[0] == 0  # kept, not written
+        (src / "tool").write_bytes(b"#!/bin/sh\nexit 0\n")
+        assert cafs("import", src, repo, "--name", "env", "--no-progress").code == 0
+        r = cafs("get", f"{repo}#env", dest)
+        assert r.code == 0, r.err
+        assert_same_tree(src, dest)
+        assert os.readlink(f"/proc/{running.pid}/exe").endswith(" (deleted)")  # it keeps its file
+    finally:
+        running.kill()
+        running.wait()
+
+
 def repo_files(repo: Path) -> dict[str, bytes]:
     return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
 

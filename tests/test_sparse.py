@@ -187,3 +187,31 @@ def _bytes_read() -> int:
     """What this process has read through read(2) and its kin so far (``rchar``)."""
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_get_leaves_holes_inside_chunks_that_hold_data(tmp_path: Path) -> None:
+    """Data every 12 KiB, chunks up to 16 KiB: no chunk is all zeros, yet most of the file
+    is holes. Such a file came back dense (a 256 MiB image with 4 KiB every 3 MiB took
+    256 MiB, not 344 KiB); the zero blocks of a chunk are holes now, as in the source."""
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 1 << 20
+    write_sparse(src / "img", size, [(off, os.urandom(100)) for off in range(0, size, 12288)])
+    store = LocalStore(tmp_path / "repo")
+    Repository.init(store, ChunkerParams(MIN, AVG, MAX))
+    meta = MetaCache(tmp_path / "meta")
+    try:
+        result = run_import(Repository.open(store), meta, src, "ds")
+        assert result.snapshot is not None
+        repo = Repository.open(store)
+        extractor = Extractor(repo, NodeReader(repo, meta))
+        try:
+            extractor.extract(result.snapshot.root, tmp_path / "out")
+        finally:
+            extractor.close()
+    finally:
+        meta.close()
+    assert_same_tree(src, tmp_path / "out")
+    allocated = os.stat(src / "img").st_blocks
+    assert allocated * 512 < size // 2  # the source is sparse here
+    assert os.stat(tmp_path / "out" / "img").st_blocks <= allocated
