@@ -865,15 +865,35 @@ def mount_stats(path: str, timeout: float = STATS_TIMEOUT) -> dict[str, Any] | N
     return None if raw is None else dict(json.loads(raw))
 
 
+def _cafs_mount_holding(path: str) -> str | None:
+    """The mountpoint of the cafs mount that ``path`` (not a mountpoint: asked after
+    ``mount_stats``) lies in, if any."""
+    from cafs.mounttable import CAFS_FSTYPE, mounted_at, mounts
+
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        return None
+    table = mounts()
+    where = mounted_at(device, table)
+    if where is None or not [e for e in table if e.mountpoint == where and e.fstype == CAFS_FSTYPE]:
+        return None
+    return where
+
+
 def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.snapinfo import repo_space, snapshot_space
     from cafs.tree import resolve
     # a mountpoint is known from the mount table, before anything touches it: a daemon
     # that is gone or hung would fail or hold every look at the path
     counters = mount_stats(args.target, args.timeout) if "#" not in args.target else None
-    if counters is None and "#" not in args.target and os.path.isdir(args.target) \
-            and not os.path.exists(os.path.join(args.target, "config")):
-        raise UsageError(f"{args.target}: neither a repository nor a cafs mount")
+    if counters is None and "#" not in args.target and not os.path.exists(os.path.join(args.target, "config")):
+        inside = _cafs_mount_holding(args.target)
+        if inside is not None:
+            raise UsageError(f"{args.target}: a path inside the cafs mount at {inside}; its counters: "
+                             f"cafs stats {inside}")
+        if os.path.isdir(args.target):
+            raise UsageError(f"{args.target}: neither a repository nor a cafs mount")
     if counters is not None:
         if args.json:
             print(json.dumps(counters, indent=2))

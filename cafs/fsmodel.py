@@ -30,6 +30,12 @@ listed there could never be read (``rsync -X`` and ``getfattr -h`` failed on it)
 
 A name longer than ``NAME_MAX`` bytes (``f_namemax``) is ``NameTooLong``, not missing: no
 snapshot can hold it (``cafs.format.nodes.MAX_NAME``).
+
+A mount takes no lock on the repository: ``cafs forget`` and ``cafs gc`` may remove the
+mounted snapshot's data under it. A chunk or node that no pack holds any more (its pack
+is gone and the repository index names no other, see ``cafs.repository``) is
+``SnapshotDataGone``, whose message says which snapshot and why, rather than the store's
+bare "not found"; what the mount holds in its caches keeps being served.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from collections.abc import Iterator
 
 import trio
 
-from cafs.errors import FormatError, PathNotFound
+from cafs.errors import CafsError, FormatError, ObjectNotFound, PathNotFound
 from cafs.fetch import Fetcher
 from cafs.format.journal import Snapshot
 from cafs.format.location import Location
@@ -73,6 +79,10 @@ class IsADirectory(PathNotFound):
 
 class NameTooLong(PathNotFound):
     """A name looked up is longer than ``NAME_MAX`` bytes."""
+
+
+class SnapshotDataGone(CafsError):
+    """A chunk or node of the mounted snapshot is in no pack of the repository any more."""
 
 
 @dataclass
@@ -179,7 +189,10 @@ class SnapshotFS:
             return
         load = self._node_loads[loc.id] = _NodeLoad(trio.Event())
         try:
-            nodes = await self.fetcher.store_call(f"node {loc.describe()}", self.reader.load, loc)
+            try:
+                nodes = await self.fetcher.store_call(f"node {loc.describe()}", self.reader.load, loc)
+            except ObjectNotFound as gone:
+                raise self._gone(f"node {loc.id.hex()[:12]}", gone) from None
             self.reader.loaded(nodes)
         except Exception as exc:
             load.error = exc
@@ -355,7 +368,10 @@ class SnapshotFS:
         pos = offset
         while pos < end:
             span, start = f.spans[i], f.starts[i]
-            data = await self.fetcher.chunk(span)
+            try:
+                data = await self.fetcher.chunk(span)
+            except ObjectNotFound as gone:
+                raise self._gone(f"inode {f.ino}, offset {start}", gone) from None
             pieces.append(memoryview(data)[pos - start:min(end, start + span.length) - start])
             pos = start + span.length
             i += 1
@@ -364,6 +380,11 @@ class SnapshotFS:
         self.counters.reads += 1
         self.counters.bytes_read += len(out)
         return out
+
+    def _gone(self, what: str, exc: ObjectNotFound) -> SnapshotDataGone:
+        return SnapshotDataGone(f"{what} of {self.snapshot.ref}@{self.snapshot.jid} is no longer in the repository ({exc}): the snapshot was "
+                                "probably forgotten and collected by cafs gc while mounted; mount one the "
+                                "repository keeps (else cafs fsck the repository)")
 
     # -- extended attributes -------------------------------------------------------------
 

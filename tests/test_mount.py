@@ -429,6 +429,16 @@ def test_cafs_stats_of_a_mountpoint_lists_every_counter(mnt: Mount, tmp_path: Pa
     assert len({line.rindex(" ") for line in lines}) == 1  # the values in one column
 
 
+@pytest.mark.parametrize("rel", ["data", "data/big"])
+def test_cafs_stats_of_a_path_inside_a_mount_names_its_mountpoint(mnt: Mount, tmp_path: Path, rel: str) -> None:
+    # it said "neither a repository nor a cafs mount" for a directory, and "reading
+    # config: Not a directory" for a file, though both are in a cafs mount
+    r = run_cafs("stats", mnt.path / rel, cache=tmp_path / "c")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"cafs: {mnt.path / rel}: a path inside the cafs mount at {mnt.path}; "
+                                f"its counters: cafs stats {mnt.path}")
+
+
 def _children(pid: int) -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit() and _ppid(name) == pid]
 

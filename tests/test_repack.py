@@ -3,14 +3,17 @@ mount that was already running) finds them by id, so snapshots and root ids neve
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from cafs.repository import Repository
 from cafs.stores import open_store
-from mountfix import mounted
+from mountfix import Mount, mounted
 from treegen import assert_same_tree
 
 INIT = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "1M")
@@ -125,3 +128,49 @@ def test_a_running_mount_reads_files_repacked_twice_in_a_row(cafs, tmp_path: Pat
         assert r.code == 0 and "repacked 0" not in r.out, r.out
         for i in reversed(range(1, 20)):
             assert (mnt / f"f{i:02d}").read_bytes() == (trees["keep"] / f"f{i:02d}").read_bytes(), i
+
+
+
+@contextmanager
+def collected_under_a_mount(cafs, tmp_path: Path, *, look_up: str | None) -> Iterator[Mount]:  # type: ignore[no-untyped-def]
+    """A mount of snapshot x@1 (where ``look_up`` was looked up, if given: its directory's
+    node loaded, no chunk read), then x@1 forgotten and collected by gc under it: every
+    file of it was rewritten in x@2."""
+    repo, src, mnt = tmp_path / "repo", tmp_path / "src", tmp_path / "mnt"
+    (src / "sub").mkdir(parents=True)
+    mnt.mkdir()
+    assert cafs("init", repo, *INIT).code == 0
+    write_files(src / "sub", range(4), seed=1)
+    assert cafs("import", src, repo, "--name", "x", "--no-progress").code == 0
+    # a cache of its own: the importer's holds every node it wrote
+    with mounted(f"{repo}#x", mnt, f"cache={tmp_path / 'mount-cache'},cache_mode=meta", expect_warnings=True) as m:
+        if look_up is not None:
+            assert (mnt / look_up).stat().st_size == FILE_SIZE
+        write_files(src / "sub", range(4), seed=3)
+        assert cafs("import", src, repo, "--name", "x", "--no-progress").code == 0
+        assert cafs("forget", repo, "x", "--keep-last", "1").code == 0
+        r = cafs("gc", repo)
+        assert r.code == 0 and "deleted 0" not in r.out, r.out
+        yield m
+
+
+def _gone_lines(m: Mount) -> list[str]:
+    return [line for line in m.log_problems() if "x@1 is no longer in the repository" in line and "cafs gc" in line]
+
+
+def test_a_read_of_a_collected_snapshot_says_it_was_collected(cafs, tmp_path: Path) -> None:
+    # the log said only "…/packs/ab/abee…: not found", which told an operator nothing
+    # about the forget and gc that had removed the mounted snapshot's data
+    with collected_under_a_mount(cafs, tmp_path, look_up="sub/f00") as m:
+        with pytest.raises(OSError) as err:
+            (m.path / "sub/f00").read_bytes()
+        assert err.value.errno == errno.EIO
+        assert _gone_lines(m), m.log_problems()
+
+
+def test_a_listing_of_a_collected_snapshot_says_it_was_collected(cafs, tmp_path: Path) -> None:
+    with collected_under_a_mount(cafs, tmp_path, look_up=None) as m:
+        with pytest.raises(OSError) as err:
+            os.listdir(m.path / "sub")
+        assert err.value.errno == errno.EIO
+        assert _gone_lines(m), m.log_problems()
