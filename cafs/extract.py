@@ -23,8 +23,12 @@ Contract:
 - Resumable like rsync: an existing file is kept where its bytes already match; each span
   is compared by hash and only missing or wrong spans are fetched and written. A re-run
   after an interruption fills only what is missing or wrong. Entries present in DEST but
-  not in the snapshot are left alone. A program running from DEST (which cannot be
-  written, ETXTBSY) is kept if it is the entry already, else replaced by a new file.
+  not in the snapshot are left alone. A file that cannot be opened for writing (a
+  program running from DEST, ETXTBSY; another user's file, in a directory a group
+  shares) is kept if it is the entry already, else replaced by a new file. Modes, owners
+  and mtimes are set only where they differ, and a directory is made writable for the
+  run only if ours: a re-run by another user over an extraction with nothing to change
+  changes nothing and succeeds.
 - Holes: zeros not yet on disk are not written, whole chunks of them or the pieces
   between 4 KiB boundaries of the file within a chunk, so sparse files stay sparse.
 - Hard links: entries that were one file with several names when imported (the same
@@ -253,7 +257,9 @@ class Extractor:
     def _enter_dir(self, fd: int) -> None:
         self.counters.dirs += 1
         if not self.as_root:
-            os.chmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRWXU)
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
 
     def _make_dir(self, dir_fd: int, name: bytes) -> int:
         st = _lstat(dir_fd, name)
@@ -316,9 +322,9 @@ class Extractor:
         try:
             fd = self._open_for_writing(dir_fd, name)
         except OSError as exc:
-            if exc.errno != errno.ETXTBSY:
+            if exc.errno not in (errno.ETXTBSY, errno.EPERM, errno.EACCES):
                 raise
-            fd, kept = self._open_running(dir_fd, name, entry)
+            fd, kept = self._open_unwritable(dir_fd, name, entry)
         try:
             if kept:
                 self.counters.bytes_kept += entry.size
@@ -406,11 +412,12 @@ class Extractor:
         _add_owner_bits(name, dir_fd, stat.S_IRUSR | stat.S_IWUSR, directory=False)
         return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
-    def _open_running(self, dir_fd: int, name: bytes, entry: Entry) -> tuple[int, bool]:
-        """The file at ``name`` is a program running (ETXTBSY: it cannot be opened for
-        writing): kept if it is ``entry`` already, opened read-only to set its
-        attributes; else replaced by a new file, the program keeping the old one. The
-        descriptor, and whether it was kept."""
+    def _open_unwritable(self, dir_fd: int, name: bytes, entry: Entry) -> tuple[int, bool]:
+        """The file at ``name`` cannot be opened for writing (a program running from it,
+        ETXTBSY; another user's): kept if it is ``entry`` already, opened read-only;
+        else replaced by a new file (a program running keeps the old one; removing
+        another user's needs a directory we may write). The descriptor, and whether it
+        was kept."""
         st = _lstat(dir_fd, name)
         if st is not None and stat.S_ISREG(st.st_mode) and self._is_already(dir_fd, name, st, entry):
             return os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd), True
@@ -426,9 +433,10 @@ class Extractor:
                 st = None
         if st is None:
             os.symlink(entry.target, name, dir_fd=dir_fd)
-        if self.as_root:
+        if self.as_root and (st is None or (st.st_uid, st.st_gid) != (entry.uid, entry.gid)):
             os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
-        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        if st is None or st.st_mtime_ns != entry.mtime_ns:
+            os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         self.counters.symlinks += 1
 
     def _remove(self, dir_fd: int, name: bytes, st: os.stat_result) -> None:
@@ -448,10 +456,16 @@ class Extractor:
         _remove(dir_fd, name, st)
 
     def _set_attrs(self, fd: int, entry: Entry) -> None:
-        if self.as_root:
-            os.chown(fd, entry.uid, entry.gid)
-        os.chmod(fd, entry.mode)
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        """Owner (as root), mode and mtime, each only if it differs: changing any needs
+        to own the file, which a re-run by another user does not."""
+        st = os.fstat(fd)
+        chowned = self.as_root and (st.st_uid, st.st_gid) != (entry.uid, entry.gid)
+        if chowned:
+            os.chown(fd, entry.uid, entry.gid)  # which clears setuid and setgid bits
+        if chowned or stat.S_IMODE(st.st_mode) != entry.mode:
+            os.chmod(fd, entry.mode)
+        if st.st_mtime_ns != entry.mtime_ns:
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
 
 def _link_key(entry: Entry) -> tuple[object, ...]:

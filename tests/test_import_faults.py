@@ -709,3 +709,34 @@ def test_a_proc_file_of_size_zero_is_skipped_saying_what_it_is(cafs, repo: Path)
     r = cafs("import", "/proc/sys/kernel/random", repo, "--name", "proc", "--no-progress")
     assert_clean_error(r, 3, "'poolsize': reads ", " bytes where its size says 0 (a /proc or /sys file?)")
     assert "changed while being read" not in r.err
+
+
+def test_a_rerun_by_another_user_with_nothing_to_change_changes_nothing(nobody_base, cafs) -> None:
+    # A dataset directory a team shares: one member extracted it, another runs the same
+    # get again. Setting a mode or an mtime needs to own the file, even to the value it
+    # has: the re-run failed with "Operation not permitted" where nothing needed changing.
+    run, base = nobody_base
+    src = base / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "b.bin").write_bytes(os.urandom(200_000))
+    (src / "a.txt").write_text("a\n")
+    (src / "link").symlink_to("sub/b.bin")
+    repo = base / "repo"
+    assert cafs("init", repo).code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    chown_tree(repo, NOBODY)
+    dest = base / "dest"
+    assert cafs("get", f"{repo}#ds", dest).code == 0
+    before = {p: os.lstat(p) for p in [dest, *dest.rglob("*")]}
+    r = run("get", f"{repo}#ds", dest)
+    assert r.code == 0, r.err
+    assert_same_tree(src, dest)
+    for p, st in before.items():
+        now = os.lstat(p)
+        assert (now.st_mode, now.st_uid, now.st_mtime_ns, now.st_ino) == \
+            (st.st_mode, st.st_uid, st.st_mtime_ns, st.st_ino), p
+    (src / "a.txt").write_text("changed\n")
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    chown_tree(repo, NOBODY)
+    r = run("get", f"{repo}#ds", dest)
+    assert r.code != 0 and "a.txt" in r.err and "ermission denied" in r.err and "Traceback" not in r.err, r.err
