@@ -216,13 +216,17 @@ class Repository:
 
     def read_verified(self, loc: Location, *, give_up: float | None = None) -> tuple[bytes | memoryview, bytes]:
         """The stored and the plain bytes of ``loc``, verified against its id: from its
-        pack or, if gc moved it, from where the index says the object lives now."""
+        pack or, if gc moved it, from where the index says the object lives now. A pack
+        the repository's own store lacks is looked for in the index at once, not after a
+        wait for a mirror that fails; only when the index has nothing is that mirror
+        waited for (it may hold the pack: a mirror read first, another gc's leftovers)."""
         try:
-            stored, plain = self.read_run([loc], give_up=give_up)[0]
+            stored, plain = self.read_run([loc], give_up=give_up, missing_ends=True)[0]
         except ObjectNotFound:
             moved = self.relocated(loc)
             if moved is None:
-                raise
+                stored, plain = self.read_run([loc], give_up=give_up)[0]
+                return stored, bytes(plain)
             try:
                 stored, plain = self.read_run([moved], give_up=give_up)[0]
             except ObjectNotFound:
@@ -233,12 +237,15 @@ class Repository:
                 stored, plain = self.read_run([again], give_up=give_up)[0]
         return stored, bytes(plain)  # one object's plain bytes are bytes already: no copy
 
-    def read_run(self, locs: Sequence[Location], *,
-                 give_up: float | None = None) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
+    def read_run(self, locs: Sequence[Location], *, give_up: float | None = None,
+                 missing_ends: bool = False) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
         """``read_verified`` of several objects of one pack in ascending offset order, in
         one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included). With
         several, the stored bytes and a raw object's plain ones are views of that read.
-        ``give_up``: when retries stop (``Sources.read``), if not a deadline from now."""
+        ``give_up``: when retries stop (``Sources.read``), if not a deadline from now.
+        ``missing_ends``: ``ObjectNotFound`` once the repository's own store lacks the
+        pack and no mirror gives it at once (``Sources.read``), for a caller that then
+        looks for the objects by id (``read_verified``)."""
         key, start, length = _run_range(locs)
 
         def attempt(store: Store) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
@@ -246,7 +253,7 @@ class Repository:
             if len(locs) == 1:
                 return [(data, decode_stored(locs[0], data))]
             return _split_run(locs, start, data)
-        return self.sources.read(attempt, give_up=give_up)
+        return self.sources.read(attempt, give_up=give_up, missing_ends=missing_ends)
 
     def advise_run(self, locs: Sequence[Location]) -> None:
         """Hint that ``locs`` (one pack, ascending) will be read soon: a primary store on a
@@ -322,10 +329,12 @@ class Repository:
         """Every node of metadata pack ``pack_id``, from one read of the whole pack: the
         location and plain bytes of each that verifies against its id (one that does not
         is left out; a read of it alone meets and reports it). Nothing for a data pack.
-        Raises as ``get`` (``ObjectNotFound`` for a pack gc has removed), and FormatError
+        Raises as ``get`` (``ObjectNotFound`` for a pack gc has removed from the
+        repository's own store, though a mirror that fails may hold it), and FormatError
         for bytes that are not a pack."""
         what = f"pack {pack_id.hex()}"
-        whole = memoryview(self.get(pack_key(pack_id)))
+        key = pack_key(pack_id)  # missing from the repository's own store: moved, read alone by id
+        whole = memoryview(self.sources.read(lambda s: s.get(key), missing_ends=True))
         trailer = trailer_of(whole, pack_id, what)
         if trailer.kind != KIND_META:
             return []

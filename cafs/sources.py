@@ -17,6 +17,13 @@ again ``CORRUPT_ROUNDS`` times at most (a flipped bit in transit heals, a damage
 does not). Failures no retry cures — an object missing everywhere (``ObjectNotFound``),
 refused credentials — are raised at once.
 
+With ``missing_ends``, an object the repository's own store (the first source configured)
+answers it does not have is ``ObjectNotFound`` once every source has been asked, though
+a mirror failed otherwise (down, another repository, damaged bytes): for callers that
+look for what the store lacks elsewhere in it (an object gc moved, found by id; the end
+of a journal). A mirror is a copy and never ahead of its repository, so waiting out the
+deadline for one that is down would fail a read the repository itself can serve.
+
 ``RetryingStore`` gives writes the same patience on one store: an operation that meets
 ``StoreUnavailable`` is retried with back-off until the deadline; its ``read(fn)`` is
 ``Sources.read`` of that one store, for reads that verify what they get.
@@ -76,18 +83,21 @@ class Sources:
                              key=lambda i: self._health[i].retry_at)
         return ready + waiting
 
-    def read(self, fn: Callable[[Store], T], *, give_up: float | None = None) -> T:
+    def read(self, fn: Callable[[Store], T], *, give_up: float | None = None, missing_ends: bool = False) -> T:
         if give_up is None:
             give_up = time.monotonic() + self.deadline
         for round_no in itertools.count():
             error: Exception | None = None
             missing: ObjectNotFound | None = None
+            missing_first: ObjectNotFound | None = None  # the answer of the first source configured
             passing = corrupt = False
             for i in self.order():
                 try:
                     value = fn(self.stores[i])
                 except ObjectNotFound as exc:
                     missing = exc
+                    if i == 0:
+                        missing_first = exc
                     continue
                 except (StoreError, IntegrityError, FormatError) as exc:
                     passing = passing or isinstance(exc, StoreUnavailable)
@@ -100,6 +110,8 @@ class Sources:
             if error is None:
                 assert missing is not None
                 raise missing
+            if missing_ends and missing_first is not None:
+                raise missing_first
             now = time.monotonic()
             if now >= give_up or not (passing or (corrupt and round_no < CORRUPT_ROUNDS)):
                 raise error
