@@ -24,6 +24,12 @@ look for what the store lacks elsewhere in it (an object gc moved, found by id; 
 of a journal). A mirror is a copy and never ahead of its repository, so waiting out the
 deadline for one that is down would fail a read the repository itself can serve.
 
+``ListingUnavailable`` from the repository's own store is raised at once, and the store
+is not set aside: it is an answer (that store cannot list keys), not a failure, and a
+mirror's listing is not the repository's (it may lag behind: its newest snapshot is an
+older one). Callers find objects by name instead. From a mirror it is that mirror's
+failure.
+
 ``RetryingStore`` gives writes the same patience on one store: an operation that meets
 ``StoreUnavailable`` is retried with back-off until the deadline; its ``read(fn)`` is
 ``Sources.read`` of that one store, for reads that verify what they get.
@@ -42,7 +48,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cafs.errors import FormatError, IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
+from cafs.errors import (
+    FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, StoreError, StoreUnavailable,
+)
 from cafs.stores.base import Store
 
 log = logging.getLogger("cafs.sources")
@@ -100,6 +108,8 @@ class Sources:
                         missing_first = exc
                     continue
                 except (StoreError, IntegrityError, FormatError) as exc:
+                    if i == 0 and isinstance(exc, ListingUnavailable):
+                        raise
                     passing = passing or isinstance(exc, StoreUnavailable)
                     corrupt = corrupt or isinstance(exc, (IntegrityError, FormatError))
                     self._failed(i, exc)

@@ -329,6 +329,24 @@ def test_without_listings_older_snapshots_are_not_taken_for_gone(cafs, nginx_ser
     assert r.code == 0, r.err
 
 
+def test_a_lagging_mirror_does_not_name_the_newest_snapshot(cafs, nginx_server, tmp_path: Path) -> None:
+    """A server without listings and a mirror that lags behind it (it lacks the newest
+    snapshot): REPO#NAME is still the repository's newest. The mirror's listing was taken
+    for the repository's, so adding --mirror turned REPO#ds into ds@1, with a warning that
+    the repository 'failed'."""
+    repo, mirror = tmp_path / "www" / "repo", tmp_path / "mirror"
+    src = make_tree(tmp_path / "src")
+    assert cafs("init", repo, *SMALL).code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    assert cafs("copy", f"{repo}#ds", mirror, "--no-progress").code == 0
+    (src / "only-in-2").write_bytes(b"new")
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    url = nginx_server(tmp_path / "www", listing=False).url + "/repo"
+    r = cafs("ls", f"{url}#ds", "--mirror", mirror)
+    assert r.code == 0 and "only-in-2" in r.out, r.out + r.err
+    assert "failed" not in r.err, r.err
+
+
 class _Redirector:
     """An HTTP server on 127.0.0.1 that answers every request with ``status`` and a
     ``Location`` on ``target`` (same path and query), ``hops`` times through itself
