@@ -29,6 +29,7 @@ level) store one chunk in two forms, and gc keeps an object once, in either.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -205,9 +206,11 @@ class Repository:
         return cls.open(open_store(url, deadline=deadline),
                         mirrors=[open_store(m, deadline=deadline) for m in mirrors], deadline=deadline)
 
-    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        """An object's bytes from the first source that has them."""
-        return self.sources.read(lambda s: s.get(key, offset, length))
+    def get(self, key: str, offset: int = 0, length: int | None = None, *, missing_ends: bool = False) -> bytes:
+        """An object's bytes from the first source that has them. ``missing_ends``:
+        ``ObjectNotFound`` once the repository's own store lacks it and no mirror gives
+        it at once (``Sources.read``), without waiting for a mirror that fails."""
+        return self.sources.read(lambda s: s.get(key, offset, length), missing_ends=missing_ends)
 
     def keys(self, prefix: str) -> list[tuple[str, int]]:
         return self.sources.read(lambda s: list(s.list(prefix)))
@@ -333,8 +336,7 @@ class Repository:
         repository's own store, though a mirror that fails may hold it), and FormatError
         for bytes that are not a pack."""
         what = f"pack {pack_id.hex()}"
-        key = pack_key(pack_id)  # missing from the repository's own store: moved, read alone by id
-        whole = memoryview(self.sources.read(lambda s: s.get(key), missing_ends=True))
+        whole = memoryview(self.get(pack_key(pack_id), missing_ends=True))  # missing: moved, read alone by id
         trailer = trailer_of(whole, pack_id, what)
         if trailer.kind != KIND_META:
             return []
@@ -489,7 +491,9 @@ class Repository:
         if jid is None:
             return []
         found = []
-        while _exists(self.get, journal_key(name, jid)):  # a pointer may lag behind commits
+        # a pointer may lag behind commits; where the journal ends the repository's own
+        # store says (a mirror is never ahead of it), not a mirror that is down
+        while _exists(functools.partial(self.get, missing_ends=True), journal_key(name, jid)):
             found.append(jid)
             jid += 1
         return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -345,6 +346,24 @@ def test_a_lagging_mirror_does_not_name_the_newest_snapshot(cafs, nginx_server, 
     r = cafs("ls", f"{url}#ds", "--mirror", mirror)
     assert r.code == 0 and "only-in-2" in r.out, r.out + r.err
     assert "failed" not in r.err, r.err
+
+
+def test_without_listings_a_mirror_that_is_down_is_not_waited_for(cafs, nginx_server, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """REPO#NAME on a server without listings looks for the entries after refs/NAME/latest
+    until one is missing. Where the journal ends the repository says: the probe of the
+    jid after the newest waited out the deadline for a mirror that is down, and failed
+    with the mirror's 'Connection refused'."""
+    monkeypatch.setenv("CAFS_TIMEOUT", "5")  # the old code failed after this
+    repo = tmp_path / "www" / "repo"
+    src = make_tree(tmp_path / "src")
+    assert cafs("init", repo, *SMALL).code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    url = nginx_server(tmp_path / "www", listing=False).url + "/repo"
+    with socket.socket() as refusing:  # bound, never listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        r = cafs("ls", f"{url}#ds:data", "--mirror", f"http://127.0.0.1:{refusing.getsockname()[1]}/mirror")
+    assert r.code == 0 and "big" in r.out, r.out + r.err
 
 
 class _Redirector:
