@@ -15,7 +15,9 @@ deadline began earlier), then raises the last error; an attempt under way at the
 deadline ends by its store's own request timeout. Bytes that fail verification are read
 again ``CORRUPT_ROUNDS`` times at most (a flipped bit in transit heals, a damaged object
 does not). Failures no retry cures — an object missing everywhere (``ObjectNotFound``),
-refused credentials — are raised at once.
+refused credentials — are raised at once. A mirror found to hold another repository
+(``OtherRepository``) is no source of this one: an object the others lack is
+``ObjectNotFound``, not that mirror's error.
 
 With ``missing_ends``, an object the repository's own store (the first source configured)
 answers it does not have is ``ObjectNotFound`` once every source has been asked, though
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from cafs.errors import (
-    FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, StoreError, StoreUnavailable,
+    FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, OtherRepository, StoreError, StoreUnavailable,
 )
 from cafs.stores.base import Store
 
@@ -98,6 +100,7 @@ class Sources:
             error: Exception | None = None
             missing: ObjectNotFound | None = None
             missing_first: ObjectNotFound | None = None  # the answer of the first source configured
+            other: OtherRepository | None = None
             passing = corrupt = False
             for i in self.order():
                 try:
@@ -113,12 +116,17 @@ class Sources:
                     passing = passing or isinstance(exc, StoreUnavailable)
                     corrupt = corrupt or isinstance(exc, (IntegrityError, FormatError))
                     self._failed(i, exc)
-                    error = exc
+                    if isinstance(exc, OtherRepository):
+                        other = exc  # no source of this repository: what the others lack is missing
+                    else:
+                        error = exc
                     continue
                 self._succeeded(i)
                 return value
             if error is None:
-                assert missing is not None
+                if missing is None:
+                    assert other is not None
+                    raise other
                 raise missing
             if missing_ends and missing_first is not None:
                 raise missing_first
