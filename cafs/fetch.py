@@ -547,7 +547,7 @@ class Fetcher:
         if time.monotonic() >= give_up:
             raise StoreUnavailable(f"{run[0].describe()}: abandoned before it started")  # nobody waits
         try:
-            got = self.repo.read_run(run, give_up=give_up)
+            got = self.repo.read_run(run, give_up=give_up, missing_ends=True)
         except ObjectNotFound:
             got = [self.repo.read_verified(loc, give_up=give_up) for loc in run]  # moved by gc: one by one
         self.counters.misses += len(run)

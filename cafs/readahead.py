@@ -166,7 +166,7 @@ class ChunksAhead:
     def _work(self) -> None:
         while (run := self._queue.get()) is not None:
             try:
-                run.plain = [bytes(plain) for _stored, plain in self.repo.read_run(run.locs)]
+                run.plain = [bytes(plain) for _stored, plain in self.repo.read_run(run.locs, missing_ends=True)]
             except Exception as exc:  # read again chunk by chunk, for an error about each
                 run.error = exc
             finally:

@@ -29,6 +29,7 @@ level) store one chunk in two forms, and gc keeps an object once, in either.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -205,9 +206,11 @@ class Repository:
         return cls.open(open_store(url, deadline=deadline),
                         mirrors=[open_store(m, deadline=deadline) for m in mirrors], deadline=deadline)
 
-    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        """An object's bytes from the first source that has them."""
-        return self.sources.read(lambda s: s.get(key, offset, length))
+    def get(self, key: str, offset: int = 0, length: int | None = None, *, missing_ends: bool = False) -> bytes:
+        """An object's bytes from the first source that has them. ``missing_ends``:
+        ``ObjectNotFound`` once the repository's own store lacks it and no mirror gives
+        it at once (``Sources.read``), without waiting for a mirror that fails."""
+        return self.sources.read(lambda s: s.get(key, offset, length), missing_ends=missing_ends)
 
     def keys(self, prefix: str) -> list[tuple[str, int]]:
         return self.sources.read(lambda s: list(s.list(prefix)))
@@ -216,13 +219,17 @@ class Repository:
 
     def read_verified(self, loc: Location, *, give_up: float | None = None) -> tuple[bytes | memoryview, bytes]:
         """The stored and the plain bytes of ``loc``, verified against its id: from its
-        pack or, if gc moved it, from where the index says the object lives now."""
+        pack or, if gc moved it, from where the index says the object lives now. A pack
+        the repository's own store lacks is looked for in the index at once, not after a
+        wait for a mirror that fails; only when the index has nothing is that mirror
+        waited for (it may hold the pack: a mirror read first, another gc's leftovers)."""
         try:
-            stored, plain = self.read_run([loc], give_up=give_up)[0]
+            stored, plain = self.read_run([loc], give_up=give_up, missing_ends=True)[0]
         except ObjectNotFound:
             moved = self.relocated(loc)
             if moved is None:
-                raise
+                stored, plain = self.read_run([loc], give_up=give_up)[0]
+                return stored, bytes(plain)
             try:
                 stored, plain = self.read_run([moved], give_up=give_up)[0]
             except ObjectNotFound:
@@ -233,12 +240,15 @@ class Repository:
                 stored, plain = self.read_run([again], give_up=give_up)[0]
         return stored, bytes(plain)  # one object's plain bytes are bytes already: no copy
 
-    def read_run(self, locs: Sequence[Location], *,
-                 give_up: float | None = None) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
+    def read_run(self, locs: Sequence[Location], *, give_up: float | None = None,
+                 missing_ends: bool = False) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
         """``read_verified`` of several objects of one pack in ascending offset order, in
         one ranged read from ``locs[0]`` to the end of ``locs[-1]`` (gaps included). With
         several, the stored bytes and a raw object's plain ones are views of that read.
-        ``give_up``: when retries stop (``Sources.read``), if not a deadline from now."""
+        ``give_up``: when retries stop (``Sources.read``), if not a deadline from now.
+        ``missing_ends``: ``ObjectNotFound`` once the repository's own store lacks the
+        pack and no mirror gives it at once (``Sources.read``), for a caller that then
+        looks for the objects by id (``read_verified``)."""
         key, start, length = _run_range(locs)
 
         def attempt(store: Store) -> list[tuple[bytes | memoryview, bytes | memoryview]]:
@@ -246,7 +256,7 @@ class Repository:
             if len(locs) == 1:
                 return [(data, decode_stored(locs[0], data))]
             return _split_run(locs, start, data)
-        return self.sources.read(attempt, give_up=give_up)
+        return self.sources.read(attempt, give_up=give_up, missing_ends=missing_ends)
 
     def advise_run(self, locs: Sequence[Location]) -> None:
         """Hint that ``locs`` (one pack, ascending) will be read soon: a primary store on a
@@ -322,10 +332,11 @@ class Repository:
         """Every node of metadata pack ``pack_id``, from one read of the whole pack: the
         location and plain bytes of each that verifies against its id (one that does not
         is left out; a read of it alone meets and reports it). Nothing for a data pack.
-        Raises as ``get`` (``ObjectNotFound`` for a pack gc has removed), and FormatError
+        Raises as ``get`` (``ObjectNotFound`` for a pack gc has removed from the
+        repository's own store, though a mirror that fails may hold it), and FormatError
         for bytes that are not a pack."""
         what = f"pack {pack_id.hex()}"
-        whole = memoryview(self.get(pack_key(pack_id)))
+        whole = memoryview(self.get(pack_key(pack_id), missing_ends=True))  # missing: moved, read alone by id
         trailer = trailer_of(whole, pack_id, what)
         if trailer.kind != KIND_META:
             return []
@@ -480,7 +491,9 @@ class Repository:
         if jid is None:
             return []
         found = []
-        while _exists(self.get, journal_key(name, jid)):  # a pointer may lag behind commits
+        # a pointer may lag behind commits; where the journal ends the repository's own
+        # store says (a mirror is never ahead of it), not a mirror that is down
+        while _exists(functools.partial(self.get, missing_ends=True), journal_key(name, jid)):
             found.append(jid)
             jid += 1
         return found

@@ -15,7 +15,22 @@ deadline began earlier), then raises the last error; an attempt under way at the
 deadline ends by its store's own request timeout. Bytes that fail verification are read
 again ``CORRUPT_ROUNDS`` times at most (a flipped bit in transit heals, a damaged object
 does not). Failures no retry cures — an object missing everywhere (``ObjectNotFound``),
-refused credentials — are raised at once.
+refused credentials — are raised at once. A mirror found to hold another repository
+(``OtherRepository``) is no source of this one: an object the others lack is
+``ObjectNotFound``, not that mirror's error.
+
+With ``missing_ends``, an object the repository's own store (the first source configured)
+answers it does not have is ``ObjectNotFound`` once every source has been asked, though
+a mirror failed otherwise (down, another repository, damaged bytes): for callers that
+look for what the store lacks elsewhere in it (an object gc moved, found by id; the end
+of a journal). A mirror is a copy and never ahead of its repository, so waiting out the
+deadline for one that is down would fail a read the repository itself can serve.
+
+``ListingUnavailable`` from the repository's own store is raised at once, and the store
+is not set aside: it is an answer (that store cannot list keys), not a failure, and a
+mirror's listing is not the repository's (it may lag behind: its newest snapshot is an
+older one). Callers find objects by name instead. From a mirror it is that mirror's
+failure.
 
 ``RetryingStore`` gives writes the same patience on one store: an operation that meets
 ``StoreUnavailable`` is retried with back-off until the deadline; its ``read(fn)`` is
@@ -35,7 +50,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cafs.errors import FormatError, IntegrityError, ObjectNotFound, StoreError, StoreUnavailable
+from cafs.errors import (
+    FormatError, IntegrityError, ListingUnavailable, ObjectNotFound, OtherRepository, StoreError, StoreUnavailable,
+)
 from cafs.stores.base import Store
 
 log = logging.getLogger("cafs.sources")
@@ -76,30 +93,43 @@ class Sources:
                              key=lambda i: self._health[i].retry_at)
         return ready + waiting
 
-    def read(self, fn: Callable[[Store], T], *, give_up: float | None = None) -> T:
+    def read(self, fn: Callable[[Store], T], *, give_up: float | None = None, missing_ends: bool = False) -> T:
         if give_up is None:
             give_up = time.monotonic() + self.deadline
         for round_no in itertools.count():
             error: Exception | None = None
             missing: ObjectNotFound | None = None
+            missing_first: ObjectNotFound | None = None  # the answer of the first source configured
+            other: OtherRepository | None = None
             passing = corrupt = False
             for i in self.order():
                 try:
                     value = fn(self.stores[i])
                 except ObjectNotFound as exc:
                     missing = exc
+                    if i == 0:
+                        missing_first = exc
                     continue
                 except (StoreError, IntegrityError, FormatError) as exc:
+                    if i == 0 and isinstance(exc, ListingUnavailable):
+                        raise
                     passing = passing or isinstance(exc, StoreUnavailable)
                     corrupt = corrupt or isinstance(exc, (IntegrityError, FormatError))
                     self._failed(i, exc)
-                    error = exc
+                    if isinstance(exc, OtherRepository):
+                        other = exc  # no source of this repository: what the others lack is missing
+                    else:
+                        error = exc
                     continue
                 self._succeeded(i)
                 return value
             if error is None:
-                assert missing is not None
+                if missing is None:
+                    assert other is not None
+                    raise other
                 raise missing
+            if missing_ends and missing_first is not None:
+                raise missing_first
             now = time.monotonic()
             if now >= give_up or not (passing or (corrupt and round_no < CORRUPT_ROUNDS)):
                 raise error

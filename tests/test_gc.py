@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -561,3 +562,33 @@ def test_a_lock_gc_cannot_read_stops_it(cafs, hist: History, nginx_server, fault
     assert "locks/" in r.err and "500" in r.err and "Traceback" not in r.err, r.err
     assert pack_files(hist.repo) == before
     assert locks(hist.repo) == []
+
+
+@pytest.mark.parametrize("mirror", ["down", "damaged"])
+def test_what_gc_moved_is_read_though_a_mirror_fails(cafs, hist: History, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, mirror: str) -> None:
+    """The repository lacks a pack gc repacked, and its mirror cannot give it: down, or
+    holding it truncated (copied before the gc). The object is found by id in the
+    repository at once; before, the read waited out the deadline for the mirror, or
+    took the mirror's damage for the answer, and failed (get: exit 1; a mount: EIO)."""
+    monkeypatch.setenv("CAFS_TIMEOUT", "5")  # the old code failed after this
+    copy = tmp_path / "mirror"
+    shutil.copytree(hist.repo, copy)
+    assert cafs("forget", hist.repo, "ds", "--keep-last", "1").code == 0
+    r = cafs("gc", hist.repo)
+    assert r.code == 0 and "repacked 0;" not in r.out, r.out
+    gone = set(pack_files(copy)) - set(pack_files(hist.repo))
+    for pack in (copy / "packs").glob("*/*"):
+        if pack.name in gone:
+            os.truncate(pack, pack.stat().st_size // 2)
+    with socket.socket() as refusing:  # bound, never listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{refusing.getsockname()[1]}/mirror" if mirror == "down" else str(copy)
+        r = cafs("get", f"{hist.repo}#ds", tmp_path / "out", "--mirror", url)
+        assert r.code == 0, r.err
+        assert_same_tree(hist.srcs[2], tmp_path / "out")
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        with mounted(f"{hist.repo}#ds", mnt, f"cache={tmp_path / 'cache'},mirror={url},timeout=5",
+                     expect_warnings=True):
+            assert_same_tree(hist.srcs[2], mnt)

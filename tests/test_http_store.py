@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -327,6 +328,42 @@ def test_without_listings_older_snapshots_are_not_taken_for_gone(cafs, nginx_ser
     assert sorted(p.name for p in (repo / "refs" / "ds").iterdir()) == [f"{1:020d}", f"{2:020d}", "latest"]
     r = cafs("ls", f"{url}#ds")  # what needs the newest only still works
     assert r.code == 0, r.err
+
+
+def test_a_lagging_mirror_does_not_name_the_newest_snapshot(cafs, nginx_server, tmp_path: Path) -> None:
+    """A server without listings and a mirror that lags behind it (it lacks the newest
+    snapshot): REPO#NAME is still the repository's newest. The mirror's listing was taken
+    for the repository's, so adding --mirror turned REPO#ds into ds@1, with a warning that
+    the repository 'failed'."""
+    repo, mirror = tmp_path / "www" / "repo", tmp_path / "mirror"
+    src = make_tree(tmp_path / "src")
+    assert cafs("init", repo, *SMALL).code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    assert cafs("copy", f"{repo}#ds", mirror, "--no-progress").code == 0
+    (src / "only-in-2").write_bytes(b"new")
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    url = nginx_server(tmp_path / "www", listing=False).url + "/repo"
+    r = cafs("ls", f"{url}#ds", "--mirror", mirror)
+    assert r.code == 0 and "only-in-2" in r.out, r.out + r.err
+    assert "failed" not in r.err, r.err
+
+
+def test_without_listings_a_mirror_that_is_down_is_not_waited_for(cafs, nginx_server, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """REPO#NAME on a server without listings looks for the entries after refs/NAME/latest
+    until one is missing. Where the journal ends the repository says: the probe of the
+    jid after the newest waited out the deadline for a mirror that is down, and failed
+    with the mirror's 'Connection refused'."""
+    monkeypatch.setenv("CAFS_TIMEOUT", "5")  # the old code failed after this
+    repo = tmp_path / "www" / "repo"
+    src = make_tree(tmp_path / "src")
+    assert cafs("init", repo, *SMALL).code == 0
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    url = nginx_server(tmp_path / "www", listing=False).url + "/repo"
+    with socket.socket() as refusing:  # bound, never listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        r = cafs("ls", f"{url}#ds:data", "--mirror", f"http://127.0.0.1:{refusing.getsockname()[1]}/mirror")
+    assert r.code == 0 and "big" in r.out, r.out + r.err
 
 
 class _Redirector:

@@ -333,9 +333,11 @@ def test_a_repository_whose_path_holds_a_hash_is_named_by_its_file_url(cafs, src
     assert r.code == 2 and "not on 'elsewhere'" in r.err
 
 
-def test_a_mirror_of_another_repository_is_never_read(cafs, repo: Path, ds: str, tmp_path: Path) -> None:
+def test_a_mirror_of_another_repository_is_never_read(cafs, repo: Path, ds: str, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     # a mirror answers the names its repository lacks: another repository's journal
-    # would have been taken for this one's (ls REPO#elsewhere@1 listed the other dataset)
+    # would have been taken for this one's (ls REPO#elsewhere@1 listed the other dataset);
+    # what the repository lacks is then missing (the error was the mirror's, not that)
     other = tmp_path / "other"
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "not-ours").write_bytes(b"x")
@@ -343,7 +345,8 @@ def test_a_mirror_of_another_repository_is_never_read(cafs, repo: Path, ds: str,
     assert cafs("import", tmp_path / "elsewhere", other, "--name", "elsewhere", "--no-progress").code == 0
     r = cafs("ls", f"{repo}#elsewhere@1", "--mirror", other)
     assert r.code == 1 and "not-ours" not in r.out, r.out
-    assert f"mirror file://{other} holds another repository" in r.err
+    assert "ref 'elsewhere' has no snapshot 1" in r.err, r.err
+    assert f"mirror file://{other} holds another repository" in caplog.text
     r = cafs("ls", f"{ds}:data/sub", "--mirror", other)  # what the repository has is read as before
     assert r.code == 0 and "s00" in r.out, r.err
     r = cafs("fsck", repo, "--repair", "--mirror", other)
