@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cafs import cachedir
 from cafs.errors import CafsError, OtherRepository, StoreError, UsageError
 from cafs.metacache import default_cache_dir
 from cafs.mountd import serve, why_not
@@ -130,10 +131,14 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
     try:
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            err = open(cache_dir / "mountd.stderr", "ab")
+            cachedir.shared(cache_dir)
         except OSError as exc:
             raise MountError(f"cache directory {cache_dir}: cannot use it: {why_not(exc)}") from None
+        try:
+            err = open(cachedir.open_own(cache_dir / "mountd.stderr", os.O_WRONLY | os.O_APPEND), "ab")
+        except OSError as exc:
+            raise MountError(f"{cache_dir / 'mountd.stderr'}: cannot write the daemon's stderr there: "
+                             f"{why_not(exc)}") from None
         with err:
             proc = subprocess.Popen(
                 # "--": a SOURCE may start with "-" (a relative repository path), and
