@@ -9,21 +9,22 @@ have root write through it (``cafs.cachedir``). Tests run as root; the other use
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mountfix import env, import_tree, is_mounted, make_repo, mountd_pids, poll, unmount
+from nobody import NOBODY, SETPRIV, nobody_python
 
 from cafs import cachedir
 from cafs.cachedir import UnsafeCacheDir
 from cafs.mountd import SYSLOG_SOCKET, _listening
 from cafs.repository import Repository
-
-NOBODY = 65534
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act for another user with chown")
 
@@ -165,3 +166,33 @@ def test_a_cache_directory_reached_through_a_symlink_is_held_to_the_rule(tmp_pat
     (tmp_path / "link").symlink_to(elsewhere)
     with pytest.raises(UnsafeCacheDir, match=f"belongs to uid {NOBODY}"):
         cachedir.private(tmp_path / "link")
+
+
+def test_a_mount_that_fusermount3_refuses_says_why(tmp_path: Path) -> None:
+    """A user other than root mounts through fusermount3, which refuses a mountpoint
+    that is not theirs (or a /dev/fuse they may not open): its reason, written to the
+    daemon's stderr, is what the user can act on; pyfuse3 only says that
+    fuse_session_mount failed."""
+    found = nobody_python()
+    if found is None:
+        pytest.skip("needs root, setpriv and a Python that user nobody can run")
+    python, pythonpath = found
+    base = Path(tempfile.mkdtemp(prefix="cafs-nobody-"))  # pytest's temporary directories are root's alone
+    try:
+        base.chmod(0o755)
+        (base / "src").mkdir()
+        (base / "src" / "f").write_bytes(b"x")
+        source = import_tree(base / "src", make_repo(base / "repo", tmp_path / "icache"), "ds", tmp_path / "icache")
+        (base / "mnt").mkdir()  # root's
+        (base / "cache").mkdir()
+        os.chown(base / "cache", NOBODY, NOBODY)
+        r = subprocess.run([*SETPRIV, python, "-m", "cafs.mount_helper", source, os.fspath(base / "mnt"),
+                            "-o", f"cache={base / 'cache'}"], capture_output=True, text=True, timeout=120,
+                           env={"PYTHONPATH": pythonpath, "PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent"})
+        assert r.returncode == 32, r.stderr
+        assert "fusermount3: " in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1, r.stderr
+    finally:
+        if is_mounted(base / "mnt"):
+            unmount(base / "mnt", mountd_pids(base / "mnt"))
+        shutil.rmtree(base)
