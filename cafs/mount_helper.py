@@ -252,6 +252,10 @@ def unmount(mountpoint: str) -> None:
     cmd = [tool, "-u", path] if tool else ["umount", path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
+        if os.geteuid() != 0 and top.user_id is not None and top.user_id != os.geteuid():
+            # fusermount3 says "entry for ... not found in /etc/mtab"
+            raise MountError(f"cannot unmount {mountpoint}: it was mounted by uid {top.user_id}; "
+                             "only that user or root can unmount it")
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mountfix import env, import_tree, is_mounted, make_repo, mountd_pids, poll, unmount
+from mountfix import env, import_tree, is_mounted, make_repo, mountd_pids, mounted, poll, unmount
 from nobody import NOBODY, SETPRIV, nobody_python
 
 from cafs import cachedir
@@ -196,3 +196,24 @@ def test_a_mount_that_fusermount3_refuses_says_why(tmp_path: Path) -> None:
         if is_mounted(base / "mnt"):
             unmount(base / "mnt", mountd_pids(base / "mnt"))
         shutil.rmtree(base)
+
+
+def test_another_users_umount_of_a_mount_says_whose_it_is(tmp_path: Path) -> None:
+    """fusermount3 refuses it as 'entry for ... not found in /etc/mtab'."""
+    found = nobody_python()
+    if found is None:
+        pytest.skip("needs root, setpriv and a Python that user nobody can run")
+    python, pythonpath = found
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x")
+    source = import_tree(tmp_path / "src", make_repo(tmp_path / "repo", tmp_path / "icache"), "ds",
+                         tmp_path / "icache")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    with mounted(source, point, f"cache={tmp_path / 'cache'}"):
+        r = subprocess.run([*SETPRIV, python, "-m", "cafs.cli", "umount", os.fspath(point)], capture_output=True,
+                           text=True, timeout=120,
+                           env={"PYTHONPATH": pythonpath, "PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent"})
+        assert r.returncode == 1, r.stderr
+        assert f"cannot unmount {point}: it was mounted by uid 0; only that user or root can unmount it" in r.stderr
+        assert is_mounted(point)
