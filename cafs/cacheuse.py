@@ -29,6 +29,7 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
+from cafs import cachedir
 from cafs.errors import CafsError
 
 LOCK_NAME = "in-use"
@@ -48,12 +49,13 @@ class CacheInUse(CafsError):
 def hold(root: Path) -> int:
     """Take the shared lock of the cache at ``root``, creating the directory; returns
     the descriptor whose closing releases it. Raises OSError for a directory that cannot
-    be made (a path through a dangling symlink, say, or under /proc)."""
+    be made (a path through a dangling symlink, say, or under /proc), ``UnsafeCacheDir``
+    for one another user could write in (``cafs.cachedir``)."""
     tries = 0
     while True:
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            cachedir.private(root)
+            fd = os.open(root / LOCK_NAME, os.O_RDONLY | cachedir.CREATE_FLAGS, cachedir.FILE_MODE)
         except (FileExistsError, FileNotFoundError):
             tries += 1
             if tries < MAKE_TRIES and (root.is_dir() or not root.exists()):
@@ -76,7 +78,7 @@ def clear(roots: list[Path]) -> None:
     with ExitStack() as stack:
         users: dict[Path, list[int]] = {}
         for root in roots:
-            fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(root / LOCK_NAME, os.O_RDONLY | cachedir.CREATE_FLAGS, cachedir.FILE_MODE)
             stack.callback(os.close, fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,7 +1,8 @@
 """The per-host sparse chunk cache: stored chunk bytes in sparse files, extents in LMDB.
 
 Layout, under ``<cache dir>/<repo id>/`` (shared by every mount of that repository on
-the host, and kept across remounts):
+the host, and kept across remounts; directories 0700, files 0600, the cache directory
+private to its user: ``cafs.cachedir``):
 
 - ``in-use``: an empty file, the lock that keeps ``cafs cache clear`` away while the
   cache is open (``cafs.cacheuse``).
@@ -76,6 +77,7 @@ from pathlib import Path
 
 import lmdb
 
+from cafs import cachedir
 from cafs.errors import CafsError, NoSpaceError
 from cafs.fileio import DIRECT_ALIGN, open_files_share, pwrite_all, read_resident
 
@@ -199,9 +201,9 @@ class ChunkCache:
         path = self._path(pack)
         try:
             if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            return os.open(path, os.O_RDWR)
+                cachedir.private(path.parent)
+                return os.open(path, os.O_RDWR | cachedir.CREATE_FLAGS, cachedir.FILE_MODE)
+            return os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         except (IsADirectoryError, NotADirectoryError):

@@ -1,7 +1,7 @@
 """The local metadata cache: verified node bytes in LMDB, and decoded nodes in memory.
 
-One LMDB environment per repository per host, at ``<cache dir>/<repo id>/meta.lmdb``,
-database ``nodes``: node id (32 bytes) -> the node's plain msgpack bytes. Several
+One LMDB environment per repository per host, at ``<cache dir>/<repo id>/meta.lmdb``
+(files 0600 in a private directory: ``cafs.cachedir``), database ``nodes``: node id (32 bytes) -> the node's plain msgpack bytes. Several
 processes may open it at once (LMDB's own locking). Bytes read back are verified
 against their id before use, so a damaged cache is detected and refetched, never
 trusted. Import writes every node it creates here; readers fill it on first use. While
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import lmdb
 
-from cafs import cacheuse
+from cafs import cachedir, cacheuse
 from cafs.errors import CafsError, FormatError, IntegrityError, NoSpaceError, StoreError, StoreUnavailable
 from cafs.format.location import Location
 from cafs.format.nodes import DirIndexNode, Node, TreeNode, decode_node
@@ -77,7 +77,7 @@ def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
         _reserve_lock_file(path / "meta.lmdb")
         # Everything here is verified on use and can be refetched, so commits need
         # not be durable: sync=False keeps a write from costing an fsync.
-        env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8,
+        env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8, mode=cachedir.FILE_MODE,
                         subdir=True, readahead=False, metasync=False, sync=False)
         try:
             env.reader_check()  # slots of dead processes: see the module docstring
@@ -101,8 +101,8 @@ def _reserve_lock_file(lmdb_dir: Path) -> None:
     full tmpfs (a cache under /tmp, a memory-backed volume) the first write to a page
     that has no block yet is a SIGBUS that kills the process. Allocated here, a full
     disk is an OSError (ENOSPC) instead."""
-    lmdb_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lmdb_dir / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o644)
+    cachedir.private(lmdb_dir)
+    fd = os.open(lmdb_dir / "lock.mdb", os.O_RDWR | cachedir.CREATE_FLAGS, cachedir.FILE_MODE)
     try:
         os.posix_fallocate(fd, 0, max(LOCK_FILE_BYTES, os.fstat(fd).st_size))
     finally:

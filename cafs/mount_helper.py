@@ -3,7 +3,10 @@
 It checks what it can before mounting (options, mountpoint, repository, snapshot), so
 each mistake gets one clear line and nothing is left half-made; then it starts the
 daemon (``cafs.mountd``) in a new session and returns only once the daemon reports
-that the filesystem answers. ``-f`` serves in the foreground instead. From the busy check
+that the filesystem answers. A daemon that fails says why; the last lines it wrote to its
+stderr (``CACHE/mountd.stderr``) are added, since libfuse gives its reason only there
+(fusermount3's, for a user other than root: a mountpoint not theirs, a ``/dev/fuse``
+they may not open, ``allow_other`` not allowed in ``/etc/fuse.conf``). ``-f`` serves in the foreground instead. From the busy check
 until the mount answers it holds a lock on the mountpoint directory, so of several mounts
 started at once on one mountpoint exactly one is made; the others wait for it, then fail
 as busy (``mountpoint_locked``).
@@ -29,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cafs import cachedir
 from cafs.errors import CafsError, OtherRepository, StoreError, UsageError
 from cafs.metacache import default_cache_dir
 from cafs.mountd import serve, why_not
@@ -42,6 +46,8 @@ EXIT_FAILURE = 32
 READY_MARGIN = 30.0  # seconds for the daemon's own start: Python, the caches, the kernel mount
 STARTUP_READS = 3  # store reads before a daemon answers: config, the ref's journal list, its entry
 EXIT_GRACE = 5.0  # seconds a failed daemon gets to exit before it is killed
+SAID_LINES = 3  # lines of what a failed daemon wrote to its stderr, added to the message
+SAID_BYTES = 2048
 
 
 class MountError(CafsError):
@@ -126,23 +132,34 @@ def ready_timeout(opts: MountOptions) -> float:
 
 
 def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
-    read_fd, write_fd = os.pipe()
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
     try:
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            err = open(cache_dir / "mountd.stderr", "ab")
-        except OSError as exc:
-            raise MountError(f"cache directory {cache_dir}: cannot use it: {why_not(exc)}") from None
-        with err:
-            proc = subprocess.Popen(
-                # "--": a SOURCE may start with "-" (a relative repository path), and
-                # would be taken for an option
-                [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), "-o", format_options(opts),
-                 "--", source, str(mountpoint)],
-                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                start_new_session=True, close_fds=True,
-            )
+        cachedir.shared(cache_dir)
+    except OSError as exc:
+        raise MountError(f"cache directory {cache_dir}: cannot use it: {why_not(exc)}") from None
+    try:
+        err = cachedir.open_own(cache_dir / "mountd.stderr", os.O_RDWR | os.O_APPEND)
+    except OSError as exc:
+        raise MountError(f"{cache_dir / 'mountd.stderr'}: cannot write the daemon's stderr there: "
+                         f"{why_not(exc)}") from None
+    try:
+        _spawn(source, mountpoint, opts, cache_dir, err)
+    finally:
+        os.close(err)
+
+
+def _spawn(source: str, mountpoint: Path, opts: MountOptions, cache_dir: Path, err: int) -> None:
+    start = os.fstat(err).st_size  # what the daemon writes to its stderr comes after this
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            # "--": a SOURCE may start with "-" (a relative repository path), and
+            # would be taken for an option
+            [sys.executable, "-m", "cafs.mountd", "--ready-fd", str(write_fd), "-o", format_options(opts),
+             "--", source, str(mountpoint)],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True, close_fds=True,
+        )
     except BaseException:
         os.close(read_fd)
         raise
@@ -168,7 +185,18 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
     if not message:
         raise MountError(f"{mountpoint}: the mount daemon exited (status {proc.returncode}); "
                          f"see {cache_dir / 'mountd.stderr'}")
-    raise MountError(message.removeprefix("error: "))
+    said = _said(err, start)
+    # libfuse says why a mount failed only on stderr ("fuse_session_mount failed" is all
+    # pyfuse3 raises), and fusermount3's reason is the one a user can act on
+    raise MountError(message.removeprefix("error: ") + (f" ({said})" if said else ""))
+
+
+def _said(fd: int, start: int) -> str:
+    """The last lines written to the file at ``fd`` after offset ``start``, for a message."""
+    end = os.fstat(fd).st_size
+    offset = max(start, end - SAID_BYTES)
+    text = os.pread(fd, end - offset, offset).decode(errors="replace")
+    return "; ".join([line.strip() for line in text.splitlines() if line.strip()][-SAID_LINES:])
 
 
 def _read_line(fd: int, timeout: float) -> str | None:
@@ -224,6 +252,10 @@ def unmount(mountpoint: str) -> None:
     cmd = [tool, "-u", path] if tool else ["umount", path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
+        if os.geteuid() != 0 and top.user_id is not None and top.user_id != os.geteuid():
+            # fusermount3 says "entry for ... not found in /etc/mtab"
+            raise MountError(f"cannot unmount {mountpoint}: it was mounted by uid {top.user_id}; "
+                             "only that user or root can unmount it")
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
 
 

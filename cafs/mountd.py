@@ -35,6 +35,7 @@ import argparse
 import ctypes
 import ctypes.util
 import faulthandler
+import io
 import json
 import logging
 import logging.handlers
@@ -52,7 +53,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from cafs import fuse_loop
+from cafs import cachedir, fuse_loop
 from cafs.chunkcache import ChunkCache
 from cafs.errors import CafsError
 from cafs.fetch import Fetcher
@@ -142,15 +143,37 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
     else:
         path = Path(opts.log) if opts.log else cache_dir / "mount.log"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if opts.log:
+                cachedir.make_dirs(path.parent)  # the user's choice: not held to the cache's rule
+            else:
+                cachedir.shared(cache_dir)
             # reopened when the file is moved away or deleted (logrotate's default way),
             # rather than written on into the rotated file until that is deleted
-            handler = logging.handlers.WatchedFileHandler(path)
+            handler = PrivateLog(path, follow=bool(opts.log))
         except OSError as exc:
             what = f"log={opts.log}" if opts.log else "log file"
             raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
+
+
+class PrivateLog(logging.handlers.WatchedFileHandler):
+    """A ``WatchedFileHandler`` whose file is made mode 0600, whatever the umask (the
+    log names the snapshot's files); with ``follow=False`` (the log in the cache
+    directory) it is opened as ``cafs.cachedir.open_own`` opens: never through a
+    symlink, and only if it is this user's."""
+
+    def __init__(self, path: Path, *, follow: bool) -> None:
+        self.follow = follow
+        super().__init__(path)
+
+    def _open(self) -> io.TextIOWrapper:
+        flags = os.O_WRONLY | os.O_APPEND
+        if self.follow:
+            fd = os.open(self.baseFilename, flags | os.O_CREAT | os.O_CLOEXEC, cachedir.FILE_MODE)
+        else:
+            fd = cachedir.open_own(Path(self.baseFilename), flags)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def _listening(path: str) -> bool:

@@ -28,6 +28,7 @@ class MountEntry:
     mountpoint: str  # as the kernel names it: absolute, symlinks resolved
     fstype: str  # "fuse.cafs" for a cafs mount
     device: int  # os.makedev(major, minor): the st_dev of files in the mount
+    user_id: int | None = None  # a FUSE mount's user_id= option: who mounted it (fusermount3 lets only them unmount)
 
 
 def _unescape(field: bytes) -> str:
@@ -45,10 +46,18 @@ def parse_mountinfo(text: bytes) -> list[MountEntry]:
             sep = fields.index(b"-", 6)
             major, minor = (int(n) for n in fields[2].split(b":"))
             out.append(MountEntry(_unescape(fields[4]), fields[sep + 1].decode(errors="replace"),
-                                  os.makedev(major, minor)))
+                                  os.makedev(major, minor), _user_id(fields[sep + 3:sep + 4])))
         except (ValueError, IndexError):
             continue
     return out
+
+
+def _user_id(super_options: list[bytes]) -> int | None:
+    for option in super_options[0].split(b",") if super_options else []:
+        key, _, value = option.partition(b"=")
+        if key == b"user_id" and value.isdigit():
+            return int(value)
+    return None
 
 
 def mounts(path: str = MOUNTINFO) -> list[MountEntry]:

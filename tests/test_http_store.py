@@ -184,6 +184,17 @@ def test_credentials_never_in_urls() -> None:
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["ftp://alice:s3cret@h/repo", "webdav://alice:s3cret@h/repo",
+                                 "file://alice:s3cret@/srv/repo", "s3://bucket/repo?X-Amz-Signature=s3cret",
+                                 "s3://bucket/repo#s3cret"])
+def test_no_url_refused_for_another_reason_shows_its_secret(url: str) -> None:
+    """An unknown scheme, a file:// URL with a host part, an s3:// URL with a query (a
+    presigned URL's signature): the message names the URL, without what may be a secret."""
+    with pytest.raises(UsageError) as info:
+        open_store(url)
+    assert "s3cret" not in str(info.value)
+
+
 @pytest.mark.parametrize("url", ["https://h.example.org/repo", "https://h:4430/repo", "https://h/data2/repo",
                                  "https://h/database"])
 def test_a_remote_is_for_its_own_host_port_and_path_only(tmp_path: Path, url: str) -> None:

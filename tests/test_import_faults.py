@@ -16,17 +16,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 
 import pytest
 
+from nobody import NOBODY, SETPRIV, nobody_python
 from storewrap import PassThroughStore
 from treegen import assert_same_tree, diff_manifests, make_tree, manifest
 
-NOBODY = 65534
-SRC_ROOT = str(Path(__file__).resolve().parents[1])
-SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
 def assert_clean_error(r, code: int, *needles: str) -> None:
@@ -48,28 +45,6 @@ def journal_entries(repo: Path) -> list[Path]:
 
 
 # -- running as another user ------------------------------------------------------------
-
-
-@cache
-def nobody_python() -> tuple[str, str] | None:
-    """An interpreter and PYTHONPATH with which user ``nobody`` can run cafs, or None.
-
-    The test interpreter may live where nobody cannot reach it (a venv over a Python
-    under /root); then the system Python of the same version with this environment's
-    site-packages will do, since compiled extensions match the version."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return None
-    import site
-
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    candidates = [(sys.executable, SRC_ROOT),
-                  (f"/usr/bin/python{ver}", os.pathsep.join([SRC_ROOT, *site.getsitepackages()]))]
-    for python, pythonpath in candidates:
-        probe = subprocess.run([*SETPRIV, python, "-c", "import cafs.cli"], capture_output=True,
-                               env={"PYTHONPATH": pythonpath, "PATH": os.environ.get("PATH", "")}, timeout=60)
-        if probe.returncode == 0:
-            return python, pythonpath
-    return None
 
 
 class NobodyRun:

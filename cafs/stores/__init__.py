@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 from cafs.errors import UsageError
-from cafs.stores.access import redact, split_url
+from cafs.stores.access import redact, refuse_userinfo, split_url
 from cafs.stores.base import (
     ObjectExists, ObjectWriter, ResidentReads, Store, StreamingWrites, TrioReads, check_key,
 )
@@ -26,6 +26,7 @@ def open_store(url: str, *, deadline: float | None = None) -> Store:
     parts = split_url(url) if "://" in url else None
     if parts is None or parts.scheme == "":
         return LocalStore(Path(url).absolute())
+    refuse_userinfo(url)  # for any scheme: the messages below name the URL
     scheme = parts.scheme
     if scheme == "file":
         return LocalStore(_file_url_path(url, parts.netloc, parts.path))

@@ -114,6 +114,12 @@ def redact(url: str) -> str:
     return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
+def without_query(url: str) -> str:
+    """``url`` as ``redact`` shows it, its query or fragment (a presigned URL's signature,
+    a token) cut off, for the message that refuses them."""
+    return redact(url.split("?", 1)[0].split("#", 1)[0])
+
+
 def remotes_file(env: dict[str, str]) -> Path:
     if env.get("CAFS_REMOTES"):
         return Path(env["CAFS_REMOTES"])

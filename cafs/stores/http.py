@@ -57,7 +57,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, ResponseError, SSLError
 
 from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
-from cafs.stores.access import RemoteAccess, redact
+from cafs.stores.access import RemoteAccess, without_query
 from cafs.stores.base import ObjectExists, check_key
 from cafs.stores.keepalive import KeepAliveGets
 from cafs.stores.pace import Pace, read_body, send_pieces
@@ -345,8 +345,7 @@ def _encode_path(url: str) -> str:
     bytes, another directory on the server)."""
     parts = urlsplit(url)
     if parts.query or parts.fragment or "?" in url or "#" in url:
-        shown = redact(url.split("?", 1)[0].split("#", 1)[0])  # a query may hold a secret
-        raise UsageError(f"{shown}?...: an http(s):// repository URL takes no query or fragment")
+        raise UsageError(f"{without_query(url)}?...: an http(s):// repository URL takes no query or fragment")
     path = quote(_LONE_PERCENT.sub("%25", parts.path), safe="/%!$&'()*+,;=:@~")
     return parts._replace(path=path).geturl()
 

@@ -84,7 +84,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, SSLError
 
 from cafs.errors import ListingUnavailable, NoSpaceError, ObjectNotFound, StoreError, StoreUnavailable, UsageError
-from cafs.stores.access import RemoteAccess, redact, refuse_userinfo
+from cafs.stores.access import RemoteAccess, redact, refuse_userinfo, without_query
 from cafs.stores.aws_config import S3Settings
 from cafs.stores.aws_instance import RefreshingCredentials
 from cafs.stores import awsxml
@@ -471,7 +471,7 @@ def _parse_url(url: str) -> tuple[str, str]:
     if parts.scheme != "s3":
         raise UsageError(f"{redact(url)}: not an s3:// URL")
     if parts.query or parts.fragment or "?" in url or "#" in url:
-        raise UsageError(f"{url}: an s3:// URL takes no query or fragment")
+        raise UsageError(f"{without_query(url)}?...: an s3:// URL takes no query or fragment")
     bucket = parts.netloc
     if not _BUCKET.fullmatch(bucket):
         raise UsageError(f"{url}: {bucket!r} is not a bucket name")
