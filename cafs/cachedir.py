@@ -22,12 +22,15 @@ through it into any file of the host. So:
 - cafs opens the other files it makes in the cache with ``O_NOFOLLOW`` as well
   (``CREATE_FLAGS``).
 
-It deliberately does not look at ACLs, nor at the files already in a directory that
+A directory on a filesystem that cannot hold symlinks (FAT, exFAT: a USB disk, whose
+directories all show mode 0777 and take no chmod) passes the mode rule: nothing can be
+planted there for cafs to write through. It deliberately does not look at ACLs, nor at the files already in a directory that
 passes (only its owner, or root, could have put them there).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -108,6 +111,19 @@ def _check_one(cache: Path, d: Path, euid: int, *, strict: bool) -> None:
     if st.st_uid != euid and (strict or st.st_uid != 0):
         raise UnsafeCacheDir(f"{what} belongs to uid {st.st_uid}, not to this user (uid {euid}): "
                              "its owner could make cafs write into any file; use a directory of your own")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (strict or not st.st_mode & stat.S_ISVTX):
+    if (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (strict or not st.st_mode & stat.S_ISVTX)
+            and not _without_symlinks(d)):
         raise UnsafeCacheDir(f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
                              f"they could make cafs write into any file; chmod go-w {d}")
+
+
+def _without_symlinks(d: Path) -> bool:
+    """Whether the filesystem of directory ``d`` refuses to make symlinks (tried once,
+    in ``d``; False if ``d`` cannot be written or takes one)."""
+    probe = d / f".cafs-symlink-probe-{os.getpid()}"
+    try:
+        os.symlink("probe", probe)
+    except OSError as exc:
+        return exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
+    os.unlink(probe)
+    return False
