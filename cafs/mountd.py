@@ -8,9 +8,10 @@ readahead (which must stat the mountpoint) runs in a worker thread while the loo
 serves.
 
 ``serve`` mounts, reports readiness through a callback once the filesystem answers,
-serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. SIGUSR1 logs the
-mount's counters (those of ``cafs stats``); its default action would have ended the
-daemon, with no line in the log to say why the mount was gone. Once mounted it works
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. SIGUSR1 and SIGUSR2
+log the mount's counters (those of ``cafs stats``); their default action would have
+ended the daemon, with no line in the log to say why the mount was gone (batch
+schedulers send either to every process of a job, e.g. before it is preempted). Once mounted it works
 from ``/``, so that it keeps no directory (nor the filesystem holding it) busy. ``auto_unmount`` makes
 libfuse's helper unmount if this process dies, even by ``kill -9``.
 
@@ -344,10 +345,11 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         async def on_signals() -> None:
             # the receiver stays open while stopping: a second signal must not kill the
             # daemon with its default action before it has unmounted
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                                           signal.SIGUSR2) as signals:
                 stopping = False
                 async for signum in signals:
-                    if signum == signal.SIGUSR1:
+                    if signum in (signal.SIGUSR1, signal.SIGUSR2):
                         log.info("signal %d: counters %s", signum, json.dumps(fs.stats()))
                         continue
                     log.info("signal %d: unmounting", signum)

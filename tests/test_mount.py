@@ -1245,13 +1245,15 @@ def test_sigterm_unmounts_and_the_daemon_exits_0(dataset: Dataset, tmp_path: Pat
         unmount(point, [])
 
 
-def test_sigusr1_logs_the_counters_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path) -> None:
-    """SIGUSR1's default action ended the daemon: the mount was gone, files open on it
-    read ENOTCONN, and its log did not say why. It now logs the counters."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
+def test_sigusr_logs_the_counters_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path,
+                                                          signum: signal.Signals) -> None:
+    """SIGUSR1's and SIGUSR2's default action ended the daemon: the mount was gone, files
+    open on it read ENOTCONN, and its log did not say why. Each now logs the counters."""
     with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
         with open(m.path / "data/big", "rb") as f:
             head = f.read(MiB)
-            os.kill(m.pid, signal.SIGUSR1)
+            os.kill(m.pid, signum)
             poll(lambda: "counters {" in m.log.read_text(), 30, "the counters in the mount's log")
             assert head + f.read() == read_file(dataset.src / "data/big")
         assert process_alive(m.pid) and is_mounted(m.path)
