@@ -8,6 +8,9 @@ until the mount answers it holds a lock on the mountpoint directory, so of sever
 started at once on one mountpoint exactly one is made; the others wait for it, then fail
 as busy (``mountpoint_locked``).
 
+Started with standard input, output or error closed (a launcher that closes them), it
+opens /dev/null in their place first, so that no file it opens takes their numbers.
+
 mount(8) also passes ``-n``, ``-s`` and ``-v``; they are accepted and ignored. Note that
 for mount(8) helpers ``-f`` usually means "fake"; for cafs it means foreground, as for
 other FUSE filesystems, so ``mount -f -t cafs`` is not supported.
@@ -186,10 +189,25 @@ def _read_line(fd: int, timeout: float) -> str | None:
     return data.decode(errors="replace").split("\n", 1)[0]
 
 
+def open_standard_fds() -> None:
+    """Open /dev/null on whichever of descriptors 0, 1 and 2 is closed (a helper started
+    with ``<&- >&-``, or by a launcher that closes them). Left closed, the next file
+    opened takes the number: the daemon's ready pipe became descriptor 1, the daemon's
+    standard output (/dev/null) replaced it in the child, and a mount that came up was
+    reported failed and killed; libfuse's and Python's messages to fd 2 would have gone
+    into whatever file held that number."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)
+        if fd > 2:
+            os.close(fd)
+            return
+
+
 def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> int:
     def fail(msg: str) -> None:
         print(f"mount.cafs: {msg}", file=sys.stderr)
 
+    open_standard_fds()
     try:
         opts = parse_options(options)
         mnt = Path(mountpoint).absolute()

@@ -878,6 +878,24 @@ def test_the_daemon_keeps_no_hold_on_the_directory_it_was_started_from(dataset: 
             assert m.stats()["bytes_fetched"] > 0 and (tmp_path / "cache" / _repo_id(dataset)).is_dir()
 
 
+def test_a_mount_started_with_standard_descriptors_closed(dataset: Dataset, tmp_path: Path) -> None:
+    # started with descriptors 0-2 closed, the helper's pipe for the daemon's "ok" took
+    # numbers 0 and 1, the daemon's stdout (/dev/null) took the place of the pipe's end
+    # in the child, and a mount that came up was reported failed (exit 32) and killed
+    point = new_mountpoint(tmp_path)
+    log = tmp_path / "mount.log"
+    helper = [sys.executable, "-m", "cafs.mount_helper", dataset.source, str(point), "-o",
+              f"{full_cache(tmp_path / 'cache')},log={log}"]
+    try:
+        r = subprocess.run(["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh", *helper], env=env(),
+                           timeout=120, check=False)
+        assert r.returncode == 0, (tmp_path / "cache" / "mountd.stderr").read_text()
+        assert read_file(point / FILE) == read_file(dataset.src / FILE)
+    finally:
+        unmount(point, mountd_pids(point))
+    assert " WARNING " not in log.read_text()
+
+
 def test_a_rotated_log_is_made_anew(dataset: Dataset, tmp_path: Path) -> None:
     # logrotate moves the log aside and expects the next line in a new file at its path:
     # the daemon wrote on into the moved file, which logrotate then compresses and deletes
