@@ -3,10 +3,12 @@
 It checks what it can before mounting (options, mountpoint, repository, snapshot), so
 each mistake gets one clear line and nothing is left half-made; then it starts the
 daemon (``cafs.mountd``) in a new session and returns only once the daemon reports
-that the filesystem answers. ``-f`` serves in the foreground instead. From the busy check
-until the mount answers it holds a lock on the mountpoint directory, so of several mounts
-started at once on one mountpoint exactly one is made; the others wait for it, then fail
-as busy (``mountpoint_locked``).
+that the filesystem answers. Interrupted (Ctrl-C) while it waits, it kills the daemon
+and says nothing was mounted, so no mount comes up behind its back; a daemon whose
+helper was killed unmounts once it is up (``cafs.mountd``). ``-f`` serves in the
+foreground instead. From the busy check until the mount answers it holds a lock on the
+mountpoint directory, so of several mounts started at once on one mountpoint exactly
+one is made; the others wait for it, then fail as busy (``mountpoint_locked``).
 
 Started with standard input, output or error closed (a launcher that closes them), it
 opens /dev/null in their place first, so that no file it opens takes their numbers.
@@ -153,6 +155,10 @@ def spawn_daemon(source: str, mountpoint: Path, opts: MountOptions) -> None:
         os.close(write_fd)
     try:
         message = _read_line(read_fd, ready_timeout(opts))
+    except BaseException:  # interrupted (Ctrl-C): no mount is to come up after the helper is gone
+        proc.kill()  # auto_unmount unmounts what it may have mounted already
+        proc.wait()
+        raise
     finally:
         os.close(read_fd)
     if message == "ok":
@@ -216,13 +222,20 @@ def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> in
             check_mountpoint(mnt)
             check_source(source, opts)
             if foreground:
-                return serve(source, str(mnt), opts, foreground=True, ready=release, fail=fail)
+                def up() -> bool:
+                    release()
+                    return True  # this process serves: there is nobody else to tell
+
+                return serve(source, str(mnt), opts, foreground=True, ready=up, fail=fail)
             spawn_daemon(source, mnt, opts)
     except UsageError as exc:
         fail(str(exc))
         return EXIT_USAGE
     except CafsError as exc:
         fail(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was mounted")
         return EXIT_FAILURE
     return 0
 

@@ -27,7 +27,10 @@ It unmounts only its own mount (``Attachment``): one already gone from its path
 (``umount -l``) leaves alone whatever is mounted there now.
 
 Run as ``python -m cafs.mountd --ready-fd FD SOURCE MOUNTPOINT -o OPTIONS`` by
-``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD.
+``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD. If
+nobody reads FD any more when the mount is up (the helper was interrupted or killed
+while it waited, so nobody learns that the mount is there), it unmounts again as on a
+signal.
 """
 
 from __future__ import annotations
@@ -322,7 +325,7 @@ class CacheFlush:
         self.hits, self.misses, self.fetched = hits, misses, fetched
 
 
-async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None],
+async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], bool],
                  flusher: CacheFlush, attachment: Attachment) -> None:
     """Serve until unmounted or signalled."""
     async with fs.fetcher.running(), trio.open_nursery() as nursery:
@@ -342,20 +345,25 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
                 await trio.sleep(EXIT_GRACE)  # cancelled when the last open file closes
             pyfuse3.terminate()
 
+        stopping = False
+
+        def start_stopping() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                nursery.start_soon(stop)
+
         async def on_signals() -> None:
             # the receiver stays open while stopping: a second signal must not kill the
             # daemon with its default action before it has unmounted
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                                            signal.SIGUSR2) as signals:
-                stopping = False
                 async for signum in signals:
                     if signum in (signal.SIGUSR1, signal.SIGUSR2):
                         log.info("signal %d: counters %s", signum, json.dumps(fs.stats()))
                         continue
                     log.info("signal %d: unmounting", signum)
-                    if not stopping:
-                        stopping = True
-                        nursery.start_soon(stop)
+                    start_stopping()
 
         async def flush_caches() -> None:
             while True:
@@ -371,13 +379,16 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         attachment.known.set()
         await trio.to_thread.run_sync(set_readahead, attachment.device, opts.readahead)
         log.info("serving %s@%d on %s", fs.snapshot.ref, fs.snapshot.jid, mountpoint)
-        ready()
+        if not ready():
+            log.warning("the mount helper is gone (interrupted or killed) before the mount was up: unmounting")
+            start_stopping()
 
 
 def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
-          ready: Callable[[], None], fail: Callable[[str], None]) -> int:
+          ready: Callable[[], bool], fail: Callable[[str], None]) -> int:
     """Mount and serve until unmounted. Returns an exit code; calls ``fail`` with a
-    message if the mount could not be made, ``ready`` once it answers."""
+    message if the mount could not be made, ``ready`` once it answers: if that returns
+    False (nobody was told: the helper that started this daemon is gone), unmounts."""
     limit_malloc_arenas()  # before the first worker thread starts
     raise_open_files_limit()  # a cache file per pack read, and the store's connections
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
@@ -434,20 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()
     ready_pipe = os.fdopen(args.ready_fd, "w")
 
-    def report(line: str) -> None:
+    def report(line: str) -> bool:
+        """Whether ``line`` reached the helper (EPIPE: it is gone)."""
         try:
             ready_pipe.write(line + "\n")
             ready_pipe.close()
+            return True
         except OSError:
-            pass
+            return False
 
     try:
         opts = parse_options(args.options)
     except CafsError as exc:
         report(f"error: {exc}")
         return 1
-    return serve(args.source, args.mountpoint, opts, foreground=False,
-                 ready=lambda: report("ok"), fail=lambda msg: report(f"error: {msg}"))
+
+    def fail(message: str) -> None:
+        report(f"error: {message}")  # unheard if the helper is gone: nothing is mounted either way
+
+    return serve(args.source, args.mountpoint, opts, foreground=False, ready=lambda: report("ok"), fail=fail)
 
 
 if __name__ == "__main__":
