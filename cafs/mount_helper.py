@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cafs.errors import CafsError, OtherRepository, StoreError, UsageError
+from cafs.fileio import CWD_GONE, cwd_gone
 from cafs.metacache import default_cache_dir
 from cafs.mountd import serve, why_not
 from cafs.mountopts import MountOptions, format_options, parse_options
@@ -237,6 +238,11 @@ def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> in
     except KeyboardInterrupt:
         fail("interrupted; nothing was mounted")
         return EXIT_FAILURE
+    except OSError as exc:
+        if exc.filename is None and cwd_gone():  # os.getcwd() for a relative path
+            fail(CWD_GONE)
+            return EXIT_USAGE
+        raise
     return 0
 
 

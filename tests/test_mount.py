@@ -896,6 +896,29 @@ def test_a_mount_started_with_standard_descriptors_closed(dataset: Dataset, tmp_
     assert " WARNING " not in log.read_text()
 
 
+@pytest.mark.parametrize("command", ["mount.cafs", "cafs umount"])
+def test_relative_paths_from_a_deleted_directory_are_one_line(dataset: Dataset, tmp_path: Path,
+                                                              command: str) -> None:
+    # run from a directory deleted meanwhile, a relative repository or mountpoint ended
+    # mount.cafs with a FileNotFoundError traceback from os.getcwd(), and cafs umount said
+    # 'cafs: standard output: No such file or directory'
+    point = new_mountpoint(tmp_path)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    args = {"mount.cafs": ["-m", "cafs.mount_helper", os.path.relpath(dataset.source, gone), str(point),
+                           "-o", f"cache={tmp_path / 'cache'},log={tmp_path / 'mount.log'}"],
+            "cafs umount": ["-m", "cafs.cli", "umount", os.path.relpath(point, gone)]}[command]
+    try:
+        r = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
+                            sys.executable, *args], capture_output=True, text=True, env=env(), timeout=60,
+                           check=False)
+        assert (r.returncode, r.stderr) == (1, f"{command.split()[0]}: the current directory was deleted, so "
+                                               "relative paths name nothing: cd elsewhere or give absolute paths\n")
+        assert not is_mounted(point)
+    finally:
+        unmount(point, mountd_pids(point))
+
+
 def test_a_rotated_log_is_made_anew(dataset: Dataset, tmp_path: Path) -> None:
     # logrotate moves the log aside and expects the next line in a new file at its path:
     # the daemon wrote on into the moved file, which logrotate then compresses and deletes
