@@ -24,7 +24,9 @@ seconds at most. Answering after the detach matters: the kernel asks again at on
 page by page, for what a failed readahead did not get, and a request left unanswered
 when the loop stops fails with ENOTCONN rather than EIO. The daemon then exits 0.
 It unmounts only its own mount (``Attachment``): one already gone from its path
-(``umount -l``) leaves alone whatever is mounted there now.
+(``umount -l``) leaves alone whatever is mounted there now. Caveat: a mount covered by
+another (mounted on its path, or on a directory above it) cannot be unmounted by path;
+the daemon then exits leaving it mounted, dead, and its log says so and what to run.
 
 Run as ``python -m cafs.mountd --ready-fd FD SOURCE MOUNTPOINT -o OPTIONS`` by
 ``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD. If
@@ -65,7 +67,7 @@ from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
-from cafs.mounttable import mounted_at
+from cafs.mounttable import mounted_at, mounts
 from cafs.naming import find_snapshot, parse_spec, recorded_repo, recorded_snapshot, recorded_source
 from cafs.repository import Repository
 from cafs.stores import LocalStore
@@ -196,6 +198,15 @@ class Attachment:
         """The path of this mount while it is there on top; None once it is not (or
         its device is not known yet)."""
         return None if self.device is None else mounted_at(self.device)
+
+    def covered(self) -> str | None:
+        """Where this mount is while another mount covers it (mounted on its path, or on
+        a directory above): it cannot be unmounted by path then. None if it is on top,
+        gone, or its device is not known."""
+        if self.device is None or self.where() is not None:
+            return None
+        ours = [e.mountpoint for e in mounts() if e.device == self.device]
+        return ours[-1] if ours else None
 
     def to_unmount(self) -> bool:
         """Whether ``pyfuse3.close`` should unmount: not if this daemon detached the
@@ -417,7 +428,12 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
         # once detached, the mountpoint may be another mount's already: not unmounted again
         pyfuse3.close(unmount=attachment.to_unmount())
         flusher.flush(fs, fs.reader.take_pending())
-        log.info("unmounted %s", mountpoint)
+        covered = attachment.covered()
+        if covered is None:
+            log.info("unmounted %s", mountpoint)
+        else:
+            log.warning("%s stays mounted, covered by another mount, and answers no more ('Transport endpoint "
+                        "is not connected'): unmount what covers it, then run fusermount3 -u %s", covered, covered)
     return 0
 
 

@@ -1339,6 +1339,23 @@ def test_cafs_umount_of_a_directory_that_is_not_a_mount(tmp_path: Path) -> None:
     assert r.stderr.strip() == f"cafs: {point}: not mounted"
 
 
+@pytest.mark.parametrize("cover", ["its path", "a directory above"])
+def test_sigterm_of_a_covered_mount_says_it_stays_mounted(dataset: Dataset, tmp_path: Path, cover: str) -> None:
+    # a mount that another covers cannot be unmounted by path: the daemon still tried (a
+    # 'cannot detach' warning, under a directory covered since) and logged 'unmounted',
+    # while its mount stayed, dead, to answer ENOTCONN once uncovered
+    above = new_mountpoint(tmp_path, "above")
+    point = new_mountpoint(above)
+    options = f"{full_cache(tmp_path / 'cache')},log={tmp_path / 'mount.log'}"  # not under the cover
+    with mounted(dataset.source, point, options, expect_warnings=True) as m:
+        with _tmpfs(point if cover == "its path" else above, "1m"):
+            os.kill(m.pid, signal.SIGTERM)
+            wait_exit(m.pid)
+        problems = m.log_problems()
+        assert len(problems) == 1 and f"{point} stays mounted, covered by another mount" in problems[0], problems
+        assert f"unmounted {point}" not in m.log.read_text()
+
+
 def test_sigterm_after_a_lazy_unmount_leaves_what_is_mounted_there_now(dataset: Dataset, tmp_path: Path) -> None:
     point = new_mountpoint(tmp_path)
     with mounted(dataset.source, point, full_cache(tmp_path / "cache")) as m:

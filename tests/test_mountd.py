@@ -1,5 +1,5 @@
 """The mount daemon's process set-up: glibc's malloc arenas are capped; logs go where
-the options say, or the mount is refused."""
+the options say, or the mount is refused; it finds its own mount in the mount table."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from cafs.errors import CafsError
 from cafs.mountd import setup_logging
 from cafs.mountopts import parse_options
+from cafs.mounttable import MountEntry, mounted_at
 
 # Threads allocate at once; glibc's own report (malloc_info) counts the arenas in use.
 _PROBE = textwrap.dedent("""
@@ -93,3 +94,19 @@ def test_exec_and_noexec_the_last_given_wins() -> None:
     assert parse_options("noexec").noexec and not parse_options("").noexec
     assert not parse_options("noexec,exec").noexec
     assert parse_options("exec,cache_size=1G,noexec").noexec
+
+
+# A mountinfo table: mount id, parent id, device; "/a" was mounted after "/a/b".
+_ROOT = MountEntry("/", "ext4", 1, 10, 1)
+_CAFS = MountEntry("/a/b", "fuse.cafs", 5, 11, 10)
+
+
+@pytest.mark.parametrize("table, where", [
+    ([_ROOT, _CAFS], "/a/b"),
+    ([_ROOT, _CAFS, MountEntry("/a/b/c", "tmpfs", 6, 12, 11)], "/a/b"),  # a mount inside it
+    ([_ROOT, _CAFS, MountEntry("/a/b", "tmpfs", 6, 12, 11)], None),  # one on its path
+    ([_ROOT, _CAFS, MountEntry("/a", "tmpfs", 6, 12, 10)], None),  # one on a directory above
+    ([_CAFS], "/a/b"),  # a chroot to a plain directory: no root mount in the table
+], ids=["on top", "a mount inside", "covered on its path", "covered above", "no root mount"])
+def test_a_mount_is_where_a_lookup_of_its_path_reaches_it(table: list[MountEntry], where: str | None) -> None:
+    assert mounted_at(5, table) == where
