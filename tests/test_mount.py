@@ -822,6 +822,15 @@ def _damage_cache_files(cache: Path) -> int:
     return len(files)
 
 
+def test_a_mount_under_a_limit_of_address_space_serves_reads(dataset: Dataset, tmp_path: Path) -> None:
+    # the metadata cache reserved 1 TiB of addresses for its map: under 'ulimit -v 4G'
+    # (shared clusters set one) the mount failed, 'cannot open the metadata cache ...:
+    # Cannot allocate memory', and so did every other command
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache"), address_space=4 << 30) as m:
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+
+
 def test_damaged_cache_is_detected_and_refetched(dataset: Dataset, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     rels = ["data/big", "data/text.txt", "data/half-dup"]
