@@ -373,7 +373,7 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
                     if signum in (signal.SIGUSR1, signal.SIGUSR2):
                         log.info("signal %d: counters %s", signum, json.dumps(fs.stats()))
                         continue
-                    log.info("signal %d: unmounting", signum)
+                    log.info("signal %d: unmounting (reads that need the store fail from now on)", signum)
                     start_stopping()
 
         async def flush_caches() -> None:

@@ -462,6 +462,31 @@ def test_sigterm_unmounts_while_a_store_read_stalls(served, tmp_path: Path) -> N
             reader.join(timeout=60)
 
 
+def test_the_reads_a_sigterm_ends_are_not_each_logged_as_errors(served, tmp_path: Path) -> None:
+    """Each read that a SIGTERM ended (EIO, as asked) logged an ERROR line of its own:
+    a hundred or more for a busy mount, hiding the one line saying it was unmounting."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    files = [p.relative_to(src) for p in _files(src) if p.stat().st_size > 0][:8]
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=60") as m:
+        for path in files:
+            os.close(os.open(mnt / path, os.O_RDONLY))
+        proxy.set_mode("stall", match=r"/packs/")
+        with ThreadPoolExecutor(len(files)) as pool:
+            try:
+                results = [pool.submit(_try, _pread, mnt / path, 0, 1 << 20) for path in files]
+                poll(lambda: any("/packs/" in s.path for s in proxy.seen()), 10, "the reads to reach the store")
+                os.kill(m.pid, signal.SIGTERM)
+                wait_exit(m.pid, 5)
+            finally:
+                proxy.set_mode("pass")
+        got = [r.result() for r in results]
+        assert all(isinstance(g, OSError) or g == _pread(src / path, 0, 1 << 20) for g, path in zip(got, files)), got
+        assert any(isinstance(g, OSError) and g.errno == errno.EIO for g in got), got
+    # mounted() finds no WARNING or ERROR line in the mount's log
+
+
 def test_sigterm_exits_though_a_file_stays_open(served, tmp_path: Path) -> None:
     """A file held open keeps a detached mount's connection alive: the daemon still
     exits after its short grace (EXIT_GRACE), not when the file is closed."""
