@@ -41,6 +41,7 @@ import argparse
 import ctypes
 import ctypes.util
 import faulthandler
+import io
 import json
 import logging
 import logging.handlers
@@ -133,7 +134,8 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
     """Send the ``cafs`` loggers to stderr (foreground), syslog (``log=syslog``, or by
     default when a syslog daemon listens) or a file (``log=PATH``, else ``mount.log`` in
     the cache directory; made anew if it is rotated or deleted). Raises CafsError when
-    the chosen place cannot take them."""
+    the chosen place cannot take them at start; later failures lose lines, never the
+    mount (``LogFile``)."""
     root = logging.getLogger("cafs")
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
     fmt = "%(asctime)s cafs[%(process)d] %(levelname)s %(name)s: %(message)s"
@@ -151,12 +153,33 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
             path.parent.mkdir(parents=True, exist_ok=True)
             # reopened when the file is moved away or deleted (logrotate's default way),
             # rather than written on into the rotated file until that is deleted
-            handler = logging.handlers.WatchedFileHandler(path)
+            handler = LogFile(path)
         except OSError as exc:
             what = f"log={opts.log}" if opts.log else "log file"
             raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
+
+
+class LogFile(logging.handlers.WatchedFileHandler):
+    """The mount's log file, made anew (its directory too) when it is moved away or
+    deleted, and never raising into the code that logs.
+
+    ``WatchedFileHandler`` reopens the file outside its error handling: once the log's
+    directory was deleted (an admin's ``rm -rf``, a cleaner of old files), the next line
+    logged raised FileNotFoundError into the daemon, which ended the mount. Here any
+    error goes to ``handleError``, and the line is lost."""
+
+    def _open(self) -> io.TextIOWrapper:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.reopenIfNeeded()
+            logging.FileHandler.emit(self, record)
+        except Exception:
+            self.handleError(record)
 
 
 def _listening(path: str) -> bool:

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import random
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -939,6 +940,19 @@ def test_a_rotated_log_is_made_anew(dataset: Dataset, tmp_path: Path) -> None:
         wait_exit(m.pid)
     assert f"unmounted {point}" in log.read_text()
     assert f"unmounted {point}" not in (tmp_path / "mount.log.1").read_text()
+
+
+def test_a_deleted_log_directory_is_made_anew_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path) -> None:
+    # with the log's directory deleted (rm -rf, a cleaner of old files), the next line
+    # logged raised FileNotFoundError into the daemon: the mount was gone
+    log = tmp_path / "logs" / "mount.log"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, f"{full_cache(tmp_path / 'cache')},log={log}") as m:
+        shutil.rmtree(log.parent)
+        os.kill(m.pid, signal.SIGUSR1)
+        poll(log.exists, 30, "the log to be made anew")
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+        assert process_alive(m.pid) and "counters {" in log.read_text()
 
 
 def test_a_daemon_killed_by_a_fatal_signal_leaves_its_traceback(dataset: Dataset, tmp_path: Path) -> None:
