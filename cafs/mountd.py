@@ -51,6 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,18 +169,50 @@ class LogFile(logging.handlers.WatchedFileHandler):
     ``WatchedFileHandler`` reopens the file outside its error handling: once the log's
     directory was deleted (an admin's ``rm -rf``, a cleaner of old files), the next line
     logged raised FileNotFoundError into the daemon, which ended the mount. Here any
-    error goes to ``handleError``, and the line is lost."""
+    error goes to ``handleError``, and the line may be lost. That says so on stderr (the
+    cache's ``mountd.stderr``) once when lines start to fail and once when they are
+    written again, rather than with logging's traceback for every line (some 2 KB
+    each, on another disk than the full one)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lost = 0  # lines that failed since the log last took one (the stream's buffer may keep some)
 
     def _open(self) -> io.TextIOWrapper:
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
         return super()._open()
 
     def emit(self, record: logging.LogRecord) -> None:
+        lost = self.lost
         try:
             self.reopenIfNeeded()
             logging.FileHandler.emit(self, record)
         except Exception:
             self.handleError(record)
+        if lost and self.lost == lost:
+            self._note(f"writes the log {self.baseFilename} again; of the {lost} line(s) that failed, "
+                       "those the file's buffer did not keep are missing")
+            self.lost = 0
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the lines its buffer kept for a disk still full are lost
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.lost:
+            self._note(f"cannot write the log {self.baseFilename}: {sys.exc_info()[1]}; "
+                       "lines may be lost until it can (not said again)")
+        self.lost += 1
+
+    @staticmethod
+    def _note(text: str) -> None:
+        try:
+            sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} cafs[{os.getpid()}]: {text}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):  # a full disk there too, or no stderr
+            pass
 
 
 def _listening(path: str) -> bool:

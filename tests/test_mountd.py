@@ -89,6 +89,18 @@ def test_log_syslog_reaches_a_listening_daemon(tmp_path: Path, cafs_logger: logg
         assert b"to syslog" in daemon.recv(4096)
 
 
+def test_a_log_that_cannot_be_written_is_said_once_not_for_every_line(
+        tmp_path: Path, cafs_logger: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
+    # log=FILE on a full disk: each line logged printed logging's traceback, some 2 KB,
+    # to the daemon's stderr (CACHE/mountd.stderr, on another disk)
+    setup_logging(parse_options("log=/dev/full"), tmp_path, False, syslog_socket=str(tmp_path / "log"))
+    for n in range(5):
+        logging.getLogger("cafs.mount").warning("line %d", n)
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log /dev/full: [Errno 28] No space left on device") == 1, err
+    assert "Traceback" not in err and "Logging error" not in err, err
+
+
 def test_exec_and_noexec_the_last_given_wins() -> None:
     # as mount(8) takes them: fstab's "user" implies noexec, and "user,exec" undoes it
     assert parse_options("noexec").noexec and not parse_options("").noexec
