@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from cafs import sizes
 from cafs.errors import CafsError, NoSpaceError, OtherRepository, RefError, RepositoryError, UsageError
-from cafs.fileio import raise_open_files_limit
+from cafs.fileio import CWD_GONE, cwd_gone, raise_open_files_limit
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
@@ -1143,6 +1143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         return EXIT_OK
     except OSError as exc:  # writing the output failed (a full disk, /dev/full, EIO)
+        if exc.filename is None and cwd_gone():  # os.getcwd() for a relative path
+            print(f"cafs: {CWD_GONE}", file=sys.stderr)
+            return EXIT_ERROR
         what = os.fsdecode(exc.filename) if exc.filename else "standard output"
         print(f"cafs: {what}: {exc.strerror or exc}", file=sys.stderr)
         _discard_stdout()

@@ -7,7 +7,9 @@ so an event loop may call it). ``open_files_share`` bounds the pools of descript
 open by the open-files limit. ``DIRECT_ALIGN`` is the alignment used for ``O_DIRECT``
 offsets, lengths and buffers: a multiple of any logical block size in use (512 or 4096
 bytes). ``raise_open_files_limit`` lifts the process's soft limit of open files to its
-hard limit.
+hard limit. ``cwd_gone`` tells a deleted working directory (where a relative path names
+nothing, and ``os.getcwd`` fails with an ENOENT that names no file) from other errors,
+for the command edges to say so; ``CWD_GONE`` is what they say.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ import os
 import resource
 
 DIRECT_ALIGN = 4096
+CWD_GONE = "the current directory was deleted, so relative paths name nothing: cd elsewhere or give absolute paths"
+
+
+def cwd_gone() -> bool:
+    """Whether this process's working directory has been deleted."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 NR_OPEN = 1 << 20  # the kernel's default ceiling (fs.nr_open), for an unlimited hard limit

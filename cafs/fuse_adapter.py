@@ -3,7 +3,8 @@
 Every handler is wrapped by ``_errors``, the one place where cafs exceptions become
 errno: a missing path ENOENT, a non-directory ENOTDIR, a directory opened as a file
 EISDIR, a name longer than ``f_namemax`` ENAMETOOLONG, anything that failed to verify or
-fetch EIO (logged). Every call that would change the filesystem gets EROFS, and so does
+fetch EIO (logged; but not each request that a mount being unmounted ends with
+``FetcherClosed``: the daemon says once that it is unmounting). Every call that would change the filesystem gets EROFS, and so does
 an open for writing or with ``O_TRUNC`` (``O_RDONLY | O_APPEND`` is a read-only open and
 succeeds). Content never changes, so entries and attributes carry long timeouts and files
 are opened with ``keep_cache``: a second read is served by the kernel's page cache
@@ -29,7 +30,7 @@ from collections.abc import Awaitable, Callable
 
 import pyfuse3
 
-from cafs.errors import CafsError, PathNotFound
+from cafs.errors import CafsError, FetcherClosed, PathNotFound
 from cafs.metacache import NodeNotLoaded
 from cafs.fsmodel import (BLOCK_SIZE, NAME_MAX, Attributes, IsADirectory, NameTooLong, NotADirectory,
                           SnapshotFS)
@@ -69,6 +70,9 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise
         except PathNotFound as exc:
             raise pyfuse3.FUSEError(errno_of(exc)) from None
+        except FetcherClosed as exc:  # asked for: a SIGTERM ended a hundred reads, a hundred ERROR lines
+            log.debug("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except CafsError as exc:
             log.error("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None

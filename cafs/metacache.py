@@ -16,6 +16,9 @@ with a file LMDB refuses to open). A file shorter than the pages its meta page s
 are in use (truncated) is refused at open like one LMDB refuses: LMDB itself would meet
 the missing pages as a SIGBUS that kills the process.
 
+The map reserves 1 TiB of addresses, or a quarter of the process's limit of address
+space (``ulimit -v``) where that is lower (``map_size``).
+
 A process killed inside read transactions (``kill -9``, the OOM killer, a busy mount)
 leaves their slots in LMDB's reader table (126) taken for as long as any other process
 keeps the file open; once all are taken, no process can begin a transaction, nor open
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 from collections import OrderedDict
@@ -45,6 +49,7 @@ from cafs.repository import Repository
 log = logging.getLogger("cafs.metacache")
 
 MAP_SIZE = 1 << 40  # address space only; the file grows with use
+MAP_SHARE = 4  # under a limit of address space (ulimit -v), the map takes a quarter of it
 DECODED_ITEMS = 1 << 18  # entries, spans and pages kept decoded: some 160 MB (about 600 bytes each)
 WHOLE_PACK_AFTER = 2  # nodes needed from one remote metadata pack before it is read whole
 
@@ -72,12 +77,25 @@ def default_cache_dir(env: dict[str, str]) -> Path:
     return Path(base) / "cafs"
 
 
+def map_size() -> int:
+    """The size of LMDB's map: ``MAP_SIZE``, or a share of this process's limit of
+    address space if that is lower. The map only reserves addresses, but under ``ulimit
+    -v`` (common on shared clusters, and below 1 TiB) reserving MAP_SIZE failed with
+    ENOMEM, so no command could open the cache and no mount could be made. A map too
+    small for what is cached later makes writes fail as a full cache (``NoSpaceError``);
+    LMDB maps a file larger than the size asked whole."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return MAP_SIZE
+    return min(MAP_SIZE, soft // MAP_SHARE)
+
+
 def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
     try:
         _reserve_lock_file(path / "meta.lmdb")
         # Everything here is verified on use and can be refetched, so commits need
         # not be durable: sync=False keeps a write from costing an fsync.
-        env = lmdb.open(str(path / "meta.lmdb"), map_size=MAP_SIZE, max_dbs=8, mode=cachedir.FILE_MODE,
+        env = lmdb.open(str(path / "meta.lmdb"), map_size=map_size(), max_dbs=8, mode=cachedir.FILE_MODE,
                         subdir=True, readahead=False, metasync=False, sync=False)
         try:
             env.reader_check()  # slots of dead processes: see the module docstring

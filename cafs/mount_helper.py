@@ -6,10 +6,16 @@ daemon (``cafs.mountd``) in a new session and returns only once the daemon repor
 that the filesystem answers. A daemon that fails says why; the last lines it wrote to its
 stderr (``CACHE/mountd.stderr``) are added, since libfuse gives its reason only there
 (fusermount3's, for a user other than root: a mountpoint not theirs, a ``/dev/fuse``
-they may not open, ``allow_other`` not allowed in ``/etc/fuse.conf``). ``-f`` serves in the foreground instead. From the busy check
-until the mount answers it holds a lock on the mountpoint directory, so of several mounts
-started at once on one mountpoint exactly one is made; the others wait for it, then fail
-as busy (``mountpoint_locked``).
+they may not open, ``allow_other`` not allowed in ``/etc/fuse.conf``). Interrupted
+(Ctrl-C) while it waits, it kills the daemon and says nothing was mounted, so no mount
+comes up behind its back; a daemon whose helper was killed unmounts once it is up
+(``cafs.mountd``). ``-f`` serves in the foreground instead. From the busy check until the
+mount answers it holds a lock on the mountpoint directory, so of several mounts started
+at once on one mountpoint exactly one is made; the others wait for it, then fail as busy
+(``mountpoint_locked``).
+
+Started with standard input, output or error closed (a launcher that closes them), it
+opens /dev/null in their place first, so that no file it opens takes their numbers.
 
 mount(8) also passes ``-n``, ``-s`` and ``-v``; they are accepted and ignored. Note that
 for mount(8) helpers ``-f`` usually means "fake"; for cafs it means foreground, as for
@@ -34,6 +40,7 @@ from pathlib import Path
 
 from cafs import cachedir
 from cafs.errors import CafsError, OtherRepository, StoreError, UsageError
+from cafs.fileio import CWD_GONE, cwd_gone
 from cafs.metacache import default_cache_dir
 from cafs.mountd import serve, why_not
 from cafs.mountopts import MountOptions, format_options, parse_options
@@ -167,6 +174,10 @@ def _spawn(source: str, mountpoint: Path, opts: MountOptions, cache_dir: Path, e
         os.close(write_fd)
     try:
         message = _read_line(read_fd, ready_timeout(opts))
+    except BaseException:  # interrupted (Ctrl-C): no mount is to come up after the helper is gone
+        proc.kill()  # auto_unmount unmounts what it may have mounted already
+        proc.wait()
+        raise
     finally:
         os.close(read_fd)
     if message == "ok":
@@ -214,10 +225,25 @@ def _read_line(fd: int, timeout: float) -> str | None:
     return data.decode(errors="replace").split("\n", 1)[0]
 
 
+def open_standard_fds() -> None:
+    """Open /dev/null on whichever of descriptors 0, 1 and 2 is closed (a helper started
+    with ``<&- >&-``, or by a launcher that closes them). Left closed, the next file
+    opened takes the number: the daemon's ready pipe became descriptor 1, the daemon's
+    standard output (/dev/null) replaced it in the child, and a mount that came up was
+    reported failed and killed; libfuse's and Python's messages to fd 2 would have gone
+    into whatever file held that number."""
+    while True:
+        fd = os.open(os.devnull, os.O_RDWR)
+        if fd > 2:
+            os.close(fd)
+            return
+
+
 def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> int:
     def fail(msg: str) -> None:
         print(f"mount.cafs: {msg}", file=sys.stderr)
 
+    open_standard_fds()
     try:
         opts = parse_options(options)
         mnt = Path(mountpoint).absolute()
@@ -226,7 +252,11 @@ def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> in
             check_mountpoint(mnt)
             check_source(source, opts)
             if foreground:
-                return serve(source, str(mnt), opts, foreground=True, ready=release, fail=fail)
+                def up() -> bool:
+                    release()
+                    return True  # this process serves: there is nobody else to tell
+
+                return serve(source, str(mnt), opts, foreground=True, ready=up, fail=fail)
             spawn_daemon(source, mnt, opts)
     except UsageError as exc:
         fail(str(exc))
@@ -234,6 +264,14 @@ def mount(source: str, mountpoint: str, options: str, *, foreground: bool) -> in
     except CafsError as exc:
         fail(str(exc))
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was mounted")
+        return EXIT_FAILURE
+    except OSError as exc:
+        if exc.filename is None and cwd_gone():  # os.getcwd() for a relative path
+            fail(CWD_GONE)
+            return EXIT_USAGE
+        raise
     return 0
 
 

@@ -8,9 +8,10 @@ readahead (which must stat the mountpoint) runs in a worker thread while the loo
 serves.
 
 ``serve`` mounts, reports readiness through a callback once the filesystem answers,
-serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. SIGUSR1 logs the
-mount's counters (those of ``cafs stats``); its default action would have ended the
-daemon, with no line in the log to say why the mount was gone. Once mounted it works
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts. SIGUSR1 and SIGUSR2
+log the mount's counters (those of ``cafs stats``); their default action would have
+ended the daemon, with no line in the log to say why the mount was gone (batch
+schedulers send either to every process of a job, e.g. before it is preempted). Once mounted it works
 from ``/``, so that it keeps no directory (nor the filesystem holding it) busy. ``auto_unmount`` makes
 libfuse's helper unmount if this process dies, even by ``kill -9``.
 
@@ -23,10 +24,15 @@ seconds at most. Answering after the detach matters: the kernel asks again at on
 page by page, for what a failed readahead did not get, and a request left unanswered
 when the loop stops fails with ENOTCONN rather than EIO. The daemon then exits 0.
 It unmounts only its own mount (``Attachment``): one already gone from its path
-(``umount -l``) leaves alone whatever is mounted there now.
+(``umount -l``) leaves alone whatever is mounted there now. Caveat: a mount covered by
+another (mounted on its path, or on a directory above it) cannot be unmounted by path;
+the daemon then exits leaving it mounted, dead, and its log says so and what to run.
 
 Run as ``python -m cafs.mountd --ready-fd FD SOURCE MOUNTPOINT -o OPTIONS`` by
-``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD.
+``cafs.mount_helper``: it writes ``ok`` or ``error: MESSAGE`` and a newline to FD. If
+nobody reads FD any more when the mount is up (the helper was interrupted or killed
+while it waited, so nobody learns that the mount is there), it unmounts again as on a
+signal.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +69,7 @@ from cafs.fsmodel import SnapshotFS
 from cafs.fuse_adapter import CafsOperations
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.mountopts import MountOptions, parse_options
-from cafs.mounttable import mounted_at
+from cafs.mounttable import mounted_at, mounts
 from cafs.naming import find_snapshot, parse_spec, recorded_repo, recorded_snapshot, recorded_source
 from cafs.repository import Repository
 from cafs.stores import LocalStore
@@ -128,7 +135,8 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
     """Send the ``cafs`` loggers to stderr (foreground), syslog (``log=syslog``, or by
     default when a syslog daemon listens) or a file (``log=PATH``, else ``mount.log`` in
     the cache directory; made anew if it is rotated or deleted). Raises CafsError when
-    the chosen place cannot take them."""
+    the chosen place cannot take them at start; later failures lose lines, never the
+    mount (``LogFile``)."""
     root = logging.getLogger("cafs")
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
     fmt = "%(asctime)s cafs[%(process)d] %(levelname)s %(name)s: %(message)s"
@@ -149,7 +157,7 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
                 cachedir.shared(cache_dir)
             # reopened when the file is moved away or deleted (logrotate's default way),
             # rather than written on into the rotated file until that is deleted
-            handler = PrivateLog(path, follow=bool(opts.log))
+            handler = LogFile(path, follow=bool(opts.log))
         except OSError as exc:
             what = f"log={opts.log}" if opts.log else "log file"
             raise CafsError(f"{what}: cannot write the log {path}: {why_not(exc)}") from None
@@ -157,23 +165,70 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
     root.addHandler(handler)
 
 
-class PrivateLog(logging.handlers.WatchedFileHandler):
-    """A ``WatchedFileHandler`` whose file is made mode 0600, whatever the umask (the
-    log names the snapshot's files); with ``follow=False`` (the log in the cache
-    directory) it is opened as ``cafs.cachedir.open_own`` opens: never through a
-    symlink, and only if it is this user's."""
+class LogFile(logging.handlers.WatchedFileHandler):
+    """The mount's log file, made anew (its directory too) when it is moved away or
+    deleted, and never raising into the code that logs.
+
+    ``WatchedFileHandler`` reopens the file outside its error handling: once the log's
+    directory was deleted (an admin's ``rm -rf``, a cleaner of old files), the next line
+    logged raised FileNotFoundError into the daemon, which ended the mount. Here any
+    error goes to ``handleError``, and the line may be lost. That says so on stderr (the
+    cache's ``mountd.stderr``) once when lines start to fail and once when they are
+    written again, rather than with logging's traceback for every line (some 2 KB
+    each, on another disk than the full one).
+
+    Its file is made mode 0600, whatever the umask (the log names the snapshot's files);
+    with ``follow=False`` (the log in the cache directory) it is opened as
+    ``cafs.cachedir.open_own`` opens: never through a symlink, and only if it is this
+    user's."""
 
     def __init__(self, path: Path, *, follow: bool) -> None:
         self.follow = follow
         super().__init__(path)
+        self.lost = 0  # lines that failed since the log last took one (the stream's buffer may keep some)
 
     def _open(self) -> io.TextIOWrapper:
+        path = Path(self.baseFilename)
         flags = os.O_WRONLY | os.O_APPEND
         if self.follow:
-            fd = os.open(self.baseFilename, flags | os.O_CREAT | os.O_CLOEXEC, cachedir.FILE_MODE)
+            cachedir.make_dirs(path.parent)
+            fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, cachedir.FILE_MODE)
         else:
-            fd = cachedir.open_own(Path(self.baseFilename), flags)
+            cachedir.shared(path.parent)
+            fd = cachedir.open_own(path, flags)
         return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lost = self.lost
+        try:
+            self.reopenIfNeeded()
+            logging.FileHandler.emit(self, record)
+        except Exception:
+            self.handleError(record)
+        if lost and self.lost == lost:
+            self._note(f"writes the log {self.baseFilename} again; of the {lost} line(s) that failed, "
+                       "those the file's buffer did not keep are missing")
+            self.lost = 0
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the lines its buffer kept for a disk still full are lost
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.lost:
+            self._note(f"cannot write the log {self.baseFilename}: {sys.exc_info()[1]}; "
+                       "lines may be lost until it can (not said again)")
+        self.lost += 1
+
+    @staticmethod
+    def _note(text: str) -> None:
+        try:
+            sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} cafs[{os.getpid()}]: {text}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):  # a full disk there too, or no stderr
+            pass
 
 
 def _listening(path: str) -> bool:
@@ -215,6 +270,15 @@ class Attachment:
         """The path of this mount while it is there on top; None once it is not (or
         its device is not known yet)."""
         return None if self.device is None else mounted_at(self.device)
+
+    def covered(self) -> str | None:
+        """Where this mount is while another mount covers it (mounted on its path, or on
+        a directory above): it cannot be unmounted by path then. None if it is on top,
+        gone, or its device is not known."""
+        if self.device is None or self.where() is not None:
+            return None
+        ours = [e.mountpoint for e in mounts() if e.device == self.device]
+        return ours[-1] if ours else None
 
     def to_unmount(self) -> bool:
         """Whether ``pyfuse3.close`` should unmount: not if this daemon detached the
@@ -344,7 +408,7 @@ class CacheFlush:
         self.hits, self.misses, self.fetched = hits, misses, fetched
 
 
-async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], None],
+async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Callable[[], bool],
                  flusher: CacheFlush, attachment: Attachment) -> None:
     """Serve until unmounted or signalled."""
     async with fs.fetcher.running(), trio.open_nursery() as nursery:
@@ -364,19 +428,25 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
                 await trio.sleep(EXIT_GRACE)  # cancelled when the last open file closes
             pyfuse3.terminate()
 
+        stopping = False
+
+        def start_stopping() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                nursery.start_soon(stop)
+
         async def on_signals() -> None:
             # the receiver stays open while stopping: a second signal must not kill the
             # daemon with its default action before it has unmounted
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
-                stopping = False
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                                           signal.SIGUSR2) as signals:
                 async for signum in signals:
-                    if signum == signal.SIGUSR1:
+                    if signum in (signal.SIGUSR1, signal.SIGUSR2):
                         log.info("signal %d: counters %s", signum, json.dumps(fs.stats()))
                         continue
-                    log.info("signal %d: unmounting", signum)
-                    if not stopping:
-                        stopping = True
-                        nursery.start_soon(stop)
+                    log.info("signal %d: unmounting (reads that need the store fail from now on)", signum)
+                    start_stopping()
 
         async def flush_caches() -> None:
             while True:
@@ -392,13 +462,16 @@ async def _serve(fs: SnapshotFS, mountpoint: str, opts: MountOptions, ready: Cal
         attachment.known.set()
         await trio.to_thread.run_sync(set_readahead, attachment.device, opts.readahead)
         log.info("serving %s@%d on %s", fs.snapshot.ref, fs.snapshot.jid, mountpoint)
-        ready()
+        if not ready():
+            log.warning("the mount helper is gone (interrupted or killed) before the mount was up: unmounting")
+            start_stopping()
 
 
 def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
-          ready: Callable[[], None], fail: Callable[[str], None]) -> int:
+          ready: Callable[[], bool], fail: Callable[[str], None]) -> int:
     """Mount and serve until unmounted. Returns an exit code; calls ``fail`` with a
-    message if the mount could not be made, ``ready`` once it answers."""
+    message if the mount could not be made, ``ready`` once it answers: if that returns
+    False (nobody was told: the helper that started this daemon is gone), unmounts."""
     limit_malloc_arenas()  # before the first worker thread starts
     raise_open_files_limit()  # a cache file per pack read, and the store's connections
     cache_dir = opts.cache or default_cache_dir(dict(os.environ))
@@ -427,7 +500,12 @@ def serve(source: str, mountpoint: str, opts: MountOptions, *, foreground: bool,
         # once detached, the mountpoint may be another mount's already: not unmounted again
         pyfuse3.close(unmount=attachment.to_unmount())
         flusher.flush(fs, fs.reader.take_pending())
-        log.info("unmounted %s", mountpoint)
+        covered = attachment.covered()
+        if covered is None:
+            log.info("unmounted %s", mountpoint)
+        else:
+            log.warning("%s stays mounted, covered by another mount, and answers no more ('Transport endpoint "
+                        "is not connected'): unmount what covers it, then run fusermount3 -u %s", covered, covered)
     return 0
 
 
@@ -455,20 +533,25 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()
     ready_pipe = os.fdopen(args.ready_fd, "w")
 
-    def report(line: str) -> None:
+    def report(line: str) -> bool:
+        """Whether ``line`` reached the helper (EPIPE: it is gone)."""
         try:
             ready_pipe.write(line + "\n")
             ready_pipe.close()
+            return True
         except OSError:
-            pass
+            return False
 
     try:
         opts = parse_options(args.options)
     except CafsError as exc:
         report(f"error: {exc}")
         return 1
-    return serve(args.source, args.mountpoint, opts, foreground=False,
-                 ready=lambda: report("ok"), fail=lambda msg: report(f"error: {msg}"))
+
+    def fail(message: str) -> None:
+        report(f"error: {message}")  # unheard if the helper is gone: nothing is mounted either way
+
+    return serve(args.source, args.mountpoint, opts, foreground=False, ready=lambda: report("ok"), fail=fail)
 
 
 if __name__ == "__main__":

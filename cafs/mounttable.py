@@ -7,6 +7,10 @@ there (the topmost of mounts stacked on one path), without touching the path its
 (a dead FUSE mount would answer ENOTCONN; a live one served by the asking process
 would deadlock it).
 
+``mounted_at`` finds where a mount is by following a lookup of its path through the
+table (``reached``): a mount is not reachable once another is mounted on its path, or on
+a directory above it.
+
 Raises nothing: an unreadable table is an empty one. Caveat: the table is the calling
 process's mount namespace.
 """
@@ -28,6 +32,8 @@ class MountEntry:
     mountpoint: str  # as the kernel names it: absolute, symlinks resolved
     fstype: str  # "fuse.cafs" for a cafs mount
     device: int  # os.makedev(major, minor): the st_dev of files in the mount
+    mount_id: int = 0  # unique in the namespace
+    parent_id: int = 0  # the mount this one is mounted on (itself or absent for the root)
     user_id: int | None = None  # a FUSE mount's user_id= option: who mounted it (fusermount3 lets only them unmount)
 
 
@@ -46,7 +52,8 @@ def parse_mountinfo(text: bytes) -> list[MountEntry]:
             sep = fields.index(b"-", 6)
             major, minor = (int(n) for n in fields[2].split(b":"))
             out.append(MountEntry(_unescape(fields[4]), fields[sep + 1].decode(errors="replace"),
-                                  os.makedev(major, minor), _user_id(fields[sep + 3:sep + 4])))
+                                  os.makedev(major, minor), int(fields[0]), int(fields[1]),
+                                  _user_id(fields[sep + 3:sep + 4])))
         except (ValueError, IndexError):
             continue
     return out
@@ -75,12 +82,37 @@ def top_mount(mountpoint: str, table: list[MountEntry] | None = None) -> MountEn
     return found[-1] if found else None
 
 
+def reached(path: str, table: list[MountEntry]) -> MountEntry | None:
+    """The mount a lookup of ``path`` (absolute, symlinks resolved) ends in: from the
+    namespace's root mount, at each directory on the way, into the topmost of the mounts
+    on that directory of the mount the lookup is in. So a mount under a directory that
+    another mount covers since (``mount -t tmpfs none /a`` over ``/a/b``) is not reached,
+    though nothing is mounted on its own path. None for a table without the root mount."""
+    ids = {e.mount_id for e in table}
+    roots = [e for e in table if e.mountpoint == "/" and (e.parent_id == e.mount_id or e.parent_id not in ids)]
+    if not roots:
+        return None
+    here = roots[-1]
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts) + 1):
+        at = "/" + "/".join(parts[:depth])
+        while True:  # up the stack of mounts on this directory
+            above = [e for e in table if e.mountpoint == at and e.parent_id == here.mount_id and e is not here]
+            if not above:
+                break
+            here = above[-1]
+    return here
+
+
 def mounted_at(device: int, table: list[MountEntry] | None = None) -> str | None:
-    """Where the filesystem of ``device`` is mounted, if it is there on top of any other
-    mount; None once it is detached or covered."""
+    """Where the filesystem of ``device`` is mounted, if a lookup of that path reaches
+    it; None once it is detached or covered (on its path, or on a directory above)."""
     table = mounts() if table is None else table
     for entry in reversed(table):
         if entry.device == device:
-            top = top_mount(entry.mountpoint, table)
-            return entry.mountpoint if top is not None and top.device == device else None
+            # without a root mount in the table (a chroot to a plain directory), only a
+            # mount on the same path is seen to cover it
+            top = reached(entry.mountpoint, table) or top_mount(entry.mountpoint, table)
+            if top is not None and top.device == device:
+                return entry.mountpoint
     return None

@@ -84,14 +84,17 @@ def kill_cafs_when(args: Sequence[str | os.PathLike[str]], condition: Callable[[
 
 
 def run_mount_helper(source: str, mnt: Path | str, options: str | None = None, *,
-                     timeout: float = 120, open_files: int | None = None,
+                     timeout: float = 120, open_files: int | None = None, address_space: int | None = None,
                      cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``mount.cafs SOURCE MNT -o OPTIONS`` (run in ``cwd`` if given); with ``open_files``,
-    under soft and hard limits of that many open files (as after 'ulimit -n N'), which the
+    under soft and hard limits of that many open files (as after 'ulimit -n N'), with
+    ``address_space``, of that many bytes of address space ('ulimit -v'), which the
     daemon inherits."""
     args = [sys.executable, "-m", "cafs.mount_helper", source, os.fspath(mnt)]
     if open_files is not None:
         args = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *args]
+    if address_space is not None:
+        args = ["prlimit", f"--as={address_space}:{address_space}", "--", *args]
     if options is not None:
         args += ["-o", options]
     return subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout,
@@ -270,7 +273,8 @@ def _option(options: str, key: str) -> str | None:
 
 @contextmanager
 def mounted(source: str, mnt: Path, options: str = "", *, expect_warnings: bool = False,
-            open_files: int | None = None, cwd: Path | None = None) -> Iterator[Mount]:
+            open_files: int | None = None, address_space: int | None = None,
+            cwd: Path | None = None) -> Iterator[Mount]:
     """Mount ``source`` at ``mnt`` with ``mount.cafs -o options``; always unmount.
 
     Unless ``options`` names a ``log=``, the daemon logs to ``MNT.log`` beside the
@@ -281,7 +285,7 @@ def mounted(source: str, mnt: Path, options: str = "", *, expect_warnings: bool 
         options = ",".join(o for o in (options, f"log={log}") if o)
     cache = _option(options, "cache")
     log_start = log.stat().st_size if log.exists() else 0
-    r = run_mount_helper(source, mnt, options, open_files=open_files, cwd=cwd)
+    r = run_mount_helper(source, mnt, options, open_files=open_files, address_space=address_space, cwd=cwd)
     pids: list[int] = []
     try:
         why = _diagnostics(mnt, log, Path(cache) if cache else None)

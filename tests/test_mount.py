@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import random
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -832,6 +833,15 @@ def _damage_cache_files(cache: Path) -> int:
     return len(files)
 
 
+def test_a_mount_under_a_limit_of_address_space_serves_reads(dataset: Dataset, tmp_path: Path) -> None:
+    # the metadata cache reserved 1 TiB of addresses for its map: under 'ulimit -v 4G'
+    # (shared clusters set one) the mount failed, 'cannot open the metadata cache ...:
+    # Cannot allocate memory', and so did every other command
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, full_cache(tmp_path / "cache"), address_space=4 << 30) as m:
+        assert read_file(m.path / "data/big") == read_file(dataset.src / "data/big")
+
+
 def test_damaged_cache_is_detected_and_refetched(dataset: Dataset, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     rels = ["data/big", "data/text.txt", "data/half-dup"]
@@ -888,6 +898,47 @@ def test_the_daemon_keeps_no_hold_on_the_directory_it_was_started_from(dataset: 
             assert m.stats()["bytes_fetched"] > 0 and (tmp_path / "cache" / _repo_id(dataset)).is_dir()
 
 
+def test_a_mount_started_with_standard_descriptors_closed(dataset: Dataset, tmp_path: Path) -> None:
+    # started with descriptors 0-2 closed, the helper's pipe for the daemon's "ok" took
+    # numbers 0 and 1, the daemon's stdout (/dev/null) took the place of the pipe's end
+    # in the child, and a mount that came up was reported failed (exit 32) and killed
+    point = new_mountpoint(tmp_path)
+    log = tmp_path / "mount.log"
+    helper = [sys.executable, "-m", "cafs.mount_helper", dataset.source, str(point), "-o",
+              f"{full_cache(tmp_path / 'cache')},log={log}"]
+    try:
+        r = subprocess.run(["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh", *helper], env=env(),
+                           timeout=120, check=False)
+        assert r.returncode == 0, (tmp_path / "cache" / "mountd.stderr").read_text()
+        assert read_file(point / FILE) == read_file(dataset.src / FILE)
+    finally:
+        unmount(point, mountd_pids(point))
+    assert " WARNING " not in log.read_text()
+
+
+@pytest.mark.parametrize("command", ["mount.cafs", "cafs umount"])
+def test_relative_paths_from_a_deleted_directory_are_one_line(dataset: Dataset, tmp_path: Path,
+                                                              command: str) -> None:
+    # run from a directory deleted meanwhile, a relative repository or mountpoint ended
+    # mount.cafs with a FileNotFoundError traceback from os.getcwd(), and cafs umount said
+    # 'cafs: standard output: No such file or directory'
+    point = new_mountpoint(tmp_path)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    args = {"mount.cafs": ["-m", "cafs.mount_helper", os.path.relpath(dataset.source, gone), str(point),
+                           "-o", f"cache={tmp_path / 'cache'},log={tmp_path / 'mount.log'}"],
+            "cafs umount": ["-m", "cafs.cli", "umount", os.path.relpath(point, gone)]}[command]
+    try:
+        r = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
+                            sys.executable, *args], capture_output=True, text=True, env=env(), timeout=60,
+                           check=False)
+        assert (r.returncode, r.stderr) == (1, f"{command.split()[0]}: the current directory was deleted, so "
+                                               "relative paths name nothing: cd elsewhere or give absolute paths\n")
+        assert not is_mounted(point)
+    finally:
+        unmount(point, mountd_pids(point))
+
+
 def test_a_rotated_log_is_made_anew(dataset: Dataset, tmp_path: Path) -> None:
     # logrotate moves the log aside and expects the next line in a new file at its path:
     # the daemon wrote on into the moved file, which logrotate then compresses and deletes
@@ -899,6 +950,19 @@ def test_a_rotated_log_is_made_anew(dataset: Dataset, tmp_path: Path) -> None:
         wait_exit(m.pid)
     assert f"unmounted {point}" in log.read_text()
     assert f"unmounted {point}" not in (tmp_path / "mount.log.1").read_text()
+
+
+def test_a_deleted_log_directory_is_made_anew_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path) -> None:
+    # with the log's directory deleted (rm -rf, a cleaner of old files), the next line
+    # logged raised FileNotFoundError into the daemon: the mount was gone
+    log = tmp_path / "logs" / "mount.log"
+    point = new_mountpoint(tmp_path)
+    with mounted(dataset.source, point, f"{full_cache(tmp_path / 'cache')},log={log}") as m:
+        shutil.rmtree(log.parent)
+        os.kill(m.pid, signal.SIGUSR1)
+        poll(log.exists, 30, "the log to be made anew")
+        assert read_file(m.path / FILE) == read_file(dataset.src / FILE)
+        assert process_alive(m.pid) and "counters {" in log.read_text()
 
 
 def test_a_daemon_killed_by_a_fatal_signal_leaves_its_traceback(dataset: Dataset, tmp_path: Path) -> None:
@@ -1255,13 +1319,15 @@ def test_sigterm_unmounts_and_the_daemon_exits_0(dataset: Dataset, tmp_path: Pat
         unmount(point, [])
 
 
-def test_sigusr1_logs_the_counters_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path) -> None:
-    """SIGUSR1's default action ended the daemon: the mount was gone, files open on it
-    read ENOTCONN, and its log did not say why. It now logs the counters."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
+def test_sigusr_logs_the_counters_and_the_mount_serves_on(dataset: Dataset, tmp_path: Path,
+                                                          signum: signal.Signals) -> None:
+    """SIGUSR1's and SIGUSR2's default action ended the daemon: the mount was gone, files
+    open on it read ENOTCONN, and its log did not say why. Each now logs the counters."""
     with mounted(dataset.source, new_mountpoint(tmp_path), full_cache(tmp_path / "cache")) as m:
         with open(m.path / "data/big", "rb") as f:
             head = f.read(MiB)
-            os.kill(m.pid, signal.SIGUSR1)
+            os.kill(m.pid, signum)
             poll(lambda: "counters {" in m.log.read_text(), 30, "the counters in the mount's log")
             assert head + f.read() == read_file(dataset.src / "data/big")
         assert process_alive(m.pid) and is_mounted(m.path)
@@ -1304,6 +1370,23 @@ def test_cafs_umount_of_a_directory_that_is_not_a_mount(tmp_path: Path) -> None:
     r = run_cafs("umount", point, cache=tmp_path / "cache")
     assert r.returncode == 1
     assert r.stderr.strip() == f"cafs: {point}: not mounted"
+
+
+@pytest.mark.parametrize("cover", ["its path", "a directory above"])
+def test_sigterm_of_a_covered_mount_says_it_stays_mounted(dataset: Dataset, tmp_path: Path, cover: str) -> None:
+    # a mount that another covers cannot be unmounted by path: the daemon still tried (a
+    # 'cannot detach' warning, under a directory covered since) and logged 'unmounted',
+    # while its mount stayed, dead, to answer ENOTCONN once uncovered
+    above = new_mountpoint(tmp_path, "above")
+    point = new_mountpoint(above)
+    options = f"{full_cache(tmp_path / 'cache')},log={tmp_path / 'mount.log'}"  # not under the cover
+    with mounted(dataset.source, point, options, expect_warnings=True) as m:
+        with _tmpfs(point if cover == "its path" else above, "1m"):
+            os.kill(m.pid, signal.SIGTERM)
+            wait_exit(m.pid)
+        problems = m.log_problems()
+        assert len(problems) == 1 and f"{point} stays mounted, covered by another mount" in problems[0], problems
+        assert f"unmounted {point}" not in m.log.read_text()
 
 
 def test_sigterm_after_a_lazy_unmount_leaves_what_is_mounted_there_now(dataset: Dataset, tmp_path: Path) -> None:

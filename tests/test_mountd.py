@@ -1,5 +1,5 @@
 """The mount daemon's process set-up: glibc's malloc arenas are capped; logs go where
-the options say, or the mount is refused."""
+the options say, or the mount is refused; it finds its own mount in the mount table."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from cafs.errors import CafsError
 from cafs.mountd import setup_logging
 from cafs.mountopts import parse_options
+from cafs.mounttable import MountEntry, mounted_at
 
 # Threads allocate at once; glibc's own report (malloc_info) counts the arenas in use.
 _PROBE = textwrap.dedent("""
@@ -88,8 +89,36 @@ def test_log_syslog_reaches_a_listening_daemon(tmp_path: Path, cafs_logger: logg
         assert b"to syslog" in daemon.recv(4096)
 
 
+def test_a_log_that_cannot_be_written_is_said_once_not_for_every_line(
+        tmp_path: Path, cafs_logger: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
+    # log=FILE on a full disk: each line logged printed logging's traceback, some 2 KB,
+    # to the daemon's stderr (CACHE/mountd.stderr, on another disk)
+    setup_logging(parse_options("log=/dev/full"), tmp_path, False, syslog_socket=str(tmp_path / "log"))
+    for n in range(5):
+        logging.getLogger("cafs.mount").warning("line %d", n)
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log /dev/full: [Errno 28] No space left on device") == 1, err
+    assert "Traceback" not in err and "Logging error" not in err, err
+
+
 def test_exec_and_noexec_the_last_given_wins() -> None:
     # as mount(8) takes them: fstab's "user" implies noexec, and "user,exec" undoes it
     assert parse_options("noexec").noexec and not parse_options("").noexec
     assert not parse_options("noexec,exec").noexec
     assert parse_options("exec,cache_size=1G,noexec").noexec
+
+
+# A mountinfo table: mount id, parent id, device; "/a" was mounted after "/a/b".
+_ROOT = MountEntry("/", "ext4", 1, 10, 1)
+_CAFS = MountEntry("/a/b", "fuse.cafs", 5, 11, 10)
+
+
+@pytest.mark.parametrize("table, where", [
+    ([_ROOT, _CAFS], "/a/b"),
+    ([_ROOT, _CAFS, MountEntry("/a/b/c", "tmpfs", 6, 12, 11)], "/a/b"),  # a mount inside it
+    ([_ROOT, _CAFS, MountEntry("/a/b", "tmpfs", 6, 12, 11)], None),  # one on its path
+    ([_ROOT, _CAFS, MountEntry("/a", "tmpfs", 6, 12, 10)], None),  # one on a directory above
+    ([_CAFS], "/a/b"),  # a chroot to a plain directory: no root mount in the table
+], ids=["on top", "a mount inside", "covered on its path", "covered above", "no root mount"])
+def test_a_mount_is_where_a_lookup_of_its_path_reaches_it(table: list[MountEntry], where: str | None) -> None:
+    assert mounted_at(5, table) == where

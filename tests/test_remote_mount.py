@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from mountfix import env, import_tree, is_mounted, make_repo, mounted, poll, run_cafs, wait_exit
+from mountfix import env, import_tree, is_mounted, make_repo, mountd_pids, mounted, poll, run_cafs, unmount, wait_exit
 from treegen import assert_same_tree, make_tree
 
 BIG = 3 << 20
@@ -292,6 +292,55 @@ def test_a_mount_slower_than_a_minute_within_its_timeout_is_waited_for(served, t
         assert_same_tree(src, mnt)
 
 
+def _start_helper_on_a_stalled_store(proxy, mnt: Path, cache: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+    """``mount.cafs`` whose daemon's first store read stalls until the proxy passes again
+    (the helper's own check reads ``config`` first): returns once the daemon waits."""
+    proxy.set_mode("stall", match=r"/config$", skip=1)
+    helper = subprocess.Popen([sys.executable, "-m", "cafs.mount_helper", f"{proxy.url}/repo#ds", str(mnt),
+                               "-o", f"cache={cache},log={mnt}.log"], env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    poll(lambda: proxy.faults_fired == 1, 30, "the daemon's first read to reach the store")
+    return helper
+
+
+def test_a_daemon_whose_helper_was_killed_unmounts_once_up(served, tmp_path: Path) -> None:
+    """mount.cafs killed while its daemon starts (a timeout, kill -9): the daemon came up
+    and served on, a mount nobody was told of and that no one would unmount."""
+    _src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    helper = _start_helper_on_a_stalled_store(proxy, mnt, tmp_path / "cache")
+    try:
+        [pid] = mountd_pids(mnt)
+        helper.kill()
+        helper.communicate()
+        proxy.set_mode("pass")
+        wait_exit(pid)
+        assert not is_mounted(mnt)
+        assert "the mount helper is gone" in (tmp_path / "mnt.log").read_text()
+    finally:
+        unmount(mnt, mountd_pids(mnt))
+
+
+def test_an_interrupted_mount_helper_leaves_nothing_mounted(served, tmp_path: Path) -> None:
+    """Ctrl-C on mount.cafs while its daemon starts: the helper died with a traceback,
+    and the daemon mounted anyway once the store answered."""
+    _src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    helper = _start_helper_on_a_stalled_store(proxy, mnt, tmp_path / "cache")
+    try:
+        [pid] = mountd_pids(mnt)
+        helper.send_signal(signal.SIGINT)
+        _out, err = helper.communicate(timeout=30)
+        assert helper.returncode == 32 and err.decode() == "mount.cafs: interrupted; nothing was mounted\n", err
+        wait_exit(pid, 5)
+        proxy.set_mode("pass")
+        assert not is_mounted(mnt)
+    finally:
+        unmount(mnt, mountd_pids(mnt))
+
+
 def _pread(path: Path, offset: int, size: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -411,6 +460,31 @@ def test_sigterm_unmounts_while_a_store_read_stalls(served, tmp_path: Path) -> N
         finally:
             proxy.set_mode("pass")
             reader.join(timeout=60)
+
+
+def test_the_reads_a_sigterm_ends_are_not_each_logged_as_errors(served, tmp_path: Path) -> None:
+    """Each read that a SIGTERM ended (EIO, as asked) logged an ERROR line of its own:
+    a hundred or more for a busy mount, hiding the one line saying it was unmounting."""
+    src, _server, proxy, _www = served
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    files = [p.relative_to(src) for p in _files(src) if p.stat().st_size > 0][:8]
+    with mounted(f"{proxy.url}/repo#ds", mnt, f"cache={tmp_path / 'cache'},timeout=60") as m:
+        for path in files:
+            os.close(os.open(mnt / path, os.O_RDONLY))
+        proxy.set_mode("stall", match=r"/packs/")
+        with ThreadPoolExecutor(len(files)) as pool:
+            try:
+                results = [pool.submit(_try, _pread, mnt / path, 0, 1 << 20) for path in files]
+                poll(lambda: any("/packs/" in s.path for s in proxy.seen()), 10, "the reads to reach the store")
+                os.kill(m.pid, signal.SIGTERM)
+                wait_exit(m.pid, 5)
+            finally:
+                proxy.set_mode("pass")
+        got = [r.result() for r in results]
+        assert all(isinstance(g, OSError) or g == _pread(src / path, 0, 1 << 20) for g, path in zip(got, files)), got
+        assert any(isinstance(g, OSError) and g.errno == errno.EIO for g in got), got
+    # mounted() finds no WARNING or ERROR line in the mount's log
 
 
 def test_sigterm_exits_though_a_file_stays_open(served, tmp_path: Path) -> None:
