@@ -151,10 +151,6 @@ def setup_logging(opts: MountOptions, cache_dir: Path, foreground: bool, *,
     else:
         path = Path(opts.log) if opts.log else cache_dir / "mount.log"
         try:
-            if opts.log:
-                cachedir.make_dirs(path.parent)  # the user's choice: not held to the cache's rule
-            else:
-                cachedir.shared(cache_dir)
             # reopened when the file is moved away or deleted (logrotate's default way),
             # rather than written on into the rotated file until that is deleted
             handler = LogFile(path, follow=bool(opts.log))
@@ -191,7 +187,7 @@ class LogFile(logging.handlers.WatchedFileHandler):
         path = Path(self.baseFilename)
         flags = os.O_WRONLY | os.O_APPEND
         if self.follow:
-            cachedir.make_dirs(path.parent)
+            cachedir.make_dirs(path.parent)  # the user's choice: not held to the cache's rule
             fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, cachedir.FILE_MODE)
         else:
             cachedir.shared(path.parent)
