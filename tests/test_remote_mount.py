@@ -17,7 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -292,53 +294,52 @@ def test_a_mount_slower_than_a_minute_within_its_timeout_is_waited_for(served, t
         assert_same_tree(src, mnt)
 
 
-def _start_helper_on_a_stalled_store(proxy, mnt: Path, cache: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+@contextmanager
+def _helper_on_a_stalled_store(proxy, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:  # type: ignore[no-untyped-def]
     """``mount.cafs`` whose daemon's first store read stalls until the proxy passes again
-    (the helper's own check reads ``config`` first): returns once the daemon waits."""
+    (the helper's own check reads ``config`` first): yields the helper, its daemon's PID
+    and the mountpoint once the daemon waits; afterwards unmounts, and stops the helper."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
     proxy.set_mode("stall", match=r"/config$", skip=1)
     helper = subprocess.Popen([sys.executable, "-m", "cafs.mount_helper", f"{proxy.url}/repo#ds", str(mnt),
-                               "-o", f"cache={cache},log={mnt}.log"], env=env(),
+                               "-o", f"cache={tmp_path / 'cache'},log={mnt}.log"], env=env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    poll(lambda: proxy.faults_fired == 1, 30, "the daemon's first read to reach the store")
-    return helper
+    try:
+        poll(lambda: proxy.faults_fired == 1, 30, "the daemon's first read to reach the store")
+        [pid] = mountd_pids(mnt)
+        yield helper, pid, mnt
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.communicate()
+        unmount(mnt, mountd_pids(mnt))
 
 
 def test_a_daemon_whose_helper_was_killed_unmounts_once_up(served, tmp_path: Path) -> None:
     """mount.cafs killed while its daemon starts (a timeout, kill -9): the daemon came up
     and served on, a mount nobody was told of and that no one would unmount."""
     _src, _server, proxy, _www = served
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    helper = _start_helper_on_a_stalled_store(proxy, mnt, tmp_path / "cache")
-    try:
-        [pid] = mountd_pids(mnt)
+    with _helper_on_a_stalled_store(proxy, tmp_path) as (helper, pid, mnt):
         helper.kill()
         helper.communicate()
         proxy.set_mode("pass")
         wait_exit(pid)
         assert not is_mounted(mnt)
         assert "the mount helper is gone" in (tmp_path / "mnt.log").read_text()
-    finally:
-        unmount(mnt, mountd_pids(mnt))
 
 
 def test_an_interrupted_mount_helper_leaves_nothing_mounted(served, tmp_path: Path) -> None:
     """Ctrl-C on mount.cafs while its daemon starts: the helper died with a traceback,
     and the daemon mounted anyway once the store answered."""
     _src, _server, proxy, _www = served
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    helper = _start_helper_on_a_stalled_store(proxy, mnt, tmp_path / "cache")
-    try:
-        [pid] = mountd_pids(mnt)
+    with _helper_on_a_stalled_store(proxy, tmp_path) as (helper, pid, mnt):
         helper.send_signal(signal.SIGINT)
         _out, err = helper.communicate(timeout=30)
         assert helper.returncode == 32 and err.decode() == "mount.cafs: interrupted; nothing was mounted\n", err
         wait_exit(pid, 5)
         proxy.set_mode("pass")
         assert not is_mounted(mnt)
-    finally:
-        unmount(mnt, mountd_pids(mnt))
 
 
 def _pread(path: Path, offset: int, size: int) -> bytes:
