@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
@@ -13,6 +14,7 @@ from pyfastcdc import Chunk, FastCDC
 
 from cafs.extract import Extractor
 from cafs.format.config import ChunkerParams
+from cafs.format.journal import Snapshot
 from cafs.ids import digest
 from cafs.importer import run_import
 from cafs.metacache import MetaCache, NodeReader
@@ -158,29 +160,41 @@ def test_get_reads_the_chunk_of_a_hole_once_and_leaves_the_hole(tmp_path: Path) 
     src.mkdir()
     size = 64 << 20  # 4,096 chunks of zeros at the test chunker's maximum size
     write_sparse(src / "sparse.bin", size, [(1 << 20, os.urandom(50_000)), (size - 3, b"end")])
+    with _imported(src, tmp_path) as (store, meta, snapshot):
+        counting = _CountingStore(store)
+        repo = Repository.open(counting)
+        read_back = []
+        for _run in range(2):  # the second a re-run over the finished output
+            read_before = _bytes_read()
+            _extract(repo, meta, snapshot, tmp_path / "out")
+            read_back.append(_bytes_read() - read_before)
+    assert counting.pack_reads < 100
+    assert_same_tree(src, tmp_path / "out")
+    assert os.stat(tmp_path / "out" / "sparse.bin").st_blocks * 512 < 8 << 20
+    assert read_back[1] < 4 << 20  # the hole is seen with SEEK_DATA, not read back (64 MiB)
+
+
+@contextmanager
+def _imported(src: Path, tmp_path: Path) -> Iterator[tuple[LocalStore, MetaCache, Snapshot]]:
+    """``src`` imported as ``ds`` into a new repository of the test chunker's sizes: its
+    store, the metadata cache (closed afterwards) and the snapshot."""
     store = LocalStore(tmp_path / "repo")
     Repository.init(store, ChunkerParams(MIN, AVG, MAX))
     meta = MetaCache(tmp_path / "meta")
     try:
         result = run_import(Repository.open(store), meta, src, "ds")
         assert result.snapshot is not None
-        counting = _CountingStore(store)
-        repo = Repository.open(counting)
-        read_back = []
-        for _run in range(2):  # the second a re-run over the finished output
-            read_before = _bytes_read()
-            extractor = Extractor(repo, NodeReader(repo, meta))
-            try:
-                extractor.extract(result.snapshot.root, tmp_path / "out")
-            finally:
-                extractor.close()
-            read_back.append(_bytes_read() - read_before)
+        yield store, meta, result.snapshot
     finally:
         meta.close()
-    assert counting.pack_reads < 100
-    assert_same_tree(src, tmp_path / "out")
-    assert os.stat(tmp_path / "out" / "sparse.bin").st_blocks * 512 < 8 << 20
-    assert read_back[1] < 4 << 20  # the hole is seen with SEEK_DATA, not read back (64 MiB)
+
+
+def _extract(repo: Repository, meta: MetaCache, snapshot: Snapshot, dest: Path) -> None:
+    extractor = Extractor(repo, NodeReader(repo, meta))
+    try:
+        extractor.extract(snapshot.root, dest)
+    finally:
+        extractor.close()
 
 
 def _bytes_read() -> int:
@@ -197,20 +211,8 @@ def test_get_leaves_holes_inside_chunks_that_hold_data(tmp_path: Path) -> None:
     src.mkdir()
     size = 1 << 20
     write_sparse(src / "img", size, [(off, os.urandom(100)) for off in range(0, size, 12288)])
-    store = LocalStore(tmp_path / "repo")
-    Repository.init(store, ChunkerParams(MIN, AVG, MAX))
-    meta = MetaCache(tmp_path / "meta")
-    try:
-        result = run_import(Repository.open(store), meta, src, "ds")
-        assert result.snapshot is not None
-        repo = Repository.open(store)
-        extractor = Extractor(repo, NodeReader(repo, meta))
-        try:
-            extractor.extract(result.snapshot.root, tmp_path / "out")
-        finally:
-            extractor.close()
-    finally:
-        meta.close()
+    with _imported(src, tmp_path) as (store, meta, snapshot):
+        _extract(Repository.open(store), meta, snapshot, tmp_path / "out")
     assert_same_tree(src, tmp_path / "out")
     allocated = os.stat(src / "img").st_blocks
     assert allocated * 512 < size // 2  # the source is sparse here
