@@ -573,7 +573,7 @@ class ChunkCache:
             forgotten.append((key, length))
         txn.put(_SIZE_KEY, _SIZE.pack(max(0, total)), db=self.stat)
         # after every deletion, so that neighbours evicted together free the block they share
-        emptied = {key[:32] for key, _length in forgotten if self._emptied(txn, key[:32])}
+        emptied = {pack for pack in {key[:32] for key, _length in forgotten} if self._emptied(txn, pack)}
         return [_Victim(key, length, self._hole(txn, key, length), key[:32] in emptied)
                 for key, length in forgotten]
 
