@@ -421,7 +421,7 @@ class SnapshotFS:
         f = self.fetcher.counters
         out = {"bytes_read": self.counters.bytes_read, "reads": self.counters.reads,
                "opens": self.counters.opens, "bytes_fetched": f.bytes_fetched,
-               "cache_hits": f.hits + f.memory_hits, "cache_misses": f.misses, "errors": f.errors,
+               "cache_hits": f.hits + f.memory_hits, "memory_hits": f.memory_hits, "cache_misses": f.misses, "errors": f.errors,
                "in_flight": f.in_flight, "cache_full": f.cache_full, "damaged_extents": f.damaged,
                "inline_loads": f.inline, "cache_writes_pending": self.fetcher.pending_writes}
         cache = self.fetcher.cache
