@@ -510,6 +510,9 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
 
     if args.action != "status" and (len(args.targets) > 1 or any("#" in t for t in args.targets)):
         raise UsageError(f"cache {args.action} takes at most one REPO (no #NAME)")
+    if (args.size is None) == (args.action == "gc"):  # a forgotten --size emptied the whole cache
+        raise UsageError("cache gc needs --size SIZE (the size to evict down to; 0 empties the cache)"
+                         if args.action == "gc" else f"--size is for cache gc, not cache {args.action}")
     specs = [parse_spec(t, need_snapshot=False) for t in args.targets]
     repos: dict[str, Repository] = {}
     for spec in specs:
@@ -1034,7 +1037,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("targets", nargs="*", metavar="REPO[#NAME[@JID][:PATH]]",
                     help="only the cache of this repository; status: also the share cached of each "
                          "snapshot named (of every ref's latest for a bare REPO)")
-    sp.add_argument("--size", type=parse_size, default=0, metavar="SIZE", help="gc: evict down to this size")
+    sp.add_argument("--size", type=parse_size, metavar="SIZE",
+                    help="gc (required): evict least recently used chunks down to this size (0: all)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_cache, more_positionals="targets")
 

@@ -62,3 +62,16 @@ def test_a_url_where_a_local_path_belongs_is_a_usage_error(cafs, repo: Path, tmp
     r = cafs(*args)
     assert r.code == 2 and url in r.err and "a URL" in r.err and len(r.err.splitlines()) == 1, r.err
     assert os.listdir(tmp_path / "cwd") == []
+
+
+def test_cache_gc_without_a_size_is_a_usage_error(cafs, tmp_path: Path) -> None:
+    # --size defaulted to 0: a `cafs cache gc` that forgot it evicted every cached chunk, exit 0
+    r = cafs("cache", "gc", "--cache", tmp_path / "cache")
+    assert r.code == 2 and "--size" in r.err and len(r.err.splitlines()) == 1, r.err
+
+
+@pytest.mark.parametrize("action", ["status", "clear"])
+def test_a_size_for_another_cache_action_is_a_usage_error(cafs, tmp_path: Path, action: str) -> None:
+    # it was ignored: `cafs cache clear --size 1G` deleted the whole cache
+    r = cafs("cache", action, "--size", "1G", "--cache", tmp_path / "cache")
+    assert r.code == 2 and "--size" in r.err and len(r.err.splitlines()) == 1, r.err
