@@ -45,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 STATS_TIMEOUT = 10.0  # seconds `cafs stats MOUNTPOINT` waits for the mount's daemon
+MAX_WAIT = 24 * 3600.0  # the longest --timeout
 GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
 
 def parse_size(text: str) -> int:
@@ -52,6 +53,18 @@ def parse_size(text: str) -> int:
         return sizes.parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_seconds(text: str) -> float:
+    """``--timeout``: seconds, above 0 and at most a day (nan and inf broke the wait with
+    a traceback; 0 or less reported a healthy mount as hung)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_WAIT:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, above 0 and at most {MAX_WAIT:.0f}")
+    return seconds
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -1006,7 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("stats", "space used by a repository or a snapshot; counters of a mount")
     sp.add_argument("target", metavar="REPO[#NAME]|MOUNTPOINT")
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--timeout", type=float, default=STATS_TIMEOUT, metavar="SECONDS",
+    sp.add_argument("--timeout", type=parse_seconds, default=STATS_TIMEOUT, metavar="SECONDS",
                     help=f"how long to wait for a mount's answer (default {STATS_TIMEOUT:g})")
     sp.set_defaults(func=cmd_stats)
 

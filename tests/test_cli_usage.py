@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cafs.cli import main as cafs_main
+
 
 @pytest.mark.parametrize("dest", ["", "/"])
 def test_install_mount_helper_to_no_file_name_is_a_usage_error(cafs, dest: str) -> None:
@@ -75,3 +77,14 @@ def test_a_size_for_another_cache_action_is_a_usage_error(cafs, tmp_path: Path, 
     # it was ignored: `cafs cache clear --size 1G` deleted the whole cache
     r = cafs("cache", action, "--size", "1G", "--cache", tmp_path / "cache")
     assert r.code == 2 and "--size" in r.err and len(r.err.splitlines()) == 1, r.err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_a_stats_timeout_that_is_no_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                        value: str) -> None:
+    # against a mount, nan and inf ended in a traceback from the wait, and 0 or -1 said
+    # that a healthy mount was hung and should be unmounted
+    with pytest.raises(SystemExit) as exc:  # argparse's own error
+        cafs_main(["stats", str(tmp_path), "--timeout", value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--timeout" in err, err
