@@ -47,6 +47,9 @@ CACHE_MODES = ("auto", "full", "meta")
 MAX_READAHEAD = 256 << 20
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 24 * 3600.0
+OPTIONS_HELP = ("mount options, comma-separated (repeatable): cache=DIR, cache_size=SIZE, "
+                "cache_mode=auto|full|meta, readahead=SIZE, mirror=URL, timeout=SECONDS, allow_other, "
+                "noexec, debug, log=PATH|syslog; mount(8)'s generic ones are ignored (see mount/README.md)")
 
 _IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
             "_rnetdev", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "norelatime",
