@@ -965,6 +965,8 @@ def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cafs.mountopts import OPTIONS_HELP as mount_options_help
+
     p = argparse.ArgumentParser(prog="cafs", description="content-addressed dataset filesystem")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -1041,8 +1043,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("forget", "remove snapshots from a ref's journal (the newest is always kept)")
     sp.add_argument("repo")
     sp.add_argument("name")
-    sp.add_argument("--keep-last", type=int, metavar="N")
-    sp.add_argument("--jid", type=int, action="append", default=[], metavar="J")
+    sp.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest snapshots, forget the others")
+    sp.add_argument("--jid", type=int, action="append", default=[], metavar="J",
+                    help="forget the snapshot with journal id J (repeatable: --jid 3 --jid 4)")
     sp.set_defaults(func=cmd_forget)
 
     sp = command("cache", "this host's cache: status, gc (evict down to --size), clear")
@@ -1088,10 +1091,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_copy)
 
     sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")
-    sp.add_argument("source", metavar="SOURCE")
+    sp.add_argument("source", metavar="SOURCE", help="REPO#NAME, REPO#NAME@JID or REPO#ROOTID")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
-    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
-    sp.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help=mount_options_help)
+    sp.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground, logging to stderr")
     sp.set_defaults(func=cmd_mount)
 
     sp = command("install-mount-helper", "install /sbin/mount.cafs so mount -t cafs and fstab work")
