@@ -45,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 STATS_TIMEOUT = 10.0  # seconds `cafs stats MOUNTPOINT` waits for the mount's daemon
+MAX_WAIT = 24 * 3600.0  # the longest --timeout
 GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
 
 def parse_size(text: str) -> int:
@@ -52,6 +53,18 @@ def parse_size(text: str) -> int:
         return sizes.parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_seconds(text: str) -> float:
+    """``--timeout``: seconds, above 0 and at most a day (nan and inf broke the wait with
+    a traceback; 0 or less reported a healthy mount as hung)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_WAIT:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, above 0 and at most {MAX_WAIT:.0f}")
+    return seconds
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -510,6 +523,9 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
 
     if args.action != "status" and (len(args.targets) > 1 or any("#" in t for t in args.targets)):
         raise UsageError(f"cache {args.action} takes at most one REPO (no #NAME)")
+    if (args.size is None) == (args.action == "gc"):  # a forgotten --size emptied the whole cache
+        raise UsageError("cache gc needs --size SIZE (the size to evict down to; 0 empties the cache)"
+                         if args.action == "gc" else f"--size is for cache gc, not cache {args.action}")
     specs = [parse_spec(t, need_snapshot=False) for t in args.targets]
     repos: dict[str, Repository] = {}
     for spec in specs:
@@ -949,6 +965,8 @@ def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cafs.mountopts import OPTIONS_HELP as mount_options_help
+
     p = argparse.ArgumentParser(prog="cafs", description="content-addressed dataset filesystem")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -1003,7 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("stats", "space used by a repository or a snapshot; counters of a mount")
     sp.add_argument("target", metavar="REPO[#NAME]|MOUNTPOINT")
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--timeout", type=float, default=STATS_TIMEOUT, metavar="SECONDS",
+    sp.add_argument("--timeout", type=parse_seconds, default=STATS_TIMEOUT, metavar="SECONDS",
                     help=f"how long to wait for a mount's answer (default {STATS_TIMEOUT:g})")
     sp.set_defaults(func=cmd_stats)
 
@@ -1025,8 +1043,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("forget", "remove snapshots from a ref's journal (the newest is always kept)")
     sp.add_argument("repo")
     sp.add_argument("name")
-    sp.add_argument("--keep-last", type=int, metavar="N")
-    sp.add_argument("--jid", type=int, action="append", default=[], metavar="J")
+    sp.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest snapshots, forget the others")
+    sp.add_argument("--jid", type=int, action="append", default=[], metavar="J",
+                    help="forget the snapshot with journal id J (repeatable: --jid 3 --jid 4)")
     sp.set_defaults(func=cmd_forget)
 
     sp = command("cache", "this host's cache: status, gc (evict down to --size), clear")
@@ -1034,7 +1053,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("targets", nargs="*", metavar="REPO[#NAME[@JID][:PATH]]",
                     help="only the cache of this repository; status: also the share cached of each "
                          "snapshot named (of every ref's latest for a bare REPO)")
-    sp.add_argument("--size", type=parse_size, default=0, metavar="SIZE", help="gc: evict down to this size")
+    sp.add_argument("--size", type=parse_size, metavar="SIZE",
+                    help="gc (required): evict least recently used chunks down to this size (0: all)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_cache, more_positionals="targets")
 
@@ -1071,10 +1091,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_copy)
 
     sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")
-    sp.add_argument("source", metavar="SOURCE")
+    sp.add_argument("source", metavar="SOURCE", help="REPO#NAME, REPO#NAME@JID or REPO#ROOTID")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
-    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
-    sp.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help=mount_options_help)
+    sp.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground, logging to stderr")
     sp.set_defaults(func=cmd_mount)
 
     sp = command("install-mount-helper", "install /sbin/mount.cafs so mount -t cafs and fstab work")

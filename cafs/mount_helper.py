@@ -43,7 +43,7 @@ from cafs.errors import CafsError, OtherRepository, StoreError, UsageError
 from cafs.fileio import CWD_GONE, cwd_gone
 from cafs.metacache import default_cache_dir
 from cafs.mountd import serve, why_not
-from cafs.mountopts import MountOptions, format_options, parse_options
+from cafs.mountopts import OPTIONS_HELP, MountOptions, format_options, parse_options
 from cafs.mounttable import CAFS_FSTYPE, top_mount
 from cafs.naming import find_snapshot, parse_spec
 from cafs.repository import Repository
@@ -298,11 +298,13 @@ def unmount(mountpoint: str) -> None:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="mount a cafs snapshot read-only")
+    p = argparse.ArgumentParser(prog=prog, description="mount a cafs snapshot read-only",
+                                epilog="exit status: 0 mounted, 1 bad usage, 32 mount failure")
     p.add_argument("source", metavar="SOURCE", help="REPO#NAME, REPO#NAME@JID or REPO#ROOTID")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
-    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help=OPTIONS_HELP)
+    p.add_argument("-f", dest="foreground", action="store_true",
+                   help="stay in the foreground, logging to stderr (not mount(8)'s 'fake')")
     p.add_argument("-n", "-s", "-v", dest="ignored", action="count", help=argparse.SUPPRESS)
     return p
 

@@ -27,6 +27,8 @@ quotes (``context="...:s0:c0,c1"``, ``cache="/a,b"``): a comma within quotes doe
 an option, and the quotes are not part of the value.
 Anything else is an error naming the option, and so is an option given twice with
 different values (the same value twice is accepted: fstab and ``-o`` often repeat one).
+``remount`` (``mount -t cafs -o remount``) is refused saying so: a mount's options are
+fixed when it is made.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ CACHE_MODES = ("auto", "full", "meta")
 MAX_READAHEAD = 256 << 20
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 24 * 3600.0
+OPTIONS_HELP = ("mount options, comma-separated (repeatable): cache=DIR, cache_size=SIZE, "
+                "cache_mode=auto|full|meta, readahead=SIZE, mirror=URL, timeout=SECONDS, allow_other, "
+                "noexec, debug, log=PATH|syslog; mount(8)'s generic ones are ignored (see mount/README.md)")
 
 _IGNORED = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
             "_rnetdev", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "norelatime",
@@ -144,6 +149,9 @@ def parse_options(text: str) -> MountOptions:
             refuse_userinfo(value)
             mirrors.append(value)
             continue
+        elif key == "remount":  # not 'unknown': mount(8) knows it, cafs cannot do it
+            raise UsageError("mount option remount: not supported (a cafs mount's options are fixed "
+                             "when it is made); unmount and mount again")
         elif key in _VALUED:
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cafs.cli import main as cafs_main
+
 
 @pytest.mark.parametrize("dest", ["", "/"])
 def test_install_mount_helper_to_no_file_name_is_a_usage_error(cafs, dest: str) -> None:
@@ -62,3 +64,27 @@ def test_a_url_where_a_local_path_belongs_is_a_usage_error(cafs, repo: Path, tmp
     r = cafs(*args)
     assert r.code == 2 and url in r.err and "a URL" in r.err and len(r.err.splitlines()) == 1, r.err
     assert os.listdir(tmp_path / "cwd") == []
+
+
+def test_cache_gc_without_a_size_is_a_usage_error(cafs, tmp_path: Path) -> None:
+    # --size defaulted to 0: a `cafs cache gc` that forgot it evicted every cached chunk, exit 0
+    r = cafs("cache", "gc", "--cache", tmp_path / "cache")
+    assert r.code == 2 and "--size" in r.err and len(r.err.splitlines()) == 1, r.err
+
+
+@pytest.mark.parametrize("action", ["status", "clear"])
+def test_a_size_for_another_cache_action_is_a_usage_error(cafs, tmp_path: Path, action: str) -> None:
+    # it was ignored: `cafs cache clear --size 1G` deleted the whole cache
+    r = cafs("cache", action, "--size", "1G", "--cache", tmp_path / "cache")
+    assert r.code == 2 and "--size" in r.err and len(r.err.splitlines()) == 1, r.err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_a_stats_timeout_that_is_no_wait_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                        value: str) -> None:
+    # against a mount, nan and inf ended in a traceback from the wait, and 0 or -1 said
+    # that a healthy mount was hung and should be unmounted
+    with pytest.raises(SystemExit) as exc:  # argparse's own error
+        cafs_main(["stats", str(tmp_path), "--timeout", value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--timeout" in err, err

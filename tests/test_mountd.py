@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cafs.errors import CafsError
+from cafs.errors import CafsError, UsageError
 from cafs.mountd import setup_logging
 from cafs.mountopts import parse_options
 from cafs.mounttable import MountEntry, mounted_at
@@ -106,6 +106,13 @@ def test_exec_and_noexec_the_last_given_wins() -> None:
     assert parse_options("noexec").noexec and not parse_options("").noexec
     assert not parse_options("noexec,exec").noexec
     assert parse_options("exec,cache_size=1G,noexec").noexec
+
+
+def test_remount_is_refused_saying_what_to_do() -> None:
+    # 'mount -t cafs -o remount,ro SOURCE DIR' reached the helper and was told
+    # "unknown mount option 'remount'", as if mount(8) had not heard of it
+    with pytest.raises(UsageError, match="remount: not supported .* unmount and mount again"):
+        parse_options("remount,ro")
 
 
 # A mountinfo table: mount id, parent id, device; "/a" was mounted after "/a/b".
