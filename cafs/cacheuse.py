@@ -57,6 +57,7 @@ def hold(root: Path) -> int:
     the descriptor whose closing releases it. Raises OSError for a directory that cannot
     be made (a path through a dangling symlink, say, or under /proc), ``UnsafeCacheDir``
     for one another user could write in (``cafs.cachedir``)."""
+    cachedir.check_tree(root)  # one line for all of a cache an older cafs made (umask 002)
     tries = 0
     while True:
         try:
