@@ -11,6 +11,8 @@ chunk id as every cached read is; the cache evicts it in time). Repair drops wha
 not open or read is moved aside (``meta.lmdb.damaged-<time>``) and rebuilt from what can
 be verified: the sparse files are scanned against the packs' trailers. The cache is never
 the only copy of anything: everything in it can be fetched again from the repository.
+A cache of a newer layout than this cafs reads is no damage: ``CacheLayoutError`` is
+raised, and nothing is written (``cafs.metacache``).
 
 LMDB does not checksum its pages; a damaged file is detected when LMDB itself refuses it
 or a read fails, and by the verification of every value read.
@@ -36,7 +38,7 @@ from cafs.chunkcache import _EXTENT, ChunkCache, extent_key, unpack_record
 from cafs.errors import CafsError, IntegrityError, StoreError
 from cafs.format.location import Location, decode_stored
 from cafs.ids import digest
-from cafs.metacache import MetaCache
+from cafs.metacache import CacheLayoutError, MetaCache
 from cafs.repository import Repository
 
 
@@ -86,6 +88,8 @@ def check_cache(repo: Repository, cache_dir: Path, *, repair: bool) -> CacheRepo
             _check_contents(meta, ChunkCache(root, meta.env, 1 << 62), trailers, report, repair)
         finally:
             meta.close()
+    except CacheLayoutError:
+        raise  # not damaged: a newer cafs's, which no repair may touch
     except (CafsError, lmdb.Error) as exc:
         report.problems.append(f"{root / 'meta.lmdb'}: damaged ({exc})")
         if repair:

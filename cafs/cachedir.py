@@ -20,7 +20,13 @@ through it into any file of the host. So:
   ``mount.log`` and ``mountd.stderr``, is opened by ``open_own``: never through a
   symlink, and refused unless it belongs to this user;
 - cafs opens the other files it makes in the cache with ``O_NOFOLLOW`` as well
-  (``CREATE_FLAGS``).
+  (``CREATE_FLAGS``);
+- a cafs older than this rule made a cache's directories with the umask's mode (0775
+  under ``umask 002``, common on shared clusters): ``check_tree`` names every such
+  directory of a repository's cache at once, with the one command that fixes them all,
+  when the cache is opened, rather than one per run, and rather than leaving the
+  directories under ``data/`` to refuse each chunk written there (a mount then logs it,
+  a prefetch cached nothing and said nothing).
 
 A directory on a filesystem that cannot hold symlinks (FAT, exFAT: a USB disk, whose
 directories all show mode 0777 and take no chmod) passes the mode rule: nothing can be
@@ -74,6 +80,31 @@ def open_own(path: Path, flags: int) -> int:
         raise UnsafeCacheDir(f"{path} belongs to uid {owner}, not to this user (uid {os.geteuid()}); "
                              "remove it, or use a cache directory of your own")
     return fd
+
+
+def check_tree(root: Path) -> None:
+    """Raise ``UnsafeCacheDir`` naming the directories of the repository cache at ``root``
+    (itself, ``meta.lmdb``, ``data``, ``data/XX``) that others could write in; missing
+    ones are no matter."""
+    data = root / "data"
+    try:
+        subdirs = sorted(data.iterdir())
+    except OSError:
+        subdirs = []
+    loose = []
+    for d in (root, root / "meta.lmdb", data, *subdirs):
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not _without_symlinks(d):
+            loose.append((d, stat.S_IMODE(st.st_mode)))
+    if loose:
+        first, mode = loose[0]
+        others = f" and {len(loose) - 1} other director{'y' if len(loose) == 2 else 'ies'} of it" if len(loose) > 1 else ""
+        raise UnsafeCacheDir(f"cache directory {first} (mode {mode:04o}){others} writable by other users (an older "
+                             f"cafs made its directories so under umask 002): they could make cafs write into any "
+                             f"file; chmod -R go-w {root}")
 
 
 def make_dirs(path: Path) -> None:

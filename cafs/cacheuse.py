@@ -16,13 +16,19 @@ The kernel drops the locks of a process that ends, even by ``kill -9``, so a loc
 never stale. Holders are found in ``/proc/locks``; where it cannot be read the PIDs are
 unknown, and the cache is still refused.
 
-Caveats: ``flock`` is local to a host, which is all a cache is meant for; a cache
-directory shared by hosts over a network filesystem is not protected. A process of a
-cafs without this lock does not take it.
+A process of a cafs older than this lock does not take it: a mount started before an
+upgrade, still serving. ``clear`` finds those by LMDB's own lock instead: every process
+with ``meta.lmdb`` open, of any cafs, holds a POSIX read lock on the first byte of
+``meta.lmdb/lock.mdb`` (LMDB's test for being alone), so ``clear`` also takes that byte
+exclusively, without waiting, and holds it until the cache is renamed aside.
+
+Caveats: ``flock`` and POSIX locks are local to a host, which is all a cache is meant
+for; a cache directory shared by hosts over a network filesystem is not protected.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -51,6 +57,7 @@ def hold(root: Path) -> int:
     the descriptor whose closing releases it. Raises OSError for a directory that cannot
     be made (a path through a dangling symlink, say, or under /proc), ``UnsafeCacheDir``
     for one another user could write in (``cafs.cachedir``)."""
+    cachedir.check_tree(root)  # one line for all of a cache an older cafs made (umask 002)
     tries = 0
     while True:
         try:
@@ -84,6 +91,10 @@ def clear(roots: list[Path]) -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 users[root] = holders(fd)
+                continue
+            lmdb_users = _lmdb_users(root, stack)
+            if lmdb_users is not None:
+                users[root] = lmdb_users
         if users:
             raise CacheInUse(users)
         for root in roots:  # while every lock is held
@@ -99,8 +110,27 @@ def remove_leftovers(cache_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def holders(fd: int) -> list[int]:
-    """PIDs holding a flock on the file open at ``fd``, from ``/proc/locks``."""
+def _lmdb_users(root: Path, stack: ExitStack) -> list[int] | None:
+    """None if no process has the LMDB file of the cache at ``root`` open (its first byte
+    is now locked, until ``stack`` closes), else the PIDs that do (see the module
+    docstring)."""
+    try:
+        fd = os.open(root / "meta.lmdb" / "lock.mdb", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # nobody has it open: LMDB makes the file at open
+    stack.callback(os.close, fd)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return holders(fd, "POSIX")
+    return None
+
+
+def holders(fd: int, kind: str = "FLOCK") -> list[int]:
+    """PIDs holding a lock of ``kind`` (FLOCK or POSIX) on the file open at ``fd``, from
+    ``/proc/locks``."""
     st = os.fstat(fd)
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
@@ -112,7 +142,7 @@ def holders(fd: int) -> list[int]:
     for line in lines:
         # "3: FLOCK  ADVISORY  READ 4793 fe:00:2434077 0 EOF"; a waiter has "->" after "3:"
         fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+        if len(fields) > 5 and fields[1] == kind and fields[5] == inode and fields[4].isdigit():
             pids.add(int(fields[4]))
     return sorted(pids)
 

@@ -20,8 +20,11 @@ private to its user: ``cafs.cachedir``):
   since the cache was made (added by each mount every few seconds; absent reads as 0);
   ``b"snapshot\0" + REPO#REF@JID`` (UTF-8, the repository as an absolute path or a URL
   without user information) -> when a mount or ``cafs prefetch`` last used that snapshot
-  (seconds), the newest ``RECORDED_SNAPSHOTS`` kept, for ``cafs cache status``.
-  Keys unknown to a reader are ignored, so adding one needs no version change.
+  (seconds), the newest ``RECORDED_SNAPSHOTS`` kept, for ``cafs cache status``;
+  ``b"layout"`` -> the version of this layout (``cafs.metacache.CACHE_LAYOUT``, checked
+  and recorded when the cache is opened). Keys unknown to a reader are ignored, so
+  adding one needs no version change; a change that an older reader would misread bumps
+  the layout version.
 
 Invariants: the recorded total never exceeds ``limit`` (unless one insert alone is
 larger): an insert that passes it removes least-recently-used extents in its own

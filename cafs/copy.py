@@ -39,8 +39,8 @@ data (other chunk cut points), which ``CopyResult.config_differs`` reports.
 Only the ``Store`` protocol and ``Repository`` methods are used, so any two stores work.
 
 Raises: ``RepositoryError`` (SRC is not a repository; DST is neither a repository nor
-empty; DST is of a format version older than SRC's entries, whose readers could not
-read them), ``RefError`` (unknown ref or jid), ``CopyConflict``, ``SourcePackDamaged``,
+empty; DST is of an older format version than SRC, whose readers could not read SRC's
+entries, copied verbatim), ``RefError`` (unknown ref or jid), ``CopyConflict``, ``SourcePackDamaged``,
 ``CopyError`` (an object or pack missing from SRC), ``RepositoryLocked`` (a gc holds
 DST), ``NoSpaceError`` and other ``StoreError`` from either store.
 
@@ -71,7 +71,6 @@ from cafs.errors import (
     CafsError, FormatError, IntegrityError, NoSpaceError, ObjectNotFound, RefError, RepositoryError,
     UsageError,
 )
-from cafs.format import ENTRY_BLOCKS_SINCE
 from cafs.format.index import PackSummary
 from cafs.format.journal import Snapshot, check_ref_name, decode_snapshot, journal_key
 from cafs.format.location import Location
@@ -163,7 +162,7 @@ def copy_snapshots(src: Repository, dst: Repository, wanted: Iterable[tuple[str,
     the module docstring). ``read_node`` reads a node of SRC (default: from the store,
     verified; the command passes one that goes through the host's metadata cache)."""
     started = time.monotonic()
-    if dst.config.version < ENTRY_BLOCKS_SINCE <= src.config.version:
+    if dst.config.version < src.config.version:  # entries are copied verbatim: 2 adds digests, 3 blocks
         raise RepositoryError(
             f"{dst.url}: repository format version {dst.config.version}, whose readers cannot read the "
             f"entries of {src.url} (version {src.config.version}); copy into a new or empty repository instead")

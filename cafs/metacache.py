@@ -19,6 +19,16 @@ the missing pages as a SIGBUS that kills the process.
 The map reserves 1 TiB of addresses, or a quarter of the process's limit of address
 space (``ulimit -v``) where that is lower (``map_size``).
 
+The cache's layout (this file's database, ``cafs.chunkcache``'s, the files under
+``data/``, as docs/FORMAT.md lists them) has a version, ``CACHE_LAYOUT``, kept in the
+database ``cachestat`` under ``b"layout"`` (8 bytes, unsigned, big endian); a change to
+the layout that a cafs reading the older one would misread bumps it, and a later layout
+keeps this key where it is, so that every cafs can tell. Version 1 is the layout of
+every cache made before the key was: opening one without it records 1. Opening a cache
+of a newer layout (a newer cafs on this host, or on one sharing the directory) raises
+``CacheLayoutError`` naming it and its version, before anything is written into it: it
+is not damaged, so it is not set aside either.
+
 A process killed inside read transactions (``kill -9``, the OOM killer, a busy mount)
 leaves their slots in LMDB's reader table (126) taken for as long as any other process
 keeps the file open; once all are taken, no process can begin a transaction, nor open
@@ -52,6 +62,8 @@ MAP_SIZE = 1 << 40  # address space only; the file grows with use
 MAP_SHARE = 4  # under a limit of address space (ulimit -v), the map takes a quarter of it
 DECODED_ITEMS = 1 << 18  # entries, spans and pages kept decoded: some 160 MB (about 600 bytes each)
 WHOLE_PACK_AFTER = 2  # nodes needed from one remote metadata pack before it is read whole
+CACHE_LAYOUT = 1  # the version of the cache's layout: see the module docstring
+LAYOUT_KEY = b"layout"  # in database ``cachestat``
 
 
 class MetaCacheError(CafsError):
@@ -62,6 +74,10 @@ class MetaCacheError(CafsError):
     def __init__(self, message: str, *, damaged: bool = False) -> None:
         super().__init__(message)
         self.damaged = damaged
+
+
+class CacheLayoutError(MetaCacheError):
+    """The cache has a newer layout than this cafs reads (see the module docstring)."""
 
 
 _DAMAGED = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError, lmdb.PanicError,
@@ -100,10 +116,13 @@ def _open_env(path: Path) -> tuple[lmdb.Environment, lmdb._Database]:
         try:
             env.reader_check()  # slots of dead processes: see the module docstring
             _check_length(env, path / "meta.lmdb" / "data.mdb")
+            _check_layout(env, path)
             return env, env.open_db(b"nodes")  # where a damaged page may show first
         except BaseException:
             env.close()
             raise
+    except CacheLayoutError:
+        raise
     except (OSError, lmdb.Error) as exc:
         raise MetaCacheError(f"cannot open the metadata cache in {path}: {exc}",
                              damaged=isinstance(exc, _DAMAGED)) from None
@@ -125,6 +144,35 @@ def _reserve_lock_file(lmdb_dir: Path) -> None:
         os.posix_fallocate(fd, 0, max(LOCK_FILE_BYTES, os.fstat(fd).st_size))
     finally:
         os.close(fd)
+
+
+def _check_layout(env: lmdb.Environment, path: Path) -> None:
+    """Raise ``CacheLayoutError`` if the cache has a newer layout than ``CACHE_LAYOUT``,
+    having written nothing; record the layout in a cache without one (see the module
+    docstring)."""
+    try:
+        stat = env.open_db(b"cachestat", create=False)
+    except lmdb.NotFoundError:
+        layout = None  # a new cache
+    else:
+        try:
+            with env.begin(db=stat) as txn:
+                value = txn.get(LAYOUT_KEY)
+        except lmdb.BadTxnError as exc:  # what a damaged page under the record makes of the get
+            raise lmdb.CorruptedError(str(exc)) from None
+        # a record of another length is damage, met as the other records' is (by a read)
+        layout = None if value is None else int.from_bytes(value, "big") if len(value) == 8 else 0
+    if layout is not None and layout > CACHE_LAYOUT:
+        raise CacheLayoutError(f"the cache in {path} has layout version {layout}, which a newer cafs made; this cafs "
+                               f"reads layout {CACHE_LAYOUT}: upgrade cafs on this host, or give it another cache "
+                               "directory (--cache DIR; for a mount, -o cache=DIR)")
+    if layout is None:
+        try:
+            stat = env.open_db(b"cachestat")
+            with env.begin(db=stat, write=True) as txn:
+                txn.put(LAYOUT_KEY, CACHE_LAYOUT.to_bytes(8, "big"), overwrite=False)
+        except (lmdb.MapFullError, lmdb.DiskError):
+            pass  # a full disk: recorded at a later open; a cache without the key is of layout 1
 
 
 class _Truncated(lmdb.CorruptedError):  # so one of _DAMAGED
@@ -399,4 +447,4 @@ class NodeReader:
         self._decoded.put(node_id, node)
 
 
-__all__ = ["DecodedNodes", "MetaCache", "NodeReader", "NodeNotLoaded", "default_cache_dir", "IntegrityError"]
+__all__ = ["CACHE_LAYOUT", "CacheLayoutError", "DecodedNodes", "MetaCache", "NodeReader", "NodeNotLoaded", "default_cache_dir", "IntegrityError"]

@@ -48,7 +48,7 @@ from cafs.format.config import ChunkerParams, RepoConfig, check_config, decode_c
 from cafs.format.index import PackSummary, decode_index, encode_index
 from cafs.format.journal import (
     Snapshot, check_ref_name, decode_latest, decode_snapshot, encode_latest, encode_snapshot,
-    is_ref_name, journal_key, latest_key, parse_jid,
+    is_ref_name, journal_key, journal_version, latest_key, parse_jid,
 )
 from cafs.format.location import Location, decode_stored, plain_view
 from cafs.format.nodes import Entry
@@ -549,7 +549,7 @@ class Repository:
             jids = self.newest_jids(name)
             snap = Snapshot(ref=name, jid=(jids[-1] + 1) if jids else 1, time_ns=time.time_ns(),
                             root=root, host=os.uname().nodename[:255], source=source[:4096], stats=stats)
-            key, data = journal_key(name, snap.jid), encode_snapshot(snap)
+            key, data = journal_key(name, snap.jid), encode_snapshot(snap, journal_version(self.config.version))
             if taken.get(snap.jid, 0) >= TAKEN_UNLISTED:
                 # taken, yet never listed: no concurrent import did that (a listing that
                 # lags behind a put catches up within these tries); trying on would not help

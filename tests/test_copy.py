@@ -247,6 +247,33 @@ def test_a_repository_of_format_2_stays_readable_by_its_makers(cafs, base: Base,
     assert_same_tree(base.tree, tmp_path / "out")
 
 
+def test_a_repository_of_format_1_gets_journal_entries_its_makers_read(cafs, base: Base, tmp_path: Path) -> None:
+    import msgpack
+
+    old = tmp_path / "old"
+    Repository.init(LocalStore(old), ChunkerParams(16 << 10, 64 << 10, 256 << 10), 128 << 10, version=1)
+    r = cafs("import", base.tree, old, "--name", "ds", "--no-progress")
+    assert r.code == 0, r.err
+    [entry] = (old / "refs" / "ds").glob("0*")
+    # a cafs of format 1 reads an entry as one msgpack map (a digest after it is 'extra data')
+    assert msgpack.unpackb(entry.read_bytes())["v"] == 1
+    r = cafs("get", f"{old}#ds", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert_same_tree(base.tree, tmp_path / "out")
+
+
+def test_snapshots_of_format_2_are_not_copied_into_a_repository_of_format_1(cafs, base: Base, tmp_path: Path,
+                                                                            dst: Path) -> None:
+    newer = tmp_path / "newer"
+    Repository.init(LocalStore(newer), ChunkerParams(16 << 10, 64 << 10, 256 << 10), 128 << 10, version=2)
+    assert cafs("import", base.other[0], newer, "--name", "ds", "--no-progress").code == 0
+    Repository.init(LocalStore(dst), version=1)
+    r = cafs("copy", f"{newer}#ds", dst)
+    assert r.code == 1
+    assert f"{dst}: repository format version 1" in r.err and "new or empty repository" in r.err
+    assert sorted(p.name for p in dst.iterdir()) == ["config"]  # nothing copied
+
+
 def test_snapshots_of_format_3_are_not_copied_into_a_repository_of_format_2(cafs, src: Path, dst: Path) -> None:
     assert _entries_with_blocks(src)[0] > 20
     Repository.init(LocalStore(dst), version=2)

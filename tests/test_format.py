@@ -332,6 +332,13 @@ def test_bad_ref_names(name: str) -> None:
         check_ref_name(name)
 
 
+def test_a_config_of_a_newer_format_says_to_upgrade() -> None:
+    newer = encode_config(RepoConfig("ab" * 32)).replace(b'"version": 3', b'"version": 4')
+    with pytest.raises(RepositoryError, match="repository format version 4; this cafs reads versions 1, 2, 3; "
+                                              "a newer cafs made it: upgrade cafs"):
+        decode_config(newer, "t")
+
+
 def test_config_round_trip_and_rejects() -> None:
     c = RepoConfig("ab" * 32, ChunkerParams(1024, 4096, 16384), 1 << 20)
     assert decode_config(encode_config(c), "t") == c

@@ -1048,3 +1048,93 @@ def test_nodes_that_do_not_fit_where_they_are_are_found(cafs, repo: Path, tmp_pa
     for path in ("0-good", "6-good-dir/inner", "7-good-large-file"):
         r = cafs("cat", f"{repo}#forged:{path}")
         assert r.code == 0 and r.out == "good bytes\n" * (20 if path.startswith("7") else 1), r.err
+
+
+# -- cache layout versions ---------------------------------------------------------------------
+
+
+def _cache_made_before_layout_versions(repo: Path, layout: Layout, cache: Path) -> Path:
+    """A cache of every node and chunk of ``repo``, written by hand from the layout a cafs
+    kept before caches recorded their layout version (docs/FORMAT.md): LMDB databases
+    ``nodes`` (id -> plain bytes), ``extents`` (pack + offset -> stored length, last use)
+    and ``cachestat`` (``size`` alone), and a sparse file per data pack. Its directory."""
+    import lmdb
+
+    r = Repository.open(open_store(str(repo)))
+    root = cache / layout.repo_id
+    os.makedirs(root / "meta.lmdb", mode=0o700)
+    env = lmdb.open(str(root / "meta.lmdb"), max_dbs=8)
+    try:
+        nodes, extents, stat = (env.open_db(name) for name in (b"nodes", b"extents", b"cachestat"))
+        total = 0
+        with env.begin(write=True) as txn:
+            for pack, entries in layout.entries.items():
+                if layout.kinds[pack] == KIND_META:
+                    for loc in entries:
+                        txn.put(loc.id, r.read_object(loc), db=nodes)
+                    continue
+                stored = pack_path(repo, pack).read_bytes()
+                sparse = root / "data" / pack.hex()[:2] / pack.hex()
+                sparse.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with open(sparse, "wb") as f:
+                    for loc in entries:
+                        os.pwrite(f.fileno(), stored[loc.offset:loc.offset + loc.stored_length], loc.offset)
+                        txn.put(pack + loc.offset.to_bytes(8, "big"),
+                                loc.stored_length.to_bytes(4, "big") + int(time.time()).to_bytes(8, "big"), db=extents)
+                        total += loc.stored_length
+            txn.put(b"size", total.to_bytes(8, "big"), db=stat)
+    finally:
+        env.close()
+    return root
+
+
+def _layout_of(root: Path) -> bytes | None:
+    import lmdb
+
+    env = lmdb.open(str(root / "meta.lmdb"), max_dbs=8, readonly=True, lock=False)
+    try:
+        with env.begin(db=env.open_db(b"cachestat", create=False)) as txn:
+            return txn.get(b"layout")
+    finally:
+        env.close()
+
+
+def test_a_cache_made_before_layout_versions_is_read_and_recorded(cafs, copies: Damaged, tmp_path: Path) -> None:
+    cache = tmp_path / "old-cache"
+    root = _cache_made_before_layout_versions(copies.repo, copies.layout, cache)
+    assert _layout_of(root) is None
+    r = fsck(cafs, copies.repo, "--cache", cache)  # every node and extent verified
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    r = cafs("cache", "status", f"{copies.repo}#ds", "--cache", cache)
+    assert r.code == 0 and "ds@1: 100.0% cached" in r.out, r.out + r.err
+    assert _layout_of(root) == (1).to_bytes(8, "big")  # of layout 1, now said
+
+
+def test_a_cache_of_a_newer_layout_is_refused_and_left_untouched(cafs, copies: Damaged, tmp_path: Path) -> None:
+    import lmdb
+
+    cache = tmp_path / "newer-cache"
+    root = _cache_made_before_layout_versions(copies.repo, copies.layout, cache)
+    env = lmdb.open(str(root / "meta.lmdb"), max_dbs=8)
+    with env.begin(db=env.open_db(b"cachestat"), write=True) as txn:
+        txn.put(b"layout", (2).to_bytes(8, "big"))  # as a cafs of cache layout 2 would
+    env.close()
+
+    def contents() -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name not in ("lock.mdb", "in-use")}  # locks, taken to look
+
+    before = contents()
+    said = f"the cache in {root} has layout version 2, which a newer cafs made"
+    for args, code in ((("ls", f"{copies.repo}#ds"), 1), (("prefetch", f"{copies.repo}#ds"), 1),
+                       (("cache", "status"), 1), (("cache", "gc", copies.repo, "--size", "1K"), 1),
+                       (("fsck", copies.repo, "--repair"), FSCK_OPERATIONAL)):
+        r = cafs(*args, "--cache", cache)
+        assert r.code == code and said in r.err and r.err.count("\n") == 1, (args, r.out + r.err)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = cafs("mount", f"{copies.repo}#ds", mnt, "-o", "cache_mode=full", "--cache", cache)
+    if r.code == 0:  # the old code mounted it
+        assert cafs("umount", mnt).code == 0
+    assert r.code == 32 and said in r.err, r.out + r.err
+    assert contents() == before

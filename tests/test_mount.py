@@ -1278,6 +1278,28 @@ def test_cache_clear_refuses_a_cache_a_mount_uses(dataset: Dataset, tmp_path: Pa
     assert not root.exists()
 
 
+def test_cache_clear_refuses_a_cache_a_cafs_without_its_lock_uses(dataset: Dataset, tmp_path: Path) -> None:
+    # a mount started by a cafs older than the in-use lock, still serving after an
+    # upgrade: it has meta.lmdb open, nothing more (as this child does); clear deleted
+    # the cache under it, which went on writing into deleted files
+    cache = tmp_path / "cache"
+    root = cache / _repo_id(dataset)
+    assert run_cafs("ls", dataset.source, cache=cache).returncode == 0
+    with subprocess.Popen([sys.executable, "-c", "import lmdb, sys; env = lmdb.open(sys.argv[1], max_dbs=8); "
+                           "print('open', flush=True); sys.stdin.read()", str(root / "meta.lmdb")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env()) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+            r = run_cafs("cache", "clear", "--cache", cache, cache=cache)
+            assert r.returncode == 1 and "nothing deleted" in r.stderr and f"pid {holder.pid}" in r.stderr, r.stderr
+            assert (root / "meta.lmdb").is_dir()
+        finally:
+            holder.kill()  # the with closes its pipes and waits for it
+    r = run_cafs("cache", "clear", "--cache", cache, cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert not root.exists()
+
+
 def _read_line(fd: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     data = b""

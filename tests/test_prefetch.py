@@ -108,6 +108,29 @@ def test_prefetch_fetches_every_chunk_of_the_snapshot_once(dataset: Dataset, war
     assert 0 < r["runs"] < r["chunks"], "chunks were not coalesced into runs"
 
 
+def test_a_cache_whose_directories_an_older_cafs_made_group_writable_is_named_at_once(
+        dataset: Dataset, warm: Warm, tmp_path: Path) -> None:
+    # a cafs before private cache directories made them under umask 002 (common on
+    # clusters): each command named one directory to chmod, and once those it named were
+    # mended, prefetch exited 0 having cached nothing (each data/XX refused its writes)
+    cache = tmp_path / "cache"
+    shutil.copytree(warm.cache, cache)
+    (root,) = [p for p in cache.iterdir() if (p / "meta.lmdb").is_dir()]
+    subdirs = sorted((root / "data").iterdir())
+    assert len(subdirs) >= 2
+    assert cafs("cache", "gc", "--size", "0", "--cache", cache).code == 0
+    for d in subdirs:
+        d.chmod(0o775)
+    r = cafs("prefetch", dataset.source, "--cache", cache, "--json")
+    assert r.code == 1 and r.err.count("\n") == 1, r.out + r.err
+    assert (f"cache directory {subdirs[0]} (mode 0775) and {len(subdirs) - 1} other "
+            f"director{'y' if len(subdirs) == 2 else 'ies'} of it writable by other users") in r.err
+    assert r.err.endswith(f"chmod -R go-w {root}\n")
+    for d in subdirs:
+        d.chmod(0o755)
+    assert cafs("prefetch", dataset.source, "--cache", cache, "--json").json()["cached_share"] == 1.0
+
+
 def test_cache_status_reports_the_snapshot_fully_cached(dataset: Dataset, warm: Warm) -> None:
     doc = status(warm.cache, dataset.source)
     (cache,) = doc["caches"]

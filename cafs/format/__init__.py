@@ -10,4 +10,5 @@ FORMAT_VERSION = 3
 # 2: entries had no blocks (st_blocks); such entries are still read, and an import into a
 #    repository of version 1 or 2 writes them so, for the readers of that version
 READABLE_VERSIONS = (1, 2, 3)
+JOURNAL_CHECKSUM_SINCE = 2  # journal entries of version 2 (with a digest) go into repositories of 2 and on
 ENTRY_BLOCKS_SINCE = 3

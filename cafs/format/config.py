@@ -5,7 +5,8 @@
      "pack_size": int}
 
 ``version`` is ``FORMAT_VERSION`` (3) when written; a reader takes any of
-``READABLE_VERSIONS`` and refuses others. ``chunker`` holds the
+``READABLE_VERSIONS`` and refuses others (a newer one with the advice to upgrade), so
+that every command stops at the config before it reads or writes anything else. ``chunker`` holds the
 FastCDC parameters every import into the repository uses (same parameters, same cut
 points, so dedup works across imports). ``pack_size`` is the target pack size.
 """
@@ -82,8 +83,10 @@ def decode_config(data: bytes, where: str) -> RepoConfig:
         raise bad("no 'format': 'cafs'")
     version = doc.get("version")
     if type(version) is not int or version not in READABLE_VERSIONS:  # true == 1 in Python
+        newer = type(version) is int and version > FORMAT_VERSION
         raise RepositoryError(f"{where}: repository format version {doc.get('version')!r}; this cafs reads versions "
-                              + ", ".join(map(str, READABLE_VERSIONS)))
+                              + ", ".join(map(str, READABLE_VERSIONS))
+                              + ("; a newer cafs made it: upgrade cafs on this host to use it" if newer else ""))
     try:
         ch = doc["chunker"]
         config = RepoConfig(

@@ -12,7 +12,9 @@ where ``root`` is a directory entry (see nodes) with an empty name; its location
 the snapshot's root node, whose id is the snapshot's root id. The digest covers what no
 id does (the root's mode, owner and mtime, the time, host, source and stats): an entry
 whose digest does not match is damaged and refused. Version 1 entries (format version
-1) are the body alone, with ``"v": 1``, and are read as they are.
+1) are the body alone, with ``"v": 1``, and are read as they are; a commit into a
+repository whose config says version 1 writes them so (``journal_version``), since the
+cafs that made it reads no other.
 
 Ref names are 1-100 characters of ``[A-Za-z0-9._-]``, not starting with ``.`` or ``-``.
 """
@@ -23,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from cafs.errors import FormatError, RefError
+from cafs.format import JOURNAL_CHECKSUM_SINCE
 from cafs.format.nodes import Entry, decode_entry
 from cafs.format.strict import expect_bytes, expect_int, expect_map, expect_str, pack, unpack
 from cafs.ids import digest
@@ -87,10 +90,16 @@ class Snapshot:
         return self.root.ref.id
 
 
-def encode_snapshot(s: Snapshot) -> bytes:
-    body = pack({"v": JOURNAL_VERSION, "jid": s.jid, "time_ns": s.time_ns, "root": s.root.encode(),
+def journal_version(format_version: int) -> int:
+    """The journal entry version to write into a repository of ``format_version``: its
+    readers may know no newer one."""
+    return JOURNAL_VERSION if format_version >= JOURNAL_CHECKSUM_SINCE else 1
+
+
+def encode_snapshot(s: Snapshot, version: int = JOURNAL_VERSION) -> bytes:
+    body = pack({"v": version, "jid": s.jid, "time_ns": s.time_ns, "root": s.root.encode(),
                  "host": s.host, "source": s.source, "stats": s.stats})
-    return body + digest(body)
+    return body + digest(body) if version >= 2 else body
 
 
 def decode_snapshot(data: bytes, ref: str, jid: int) -> Snapshot:
