@@ -357,9 +357,11 @@ class SnapshotFS:
         f.next_offset = max(f.next_offset, end) if sequential else end
         last = bisect.bisect_left(f.starts, end)
         if sequential and self.readahead:
-            if f.ahead_end - end < self.readahead // 2:
+            if not end + self.readahead // 2 <= f.ahead_end <= end + self.readahead:
                 # under half the readahead left: start the rest of the window at once,
-                # so that the store sees requests of several MiB, not one per chunk
+                # so that the store sees requests of several MiB, not one per chunk. A
+                # window further ahead than that was left by a pass elsewhere in the file
+                # (a reader that jumped back): this pass starts its own
                 f.ahead_end = end + self.readahead
             last = bisect.bisect_left(f.starts, f.ahead_end)
         if last - first > 1:  # several chunks: load them as runs, not one by one

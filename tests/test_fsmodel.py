@@ -394,6 +394,35 @@ async def test_sequential_reads_with_readahead_fetch_each_chunk_once(fs: Snapsho
     assert c.errors == c.in_flight == 0
 
 
+def _chunks_over(spans: tuple[Location, ...], starts: list[int], lo: int, hi: int) -> set[tuple[bytes, int]]:
+    """The chunks (pack, offset) that hold any byte of ``[lo, hi)``."""
+    return {(s.pack, s.offset) for s, a, b in zip(spans, starts, starts[1:]) if a < hi and b > lo}
+
+
+async def test_a_reader_that_jumps_back_loads_one_window_not_the_rest_of_the_file(
+        fs: SnapshotFS, imported: Imported) -> None:
+    # A sequential pass near the end of a file leaves its window there; a reader that then
+    # reads the start of the file in order (a footer, then the body) starts a window of
+    # its own, instead of loading everything up to the old window's end.
+    fs.readahead = 256 << 10
+    ino = resolve(fs, b"data/big")
+    spans = file_spans(fs.reader, fs.entry(ino))
+    starts = _spans_starts(fs, ino)
+    size = starts[-1]
+    async with fs.fetcher.running():
+        fh = fs.open(ino)
+        for off in (size - (32 << 10), size - (16 << 10)):  # the footer, in two reads
+            await fs.read(fh, off, 16 << 10)
+        loaded = await _settled(fs.fetcher)
+        for off in (0, 16 << 10):  # the body, from its start
+            await fs.read(fh, off, 16 << 10)
+        fetched = await _settled(fs.fetcher) - loaded
+        fs.release(fh)
+    window = _chunks_over(spans, starts, 0, (32 << 10) + fs.readahead)
+    assert len(spans) > 3 * len(window)
+    assert fetched <= len(window)  # was every chunk of the file
+
+
 class _RecordingStore(PassThroughStore):
     """Records the ranged reads of packs."""
 
