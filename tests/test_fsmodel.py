@@ -423,6 +423,26 @@ async def test_a_reader_that_jumps_back_loads_one_window_not_the_rest_of_the_fil
     assert fetched <= len(window)  # was every chunk of the file
 
 
+async def test_random_reads_near_each_other_load_only_their_own_chunks(
+        fs: SnapshotFS, imported: Imported) -> None:
+    # Records read at random offsets of a file: each read is within the readahead of the
+    # one before, but none continues another, so none loads a window ahead.
+    fs.readahead = 512 << 10
+    ino = resolve(fs, b"data/big")
+    spans = file_spans(fs.reader, fs.entry(ino))
+    starts = _spans_starts(fs, ino)
+    data = (imported.src / "data/big").read_bytes()
+    offsets = [1 << 20, (1 << 20) + (200 << 10), (1 << 20) - (300 << 10), (1 << 20) + (100 << 10)]
+    async with fs.fetcher.running():
+        fh = fs.open(ino)
+        for off in offsets:
+            assert bytes(await fs.read(fh, off, 4096)) == data[off:off + 4096]
+        fetched = await _settled(fs.fetcher)
+        fs.release(fh)
+    needed = set().union(*(_chunks_over(spans, starts, off, off + 4096) for off in offsets))
+    assert fetched == len(needed)  # was each near read's window too
+
+
 class _RecordingStore(PassThroughStore):
     """Records the ranged reads of packs."""
 
