@@ -557,6 +557,47 @@ async def test_runs_are_written_to_the_cache_behind_their_readers(
     assert fs.fetcher._writing == 0
 
 
+async def test_a_chunk_the_lru_dropped_before_its_cache_write_is_not_fetched_again(
+        imported: Imported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Random readers go through the in-memory LRU in a few dozen reads, faster than the
+    # cache is written behind them: a chunk read again meanwhile comes from its fetched
+    # bytes, verified again, not from the store a second time.
+    store = _RecordingStore(open_store(str(imported.repo)))
+    repo = Repository.open(store)
+    root = tmp_path / "cache" / repo.config.repo_id
+    meta = MetaCache(root)
+    cache = ChunkCache(root, meta.env, 64 << 20)
+    fetcher = Fetcher(repo, cache, memory_bytes=4)  # an LRU that keeps nothing
+    fs = SnapshotFS(find_snapshot(repo, "snap"), NodeReader(repo, meta, defer_writes=True), fetcher,
+                    readahead=0)
+    release = threading.Event()
+    real_insert = cache.insert_batch
+
+    def held_insert(batch: list[tuple[bytes, list[tuple[int, bytes]]]]) -> None:
+        release.wait(30)
+        real_insert(batch)
+
+    monkeypatch.setattr(cache, "insert_batch", held_insert)
+    data = (imported.src / "data/big").read_bytes()
+    try:
+        fh = fs.open(resolve(fs, b"data/big"))
+        store.pack_reads.clear()
+        async with fetcher.running():
+            try:
+                with trio.fail_after(20):
+                    for off in (300_000, 1_500_000, 300_000, 1_500_000):
+                        assert bytes(await fs.read(fh, off, 4096)) == data[off:off + 4096]
+            finally:
+                release.set()  # the writes go on once the reads are done
+        fs.release(fh)
+        assert fetcher.counters.misses == len(store.pack_reads) == 2  # was 4: each chunk fetched again
+        assert not fetcher._unwritten  # forgotten once written
+    finally:
+        release.set()
+        cache.close()
+        meta.close()
+
+
 async def test_small_runs_are_written_to_the_cache_in_batches(
         fs: SnapshotFS, imported: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small files (and what readahead loads beside them) reach the cache in a few
