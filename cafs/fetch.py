@@ -1,6 +1,7 @@
 """The fetch layer: plain, verified chunk bytes for a location, as fast as can be had.
 
-``Fetcher.chunk(loc)`` looks in a small in-memory LRU of plain chunks, then in the
+``Fetcher.chunk(loc)`` looks in a small in-memory LRU of plain chunks, then among the
+chunks fetched and not yet written to the cache (write-behind, below), then in the
 sparse ``ChunkCache``, then reads the stored bytes from the store, verifies them
 against the chunk id and writes them through to the cache. Concurrent requests for
 one chunk wait on a single load (single flight). Blocking work (preads, hashing,
@@ -59,12 +60,16 @@ writer doubled those switches (5,000 shuffled small files over HTTP: 40,000 cont
 10% more daemon CPU with two, 4 MiB batches 5% less than 1 MiB ones; large reads and
 ``cafs prefetch`` were as fast with one). While under ``WRITE_BEHIND_BYTES`` wait
 to be written the readers go on; past that a load waits for its batch's write (a cache
-disk slower than the store holds the readers back instead of memory growing). Leaving
+disk slower than the store holds the readers back instead of memory growing). A chunk
+waiting to be written is served from its stored bytes, verified again, if a reader asks
+for it once the LRU has dropped it (random readers: 64 MiB of LRU go by in a few dozen
+reads), rather than fetched a second time. Leaving
 ``running()`` writes the gathered batch and waits for every write handed over. Outside
 ``running()`` the thread that fetched a run writes it before its readers have it.
 
 Concurrency invariant: ``_inflight`` maps a chunk key to the one load in progress; it,
-``_failed`` and ``_waits`` are only changed between awaits on the trio thread.
+``_failed``, ``_waits`` and ``_unwritten`` are only changed between awaits on the trio
+thread.
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ ADVISE_BYTES = 1 << 20
 @dataclass
 class FetchCounters:
     hits: int = 0  # served from the sparse cache
-    memory_hits: int = 0  # served from the in-memory LRU
+    memory_hits: int = 0  # served from memory: the LRU, or a chunk waiting to be written to the cache
     misses: int = 0  # fetched from the store
     bytes_fetched: int = 0  # stored bytes read from the store
     errors: int = 0
@@ -181,6 +186,9 @@ class Fetcher:
         self._writing = 0  # stored bytes handed to write-behind, not yet written
         self._batch: CacheWrites = []  # gathered for the next write-behind
         self._batch_bytes = 0
+        # the stored bytes of each chunk handed to write-behind and not written yet, by key:
+        # a chunk the LRU dropped meanwhile is served from here, not fetched again
+        self._unwritten: dict[tuple[bytes, int], Stored] = {}
         self.counters = FetchCounters()
         self._inflight: dict[tuple[bytes, int], _Load] = {}
         self._memory: OrderedDict[tuple[bytes, int], Plain] = OrderedDict()
@@ -298,14 +306,21 @@ class Fetcher:
         ``workers``: the pool for its store reads (default: ``store_workers``)."""
         try:
             waiting = {(loc.pack, loc.offset): load for loc, load in zip(run, loads)}
-            maybe_cached = self._maybe_cached(run)
-            if maybe_cached and _inline(run):
-                _settle(run, self._from_cache(run, resident=True), waiting)
-            rest = [loc for loc in run if (loc.pack, loc.offset) in waiting]
-            if rest and maybe_cached and (len(rest) == len(run) or self._maybe_cached(rest)):
+            todo = run
+            unwritten = [(loc, self._unwritten[(loc.pack, loc.offset)]) for loc in run
+                         if (loc.pack, loc.offset) in self._unwritten]
+            if unwritten:
+                _settle([loc for loc, _ in unwritten], await self.cache_workers.run(self._from_unwritten, unwritten),
+                        waiting)
+                todo = [loc for loc in run if (loc.pack, loc.offset) in waiting]
+            maybe_cached = bool(todo) and self._maybe_cached(todo)
+            if maybe_cached and _inline(todo):
+                _settle(todo, self._from_cache(todo, resident=True), waiting)
+            rest = [loc for loc in todo if (loc.pack, loc.offset) in waiting]
+            if rest and maybe_cached and (len(rest) == len(todo) or self._maybe_cached(rest)):
                 _settle(rest, await self.cache_workers.run(self._from_cache, rest), waiting)
             behind = self.cache is not None and self._nursery is not None
-            for part in runs(loc for loc in run if (loc.pack, loc.offset) in waiting):
+            for part in runs(loc for loc in todo if (loc.pack, loc.offset) in waiting):
                 got = await self._load_from_store(part, workers or self.store_workers,
                                                   self.cache is not None and not behind)
                 part_loads = [waiting[(loc.pack, loc.offset)] for loc in part]
@@ -405,10 +420,15 @@ class Fetcher:
         if not self._batch:
             self._nursery.start_soon(self._write_soon)
         entry = _cache_write(run, stored)
+        self._unwritten.update(((entry[0], offset), b) for offset, b in entry[1])
         self._batch.append(entry)
         self._batch_bytes += sum(len(b) for _, b in entry[1])
         if self._writing + self._batch_bytes > WRITE_BEHIND_BYTES:
-            await self.cache_writers.run(self._insert, self._take_batch()[0])
+            writes = self._take_batch()[0]
+            try:
+                await self.cache_writers.run(self._insert, writes)
+            finally:
+                self._written(writes)
         elif self._batch_bytes >= WRITE_BATCH_BYTES:
             self._write_behind(*self._take_batch())
 
@@ -434,6 +454,14 @@ class Fetcher:
             await self.cache_writers.run(self._insert, writes)
         finally:
             self._writing -= size
+            self._written(writes)
+
+    def _written(self, writes: CacheWrites) -> None:
+        """Forget ``writes`` as unwritten: the cache has them now (or refused them)."""
+        for pack, extents in writes:
+            for offset, b in extents:
+                if self._unwritten.get((pack, offset)) is b:
+                    del self._unwritten[(pack, offset)]
 
     def _remember(self, key: tuple[bytes, int], data: Plain) -> None:
         if len(data) > self._memory_limit // 4:
@@ -507,6 +535,18 @@ class Fetcher:
         if self._store_reads_inline():
             for run in runs(loc for loc, hit in zip(todo, hits) if not hit):
                 self.repo.advise_run(run)
+
+    def _from_unwritten(self, held: list[tuple[Location, Stored]]) -> list[Plain | None]:
+        """Runs in a worker thread: the plain bytes of chunks fetched moments ago and not
+        yet written to the cache, from their stored bytes, verified again."""
+        out: list[Plain | None] = []
+        for loc, stored in held:
+            try:
+                out.append(decode_stored(loc, stored))
+                self.counters.memory_hits += 1
+            except IntegrityError:  # never expected of bytes verified once: the store decides
+                out.append(None)
+        return out
 
     def _from_cache(self, run: list[Location], resident: bool = False) -> list[Plain | None]:
         """Runs in a worker thread: the plain bytes of each chunk the cache holds intact.

@@ -44,6 +44,7 @@ import bisect
 import json
 import os
 import stat
+from collections import deque
 from dataclasses import dataclass, field
 from collections.abc import Iterator
 
@@ -66,6 +67,7 @@ DOTS = 2  # a listing starts with "." and ".."
 SIBLING_SPREAD = 8  # how far apart files may be opened and still be a read in order
 READ_SHARE_WEIGHT = 1 / 8  # of each file closed, in the running share of files read
 COLD_SHARE = 0.5  # a share of files read above which an open means a read to come
+RECENT_READS = 16  # reads of an open file remembered to tell a sequential pass from random reads
 _KIND_BITS = {1: stat.S_IFDIR, 2: stat.S_IFREG, 3: stat.S_IFLNK}
 
 
@@ -136,7 +138,8 @@ class OpenFile:
     size: int
     spans: tuple[Location, ...]
     starts: list[int]  # plain offset of each span
-    next_offset: int = 0  # where a sequential reader reads next
+    # (offset, offset + size) of its last reads, to tell a sequential pass from random reads
+    recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECENT_READS))
     ahead_end: int = 0  # where the readahead started for it so far ends
     read: bool = False  # whether any read of it reached this process
 
@@ -343,23 +346,31 @@ class SnapshotFS:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """Bytes ``[offset, offset+size)`` of the open file, short at its end. A read that
-        continues where the last one ended keeps chunks loading in the background up to
-        ``readahead`` bytes ahead, topped up in steps of at least half of that."""
+        continues a sequential pass (it starts at the file's start, or where one of its
+        last ``RECENT_READS`` reads ended; see below) keeps chunks loading in the
+        background up to ``readahead`` bytes ahead, topped up in steps of at least half
+        of that. Other
+        reads (random access: records found through an index) load their own chunks alone."""
         f = self._files[fh]
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
         first = i = bisect.bisect_right(f.starts, offset) - 1
         # The kernel's own readahead sends several requests at once, and they may arrive
-        # out of order: a read within ``readahead`` of where the last one ended still
-        # continues a sequential pass.
-        sequential = abs(offset - f.next_offset) <= self.readahead
-        f.next_offset = max(f.next_offset, end) if sequential else end
+        # out of order: a read that ends where a recent one started continues the pass
+        # too, and so does a file's first read within ``readahead`` of its start. Nearness
+        # is not enough otherwise: a random reader's reads are often within the readahead
+        # of each other, and each would load a window it never reads.
+        sequential = (offset == 0 or (not f.recent and offset < self.readahead)
+                      or any(offset == e or offset + size == s for s, e in f.recent))
+        f.recent.append((offset, offset + size))
         last = bisect.bisect_left(f.starts, end)
         if sequential and self.readahead:
-            if f.ahead_end - end < self.readahead // 2:
+            if not end + self.readahead // 2 <= f.ahead_end <= end + self.readahead:
                 # under half the readahead left: start the rest of the window at once,
-                # so that the store sees requests of several MiB, not one per chunk
+                # so that the store sees requests of several MiB, not one per chunk. A
+                # window further ahead than that was left by a pass elsewhere in the file
+                # (a reader that jumped back): this pass starts its own
                 f.ahead_end = end + self.readahead
             last = bisect.bisect_left(f.starts, f.ahead_end)
         if last - first > 1:  # several chunks: load them as runs, not one by one

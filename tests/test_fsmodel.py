@@ -394,6 +394,55 @@ async def test_sequential_reads_with_readahead_fetch_each_chunk_once(fs: Snapsho
     assert c.errors == c.in_flight == 0
 
 
+def _chunks_over(spans: tuple[Location, ...], starts: list[int], lo: int, hi: int) -> set[tuple[bytes, int]]:
+    """The chunks (pack, offset) that hold any byte of ``[lo, hi)``."""
+    return {(s.pack, s.offset) for s, a, b in zip(spans, starts, starts[1:]) if a < hi and b > lo}
+
+
+async def test_a_reader_that_jumps_back_loads_one_window_not_the_rest_of_the_file(
+        fs: SnapshotFS, imported: Imported) -> None:
+    # A sequential pass near the end of a file leaves its window there; a reader that then
+    # reads the start of the file in order (a footer, then the body) starts a window of
+    # its own, instead of loading everything up to the old window's end.
+    fs.readahead = 256 << 10
+    ino = resolve(fs, b"data/big")
+    spans = file_spans(fs.reader, fs.entry(ino))
+    starts = _spans_starts(fs, ino)
+    size = starts[-1]
+    async with fs.fetcher.running():
+        fh = fs.open(ino)
+        for off in (size - (32 << 10), size - (16 << 10)):  # the footer, in two reads
+            await fs.read(fh, off, 16 << 10)
+        loaded = await _settled(fs.fetcher)
+        for off in (0, 16 << 10):  # the body, from its start
+            await fs.read(fh, off, 16 << 10)
+        fetched = await _settled(fs.fetcher) - loaded
+        fs.release(fh)
+    window = _chunks_over(spans, starts, 0, (32 << 10) + fs.readahead)
+    assert len(spans) > 3 * len(window)
+    assert fetched <= len(window)  # was every chunk of the file
+
+
+async def test_random_reads_near_each_other_load_only_their_own_chunks(
+        fs: SnapshotFS, imported: Imported) -> None:
+    # Records read at random offsets of a file: each read is within the readahead of the
+    # one before, but none continues another, so none loads a window ahead.
+    fs.readahead = 512 << 10
+    ino = resolve(fs, b"data/big")
+    spans = file_spans(fs.reader, fs.entry(ino))
+    starts = _spans_starts(fs, ino)
+    data = (imported.src / "data/big").read_bytes()
+    offsets = [1 << 20, (1 << 20) + (200 << 10), (1 << 20) - (300 << 10), (1 << 20) + (100 << 10)]
+    async with fs.fetcher.running():
+        fh = fs.open(ino)
+        for off in offsets:
+            assert bytes(await fs.read(fh, off, 4096)) == data[off:off + 4096]
+        fetched = await _settled(fs.fetcher)
+        fs.release(fh)
+    needed = set().union(*(_chunks_over(spans, starts, off, off + 4096) for off in offsets))
+    assert fetched == len(needed)  # was each near read's window too
+
+
 class _RecordingStore(PassThroughStore):
     """Records the ranged reads of packs."""
 
@@ -506,6 +555,47 @@ async def test_runs_are_written_to_the_cache_behind_their_readers(
     spans = file_spans(fs.reader, fs.entry(ino))
     assert all(cache.cached((s.pack, s.offset, s.stored_length) for s in spans))
     assert fs.fetcher._writing == 0
+
+
+async def test_a_chunk_the_lru_dropped_before_its_cache_write_is_not_fetched_again(
+        imported: Imported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Random readers go through the in-memory LRU in a few dozen reads, faster than the
+    # cache is written behind them: a chunk read again meanwhile comes from its fetched
+    # bytes, verified again, not from the store a second time.
+    store = _RecordingStore(open_store(str(imported.repo)))
+    repo = Repository.open(store)
+    root = tmp_path / "cache" / repo.config.repo_id
+    meta = MetaCache(root)
+    cache = ChunkCache(root, meta.env, 64 << 20)
+    fetcher = Fetcher(repo, cache, memory_bytes=4)  # an LRU that keeps nothing
+    fs = SnapshotFS(find_snapshot(repo, "snap"), NodeReader(repo, meta, defer_writes=True), fetcher,
+                    readahead=0)
+    release = threading.Event()
+    real_insert = cache.insert_batch
+
+    def held_insert(batch: list[tuple[bytes, list[tuple[int, bytes]]]]) -> None:
+        release.wait(30)
+        real_insert(batch)
+
+    monkeypatch.setattr(cache, "insert_batch", held_insert)
+    data = (imported.src / "data/big").read_bytes()
+    try:
+        fh = fs.open(resolve(fs, b"data/big"))
+        store.pack_reads.clear()
+        async with fetcher.running():
+            try:
+                with trio.fail_after(20):
+                    for off in (300_000, 1_500_000, 300_000, 1_500_000):
+                        assert bytes(await fs.read(fh, off, 4096)) == data[off:off + 4096]
+            finally:
+                release.set()  # the writes go on once the reads are done
+        fs.release(fh)
+        assert fetcher.counters.misses == len(store.pack_reads) == 2  # was 4: each chunk fetched again
+        assert not fetcher._unwritten  # forgotten once written
+    finally:
+        release.set()
+        cache.close()
+        meta.close()
 
 
 async def test_small_runs_are_written_to_the_cache_in_batches(
