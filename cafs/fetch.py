@@ -8,6 +8,9 @@ one chunk wait on a single load (single flight). Blocking work (preads, hashing,
 decompression, LMDB writes) runs in worker threads (``cafs.workers.WorkerPool``), so
 the trio loop keeps answering while a load is under way.
 
+The LRU's limit (``MEMORY_CHUNKS_BYTES``) counts what its chunks keep alive: a chunk
+cut from a run's read is a view into it, so the whole read counts, once.
+
 Raises ``IntegrityError`` when the store's bytes do not match their id (never returns
 wrong bytes) and ``StoreError`` when the store fails. A damaged cache extent is dropped
 and refetched.
@@ -166,6 +169,16 @@ def _cache_write(run: list[Location], stored: Sequence[bytes | memoryview]) -> t
     return run[0].pack, [(loc.offset, b) for loc, b in zip(run, stored) if len(b) == loc.stored_length]
 
 
+def _held(data: Plain) -> tuple[int, int]:
+    """(identity, size) of the buffer that ``data`` keeps alive: a chunk that is a view
+    into its run's read keeps the whole read (up to ``RUN_BYTES``), so the LRU counts
+    that, once for all the chunks in it; a random reader keeping one chunk of each run
+    would otherwise hold several times the LRU's limit. The identity is stable while
+    the LRU holds a chunk of the buffer, since the chunk keeps it alive."""
+    base = data.obj if isinstance(data, memoryview) else data
+    return id(base), memoryview(base).nbytes
+
+
 def _settle(run: list[Location], got: Sequence[Plain | None], waiting: dict[tuple[bytes, int], _Load]) -> None:
     """Give each chunk of ``run`` that ``got`` holds to its load, which stops waiting."""
     for loc, data in zip(run, got):
@@ -192,7 +205,8 @@ class Fetcher:
         self.counters = FetchCounters()
         self._inflight: dict[tuple[bytes, int], _Load] = {}
         self._memory: OrderedDict[tuple[bytes, int], Plain] = OrderedDict()
-        self._memory_bytes = 0
+        self._memory_bytes = 0  # of the buffers its chunks keep alive (see _held)
+        self._buffers: dict[int, list[int]] = {}  # id of a buffer held -> [its size, chunks in it]
         self._memory_limit = memory_bytes
         self._cache_off_until = 0.0
         self._nursery: trio.Nursery | None = None
@@ -463,14 +477,34 @@ class Fetcher:
                 if self._unwritten.get((pack, offset)) is b:
                     del self._unwritten[(pack, offset)]
 
+    @property
+    def memory_held(self) -> int:
+        """Bytes the in-memory LRU keeps alive (never above its limit)."""
+        return self._memory_bytes
+
     def _remember(self, key: tuple[bytes, int], data: Plain) -> None:
-        if len(data) > self._memory_limit // 4:
+        buffer, size = _held(data)
+        if size > self._memory_limit // 4:
             return
+        if key in self._memory:
+            self._forget(self._memory.pop(key))
         self._memory[key] = data
-        self._memory_bytes += len(data)
+        held = self._buffers.setdefault(buffer, [size, 0])
+        if held[1] == 0:
+            self._memory_bytes += size
+        held[1] += 1
         while self._memory_bytes > self._memory_limit:
-            _, old = self._memory.popitem(last=False)
-            self._memory_bytes -= len(old)
+            self._forget(self._memory.popitem(last=False)[1])
+
+    def _forget(self, data: Plain) -> None:
+        """Account for ``data`` leaving the LRU: its buffer is no longer held once the
+        last chunk in it is gone."""
+        buffer, size = _held(data)
+        held = self._buffers[buffer]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._buffers[buffer]
+            self._memory_bytes -= size
 
     def _maybe_cached(self, run: list[Location]) -> bool:
         """Whether the cache records any chunk of ``run``: an LMDB lookup on this thread

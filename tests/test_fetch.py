@@ -140,3 +140,31 @@ async def test_close_ends_a_stalled_load_and_refuses_new_ones(store: FaultyStore
         await fetcher.chunk(a)
     assert store.pack_reads == reads
     assert bytes(await fetcher.chunk(b)) == CONTENT["b"][:b.length]  # what it holds is still served
+
+
+def _held_by_lru(fetcher: Fetcher) -> int:
+    """Bytes of the distinct buffers the fetcher's in-memory LRU keeps alive."""
+    bases = {}
+    for data in fetcher._memory.values():
+        base = data.obj if isinstance(data, memoryview) else data
+        bases[id(base)] = len(base)
+    return sum(bases.values())
+
+
+def test_the_memory_lru_counts_the_reads_its_chunks_keep_alive(repo_dir: Path) -> None:
+    """A chunk cut from a run's read is a view into the whole read: an LRU that kept one
+    chunk of each of many runs, counting the chunks alone, held many times its limit."""
+    limit = 4 << 20
+    fetcher = Fetcher(Repository.open(open_store(str(repo_dir))), None, memory_bytes=limit)
+    reads = [bytearray(1 << 20) for _ in range(16)]  # runs of 1 MiB
+    for i, read in enumerate(reads):
+        fetcher._remember((b"p", i), memoryview(read)[:4096])  # one small chunk of each
+    assert _held_by_lru(fetcher) <= limit
+    assert len(fetcher._memory) == 4  # four reads fit, whole
+    for i, read in enumerate(reads[-2:]):  # chunks of one read share its charge
+        for j in range(1, 8):
+            fetcher._remember((b"q", i * 8 + j), memoryview(read)[j * 4096:(j + 1) * 4096])
+    assert len(fetcher._memory) == 4 + 14  # reads 12-15 still, whole
+    fetcher._remember((b"r", 0), b"x" * 1000)  # a chunk of its own (decompressed) counts itself
+    assert _held_by_lru(fetcher) <= limit
+    assert fetcher.memory_held == _held_by_lru(fetcher)
