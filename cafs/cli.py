@@ -13,8 +13,10 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 STATS_TIMEOUT = 10.0  # seconds `cafs stats MOUNTPOINT` waits for the mount's daemon
 GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
+REDELIVER = 0.05  # seconds before an interrupt a finalizer swallowed is delivered again (_interrupts_kept)
 
 def parse_size(text: str) -> int:
     try:
@@ -1115,6 +1118,40 @@ def _fewer_collections() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
+@contextmanager
+def _interrupts_kept() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in whatever Python code the main thread runs at
+    that moment, and that may be a finalizer (a ``__del__``, a weakref callback) run by the
+    collector or by a dropped reference. Python reports such an exception as "Exception
+    ignored in ..." with a traceback, and drops it: the command went on and exited 0
+    (``cafs gc`` did so about once in twenty Ctrl-Cs). So an interrupt a finalizer
+    swallowed is delivered again, as a SIGINT to the main thread ``REDELIVER`` seconds
+    later, once the finalizer is done (again, should another finalizer swallow that one)."""
+    before = sys.unraisablehook
+    main_thread = threading.get_ident()
+    active = threading.Event()
+    active.set()
+
+    def redeliver() -> None:
+        if active.is_set():
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            timer = threading.Timer(REDELIVER, redeliver)
+            timer.daemon = True
+            timer.start()
+        else:
+            before(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        active.clear()
+        sys.unraisablehook = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1127,7 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, more).extend(extra)
     raise_open_files_limit()  # deep trees take a descriptor per level
     try:
-        with _fewer_collections(), _context(args) as ctx:
+        with _interrupts_kept(), _fewer_collections(), _context(args) as ctx:
             code = int(args.func(ctx, args))
         if sys.stdout is not None:
             sys.stdout.flush()  # a full disk or a closed pipe is met here, not at exit
