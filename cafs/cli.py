@@ -2,7 +2,10 @@
 
 Exit codes (one place, ``main``): 0 success; 1 an error, reported as one line naming the
 thing; 2 bad usage; 3 an import committed its snapshot but skipped paths (listed on
-stderr); 130 interrupted. Long work shows progress on a terminal only.
+stderr); 130 interrupted. A reader of standard output that goes away is no error: the
+command stops writing and exits with the code it would have given (an fsck's verdict, an
+import's 3), or 0 when its output was its work (``cafs cat | head``). Long work shows
+progress on a terminal only.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +52,7 @@ EXIT_INTERRUPTED = 130
 STATS_TIMEOUT = 10.0  # seconds `cafs stats MOUNTPOINT` waits for the mount's daemon
 MAX_WAIT = 24 * 3600.0  # the longest --timeout
 GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
+REDELIVER = 0.05  # seconds before an interrupt a finalizer swallowed is delivered again (_interrupts_kept)
 
 def parse_size(text: str) -> int:
     try:
@@ -165,6 +171,19 @@ def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """Around the report of a command whose exit code says more than "done" (an fsck's
+    verdict, an import's skipped paths, a prefetch's failed chunks): a reader that goes
+    away (``cafs fsck REPO | head``) ends the report, not the command, nor its code.
+    Standard output is flushed here, where a closed pipe is met."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+
+
 def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     from cafs.importer import run_import
     ref_name(args.name)
@@ -194,7 +213,8 @@ def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
     with Progress(render, enabled=show):
         result = run_import(repo, ctx.meta(repo), src, args.name, strict=args.strict, reread=args.reread,
                             counters_out=counters, on_problem=warn)
-    _print_import_summary(result)
+    with _reader_may_leave():
+        _print_import_summary(result)
     for s in result.left_out:
         print(f"cafs: note: left out {s.describe()}", file=sys.stderr)
     if result.skipped:
@@ -403,38 +423,39 @@ def _fsck(ctx: Context, args: argparse.Namespace) -> int:
     all_clean = report.clean and not cache_problems
     left = len(after.problems) + cache_left
     code = FSCK_CLEAN if all_clean else FSCK_CORRECTED if left == 0 else FSCK_UNCORRECTED
-    if args.json:
-        print(json.dumps({
-            "repository": repo.url, "exit": code, "snapshots": report.snapshots, "packs": report.packs,
-            "nodes": report.nodes, "chunks": report.chunks, "bytes_read": report.bytes_read,
-            "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail, "affects": p.affects}
-                         for p in report.problems],
-            "cache_problems": cache_problems, "cache_gone_extents": cache_gone,
-            "repaired": repaired, "unrepaired": failed,
-            "remaining": [p.describe() for p in after.problems] if args.repair else None,
-            "unreferenced_packs": after.unreferenced_packs,
-            "unreadable_snapshots": after.unreadable_snapshots}, indent=2))
-        return code
-    print(f"checked {repo.url}: {report.snapshots} snapshots, {report.packs} packs, {report.nodes} nodes, "
-          f"{report.chunks} chunk references" + (f", {human_bytes(report.bytes_read)} of data read" if args.read_data else ""))
-    for p in report.problems:
-        print(f"error: {p.describe()}")
-    for line in cache_problems:
-        print(f"error: cache: {line}")
-    if cache_gone:
-        print(f"cache: {cache_gone} extent(s) of packs the repository no longer has (removed or repacked by "
-              "gc): not checked, not an error; the cache evicts them in time, least recently used first")
-    for line in repaired:
-        print(f"repaired: {line}")
-    for line in failed:
-        print(f"not repaired: {line}")
-    if after.unreferenced_packs is None:
-        print("unreferenced packs cannot be told while a snapshot cannot be read whole: "
-              + ", ".join(after.unreadable_snapshots))
-    elif after.unreferenced_packs:
-        print(f"{len(after.unreferenced_packs)} pack(s) no snapshot references (cafs gc reclaims them)")
-    print({FSCK_CLEAN: "no errors", FSCK_CORRECTED: "all errors corrected",
-           FSCK_UNCORRECTED: f"{left} error(s) left uncorrected"}[code])
+    with _reader_may_leave():  # cafs fsck | head: the verdict stands, and 0 would say clean
+        if args.json:
+            print(json.dumps({
+                "repository": repo.url, "exit": code, "snapshots": report.snapshots, "packs": report.packs,
+                "nodes": report.nodes, "chunks": report.chunks, "bytes_read": report.bytes_read,
+                "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail, "affects": p.affects}
+                             for p in report.problems],
+                "cache_problems": cache_problems, "cache_gone_extents": cache_gone,
+                "repaired": repaired, "unrepaired": failed,
+                "remaining": [p.describe() for p in after.problems] if args.repair else None,
+                "unreferenced_packs": after.unreferenced_packs,
+                "unreadable_snapshots": after.unreadable_snapshots}, indent=2))
+            return code
+        print(f"checked {repo.url}: {report.snapshots} snapshots, {report.packs} packs, {report.nodes} nodes, "
+              f"{report.chunks} chunk references" + (f", {human_bytes(report.bytes_read)} of data read" if args.read_data else ""))
+        for p in report.problems:
+            print(f"error: {p.describe()}")
+        for line in cache_problems:
+            print(f"error: cache: {line}")
+        if cache_gone:
+            print(f"cache: {cache_gone} extent(s) of packs the repository no longer has (removed or repacked by "
+                  "gc): not checked, not an error; the cache evicts them in time, least recently used first")
+        for line in repaired:
+            print(f"repaired: {line}")
+        for line in failed:
+            print(f"not repaired: {line}")
+        if after.unreferenced_packs is None:
+            print("unreferenced packs cannot be told while a snapshot cannot be read whole: "
+                  + ", ".join(after.unreadable_snapshots))
+        elif after.unreferenced_packs:
+            print(f"{len(after.unreferenced_packs)} pack(s) no snapshot references (cafs gc reclaims them)")
+        print({FSCK_CLEAN: "no errors", FSCK_CORRECTED: "all errors corrected",
+               FSCK_UNCORRECTED: f"{left} error(s) left uncorrected"}[code])
     return code
 
 
@@ -794,24 +815,25 @@ def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         cache.close()
     rate = r.fetched_bytes / r.seconds if r.seconds > 0 else 0.0
-    if args.json:
-        print(json.dumps({
-            "snapshot": f"{snap.ref}@{snap.jid}", "repository": repo.url, "root": snap.root_id.hex(),
-            "paths": [show_path(x) for x in paths], "cache": str(root), "cache_limit": cache.limit,
-            "files": p.files, "logical_bytes": p.logical_bytes, "chunks": r.chunks, "stored_bytes": r.stored_bytes,
-            "skipped_chunks": r.skipped_chunks, "skipped_bytes": r.skipped_bytes,
-            "fetched_chunks": r.fetched_chunks, "fetched_bytes": r.fetched_bytes, "runs": r.runs,
-            "found_chunks": r.found_chunks, "failed_chunks": r.failed_chunks, "errors": r.errors,
-            "cache_full": r.cache_full, "seconds": round(r.seconds, 3),
-            "cached_chunks": after.cached_chunks, "cached_bytes": after.cached_bytes,
-            "cached_share": round(after.fraction, 6)}, indent=2))
-    else:
-        print(f"{shown}: {p.files} files, {human_bytes(r.stored_bytes)} stored in {r.chunks} distinct chunks")
-        print(f"  fetched {human_bytes(r.fetched_bytes)} in {r.fetched_chunks} chunks ({r.runs} runs) in "
-              f"{r.seconds:.2f} s ({human_bytes(rate)}/s); {human_bytes(r.skipped_bytes)} in "
-              f"{r.skipped_chunks} chunks were cached already")
-        print(f"  cached now: {human_bytes(after.cached_bytes)} of {human_bytes(after.stored_bytes)} "
-              f"({percent(after.cached_chunks, after.chunks, after.fraction)}) in {root}")
+    with _reader_may_leave():
+        if args.json:
+            print(json.dumps({
+                "snapshot": f"{snap.ref}@{snap.jid}", "repository": repo.url, "root": snap.root_id.hex(),
+                "paths": [show_path(x) for x in paths], "cache": str(root), "cache_limit": cache.limit,
+                "files": p.files, "logical_bytes": p.logical_bytes, "chunks": r.chunks, "stored_bytes": r.stored_bytes,
+                "skipped_chunks": r.skipped_chunks, "skipped_bytes": r.skipped_bytes,
+                "fetched_chunks": r.fetched_chunks, "fetched_bytes": r.fetched_bytes, "runs": r.runs,
+                "found_chunks": r.found_chunks, "failed_chunks": r.failed_chunks, "errors": r.errors,
+                "cache_full": r.cache_full, "seconds": round(r.seconds, 3),
+                "cached_chunks": after.cached_chunks, "cached_bytes": after.cached_bytes,
+                "cached_share": round(after.fraction, 6)}, indent=2))
+        else:
+            print(f"{shown}: {p.files} files, {human_bytes(r.stored_bytes)} stored in {r.chunks} distinct chunks")
+            print(f"  fetched {human_bytes(r.fetched_bytes)} in {r.fetched_chunks} chunks ({r.runs} runs) in "
+                  f"{r.seconds:.2f} s ({human_bytes(rate)}/s); {human_bytes(r.skipped_bytes)} in "
+                  f"{r.skipped_chunks} chunks were cached already")
+            print(f"  cached now: {human_bytes(after.cached_bytes)} of {human_bytes(after.stored_bytes)} "
+                  f"({percent(after.cached_chunks, after.chunks, after.fraction)}) in {root}")
     if r.cache_full:
         print(f"cafs: warning: the disk under {root} is full: some chunks were not cached", file=sys.stderr)
     for message in r.errors:
@@ -1135,6 +1157,40 @@ def _fewer_collections() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
+@contextmanager
+def _interrupts_kept() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in whatever Python code the main thread runs at
+    that moment, and that may be a finalizer (a ``__del__``, a weakref callback) run by the
+    collector or by a dropped reference. Python reports such an exception as "Exception
+    ignored in ..." with a traceback, and drops it: the command went on and exited 0
+    (``cafs gc`` did so about once in twenty Ctrl-Cs). So an interrupt a finalizer
+    swallowed is delivered again, as a SIGINT to the main thread ``REDELIVER`` seconds
+    later, once the finalizer is done (again, should another finalizer swallow that one)."""
+    before = sys.unraisablehook
+    main_thread = threading.get_ident()
+    active = threading.Event()
+    active.set()
+
+    def redeliver() -> None:
+        if active.is_set():
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            timer = threading.Timer(REDELIVER, redeliver)
+            timer.daemon = True
+            timer.start()
+        else:
+            before(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        active.clear()
+        sys.unraisablehook = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1146,8 +1202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, more).extend(extra)
     raise_open_files_limit()  # deep trees take a descriptor per level
+    code: int | None = None
     try:
-        with _fewer_collections(), _context(args) as ctx:
+        with _interrupts_kept(), _fewer_collections(), _context(args) as ctx:
             code = int(args.func(ctx, args))
         if sys.stdout is not None:
             sys.stdout.flush()  # a full disk or a closed pipe is met here, not at exit
@@ -1159,9 +1216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cafs: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
-        # the reader went away (cafs cat | head): not our error
+        # the reader went away (cafs cat | head): not our error; a command that got to
+        # its end keeps its code (an import that skipped paths, an fsck's verdict)
         _discard_stdout()
-        return EXIT_OK
+        return EXIT_OK if code is None else code
     except OSError as exc:  # writing the output failed (a full disk, /dev/full, EIO)
         if exc.filename is None and cwd_gone():  # os.getcwd() for a relative path
             print(f"cafs: {CWD_GONE}", file=sys.stderr)
