@@ -2,7 +2,8 @@
 
 Exit codes (one place, ``main``): 0 success; 1 an error, reported as one line naming the
 thing; 2 bad usage; 3 an import committed its snapshot but skipped paths (listed on
-stderr); 130 interrupted. A reader of standard output that goes away is no error: the
+stderr); 130 interrupted (Ctrl-C); 143 and 129 stopped by SIGTERM and SIGHUP, which end a
+command through its clean-up as Ctrl-C does (its repository lock released). A reader of standard output that goes away is no error: the
 command stops writing and exits with the code it would have given (an fsck's verdict, an
 import's 3), or 0 when its output was its work (``cafs cat | head``). Long work shows
 progress on a terminal only.
@@ -52,6 +53,7 @@ EXIT_INTERRUPTED = 130
 STATS_TIMEOUT = 10.0  # seconds `cafs stats MOUNTPOINT` waits for the mount's daemon
 MAX_WAIT = 24 * 3600.0  # the longest --timeout
 GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
+TERMINATIONS = (signal.SIGTERM, signal.SIGHUP)  # end a command as Ctrl-C does (_terminations_as_interrupts)
 REDELIVER = 0.05  # seconds before an interrupt a finalizer swallowed is delivered again (_interrupts_kept)
 
 def parse_size(text: str) -> int:
@@ -1158,6 +1160,30 @@ def _fewer_collections() -> Iterator[None]:
 
 
 @contextmanager
+def _terminations_as_interrupts(received: list[int]) -> Iterator[None]:
+    """SIGTERM (a batch scheduler cancelling the job, ``kill``) and SIGHUP (a closed
+    terminal) end a command as Ctrl-C does, through its clean-up: left to their default,
+    they killed it with its repository lock in place, which another host takes for stale
+    only after 30 minutes. Each is turned into a SIGINT, which Python (and trio, inside
+    its loops) turns into KeyboardInterrupt where that is safe; its number is appended
+    to ``received``. A command started with ``&`` by a script finds SIGINT ignored (the
+    shell's doing): it is handled as usual meanwhile, else SIGTERM could not end the
+    command safely inside trio, and a Ctrl-C meant for the script ends it too."""
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    before = {signum: signal.signal(signum, handler) for signum in TERMINATIONS}
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        before[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for signum, old in before.items():
+            signal.signal(signum, old)
+
+
+@contextmanager
 def _interrupts_kept() -> Iterator[None]:
     """Ctrl-C raises KeyboardInterrupt in whatever Python code the main thread runs at
     that moment, and that may be a finalizer (a ``__del__``, a weakref callback) run by the
@@ -1203,8 +1229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, more).extend(extra)
     raise_open_files_limit()  # deep trees take a descriptor per level
     code: int | None = None
+    terminated: list[int] = []
     try:
-        with _interrupts_kept(), _fewer_collections(), _context(args) as ctx:
+        with _terminations_as_interrupts(terminated), _interrupts_kept(), _fewer_collections(), \
+                _context(args) as ctx:
             code = int(args.func(ctx, args))
         if sys.stdout is not None:
             sys.stdout.flush()  # a full disk or a closed pipe is met here, not at exit
@@ -1229,6 +1257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         return EXIT_ERROR
     except KeyboardInterrupt:
+        if terminated:
+            print(f"cafs: stopped by {signal.Signals(terminated[0]).name}", file=sys.stderr)
+            return 128 + terminated[0]
         print("cafs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -78,3 +78,37 @@ def test_import_keeps_its_partial_code_when_the_reader_goes_away(repo: Path, tmp
     os.mkfifo(src / "fifo")
     r = to_closed_pipe("import", src, repo, "--name", "ds", "--no-progress", unbuffered=unbuffered)
     assert r.returncode == 3 and "'fifo': fifo" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler, signal.SIG_IGN])  # SIG_IGN: started with & by a script
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_ends_an_import_through_its_clean_up(cafs, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     signum: int, sigint: Any) -> None:
+    # a job cancelled by its scheduler (scancel, a pod deleted) was killed by the default
+    # action with its lock in the repository, stale for other hosts only after 30 minutes
+    def import_tree(*args: Any, **kwargs: Any) -> Any:
+        assert list((repo / "locks").iterdir()), "the import holds its lock now"
+        signal.raise_signal(signum)
+        deadline = time.monotonic() + 5  # the rest of a long import
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise AssertionError("the signal never ended the import")
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    def left_to_default(*_: Any) -> None:  # rather than let the default action kill pytest
+        raise AssertionError(f"cafs left {signal.Signals(signum).name} to its default action")
+
+    monkeypatch.setattr("cafs.importer.Importer.import_tree", import_tree)
+    before = signal.signal(signum, left_to_default)
+    before_int = signal.signal(signal.SIGINT, sigint)
+    try:
+        r = cafs("import", src, repo, "--name", "ds", "--no-progress")
+        assert signal.getsignal(signum) is left_to_default  # restored when the command ended
+        assert signal.getsignal(signal.SIGINT) == sigint
+    finally:
+        signal.signal(signum, before)
+        signal.signal(signal.SIGINT, before_int)
+    assert (r.code, r.err) == (128 + signum, f"cafs: stopped by {signal.Signals(signum).name}\n")
+    assert not list((repo / "locks").iterdir())
