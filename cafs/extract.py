@@ -28,7 +28,9 @@ Contract:
   shares) is kept if it is the entry already, else replaced by a new file. Modes, owners
   and mtimes are set only where they differ, and a directory is made writable for the
   run only if ours: a re-run by another user over an extraction with nothing to change
-  changes nothing and succeeds.
+  changes nothing and succeeds. A directory of ours in the way is removed whole even
+  where an earlier run gave it, or directories below it, a mode without write or search
+  for the owner (a read-only dataset's 0o555).
 - Holes: zeros not yet on disk are not written, whole chunks of them or the pieces
   between 4 KiB boundaries of the file within a chunk, so sparse files stay sparse.
 - Hard links: entries that were one file with several names when imported (the same
@@ -453,6 +455,8 @@ class Extractor:
             if mounted:
                 raise ExtractError(f"{show_path(where)}: in the way, and a filesystem is mounted on "
                                    f"{show_path(os.fsencode(mounted[0]))}; cafs get never removes it")
+            if not self.as_root:
+                _let_owner_empty(dir_fd, name)
         _remove(dir_fd, name, st)
 
     def _set_attrs(self, fd: int, entry: Entry) -> None:
@@ -501,6 +505,25 @@ def _remove(dir_fd: int, name: bytes, st: os.stat_result) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def _let_owner_empty(dir_fd: int, name: bytes) -> None:
+    """Give read, write and search back to their owner on the directory at ``name`` and
+    on every directory below it that lacks them and is ours (an earlier run gave them the
+    snapshot's modes, 0o555 or 0o111 say), so that what they hold can be removed. Others'
+    are left as they are: removing them then fails, naming the path."""
+    try:
+        _add_owner_bits(name, dir_fd, stat.S_IRWXU, directory=True)
+    except PermissionError:
+        return
+    for _top, subdirs, _files, fd in os.fwalk(name, dir_fd=dir_fd):  # top-down: before each is entered
+        for sub in subdirs:
+            st = _lstat(fd, sub)
+            if st is not None and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+                try:
+                    _add_owner_bits(sub, fd, stat.S_IRWXU, directory=True)
+                except PermissionError:
+                    pass
 
 
 def _add_owner_bits(name: bytes | Path, dir_fd: int | None, bits: int, *, directory: bool) -> None:

@@ -180,6 +180,31 @@ def test_get_as_non_root_runs_again_over_modes_without_read_for_the_owner(nobody
     assert_same_tree(src, out / "tree")
 
 
+@pytest.mark.parametrize("replacement", ["file", "symlink"])
+def test_get_as_non_root_replaces_a_read_only_directory_of_an_earlier_run(nobody_base, cafs, replacement: str) -> None:
+    # a newer snapshot has a file (or symlink) where an earlier one, extracted to DEST, had
+    # a read-only directory: its removal stopped the get, 'DIR: Permission denied', exit 1
+    run, base = nobody_base
+    src = base / "src"
+    (src / "rodir" / "deeper" / "searchonly").mkdir(parents=True)
+    (src / "rodir" / "inner").write_bytes(b"inner\n")
+    (src / "rodir" / "deeper" / "searchonly" / "leaf").write_bytes(b"leaf\n")
+    for d, mode in (("rodir/deeper/searchonly", 0o111), ("rodir/deeper", 0o555), ("rodir", 0o555)):
+        (src / d).chmod(mode)
+    repo, out = _imported_with_out_for_nobody(cafs, base, src)
+    r = run("get", f"{repo}#ds", out / "tree")
+    assert_clean_error(r, 0)
+    shutil.rmtree(src / "rodir")  # as root
+    if replacement == "file":
+        (src / "rodir").write_bytes(b"a file now\n")
+    else:
+        (src / "rodir").symlink_to("elsewhere")
+    assert cafs("import", src, repo, "--name", "ds", "--no-progress").code == 0
+    r = run("get", f"{repo}#ds", out / "tree")
+    assert_clean_error(r, 0)
+    assert_same_tree(src, out / "tree")
+
+
 # -- special and changing files -----------------------------------------------------------
 
 
