@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import re
 import signal
@@ -34,6 +33,7 @@ from cafs.fileio import CWD_GONE, cwd_gone, raise_open_files_limit
 from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
+from cafs.mountopts import MAX_TIMEOUT, OPTIONS_HELP
 from cafs.naming import find_snapshot, parse_spec, recorded_snapshot, ref_name
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository, same_repository
@@ -51,7 +51,6 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 STATS_TIMEOUT = 10.0  # seconds `cafs stats MOUNTPOINT` waits for the mount's daemon
-MAX_WAIT = 24 * 3600.0  # the longest --timeout
 GC_EVERY = 10_000  # new objects between two passes of the cycle collector (see _fewer_collections)
 TERMINATIONS = (signal.SIGTERM, signal.SIGHUP)  # end a command as Ctrl-C does (_terminations_as_interrupts)
 REDELIVER = 0.05  # seconds before an interrupt a finalizer swallowed is delivered again (_interrupts_kept)
@@ -67,12 +66,9 @@ def parse_seconds(text: str) -> float:
     """``--timeout``: seconds, above 0 and at most a day (nan and inf broke the wait with
     a traceback; 0 or less reported a healthy mount as hung)."""
     try:
-        seconds = float(text)
+        return sizes.parse_seconds(text, MAX_TIMEOUT)
     except ValueError:
-        seconds = math.nan
-    if not 0 < seconds <= MAX_WAIT:
-        raise argparse.ArgumentTypeError(f"{text!r}: seconds, above 0 and at most {MAX_WAIT:.0f}")
-    return seconds
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, above 0 and at most {MAX_TIMEOUT:.0f}") from None
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -97,12 +93,9 @@ def store_deadline(env: dict[str, str]) -> float:
     if not text:
         return DEFAULT_DEADLINE
     try:
-        seconds = float(text)
+        return sizes.parse_seconds(text)
     except ValueError:
-        seconds = 0.0
-    if not (math.isfinite(seconds) and seconds > 0):  # nan passed 'seconds <= 0', then broke time.sleep
-        raise UsageError(f"CAFS_TIMEOUT={text!r}: a number of seconds above 0")
-    return seconds
+        raise UsageError(f"CAFS_TIMEOUT={text!r}: a number of seconds above 0") from None
 
 
 # -- context shared by the commands ----------------------------------------------------
@@ -989,8 +982,6 @@ def cmd_diff(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cafs.mountopts import OPTIONS_HELP as mount_options_help
-
     p = argparse.ArgumentParser(prog="cafs", description="content-addressed dataset filesystem")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -1117,7 +1108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("mount", "mount a snapshot read-only (the same as mount.cafs)")
     sp.add_argument("source", metavar="SOURCE", help="REPO#NAME, REPO#NAME@JID or REPO#ROOTID")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
-    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help=mount_options_help)
+    sp.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help=OPTIONS_HELP)
     sp.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground, logging to stderr")
     sp.set_defaults(func=cmd_mount)
 

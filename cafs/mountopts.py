@@ -85,12 +85,9 @@ def parse_size(text: str, option: str) -> int:
 
 def parse_seconds(text: str, option: str) -> float:
     try:
-        seconds = float(text.removesuffix("s"))
+        return sizes.parse_seconds(text.removesuffix("s"), MAX_TIMEOUT)
     except ValueError:
-        seconds = -1.0
-    if not 0 < seconds <= MAX_TIMEOUT:
-        raise UsageError(f"mount option {option}={text!r}: seconds, more than 0 and at most {MAX_TIMEOUT:.0f}")
-    return seconds
+        raise UsageError(f"mount option {option}={text!r}: seconds, more than 0 and at most {MAX_TIMEOUT:.0f}") from None
 
 
 def parse_cache_mode(text: str, option: str) -> str:
