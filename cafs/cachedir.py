@@ -97,7 +97,7 @@ def check_tree(root: Path) -> None:
             st = os.lstat(d)
         except OSError:
             continue
-        if stat.S_ISDIR(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not _without_symlinks(d):
+        if stat.S_ISDIR(st.st_mode) and _others_write(d, st):
             loose.append((d, stat.S_IMODE(st.st_mode)))
     if loose:
         first, mode = loose[0]
@@ -142,10 +142,15 @@ def _check_one(cache: Path, d: Path, euid: int, *, strict: bool) -> None:
     if st.st_uid != euid and (strict or st.st_uid != 0):
         raise UnsafeCacheDir(f"{what} belongs to uid {st.st_uid}, not to this user (uid {euid}): "
                              "its owner could make cafs write into any file; use a directory of your own")
-    if (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (strict or not st.st_mode & stat.S_ISVTX)
-            and not _without_symlinks(d)):
+    if (strict or not st.st_mode & stat.S_ISVTX) and _others_write(d, st):
         raise UnsafeCacheDir(f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
                              f"they could make cafs write into any file; chmod go-w {d}")
+
+
+def _others_write(d: Path, st: os.stat_result) -> bool:
+    """Whether users other than its owner can create names in directory ``d`` (``st``):
+    its mode lets them, and its filesystem can hold the symlinks they would plant."""
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)) and not _without_symlinks(d)
 
 
 def _without_symlinks(d: Path) -> bool:
