@@ -349,8 +349,8 @@ class SnapshotFS:
         continues a sequential pass (it starts at the file's start, or where one of its
         last ``RECENT_READS`` reads ended; see below) keeps chunks loading in the
         background up to ``readahead`` bytes ahead, topped up in steps of at least half
-        of that. Other
-        reads (random access: records found through an index) load their own chunks alone."""
+        of that. Other reads (random access: records found through an index) load their
+        own chunks alone."""
         f = self._files[fh]
         end = min(offset + size, f.size)
         if offset >= end:

@@ -345,11 +345,16 @@ def test_a_page_holding_more_entries_than_its_count_is_an_error() -> None:
 # -- reads ----------------------------------------------------------------------------------
 
 
-def _spans_starts(fs: SnapshotFS, ino: int) -> list[int]:
+def _starts(spans: tuple[Location, ...]) -> list[int]:
+    """The plain offset where each span starts, and the file's size last."""
     starts = [0]
-    for s in file_spans(fs.reader, fs.entry(ino)):
+    for s in spans:
         starts.append(starts[-1] + s.length)
     return starts
+
+
+def _spans_starts(fs: SnapshotFS, ino: int) -> list[int]:
+    return _starts(file_spans(fs.reader, fs.entry(ino)))
 
 
 async def test_read_ranges(fs: SnapshotFS, imported: Imported) -> None:
@@ -394,6 +399,13 @@ async def test_sequential_reads_with_readahead_fetch_each_chunk_once(fs: Snapsho
     assert c.errors == c.in_flight == 0
 
 
+def _big_file(fs: SnapshotFS) -> tuple[int, tuple[Location, ...], list[int]]:
+    """data/big's inode, its spans, and their starts (``_starts``)."""
+    ino = resolve(fs, b"data/big")
+    spans = file_spans(fs.reader, fs.entry(ino))
+    return ino, spans, _starts(spans)
+
+
 def _chunks_over(spans: tuple[Location, ...], starts: list[int], lo: int, hi: int) -> set[tuple[bytes, int]]:
     """The chunks (pack, offset) that hold any byte of ``[lo, hi)``."""
     return {(s.pack, s.offset) for s, a, b in zip(spans, starts, starts[1:]) if a < hi and b > lo}
@@ -405,9 +417,7 @@ async def test_a_reader_that_jumps_back_loads_one_window_not_the_rest_of_the_fil
     # reads the start of the file in order (a footer, then the body) starts a window of
     # its own, instead of loading everything up to the old window's end.
     fs.readahead = 256 << 10
-    ino = resolve(fs, b"data/big")
-    spans = file_spans(fs.reader, fs.entry(ino))
-    starts = _spans_starts(fs, ino)
+    ino, spans, starts = _big_file(fs)
     size = starts[-1]
     async with fs.fetcher.running():
         fh = fs.open(ino)
@@ -428,9 +438,7 @@ async def test_random_reads_near_each_other_load_only_their_own_chunks(
     # Records read at random offsets of a file: each read is within the readahead of the
     # one before, but none continues another, so none loads a window ahead.
     fs.readahead = 512 << 10
-    ino = resolve(fs, b"data/big")
-    spans = file_spans(fs.reader, fs.entry(ino))
-    starts = _spans_starts(fs, ino)
+    ino, spans, starts = _big_file(fs)
     data = (imported.src / "data/big").read_bytes()
     offsets = [1 << 20, (1 << 20) + (200 << 10), (1 << 20) - (300 << 10), (1 << 20) + (100 << 10)]
     async with fs.fetcher.running():
