@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cafs.format.location import decode_location, Location
+from cafs.format.location import decode_pack_row, Location
 from cafs.format.pack import KIND_META, MAX_PACK_ENTRIES, TAIL_LEN
 from cafs.format.strict import expect_bytes, expect_int, expect_list, fail, pack, unpack
 
@@ -50,8 +50,7 @@ def decode_index(data: bytes, what: str = "index") -> list[PackSummary]:
         kind = expect_int(f[2], what + " pack kind", hi=KIND_META)
         entries = []
         for e in expect_list(f[3], what + " entries", max_len=MAX_PACK_ENTRIES):
-            e = expect_list(e, what + " entry", length=5)
-            loc = decode_location([e[0], pack_id, *e[1:]], what + " entry")
+            loc = decode_pack_row(e, pack_id, what + " entry")
             if loc.end > length - TAIL_LEN:
                 fail(what, f"entry at {loc.offset} lies past the body of pack {pack_id.hex()[:12]} ({length} bytes)")
             entries.append(loc)

@@ -55,13 +55,31 @@ def decode_location(value: Any, what: str) -> Location:
     # is dominated by this function. Anything else takes the slow path for its message.
     if type(value) is list and len(value) == 6:
         oid, pack, offset, stored, length, codec = value
-        if (type(oid) is bytes and len(oid) == 32 and type(pack) is bytes and len(pack) == 32
-                and type(offset) is int and 0 <= offset <= MAX_OFFSET
-                and type(stored) is int and 0 <= stored <= MAX_STORED
-                and type(length) is int and 0 <= length <= MAX_CHUNK
-                and (codec == CODEC_ZSTD or (codec == CODEC_RAW and stored == length)) and type(codec) is int):
+        if type(pack) is bytes and len(pack) == 32 and _plain_fields(oid, offset, stored, length, codec):
             return Location(oid, pack, offset, stored, length, codec)
     return _decode_location_checked(value, what)
+
+
+def decode_pack_row(value: Any, pack: bytes, what: str) -> Location:
+    """The location a row ``[id, offset, stored_length, length, codec]`` of a pack's
+    trailer or of an index object gives, in ``pack`` (already checked). An index of a
+    large repository holds millions of rows: the valid case takes one expression."""
+    if type(value) is list and len(value) == 5:
+        oid, offset, stored, length, codec = value
+        if _plain_fields(oid, offset, stored, length, codec):
+            return Location(oid, pack, offset, stored, length, codec)
+    f = expect_list(value, what, length=5)
+    return _decode_location_checked([f[0], pack, f[1], f[2], f[3], f[4]], what)
+
+
+def _plain_fields(oid: Any, offset: Any, stored: Any, length: Any, codec: Any) -> bool:
+    """Whether these are a valid location's fields but for its pack (the slow path says
+    what is wrong with them if not)."""
+    return (type(oid) is bytes and len(oid) == 32
+            and type(offset) is int and 0 <= offset <= MAX_OFFSET
+            and type(stored) is int and 0 <= stored <= MAX_STORED
+            and type(length) is int and 0 <= length <= MAX_CHUNK
+            and (codec == CODEC_ZSTD or (codec == CODEC_RAW and stored == length)) and type(codec) is int)
 
 
 def _decode_location_checked(value: Any, what: str) -> Location:

@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from cafs.errors import IntegrityError
-from cafs.format.location import Location, decode_location, verify_stored
+from cafs.format.location import Location, decode_pack_row, verify_stored
 from cafs.format.strict import expect_bytes, expect_int, expect_list, fail, pack, unpack
 from cafs.ids import digest
 
@@ -74,8 +74,7 @@ def decode_trailer(data: bytes, pack_id: bytes, pack_length: int, what: str) -> 
     entries = []
     pos = 0
     for row in rows:
-        f = expect_list(row, what + " entry", length=5)
-        loc = decode_location([f[0], pack_id, f[1], f[2], f[3], f[4]], what + " entry")
+        loc = decode_pack_row(row, pack_id, what + " entry")
         if loc.offset < pos or loc.end > body_end:
             fail(what, f"entry at {loc.offset} overlaps or lies outside the body")
         pos = loc.end
