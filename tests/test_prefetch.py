@@ -160,6 +160,37 @@ def test_cache_status_without_names_shows_the_snapshots_used(dataset: Dataset, w
     assert "error" in by_target[f"{gone}#snap@1"]
 
 
+def test_cache_status_shows_every_cache_it_can_read_and_names_one_of_a_newer_layout(
+        dataset: Dataset, warm: Warm, tmp_path: Path) -> None:
+    # one cache a newer cafs made under the cache directory (a host where two versions
+    # run) made `cafs cache status` show no cache at all: one error line, exit 1
+    import lmdb
+
+    cache = tmp_path / "cache"
+    shutil.copytree(warm.cache, cache)
+    (root,) = [p for p in cache.iterdir() if (p / "meta.lmdb").is_dir()]
+    newer = cache / ("0" * 64)  # first in the listing
+    shutil.copytree(root, newer)
+    env = lmdb.open(str(newer / "meta.lmdb"), max_dbs=8)
+    with env.begin(db=env.open_db(b"cachestat"), write=True) as txn:
+        txn.put(b"layout", (2).to_bytes(8, "big"))  # as a cafs of cache layout 2 would
+    env.close()
+    data = (newer / "meta.lmdb" / "data.mdb").read_bytes()
+    said = f"cafs: the cache in {newer} has layout version 2, which a newer cafs made; this cafs reads layout 1"
+    r = cafs("cache", "status", "--cache", cache)
+    assert r.code == 1 and r.err.startswith(said) and r.err.count("\n") == 1, r.out + r.err
+    assert r.out.startswith(f"{root.name[:16]}: ") and "snap@1: 100.0% cached" in r.out, r.out
+    r = cafs("cache", "status", "--cache", cache, "--json")
+    assert r.code == 1 and r.err.startswith(said), r.err
+    doc = json.loads(r.out)
+    assert [c["repo_id"] for c in doc["caches"]] == [root.name]
+    by_target = {sh["target"]: sh for sh in doc["snapshots"]}
+    assert by_target[f"{dataset.repo.absolute()}#snap@1"]["share"] == 1.0
+    (unread,) = doc["unreadable_caches"]
+    assert unread["repo_id"] == newer.name and said[len("cafs: "):] in unread["error"]
+    assert (newer / "meta.lmdb" / "data.mdb").read_bytes() == data  # left as the newer cafs made it
+
+
 def test_second_prefetch_fetches_nothing(dataset: Dataset, warm: Warm) -> None:
     r = cafs("prefetch", dataset.source, "--cache", warm.cache, "--json").json()
     assert r["fetched_bytes"] == r["fetched_chunks"] == r["runs"] == 0
