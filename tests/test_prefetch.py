@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,30 @@ def test_prefetch_of_paths_caches_their_share(dataset: Dataset, tmp_path: Path) 
     assert snap["cached_bytes"] == want and snap["stored_bytes"] == whole
     assert snap["share"] == pytest.approx(want / whole, abs=1e-6) and 0 < snap["share"] < 1
     assert dups["share"] == 1.0 and big["share"] == 0.0
+
+
+def test_prefetch_into_a_cache_it_cannot_write_stops_naming_it(dataset: Dataset, tmp_path: Path) -> None:
+    # a cache that refused writes for a reason other than space (a read-only disk here;
+    # EACCES, EIO) made prefetch fetch the whole tree for nothing, say "cached now: 0 B"
+    # and exit 0. Root writes whatever the modes say: a read-only bind mount of data/
+    cache = tmp_path / "cache"
+    assert cafs("prefetch", f"{dataset.source}:dups", "--cache", cache, "--json").json()["cached_bytes"] > 0
+    (root,) = [p for p in cache.iterdir() if (p / "meta.lmdb").is_dir()]
+    before = status(cache, dataset.source)["snapshots"][0]["cached_chunks"]
+    data = root / "data"
+    bind = subprocess.run(["mount", "--bind", data, data], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount: {bind.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", data], check=True)
+        r = cafs("prefetch", dataset.source, "--cache", cache)
+    finally:
+        subprocess.run(["umount", data], check=True)
+    assert r.code == 1 and r.err.count("\n") == 1, r.out + r.err
+    assert r.err.startswith(f"cafs: cache {root} cannot be written: Read-only file system ({data}/"), r.err
+    assert status(cache, dataset.source)["snapshots"][0]["cached_chunks"] == before  # nothing lost
+    r = cafs("fsck", dataset.repo, "--cache", cache)
+    assert r.code == 0, r.out + r.err
 
 
 def test_prefetch_of_a_mountpoint_fills_the_mounts_cache(dataset: Dataset, tmp_path: Path) -> None:
