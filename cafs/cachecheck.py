@@ -12,7 +12,12 @@ not open or read is moved aside (``meta.lmdb.damaged-<time>``) and rebuilt from 
 be verified: the sparse files are scanned against the packs' trailers. The cache is never
 the only copy of anything: everything in it can be fetched again from the repository.
 A cache of a newer layout than this cafs reads is no damage: ``CacheLayoutError`` is
-raised, and nothing is written (``cafs.metacache``).
+raised, and nothing is written (``cafs.metacache``). Nor is a cache this user may not
+use: one whose directories other users could write (``cafs.cachedir.check_tree``, and
+the directories above it) raises ``UnsafeCacheDir`` naming them and the ``chmod`` that
+mends them, and one that cannot be opened for another reason than damage (a directory
+or file this user may not write) raises ``MetaCacheError``, before anything is read or
+moved: a repair would otherwise take them for a damaged LMDB file and move it aside.
 
 LMDB does not checksum its pages; a damaged file is detected when LMDB itself refuses it
 or a read fails, and by the verification of every value read.
@@ -34,11 +39,12 @@ from pathlib import Path
 
 import lmdb
 
+from cafs import cachedir
 from cafs.chunkcache import _EXTENT, ChunkCache, extent_key, unpack_record
 from cafs.errors import CafsError, IntegrityError, StoreError
 from cafs.format.location import Location, decode_stored
 from cafs.ids import digest
-from cafs.metacache import CacheLayoutError, MetaCache
+from cafs.metacache import MetaCache, MetaCacheError
 from cafs.repository import Repository
 
 
@@ -76,6 +82,7 @@ def check_cache(repo: Repository, cache_dir: Path, *, repair: bool) -> CacheRepo
     root = cache_dir / repo.config.repo_id
     report = CacheReport(root)
     trailers = _Trailers(repo)
+    cachedir.check_tree(root)  # others could plant symlinks for a repair to write through
     if not (root / "meta.lmdb").exists():
         if any((root / "data").glob("*/*")):
             report.problems.append(f"{root / 'meta.lmdb'}: missing, but cached chunk files are there")
@@ -84,17 +91,25 @@ def check_cache(repo: Repository, cache_dir: Path, *, repair: bool) -> CacheRepo
         return report
     try:
         meta = MetaCache(root)
+    except MetaCacheError as exc:
+        if not exc.damaged:
+            raise  # a newer cafs's (CacheLayoutError), or one this user may not write: no repair may touch it
+        _damaged(root, exc, trailers, report, repair)
+        return report
+    try:
         try:
             _check_contents(meta, ChunkCache(root, meta.env, 1 << 62), trailers, report, repair)
         finally:
             meta.close()
-    except CacheLayoutError:
-        raise  # not damaged: a newer cafs's, which no repair may touch
     except (CafsError, lmdb.Error) as exc:
-        report.problems.append(f"{root / 'meta.lmdb'}: damaged ({exc})")
-        if repair:
-            _rebuild(root, trailers, report)
+        _damaged(root, exc, trailers, report, repair)
     return report
+
+
+def _damaged(root: Path, exc: Exception, trailers: _Trailers, report: CacheReport, repair: bool) -> None:
+    report.problems.append(f"{root / 'meta.lmdb'}: damaged ({exc})")
+    if repair:
+        _rebuild(root, trailers, report)
 
 
 def _check_contents(meta: MetaCache, cache: ChunkCache, trailers: _Trailers, report: CacheReport,

@@ -533,8 +533,17 @@ def cmd_copy(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
-    """cache status [REPO[#NAME[:PATH]]...] | gc [REPO] --size S | clear [REPO]."""
+    """cache status [REPO[#NAME[:PATH]]...] | gc [REPO] --size S | clear [REPO].
+
+    status and gc go through every repository's cache they can open; one that cannot be
+    (a newer cafs's layout, a directory another user could write, an LMDB that will not
+    open) is named on a line of its own on stderr (and in ``unreadable_caches`` of
+    ``--json``), the others are shown (or evicted from) all the same, and the exit code
+    is 1, as for ``cafs snapshots`` with a journal entry it cannot read: the answer is
+    incomplete. 3 is an import's, whose snapshot is committed."""
+    from cafs.cachedir import UnsafeCacheDir
     from cafs.chunkcache import ChunkCache
+    from cafs.metacache import MetaCacheError
     from cafs.prefetch import cache_share, plan
 
     if args.action != "status" and (len(args.targets) > 1 or any("#" in t for t in args.targets)):
@@ -564,8 +573,13 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
             return caches[repo_id]
 
         docs: list[dict[str, Any]] = []
+        unreadable: dict[str, str] = {}  # repo id -> why its cache cannot be opened
         for root in roots:
-            cache = cache_of(root.name)
+            try:
+                cache = cache_of(root.name)
+            except (MetaCacheError, UnsafeCacheDir) as exc:
+                unreadable[root.name] = str(exc)  # this cache alone: the others are still shown
+                continue
             if args.action == "gc":
                 cache.evict(args.size)
             u = cache.usage()
@@ -588,6 +602,8 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
         shares: list[dict[str, Any]] = []
         for text, spec in zip(args.targets, specs):
             repo = repos[spec.repo]
+            if repo.config.repo_id in unreadable:
+                continue  # its cache is named below
             if spec.selector:
                 shares.append(share_of(text, repo, find_snapshot(repo, spec.selector), spec.path))
             else:
@@ -598,6 +614,8 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
             # that cannot be opened is tried once, however many of its snapshots are listed)
             opened: dict[str, Repository | CafsError] = {}
             for root in roots:
+                if root.name in unreadable:
+                    continue
                 for text in cache_of(root.name).recorded_snapshots():
                     try:
                         spec = parse_spec(text)
@@ -615,10 +633,15 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         for cache in caches.values():
             cache.close()
+    code = EXIT_ERROR if unreadable else EXIT_OK
+    for why in unreadable.values():
+        print(f"cafs: {why}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"cache_dir": str(ctx.cache_dir), "caches": docs, "snapshots": shares}, indent=2))
-        return EXIT_OK
-    if not docs:
+        print(json.dumps({"cache_dir": str(ctx.cache_dir), "caches": docs, "snapshots": shares,
+                          "unreadable_caches": [{"repo_id": repo_id, "path": str(ctx.cache_dir / repo_id), "error": why}
+                                                for repo_id, why in unreadable.items()]}, indent=2))
+        return code
+    if not docs and not unreadable:
         print(f"no caches in {ctx.cache_dir}" + (" for these repositories" if repos else ""))
     for d in docs:
         limit = f"limit {human_bytes(d['limit'])}" if d["limit"] is not None else "no limit recorded yet"
@@ -633,7 +656,7 @@ def cmd_cache(ctx: Context, args: argparse.Namespace) -> int:
         where = sh["snapshot"] + (f":{sh['path']}" if sh["path"] != "." else "")
         print(f"{where}: {percent(sh['cached_chunks'], sh['chunks'], sh['share'])} cached ({human_bytes(sh['cached_bytes'])} of "
               f"{human_bytes(sh['stored_bytes'])}, {sh['cached_chunks']} of {sh['chunks']} chunks)")
-    return EXIT_OK
+    return code
 
 
 def clear_caches(cache_dir: Path, roots: list[Path]) -> None:

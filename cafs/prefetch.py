@@ -20,6 +20,13 @@ chunk that cannot be had (``IntegrityError``/``FormatError``: damaged everywhere
 looked for; ``ObjectNotFound``: its pack is missing) in the result and goes on with the
 others; any other error (a store still unavailable at its deadline, refused credentials)
 stops it and is raised. Wrong bytes are never cached: the fetcher verifies first.
+A cache that cannot be written for a reason other than space (a read-only or failing
+disk, a directory this user may not write: EROFS, EACCES, EIO) stops it too, with
+``CacheError`` naming the cache and the reason: a mount's fetcher serves on without
+caching, but a prefetch would fetch the whole tree for nothing. What was cached before
+is kept. A full disk does not stop it: the cache makes room, and what does not fit is
+counted (``PrefetchResult.cache_full``), as a tree larger than the limit ends up partly
+cached.
 
 Each run is loaded with ``Fetcher.load`` (one coalesced ranged read), ``jobs`` runs at
 once; a run that fails as a whole is retried one chunk at a time, so its good chunks
@@ -28,14 +35,17 @@ are still cached and the bad ones are named.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
+import lmdb
 import trio
 
-from cafs.chunkcache import ChunkCache
-from cafs.errors import FormatError, IntegrityError, ObjectNotFound
+from cafs.chunkcache import CacheError, ChunkCache, Stored
+from cafs.errors import CafsError, FormatError, IntegrityError, NoSpaceError, ObjectNotFound
 from cafs.fetch import Fetcher, runs
 from cafs.format.location import Location
 from cafs.format.nodes import Entry
@@ -161,11 +171,13 @@ def prefetch(repo: Repository, cache: ChunkCache, locs: Sequence[Location], *, j
     state.total_bytes = sum(loc.stored_length for loc in todo)
     state.total_chunks = len(todo)
     started = time.monotonic()
-    fetcher = Fetcher(repo, cache, threads=jobs)
+    writes = _WritesChecked(cache)
+    fetcher = Fetcher(repo, cast(ChunkCache, writes), threads=jobs)
     try:
-        trio.run(_load_all, fetcher, iter(work), jobs, state, result)
+        trio.run(_load_all, fetcher, writes, iter(work), jobs, state, result)
     except BaseExceptionGroup as group:
         raise _first_error(group) from None
+    writes.check()  # the last batch is written as the fetcher stops
     c = fetcher.counters
     result.fetched_chunks, result.fetched_bytes, result.found_chunks = c.misses, c.bytes_fetched, c.hits
     result.cache_full = c.cache_full
@@ -174,13 +186,52 @@ def prefetch(repo: Repository, cache: ChunkCache, locs: Sequence[Location], *, j
     return result
 
 
-async def _load_all(fetcher: Fetcher, work: Iterator[list[Location]], jobs: int, state: PrefetchState,
-                    result: PrefetchResult) -> None:
+class _WritesChecked:
+    """``cache`` as the fetcher of a prefetch sees it: an insert that fails for a reason
+    other than space is kept in ``failed`` (the first) rather than raised, so that the
+    fetcher does not log it as a mount's fetcher would (serving on without caching), and
+    ``check`` raises it once the run is loaded. A full disk is raised as before: the
+    fetcher counts it (``cache_full``)."""
+
+    def __init__(self, cache: ChunkCache) -> None:
+        self._cache = cache
+        self.failed: BaseException | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+    def insert_batch(self, batch: Sequence[tuple[bytes, Sequence[tuple[int, Stored]]]]) -> None:
+        if self.failed is not None:
+            return  # the prefetch is stopping
+        try:
+            self._cache.insert_batch(batch)
+        except NoSpaceError:
+            raise
+        except (CafsError, OSError, lmdb.Error) as exc:
+            self.failed = exc
+
+    def check(self) -> None:
+        """Raise ``CacheError`` naming the cache and why, if an insert failed."""
+        exc = self.failed
+        if exc is None:
+            return
+        if isinstance(exc, OSError):
+            why = exc.strerror or str(exc)
+            if exc.filename is not None:
+                why += f" ({os.fsdecode(exc.filename)})"
+        else:
+            why = str(exc)
+        raise CacheError(f"cache {self._cache.root} cannot be written: {why}; what it held before is kept")
+
+
+async def _load_all(fetcher: Fetcher, writes: _WritesChecked, work: Iterator[list[Location]], jobs: int,
+                    state: PrefetchState, result: PrefetchResult) -> None:
     # ``work`` is shared by the workers: next() runs on the trio thread between awaits,
     # so each run is taken by exactly one worker
     async def worker() -> None:
         for run in work:
             await _load_run(fetcher, run, state, result)
+            writes.check()  # a cache that cannot be written: fetch no more for it
 
     async with fetcher.running(), trio.open_nursery() as nursery:
         for _ in range(jobs):

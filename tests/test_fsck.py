@@ -585,6 +585,27 @@ def test_damaged_cache_extent(cafs, copies: Damaged, cached: Path) -> None:
     assert r.code == FSCK_CLEAN, r.out + r.err
 
 
+def test_a_cache_other_users_could_write_is_refused_not_rebuilt(cafs, copies: Damaged, tmp_path: Path) -> None:
+    # its data/ group-writable (an older cafs under umask 002): fsck --cache called the
+    # LMDB file damaged, and --repair moved it aside (every cached extent forgotten),
+    # then failed to open the fresh one for the same reason
+    cache = tmp_path / "cache"
+    assert cafs("prefetch", f"{copies.repo}#ds", "--cache", cache, "--no-progress").code == 0
+    root = cache / copies.layout.repo_id
+    (root / "data").chmod(0o775)
+    before = sorted(p.name for p in root.iterdir())
+    said = f"cache directory {root / 'data'} (mode 0775) writable by other users"
+    for args in ((), ("--repair",)):
+        r = fsck(cafs, copies.repo, "--cache", cache, *args)
+        assert r.code == FSCK_OPERATIONAL and said in r.err and r.err.count("\n") == 1, (args, r.out + r.err)
+        assert r.err.endswith(f"chmod -R go-w {root}\n") and "damaged" not in r.out + r.err
+        assert sorted(p.name for p in root.iterdir()) == before  # no meta.lmdb.damaged-*
+    (root / "data").chmod(0o755)
+    r = fsck(cafs, copies.repo, "--cache", cache)
+    assert r.code == FSCK_CLEAN, r.out + r.err
+    assert "ds@1: 100.0% cached" in cafs("cache", "status", f"{copies.repo}#ds", "--cache", cache).out  # kept
+
+
 def _garble_lmdb(cache: Path, repo_id: str) -> None:
     with open(cache / repo_id / "meta.lmdb" / "data.mdb", "r+b") as f:
         f.write(os.urandom(16 << 10))

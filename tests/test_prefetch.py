@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,37 @@ def test_cache_status_without_names_shows_the_snapshots_used(dataset: Dataset, w
     assert "error" in by_target[f"{gone}#snap@1"]
 
 
+def test_cache_status_shows_every_cache_it_can_read_and_names_one_of_a_newer_layout(
+        dataset: Dataset, warm: Warm, tmp_path: Path) -> None:
+    # one cache a newer cafs made under the cache directory (a host where two versions
+    # run) made `cafs cache status` show no cache at all: one error line, exit 1
+    import lmdb
+
+    cache = tmp_path / "cache"
+    shutil.copytree(warm.cache, cache)
+    (root,) = [p for p in cache.iterdir() if (p / "meta.lmdb").is_dir()]
+    newer = cache / ("0" * 64)  # first in the listing
+    shutil.copytree(root, newer)
+    env = lmdb.open(str(newer / "meta.lmdb"), max_dbs=8)
+    with env.begin(db=env.open_db(b"cachestat"), write=True) as txn:
+        txn.put(b"layout", (2).to_bytes(8, "big"))  # as a cafs of cache layout 2 would
+    env.close()
+    data = (newer / "meta.lmdb" / "data.mdb").read_bytes()
+    said = f"cafs: the cache in {newer} has layout version 2, which a newer cafs made; this cafs reads layout 1"
+    r = cafs("cache", "status", "--cache", cache)
+    assert r.code == 1 and r.err.startswith(said) and r.err.count("\n") == 1, r.out + r.err
+    assert r.out.startswith(f"{root.name[:16]}: ") and "snap@1: 100.0% cached" in r.out, r.out
+    r = cafs("cache", "status", "--cache", cache, "--json")
+    assert r.code == 1 and r.err.startswith(said), r.err
+    doc = json.loads(r.out)
+    assert [c["repo_id"] for c in doc["caches"]] == [root.name]
+    by_target = {sh["target"]: sh for sh in doc["snapshots"]}
+    assert by_target[f"{dataset.repo.absolute()}#snap@1"]["share"] == 1.0
+    (unread,) = doc["unreadable_caches"]
+    assert unread["repo_id"] == newer.name and said[len("cafs: "):] in unread["error"]
+    assert (newer / "meta.lmdb" / "data.mdb").read_bytes() == data  # left as the newer cafs made it
+
+
 def test_second_prefetch_fetches_nothing(dataset: Dataset, warm: Warm) -> None:
     r = cafs("prefetch", dataset.source, "--cache", warm.cache, "--json").json()
     assert r["fetched_bytes"] == r["fetched_chunks"] == r["runs"] == 0
@@ -190,6 +222,30 @@ def test_prefetch_of_paths_caches_their_share(dataset: Dataset, tmp_path: Path) 
     assert snap["cached_bytes"] == want and snap["stored_bytes"] == whole
     assert snap["share"] == pytest.approx(want / whole, abs=1e-6) and 0 < snap["share"] < 1
     assert dups["share"] == 1.0 and big["share"] == 0.0
+
+
+def test_prefetch_into_a_cache_it_cannot_write_stops_naming_it(dataset: Dataset, tmp_path: Path) -> None:
+    # a cache that refused writes for a reason other than space (a read-only disk here;
+    # EACCES, EIO) made prefetch fetch the whole tree for nothing, say "cached now: 0 B"
+    # and exit 0. Root writes whatever the modes say: a read-only bind mount of data/
+    cache = tmp_path / "cache"
+    assert cafs("prefetch", f"{dataset.source}:dups", "--cache", cache, "--json").json()["cached_bytes"] > 0
+    (root,) = [p for p in cache.iterdir() if (p / "meta.lmdb").is_dir()]
+    before = status(cache, dataset.source)["snapshots"][0]["cached_chunks"]
+    data = root / "data"
+    bind = subprocess.run(["mount", "--bind", data, data], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount: {bind.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", data], check=True)
+        r = cafs("prefetch", dataset.source, "--cache", cache)
+    finally:
+        subprocess.run(["umount", data], check=True)
+    assert r.code == 1 and r.err.count("\n") == 1, r.out + r.err
+    assert r.err.startswith(f"cafs: cache {root} cannot be written: Read-only file system ({data}/"), r.err
+    assert status(cache, dataset.source)["snapshots"][0]["cached_chunks"] == before  # nothing lost
+    r = cafs("fsck", dataset.repo, "--cache", cache)
+    assert r.code == 0, r.out + r.err
 
 
 def test_prefetch_of_a_mountpoint_fills_the_mounts_cache(dataset: Dataset, tmp_path: Path) -> None:
