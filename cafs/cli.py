@@ -877,7 +877,7 @@ def cmd_umount(ctx: Context, args: argparse.Namespace) -> int:
 
 HELPER_TEMPLATE = """#!/bin/sh
 # mount(8) helper for cafs, written by `cafs install-mount-helper`.
-exec {python} -m cafs.mount_helper "$@"
+exec {python} -m cafs.entry mount.cafs "$@"
 """
 
 
@@ -892,7 +892,7 @@ def cmd_install_mount_helper(ctx: Context, args: argparse.Namespace) -> int:
         tmp.replace(dest)
     except OSError as exc:
         raise UsageError(f"{dest}: cannot install the mount helper: {exc.strerror}") from None
-    print(f"installed {dest} (runs {sys.executable} -m cafs.mount_helper)")
+    print(f"installed {dest} (runs {sys.executable} -m cafs.entry mount.cafs)")
     return EXIT_OK
 
 
