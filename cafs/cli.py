@@ -34,7 +34,7 @@ from cafs.format.config import ChunkerParams, RepoConfig, check_config
 from cafs.format.journal import Snapshot
 from cafs.metacache import MetaCache, NodeReader, default_cache_dir
 from cafs.mountopts import MAX_TIMEOUT, OPTIONS_HELP
-from cafs.naming import find_snapshot, parse_spec, recorded_snapshot, ref_name
+from cafs.naming import find_snapshot, parse_spec, recorded_snapshot, ref_name, snapshot_path
 from cafs.progress import Progress, TreeTotals, human_bytes, human_duration
 from cafs.repository import Repository, same_repository
 from cafs.sources import DEFAULT_DEADLINE
@@ -280,6 +280,7 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
     repo, snap, path = ctx.snapshot(args.snapshot)
     reader = ctx.reader(repo)
     entry = resolve(reader, snap.root, path)
+    path = path.rstrip(b"/")  # a directory's (resolve saw to it) or a symlink's: shown by its name
     if args.recursive:
         for p, e in walk(reader, entry, path):
             if p != path or not e.is_dir:
@@ -750,13 +751,19 @@ def prefetch_paths(base: bytes, paths: list[str], mount: MountInfo | None) -> li
             rel = os.path.relpath(os.path.normpath(text), mount.root)
             if rel == ".." or rel.startswith("../"):
                 raise UsageError(f"{text}: not inside the mount at {mount.root}")
-            out.append(os.fsencode(rel).strip(b"/") if rel != "." else b"")
+            out.append(snapshot_path(os.fsencode(rel if rel != "." else "") + slash(text)))
             continue
         parts = [p for p in os.fsencode(text).split(b"/") if p and p != b"."]
         if b".." in parts:
             raise UsageError(f"{text}: '..' is not allowed in a PATH")
-        out.append(b"/".join([base, *parts] if base else parts))
+        out.append(snapshot_path(b"/".join([base.rstrip(b"/"), *parts]) + slash(text)))
     return out or [base]
+
+
+def slash(text: str) -> bytes:
+    """The trailing slash of a PATH (``d/`` must name a directory), which ``normpath`` and
+    splitting drop."""
+    return b"/" if text.endswith("/") else b""
 
 
 def cmd_prefetch(ctx: Context, args: argparse.Namespace) -> int:
@@ -893,7 +900,7 @@ def cmd_umount(ctx: Context, args: argparse.Namespace) -> int:
 
 HELPER_TEMPLATE = """#!/bin/sh
 # mount(8) helper for cafs, written by `cafs install-mount-helper`.
-exec {python} -m cafs.mount_helper "$@"
+exec {python} -m cafs.entry mount.cafs "$@"
 """
 
 
@@ -908,7 +915,7 @@ def cmd_install_mount_helper(ctx: Context, args: argparse.Namespace) -> int:
         tmp.replace(dest)
     except OSError as exc:
         raise UsageError(f"{dest}: cannot install the mount helper: {exc.strerror}") from None
-    print(f"installed {dest} (runs {sys.executable} -m cafs.mount_helper)")
+    print(f"installed {dest} (runs {sys.executable} -m cafs.entry mount.cafs)")
     return EXIT_OK
 
 

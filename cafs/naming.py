@@ -2,7 +2,9 @@
 ``REPO#ROOTID`` (64 hex digits, or a unique prefix of at least 8), each optionally
 followed by ``:PATH`` inside the snapshot.
 
-The repository part is everything before the first ``#``.
+The repository part is everything before the first ``#``. A PATH loses its leading
+slashes (``:/`` is the root) and keeps one trailing slash if it has any: as in POSIX,
+``dir/`` must name a directory, and ``cafs.tree.resolve`` refuses a file there.
 
 A name that cannot be a ref is the user's mistake (``UsageError``, exit 2); a valid name
 the repository does not hold is ``RefError``.
@@ -41,7 +43,14 @@ def parse_spec(text: str, *, need_snapshot: bool = True) -> SnapshotSpec:
     selector, _, path = rest.partition(":")
     if not selector:
         raise UsageError(f"{text!r}: empty snapshot name after '#'")
-    return SnapshotSpec(repo, selector, path.encode("utf-8", "surrogateescape").strip(b"/"))
+    return SnapshotSpec(repo, selector, snapshot_path(path.encode("utf-8", "surrogateescape")))
+
+
+def snapshot_path(path: bytes) -> bytes:
+    """``path`` relative to the snapshot's root, with one trailing slash if it had any
+    (``b"a/f/"`` must name a directory); the root is ``b""`` however it is written."""
+    inner = path.strip(b"/")
+    return inner + b"/" if inner and path.endswith(b"/") else inner
 
 
 def ref_name(text: str) -> str:

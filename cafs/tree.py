@@ -2,6 +2,9 @@
 
 Pure navigation over nodes obtained from a ``NodeReader``; no I/O of its own. Paths
 inside a snapshot are bytes, ``/``-separated, relative to the root (``b""`` is the root).
+A path ending in ``/`` names a directory, as in POSIX: ``resolve`` raises ``PathNotFound``
+for a regular file there (``ls f/`` is "Not a directory"). A symlink inside a snapshot is
+never followed (its target may lie outside it): ``link/`` is the symlink, as ``link`` is.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def resolve(reader: NodeReader, root: Entry, path: bytes) -> Entry:
         if found is None:
             raise PathNotFound(f"{show_path(path)}: no such file or directory in the snapshot")
         entry = found
+    if path.endswith(b"/") and not (entry.is_dir or entry.is_symlink):
+        raise PathNotFound(f"{show_path(path)}: not a directory")
     return entry
 
 
@@ -87,7 +92,9 @@ def file_spans(reader: NodeReader, f: Entry) -> tuple[Location, ...]:
 
 def walk(reader: NodeReader, top: Entry, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
     """``(path, entry)`` for ``top`` and everything below it, parents before children,
-    in name order (paths held as ``depth_first`` holds them)."""
+    in name order (paths held as ``depth_first`` holds them); ``prefix`` is the path of
+    ``top``, a trailing slash dropped."""
+    prefix = prefix.rstrip(b"/")
     yield prefix, top
     if top.is_dir:
         yield from depth_first(

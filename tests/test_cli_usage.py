@@ -21,7 +21,7 @@ def test_install_mount_helper_to_no_file_name_is_a_usage_error(cafs, dest: str) 
 def test_install_mount_helper_writes_the_helper(cafs, tmp_path: Path) -> None:
     r = cafs("install-mount-helper", "--dest", tmp_path / "mount.cafs")
     assert r.code == 0, r.err
-    assert "-m cafs.mount_helper" in (tmp_path / "mount.cafs").read_text()
+    assert "-m cafs.entry mount.cafs" in (tmp_path / "mount.cafs").read_text()
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "abc", "1e400"])

@@ -18,6 +18,7 @@ import sys
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,6 +212,38 @@ def test_ls_recursive_lists_every_path(cafs, ds: str, src: Path) -> None:
     expected = {show_path(p) for p in manifest(src) if p}
     assert shown == expected
     assert len(r.out.splitlines()) == len(expected)
+
+
+@pytest.mark.parametrize("args", [("ls", "data/big/"), ("ls", "data/big//"), ("ls", "/data/sub/s01/"),
+                                  ("cat", "data/big/"), ("get", "data/big/"), ("stats", "data/big/"),
+                                  ("prefetch", "data/big/"), ("prefetch PATH", "data/big/"), ("cache", "data/big/")])
+def test_a_trailing_slash_after_a_file_is_not_a_directory(cafs, ds: str, tmp_path: Path,
+                                                          args: tuple[str, str]) -> None:
+    # 'ls REPO#NAME:f/' listed the file f, 'cat' wrote it, 'get' extracted it: POSIX
+    # tools refuse 'f/' as "Not a directory", and so does every cafs command now, with
+    # the code of a missing path (prefetch gives 2 to both)
+    command, path = args
+
+    def run(path: str) -> Any:
+        argv = {"get": ("get", f"{ds}:{path}", tmp_path / "out"), "cache": ("cache", "status", f"{ds}:{path}"),
+                "prefetch PATH": ("prefetch", f"{ds}:data/", path.removeprefix("data/"), "--no-progress")}
+        return cafs(*argv.get(command, (command, f"{ds}:{path}")))
+
+    missing = run("data/nope")
+    r = run(path)
+    assert r.code == missing.code != 0, (r.code, missing.code, r.out, r.err)
+    assert r.err.endswith(f"{path.strip('/')}/: not a directory\n") and r.err.count("\n") == 1, r.err
+    assert r.out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_trailing_slash_after_a_directory_or_a_symlink_is_as_without_it(cafs, ds: str) -> None:
+    for plain, slashed in (("", ":/"), (":data/sub", ":data/sub/"), (":data", "://data//"),
+                           (":links/to-dir", ":links/to-dir/"), (":links/relative", ":links/relative/")):
+        for flags in ((), ("-R",)):
+            want = cafs("ls", *flags, ds + plain)
+            assert want.code == 0 and want.out, want.err
+            assert cafs("ls", *flags, ds + slashed) == want
+    assert cafs("prefetch", f"{ds}:data/", "sub/", "--no-progress").code == 0
 
 
 def test_ls_line_shows_type_mode_and_size(cafs, ds: str, src: Path) -> None:

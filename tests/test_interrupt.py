@@ -9,10 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+SRC_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _InterruptedFinalizer:
@@ -35,6 +38,43 @@ def test_ctrl_c_in_a_finalizer_still_interrupts(cafs, repo: Path, monkeypatch: p
     monkeypatch.setattr("cafs.gc.collect", collect)
     r = cafs("gc", repo)
     assert (r.code, r.err) == (130, "cafs: interrupted\n")
+
+
+def console_script(program: str, interrupted_in: str) -> str:
+    """What pip's script for ``program`` runs (its ``[project.scripts]`` entry), with a
+    Ctrl-C (a real SIGINT to itself) as the module ``interrupted_in`` is first looked for.
+    SIGINT is Python's, as in a terminal, even where this test runs with it ignored."""
+    with open(SRC_ROOT / "pyproject.toml", "rb") as f:
+        module, func = tomllib.load(f)["project"]["scripts"][program].split(":")
+    return f"""
+import signal, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == {interrupted_in!r}:
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.meta_path.insert(0, CtrlC())
+from {module} import {func}
+sys.exit({func}())
+"""
+
+
+@pytest.mark.parametrize(("program", "interrupted_in"), [
+    ("cafs", "cafs.cli"), ("cafs", "argparse"), ("cafs", "lmdb"), ("cafs", "cafs.repository"),
+    ("mount.cafs", "cafs.mount_helper"), ("mount.cafs", "lmdb"), ("mount.cafs", "trio"), ("mount.cafs", "pyfuse3")])
+def test_ctrl_c_while_a_command_starts_is_one_line(tmp_path: Path, program: str, interrupted_in: str) -> None:
+    # a Ctrl-C in the first ~100 ms, while the command imported trio, lmdb and the rest,
+    # printed a traceback and the process died of SIGINT: only main() handled it
+    code, line = {"cafs": (130, "cafs: interrupted"),
+                  "mount.cafs": (32, "mount.cafs: interrupted; nothing was mounted")}[program]
+    args = ["ls", f"{tmp_path}/repo#ds"] if program == "cafs" else [f"{tmp_path}/repo#ds", str(tmp_path / "mnt")]
+    r = subprocess.run([sys.executable, "-c", console_script(program, interrupted_in), *args], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(SRC_ROOT)))
+    assert (r.returncode, r.stderr) == (code, line + "\n")
 
 
 def to_closed_pipe(*args: str | os.PathLike[str], unbuffered: bool) -> subprocess.CompletedProcess[str]:
