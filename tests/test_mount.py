@@ -771,6 +771,24 @@ def _fill(disk: Path) -> None:
             assert exc.errno == errno.ENOSPC, exc
 
 
+def _compact(cache: Path) -> None:
+    """Leave each LMDB file of the caches in ``cache`` without free pages, so that its next
+    write must grow it: else a commit on a full disk may fit in pages an earlier one
+    freed, and whether it fails depends on how many commits the mount before made."""
+    import lmdb
+
+    for env_dir in cache.glob("*/meta.lmdb"):
+        copy = env_dir.parent / "compact.tmp"
+        copy.mkdir()
+        env = lmdb.open(str(env_dir), max_dbs=8)
+        try:
+            env.copy(str(copy), compact=True)
+        finally:
+            env.close()
+        os.replace(copy / "data.mdb", env_dir / "data.mdb")
+        copy.rmdir()
+
+
 def test_a_mount_reading_its_cache_on_a_full_disk_keeps_serving(dataset: Dataset, small_disk: Path,
                                                                  tmp_path: Path) -> None:
     # every few seconds the daemon records when the cached chunks it read were last used;
@@ -779,6 +797,7 @@ def test_a_mount_reading_its_cache_on_a_full_disk_keeps_serving(dataset: Dataset
     point = new_mountpoint(tmp_path)
     with mounted(dataset.source, point, full_cache(small_disk, "1M")) as m:
         assert [read_file(m.path / rel) for rel in rels] == [read_file(dataset.src / rel) for rel in rels]
+    _compact(small_disk)
     _fill(small_disk)
     with mounted(dataset.source, point, full_cache(small_disk, "1M"), expect_warnings=True) as m:
         for rel in rels:
