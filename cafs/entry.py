@@ -24,21 +24,21 @@ MOUNT_FAILURE = 32  # cafs.mount_helper.EXIT_FAILURE
 
 
 def cafs() -> int:
-    try:
-        from cafs.cli import main
-        return main()
-    except KeyboardInterrupt:
-        print("cafs: interrupted", file=sys.stderr)
-        return CAFS_INTERRUPTED
+    return _run("cafs.cli", "cafs: interrupted", CAFS_INTERRUPTED)
 
 
 def mount_cafs() -> int:
+    return _run("cafs.mount_helper", "mount.cafs: interrupted; nothing was mounted", MOUNT_FAILURE)
+
+
+def _run(module: str, interrupted: str, code: int) -> int:
+    """``module``'s ``main()``, imported and called inside the handler of Ctrl-C, which
+    says ``interrupted`` and gives ``code``."""
     try:
-        from cafs.mount_helper import main
-        return main()
+        return int(__import__(module, fromlist=["main"]).main())
     except KeyboardInterrupt:
-        print("mount.cafs: interrupted; nothing was mounted", file=sys.stderr)
-        return MOUNT_FAILURE
+        print(interrupted, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
