@@ -3,7 +3,10 @@
 ``forget`` removes journal entries; it never removes the newest entry of a ref, so a
 ref's jids only grow. ``collect`` runs under the repository's exclusive lock (see
 ``cafs.locks``): imports hold a shared lock for their whole run, so no import can be
-deduplicating against a pack while gc decides it is garbage.
+deduplicating against a pack while gc decides it is garbage. A dry run writes and
+deletes nothing, so it holds a shared lock: it runs beside imports (reporting what a gc
+would do as the repository stands when it reads it) and never makes them fail as "in
+use", while a real gc still cannot delete what the dry run is reading.
 
 Liveness is by object id: every node and chunk reachable from a remaining snapshot.
 A pack with no live object is deleted; a pack whose live objects hold less than
@@ -108,7 +111,7 @@ def live_objects(repo: Repository) -> tuple[int, set[bytes]]:
 def collect(repo: Repository, *, dry_run: bool = False, repack_below: float = 0.5) -> GcResult:
     """Delete packs no snapshot references; repack those whose live share of bytes is
     below ``repack_below``. See the module docstring for the order of writes."""
-    with locked(repo.store, "exclusive") as lock:
+    with locked(repo.store, "shared" if dry_run else "exclusive") as lock:
         index = repo.load_index()
         result = GcResult(packs_total=len(index.packs))
         result.snapshots, live = live_objects(repo)

@@ -333,6 +333,21 @@ def test_gc_refused_while_an_import_runs(cafs, hist: History, endless_tree: Path
     assert set(pack_files(hist.repo)) >= set(before)
 
 
+def test_gc_dry_run_runs_beside_an_import(cafs, hist: History, endless_tree: Path) -> None:
+    """A dry run writes nothing: it may run while an import holds its shared lock (as
+    restic's prune --dry-run may), and leaves the import running and the packs as they were."""
+    assert cafs("forget", hist.repo, "ds", "--keep-last", "1").code == 0
+    before = pack_files(hist.repo)
+    with started("import", endless_tree, hist.repo, "--name", "endless", "--no-progress") as imp:
+        poll(lambda: locks(hist.repo), "the import's lock", imp)
+        r = cafs("gc", hist.repo, "--dry-run")
+        assert imp.poll() is None, "the import ended: the test proves nothing"
+        assert len(locks(hist.repo)) == 1, "the dry run left its lock behind"
+    assert r.code == 0, r.err
+    assert "would delete" in r.out and "would delete 0 " not in r.out, r.out
+    assert set(pack_files(hist.repo)) >= set(before)
+
+
 def test_stale_lock_of_a_killed_import_does_not_block_gc(cafs, hist: History, endless_tree: Path,
                                                          tmp_path: Path) -> None:
     assert cafs("forget", hist.repo, "ds", "--keep-last", "1").code == 0
