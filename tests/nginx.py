@@ -39,7 +39,8 @@ What the server does:
   it exists), ``COPY`` and ``MOVE`` (``Destination`` may be a path like ``/a/b`` or an
   absolute URL whose host matches the request's ``Host``). New files get mode 0644.
   ``read_only=True`` leaves the dav module off: ``PUT``/``DELETE``/``MKCOL``/``MOVE``
-  answer 405.
+  answer 405. ``deny_writes=True`` (implies ``read_only``) answers them 403 instead, as a
+  site with ``limit_except GET HEAD { deny all; }`` does.
 - ``tls=True``: HTTPS with a server certificate for ``IP:127.0.0.1`` and ``DNS:localhost``
   signed by a throw-away CA made with the ``openssl`` command (``ca_file``).
   ``client_certs=True`` (implies TLS): ``ssl_verify_client on`` against that CA. nginx
@@ -170,7 +171,8 @@ class NginxServer:
     def __init__(self, root: Path, tmp: Path, *, read_only: bool = False, tls: bool = False,
                  client_certs: bool = False, basic_auth: tuple[str, str] | None = None,
                  bearer_token: str | None = None, port: int | None = None,
-                 listing: bool = True, max_body: str = "0", full_put_path: bool = True) -> None:
+                 listing: bool = True, max_body: str = "0", full_put_path: bool = True,
+                 deny_writes: bool = False) -> None:
         if basic_auth is not None and bearer_token is not None:
             raise ValueError("basic_auth and bearer_token are mutually exclusive")
         if bearer_token is not None and not _TOKEN_RE.fullmatch(bearer_token):
@@ -179,7 +181,8 @@ class NginxServer:
             raise ValueError("basic_auth user must not contain ':' or newlines")
         self.root = Path(root).resolve()
         self.prefix = Path(tmp).resolve()
-        self.read_only = read_only
+        self.read_only = read_only or deny_writes
+        self.deny_writes = deny_writes  # 403, not 405, to every method but GET and HEAD
         self.tls = tls or client_certs
         self.client_certs = client_certs
         self.basic_auth = basic_auth
@@ -312,6 +315,8 @@ class NginxServer:
         if self.basic_auth is not None:
             lines += ['      auth_basic "cafs";',
                       f"      auth_basic_user_file {p / 'htpasswd'};"]
+        if self.deny_writes:
+            lines.append("      limit_except GET HEAD { deny all; }")
         if not self.read_only:
             lines += ["      dav_methods PUT DELETE MKCOL COPY MOVE;",
                       f"      create_full_put_path {'on' if self.full_put_path else 'off'};",

@@ -35,7 +35,9 @@ Errors: 404 is ``ObjectNotFound``; refused or reset connections, timeouts (an an
 that trickles in counts: ``cafs.stores.pace``), short bodies, answers of another range
 (or several, or compressed: ``cafs.stores.keepalive``) and 5xx answers are
 ``StoreUnavailable`` (worth retrying: see ``cafs.sources``);
-refused credentials, certificate failures and refused writes are ``StoreError``.
+refused credentials, certificate failures and refused writes are ``StoreError`` (a write
+answered 403, by a server that lets these credentials, or anyone, only read, says so
+rather than blaming the credentials).
 The store retries nothing itself. Messages name the object URL, never a credential.
 """
 
@@ -215,6 +217,9 @@ class HttpStore:
             return
         if status == 404:
             raise ObjectNotFound(f"{url}: not found")
+        if writing and status == 403:  # reads pass, so the server (or its rules) refuses writes
+            raise StoreError(f"{url}: the server refuses writes here ({status}): it serves this repository "
+                             "read-only, to anyone or to these credentials")
         if status in (401, 403):
             raise StoreError(f"{url}: access denied ({status}): check the credentials for this server")
         if writing and status in (405, 501):
