@@ -882,6 +882,42 @@ def test_walking_a_deep_tree_of_long_names_holds_the_path_of_one_directory(repo:
     assert peak < 8 << 20, peak
 
 
+def _wide_dir_snapshots(repo: Path, tmp_path: Path, files: int) -> tuple[MetaCache, Repository, Any, Any]:
+    """Two snapshots of one directory of ``files`` tiny files, one file rewritten between."""
+    src = tmp_path / "wide"
+    (src / "big").mkdir(parents=True)
+    for i in range(files):
+        (src / "big" / f"f{i:06d}").write_bytes(b"%d" % i)
+    meta = MetaCache(tmp_path / "meta")
+    repository = Repository.open(open_store(str(repo)))
+    first = run_import(repository, meta, src, "wide").snapshot
+    (src / "big" / "f000005").write_bytes(b"changed")
+    second = run_import(repository, meta, src, "wide").snapshot
+    assert first is not None and second is not None
+    return meta, repository, first, second
+
+
+def test_diff_of_a_large_directory_holds_a_page_of_each_side_not_both_listings(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # diff put the entries of both versions of a directory in two dicts and sorted their
+    # names: both listings whole besides the bounded decoded nodes (550 MB for a
+    # directory of 320,000 files). Here the decoded nodes are bounded to two pages, and
+    # two versions of 6,000 entries take some 7 MB held whole.
+    monkeypatch.setattr("cafs.metacache.DECODED_ITEMS", 2048)
+    meta, repository, first, second = _wide_dir_snapshots(repo, tmp_path, 6000)
+    try:
+        reader = NodeReader(repository, meta)
+        tracemalloc.start()
+        try:
+            assert list(diff_trees(reader, first.root, second.root)) == [("M", b"big/f000005")]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        meta.close()
+    assert peak < 3 << 20, peak
+
+
 def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, deep_dir: Path) -> None:
     depth = sys.getrecursionlimit() + 200
     tmp_path = deep_dir
