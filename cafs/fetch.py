@@ -9,7 +9,10 @@ decompression, LMDB writes) runs in worker threads (``cafs.workers.WorkerPool``)
 the trio loop keeps answering while a load is under way.
 
 The LRU's limit (``MEMORY_CHUNKS_BYTES``) counts what its chunks keep alive: a chunk
-cut from a run's read is a view into it, so the whole read counts, once.
+cut from a run's read is a view into it, so the whole read counts, once. It also holds
+at most ``MEMORY_CHUNKS`` chunks: each costs some 300 bytes of its own (key, view, LRU
+entry) that the bytes do not count, and chunks of a few bytes (a dataset of tiny files)
+are thousands to a read.
 
 Raises ``IntegrityError`` when the store's bytes do not match their id (never returns
 wrong bytes) and ``StoreError`` when the store fails. A damaged cache extent is dropped
@@ -105,6 +108,7 @@ MAX_PREFETCH = 8
 RUN_BYTES = 8 << 20
 RUN_GAP = 128 << 10
 MEMORY_CHUNKS_BYTES = 64 << 20
+MEMORY_CHUNKS = 1 << 16  # chunks in the in-memory LRU, whatever their bytes: some 20 MB of their own
 INLINE_BYTES = 256 << 10
 Plain = bytes | memoryview  # a chunk's verified plain bytes: a view into its run's read, or its own
 CacheWrites = list[tuple[bytes, list[tuple[int, Stored]]]]  # (pack, [(offset, stored bytes)])
@@ -188,7 +192,7 @@ def _settle(run: list[Location], got: Sequence[Plain | None], waiting: dict[tupl
 
 class Fetcher:
     def __init__(self, repo: Repository, cache: ChunkCache | None, *, threads: int = 8,
-                 memory_bytes: int = MEMORY_CHUNKS_BYTES) -> None:
+                 memory_bytes: int = MEMORY_CHUNKS_BYTES, memory_chunks: int = MEMORY_CHUNKS) -> None:
         self.repo = repo
         self.cache = cache
         self.cache_workers = WorkerPool(threads, "cache")
@@ -208,6 +212,7 @@ class Fetcher:
         self._memory_bytes = 0  # of the buffers its chunks keep alive (see _held)
         self._buffers: dict[int, list[int]] = {}  # id of a buffer held -> [its size, chunks in it]
         self._memory_limit = memory_bytes
+        self._memory_chunks = memory_chunks
         self._cache_off_until = 0.0
         self._nursery: trio.Nursery | None = None
         self._prefetching = 0
@@ -493,7 +498,7 @@ class Fetcher:
         if held[1] == 0:
             self._memory_bytes += size
         held[1] += 1
-        while self._memory_bytes > self._memory_limit:
+        while self._memory_bytes > self._memory_limit or len(self._memory) > self._memory_chunks:
             self._forget(self._memory.popitem(last=False)[1])
 
     def _forget(self, data: Plain) -> None:

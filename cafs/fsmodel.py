@@ -68,6 +68,7 @@ SIBLING_SPREAD = 8  # how far apart files may be opened and still be a read in o
 READ_SHARE_WEIGHT = 1 / 8  # of each file closed, in the running share of files read
 COLD_SHARE = 0.5  # a share of files read above which an open means a read to come
 RECENT_READS = 16  # reads of an open file remembered to tell a sequential pass from random reads
+AHEAD_CHUNK_MIN = 4096  # what a chunk counts for, at least, in the siblings' readahead
 _KIND_BITS = {1: stat.S_IFDIR, 2: stat.S_IFREG, 3: stat.S_IFLNK}
 
 
@@ -124,6 +125,11 @@ class _DirAhead:
     dir_ino: int
     next_ino: int  # the next sibling to load ahead
     bytes: int  # plain bytes loading ahead of the reader
+
+
+def _ahead_bytes(spans: tuple[Location, ...]) -> int:
+    """What a file's chunks count for in the siblings' readahead (``AHEAD_CHUNK_MIN``)."""
+    return sum(max(s.length, AHEAD_CHUNK_MIN) for s in spans)
 
 
 @dataclass
@@ -300,7 +306,7 @@ class SnapshotFS:
         if self._read_share > COLD_SHARE:
             self.fetcher.advise(spans)
             if self.readahead:
-                self._siblings_ahead(ino, e.size)
+                self._siblings_ahead(ino, _ahead_bytes(spans))
         self.counters.opens += 1
         return fh
 
@@ -308,9 +314,13 @@ class SnapshotFS:
         """Files opened in name order, a few apart at most (several readers), are a
         directory read in order: since the importer packs a directory's files in name
         order, that is a sequential pass over packs, so keep the next siblings' chunks
-        loading, up to ``readahead`` bytes ahead. It takes two such opens in a row: one
-        alone is as likely a chance neighbour in a shuffled order. A hint: nodes not
-        loaded yet stop it."""
+        loading, up to ``readahead`` bytes ahead, topped up in steps of at least half of
+        that. It takes two such opens in a row: one alone is as likely a chance neighbour
+        in a shuffled order. A hint: nodes not loaded yet stop it. Each chunk counts as at
+        least ``AHEAD_CHUNK_MIN`` bytes (``_ahead_bytes``), so that the chunks of tiny
+        files loading ahead fit in the fetcher's in-memory LRU (``MEMORY_CHUNKS``) until
+        they are read: counted by their bytes alone, 8 MiB ahead was a whole directory
+        of files of a few bytes, and its chunks left the LRU before they were read."""
         last, self._last_open = self._last_open, ino
         owner = self.parent(ino)
         parent = self._blocks[owner]
@@ -323,6 +333,8 @@ class SnapshotFS:
             ahead = _DirAhead(owner, ino + 1, 0)
         else:
             ahead.bytes -= size
+            if ahead.bytes >= self.readahead // 2:
+                return
         locs: list[Location] = []
         try:
             while ahead.bytes < self.readahead:
@@ -332,7 +344,7 @@ class SnapshotFS:
                 if e.is_file:
                     spans = file_spans(self.reader, e)
                     locs.extend(spans)
-                    ahead.bytes += sum(s.length for s in spans)
+                    ahead.bytes += _ahead_bytes(spans)
                 ahead.next_ino += 1
         except NodeNotLoaded:
             pass

@@ -60,9 +60,25 @@ def _dir_pairs(reader: NodeReader, a: Entry, b: Entry) -> Iterator[_Pair]:
     order; nothing if their nodes are the same."""
     if a.ref is not None and b.ref is not None and a.ref.id == b.ref.id:
         return iter(())
-    old = {e.name: e for e in list_dir(reader, a)}
-    new = {e.name: e for e in list_dir(reader, b)}
-    return ((name, old.get(name), new.get(name)) for name in sorted(old.keys() | new.keys()))
+    return _merged(list_dir(reader, a), list_dir(reader, b))
+
+
+def _merged(old: Iterator[Entry], new: Iterator[Entry]) -> Iterator[_Pair]:
+    """Two listings in name order merged as they are read, a page at a time: a dict of
+    each, sorted, held both directories whole besides the bounded decoded nodes (some
+    1.7 KB an entry: 550 MB to compare two versions of one directory of 320,000 files)."""
+    ea, eb = next(old, None), next(new, None)
+    while ea is not None or eb is not None:
+        if eb is None or (ea is not None and ea.name < eb.name):
+            assert ea is not None
+            yield ea.name, ea, None
+            ea = next(old, None)
+        elif ea is None or eb.name < ea.name:
+            yield eb.name, None, eb
+            eb = next(new, None)
+        else:
+            yield ea.name, ea, eb
+            ea, eb = next(old, None), next(new, None)
 
 
 @dataclass

@@ -98,12 +98,8 @@ def walk(reader: NodeReader, top: Entry, prefix: bytes = b"") -> Iterator[tuple[
     yield prefix, top
     if top.is_dir:
         yield from depth_first(
-            _listed(reader, top), prefix, lambda e: e.name,
-            lambda e, _path: _listed(reader, e) if e.is_dir else None)
-
-
-def _listed(reader: NodeReader, d: Entry) -> Iterator[Entry]:
-    return iter(list(list_dir(reader, d)))
+            list_dir(reader, top), prefix, lambda e: e.name,
+            lambda e, _path: list_dir(reader, e) if e.is_dir else None)
 
 
 def depth_first(top: Iterator[T], prefix: bytes, name_of: Callable[[T], bytes],

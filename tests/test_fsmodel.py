@@ -13,7 +13,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FunctionType, ModuleType
@@ -34,8 +34,8 @@ from cafs.format.location import CODEC_ZSTD, Location
 from cafs.format.journal import Snapshot
 from cafs.format.nodes import KIND_DIR, KIND_FILE, DirIndexNode, Entry, Node, PageRef, TreeNode
 from cafs.format.pack import pack_key
-from cafs.fsmodel import (DIR_SIZE, NAME_MAX, ROOT_INO, IsADirectory, NameTooLong, NotADirectory,
-                          SnapshotFS)
+from cafs.fsmodel import (AHEAD_CHUNK_MIN, DIR_SIZE, NAME_MAX, ROOT_INO, IsADirectory, NameTooLong,
+                          NotADirectory, SnapshotFS)
 from cafs import metacache
 from cafs.metacache import MetaCache, NodeReader
 from cafs.naming import find_snapshot
@@ -773,7 +773,7 @@ async def _settled(fetcher: Fetcher) -> int:
 
 
 async def test_opens_the_kernel_serves_itself_load_nothing_ahead(fs: SnapshotFS) -> None:
-    fs.readahead = 64  # about nine of the wide directory's files ahead
+    fs.readahead = 9 * AHEAD_CHUNK_MIN  # nine of the wide directory's files ahead
     wide = resolve(fs, b"wide")
     files = [(ino, e) for ino, e, _ in fs.listdir(wide, 0) if e.is_file][:60]
     async with fs.fetcher.running():
@@ -791,7 +791,7 @@ async def test_opens_the_kernel_serves_itself_load_nothing_ahead(fs: SnapshotFS)
 
 
 async def test_one_neighbour_opened_after_another_is_not_yet_an_order(fs: SnapshotFS) -> None:
-    fs.readahead = 64
+    fs.readahead = 9 * AHEAD_CHUNK_MIN
     wide = resolve(fs, b"wide")
     files = [(ino, e) for ino, e, _ in fs.listdir(wide, 0) if e.is_file]
 
@@ -806,6 +806,32 @@ async def test_one_neighbour_opened_after_another_is_not_yet_an_order(fs: Snapsh
         for k in (500, 100, 900, 901):  # shuffled, and by chance 901 after 900
             assert await read(k) == [500, 100, 900, 901].index(k) + 1, "loaded ahead of a chance neighbour"
         assert await read(902) > 5, "three files in name order did not load ahead"
+
+
+async def test_loading_ahead_in_a_directory_of_tiny_files_plans_what_the_lru_holds(
+        fs: SnapshotFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted by their bytes alone, the 1 MiB ahead was the whole wide directory (3,000
+    # files of a few bytes) at once: in a mount, every chunk of a directory of tiny files
+    # stayed in the fetcher's in-memory LRU (some 1 KB a file read), and bounded by a
+    # number of chunks, that LRU dropped them before they were read.
+    wide = resolve(fs, b"wide")
+    files = [(ino, e) for ino, e, _ in fs.listdir(wide, 0) if e.is_file]
+    planned: list[int] = []
+    prefetch = fs.fetcher.prefetch
+
+    def counted(locs: Iterable[Location]) -> None:
+        locs = list(locs)
+        planned.append(len(locs))
+        prefetch(locs)
+
+    monkeypatch.setattr(fs.fetcher, "prefetch", counted)
+    async with fs.fetcher.running():
+        for ino, e in files[:1000]:
+            fh = fs.open(ino)
+            await fs.read(fh, 0, e.size)
+            fs.release(fh)
+    assert max(planned) <= fs.readahead // AHEAD_CHUNK_MIN
+    assert sum(planned) >= 1000, "reads in name order no longer load ahead"
 
 
 # -- extended attributes --------------------------------------------------------------------

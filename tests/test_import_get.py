@@ -29,6 +29,7 @@ from cafs.metacache import MetaCache, NodeReader
 from cafs.repository import Repository
 from cafs.snapinfo import diff_trees, snapshot_space
 from cafs.stores import open_store
+from cafs.tree import walk
 from treegen import assert_same_tree, make_tree, manifest, mutate_tree
 
 PACK_SIZE = 512 << 10
@@ -880,6 +881,65 @@ def test_walking_a_deep_tree_of_long_names_holds_the_path_of_one_directory(repo:
     finally:
         meta.close()
     assert peak < 8 << 20, peak
+
+
+def _wide_dir_snapshots(repo: Path, tmp_path: Path, files: int, *, changed: bool) -> tuple[MetaCache, Repository, list[Any]]:
+    """A snapshot of one directory of ``files`` tiny files and, with ``changed``, a second
+    one with one file rewritten."""
+    src = tmp_path / "wide"
+    (src / "big").mkdir(parents=True)
+    for i in range(files):
+        (src / "big" / f"f{i:06d}").write_bytes(b"%d" % i)
+    meta = MetaCache(tmp_path / "meta")
+    repository = Repository.open(open_store(str(repo)))
+    snaps = [run_import(repository, meta, src, "wide").snapshot]
+    if changed:
+        (src / "big" / "f000005").write_bytes(b"changed")
+        snaps.append(run_import(repository, meta, src, "wide").snapshot)
+    assert None not in snaps
+    return meta, repository, snaps
+
+
+def test_diff_of_a_large_directory_holds_a_page_of_each_side_not_both_listings(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # diff put the entries of both versions of a directory in two dicts and sorted their
+    # names: both listings whole besides the bounded decoded nodes (550 MB for a
+    # directory of 320,000 files). Here the decoded nodes are bounded to two pages, and
+    # two versions of 6,000 entries take some 7 MB held whole.
+    monkeypatch.setattr("cafs.metacache.DECODED_ITEMS", 2048)
+    meta, repository, (first, second) = _wide_dir_snapshots(repo, tmp_path, 6000, changed=True)
+    try:
+        reader = NodeReader(repository, meta)
+        tracemalloc.start()
+        try:
+            assert list(diff_trees(reader, first.root, second.root)) == [("M", b"big/f000005")]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        meta.close()
+    assert peak < 3 << 20, peak
+
+
+def test_walking_a_large_directory_holds_a_page_not_its_whole_listing(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # tree.walk (stats, ls -R, get, prefetch, diff of an added tree) listed each directory
+    # whole into a list before walking it: a directory of a million files held a million
+    # entries (~600 MB) besides the bounded decoded nodes. Here they are bounded to two
+    # pages, and 12,000 entries take some 7 MB held whole.
+    monkeypatch.setattr("cafs.metacache.DECODED_ITEMS", 2048)
+    meta, repository, (first,) = _wide_dir_snapshots(repo, tmp_path, 12000, changed=False)
+    try:
+        reader = NodeReader(repository, meta)
+        tracemalloc.start()
+        try:
+            assert sum(1 for _ in walk(reader, first.root)) == 12002
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        meta.close()
+    assert peak < 3 << 20, peak
 
 
 def test_a_tree_deeper_than_the_recursion_limit(cafs, repo: Path, deep_dir: Path) -> None:
