@@ -16,9 +16,9 @@ import stat
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -38,6 +38,7 @@ META_SLACK = 64 << 10
 BIG_FILE = 3 << 20  # several packs' worth in one file
 INT64_MAX = (1 << 63) - 1
 SRC_ROOT = str(Path(__file__).resolve().parents[1])
+T = TypeVar("T")
 
 
 def packs_bytes(repo: Path) -> int:
@@ -753,15 +754,21 @@ def test_import_of_more_directories_than_open_files_allowed(cafs_proc, repo: Pat
     assert_same_tree(src, out)
 
 
+def traced_peak(fn: Callable[[], T]) -> tuple[T, int]:
+    """``fn()`` and the peak of memory traced while it ran."""
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def import_traced(repo: Path, src: Path, meta_dir: Path, ref: str) -> tuple[ImportResult, int]:
     """Import ``src`` in this process; the result and the peak of memory traced meanwhile."""
     meta = MetaCache(meta_dir)
-    tracemalloc.start()
     try:
-        result = run_import(Repository.open(open_store(str(repo))), meta, src, ref)
-        return result, tracemalloc.get_traced_memory()[1]
+        return traced_peak(lambda: run_import(Repository.open(open_store(str(repo))), meta, src, ref))
     finally:
-        tracemalloc.stop()
         meta.close()
 
 
@@ -867,19 +874,15 @@ def test_walking_a_deep_tree_of_long_names_holds_the_path_of_one_directory(repo:
         empty = run_import(repository, meta, deep_dir / "empty", "empty").snapshot
         assert snap is not None and empty is not None
         reader = NodeReader(repository, meta)
-        tracemalloc.start()
-        try:
-            if walker == "stats":
-                assert snapshot_space(reader, snap.root).files == 800
-            elif walker == "fsck":
-                assert Checker(repository).run().chunks == 800
-            else:
-                assert sum(1 for _ in diff_trees(reader, empty.root, snap.root)) == 1200
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        if walker == "stats":
+            found, peak = traced_peak(lambda: snapshot_space(reader, snap.root).files)
+        elif walker == "fsck":
+            found, peak = traced_peak(lambda: Checker(repository).run().chunks)
+        else:
+            found, peak = traced_peak(lambda: sum(1 for _ in diff_trees(reader, empty.root, snap.root)))
     finally:
         meta.close()
+    assert found == (1200 if walker == "diff" else 800), found
     assert peak < 8 << 20, peak
 
 
@@ -910,14 +913,10 @@ def test_diff_of_a_large_directory_holds_a_page_of_each_side_not_both_listings(
     meta, repository, (first, second) = _wide_dir_snapshots(repo, tmp_path, 6000, changed=True)
     try:
         reader = NodeReader(repository, meta)
-        tracemalloc.start()
-        try:
-            assert list(diff_trees(reader, first.root, second.root)) == [("M", b"big/f000005")]
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        changes, peak = traced_peak(lambda: list(diff_trees(reader, first.root, second.root)))
     finally:
         meta.close()
+    assert changes == [("M", b"big/f000005")], changes
     assert peak < 3 << 20, peak
 
 
@@ -931,14 +930,10 @@ def test_walking_a_large_directory_holds_a_page_not_its_whole_listing(
     meta, repository, (first,) = _wide_dir_snapshots(repo, tmp_path, 12000, changed=False)
     try:
         reader = NodeReader(repository, meta)
-        tracemalloc.start()
-        try:
-            assert sum(1 for _ in walk(reader, first.root)) == 12002
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        walked, peak = traced_peak(lambda: sum(1 for _ in walk(reader, first.root)))
     finally:
         meta.close()
+    assert walked == 12002, walked
     assert peak < 3 << 20, peak
 
 
