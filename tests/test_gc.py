@@ -34,7 +34,7 @@ from cafs.format.pack import TAIL_LEN, decode_trailer, trailer_length
 from cafs.repository import Repository
 from cafs.stores import open_store
 from mountfix import mounted
-from treegen import assert_same_tree, make_tree, mutate_tree
+from treegen import all_files, assert_same_tree, make_tree, mutate_tree
 
 INIT_ARGS = ("--chunk-min", "16K", "--chunk-avg", "64K", "--chunk-max", "256K", "--pack-size", "512K")
 # many small packs, so a gc has hundreds of deletions to be killed in the middle of
@@ -57,10 +57,6 @@ def pack_files(repo: Path) -> dict[str, int]:
         except FileNotFoundError:
             continue  # deleted between the listing and the stat
     return out
-
-
-def all_files(repo: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
 
 
 def live_ids(repo: Path) -> set[bytes]:

@@ -19,7 +19,7 @@ from cannedhttp import canned_servers, trickle
 from fakehttp import FakeServer, QuietHandler
 from mountfix import env, import_tree, make_repo, mounted, run_cafs
 from nginx import free_port
-from treegen import assert_same_tree, make_tree
+from treegen import all_files, assert_same_tree, make_tree
 
 from cafs.errors import ObjectNotFound, StoreError, StoreUnavailable, UsageError
 from cafs.stores import ObjectExists, open_store
@@ -63,11 +63,6 @@ def test_read_only_server_refuses_writes_clearly(nginx_server) -> None:
         HttpStore(server.url).put("config", b"x")
 
 
-def _tree_state(root: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file under ``root``: its size and bytes (to compare before and after)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_a_write_a_server_forbids_says_the_server_refuses_writes(nginx_server, tmp_path: Path) -> None:
     """A site that serves GET but answers 403 to every write (``limit_except GET HEAD {
     deny all; }``): reads pass with the same credentials, so the error must not send the
@@ -78,7 +73,7 @@ def test_a_write_a_server_forbids_says_the_server_refuses_writes(nginx_server, t
     src.mkdir()
     (src / "a").write_bytes(b"data\n")
     import_tree(src, make_repo(root / "repo", tmp_path / "cache"), "ds", tmp_path / "cache")
-    before = _tree_state(root)
+    before = all_files(root)
     url = nginx_server(root, deny_writes=True).url + "/repo"
     r = run_cafs("import", src, url, "--name", "ds", "--no-progress", cache=tmp_path / "cache")
     assert r.returncode == 1
@@ -86,7 +81,7 @@ def test_a_write_a_server_forbids_says_the_server_refuses_writes(nginx_server, t
     assert "refuses writes here (403)" in r.stderr and "read-only" in r.stderr, r.stderr
     assert "check the credentials" not in r.stderr
     assert run_cafs("cat", f"{url}#ds:a", cache=tmp_path / "cache").stdout == "data\n"
-    assert _tree_state(root) == before
+    assert all_files(root) == before
 
 
 def test_init_where_a_web_page_answers_for_config_names_it(nginx_server, tmp_path: Path) -> None:

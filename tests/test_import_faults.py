@@ -22,7 +22,7 @@ import pytest
 
 from nobody import NOBODY, SETPRIV, nobody_python
 from storewrap import PassThroughStore
-from treegen import assert_same_tree, diff_manifests, make_tree, manifest
+from treegen import all_files, assert_same_tree, diff_manifests, make_tree, manifest
 
 
 
@@ -32,10 +32,6 @@ def assert_clean_error(r, code: int, *needles: str) -> None:
     assert "Traceback" not in r.err, r.err
     for needle in needles:
         assert needle in r.err, (needle, r.err)
-
-
-def all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def journal_entries(repo: Path) -> list[Path]:

@@ -328,6 +328,12 @@ def _item(path: bytes, st: os.stat_result, symlink_mtimes: bool, ignore_dir_mtim
     return Item("s", mode, 0, st.st_mtime_ns, None, None)
 
 
+def all_files(root: Path) -> dict[str, bytes]:
+    """Every regular file below ``root`` and its bytes: to check that a command left a
+    repository or tree byte for byte as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def manifest(root: Path, *, symlink_mtimes: bool = False, ignore_dir_mtime: bool = False,
              include_root: bool = False) -> Manifest:
     """Every path below ``root`` (``b"a/b"``) and what it is, in name order.
